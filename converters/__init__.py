@@ -1,0 +1,1 @@
+"""Workstation side: read source checkpoints, quantize, calibrate, write model folders (never imports the runtime)."""
