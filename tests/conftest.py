@@ -1,0 +1,84 @@
+"""Shared fixtures: the real models in ../shared/models and once-per-session references.
+
+Expensive things (transformers loading the SmolLM2 GGUF, converting it) happen
+once per test session here, so every test file can use them cheaply.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("EDGEACT_SHARED", REPO.parent / "shared")) / "models"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} not present (tests use the real models in ../shared/models)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return _need(SHARED / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def stories260k() -> Path:
+    return _need(SHARED / "stories260K" / "stories260K.bin")
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_dir() -> Path:
+    return _need(SHARED / "llama2-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """transformers' own fp32 model from the GGUF: the independent reference for our reader."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, torch_dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_source(smollm2_gguf):
+    from edgeact.converters.readers import read_source
+
+    return read_source(smollm2_gguf)
+
+
+def _converted(tmp_path_factory, src_path, name, **kw):
+    from edgeact.converters.convert import convert
+
+    out = tmp_path_factory.mktemp("models") / name
+    convert(src_path, out, progress=False, **kw)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_int4_dir(tmp_path_factory, smollm2_gguf):
+    """SmolLM2 converted to int4 g32 (the default settings), once per session."""
+    return _converted(tmp_path_factory, smollm2_gguf, "smollm2-int4", quant="int4", group_size=32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32_dir(tmp_path_factory, smollm2_gguf):
+    return _converted(tmp_path_factory, smollm2_gguf, "smollm2-fp32", quant="fp32")
+
+
+@pytest.fixture(scope="session")
+def stories_fp32_dir(tmp_path_factory, stories260k):
+    return _converted(tmp_path_factory, stories260k, "stories-fp32", quant="fp32")
+
+
+@pytest.fixture(scope="session")
+def stories_int4_dir(tmp_path_factory, stories260k):
+    return _converted(tmp_path_factory, stories260k, "stories-int4", quant="int4", group_size=32)
