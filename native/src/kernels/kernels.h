@@ -1,0 +1,144 @@
+/* edgeact compute kernels: the one header the executor uses.
+ *
+ * API notes for native-core (keep in sync with the report):
+ *  - Every kernel takes an ea_kctx (ISA + optional thread pool + scratch).
+ *    One ea_kctx must not be used by two threads at once.
+ *  - Functions returning int return EA_KOK (0) or a negative EA_KERR_*;
+ *    ea_kernels_strerror() turns it into a one-line message.
+ *  - Layouts are the ONNX ones of docs/model-folder.md; all float tensors are
+ *    row-major fp32, fp16 is IEEE binary16 stored as uint16_t.
+ *  - MatMulNBits semantics are onnxruntime's accuracy_level=4: each row of x
+ *    is quantized to int8 per block of block_size along K (scale = absmax/127,
+ *    round to nearest even), dotted in integers with the weights, then scaled.
+ */
+#ifndef EDGEACT_KERNELS_H
+#define EDGEACT_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../threadpool.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- status codes ------------------------------------------------------ */
+enum {
+    EA_KOK = 0,
+    EA_KERR_ISA_UNKNOWN = -1,     /* EDGEACT_ISA / name not one of the known ISAs */
+    EA_KERR_ISA_UNAVAILABLE = -2, /* ISA known but not supported by this CPU/build */
+    EA_KERR_ARG = -3,             /* bad shape, bits, block size, id out of range... */
+    EA_KERR_NOMEM = -4,
+    EA_KERR_LAYOUT = -5           /* weight prepared for another ISA than the ctx's */
+};
+const char *ea_kernels_strerror(int code);
+
+/* ---- ISA selection ----------------------------------------------------- */
+typedef enum {
+    EA_ISA_SCALAR = 0,
+    EA_ISA_AVX2 = 1,        /* x86-64 AVX2 + FMA (+F16C for fp16) */
+    EA_ISA_NEON = 2,        /* aarch64 baseline Advanced SIMD (smull/sadalp) */
+    EA_ISA_NEON_DOTPROD = 3 /* aarch64 with the dot-product extension (sdot) */
+} ea_isa;
+
+ea_isa ea_isa_detect(void);          /* best ISA this CPU runs */
+int ea_isa_available(ea_isa isa);    /* 1 if this CPU/build can run it */
+const char *ea_isa_name(ea_isa isa); /* "scalar", "avx2", "neon", "neon-dotprod" */
+/* Parses an ISA name into *out; EA_KERR_ISA_UNKNOWN or EA_KERR_ISA_UNAVAILABLE. */
+int ea_isa_parse(const char *name, ea_isa *out);
+/* EDGEACT_ISA from the environment if set (errors as ea_isa_parse), else detect. */
+int ea_isa_select(ea_isa *out);
+
+/* ---- kernel context ------------------------------------------------------ */
+typedef struct ea_kctx {
+    ea_isa isa;
+    ea_pool *pool;      /* borrowed; NULL runs everything on the caller */
+    void *scratch;      /* owned, grown on demand (quantized activations, scores) */
+    size_t scratch_cap;
+} ea_kctx;
+
+/* Fails with EA_KERR_ISA_UNAVAILABLE if isa cannot run here. */
+int ea_kctx_init(ea_kctx *ctx, ea_isa isa, ea_pool *pool);
+void ea_kctx_release(ea_kctx *ctx);
+
+/* ---- blockwise quantized weights (com.microsoft.MatMulNBits) ------------ */
+typedef struct ea_qweight {
+    int K, N, bits, block_size, n_blocks; /* n_blocks = ceil(K / block_size) */
+    /* The file layout, borrowed (e.g. pointers into the mmapped file):
+     * data [N, n_blocks, block_size*bits/8], scales [N, n_blocks],
+     * zero_points NULL (symmetric: 8 / 128) or 4-bit [N, ceil(n_blocks/2)]
+     * low nibble first / 8-bit [N, n_blocks]. */
+    const uint8_t *data;
+    const float *scales;
+    const uint8_t *zero_points;
+    ea_isa isa;          /* ISA the weight was prepared for */
+    void *packed;        /* owned SIMD repack (rows interleaved, scales fused), or NULL */
+    size_t packed_bytes; /* bytes allocated by the repack (0 when in place) */
+} ea_qweight;
+
+/* Validates the arguments (bits 4|8, block_size 32|64|128, K,N > 0) and, for a
+ * SIMD isa, repacks the weight once into an owned buffer. The borrowed
+ * pointers must outlive the ea_qweight (the scalar path reads them). */
+int ea_qweight_init(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_size,
+                    const uint8_t *data, const float *scales, const uint8_t *zero_points);
+void ea_qweight_release(ea_qweight *w);
+
+/* y[M, N] = MatMulNBits(x[M, K], w). M == 1 is the decode GEMV, M > 1 the
+ * prefill GEMM (each weight block is reused across rows of x). Splits N over
+ * the pool. EA_KERR_LAYOUT if w was prepared for a different SIMD family
+ * than ctx->isa (a scalar ctx runs any weight). */
+int ea_qmatmul(ea_kctx *ctx, const ea_qweight *w, const float *x, int M, float *y);
+
+/* The activation quantization ea_qmatmul applies, exposed for tests and the
+ * sparse path: one row of K floats → xq [n_blocks*block_size] (tail zero),
+ * sx [n_blocks] scales, sumx [n_blocks] sums of xq. Natural element order. */
+int ea_quantize_act(ea_kctx *ctx, const float *x, int K, int block_size,
+                    int8_t *xq, float *sx, int32_t *sumx);
+
+/* ---- float matmuls (ONNX MatMul: W is [K, N]) -------------------------- */
+int ea_matmul_f32(ea_kctx *ctx, const float *x, int M, int K, const float *W, int N, float *y);
+int ea_matmul_f16(ea_kctx *ctx, const float *x, int M, int K, const uint16_t *W, int N, float *y);
+
+/* ---- fp16 conversion ------------------------------------------------------ */
+float ea_f16_to_f32(uint16_t h);
+uint16_t ea_f32_to_f16(float f); /* round to nearest even, inf/nan kept */
+void ea_f16_to_f32_row(const ea_kctx *ctx, const uint16_t *src, float *dst, size_t n);
+
+/* ---- transformer pieces ------------------------------------------------ */
+/* ONNX RMSNormalization over the last axis: y = x / sqrt(mean(x^2) + eps) * w.
+ * x, y [rows, dim]; y may alias x. */
+void ea_rmsnorm(const ea_kctx *ctx, const float *x, const float *w, int rows, int dim,
+                float eps, float *y);
+
+/* Non-interleaved rotary ("rotate_half") in place on x [S, H, head_dim]:
+ * token s uses position pos0 + s; cos/sin caches [max_pos, head_dim/2].
+ * EA_KERR_ARG if head_dim is odd or pos0 + S > max_pos. */
+int ea_rope(const ea_kctx *ctx, float *x, int S, int H, int head_dim,
+            const float *cos_cache, const float *sin_cache, int max_pos, int pos0);
+
+/* Causal grouped-query attention over a KV cache.
+ * q [S, H, hd] (already rotated); k_cache, v_cache [kv_heads, capacity, hd]
+ * holding positions 0 .. pos0+S-1 (the S new keys already written, rotated).
+ * Query s attends to positions 0 .. pos0+s; head h reads kv head
+ * h / (H / kv_heads). out [S, H, hd]. Splits heads over the pool. */
+int ea_attention(ea_kctx *ctx, const float *q, int S, int H, int hd,
+                 const float *k_cache, const float *v_cache, int kv_heads, int capacity,
+                 int pos0, float scale, float *out);
+
+/* y = silu(g) * u = g * sigmoid(g) * u (y may alias g or u). */
+void ea_silu_mul(const ea_kctx *ctx, const float *g, const float *u, size_t n, float *y);
+/* y = a + b elementwise, same length (y may alias a or b). */
+void ea_add(const ea_kctx *ctx, const float *a, const float *b, size_t n, float *y);
+
+/* Embedding gather: out[i, :] = table[ids[i], :]. EA_KERR_ARG if an id is
+ * outside [0, vocab). */
+int ea_embed_f32(const ea_kctx *ctx, const float *table, int vocab, int dim,
+                 const int64_t *ids, int n, float *out);
+int ea_embed_f16(const ea_kctx *ctx, const uint16_t *table, int vocab, int dim,
+                 const int64_t *ids, int n, float *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
