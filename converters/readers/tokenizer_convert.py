@@ -1,0 +1,104 @@
+"""Tokenizers of source formats → Hugging Face `tokenizer.json` strings.
+
+Both routes reuse transformers' own converters (GGUF metadata → fast tokenizer;
+SentencePiece proto → LlamaTokenizerFast) instead of re-implementing BPE rules.
+The written tokenizer.json adds BOS in its post-processor exactly when the
+source says add_bos_token, so `encode(text)` with special tokens matches the
+source's runtime (llama.cpp / sentencepiece + BOS).
+"""
+from __future__ import annotations
+
+import struct
+import tempfile
+from pathlib import Path
+
+from ..model import ConversionError
+
+BOS_PIECE, EOS_PIECE, UNK_PIECE = "<s>", "</s>", "<unk>"
+
+
+def gguf_tokenizer_json(path: str | Path, add_bos_token: bool) -> str:
+    """The tokenizer embedded in a GGUF file, converted as `AutoTokenizer(gguf_file=...)` does."""
+    from transformers import LlamaTokenizerFast
+    from transformers.integrations.ggml import GGUF_TO_FAST_CONVERTERS, convert_gguf_tokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    arch = parsed["config"].get("model_type")
+    if arch not in GGUF_TO_FAST_CONVERTERS:
+        raise ConversionError(f"{path}: no tokenizer converter for GGUF architecture {arch!r}")
+    fast, extra = convert_gguf_tokenizer(arch, parsed["tokenizer"])
+    kwargs = {**parsed["tokenizer_config"], **extra, "add_bos_token": add_bos_token, "add_eos_token": False}
+    # LlamaTokenizerFast is the class AutoTokenizer picks for llama GGUFs; it also
+    # registers the special tokens as added tokens and builds the BOS post-processor.
+    return LlamaTokenizerFast(tokenizer_object=fast, **kwargs).backend_tokenizer.to_str()
+
+
+def read_llama2c_vocab(path: str | Path) -> list[tuple[bytes, float]]:
+    """(piece bytes, score) per token from a llama2.c tokenizer.bin."""
+    path = Path(path)
+    data = path.read_bytes()
+    if len(data) < 4:
+        raise ConversionError(f"{path}: too short for a llama2.c tokenizer.bin ({len(data)} bytes)")
+    (max_len,) = struct.unpack_from("<i", data, 0)
+    if not 0 < max_len < 1 << 16:
+        raise ConversionError(f"{path}: not a llama2.c tokenizer.bin (max_token_length {max_len})")
+    off, vocab = 4, []
+    while off < len(data):
+        if off + 8 > len(data):
+            raise ConversionError(f"{path}: truncated llama2.c tokenizer.bin at byte {off}")
+        score, n = struct.unpack_from("<fi", data, off)
+        off += 8
+        if not 0 <= n <= max_len or off + n > len(data):
+            raise ConversionError(f"{path}: bad token length {n} at byte {off - 4} of llama2.c tokenizer.bin")
+        vocab.append((data[off:off + n], score))
+        off += n
+    return vocab
+
+
+def _is_byte_piece(p: str) -> bool:
+    return len(p) == 6 and p.startswith("<0x") and p.endswith(">")
+
+
+def llama2c_sentencepiece_proto(vocab: list[tuple[bytes, float]]) -> bytes:
+    """A serialized SentencePiece BPE ModelProto equivalent to the one llama2.c exported from.
+
+    llama2.c's export replaced '▁' by ' ' and wrote BOS/EOS as '\\n<s>\\n'/'\\n</s>\\n';
+    this undoes both and restores the Llama 2 trainer/normalizer settings.
+    """
+    from transformers.utils import sentencepiece_model_pb2 as pb
+
+    if len(vocab) < 3:
+        raise ConversionError(f"llama2.c vocabulary has {len(vocab)} tokens; expected <unk>, <s>, </s> first")
+    m = pb.ModelProto()
+    T = pb.ModelProto.SentencePiece.Type
+    for i, (raw, score) in enumerate(vocab):
+        piece = {0: UNK_PIECE, 1: BOS_PIECE, 2: EOS_PIECE}.get(i) or raw.decode("utf-8").replace(" ", "▁")
+        kind = T.UNKNOWN if i == 0 else T.CONTROL if i in (1, 2) else T.BYTE if _is_byte_piece(piece) else T.NORMAL
+        m.pieces.add(piece=piece, score=score, type=kind)
+    ts = m.trainer_spec
+    ts.model_type = pb.TrainerSpec.BPE
+    ts.vocab_size = len(vocab)
+    ts.byte_fallback = True
+    ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = 0, 1, 2, -1
+    ts.unk_piece, ts.bos_piece, ts.eos_piece = UNK_PIECE, BOS_PIECE, EOS_PIECE
+    ns = m.normalizer_spec
+    ns.name = "identity"
+    ns.add_dummy_prefix = True
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+    return m.SerializeToString()
+
+
+def llama2c_tokenizer_json(path: str | Path, add_bos_token: bool = True) -> str:
+    """A llama2.c tokenizer.bin as a Hugging Face tokenizer.json (Llama SentencePiece BPE semantics)."""
+    from transformers import LlamaTokenizerFast
+
+    proto = llama2c_sentencepiece_proto(read_llama2c_vocab(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        model_file = Path(tmp) / "tokenizer.model"
+        model_file.write_bytes(proto)
+        # legacy=True keeps sentencepiece's exact handling of spaces (prepend + replace).
+        tok = LlamaTokenizerFast(vocab_file=str(model_file), from_slow=True, legacy=True,
+                                 add_bos_token=add_bos_token, add_eos_token=False)
+        return tok.backend_tokenizer.to_str()
