@@ -340,6 +340,7 @@ class HiddenSource:
     hidden_size: int
     encode_text: Callable[[str, bool], list[int]] | None
     hidden_fn: Callable[[list[int]], np.ndarray]  # ids → [num_layers, S, hidden], output of each layer
+    arch: str = "llama"
 
     def encode(self, prompt, chat: bool) -> list[int]:
         if isinstance(prompt, str):
@@ -425,7 +426,7 @@ def torch_source(src) -> HiddenSource:
                 ids = [cfg.bos_token_id] + ids
             return ids
 
-    return HiddenSource(cfg.num_layers, cfg.hidden_size, encode, hidden_fn)
+    return HiddenSource(cfg.num_layers, cfg.hidden_size, encode, hidden_fn, cfg.arch)
 
 
 def render_chat(template: str, user_text: str, tokenizer, cfg) -> str:
@@ -452,7 +453,40 @@ def _engine_source(model) -> HiddenSource:
         _, hidden = model.engine.forward(np.asarray([ids], dtype=np.int64), output_hidden=True)
         return hidden
 
-    return HiddenSource(cfg.num_layers, cfg.hidden_size, _model_encoder(model), hidden_fn)
+    return HiddenSource(cfg.num_layers, cfg.hidden_size, _model_encoder(model), hidden_fn, cfg.arch)
+
+
+# --- measuring a vector's effect -----------------------------------------------------------------
+
+def word_logprob_shift(model, prompts: Sequence[str], pos_words: Sequence[str], neg_words: Sequence[str],
+                       chat: bool = True) -> float:
+    """Mean over prompts of mean log p(positive words) − mean log p(negative words) for the next token.
+
+    Each word counts by its first token (words are tokenized as they would start an answer).
+    Runs with whatever steering is active on `model`.
+    """
+    source = hidden_source(model)
+    if source.encode_text is None:
+        raise ValueError("word_logprob_shift needs a model with a tokenizer")
+    bos = getattr(getattr(model, "config", None), "bos_token_id", None)
+
+    def first_tokens(words):
+        firsts = set()
+        for w in words:
+            ids = [i for i in source.encode_text(w, False) if i != bos]
+            if not ids:
+                raise ValueError(f"word {w!r} has no tokens")
+            firsts.add(ids[0])
+        return sorted(firsts)
+
+    pos_ids, neg_ids = first_tokens(pos_words), first_tokens(neg_words)
+    shifts = []
+    for p in prompts:
+        logits, _ = model.engine.forward(np.asarray([source.encode(p, chat)], dtype=np.int64), output_hidden=False)
+        last = np.asarray(logits, dtype=np.float64).reshape(-1, logits.shape[-1])[-1]
+        logp = last - (last.max() + np.log(np.exp(last - last.max()).sum()))
+        shifts.append(logp[pos_ids].mean() - logp[neg_ids].mean())
+    return float(np.mean(shifts))
 
 
 # --- the `run` command's options -------------------------------------------------------------

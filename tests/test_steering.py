@@ -1,0 +1,183 @@
+"""Steering: request semantics (numpy), vectors from contrastive prompts (torch reference), and the
+steering points of the engines (onnxruntime, native) on small random model folders."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeact.control_vector import save_control_vector
+from edgeact.steering import (Steering, SteeringMixin, apply_steering_args, add_steering_args, as_directions,
+                              compute_vectors, orthonormal_rows, parse_layers, parse_steer_spec, steer_hidden,
+                              torch_source)
+
+H, L = 16, 4
+
+
+# --- request semantics --------------------------------------------------------------------------
+
+def test_parse_layers_forms_and_range():
+    assert parse_layers("2-4,7", 10) == [2, 3, 4, 7]
+    assert parse_layers([3, 1, 3], 10) == [1, 3]
+    assert parse_layers(5, 10) == [5]
+    assert parse_layers(None, 10) is None
+    for bad, msg in (("4-2", "end before start"), ("a-b", "bad layer range"), (10, "out of range"),
+                     ([-1], "out of range"), ([], "no layers")):
+        with pytest.raises(ValueError, match=msg):
+            parse_layers(bad, 10)
+
+
+def test_orthonormal_rows_span_the_directions():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(H), rng.standard_normal(H)
+    rows = orthonormal_rows(np.stack([a, 3 * a, b, np.zeros(H), a - 2 * b]))
+    assert rows.shape == (2, H)  # 3a, a-2b are dependent; the zero row carries no direction
+    np.testing.assert_allclose(rows @ rows.T, np.eye(2), atol=1e-6)
+    for v in (a, b):  # both directions lie in the span: projecting onto it keeps them whole
+        np.testing.assert_allclose(rows.T @ (rows @ v), v, atol=1e-5)
+
+
+def test_adds_sum_with_per_layer_scales_and_ablations_stack():
+    rng = np.random.default_rng(1)
+    st = Steering(L, H)
+    v1, v2, a1, a2 = (rng.standard_normal(H).astype(np.float32) for _ in range(4))
+    st.entries.append(st.make_entry(v1, scale={1: 2.0, 2: -0.5}, layers=[1, 2]))
+    st.entries.append(st.make_entry({2: v2, 3: v2}, scale=3.0))
+    st.entries.append(st.make_entry(a1, mode="ablate", layers=[2]))
+    st.entries.append(st.make_entry(a2, mode="ablate", layers="2-3", apply_to="generated"))
+    prefill, decode = st.layer_inputs(generated=False), st.layer_inputs(generated=True)
+    assert sorted(prefill) == [1, 2, 3] and sorted(decode) == [1, 2, 3]
+    np.testing.assert_allclose(prefill[1][0], 2 * v1, rtol=1e-6)
+    np.testing.assert_allclose(prefill[2][0], -0.5 * v1 + 3 * v2, rtol=1e-6)
+    assert prefill[2][1].shape == (1, H) and prefill[3][1] is None
+    assert decode[2][1].shape == (2, H) and decode[3][1].shape == (1, H)
+
+    h = rng.standard_normal((5, H)).astype(np.float32) * 10
+    add, ablate = decode[2]
+    y = steer_hidden(h, None, ablate)
+    for a in (a1, a2):
+        unit = a / np.linalg.norm(a)
+        assert np.all(np.abs(y @ unit) <= 1e-4 * np.linalg.norm(h, axis=1))
+    # Components orthogonal to both directions are untouched.
+    q, _ = np.linalg.qr(np.stack([a1, a2]).T)
+    rest = h - (h @ q) @ q.T
+    np.testing.assert_allclose(y, rest, atol=1e-4)
+
+
+def test_zero_vectors_and_zero_scales_leave_layers_unsteered():
+    st = Steering(L, H)
+    v = np.ones(H, np.float32)
+    st.entries += [st.make_entry(v, scale=0.0, layers=1), st.make_entry(np.zeros(H), layers=[0, 2]),
+                   st.make_entry(np.zeros(H), mode="ablate", layers=3), st.make_entry(v, scale=1, layers=2),
+                   st.make_entry(-v, scale=1, layers=2)]
+    assert st.layer_inputs(generated=True) == {}
+
+
+@pytest.mark.parametrize("vec, kw, message", [
+    (np.ones(H + 1), dict(layers=1), "hidden size is 16"),
+    (np.ones(H), dict(layers=L), "out of range"),
+    ({L + 2: np.ones(H)}, {}, "out of range"),
+    (np.r_[np.ones(H - 1), np.nan], dict(layers=1), "NaN"),
+    (np.ones(H), dict(layers=1, scale=float("inf")), "finite"),
+    (np.ones(H), dict(layers=1, mode="scale"), "mode"),
+    (np.ones(H), dict(layers=1, apply_to="prompt"), "apply_to"),
+    (np.ones(H), dict(layers=1, mode="ablate", scale=0.5), "scale must be 1"),
+    ({1: np.ones(H)}, dict(layers=[2]), "no direction for layer"),
+    (np.ones((L + 1, H)), {}, "num_layers"),
+    ("/nonexistent/vector.gguf", {}, "not found"),
+])
+def test_bad_requests_raise_and_change_nothing(vec, kw, message):
+    st = Steering(L, H)
+    good = st.make_entry(np.ones(H), layers=1)
+    st.entries.append(good)
+    before = st.layer_inputs(generated=True)
+    with pytest.raises(ValueError, match=message):
+        st.make_entry(vec, **kw)
+    assert st.entries == [good]
+    np.testing.assert_array_equal(st.layer_inputs(generated=True)[1][0], before[1][0])
+
+
+def test_file_vectors_and_run_options(tmp_path):
+    rng = np.random.default_rng(2)
+    d = {1: rng.standard_normal(H).astype(np.float32), 3: rng.standard_normal(H).astype(np.float32)}
+    path = save_control_vector(tmp_path / "v.gguf", d)
+    np.testing.assert_array_equal(as_directions(str(path), L, H, layers="3")[3], d[3])
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(ValueError, match="not a readable GGUF"):
+        as_directions(bad, L, H)
+    with pytest.raises(ValueError, match="hidden size is 8"):
+        as_directions(path, L, 8)
+
+    assert parse_steer_spec("a/b.gguf:4.5") == ("a/b.gguf", 4.5)
+    assert parse_steer_spec("C:/dir/v.gguf") == ("C:/dir/v.gguf", 1.0)
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_steering_args(parser)
+    args = parser.parse_args(["--steer", f"{path}:-2", "--ablate", str(path), "--steer-layers", "3"])
+    calls = []
+
+    class Recorder:
+        def steer(self, vec, **kw):
+            calls.append((vec, kw))
+
+    apply_steering_args(Recorder(), args)
+    assert calls == [(str(path), dict(scale=-2.0, layers="3", mode="add", apply_to="all")),
+                     (str(path), dict(layers="3", mode="ablate", apply_to="all"))]
+
+
+# --- computing vectors (torch reference on a tiny random source) --------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_source():
+    from edgeact.converters.random_model import random_source
+
+    return random_source("tiny")
+
+
+def _prompts(rng, vocab, n):
+    return [list(rng.integers(3, vocab, size=rng.integers(2, 7))) for _ in range(n)]
+
+
+def test_torch_hidden_states_are_block_outputs(tiny_source):
+    torch = pytest.importorskip("torch")
+    from edgeact.converters.torch_ref import build_torch_model
+
+    ids = [5, 9, 2, 7, 11]
+    ours = torch_source(tiny_source).hidden(ids)
+    with torch.no_grad():
+        hf = build_torch_model(tiny_source)(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    n = tiny_source.config.num_layers
+    assert ours.shape == (n, len(ids), tiny_source.config.hidden_size)
+    for i in range(n - 1):  # HF's last entry has the final norm applied; the others are block outputs
+        np.testing.assert_allclose(ours[i], hf[i + 1][0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_mean_diff_and_pca_against_numpy(tiny_source):
+    rng = np.random.default_rng(3)
+    vocab = tiny_source.config.vocab_size
+    pos, neg = _prompts(rng, vocab, 6), _prompts(rng, vocab, 6)
+    src = torch_source(tiny_source)
+    feats = {name: np.stack([src.hidden(p)[:, -1] for p in ps], 1).astype(np.float64)
+             for name, ps in (("pos", pos), ("neg", neg))}
+    md = compute_vectors(src, pos, neg, method="mean-diff")
+    pca = compute_vectors(src, pos, neg, method="pca", layers="1-2")
+    assert sorted(md) == list(range(tiny_source.config.num_layers)) and sorted(pca) == [1, 2]
+    for layer in md:
+        expect = feats["pos"][layer].mean(0) - feats["neg"][layer].mean(0)
+        np.testing.assert_allclose(md[layer], expect, rtol=1e-4, atol=1e-5)
+    for layer in pca:
+        diffs = feats["pos"][layer] - feats["neg"][layer]
+        top = np.linalg.eigh(diffs.T @ diffs)[1][:, -1]
+        v = pca[layer]
+        assert abs(abs(v @ top) / np.linalg.norm(v) - 1) < 1e-4  # the first principal direction
+        assert v @ md[layer] > 0  # sign follows the mean difference
+        np.testing.assert_allclose(np.linalg.norm(v), abs((diffs @ top).mean()), rtol=1e-4)
+    mean_pos = compute_vectors(src, pos, neg, layers=[2], position="mean")[2]
+    expect = np.mean([src.hidden(p)[2].mean(0) for p in pos], 0) - np.mean([src.hidden(p)[2].mean(0) for p in neg], 0)
+    np.testing.assert_allclose(mean_pos, expect, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="pca pairs prompts"):
+        compute_vectors(src, pos, neg[:-1], method="pca")
+    with pytest.raises(ValueError, match="no tokenizer|method"):
+        compute_vectors(src, pos, neg, method="svd")
