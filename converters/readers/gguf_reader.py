@@ -36,9 +36,14 @@ def _open(path: Path):
     import gguf
 
     try:
-        return gguf.GGUFReader(str(path))
+        reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the package raises ValueError/IndexError/... on damaged files
         raise ConversionError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from e
+    size = path.stat().st_size
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > size:  # the reader's views would silently come up short
+        raise ConversionError(f"{path}: truncated GGUF: tensor data needs {end} bytes but the file has {size}")
+    return reader
 
 
 def _field(reader, key: str, default=None):
@@ -118,6 +123,8 @@ def _loader(tensor, n_heads_for_rows: int | None):
         from gguf.quants import dequantize
 
         w = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        if not w.flags.writeable:  # F32 tensors come back as views of the read-only memmap
+            w = w.copy()
         # GGUF dims are listed fastest-first; dequantize returns numpy (row-major) order.
         w = w.reshape([int(d) for d in reversed(tensor.shape)])
         return interleaved_to_half(w, n_heads_for_rows) if n_heads_for_rows else w

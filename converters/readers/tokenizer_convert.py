@@ -66,7 +66,9 @@ def llama2c_sentencepiece_proto(vocab: list[tuple[bytes, float]]) -> bytes:
     llama2.c's export replaced '▁' by ' ' and wrote BOS/EOS as '\\n<s>\\n'/'\\n</s>\\n';
     this undoes both and restores the Llama 2 trainer/normalizer settings.
     """
-    from transformers.utils import sentencepiece_model_pb2 as pb
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    pb = import_protobuf()  # the generated module matching the installed protobuf
 
     if len(vocab) < 3:
         raise ConversionError(f"llama2.c vocabulary has {len(vocab)} tokens; expected <unk>, <s>, </s> first")

@@ -1,0 +1,130 @@
+"""Hugging Face LLaMA-family folders (config.json + safetensors, single or sharded) → SourceModel."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..model import ConversionError, ModelConfig, SourceModel
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{path}: cannot read JSON: {e}") from e
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """tensor name → the safetensors file holding it."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        wm = _read_json(index).get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise ConversionError(f"{index}: no weight_map")
+        files = {name: folder / f for name, f in wm.items()}
+        missing = sorted({str(p) for p in files.values() if not p.is_file()})
+        if missing:
+            raise ConversionError(f"{index} names missing shard(s): {', '.join(missing)}")
+        return files
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise ConversionError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                              "(only safetensors weights are read)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error type on damaged headers
+        raise ConversionError(f"{single}: not a readable safetensors file: {e}") from e
+
+
+def _config(cfg: dict, folder: Path) -> ModelConfig:
+    archs = cfg.get("architectures") or []
+    arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise ConversionError(f"{folder}: architecture {archs or cfg.get('model_type')!r} is not supported; "
+                              f"supported: {', '.join(ARCHITECTURES)} (llama via GGUF; llama2.c .bin)")
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    eos = cfg.get("eos_token_id")
+    eos_ids = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+    if arch == "mistral" and cfg.get("sliding_window") and cfg["sliding_window"] < cfg.get("max_position_embeddings", 0):
+        # the graph has no sliding-window attention; beyond the window results would differ
+        max_pos = cfg["sliding_window"]
+    else:
+        max_pos = cfg.get("max_position_embeddings", 2048)
+    return ModelConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=hidden, intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or hidden // heads,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=cfg.get("rope_theta", 10000.0), rope_scaling=cfg.get("rope_scaling"),
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),  # transformers' default for all three
+        attention_bias=True if arch == "qwen2" else bool(cfg.get("attention_bias", False)),
+        arch=arch, bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids, pad_token_id=cfg.get("pad_token_id"),
+    )
+
+
+def _source_dtypes(files: dict[str, Path]) -> dict[str, int]:
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    counts: Counter = Counter()
+    by_file: dict[Path, list[str]] = {}
+    for name, f in files.items():
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt") as h:
+            counts.update(h.get_slice(n).get_dtype() for n in names)
+    return dict(counts)
+
+
+def _loader(file: Path, name: str):
+    def load() -> np.ndarray:
+        from safetensors import safe_open
+
+        # framework="pt": numpy has no bfloat16, torch converts bf16/fp16 → fp32 exactly.
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(name).float().numpy()
+
+    return load
+
+
+def read_hf_folder(folder: str | Path) -> SourceModel:
+    """A SourceModel over a transformers LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM folder."""
+    folder = Path(folder)
+    raw = _read_json(folder / "config.json")
+    try:
+        cfg = _config(raw, folder)
+    except KeyError as e:
+        raise ConversionError(f"{folder / 'config.json'} lacks {e.args[0]!r}") from e
+    if raw.get("mlp_bias"):
+        raise ConversionError(f"{folder}: mlp_bias=true is not supported")
+    files = _weight_files(folder)
+    tensors = {name: _loader(f, name) for name, f in files.items()
+               if not name.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in tensors:
+        raise ConversionError(f"{folder}: config says tie_word_embeddings=false but there is no lm_head.weight")
+
+    tok_json = folder / "tokenizer.json"
+    tok_cfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    chat = tok_cfg.get("chat_template")
+    if chat is None and (folder / "chat_template.jinja").is_file():
+        chat = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(chat, list):  # named templates: keep the default one
+        chat = next((t["template"] for t in chat if t.get("name") == "default"), None)
+    return SourceModel(
+        config=cfg, tensors=tensors,
+        tokenizer_json=tok_json.read_text(encoding="utf-8") if tok_json.is_file() else None,
+        chat_template=chat, add_bos_token=bool(tok_cfg.get("add_bos_token", cfg.arch != "qwen2")),
+        provenance={"path": str(folder), "format": "hf", "dtypes": _source_dtypes({n: files[n] for n in tensors})},
+    )
