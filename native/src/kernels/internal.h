@@ -1,0 +1,79 @@
+/* Private declarations shared by the kernel translation units. */
+#ifndef EDGEACT_KERNELS_INTERNAL_H
+#define EDGEACT_KERNELS_INTERNAL_H
+
+#include "kernels.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define EA_X86 1
+#endif
+#if defined(__aarch64__)
+#define EA_ARM64 1
+/* gcc 12's arm_neon.h wraps vdotq_s32 in arch=armv8.2-a+dotprod and rejects
+ * inlining it into a plain "+dotprod" function; clang spells it "dotprod". */
+#if defined(__clang__)
+#define EA_TARGET_DOTPROD __attribute__((target("dotprod")))
+#else
+#define EA_TARGET_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
+#endif
+
+/* Rows of W interleaved per group in the SIMD repack (and the unit of the
+ * integer reduction): one 64-byte line of int4 block-32 data per block. */
+#define EA_QROWS 4
+/* N is split across threads in multiples of this many rows (64-byte output lines). */
+#define EA_NCHUNK 16
+
+/* Scratch from the ctx, grown on demand; NULL when out of memory. */
+void *ea_scratch(ea_kctx *ctx, size_t bytes);
+
+/* The quantized activations of M rows, laid out for the kernels. */
+typedef struct {
+    int M, K, block_size, n_blocks;
+    int8_t *xq;    /* [M, n_blocks*block_size] */
+    float *sx;     /* [M, n_blocks] */
+    int32_t *sumx; /* [M, n_blocks] */
+} ea_qact;
+
+/* Quantizes one row; interleave != 0 stores every 32-element chunk as its
+ * 16 even elements followed by its 16 odd ones, the order in which the
+ * int4 SIMD kernels unpack low and high nibbles. */
+void ea_quantize_row_scalar(const float *x, int K, int bs, int8_t *xq, float *sx, int32_t *sumx,
+                            int interleave);
+
+/* Rows [n0, n1) of y (row stride N) for all M rows. */
+void ea_qmatmul_rows_scalar(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1);
+
+#if EA_X86
+void ea_quantize_row_avx2(const float *x, int K, int bs, int8_t *xq, float *sx, int32_t *sumx,
+                          int interleave);
+/* Groups [g0, g1) of EA_QROWS rows of the packed weight. */
+void ea_qmatmul_groups_avx2(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1);
+void ea_matmul_f32_avx2(const float *x, int M, int K, const float *W, int N, float *y, int n0, int n1);
+void ea_matmul_f16_avx2(const float *x, int M, int K, const uint16_t *W, int N, float *y, int n0, int n1);
+#endif
+#if EA_ARM64
+void ea_qmatmul_groups_neon(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1, int dotprod);
+void ea_matmul_f32_neon(const float *x, int M, int K, const float *W, int N, float *y, int n0, int n1);
+void ea_matmul_f16_neon(const float *x, int M, int K, const uint16_t *W, int N, float *y, int n0, int n1);
+#endif
+
+/* Layout of one packed block of a group of EA_QROWS rows: the rows' data
+ * (block_size*bits/8 bytes each), their float scales, then (asymmetric
+ * weights only) their uint8 zero points. Groups are n_blocks such blocks. */
+static inline size_t ea_qpack_block_stride(const ea_qweight *w) {
+    size_t data = (size_t)w->block_size * (size_t)w->bits / 8;
+    return EA_QROWS * data + EA_QROWS * sizeof(float) + (w->zero_points ? EA_QROWS : 0);
+}
+
+/* Zero point of (row n, block b) from the file layout. */
+static inline int ea_qweight_zp(const ea_qweight *w, int n, int b) {
+    if (!w->zero_points) return w->bits == 4 ? 8 : 128;
+    if (w->bits == 8) return w->zero_points[(size_t)n * w->n_blocks + b];
+    uint8_t byte = w->zero_points[(size_t)n * ((w->n_blocks + 1) / 2) + b / 2];
+    return (b & 1) ? byte >> 4 : byte & 15;
+}
+
+static inline int ea_is_simd(ea_isa isa) { return isa != EA_ISA_SCALAR; }
+
+#endif

@@ -1,0 +1,110 @@
+/* Run-time ISA choice, the kernel context and its scratch memory. */
+#define _GNU_SOURCE
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#if EA_ARM64 && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1UL << 20)
+#endif
+#endif
+
+const char *ea_kernels_strerror(int code) {
+    switch (code) {
+    case EA_KOK: return "ok";
+    case EA_KERR_ISA_UNKNOWN: return "unknown ISA name (expected scalar, avx2, neon or neon-dotprod)";
+    case EA_KERR_ISA_UNAVAILABLE: return "requested ISA is not supported by this CPU or build";
+    case EA_KERR_ARG: return "invalid kernel argument (shape, bits, block size or index out of range)";
+    case EA_KERR_NOMEM: return "out of memory in a kernel";
+    case EA_KERR_LAYOUT: return "weight was prepared for a different ISA than the kernel context";
+    default: return "unknown kernel error";
+    }
+}
+
+int ea_isa_available(ea_isa isa) {
+    switch (isa) {
+    case EA_ISA_SCALAR: return 1;
+#if EA_X86
+    case EA_ISA_AVX2:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
+#endif
+#if EA_ARM64
+    case EA_ISA_NEON: return 1;
+    case EA_ISA_NEON_DOTPROD:
+#if defined(__linux__)
+        return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+        return 0;
+#endif
+#endif
+    default: return 0;
+    }
+}
+
+ea_isa ea_isa_detect(void) {
+    if (ea_isa_available(EA_ISA_AVX2)) return EA_ISA_AVX2;
+    if (ea_isa_available(EA_ISA_NEON_DOTPROD)) return EA_ISA_NEON_DOTPROD;
+    if (ea_isa_available(EA_ISA_NEON)) return EA_ISA_NEON;
+    return EA_ISA_SCALAR;
+}
+
+const char *ea_isa_name(ea_isa isa) {
+    switch (isa) {
+    case EA_ISA_SCALAR: return "scalar";
+    case EA_ISA_AVX2: return "avx2";
+    case EA_ISA_NEON: return "neon";
+    case EA_ISA_NEON_DOTPROD: return "neon-dotprod";
+    default: return "unknown";
+    }
+}
+
+int ea_isa_parse(const char *name, ea_isa *out) {
+    static const ea_isa all[] = {EA_ISA_SCALAR, EA_ISA_AVX2, EA_ISA_NEON, EA_ISA_NEON_DOTPROD};
+    if (!name) return EA_KERR_ISA_UNKNOWN;
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+        if (strcmp(name, ea_isa_name(all[i])) == 0) {
+            if (!ea_isa_available(all[i])) return EA_KERR_ISA_UNAVAILABLE;
+            *out = all[i];
+            return EA_KOK;
+        }
+    }
+    return EA_KERR_ISA_UNKNOWN;
+}
+
+int ea_isa_select(ea_isa *out) {
+    const char *env = getenv("EDGEACT_ISA");
+    if (env && *env) return ea_isa_parse(env, out);
+    *out = ea_isa_detect();
+    return EA_KOK;
+}
+
+int ea_kctx_init(ea_kctx *ctx, ea_isa isa, ea_pool *pool) {
+    memset(ctx, 0, sizeof *ctx);
+    if (!ea_isa_available(isa)) return EA_KERR_ISA_UNAVAILABLE;
+    ctx->isa = isa;
+    ctx->pool = pool;
+    return EA_KOK;
+}
+
+void ea_kctx_release(ea_kctx *ctx) {
+    free(ctx->scratch);
+    ctx->scratch = NULL;
+    ctx->scratch_cap = 0;
+}
+
+void *ea_scratch(ea_kctx *ctx, size_t bytes) {
+    if (bytes <= ctx->scratch_cap) return ctx->scratch;
+    size_t cap = bytes + bytes / 2;
+    cap = (cap + 63) & ~(size_t)63;
+    void *p = aligned_alloc(64, cap);
+    if (!p) return NULL;
+    free(ctx->scratch);
+    ctx->scratch = p;
+    ctx->scratch_cap = cap;
+    return p;
+}

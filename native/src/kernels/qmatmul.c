@@ -1,0 +1,205 @@
+/* MatMulNBits (accuracy_level 4): weight preparation, activation
+ * quantization, the scalar reference and the threaded dispatch.
+ *
+ * Every path computes, per output (m, n),
+ *   acc = 0; for each block b: acc = fma(sx[m,b] * sw[n,b], (float)idot, acc)
+ * with idot = sum_k xq*wq - zp*sumx[m,b] exact in int32, so SIMD results are
+ * bit-identical to the scalar ones whatever the lane order inside a block. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+static int valid_shape(int K, int N, int bits, int block_size) {
+    return K > 0 && N > 0 && (bits == 4 || bits == 8) &&
+           (block_size == 32 || block_size == 64 || block_size == 128);
+}
+
+static int isa_family(ea_isa isa) {
+    return isa == EA_ISA_NEON_DOTPROD ? EA_ISA_NEON : (int)isa;
+}
+
+/* Interleaves EA_QROWS rows per group and puts each block's scales and
+ * zero points right after its data, so a group streams as one sequence. */
+static int repack(ea_qweight *w) {
+    const size_t bpb = (size_t)w->block_size * (size_t)w->bits / 8;
+    const size_t stride = ea_qpack_block_stride(w);
+    const int groups = (w->N + EA_QROWS - 1) / EA_QROWS;
+    const size_t bytes = (size_t)groups * (size_t)w->n_blocks * stride;
+    uint8_t *p = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (!p) return EA_KERR_NOMEM;
+    memset(p, 0, bytes);
+    for (int g = 0; g < groups; g++) {
+        for (int b = 0; b < w->n_blocks; b++) {
+            uint8_t *blk = p + ((size_t)g * w->n_blocks + b) * stride;
+            float sc[EA_QROWS] = {0};
+            for (int r = 0; r < EA_QROWS; r++) {
+                int n = g * EA_QROWS + r;
+                if (n >= w->N) break; /* padding rows stay zero with scale 0 */
+                memcpy(blk + r * bpb, w->data + ((size_t)n * w->n_blocks + b) * bpb, bpb);
+                sc[r] = w->scales[(size_t)n * w->n_blocks + b];
+                if (w->zero_points) blk[EA_QROWS * bpb + sizeof sc + r] = (uint8_t)ea_qweight_zp(w, n, b);
+            }
+            memcpy(blk + EA_QROWS * bpb, sc, sizeof sc);
+        }
+    }
+    w->packed = p;
+    w->packed_bytes = bytes;
+    return EA_KOK;
+}
+
+int ea_qweight_init(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_size,
+                    const uint8_t *data, const float *scales, const uint8_t *zero_points) {
+    memset(w, 0, sizeof *w);
+    if (!valid_shape(K, N, bits, block_size) || !data || !scales) return EA_KERR_ARG;
+    if (!ea_isa_available(isa)) return EA_KERR_ISA_UNAVAILABLE;
+    w->K = K;
+    w->N = N;
+    w->bits = bits;
+    w->block_size = block_size;
+    w->n_blocks = (K + block_size - 1) / block_size;
+    w->data = data;
+    w->scales = scales;
+    w->zero_points = zero_points;
+    w->isa = isa;
+    return ea_is_simd(isa) ? repack(w) : EA_KOK;
+}
+
+void ea_qweight_release(ea_qweight *w) {
+    free(w->packed);
+    w->packed = NULL;
+    w->packed_bytes = 0;
+}
+
+void ea_quantize_row_scalar(const float *x, int K, int bs, int8_t *xq, float *sx, int32_t *sumx,
+                            int interleave) {
+    const int nb = (K + bs - 1) / bs;
+    for (int b = 0; b < nb; b++) {
+        const int k0 = b * bs, len = K - k0 < bs ? K - k0 : bs;
+        float amax = 0.0f;
+        for (int i = 0; i < len; i++) amax = fmaxf(amax, fabsf(x[k0 + i]));
+        const float scale = amax / 127.0f;
+        const float inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+        int32_t sum = 0;
+        int8_t *q = xq + k0;
+        for (int i = 0; i < bs; i++) {
+            int v = 0;
+            if (i < len) {
+                float r = nearbyintf(x[k0 + i] * inv);
+                v = r > 127.0f ? 127 : r < -128.0f ? -128 : (int)r;
+            }
+            sum += v;
+            /* even elements of each 32-chunk first, then the odd ones */
+            int pos = interleave ? (i & ~31) + ((i & 1) ? 16 : 0) + ((i & 31) >> 1) : i;
+            q[pos] = (int8_t)v;
+        }
+        sx[b] = scale;
+        sumx[b] = sum;
+    }
+}
+
+/* The nibble/byte of row n, element k (file layout). */
+static inline int wq_at(const ea_qweight *w, int n, int k) {
+    const size_t row = (size_t)n * w->n_blocks * w->block_size; /* elements */
+    if (w->bits == 8) return w->data[row + k];
+    uint8_t byte = w->data[(row + k) / 2];
+    return (k & 1) ? byte >> 4 : byte & 15;
+}
+
+void ea_qmatmul_rows_scalar(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1) {
+    const int bs = w->block_size, nb = w->n_blocks, kp = nb * bs;
+    for (int m = 0; m < a->M; m++) {
+        const int8_t *xq = a->xq + (size_t)m * kp;
+        for (int n = n0; n < n1; n++) {
+            float acc = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                int32_t dot = 0;
+                for (int i = 0; i < bs; i++) dot += (int32_t)xq[b * bs + i] * wq_at(w, n, b * bs + i);
+                dot -= ea_qweight_zp(w, n, b) * a->sumx[(size_t)m * nb + b];
+                const float s = a->sx[(size_t)m * nb + b] * w->scales[(size_t)n * nb + b];
+                acc = fmaf(s, (float)dot, acc);
+            }
+            y[(size_t)m * w->N + n] = acc;
+        }
+    }
+}
+
+int ea_quantize_act(ea_kctx *ctx, const float *x, int K, int block_size,
+                    int8_t *xq, float *sx, int32_t *sumx) {
+    if (K <= 0 || (block_size != 32 && block_size != 64 && block_size != 128)) return EA_KERR_ARG;
+#if EA_X86
+    if (ctx->isa == EA_ISA_AVX2) {
+        ea_quantize_row_avx2(x, K, block_size, xq, sx, sumx, 0);
+        return EA_KOK;
+    }
+#endif
+    (void)ctx;
+    ea_quantize_row_scalar(x, K, block_size, xq, sx, sumx, 0);
+    return EA_KOK;
+}
+
+typedef struct {
+    const ea_kctx *ctx;
+    const ea_qweight *w;
+    const ea_qact *a;
+    float *y;
+    int units, n_tasks; /* units of EA_NCHUNK rows, split evenly over tasks */
+} qjob;
+
+static void qmatmul_task(void *arg, int task, int thread) {
+    (void)thread;
+    const qjob *j = arg;
+    const int u0 = (int)((long)j->units * task / j->n_tasks);
+    const int u1 = (int)((long)j->units * (task + 1) / j->n_tasks);
+    int n0 = u0 * EA_NCHUNK, n1 = u1 * EA_NCHUNK;
+    if (n1 > j->w->N) n1 = j->w->N;
+    if (n0 >= n1) return;
+    switch (j->ctx->isa) {
+#if EA_X86
+    case EA_ISA_AVX2:
+        ea_qmatmul_groups_avx2(j->w, j->a, j->y, n0 / EA_QROWS, (n1 + EA_QROWS - 1) / EA_QROWS);
+        return;
+#endif
+#if EA_ARM64
+    case EA_ISA_NEON:
+    case EA_ISA_NEON_DOTPROD:
+        ea_qmatmul_groups_neon(j->w, j->a, j->y, n0 / EA_QROWS, (n1 + EA_QROWS - 1) / EA_QROWS,
+                               j->ctx->isa == EA_ISA_NEON_DOTPROD);
+        return;
+#endif
+    default: ea_qmatmul_rows_scalar(j->w, j->a, j->y, n0, n1);
+    }
+}
+
+int ea_qmatmul(ea_kctx *ctx, const ea_qweight *w, const float *x, int M, float *y) {
+    if (M <= 0 || !w || !w->data) return EA_KERR_ARG;
+    const int simd = ea_is_simd(ctx->isa);
+    if (simd && (!w->packed || isa_family(w->isa) != isa_family(ctx->isa))) return EA_KERR_LAYOUT;
+    const int nb = w->n_blocks, kp = nb * w->block_size;
+    const size_t xq_bytes = ((size_t)M * kp + 63) & ~(size_t)63;
+    const size_t per_row = (size_t)nb * (sizeof(float) + sizeof(int32_t));
+    uint8_t *s = ea_scratch(ctx, xq_bytes + (size_t)M * per_row);
+    if (!s) return EA_KERR_NOMEM;
+    ea_qact a = {M, w->K, w->block_size, nb, (int8_t *)s, (float *)(s + xq_bytes),
+                 (int32_t *)(s + xq_bytes + (size_t)M * nb * sizeof(float))};
+    /* the int4 SIMD kernels unpack nibbles as [even | odd] per 32 elements */
+    const int interleave = simd && w->bits == 4;
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (size_t)m * w->K;
+        int8_t *q = a.xq + (size_t)m * kp;
+#if EA_X86
+        if (ctx->isa == EA_ISA_AVX2) {
+            ea_quantize_row_avx2(xr, w->K, w->block_size, q, a.sx + (size_t)m * nb, a.sumx + (size_t)m * nb, interleave);
+            continue;
+        }
+#endif
+        ea_quantize_row_scalar(xr, w->K, w->block_size, q, a.sx + (size_t)m * nb, a.sumx + (size_t)m * nb, interleave);
+    }
+    const int units = (w->N + EA_NCHUNK - 1) / EA_NCHUNK;
+    int n_tasks = ea_pool_size(ctx->pool);
+    if (n_tasks > units) n_tasks = units;
+    qjob j = {ctx, w, &a, y, units, n_tasks};
+    ea_pool_run(ctx->pool, qmatmul_task, &j, n_tasks);
+    return EA_KOK;
+}

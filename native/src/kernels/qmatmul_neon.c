@@ -1,0 +1,124 @@
+/* NEON MatMulNBits kernels over the packed layout (internal.h).
+ * int4 nibbles are 0..15 and so valid signed bytes; int8 weights use w-128
+ * (signed) and add 128*sumx back with the zero point term. With dotprod each
+ * 16-byte chunk is one sdot; without, smull/smlal pairs into int16 (at most
+ * 2*128*127 < 32767) then sadalp into int32. */
+#include "internal.h"
+
+#if EA_ARM64
+#include <arm_neon.h>
+
+EA_TARGET_DOTPROD static inline int32x4_t dot16_sdot(int32x4_t acc, int8x16_t w, int8x16_t x) {
+    return vdotq_s32(acc, w, x);
+}
+
+static inline int32x4_t dot16_smull(int32x4_t acc, int8x16_t wa, int8x16_t xa, int8x16_t wb, int8x16_t xb) {
+    int16x8_t lo = vmull_s8(vget_low_s8(wa), vget_low_s8(xa));
+    lo = vmlal_s8(lo, vget_low_s8(wb), vget_low_s8(xb));
+    int16x8_t hi = vmull_high_s8(wa, xa);
+    hi = vmlal_high_s8(hi, wb, xb);
+    return vpadalq_s16(vpadalq_s16(acc, lo), hi);
+}
+
+static inline void store_rows(float *y, int N, int m, int n, float32x4_t v) {
+    float *dst = y + (size_t)m * N + n;
+    if (n + EA_QROWS <= N) {
+        vst1q_f32(dst, v);
+    } else {
+        float tmp[EA_QROWS];
+        vst1q_f32(tmp, v);
+        for (int r = 0; n + r < N; r++) dst[r] = tmp[r];
+    }
+}
+
+/* One row of x against one group; BS, BITS, DP constant at call sites. */
+static inline __attribute__((always_inline)) float32x4_t
+group_row(const uint8_t *gp, size_t stride, int nb, int has_zp, const ea_qact *a, int m,
+          int BS, int BITS, int DP) {
+    const int kp = nb * BS, bpb = BS * BITS / 8;
+    const int8_t *x = a->xq + (size_t)m * kp;
+    const int32x4_t off = vdupq_n_s32(BITS == 8 ? 128 : 0);
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *p = gp + (size_t)b * stride;
+        int32x4_t d[EA_QROWS];
+        for (int r = 0; r < EA_QROWS; r++) d[r] = vdupq_n_s32(0);
+        for (int c = 0; c < BS / 32; c++) {
+            const int8x16_t xa = vld1q_s8(x + b * BS + c * 32);
+            const int8x16_t xb = vld1q_s8(x + b * BS + c * 32 + 16);
+            for (int r = 0; r < EA_QROWS; r++) {
+                int8x16_t wa, wb;
+                if (BITS == 4) { /* x is [even16 | odd16]: low nibbles, then high */
+                    const uint8x16_t v = vld1q_u8(p + r * bpb + c * 16);
+                    wa = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(15)));
+                    wb = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+                } else {
+                    wa = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p + r * bpb + c * 32), vdupq_n_u8(0x80)));
+                    wb = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p + r * bpb + c * 32 + 16), vdupq_n_u8(0x80)));
+                }
+                if (DP) {
+                    d[r] = dot16_sdot(d[r], wa, xa);
+                    d[r] = dot16_sdot(d[r], wb, xb);
+                } else {
+                    d[r] = dot16_smull(d[r], wa, xa, wb, xb);
+                }
+            }
+        }
+        int32x4_t idot = vpaddq_s32(vpaddq_s32(d[0], d[1]), vpaddq_s32(d[2], d[3]));
+        const float32x4_t sw = vld1q_f32((const float *)(p + EA_QROWS * bpb));
+        int32x4_t zp;
+        if (has_zp) {
+            const uint8_t *z = p + EA_QROWS * bpb + 16;
+            const int32_t zz[4] = {z[0], z[1], z[2], z[3]};
+            zp = vld1q_s32(zz);
+        } else {
+            zp = vdupq_n_s32(BITS == 4 ? 8 : 128);
+        }
+        idot = vmlaq_s32(idot, vsubq_s32(off, zp), vdupq_n_s32(a->sumx[(size_t)m * nb + b]));
+        const float32x4_t s = vmulq_f32(vdupq_n_f32(a->sx[(size_t)m * nb + b]), sw);
+        acc = vfmaq_f32(acc, s, vcvtq_f32_s32(idot));
+    }
+    return acc;
+}
+
+static inline __attribute__((always_inline)) void
+groups_impl(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1, int BS, int BITS, int DP) {
+    const size_t stride = ea_qpack_block_stride(w);
+    const int nb = w->n_blocks, has_zp = w->zero_points != NULL;
+    for (int g = g0; g < g1; g++) {
+        const uint8_t *gp = (const uint8_t *)w->packed + (size_t)g * nb * stride;
+        /* the group (n_blocks * stride bytes) stays in L1 across the rows of x */
+        for (int m = 0; m < a->M; m++)
+            store_rows(y, w->N, m, g * EA_QROWS, group_row(gp, stride, nb, has_zp, a, m, BS, BITS, DP));
+    }
+}
+
+EA_TARGET_DOTPROD static void groups_dotprod(const ea_qweight *w, const ea_qact *a,
+                                                               float *y, int g0, int g1) {
+    switch (w->bits * 1000 + w->block_size) {
+    case 4032: groups_impl(w, a, y, g0, g1, 32, 4, 1); break;
+    case 4064: groups_impl(w, a, y, g0, g1, 64, 4, 1); break;
+    case 4128: groups_impl(w, a, y, g0, g1, 128, 4, 1); break;
+    case 8032: groups_impl(w, a, y, g0, g1, 32, 8, 1); break;
+    case 8064: groups_impl(w, a, y, g0, g1, 64, 8, 1); break;
+    default: groups_impl(w, a, y, g0, g1, 128, 8, 1); break;
+    }
+}
+
+static void groups_plain(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) {
+    switch (w->bits * 1000 + w->block_size) {
+    case 4032: groups_impl(w, a, y, g0, g1, 32, 4, 0); break;
+    case 4064: groups_impl(w, a, y, g0, g1, 64, 4, 0); break;
+    case 4128: groups_impl(w, a, y, g0, g1, 128, 4, 0); break;
+    case 8032: groups_impl(w, a, y, g0, g1, 32, 8, 0); break;
+    case 8064: groups_impl(w, a, y, g0, g1, 64, 8, 0); break;
+    default: groups_impl(w, a, y, g0, g1, 128, 8, 0); break;
+    }
+}
+
+void ea_qmatmul_groups_neon(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1, int dotprod) {
+    if (dotprod) groups_dotprod(w, a, y, g0, g1);
+    else groups_plain(w, a, y, g0, g1);
+}
+
+#endif

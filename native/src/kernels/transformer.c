@@ -1,0 +1,123 @@
+/* The non-matmul pieces of a decoder layer: RMSNorm, rotary, GQA attention
+ * over the KV cache, SiLU gating, residual add and embedding gathers.
+ * They are a small share of a decode step, so they are plain C that the
+ * compiler vectorizes; attention is threaded over heads. */
+#include <math.h>
+#include <string.h>
+
+#include "internal.h"
+
+void ea_rmsnorm(const ea_kctx *ctx, const float *x, const float *w, int rows, int dim, float eps, float *y) {
+    (void)ctx;
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * dim;
+        float *yr = y + (size_t)r * dim;
+        double ss = 0.0; /* double: dim up to ~8k squares summed without drift */
+        for (int i = 0; i < dim; i++) ss += (double)xr[i] * xr[i];
+        const float inv = (float)(1.0 / sqrt(ss / dim + eps));
+        for (int i = 0; i < dim; i++) yr[i] = xr[i] * inv * w[i];
+    }
+}
+
+int ea_rope(const ea_kctx *ctx, float *x, int S, int H, int head_dim, const float *cos_cache,
+            const float *sin_cache, int max_pos, int pos0) {
+    (void)ctx;
+    if (head_dim <= 0 || head_dim % 2 || S < 0 || H <= 0 || pos0 < 0 || pos0 + S > max_pos) return EA_KERR_ARG;
+    const int half = head_dim / 2;
+    for (int s = 0; s < S; s++) {
+        const float *c = cos_cache + (size_t)(pos0 + s) * half;
+        const float *sn = sin_cache + (size_t)(pos0 + s) * half;
+        for (int h = 0; h < H; h++) {
+            float *v = x + ((size_t)s * H + h) * head_dim;
+            for (int i = 0; i < half; i++) {
+                const float a = v[i], b = v[i + half];
+                v[i] = a * c[i] - b * sn[i];
+                v[i + half] = b * c[i] + a * sn[i];
+            }
+        }
+    }
+    return EA_KOK;
+}
+
+typedef struct {
+    const float *q, *k, *v;
+    float *out, *scores; /* scores: capacity floats per thread */
+    int S, H, hd, kv_heads, capacity, pos0;
+    float scale;
+} attn_job;
+
+static void attention_head(void *arg, int h, int thread) {
+    const attn_job *j = arg;
+    float *sc = j->scores + (size_t)thread * j->capacity;
+    const int kvh = h / (j->H / j->kv_heads);
+    const float *kc = j->k + (size_t)kvh * j->capacity * j->hd;
+    const float *vc = j->v + (size_t)kvh * j->capacity * j->hd;
+    for (int s = 0; s < j->S; s++) {
+        const float *qv = j->q + ((size_t)s * j->H + h) * j->hd;
+        float *o = j->out + ((size_t)s * j->H + h) * j->hd;
+        const int L = j->pos0 + s + 1; /* causal: positions 0 .. pos0+s */
+        float mx = -INFINITY;
+        for (int t = 0; t < L; t++) {
+            const float *kr = kc + (size_t)t * j->hd;
+            float d = 0.0f;
+            for (int i = 0; i < j->hd; i++) d += qv[i] * kr[i];
+            sc[t] = d * j->scale;
+            if (sc[t] > mx) mx = sc[t];
+        }
+        float sum = 0.0f;
+        for (int t = 0; t < L; t++) {
+            sc[t] = expf(sc[t] - mx);
+            sum += sc[t];
+        }
+        const float inv = 1.0f / sum;
+        memset(o, 0, sizeof(float) * (size_t)j->hd);
+        for (int t = 0; t < L; t++) {
+            const float p = sc[t] * inv;
+            const float *vr = vc + (size_t)t * j->hd;
+            for (int i = 0; i < j->hd; i++) o[i] += p * vr[i];
+        }
+    }
+}
+
+int ea_attention(ea_kctx *ctx, const float *q, int S, int H, int hd, const float *k_cache,
+                 const float *v_cache, int kv_heads, int capacity, int pos0, float scale, float *out) {
+    if (S <= 0 || H <= 0 || hd <= 0 || kv_heads <= 0 || H % kv_heads || pos0 < 0 || pos0 + S > capacity)
+        return EA_KERR_ARG;
+    const int threads = ea_pool_size(ctx->pool);
+    float *scores = ea_scratch(ctx, sizeof(float) * (size_t)capacity * threads);
+    if (!scores) return EA_KERR_NOMEM;
+    attn_job j = {q, k_cache, v_cache, out, scores, S, H, hd, kv_heads, capacity, pos0, scale};
+    ea_pool_run(ctx->pool, attention_head, &j, H);
+    return EA_KOK;
+}
+
+void ea_silu_mul(const ea_kctx *ctx, const float *g, const float *u, size_t n, float *y) {
+    (void)ctx;
+    for (size_t i = 0; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+void ea_add(const ea_kctx *ctx, const float *a, const float *b, size_t n, float *y) {
+    (void)ctx;
+    for (size_t i = 0; i < n; i++) y[i] = a[i] + b[i];
+}
+
+static int ids_valid(const int64_t *ids, int n, int vocab) {
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= vocab) return 0;
+    return 1;
+}
+
+int ea_embed_f32(const ea_kctx *ctx, const float *table, int vocab, int dim, const int64_t *ids, int n, float *out) {
+    (void)ctx;
+    if (vocab <= 0 || dim <= 0 || n < 0 || !ids_valid(ids, n, vocab)) return EA_KERR_ARG;
+    for (int i = 0; i < n; i++)
+        memcpy(out + (size_t)i * dim, table + (size_t)ids[i] * dim, sizeof(float) * (size_t)dim);
+    return EA_KOK;
+}
+
+int ea_embed_f16(const ea_kctx *ctx, const uint16_t *table, int vocab, int dim, const int64_t *ids, int n, float *out) {
+    if (vocab <= 0 || dim <= 0 || n < 0 || !ids_valid(ids, n, vocab)) return EA_KERR_ARG;
+    for (int i = 0; i < n; i++)
+        ea_f16_to_f32_row(ctx, table + (size_t)ids[i] * dim, out + (size_t)i * dim, (size_t)dim);
+    return EA_KOK;
+}

@@ -1,0 +1,429 @@
+/* Kernel self-tests: every SIMD kernel against the scalar reference
+ * (bit-exact for the integer paths), float kernels against double-precision
+ * references, fp16 conversion against the hardware converter, the pool.
+ *
+ *   test_kernels                       run the self-tests (SIMD ISA from
+ *                                      EDGEACT_ISA if set, else detected)
+ *   test_kernels --qmatmul IN OUT      MatMulNBits on a file (for numpy):
+ *     IN  = int32 M,K,N,bits,block_size,has_zp,threads; float x[M*K];
+ *           uint8 B[N*nb*bs*bits/8]; float scales[N*nb]; uint8 zp[...]
+ *     OUT = float y[M*N]
+ * Exit status 0 on success; failures print one line each. */
+#define _GNU_SOURCE
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../src/kernels/kernels.h"
+#include "../src/threadpool.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+static int failures = 0;
+#define CHECK(cond, ...)                                 \
+    do {                                                 \
+        if (!(cond)) {                                   \
+            failures++;                                  \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+            fprintf(stderr, __VA_ARGS__);                \
+            fputc('\n', stderr);                         \
+        }                                                \
+    } while (0)
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint32_t rnd(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 16);
+}
+static float rndf(void) { return (float)((rnd() & 0xffffff) / 16777216.0 * 2.0 - 1.0); }
+
+/* ---- MatMulNBits: SIMD vs scalar, bit-exact --------------------------- */
+typedef struct {
+    int K, N, bits, bs, zp, M;
+} qcase;
+
+static void fill_qweight(int K, int N, int bits, int bs, int has_zp, uint8_t **data, float **scales, uint8_t **zp) {
+    const int nb = (K + bs - 1) / bs;
+    const size_t bpb = (size_t)bs * bits / 8;
+    *data = calloc((size_t)N * nb * bpb, 1);
+    *scales = malloc(sizeof(float) * (size_t)N * nb);
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < nb * bs; k++) {
+            if (k >= K) continue; /* the file pads K with zeros */
+            unsigned v = rnd() & (bits == 4 ? 15 : 255);
+            uint8_t *row = *data + (size_t)n * nb * bpb;
+            if (bits == 8) row[k] = (uint8_t)v;
+            else row[k / 2] |= (uint8_t)(k & 1 ? v << 4 : v);
+        }
+    for (int i = 0; i < N * nb; i++) (*scales)[i] = rndf() * 0.05f;
+    *zp = NULL;
+    if (has_zp) {
+        const size_t zbytes = bits == 8 ? (size_t)N * nb : (size_t)N * ((nb + 1) / 2);
+        *zp = malloc(zbytes);
+        for (size_t i = 0; i < zbytes; i++) (*zp)[i] = (uint8_t)rnd();
+    }
+}
+
+static void test_qmatmul_case(ea_isa isa, ea_pool *pool, qcase c) {
+    uint8_t *data, *zp;
+    float *scales;
+    fill_qweight(c.K, c.N, c.bits, c.bs, c.zp, &data, &scales, &zp);
+    float *x = malloc(sizeof(float) * (size_t)c.M * c.K);
+    for (int i = 0; i < c.M * c.K; i++) x[i] = rndf() * (i % 7 == 0 ? 4.0f : 1.0f);
+    float *y_ref = malloc(sizeof(float) * (size_t)c.M * c.N);
+    float *y = malloc(sizeof(float) * (size_t)c.M * c.N);
+    ea_kctx sctx, vctx;
+    ea_qweight ws, wv;
+    ea_kctx_init(&sctx, EA_ISA_SCALAR, NULL);
+    ea_kctx_init(&vctx, isa, pool);
+    CHECK(ea_qweight_init(&ws, EA_ISA_SCALAR, c.K, c.N, c.bits, c.bs, data, scales, zp) == 0, "init scalar");
+    CHECK(ea_qweight_init(&wv, isa, c.K, c.N, c.bits, c.bs, data, scales, zp) == 0, "init simd");
+    CHECK(ea_qmatmul(&sctx, &ws, x, c.M, y_ref) == 0, "scalar qmatmul");
+    int rc = ea_qmatmul(&vctx, &wv, x, c.M, y);
+    CHECK(rc == 0, "qmatmul %s rc %d", ea_isa_name(isa), rc);
+    int bad = -1;
+    for (int i = 0; i < c.M * c.N; i++)
+        if (memcmp(&y[i], &y_ref[i], sizeof(float)) != 0) { bad = i; break; }
+    CHECK(bad < 0, "qmatmul %s threads=%d M=%d K=%d N=%d bits=%d bs=%d zp=%d: y[%d]=%.9g scalar %.9g",
+          ea_isa_name(isa), ea_pool_size(pool), c.M, c.K, c.N, c.bits, c.bs, c.zp, bad,
+          bad < 0 ? 0.0 : y[bad], bad < 0 ? 0.0 : y_ref[bad]);
+    /* the scalar context also runs a weight packed for SIMD (from the file layout) */
+    CHECK(ea_qmatmul(&sctx, &wv, x, c.M, y) == 0 && memcmp(y, y_ref, sizeof(float) * c.M * c.N) == 0,
+          "scalar ctx on a packed weight");
+    ea_qweight_release(&ws);
+    ea_qweight_release(&wv);
+    ea_kctx_release(&sctx);
+    ea_kctx_release(&vctx);
+    free(data); free(scales); free(zp); free(x); free(y_ref); free(y);
+}
+
+static void test_qmatmul(ea_isa isa, ea_pool *pool) {
+    static const qcase cases[] = {
+        {32, 16, 4, 32, 0, 1},   {64, 4, 4, 32, 1, 1},    {100, 37, 4, 32, 0, 1}, {100, 37, 4, 32, 1, 3},
+        {257, 61, 4, 64, 1, 1},  {257, 61, 4, 64, 0, 5},  {300, 33, 4, 128, 1, 2}, {513, 130, 4, 128, 0, 1},
+        {96, 19, 8, 32, 0, 1},   {96, 19, 8, 32, 1, 4},   {200, 70, 8, 64, 1, 1},  {333, 45, 8, 128, 0, 3},
+        {333, 45, 8, 128, 1, 1}, {1000, 257, 4, 32, 1, 7}, {576, 1536, 4, 32, 0, 1}, {31, 5, 4, 32, 1, 2},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) test_qmatmul_case(isa, pool, cases[i]);
+}
+
+static void test_quantize(ea_isa isa) {
+    ea_kctx sctx, vctx;
+    ea_kctx_init(&sctx, EA_ISA_SCALAR, NULL);
+    ea_kctx_init(&vctx, isa, NULL);
+    for (int t = 0; t < 20; t++) {
+        const int K = 1 + (int)(rnd() % 700), bs = 32 << (rnd() % 3), nb = (K + bs - 1) / bs;
+        float *x = malloc(sizeof(float) * K);
+        for (int i = 0; i < K; i++) x[i] = rndf() * (t % 3 == 0 ? 0.0f : 3.0f); /* all-zero blocks too */
+        int8_t *q1 = malloc((size_t)nb * bs), *q2 = malloc((size_t)nb * bs);
+        float s1[64], s2[64];
+        int32_t u1[64], u2[64];
+        ea_quantize_act(&sctx, x, K, bs, q1, s1, u1);
+        ea_quantize_act(&vctx, x, K, bs, q2, s2, u2);
+        CHECK(memcmp(q1, q2, (size_t)nb * bs) == 0 && memcmp(s1, s2, sizeof(float) * nb) == 0 &&
+                  memcmp(u1, u2, sizeof(int32_t) * nb) == 0,
+              "quantize %s K=%d bs=%d", ea_isa_name(isa), K, bs);
+        /* round(x / scale) within 0.5 (+ float slack), tail zero, sums match */
+        for (int b = 0; b < nb; b++) {
+            int32_t sum = 0;
+            for (int i = 0; i < bs; i++) {
+                const int k = b * bs + i;
+                sum += q1[k];
+                if (k >= K) CHECK(q1[k] == 0, "tail not zero");
+                else if (s1[b] > 0) CHECK(fabsf(x[k] / s1[b] - q1[k]) <= 0.5001f, "quantized value off");
+            }
+            CHECK(sum == u1[b], "sumx");
+        }
+        free(x); free(q1); free(q2);
+    }
+    ea_kctx_release(&sctx);
+    ea_kctx_release(&vctx);
+}
+
+/* ---- float matmuls against a double reference ------------------------ */
+static void test_fmatmul(ea_isa isa, ea_pool *pool, int f16) {
+    static const int shapes[][3] = {{1, 64, 48}, {1, 100, 37}, {3, 77, 50}, {5, 128, 160}, {4, 33, 16}, {9, 10, 3}};
+    ea_kctx ctxs[2];
+    ea_kctx_init(&ctxs[0], EA_ISA_SCALAR, NULL);
+    ea_kctx_init(&ctxs[1], isa, pool);
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const int M = shapes[s][0], K = shapes[s][1], N = shapes[s][2];
+        float *x = malloc(sizeof(float) * M * K), *W = malloc(sizeof(float) * K * N), *y = malloc(sizeof(float) * M * N);
+        uint16_t *W16 = malloc(sizeof(uint16_t) * K * N);
+        for (int i = 0; i < M * K; i++) x[i] = rndf();
+        for (int i = 0; i < K * N; i++) {
+            W16[i] = ea_f32_to_f16(rndf());
+            W[i] = ea_f16_to_f32(W16[i]);
+        }
+        for (int c = 0; c < 2; c++) {
+            int rc = f16 ? ea_matmul_f16(&ctxs[c], x, M, K, W16, N, y) : ea_matmul_f32(&ctxs[c], x, M, K, W, N, y);
+            CHECK(rc == 0, "fmatmul rc");
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < N; n++) {
+                    double ref = 0, mag = 0;
+                    for (int k = 0; k < K; k++) {
+                        ref += (double)x[m * K + k] * W[k * N + n];
+                        mag += fabs((double)x[m * K + k] * W[k * N + n]);
+                    }
+                    /* float accumulation in any order: K * eps * sum|terms| bounds it */
+                    const double tol = K * 1.2e-7 * mag + 1e-30;
+                    CHECK(fabs(y[m * N + n] - ref) <= tol, "matmul_%s %s M=%d K=%d N=%d y[%d,%d]=%g ref %g",
+                          f16 ? "f16" : "f32", ea_isa_name(ctxs[c].isa), M, K, N, m, n, y[m * N + n], ref);
+                }
+        }
+        free(x); free(W); free(y); free(W16);
+    }
+    ea_kctx_release(&ctxs[0]);
+    ea_kctx_release(&ctxs[1]);
+}
+
+/* ---- fp16 conversion: exhaustive against the hardware converter -------- */
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("f16c"))) static float hw_h2f(uint16_t h) { return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h))); }
+__attribute__((target("f16c"))) static uint16_t hw_f2h(float f) {
+    return (uint16_t)_mm_cvtsi128_si32(_mm_cvtps_ph(_mm_set_ss(f), _MM_FROUND_TO_NEAREST_INT));
+}
+static int hw_f16(void) { __builtin_cpu_init(); return __builtin_cpu_supports("f16c"); }
+#elif defined(__aarch64__)
+static float hw_h2f(uint16_t h) { return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0); }
+static uint16_t hw_f2h(float f) { return vget_lane_u16(vreinterpret_u16_f16(vcvt_f16_f32(vdupq_n_f32(f))), 0); }
+static int hw_f16(void) { return 1; }
+#else
+static float hw_h2f(uint16_t h) { return ea_f16_to_f32(h); }
+static uint16_t hw_f2h(float f) { return ea_f32_to_f16(f); }
+static int hw_f16(void) { return 0; }
+#endif
+
+static void test_f16(void) {
+    if (!hw_f16()) return;
+    for (uint32_t h = 0; h < 65536; h++) {
+        const float a = ea_f16_to_f32((uint16_t)h), b = hw_h2f((uint16_t)h);
+        if (isnan(b)) { CHECK(isnan(a), "f16 %04x nan", h); continue; }
+        CHECK(memcmp(&a, &b, 4) == 0, "f16_to_f32(%04x) = %g, hardware %g", h, a, b);
+        CHECK(ea_f32_to_f16(a) == h, "f16 round trip %04x", h);
+    }
+    for (int i = 0; i < 200000; i++) {
+        uint32_t bits = rnd() << 16 ^ rnd();
+        float f;
+        memcpy(&f, &bits, 4);
+        if (isnan(f)) continue;
+        CHECK(ea_f32_to_f16(f) == hw_f2h(f), "f32_to_f16(%08x) = %04x, hardware %04x", bits, ea_f32_to_f16(f), hw_f2h(f));
+    }
+}
+
+/* ---- transformer pieces against double references ---------------------- */
+static void test_attention(ea_isa isa, ea_pool *pool) {
+    static const int cases[][6] = {/* S, H, kvh, hd, pos0, capacity */
+                                   {1, 4, 2, 16, 0, 8}, {1, 6, 2, 32, 9, 16}, {5, 4, 4, 8, 3, 10}, {7, 8, 1, 64, 0, 7}};
+    ea_kctx ctx;
+    ea_kctx_init(&ctx, isa, pool);
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        const int S = cases[c][0], H = cases[c][1], kvh = cases[c][2], hd = cases[c][3], pos0 = cases[c][4],
+                  cap = cases[c][5];
+        float *q = malloc(sizeof(float) * S * H * hd), *out = malloc(sizeof(float) * S * H * hd);
+        float *kc = malloc(sizeof(float) * kvh * cap * hd), *vc = malloc(sizeof(float) * kvh * cap * hd);
+        for (int i = 0; i < S * H * hd; i++) q[i] = rndf() * 2;
+        for (int i = 0; i < kvh * cap * hd; i++) { kc[i] = rndf() * 2; vc[i] = rndf(); }
+        const float scale = 1.0f / sqrtf((float)hd);
+        CHECK(ea_attention(&ctx, q, S, H, hd, kc, vc, kvh, cap, pos0, scale, out) == 0, "attention rc");
+        for (int s = 0; s < S; s++)
+            for (int h = 0; h < H; h++) {
+                const int g = h / (H / kvh), L = pos0 + s + 1;
+                double sc[64], mx = -1e300, sum = 0;
+                for (int t = 0; t < L; t++) {
+                    double d = 0;
+                    for (int i = 0; i < hd; i++) d += (double)q[(s * H + h) * hd + i] * kc[(g * cap + t) * hd + i];
+                    sc[t] = d * scale;
+                    if (sc[t] > mx) mx = sc[t];
+                }
+                for (int t = 0; t < L; t++) { sc[t] = exp(sc[t] - mx); sum += sc[t]; }
+                for (int i = 0; i < hd; i++) {
+                    double o = 0;
+                    for (int t = 0; t < L; t++) o += sc[t] / sum * vc[(g * cap + t) * hd + i];
+                    CHECK(fabs(out[(s * H + h) * hd + i] - o) <= 1e-5, "attention case %zu s=%d h=%d i=%d: %g vs %g",
+                          c, s, h, i, out[(s * H + h) * hd + i], o);
+                }
+            }
+        free(q); free(out); free(kc); free(vc);
+    }
+    CHECK(ea_attention(&ctx, NULL, 2, 6, 8, NULL, NULL, 4, 8, 0, 1.0f, NULL) == EA_KERR_ARG, "H %% kv_heads");
+    CHECK(ea_attention(&ctx, NULL, 2, 4, 8, NULL, NULL, 2, 8, 7, 1.0f, NULL) == EA_KERR_ARG, "capacity");
+    ea_kctx_release(&ctx);
+}
+
+static void test_small_ops(ea_isa isa) {
+    ea_kctx ctx;
+    ea_kctx_init(&ctx, isa, NULL);
+    enum { R = 3, D = 45, S = 3, H = 2, HD = 10, MAXP = 9 };
+    float x[R * D], w[D], y[R * D];
+    for (int i = 0; i < R * D; i++) x[i] = rndf() * 3;
+    for (int i = 0; i < D; i++) w[i] = rndf();
+    ea_rmsnorm(&ctx, x, w, R, D, 1e-5f, y);
+    for (int r = 0; r < R; r++) {
+        double ss = 0;
+        for (int i = 0; i < D; i++) ss += (double)x[r * D + i] * x[r * D + i];
+        for (int i = 0; i < D; i++) {
+            double ref = x[r * D + i] / sqrt(ss / D + 1e-5) * w[i];
+            CHECK(fabs(y[r * D + i] - ref) <= 1e-5 * (1 + fabs(ref)), "rmsnorm");
+        }
+    }
+    float q[S * H * HD], q0[S * H * HD], cs[MAXP * HD / 2], sn[MAXP * HD / 2];
+    for (int i = 0; i < S * H * HD; i++) q[i] = q0[i] = rndf();
+    for (int p = 0; p < MAXP; p++)
+        for (int i = 0; i < HD / 2; i++) {
+            double th = p * pow(10000.0, -2.0 * i / HD);
+            cs[p * HD / 2 + i] = (float)cos(th);
+            sn[p * HD / 2 + i] = (float)sin(th);
+        }
+    CHECK(ea_rope(&ctx, q, S, H, HD, cs, sn, MAXP, 4) == 0, "rope rc");
+    for (int s = 0; s < S; s++)
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < HD; i++) {
+                const float *v = q0 + (s * H + h) * HD;
+                const int p = 4 + s, j = i % (HD / 2);
+                double rot = i < HD / 2 ? -v[i + HD / 2] : v[i - HD / 2];
+                double ref = v[i] * cos(p * pow(10000.0, -2.0 * j / HD)) + rot * sin(p * pow(10000.0, -2.0 * j / HD));
+                CHECK(fabs(q[(s * H + h) * HD + i] - ref) <= 1e-5, "rope s=%d h=%d i=%d", s, h, i);
+            }
+    CHECK(ea_rope(&ctx, q, S, H, HD, cs, sn, MAXP, 7) == EA_KERR_ARG, "rope past the cache");
+    float g[D], u[D], o[D];
+    for (int i = 0; i < D; i++) { g[i] = rndf() * 8; u[i] = rndf(); }
+    ea_silu_mul(&ctx, g, u, D, o);
+    for (int i = 0; i < D; i++) CHECK(fabs(o[i] - g[i] / (1 + exp(-(double)g[i])) * u[i]) <= 1e-6 * (1 + fabs(g[i])), "silu");
+    ea_add(&ctx, g, u, D, o);
+    for (int i = 0; i < D; i++) CHECK(o[i] == g[i] + u[i], "add");
+    uint16_t t16[5 * 7];
+    float t32[5 * 7], e[3 * 7];
+    for (int i = 0; i < 35; i++) { t16[i] = ea_f32_to_f16(rndf()); t32[i] = ea_f16_to_f32(t16[i]); }
+    const int64_t ids[3] = {4, 0, 2}, bad[1] = {5};
+    CHECK(ea_embed_f16(&ctx, t16, 5, 7, ids, 3, e) == 0 && memcmp(e, t32 + 28, 7 * 4) == 0 &&
+              memcmp(e + 7, t32, 7 * 4) == 0 && memcmp(e + 14, t32 + 14, 7 * 4) == 0, "embed f16");
+    CHECK(ea_embed_f32(&ctx, t32, 5, 7, ids, 3, e) == 0 && memcmp(e + 7, t32, 7 * 4) == 0, "embed f32");
+    CHECK(ea_embed_f32(&ctx, t32, 5, 7, bad, 1, e) == EA_KERR_ARG, "embed id out of range");
+    ea_kctx_release(&ctx);
+}
+
+/* ---- thread pool ------------------------------------------------------- */
+typedef struct {
+    _Atomic int hits[64];
+    _Atomic long sum;
+} pool_probe;
+
+static void probe_task(void *arg, int task, int thread) {
+    pool_probe *p = arg;
+    (void)thread;
+    atomic_fetch_add(&p->hits[task], 1);
+    atomic_fetch_add(&p->sum, task);
+}
+
+static void test_pool(int n) {
+    ea_pool *pool = ea_pool_create(n);
+    CHECK(pool && ea_pool_size(pool) == n, "pool create %d", n);
+    pool_probe p;
+    for (int round = 0; round < 2000; round++) {
+        const int tasks = 1 + round % 64;
+        for (int i = 0; i < 64; i++) atomic_init(&p.hits[i], 0);
+        atomic_init(&p.sum, 0);
+        ea_pool_run(pool, probe_task, &p, tasks);
+        int ok = atomic_load(&p.sum) == (long)tasks * (tasks - 1) / 2;
+        for (int i = 0; i < 64; i++) ok &= atomic_load(&p.hits[i]) == (i < tasks);
+        CHECK(ok, "pool of %d: round %d with %d tasks ran each task once", n, round, tasks);
+        if (!ok) break;
+    }
+    ea_pool_destroy(pool);
+}
+
+static void test_isa_names(void) {
+    ea_isa isa;
+    CHECK(ea_isa_parse("avx512", &isa) == EA_KERR_ISA_UNKNOWN, "unknown ISA name");
+    CHECK(ea_isa_parse("scalar", &isa) == 0 && isa == EA_ISA_SCALAR, "scalar always available");
+#if defined(__x86_64__)
+    CHECK(ea_isa_parse("neon", &isa) == EA_KERR_ISA_UNAVAILABLE, "neon on x86");
+#else
+    CHECK(ea_isa_parse("avx2", &isa) == EA_KERR_ISA_UNAVAILABLE, "avx2 on arm");
+#endif
+    ea_kctx ctx;
+    CHECK(ea_kctx_init(&ctx, (ea_isa)99, NULL) == EA_KERR_ISA_UNAVAILABLE, "ctx with a bogus ISA");
+    ea_qweight w;
+    uint8_t d[16] = {0};
+    float s[1] = {1};
+    CHECK(ea_qweight_init(&w, EA_ISA_SCALAR, 32, 1, 3, 32, d, s, NULL) == EA_KERR_ARG, "bits=3 rejected");
+    CHECK(ea_qweight_init(&w, EA_ISA_SCALAR, 32, 1, 4, 16, d, s, NULL) == EA_KERR_ARG, "block 16 rejected");
+}
+
+/* ---- file mode --------------------------------------------------------- */
+static int read_exact(FILE *f, void *p, size_t n) { return fread(p, 1, n, f) == n; }
+
+static int run_qmatmul_file(const char *in, const char *out) {
+    FILE *f = fopen(in, "rb");
+    if (!f) { fprintf(stderr, "cannot open %s\n", in); return 2; }
+    int32_t h[7];
+    if (!read_exact(f, h, sizeof h)) { fprintf(stderr, "%s: short header\n", in); return 2; }
+    const int M = h[0], K = h[1], N = h[2], bits = h[3], bs = h[4], has_zp = h[5], threads = h[6];
+    if (M <= 0 || K <= 0 || N <= 0 || (bits != 4 && bits != 8) || bs <= 0) { fprintf(stderr, "bad header\n"); return 2; }
+    const int nb = (K + bs - 1) / bs;
+    const size_t dbytes = (size_t)N * nb * bs * bits / 8;
+    const size_t zbytes = has_zp ? (bits == 8 ? (size_t)N * nb : (size_t)N * ((nb + 1) / 2)) : 0;
+    float *x = malloc(sizeof(float) * M * K), *scales = malloc(sizeof(float) * N * nb), *y = malloc(sizeof(float) * M * N);
+    uint8_t *data = malloc(dbytes), *zp = has_zp ? malloc(zbytes) : NULL;
+    if (!read_exact(f, x, sizeof(float) * M * K) || !read_exact(f, data, dbytes) ||
+        !read_exact(f, scales, sizeof(float) * N * nb) || (has_zp && !read_exact(f, zp, zbytes))) {
+        fprintf(stderr, "%s: truncated\n", in);
+        return 2;
+    }
+    fclose(f);
+    ea_isa isa;
+    int rc = ea_isa_select(&isa);
+    if (rc) { fprintf(stderr, "EDGEACT_ISA: %s\n", ea_kernels_strerror(rc)); return 3; }
+    ea_pool *pool = threads > 1 ? ea_pool_create(threads) : NULL;
+    ea_kctx ctx;
+    ea_qweight w;
+    ea_kctx_init(&ctx, isa, pool);
+    rc = ea_qweight_init(&w, isa, K, N, bits, bs, data, scales, zp);
+    if (!rc) rc = ea_qmatmul(&ctx, &w, x, M, y);
+    if (rc) { fprintf(stderr, "qmatmul: %s\n", ea_kernels_strerror(rc)); return 3; }
+    f = fopen(out, "wb");
+    if (!f || fwrite(y, sizeof(float), (size_t)M * N, f) != (size_t)M * N) { fprintf(stderr, "cannot write %s\n", out); return 2; }
+    fclose(f);
+    fprintf(stderr, "isa=%s threads=%d\n", ea_isa_name(isa), ea_pool_size(pool));
+    ea_qweight_release(&w);
+    ea_kctx_release(&ctx);
+    ea_pool_destroy(pool);
+    free(x); free(scales); free(y); free(data); free(zp);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 4 && strcmp(argv[1], "--qmatmul") == 0) return run_qmatmul_file(argv[2], argv[3]);
+    if (argc != 1) { fprintf(stderr, "usage: %s [--qmatmul IN OUT]\n", argv[0]); return 2; }
+    ea_isa isa;
+    int rc = ea_isa_select(&isa);
+    if (rc) { fprintf(stderr, "EDGEACT_ISA: %s\n", ea_kernels_strerror(rc)); return 3; }
+    printf("testing isa %s against scalar\n", ea_isa_name(isa));
+    test_isa_names();
+    test_pool(2);
+    test_pool(3);
+    test_f16();
+    test_quantize(isa);
+    ea_pool *pool = ea_pool_create(2);
+    ea_pool *pools[2] = {NULL, pool};
+    for (int p = 0; p < 2; p++) {
+        test_qmatmul(isa, pools[p]);
+        test_fmatmul(isa, pools[p], 0);
+        test_fmatmul(isa, pools[p], 1);
+        test_attention(isa, pools[p]);
+    }
+    test_small_ops(isa);
+    ea_pool_destroy(pool);
+    printf("%s: %d failure(s)\n", failures ? "FAILED" : "ok", failures);
+    return failures ? 1 : 0;
+}
