@@ -101,6 +101,6 @@ def llama2c_tokenizer_json(path: str | Path, add_bos_token: bool = True) -> str:
         model_file = Path(tmp) / "tokenizer.model"
         model_file.write_bytes(proto)
         # legacy=True keeps sentencepiece's exact handling of spaces (prepend + replace).
-        tok = LlamaTokenizerFast(vocab_file=str(model_file), from_slow=True, legacy=True,
+        tok = LlamaTokenizerFast(vocab_file=str(model_file), from_slow=True, legacy=True, add_prefix_space=True,
                                  add_bos_token=add_bos_token, add_eos_token=False)
         return tok.backend_tokenizer.to_str()
