@@ -25,9 +25,6 @@ def _logits(model, ids) -> np.ndarray:
 
 # ---------------------------------------------------------------- llama2.c
 
-LLAMA2C_ORDER = ("wq", "wk", "wv", "wo")
-
-
 def _llama2c_dims(d):
     head = d["dim"] // d["n_heads"]
     return head, d["n_heads"] * head, d["n_kv_heads"] * head
@@ -192,6 +189,8 @@ def test_dispatch_errors(tmp_path):
         read_source(tmp_path / "x.onnx")
     with pytest.raises(ConversionError, match="without config.json"):
         read_source(tmp_path)
+    with pytest.raises(ConversionError, match="only used with llama2.c"):
+        read_source(tmp_path / "x.onnx", tokenizer=tmp_path / "tokenizer.bin")
     (tmp_path / "tiny.bin").write_bytes(b"\1\0")
     with pytest.raises(ConversionError, match="too short"):
         read_source(tmp_path / "tiny.bin")

@@ -122,7 +122,11 @@ def _loader(tensor, n_heads_for_rows: int | None):
     def load() -> np.ndarray:
         from gguf.quants import dequantize
 
-        w = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        try:
+            w = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        except NotImplementedError as e:
+            raise ConversionError(f"GGUF tensor {tensor.name} has type {tensor.tensor_type.name}, "
+                                  "which the gguf package cannot dequantize") from e
         if not w.flags.writeable:  # F32 tensors come back as views of the read-only memmap
             w = w.copy()
         # GGUF dims are listed fastest-first; dequantize returns numpy (row-major) order.
@@ -141,17 +145,11 @@ def read_gguf(path: str | Path) -> SourceModel:
     if "rope_freqs.weight" in names:
         raise ConversionError(f"{path}: GGUF per-frequency rope factors (rope_freqs, Llama 3.1 style) are not supported")
 
-    from gguf.quants import _type_traits  # the types the package can dequantize
-    from gguf import GGMLQuantizationType as Q
-
-    plain = {Q.F32, Q.F16, Q.BF16}
     tensors = {}
     for t in reader.tensors:
         hf = _hf_name(t.name)
         if hf is None:
             raise ConversionError(f"{path}: unexpected GGUF tensor {t.name!r} for a llama model")
-        if t.tensor_type not in plain and t.tensor_type not in _type_traits:
-            raise ConversionError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize")
         rows_heads = cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads if ".attn_k." in t.name else None
         tensors[hf] = _loader(t, rows_heads)
 
