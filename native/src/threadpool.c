@@ -1,9 +1,10 @@
 /* Persistent thread pool (see threadpool.h).
  *
- * A job is published by storing a new generation in the high half of
- * `counter`; its low half is the next task to hand out. Workers claim tasks
- * with a CAS that also checks the generation, so a worker that wakes late
- * can never run a task of a newer job with the function of an older one. */
+ * `counter` holds generation << 32 | next task. A dispatch first moves to a
+ * new generation marked CLOSED (no task can be claimed), writes the job,
+ * then opens it with next = 0. Workers claim tasks with a CAS on the whole
+ * counter, so a worker that wakes late can never run a task of one job with
+ * the function or task count of another. */
 #define _GNU_SOURCE
 #include "threadpool.h"
 
@@ -16,6 +17,7 @@
 /* ~50-100 us of polling before sleeping: long enough to bridge the gap
  * between two ops of a decode step, short enough not to burn a core idle. */
 #define EA_POOL_SPIN 20000
+#define CLOSED 0xffffffffu
 
 struct ea_pool {
     int n_threads; /* including the caller */
@@ -44,20 +46,27 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-/* Claims and runs tasks of generation gen until none is left. */
+/* Claims and runs tasks of generation gen until none is left. The job's
+ * fields are read after an acquire load that shows gen open, and each claim
+ * is a CAS on that very counter value: a claim can only succeed while the
+ * job the fields describe is the current one. */
 static void run_tasks(ea_pool *p, uint32_t gen, int thread) {
-    ea_task_fn fn = atomic_load_explicit(&p->fn, memory_order_acquire);
-    void *ctx = atomic_load_explicit(&p->ctx, memory_order_acquire);
-    int n = atomic_load_explicit(&p->n_tasks, memory_order_acquire);
-    uint64_t v = atomic_load_explicit(&p->counter, memory_order_acquire);
     for (;;) {
-        if ((uint32_t)(v >> 32) != gen || (int)(uint32_t)v >= n) return;
-        if (!atomic_compare_exchange_weak_explicit(&p->counter, &v, v + 1,
-                                                   memory_order_acq_rel, memory_order_acquire))
+        uint64_t v = atomic_load_explicit(&p->counter, memory_order_acquire);
+        if ((uint32_t)(v >> 32) != gen) return;
+        if ((uint32_t)v == CLOSED) { /* the caller is still writing this job */
+            cpu_relax();
+            continue;
+        }
+        ea_task_fn fn = atomic_load_explicit(&p->fn, memory_order_relaxed);
+        void *ctx = atomic_load_explicit(&p->ctx, memory_order_relaxed);
+        const int n = atomic_load_explicit(&p->n_tasks, memory_order_relaxed);
+        if ((int)(uint32_t)v >= n) return;
+        if (!atomic_compare_exchange_weak_explicit(&p->counter, &v, v + 1, memory_order_acq_rel,
+                                                   memory_order_acquire))
             continue;
         fn(ctx, (int)(uint32_t)v, thread);
         atomic_fetch_add_explicit(&p->done, 1, memory_order_release);
-        v = atomic_load_explicit(&p->counter, memory_order_acquire);
     }
 }
 
@@ -153,11 +162,12 @@ void ea_pool_run(ea_pool *pool, ea_task_fn fn, void *ctx, int n_tasks) {
         return;
     }
     uint32_t gen = (uint32_t)(atomic_load(&pool->counter) >> 32) + 1;
+    atomic_store(&pool->counter, (uint64_t)gen << 32 | CLOSED);
     atomic_store_explicit(&pool->fn, fn, memory_order_relaxed);
     atomic_store_explicit(&pool->ctx, ctx, memory_order_relaxed);
     atomic_store_explicit(&pool->n_tasks, n_tasks, memory_order_relaxed);
     atomic_store_explicit(&pool->done, 0, memory_order_relaxed);
-    atomic_store(&pool->counter, (uint64_t)gen << 32); /* publishes the job */
+    atomic_store_explicit(&pool->counter, (uint64_t)gen << 32, memory_order_release); /* opens the job */
     if (atomic_load(&pool->sleepers) > 0) {
         pthread_mutex_lock(&pool->mu);
         pthread_cond_broadcast(&pool->wake);

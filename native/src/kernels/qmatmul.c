@@ -16,14 +16,16 @@ static int valid_shape(int K, int N, int bits, int block_size) {
            (block_size == 32 || block_size == 64 || block_size == 128);
 }
 
+/* neon and neon-dotprod share the packed layout */
 static int isa_family(ea_isa isa) {
     return isa == EA_ISA_NEON_DOTPROD ? EA_ISA_NEON : (int)isa;
 }
 
-/* Interleaves EA_QROWS rows per group and puts each block's scales and
- * zero points right after its data, so a group streams as one sequence. */
+/* Interleaves EA_QROWS rows per group in 16-byte pieces and puts each
+ * block's scales and zero points right after its data (layout: internal.h),
+ * so a group streams as one sequence. */
 static int repack(ea_qweight *w) {
-    const size_t bpb = (size_t)w->block_size * (size_t)w->bits / 8;
+    const size_t bpb = (size_t)w->block_size * (size_t)w->bits / 8, subs = bpb / 16;
     const size_t stride = ea_qpack_block_stride(w);
     const int groups = (w->N + EA_QROWS - 1) / EA_QROWS;
     const size_t bytes = (size_t)groups * (size_t)w->n_blocks * stride;
@@ -34,12 +36,13 @@ static int repack(ea_qweight *w) {
         for (int b = 0; b < w->n_blocks; b++) {
             uint8_t *blk = p + ((size_t)g * w->n_blocks + b) * stride;
             float sc[EA_QROWS] = {0};
-            for (int r = 0; r < EA_QROWS; r++) {
-                int n = g * EA_QROWS + r;
-                if (n >= w->N) break; /* padding rows stay zero with scale 0 */
-                memcpy(blk + r * bpb, w->data + ((size_t)n * w->n_blocks + b) * bpb, bpb);
-                sc[r] = w->scales[(size_t)n * w->n_blocks + b];
-                if (w->zero_points) blk[EA_QROWS * bpb + sizeof sc + r] = (uint8_t)ea_qweight_zp(w, n, b);
+            for (int lane = 0; lane < EA_QROWS; lane++) {
+                const int r = ea_qpack_lane_row(w->isa, lane), n = g * EA_QROWS + r;
+                if (n >= w->N) continue; /* padding rows stay zero with scale 0 */
+                const uint8_t *src = w->data + ((size_t)n * w->n_blocks + b) * bpb;
+                for (size_t j = 0; j < subs; j++) memcpy(blk + (j * EA_QROWS + r) * 16, src + j * 16, 16);
+                sc[lane] = w->scales[(size_t)n * w->n_blocks + b];
+                if (w->zero_points) blk[EA_QROWS * bpb + sizeof sc + lane] = (uint8_t)ea_qweight_zp(w, n, b);
             }
             memcpy(blk + EA_QROWS * bpb, sc, sizeof sc);
         }

@@ -1,9 +1,9 @@
 /* AVX2 MatMulNBits kernels over the packed layout (internal.h).
  *
- * int4: 16 bytes of a row hold 32 nibbles; [low nibbles | high nibbles] in a
- * ymm lines up with the activations interleaved as [even | odd], and
- * maddubs (unsigned weight x signed activation, no saturation: 2*15*127)
- * plus madd against ones gives 8 int32 partial sums.
+ * int4: 16 bytes of a row hold 32 nibbles; their low nibbles line up with
+ * the activations' 16 even elements and the high ones with the 16 odd ones
+ * (ea_quantize_row_* interleave), and maddubs (unsigned weight x signed
+ * activation) plus madd against ones gives int32 partial sums.
  * int8: maddubs would saturate on 0..255 weights, so w-128 is used as a
  * signed byte with the abs/sign trick (2*128*127 < 32767), and 128*sumx
  * is added back with the zero point term. */
@@ -15,98 +15,105 @@
 
 #define AVX2 __attribute__((target("avx2,fma")))
 
-/* Four rows' 8-lane partial sums → their four totals. */
-AVX2 static inline __m128i hsum4(__m256i d0, __m256i d1, __m256i d2, __m256i d3) {
-    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(d0, d1), _mm256_hadd_epi32(d2, d3));
-    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+/* Eight rows' sums from four [row 2q | row 2q+1] vectors of 4 lanes each;
+ * the result is in lane order r0 r2 r4 r6 r1 r3 r5 r7 (internal.h). */
+AVX2 static inline __m256i hsum8(const __m256i d[4]) {
+    return _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
 }
 
-AVX2 static inline __m256i unpack_nibbles(const uint8_t *p) {
-    __m128i w = _mm_loadu_si128((const __m128i *)p);
-    __m256i v = _mm256_set_m128i(_mm_srli_epi16(w, 4), w);
-    return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+AVX2 static inline __m256i bcast16(const int8_t *p) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
 }
 
-/* MT rows of x (1 or 2) against one group of EA_QROWS weight rows, all
+/* MT rows of x (1 or 2) against one group of EA_QROWS weight rows over all
  * blocks; BS and BITS are compile-time constants at each call site so the
- * chunk loops unroll. */
-AVX2 static inline void group_rows(const uint8_t *gp, size_t stride, int nb, int has_zp,
+ * loops unroll. Each 32-byte load holds 16 bytes of two rows; the
+ * activations are broadcast to both halves. */
+AVX2 static inline __attribute__((always_inline)) void group_rows(const uint8_t *gp, size_t stride, int nb, int has_zp,
                                    const ea_qact *a, int m0, int MT, int BS, int BITS,
-                                   __m128 acc[2]) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    const int kp = nb * BS, bpb = BS * BITS / 8;
-    const __m128i off = _mm_set1_epi32(BITS == 8 ? 128 : 0);
-    const int8_t *x0 = a->xq + (size_t)m0 * kp;
-    const int8_t *x1 = a->xq + (size_t)(m0 + (MT > 1)) * kp;
-    acc[0] = acc[1] = _mm_setzero_ps();
+                                   __m256 acc[2]) {
+    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
+    const int kp = nb * BS, bpb = BS * BITS / 8, subs = bpb / 16;
+    const int8_t *xr[2] = {a->xq + (size_t)m0 * kp, a->xq + (size_t)(m0 + (MT > 1)) * kp};
+    const __m256i off = _mm256_set1_epi32(BITS == 8 ? 128 : 0);
+    const __m256i zp_sym = _mm256_set1_epi32(BITS == 4 ? 8 : 128);
+    acc[0] = acc[1] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *p = gp + (size_t)b * stride;
-        __m256i d[2][EA_QROWS];
+        for (size_t o = 0; o < stride; o += 64) __builtin_prefetch(p + EA_QPREFETCH + o, 0, 3);
+        __m256i d[2][4];
         for (int t = 0; t < MT; t++)
-            for (int r = 0; r < EA_QROWS; r++) d[t][r] = _mm256_setzero_si256();
-        for (int c = 0; c < BS / 32; c++) {
-            const __m256i xa = _mm256_loadu_si256((const __m256i *)(x0 + b * BS + c * 32));
-            const __m256i xb = _mm256_loadu_si256((const __m256i *)(x1 + b * BS + c * 32));
-            for (int r = 0; r < EA_QROWS; r++) {
-                if (BITS == 4) {
-                    const __m256i wv = unpack_nibbles(p + r * bpb + c * 16);
-                    d[0][r] = _mm256_add_epi32(d[0][r], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xa), ones));
-                    if (MT > 1)
-                        d[1][r] = _mm256_add_epi32(d[1][r], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xb), ones));
+            for (int q = 0; q < 4; q++) d[t][q] = _mm256_setzero_si256();
+        for (int j = 0; j < subs; j++) {
+            __m256i xa[2], xb[2];
+            for (int t = 0; t < MT; t++) {
+                if (BITS == 4) { /* 32 elements stored [even16 | odd16] */
+                    xa[t] = bcast16(xr[t] + b * BS + j * 32);
+                    xb[t] = bcast16(xr[t] + b * BS + j * 32 + 16);
                 } else {
-                    const __m256i ws = _mm256_xor_si256(
-                        _mm256_loadu_si256((const __m256i *)(p + r * bpb + c * 32)), _mm256_set1_epi8((char)0x80));
+                    xa[t] = bcast16(xr[t] + b * BS + j * 16);
+                }
+            }
+            for (int q = 0; q < 4; q++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(p + (size_t)j * EA_QROWS * 16 + q * 32));
+                if (BITS == 4) {
+                    const __m256i lo = _mm256_and_si256(v, low4);
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    for (int t = 0; t < MT; t++) {
+                        /* int16 sum of two maddubs: at most 4*15*127, no saturation */
+                        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa[t]),
+                                                             _mm256_maddubs_epi16(hi, xb[t]));
+                        d[t][q] = _mm256_add_epi32(d[t][q], _mm256_madd_epi16(s16, ones));
+                    }
+                } else {
+                    const __m256i ws = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
                     const __m256i wa = _mm256_abs_epi8(ws);
-                    d[0][r] = _mm256_add_epi32(d[0][r], _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xa, ws)), ones));
-                    if (MT > 1)
-                        d[1][r] = _mm256_add_epi32(d[1][r], _mm256_madd_epi16(
-                            _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xb, ws)), ones));
+                    for (int t = 0; t < MT; t++)
+                        d[t][q] = _mm256_add_epi32(d[t][q], _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xa[t], ws)), ones));
                 }
             }
         }
-        const __m128 sw = _mm_loadu_ps((const float *)(p + EA_QROWS * bpb));
-        __m128i zp = has_zp ? _mm_cvtepu8_epi32(_mm_cvtsi32_si128(*(const int *)(p + EA_QROWS * bpb + 16)))
-                            : _mm_set1_epi32(BITS == 4 ? 8 : 128);
-        const __m128i corr = _mm_sub_epi32(off, zp); /* idot = dot + (off - zp) * sumx */
+        const __m256 sw = _mm256_loadu_ps((const float *)(p + EA_QROWS * bpb));
+        const __m256i zp = has_zp ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + EA_QROWS * bpb + 32)))
+                                  : zp_sym;
+        const __m256i corr = _mm256_sub_epi32(off, zp); /* idot = dot + (off - zp) * sumx */
         for (int t = 0; t < MT; t++) {
-            const int m = m0 + t;
-            __m128i idot = hsum4(d[t][0], d[t][1], d[t][2], d[t][3]);
-            idot = _mm_add_epi32(idot, _mm_mullo_epi32(corr, _mm_set1_epi32(a->sumx[(size_t)m * nb + b])));
-            const __m128 s = _mm_mul_ps(_mm_set1_ps(a->sx[(size_t)m * nb + b]), sw);
-            acc[t] = _mm_fmadd_ps(s, _mm_cvtepi32_ps(idot), acc[t]);
+            const size_t mb = (size_t)(m0 + t) * nb + b;
+            const __m256i idot = _mm256_add_epi32(hsum8(d[t]), _mm256_mullo_epi32(corr, _mm256_set1_epi32(a->sumx[mb])));
+            const __m256 s = _mm256_mul_ps(_mm256_set1_ps(a->sx[mb]), sw);
+            acc[t] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(idot), acc[t]);
         }
     }
 }
 
-AVX2 static void store_rows(float *y, int N, int m, int n, __m128 v) {
-    float *dst = y + (size_t)m * N + n;
-    if (n + EA_QROWS <= N) {
-        _mm_storeu_ps(dst, v);
-    } else {
-        float tmp[EA_QROWS];
-        _mm_storeu_ps(tmp, v);
-        for (int r = 0; n + r < N; r++) dst[r] = tmp[r];
+AVX2 static void store_group(float *y, int N, int m, int g, __m256 v) {
+    float tmp[EA_QROWS];
+    _mm256_storeu_ps(tmp, v);
+    float *dst = y + (size_t)m * N;
+    for (int lane = 0; lane < EA_QROWS; lane++) {
+        const int n = g * EA_QROWS + ea_qpack_lane_row(EA_ISA_AVX2, lane);
+        if (n < N) dst[n] = tmp[lane];
     }
 }
 
-AVX2 static inline void groups_impl(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1,
+AVX2 static inline __attribute__((always_inline)) void groups_impl(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1,
                                     int BS, int BITS) {
     const size_t stride = ea_qpack_block_stride(w);
     const int nb = w->n_blocks, has_zp = w->zero_points != NULL;
     for (int g = g0; g < g1; g++) {
         const uint8_t *gp = (const uint8_t *)w->packed + (size_t)g * nb * stride;
-        if (g + 1 < g1) _mm_prefetch((const char *)(gp + (size_t)nb * stride), _MM_HINT_T0);
+        /* the group (n_blocks * stride bytes) stays in L1 across the rows of x */
         int m = 0;
-        __m128 acc[2];
+        __m256 acc[2];
         for (; m + 2 <= a->M; m += 2) {
             group_rows(gp, stride, nb, has_zp, a, m, 2, BS, BITS, acc);
-            store_rows(y, w->N, m, g * EA_QROWS, acc[0]);
-            store_rows(y, w->N, m + 1, g * EA_QROWS, acc[1]);
+            store_group(y, w->N, m, g, acc[0]);
+            store_group(y, w->N, m + 1, g, acc[1]);
         }
         if (m < a->M) {
             group_rows(gp, stride, nb, has_zp, a, m, 1, BS, BITS, acc);
-            store_rows(y, w->N, m, g * EA_QROWS, acc[0]);
+            store_group(y, w->N, m, g, acc[0]);
         }
     }
 }
