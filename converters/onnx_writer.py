@@ -1,0 +1,333 @@
+"""Write a SourceModel as the decoder graph of docs/model-folder.md (model.onnx [+ model.onnx.data]).
+
+Weights stream through one at a time: load a source tensor, quantize it,
+store the initializer (in memory, or straight into the aligned external data
+file), drop the fp32 copy.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .model import SUPPORTED_ARCHITECTURES, ConversionError, SourceModel
+from .quantize import BLOCK_SIZES, QuantizedWeight, quantize_blockwise
+from .rope_cache import cos_sin_cache
+
+QUANT_KINDS = ("fp32", "fp16", "int8", "int4")
+EMBEDDING_KINDS = ("fp32", "fp16")
+OPSET = [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("ai.edgeact", 1)]
+IR_VERSION = 10
+DATA_FILE = "model.onnx.data"
+ALIGN = 64
+_PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2   # leave room for the graph itself under protobuf's 2 GB
+
+
+def default_lm_head(quant: str) -> str:
+    return "int8" if quant in ("int4", "int8") else quant
+
+
+def default_embedding(quant: str) -> str:
+    return "fp32" if quant == "fp32" else "fp16"
+
+
+def steer_function() -> onnx.FunctionProto:
+    """ai.edgeact.Steer(h, add, ablate) = h - (h @ ablate^T) @ ablate + add, in standard ops."""
+    nodes = [
+        helper.make_node("Transpose", ["ablate"], ["ablate_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "ablate_t"], ["coef"]),
+        helper.make_node("MatMul", ["coef", "ablate"], ["proj"]),
+        helper.make_node("Sub", ["h", "proj"], ["ablated"]),
+        helper.make_node("Add", ["ablated", "add"], ["y"]),
+    ]
+    return helper.make_function("ai.edgeact", "Steer", ["h", "add", "ablate"], ["y"], nodes,
+                                [helper.make_opsetid("", 23)])
+
+
+class _Initializers:
+    """Initializer storage: TensorProtos in memory, or raw bytes appended to the data file at 64-byte offsets."""
+
+    def __init__(self, out_dir: Path, external: bool):
+        self.protos: list[TensorProto] = []
+        self.external = external
+        self.nbytes = 0
+        self._file = open(out_dir / DATA_FILE, "wb") if external else None
+        self._offset = 0
+
+    def add(self, name: str, array: np.ndarray) -> str:
+        array = np.ascontiguousarray(array)
+        self.nbytes += array.nbytes
+        if not self.external:
+            self.protos.append(numpy_helper.from_array(array, name))
+            return name
+        pad = -self._offset % ALIGN
+        self._file.write(b"\0" * pad)
+        self._offset += pad
+        t = TensorProto(name=name, dims=list(array.shape),
+                        data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", DATA_FILE), ("offset", str(self._offset)), ("length", str(array.nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        self._file.write(array.tobytes())
+        self._offset += array.nbytes
+        self.protos.append(t)
+        return name
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _weight_bytes(numel: int, kind: str, group_size: int) -> float:
+    if kind == "fp32":
+        return 4.0 * numel
+    if kind == "fp16":
+        return 2.0 * numel
+    bits = 4 if kind == "int4" else 8
+    return numel * (bits / 8 + 4.5 / group_size)
+
+
+def estimate_bytes(src: SourceModel, quant: str, group_size: int, lm_head: str, embedding: str,
+                   max_context: int) -> float:
+    """Initializer bytes the writer will produce (to decide on external data before writing)."""
+    c = src.config
+    h, kv = c.hidden_size, c.num_kv_heads * c.head_dim
+    per_layer = h * c.num_heads * c.head_dim * 2 + h * kv * 2 + 3 * h * c.intermediate_size
+    total = c.num_layers * _weight_bytes(per_layer, quant, group_size)
+    total += _weight_bytes(c.vocab_size * h, lm_head, group_size)
+    total += _weight_bytes(c.vocab_size * h, embedding, group_size)
+    total += 4.0 * (max_context * c.head_dim + c.num_layers * 4 * h + h)
+    return total
+
+
+class GraphBuilder:
+    """Builds the node list of docs/model-folder.md; one instance per written model.
+
+    Seam for graph rewrites (activation sparsity): every Linear goes through
+    `linear(x, weight, name)`. A subclass may override it for chosen weights
+    and emit other ops instead, using `self.weight(weight)` (the source fp32
+    [N, K] array), `self.quantized(weight)`, `self.init(name, array)` and
+    `self.node(...)`; it must return the name of a float32 [..., N] value.
+    """
+
+    def __init__(self, src: SourceModel, inits: _Initializers, *, quant: str, group_size: int, symmetric: bool,
+                 lm_head: str, embedding: str, accuracy_level: int,
+                 linear_override: dict[str, QuantizedWeight] | None, steering: bool = True, on_tensor=None):
+        self.src, self.cfg, self.inits = src, src.config, inits
+        self.quant, self.group_size, self.symmetric = quant, group_size, symmetric
+        self.lm_head_kind, self.embedding_kind = lm_head, embedding
+        self.accuracy_level = accuracy_level
+        self.linear_override = dict(linear_override or {})
+        self.steering = steering
+        self.nodes: list[onnx.NodeProto] = []
+        self._on_tensor = on_tensor or (lambda name: None)
+
+    # --- primitives -------------------------------------------------------------------------------
+    def node(self, op: str, inputs: list[str], name: str, outputs: list[str] | None = None,
+             domain: str = "", **attrs) -> str:
+        outputs = outputs or [name]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs[0]
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        return self.inits.add(name, array)
+
+    def weight(self, name: str) -> np.ndarray:
+        """The source tensor under `name` (lm_head.weight falls back to the embedding when tied)."""
+        if name == "lm_head.weight" and self.cfg.tie_word_embeddings and not self.src.has(name):
+            name = "model.embed_tokens.weight"
+        if not self.src.has(name):
+            raise ConversionError(f"source is missing tensor {name}")
+        self._on_tensor(name)
+        return self.src.load(name)
+
+    def kind_of(self, weight: str) -> str:
+        return self.lm_head_kind if weight == "lm_head.weight" else self.quant
+
+    def quantized(self, weight: str) -> QuantizedWeight:
+        if weight in self.linear_override:
+            self._on_tensor(weight)
+            return self.linear_override[weight]
+        bits = 4 if self.kind_of(weight) == "int4" else 8
+        return quantize_blockwise(self.weight(weight), bits, self.group_size, self.symmetric)
+
+    # --- the seam ---------------------------------------------------------------------------------
+    def linear(self, x: str, weight: str, name: str) -> str:
+        """Emit y = x @ W^T for the source weight `weight` ([N, K], HF name); return y's value name."""
+        kind = self.kind_of(weight)
+        if weight in self.linear_override or kind in ("int4", "int8"):
+            qw = self.quantized(weight)
+            inputs = [x, self.init(weight + ".B", qw.B), self.init(weight + ".scales", qw.scales)]
+            if qw.zero_points is not None:
+                inputs.append(self.init(weight + ".zero_points", qw.zero_points))
+            return self.node("MatMulNBits", inputs, name, domain="com.microsoft", K=qw.K, N=qw.N,
+                             bits=qw.bits, block_size=qw.block_size, accuracy_level=self.accuracy_level)
+        w = self.weight(weight).T
+        if kind == "fp16":
+            w16 = self.init(weight, w.astype(np.float16))
+            return self.node("MatMul", [x, self.node("Cast", [w16], name + ".cast", to=TensorProto.FLOAT)], name)
+        return self.node("MatMul", [x, self.init(weight, w)], name)
+
+    # --- blocks -------------------------------------------------------------------------------------
+    def rms_norm(self, x: str, weight: str, name: str) -> str:
+        return self.node("RMSNormalization", [x, self.init(weight, self.weight(weight))], name,
+                         axis=-1, epsilon=float(self.cfg.rms_norm_eps))
+
+    def projection(self, x: str, prefix: str, proj: str, name: str) -> str:
+        y = self.linear(x, f"{prefix}.{proj}.weight", name)
+        bias = f"{prefix}.{proj}.bias"
+        if self.cfg.attention_bias and self.src.has(bias):
+            y = self.node("Add", [y, self.init(bias, self.weight(bias))], name + ".bias")
+        return y
+
+    def embed(self) -> str:
+        table = self.weight("model.embed_tokens.weight")
+        if self.embedding_kind == "fp16":
+            t = self.init("model.embed_tokens.weight", table.astype(np.float16))
+            h = self.node("Gather", [t, "input_ids"], "embed")
+            return self.node("Cast", [h], "embed.cast", to=TensorProto.FLOAT)
+        return self.node("Gather", [self.init("model.embed_tokens.weight", table), "input_ids"], "embed")
+
+    def layer(self, i: int, h: str) -> str:
+        c = self.cfg
+        p, hf = f"layers.{i}", f"model.layers.{i}"
+        x = self.rms_norm(h, f"{hf}.input_layernorm.weight", f"{p}.attn_norm")
+        q = self.projection(x, f"{hf}.self_attn", "q_proj", f"{p}.attn.q_proj")
+        k = self.projection(x, f"{hf}.self_attn", "k_proj", f"{p}.attn.k_proj")
+        v = self.projection(x, f"{hf}.self_attn", "v_proj", f"{p}.attn.v_proj")
+        a = self.node("GroupQueryAttention",
+                      [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
+                       "total_sequence_length", "cos_cache", "sin_cache"],
+                      f"{p}.attn.gqa", outputs=[f"{p}.attn.gqa", f"present.{i}.key", f"present.{i}.value"],
+                      domain="com.microsoft", num_heads=c.num_heads, kv_num_heads=c.num_kv_heads,
+                      do_rotary=1, rotary_interleaved=0, scale=1.0 / math.sqrt(c.head_dim))
+        o = self.linear(a, f"{hf}.self_attn.o_proj.weight", f"{p}.attn.o_proj")
+        h1 = self.node("Add", [h, o], f"{p}.attn.residual")
+        x2 = self.rms_norm(h1, f"{hf}.post_attention_layernorm.weight", f"{p}.ffn_norm")
+        g = self.linear(x2, f"{hf}.mlp.gate_proj.weight", f"{p}.mlp.gate_proj")
+        u = self.linear(x2, f"{hf}.mlp.up_proj.weight", f"{p}.mlp.up_proj")
+        silu = self.node("Mul", [g, self.node("Sigmoid", [g], f"{p}.mlp.sigmoid")], f"{p}.mlp.silu")
+        m = self.node("Mul", [silu, u], f"{p}.mlp.gate_mul")
+        d = self.linear(m, f"{hf}.mlp.down_proj.weight", f"{p}.mlp.down_proj")
+        if not self.steering:
+            return self.node("Add", [h1, d], f"{p}.mlp.residual", outputs=[f"hidden.{i}"])
+        h2 = self.node("Add", [h1, d], f"{p}.mlp.residual")
+        return self.node("Steer", [h2, f"steer.{i}.add", f"steer.{i}.ablate"], f"{p}.steer",
+                         outputs=[f"hidden.{i}"], domain="ai.edgeact")
+
+
+def _tensor_names(src: SourceModel) -> list[str]:
+    names = list(src.tensors)
+    if src.config.tie_word_embeddings and "lm_head.weight" not in src.tensors:
+        names.append("lm_head.weight")   # the quantized copy is a separate write
+    return names
+
+
+def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: int = 32, symmetric: bool = False,
+               lm_head: str | None = None, embedding: str | None = None, accuracy_level: int = 4,
+               max_context: int | None = None, external_data: bool | None = None, steering: bool = True,
+               progress: bool = True, linear_override: dict[str, QuantizedWeight] | None = None,
+               method: str = "rtn") -> dict:
+    """Write out_dir/model.onnx (+ model.onnx.data); return the facts edgeact.json records.
+
+    external_data: None = only when the weights exceed protobuf's 2 GB; True/False force it.
+    steering=False leaves the Steer nodes out (hidden.{i} is then the layer's residual output).
+    method names the quantizer in edgeact.json ("awq", "gptq" when linear_override carries its weights).
+    """
+    cfg = src.config
+    if cfg.arch not in SUPPORTED_ARCHITECTURES:
+        raise ConversionError(f"unsupported architecture {cfg.arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    lm_head = lm_head or default_lm_head(quant)
+    embedding = embedding or default_embedding(quant)
+    for label, value, allowed in (("quant", quant, QUANT_KINDS), ("lm_head", lm_head, QUANT_KINDS),
+                                  ("embedding", embedding, EMBEDDING_KINDS)):
+        if value not in allowed:
+            raise ConversionError(f"unknown {label} type {value!r}; choose one of {', '.join(allowed)}")
+    if group_size not in BLOCK_SIZES:
+        raise ConversionError(f"group size {group_size} not supported; choose one of {', '.join(map(str, BLOCK_SIZES))}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ConversionError(f"accuracy_level must be 0..4, got {accuracy_level}")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ConversionError(f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}")
+    max_context = int(max_context or cfg.max_position_embeddings)
+    if max_context < 1:
+        raise ConversionError(f"max_context must be positive, got {max_context}")
+    cos, sin = cos_sin_cache(cfg, max_context)   # validates rope_scaling before any file is written
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = estimate_bytes(src, quant, group_size, lm_head, embedding, max_context) > _PROTO_LIMIT
+
+    from tqdm import tqdm
+
+    names = _tensor_names(src)
+    bar = tqdm(total=len(names), desc="writing", unit="tensor", disable=not progress)
+    seen: set[str] = set()
+
+    def on_tensor(name: str) -> None:
+        key = name
+        if key in seen:   # the tied embedding is read a second time for lm_head
+            key = "lm_head.weight"
+        seen.add(key)
+        bar.set_postfix_str(key, refresh=False)
+        bar.update(1)
+
+    inits = _Initializers(out_dir, external_data)
+    try:
+        b = GraphBuilder(src, inits, quant=quant, group_size=group_size, symmetric=symmetric, lm_head=lm_head,
+                         embedding=embedding, accuracy_level=accuracy_level, linear_override=linear_override,
+                         steering=steering, on_tensor=on_tensor)
+        b.init("cos_cache", cos)
+        b.init("sin_cache", sin)
+        del cos, sin
+        steer_inputs = []
+        for i in range(cfg.num_layers):
+            if steering:
+                b.init(f"steer.{i}.add", np.zeros(cfg.hidden_size, np.float32))
+                b.init(f"steer.{i}.ablate", np.zeros((1, cfg.hidden_size), np.float32))
+                steer_inputs += [helper.make_tensor_value_info(f"steer.{i}.add", TensorProto.FLOAT, [cfg.hidden_size]),
+                                 helper.make_tensor_value_info(f"steer.{i}.ablate", TensorProto.FLOAT,
+                                                               ["R", cfg.hidden_size])]
+        h = b.embed()
+        for i in range(cfg.num_layers):
+            h = b.layer(i, h)
+        y = b.rms_norm(h, "model.norm.weight", "final_norm")
+        b.linear(y, "lm_head.weight", "lm_head")
+        b.nodes[-1].output[0] = "logits"
+    finally:
+        bar.close()
+        inits.close()
+
+    kv_shape = lambda dim: [1, cfg.num_kv_heads, dim, cfg.head_dim]  # noqa: E731
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence_length"]),
+              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "sequence_length", cfg.vocab_size])]
+    for i in range(cfg.num_layers):
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", TensorProto.FLOAT,
+                                                        kv_shape("past_sequence_length")))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT,
+                                                         kv_shape("total_sequence_length")))
+    graph = helper.make_graph(b.nodes, "edgeact_decoder", inputs + steer_inputs, outputs, initializer=inits.protos)
+    model = helper.make_model(graph, opset_imports=OPSET, ir_version=IR_VERSION,
+                              functions=[steer_function()] if steering else [],
+                              producer_name="edgeact")
+    path = out_dir / "model.onnx"
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path) if external_data else model)
+    return {
+        "max_context": max_context,
+        "quantization": {"weights": quant, "group_size": group_size, "symmetric": symmetric,
+                         "method": method, "accuracy_level": accuracy_level,
+                         "lm_head": lm_head, "embedding": embedding},
+        "steering": ({"layers": cfg.num_layers, "inputs": "steer.{i}.add / steer.{i}.ablate"} if steering else None),
+        "sparsity": None,
+        "external_data": bool(external_data),
+        "weight_bytes": inits.nbytes,
+    }
