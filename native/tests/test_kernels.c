@@ -149,6 +149,102 @@ static void test_quantize(ea_isa isa) {
     ea_kctx_release(&vctx);
 }
 
+/* ---- activation-sparse kernels: equal the dense kernel on masked x ---- */
+/* extreme: all nibbles 15 and all activations equal, the int16 worst case */
+static void test_sparse_case(ea_isa isa, ea_pool *pool, int K, int N, int bs, int has_zp, double frac, int extreme) {
+    uint8_t *data, *zp;
+    float *scales;
+    fill_qweight(K, N, 4, bs, has_zp, &data, &scales, &zp);
+    float *x = malloc(sizeof(float) * K), *xm = calloc((size_t)K, sizeof(float));
+    float *y_ref = malloc(sizeof(float) * N), *y = malloc(sizeof(float) * N);
+    int32_t *active = malloc(sizeof(int32_t) * K);
+    int n_active = 0;
+    for (int k = 0; k < K; k++) {
+        x[k] = rndf() * (k % 5 == 0 ? 3.0f : 1.0f);
+        if (k % 11 == 3) x[k] = 0.0f; /* active but zero */
+        if (extreme) x[k] = 1.0f;
+        if ((rnd() % 1000) < frac * 1000) { active[n_active++] = k; xm[k] = x[k]; }
+    }
+    if (extreme) memset(data, 0xFF, (size_t)N * ((K + bs - 1) / bs) * bs / 2);
+    ea_kctx sctx, vctx;
+    ea_kctx_init(&sctx, EA_ISA_SCALAR, NULL);
+    ea_kctx_init(&vctx, isa, pool);
+    ea_qweight ws, wv;
+    ea_qweight_cm cm;
+    ea_qweight_init(&ws, EA_ISA_SCALAR, K, N, 4, bs, data, scales, zp);
+    ea_qweight_init(&wv, isa, K, N, 4, bs, data, scales, zp);
+    CHECK(ea_qweight_cm_init(&cm, isa, &wv) == 0, "cm init");
+    ea_qmatmul(&sctx, &ws, xm, 1, y_ref);
+    const struct { ea_kctx *ctx; const ea_qweight *dense; const char *what; } runs[] = {
+        {&sctx, NULL, "scalar"}, {&vctx, NULL, "simd"}, {&vctx, &wv, "simd+dense fallback"}};
+    for (int r = 0; r < 3; r++) {
+        for (int i = 0; i < N; i++) y[i] = NAN;
+        int rc = ea_sparse_qgemv(runs[r].ctx, &cm, runs[r].dense, x, active, n_active, y);
+        CHECK(rc == 0 && memcmp(y, y_ref, sizeof(float) * N) == 0,
+              "sparse %s (%s) threads=%d K=%d N=%d bs=%d zp=%d active=%d/%d: rc %d", runs[r].what,
+              ea_isa_name(isa), ea_pool_size(pool), K, N, bs, has_zp, n_active, K, rc);
+    }
+    /* output-row subset: the listed rows equal the dense rows, the rest untouched */
+    for (int bits = 4; bits <= 8; bits += 4) {
+        uint8_t *d2, *z2;
+        float *s2;
+        fill_qweight(K, N, bits, bs, has_zp, &d2, &s2, &z2);
+        ea_qweight w2;
+        ea_qweight_init(&w2, EA_ISA_SCALAR, K, N, bits, bs, d2, s2, z2);
+        ea_qmatmul(&sctx, &w2, x, 1, y_ref);
+        int32_t *rows = malloc(sizeof(int32_t) * N);
+        int n_rows = 0;
+        for (int n = 0; n < N; n++)
+            if ((rnd() % 1000) < frac * 1000) rows[n_rows++] = n;
+        for (int c = 0; c < 2; c++) {
+            ea_kctx *ctx = c ? &vctx : &sctx;
+            for (int i = 0; i < N; i++) y[i] = -7.0f;
+            int ok = ea_qgemv_rows(ctx, &w2, x, rows, n_rows, y) == 0;
+            for (int i = 0, j = 0; i < N; i++) {
+                const int listed = j < n_rows && rows[j] == i;
+                if (listed) j++;
+                ok &= listed ? memcmp(&y[i], &y_ref[i], 4) == 0 : y[i] == -7.0f;
+            }
+            CHECK(ok, "qgemv_rows %s threads=%d bits=%d K=%d N=%d bs=%d zp=%d rows=%d", ea_isa_name(ctx->isa),
+                  ea_pool_size(c ? pool : NULL), bits, K, N, bs, has_zp, n_rows);
+        }
+        ea_qweight_release(&w2);
+        free(d2); free(s2); free(z2); free(rows);
+    }
+    ea_qweight_cm_release(&cm);
+    ea_qweight_release(&ws);
+    ea_qweight_release(&wv);
+    ea_kctx_release(&sctx);
+    ea_kctx_release(&vctx);
+    free(data); free(scales); free(zp); free(x); free(xm); free(y_ref); free(y); free(active);
+}
+
+static void test_sparse(ea_isa isa, ea_pool *pool) {
+    static const double fracs[] = {0.0, 0.05, 0.3, 0.7, 1.0};
+    static const int shapes[][4] = {{100, 37, 32, 1}, {256, 64, 32, 0}, {300, 70, 64, 1}, {520, 45, 128, 0}, {1030, 100, 32, 1}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (size_t f = 0; f < sizeof fracs / sizeof fracs[0]; f++)
+            test_sparse_case(isa, pool, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], fracs[f], 0);
+    /* full 128-channel blocks at the int16 limits exercise the widening */
+    test_sparse_case(isa, pool, 640, 33, 128, 1, 0.98, 0);
+    test_sparse_case(isa, pool, 256, 40, 128, 0, 1.0, 1);
+    ea_kctx ctx;
+    ea_kctx_init(&ctx, isa, NULL);
+    ea_qweight w;
+    ea_qweight_cm cm;
+    uint8_t d[64] = {0};
+    float sc[2] = {1, 1}, x[64] = {0}, y[2];
+    ea_qweight_init(&w, isa, 64, 1, 4, 32, d, sc, NULL);
+    ea_qweight_cm_init(&cm, isa, &w);
+    const int32_t unsorted[2] = {5, 3}, outside[1] = {64};
+    CHECK(ea_sparse_qgemv(&ctx, &cm, NULL, x, unsorted, 2, y) == EA_KERR_ARG, "unsorted active list");
+    CHECK(ea_sparse_qgemv(&ctx, &cm, NULL, x, outside, 1, y) == EA_KERR_ARG, "active index >= K");
+    CHECK(ea_qgemv_rows(&ctx, &w, x, outside, 1, y) == EA_KERR_ARG, "row index >= N");
+    ea_qweight_cm_release(&cm);
+    ea_qweight_release(&w);
+    ea_kctx_release(&ctx);
+}
+
 /* ---- float matmuls against a double reference ------------------------ */
 static void test_fmatmul(ea_isa isa, ea_pool *pool, int f16) {
     static const int shapes[][3] = {{1, 64, 48}, {1, 100, 37}, {3, 77, 50}, {5, 128, 160}, {4, 33, 16}, {9, 10, 3}};
@@ -421,6 +517,7 @@ int main(int argc, char **argv) {
         test_fmatmul(isa, pools[p], 0);
         test_fmatmul(isa, pools[p], 1);
         test_attention(isa, pools[p]);
+        test_sparse(isa, pools[p]);
     }
     test_small_ops(isa);
     ea_pool_destroy(pool);

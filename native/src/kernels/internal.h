@@ -89,6 +89,46 @@ static inline int ea_qweight_zp(const ea_qweight *w, int n, int b) {
     return (b & 1) ? byte >> 4 : byte & 15;
 }
 
+/* ---- sparse kernels ---- */
+/* Output rows per tile of the channel-major layout: 16 bytes of nibbles. */
+#define EA_CM_TILE 32
+
+/* Row (within its 32-row tile) whose result lands in lane `lane` after the
+ * kernel widens its int16 accumulators (the nibbles of a channel are in
+ * natural order: n even in the low nibble, n odd in the high one). */
+static inline int ea_cm_lane_n(ea_isa isa, int lane) {
+    const int v = lane / 8, j = lane % 8;
+    if (isa == EA_ISA_AVX2) /* unpacklo/hi of [even | odd], cvtepi16: 0,2..14 | 1..15 | 16..30 | 17..31 */
+        return (v >= 2 ? 16 : 0) + 2 * j + (v & 1);
+    if (isa == EA_ISA_NEON || isa == EA_ISA_NEON_DOTPROD) { /* even 0..30 then odd 1..31 */
+        const int u = lane / 4, i = lane % 4;
+        return (u >= 4 ? 1 : 0) + (u % 4) * 8 + 2 * i;
+    }
+    return lane;
+}
+
+/* Quantized active entries of x, grouped by block (blocks ascending). */
+typedef struct {
+    int n_blocks;   /* blocks with a nonzero quantized entry */
+    int32_t *blk;   /* [n_blocks] block index */
+    int32_t *start; /* [n_blocks + 1] ranges into ch / q */
+    float *sx;      /* [n_blocks] */
+    int32_t *sumx;  /* [n_blocks] */
+    int32_t *ch;    /* channel of each nonzero quantized entry */
+    int8_t *q;      /* its value */
+} ea_sparse_act;
+
+void ea_sparse_tiles_scalar(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
+void ea_rows_scalar(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y);
+#if EA_X86
+void ea_sparse_tiles_avx2(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
+void ea_rows_avx2(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y);
+#endif
+#if EA_ARM64
+void ea_sparse_tiles_neon(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
+void ea_rows_neon(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y, int dotprod);
+#endif
+
 static inline int ea_is_simd(ea_isa isa) { return isa != EA_ISA_SCALAR; }
 
 #endif

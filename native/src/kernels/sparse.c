@@ -1,0 +1,257 @@
+/* Activation-sparse MatMulNBits: the channel-major repack, quantization of
+ * the active entries, scalar kernels and dispatch.
+ *
+ * Input sparsity (ea_sparse_qgemv): for each block holding active channels,
+ * the channels' N-wide weight columns are combined in integers, then the
+ * block is scaled into the N accumulators exactly as the dense kernel does
+ * (fma(sx*sw, idot, acc), blocks in ascending order). A block without an
+ * active channel contributes fma(0, 0, acc) = acc in the dense kernel, so
+ * skipping it changes nothing and the results are bit-identical. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+int ea_qweight_cm_init(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *w) {
+    memset(cm, 0, sizeof *cm);
+    if (!w || !w->data || w->bits != 4) return EA_KERR_ARG;
+    if (!ea_isa_available(isa)) return EA_KERR_ISA_UNAVAILABLE;
+    const int np = (w->N + EA_CM_TILE - 1) / EA_CM_TILE * EA_CM_TILE, nb = w->n_blocks;
+    const size_t kp = (size_t)nb * w->block_size;
+    const size_t dbytes = kp * np / 2, sbytes = sizeof(float) * (size_t)nb * np;
+    const size_t zbytes = w->zero_points ? (size_t)nb * np : 0;
+    uint8_t *data = calloc(dbytes, 1);
+    float *scales = calloc((size_t)nb * np, sizeof(float));
+    uint8_t *zp = zbytes ? calloc(zbytes, 1) : NULL;
+    if (!data || !scales || (zbytes && !zp)) {
+        free(data); free(scales); free(zp);
+        return EA_KERR_NOMEM;
+    }
+    const size_t row_bytes = kp / 2;
+    for (int t = 0; t < np / EA_CM_TILE; t++) {
+        for (int lane = 0; lane < EA_CM_TILE; lane++) {
+            /* nibbles stay in natural n order (n even low, odd high); only the
+             * per-(block, n) scale and zero point follow the lane order */
+            const int n = t * EA_CM_TILE + lane;
+            if (n < w->N) {
+                const uint8_t *src = w->data + (size_t)n * row_bytes;
+                for (size_t k = 0; k < kp; k++) {
+                    const int v = (k & 1) ? src[k / 2] >> 4 : src[k / 2] & 15;
+                    data[k * (np / 2) + n / 2] |= (uint8_t)((n & 1) ? v << 4 : v);
+                }
+            }
+            const int ln = t * EA_CM_TILE + ea_cm_lane_n(isa, lane);
+            if (ln >= w->N) continue;
+            for (int b = 0; b < nb; b++) {
+                scales[(size_t)b * np + t * EA_CM_TILE + lane] = w->scales[(size_t)ln * nb + b];
+                if (zp) zp[(size_t)b * np + t * EA_CM_TILE + lane] = (uint8_t)ea_qweight_zp(w, ln, b);
+            }
+        }
+    }
+    cm->K = w->K;
+    cm->N = w->N;
+    cm->n_pad = np;
+    cm->block_size = w->block_size;
+    cm->n_blocks = nb;
+    cm->isa = isa;
+    cm->data = data;
+    cm->scales = scales;
+    cm->zero_points = zp;
+    cm->bytes = dbytes + sbytes + zbytes;
+    return EA_KOK;
+}
+
+void ea_qweight_cm_release(ea_qweight_cm *cm) {
+    free(cm->data);
+    free(cm->scales);
+    free(cm->zero_points);
+    memset(cm, 0, sizeof *cm);
+}
+
+static int strictly_increasing(const int32_t *idx, int n, int limit) {
+    for (int i = 0; i < n; i++)
+        if (idx[i] < 0 || idx[i] >= limit || (i && idx[i] <= idx[i - 1])) return 0;
+    return 1;
+}
+
+/* Quantizes the active entries block by block with the arithmetic of
+ * ea_quantize_row_scalar; blocks whose active entries are all zero are
+ * dropped (they contribute exactly nothing). */
+static void quantize_active(const float *x, int bs, const int32_t *active, int n_active, ea_sparse_act *a) {
+    a->n_blocks = 0;
+    int i = 0, out = 0;
+    while (i < n_active) {
+        const int b = active[i] / bs;
+        int e = i;
+        float amax = 0.0f;
+        while (e < n_active && active[e] / bs == b) amax = fmaxf(amax, fabsf(x[active[e++]]));
+        if (amax > 0.0f) {
+            const float scale = amax / 127.0f, inv = 1.0f / scale;
+            int32_t sum = 0;
+            const int start = out;
+            for (int j = i; j < e; j++) {
+                const float r = nearbyintf(x[active[j]] * inv);
+                const int v = r > 127.0f ? 127 : r < -128.0f ? -128 : (int)r;
+                if (!v) continue; /* a zero contributes nothing to the integer dot */
+                a->ch[out] = active[j];
+                a->q[out++] = (int8_t)v;
+                sum += v;
+            }
+            a->blk[a->n_blocks] = b;
+            a->start[a->n_blocks] = start;
+            a->sx[a->n_blocks] = scale;
+            a->sumx[a->n_blocks++] = sum;
+        }
+        i = e;
+    }
+    a->start[a->n_blocks] = out;
+}
+
+void ea_sparse_tiles_scalar(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
+    const int np = cm->n_pad;
+    for (int t = t0; t < t1; t++) {
+        float acc[EA_CM_TILE] = {0};
+        for (int ab = 0; ab < a->n_blocks; ab++) {
+            int32_t idot[EA_CM_TILE] = {0};
+            for (int j = a->start[ab]; j < a->start[ab + 1]; j++) {
+                const uint8_t *col = cm->data + (size_t)a->ch[j] * (np / 2) + t * EA_CM_TILE / 2;
+                for (int n = 0; n < EA_CM_TILE; n++)
+                    idot[n] += a->q[j] * ((n & 1) ? col[n / 2] >> 4 : col[n / 2] & 15);
+            }
+            const size_t sb = (size_t)a->blk[ab] * np + t * EA_CM_TILE;
+            for (int lane = 0; lane < EA_CM_TILE; lane++) {
+                const int n = ea_cm_lane_n(cm->isa, lane);
+                const int zp = cm->zero_points ? cm->zero_points[sb + lane] : 8;
+                const float s = a->sx[ab] * cm->scales[sb + lane];
+                acc[lane] = fmaf(s, (float)(idot[n] - zp * a->sumx[ab]), acc[lane]);
+            }
+        }
+        for (int lane = 0; lane < EA_CM_TILE; lane++) {
+            const int n = t * EA_CM_TILE + ea_cm_lane_n(cm->isa, lane);
+            if (n < cm->N) y[n] = acc[lane];
+        }
+    }
+}
+
+typedef struct {
+    const ea_kctx *ctx;
+    const ea_qweight_cm *cm;
+    const ea_sparse_act *a;
+    float *y;
+    int tiles, n_tasks;
+} sjob;
+
+static void sparse_task(void *arg, int task, int thread) {
+    (void)thread;
+    const sjob *j = arg;
+    const int t0 = (int)((long)j->tiles * task / j->n_tasks), t1 = (int)((long)j->tiles * (task + 1) / j->n_tasks);
+    if (t0 >= t1) return;
+    switch (j->ctx->isa) {
+#if EA_X86
+    case EA_ISA_AVX2: ea_sparse_tiles_avx2(j->cm, j->a, j->y, t0, t1); return;
+#endif
+#if EA_ARM64
+    case EA_ISA_NEON:
+    case EA_ISA_NEON_DOTPROD: ea_sparse_tiles_neon(j->cm, j->a, j->y, t0, t1); return;
+#endif
+    default: ea_sparse_tiles_scalar(j->cm, j->a, j->y, t0, t1);
+    }
+}
+
+static int same_family(ea_isa a, ea_isa b) {
+    if (a == EA_ISA_NEON_DOTPROD) a = EA_ISA_NEON;
+    if (b == EA_ISA_NEON_DOTPROD) b = EA_ISA_NEON;
+    return a == b;
+}
+
+int ea_sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *dense, const float *x,
+                    const int32_t *active, int n_active, float *y) {
+    if (!cm || !cm->data || n_active < 0 || !strictly_increasing(active, n_active, cm->K)) return EA_KERR_ARG;
+    /* the scalar kernel reads any lane order; SIMD kernels need their own */
+    const ea_isa isa = ctx->isa;
+    if (isa != EA_ISA_SCALAR && !same_family(cm->isa, isa)) return EA_KERR_LAYOUT;
+    if (dense && n_active > EA_SPARSE_DENSE_CROSSOVER * cm->K) {
+        float *xm = calloc((size_t)cm->K, sizeof(float));
+        if (!xm) return EA_KERR_NOMEM;
+        for (int i = 0; i < n_active; i++) xm[active[i]] = x[active[i]];
+        const int rc = ea_qmatmul(ctx, dense, xm, 1, y);
+        free(xm);
+        return rc;
+    }
+    const int nb = cm->n_blocks;
+    const size_t need = (size_t)n_active * (sizeof(int32_t) + 1) + (size_t)(nb + 1) * 4 * sizeof(int32_t) + 64;
+    uint8_t *s = ea_scratch(ctx, need);
+    if (!s) return EA_KERR_NOMEM;
+    ea_sparse_act a;
+    a.ch = (int32_t *)s;
+    a.blk = a.ch + n_active;
+    a.start = a.blk + nb + 1;
+    a.sumx = a.start + nb + 1;
+    a.sx = (float *)(a.sumx + nb + 1);
+    a.q = (int8_t *)(a.sx + nb + 1);
+    quantize_active(x, cm->block_size, active, n_active, &a);
+    const int tiles = cm->n_pad / EA_CM_TILE;
+    int n_tasks = ea_pool_size(ctx->pool);
+    if (n_tasks > tiles) n_tasks = tiles;
+    sjob j = {ctx, cm, &a, y, tiles, n_tasks};
+    ea_pool_run(ctx->pool, sparse_task, &j, n_tasks);
+    return EA_KOK;
+}
+
+/* ---- output-row subset (gated FFN) ---------------------------------------- */
+typedef struct {
+    const ea_kctx *ctx;
+    const ea_qweight *w;
+    const ea_qact *a;
+    const int32_t *rows;
+    float *y;
+    int n_rows, n_tasks;
+} rjob;
+
+void ea_rows_scalar(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y) {
+    for (int i = 0; i < n_rows; i++) ea_qmatmul_rows_scalar(w, a, y, rows[i], rows[i] + 1);
+}
+
+static void rows_task(void *arg, int task, int thread) {
+    (void)thread;
+    const rjob *j = arg;
+    /* whole quads of rows per task so the SIMD kernel's 4-row steps stay intact */
+    const int quads = (j->n_rows + 3) / 4;
+    const int q0 = (int)((long)quads * task / j->n_tasks), q1 = (int)((long)quads * (task + 1) / j->n_tasks);
+    const int r0 = q0 * 4, r1 = q1 * 4 < j->n_rows ? q1 * 4 : j->n_rows;
+    if (r0 >= r1) return;
+#if EA_X86
+    if (j->ctx->isa == EA_ISA_AVX2) { ea_rows_avx2(j->w, j->a, j->rows + r0, r1 - r0, j->y); return; }
+#endif
+#if EA_ARM64
+    if (j->ctx->isa != EA_ISA_SCALAR) {
+        ea_rows_neon(j->w, j->a, j->rows + r0, r1 - r0, j->y, j->ctx->isa == EA_ISA_NEON_DOTPROD);
+        return;
+    }
+#endif
+    ea_rows_scalar(j->w, j->a, j->rows + r0, r1 - r0, j->y);
+}
+
+int ea_qgemv_rows(ea_kctx *ctx, const ea_qweight *w, const float *x, const int32_t *rows, int n_rows, float *y) {
+    if (!w || !w->data || n_rows < 0 || !strictly_increasing(rows, n_rows, w->N)) return EA_KERR_ARG;
+    if (n_rows == 0) return EA_KOK;
+    const int nb = w->n_blocks, kp = nb * w->block_size;
+    const size_t xq_bytes = ((size_t)kp + 63) & ~(size_t)63;
+    uint8_t *s = ea_scratch(ctx, xq_bytes + (size_t)nb * (sizeof(float) + sizeof(int32_t)));
+    if (!s) return EA_KERR_NOMEM;
+    ea_qact a = {1, w->K, w->block_size, nb, (int8_t *)s, (float *)(s + xq_bytes),
+                 (int32_t *)(s + xq_bytes + (size_t)nb * sizeof(float))};
+    const int interleave = ctx->isa != EA_ISA_SCALAR && w->bits == 4;
+#if EA_X86
+    if (ctx->isa == EA_ISA_AVX2) ea_quantize_row_avx2(x, w->K, w->block_size, a.xq, a.sx, a.sumx, interleave);
+    else
+#endif
+        ea_quantize_row_scalar(x, w->K, w->block_size, a.xq, a.sx, a.sumx, interleave);
+    int n_tasks = ea_pool_size(ctx->pool);
+    const int quads = (n_rows + 3) / 4;
+    if (n_tasks > quads) n_tasks = quads;
+    rjob j = {ctx, w, &a, rows, y, n_rows, n_tasks};
+    ea_pool_run(ctx->pool, rows_task, &j, n_tasks);
+    return EA_KOK;
+}

@@ -1,0 +1,123 @@
+/* AVX2 activation-sparse kernels (semantics: sparse.c).
+ *
+ * Input-sparse GEMV: two active channels of a block are paired so one
+ * maddubs computes w1[n]*q1 + w2[n]*q2 for 16 rows; their nibbles are
+ * interleaved by unpacklo/hi_epi8 and the pair (q1, q2) is broadcast. int16
+ * partial sums are widened to int32 every 8 pairs (8*2*15*127 < 32767). */
+#include "internal.h"
+
+#if EA_X86
+#include <immintrin.h>
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 static inline __m256i nibbles_even_odd(const uint8_t *p) {
+    const __m128i w = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(w, 4), w), _mm256_set1_epi8(0x0F));
+}
+
+AVX2 static inline void widen(__m256i acc32[4], __m256i *lo16, __m256i *hi16) {
+    acc32[0] = _mm256_add_epi32(acc32[0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(*lo16)));
+    acc32[1] = _mm256_add_epi32(acc32[1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(*lo16, 1)));
+    acc32[2] = _mm256_add_epi32(acc32[2], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(*hi16)));
+    acc32[3] = _mm256_add_epi32(acc32[3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(*hi16, 1)));
+    *lo16 = *hi16 = _mm256_setzero_si256();
+}
+
+AVX2 void ea_sparse_tiles_avx2(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
+    const size_t cstride = (size_t)cm->n_pad / 2;
+    for (int t = t0; t < t1; t++) {
+        const uint8_t *base = cm->data + (size_t)t * EA_CM_TILE / 2;
+        __m256 acc[4];
+        for (int v = 0; v < 4; v++) acc[v] = _mm256_setzero_ps();
+        for (int ab = 0; ab < a->n_blocks; ab++) {
+            __m256i i32[4], lo16 = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
+            for (int v = 0; v < 4; v++) i32[v] = _mm256_setzero_si256();
+            int j = a->start[ab], pairs = 0;
+            const int end = a->start[ab + 1];
+            for (; j < end; j += 2) {
+                const int has2 = j + 1 < end;
+                const __m256i w1 = nibbles_even_odd(base + (size_t)a->ch[j] * cstride);
+                const __m256i w2 = nibbles_even_odd(base + (size_t)a->ch[has2 ? j + 1 : j] * cstride);
+                const int q2 = has2 ? a->q[j + 1] : 0;
+                const __m256i xp = _mm256_set1_epi16((short)(uint16_t)((uint8_t)a->q[j] | (uint16_t)((uint8_t)q2 << 8)));
+                lo16 = _mm256_add_epi16(lo16, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(w1, w2), xp));
+                hi16 = _mm256_add_epi16(hi16, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(w1, w2), xp));
+                if (++pairs == 8) {
+                    widen(i32, &lo16, &hi16);
+                    pairs = 0;
+                }
+            }
+            widen(i32, &lo16, &hi16);
+            const size_t sb = (size_t)a->blk[ab] * cm->n_pad + (size_t)t * EA_CM_TILE;
+            const __m256i sumx = _mm256_set1_epi32(a->sumx[ab]);
+            const __m256 sx = _mm256_set1_ps(a->sx[ab]);
+            for (int v = 0; v < 4; v++) {
+                const __m256i zp = cm->zero_points
+                    ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cm->zero_points + sb + 8 * v)))
+                    : _mm256_set1_epi32(8);
+                const __m256i idot = _mm256_sub_epi32(i32[v], _mm256_mullo_epi32(zp, sumx));
+                const __m256 s = _mm256_mul_ps(sx, _mm256_loadu_ps(cm->scales + sb + 8 * v));
+                acc[v] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(idot), acc[v]);
+            }
+        }
+        float tmp[EA_CM_TILE];
+        for (int v = 0; v < 4; v++) _mm256_storeu_ps(tmp + 8 * v, acc[v]);
+        for (int lane = 0; lane < EA_CM_TILE; lane++) {
+            const int n = t * EA_CM_TILE + ea_cm_lane_n(EA_ISA_AVX2, lane);
+            if (n < cm->N) y[n] = tmp[lane];
+        }
+    }
+}
+
+/* ---- output-row subset: four listed rows at a time from the file layout ---- */
+AVX2 static inline __m128i hsum4(__m256i d0, __m256i d1, __m256i d2, __m256i d3) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(d0, d1), _mm256_hadd_epi32(d2, d3));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+AVX2 void ea_rows_avx2(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y) {
+    const int bs = w->block_size, nb = w->n_blocks, bpb = bs * w->bits / 8;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int i = 0; i < n_rows; i += 4) {
+        int n[4];
+        const uint8_t *rp[4];
+        for (int r = 0; r < 4; r++) {
+            n[r] = rows[i + r < n_rows ? i + r : i]; /* a short last quad repeats a row */
+            rp[r] = w->data + (size_t)n[r] * nb * bpb;
+        }
+        __m128 acc = _mm_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            __m256i d[4];
+            for (int r = 0; r < 4; r++) d[r] = _mm256_setzero_si256();
+            for (int c = 0; c < bs / 32; c++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(a->xq + b * bs + c * 32));
+                for (int r = 0; r < 4; r++) {
+                    if (w->bits == 4) {
+                        const __m256i wv = nibbles_even_odd(rp[r] + (size_t)b * bpb + c * 16);
+                        d[r] = _mm256_add_epi32(d[r], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, x), ones));
+                    } else {
+                        const __m256i ws = _mm256_xor_si256(
+                            _mm256_loadu_si256((const __m256i *)(rp[r] + (size_t)b * bpb + c * 32)),
+                            _mm256_set1_epi8((char)0x80));
+                        d[r] = _mm256_add_epi32(d[r], _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x, ws)), ones));
+                    }
+                }
+            }
+            const int off = w->bits == 8 ? 128 : 0;
+            const __m128i corr = _mm_setr_epi32(off - ea_qweight_zp(w, n[0], b), off - ea_qweight_zp(w, n[1], b),
+                                                off - ea_qweight_zp(w, n[2], b), off - ea_qweight_zp(w, n[3], b));
+            const __m128i idot = _mm_add_epi32(hsum4(d[0], d[1], d[2], d[3]),
+                                               _mm_mullo_epi32(corr, _mm_set1_epi32(a->sumx[b])));
+            const __m128 sw = _mm_setr_ps(w->scales[(size_t)n[0] * nb + b], w->scales[(size_t)n[1] * nb + b],
+                                          w->scales[(size_t)n[2] * nb + b], w->scales[(size_t)n[3] * nb + b]);
+            acc = _mm_fmadd_ps(_mm_mul_ps(_mm_set1_ps(a->sx[b]), sw), _mm_cvtepi32_ps(idot), acc);
+        }
+        float tmp[4];
+        _mm_storeu_ps(tmp, acc);
+        for (int r = 0; r < 4 && i + r < n_rows; r++) y[n[r]] = tmp[r];
+    }
+}
+
+#endif

@@ -1,0 +1,140 @@
+/* NEON activation-sparse kernels (semantics: sparse.c).
+ *
+ * Input-sparse GEMV: each active channel's 32 nibbles of a tile are split
+ * into even and odd rows and multiply-accumulated with its broadcast value
+ * by smlal into int16 (widened every 16 channels: 16*15*128 < 32767). The
+ * same code serves neon and neon-dotprod: sdot sums four products of one
+ * row, while here each product lands in a different row. */
+#include "internal.h"
+
+#if EA_ARM64
+#include <arm_neon.h>
+
+static inline void widen(int32x4_t i32[8], int16x8_t acc16[4]) {
+    for (int v = 0; v < 4; v++) {
+        i32[2 * v] = vaddw_s16(i32[2 * v], vget_low_s16(acc16[v]));
+        i32[2 * v + 1] = vaddw_high_s16(i32[2 * v + 1], acc16[v]);
+        acc16[v] = vdupq_n_s16(0);
+    }
+}
+
+void ea_sparse_tiles_neon(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
+    const size_t cstride = (size_t)cm->n_pad / 2;
+    for (int t = t0; t < t1; t++) {
+        const uint8_t *base = cm->data + (size_t)t * EA_CM_TILE / 2;
+        float32x4_t acc[8];
+        for (int v = 0; v < 8; v++) acc[v] = vdupq_n_f32(0.0f);
+        for (int ab = 0; ab < a->n_blocks; ab++) {
+            int32x4_t i32[8];
+            int16x8_t acc16[4]; /* even 0..14, even 16..30, odd 1..15, odd 17..31 */
+            for (int v = 0; v < 8; v++) i32[v] = vdupq_n_s32(0);
+            for (int v = 0; v < 4; v++) acc16[v] = vdupq_n_s16(0);
+            int count = 0;
+            for (int j = a->start[ab]; j < a->start[ab + 1]; j++) {
+                const uint8x16_t w = vld1q_u8(base + (size_t)a->ch[j] * cstride);
+                const int8x16_t ev = vreinterpretq_s8_u8(vandq_u8(w, vdupq_n_u8(15)));
+                const int8x16_t od = vreinterpretq_s8_u8(vshrq_n_u8(w, 4));
+                const int8x16_t q = vdupq_n_s8(a->q[j]);
+                acc16[0] = vmlal_s8(acc16[0], vget_low_s8(ev), vget_low_s8(q));
+                acc16[1] = vmlal_high_s8(acc16[1], ev, q);
+                acc16[2] = vmlal_s8(acc16[2], vget_low_s8(od), vget_low_s8(q));
+                acc16[3] = vmlal_high_s8(acc16[3], od, q);
+                if (++count == 16) {
+                    widen(i32, acc16);
+                    count = 0;
+                }
+            }
+            widen(i32, acc16);
+            const size_t sb = (size_t)a->blk[ab] * cm->n_pad + (size_t)t * EA_CM_TILE;
+            const int32x4_t sumx = vdupq_n_s32(a->sumx[ab]);
+            const float32x4_t sx = vdupq_n_f32(a->sx[ab]);
+            for (int v = 0; v < 8; v++) {
+                int32x4_t zp;
+                if (cm->zero_points) {
+                    const uint8_t *z = cm->zero_points + sb + 4 * v;
+                    const int32_t zz[4] = {z[0], z[1], z[2], z[3]};
+                    zp = vld1q_s32(zz);
+                } else {
+                    zp = vdupq_n_s32(8);
+                }
+                const int32x4_t idot = vmlsq_s32(i32[v], zp, sumx);
+                const float32x4_t s = vmulq_f32(sx, vld1q_f32(cm->scales + sb + 4 * v));
+                acc[v] = vfmaq_f32(acc[v], s, vcvtq_f32_s32(idot));
+            }
+        }
+        float tmp[EA_CM_TILE];
+        for (int v = 0; v < 8; v++) vst1q_f32(tmp + 4 * v, acc[v]);
+        for (int lane = 0; lane < EA_CM_TILE; lane++) {
+            const int n = t * EA_CM_TILE + ea_cm_lane_n(EA_ISA_NEON, lane);
+            if (n < cm->N) y[n] = tmp[lane];
+        }
+    }
+}
+
+/* ---- output-row subset: four listed rows at a time from the file layout ---- */
+static inline int32x4_t dot16(int32x4_t acc, int8x16_t w, int8x16_t x) {
+    acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(w), vget_low_s8(x)));
+    return vpadalq_s16(acc, vmull_high_s8(w, x));
+}
+
+EA_TARGET_DOTPROD static inline int32x4_t dot16_dp(int32x4_t acc, int8x16_t w, int8x16_t x) {
+    return vdotq_s32(acc, w, x);
+}
+
+static inline __attribute__((always_inline)) void
+rows_impl(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y, int DP) {
+    const int bs = w->block_size, nb = w->n_blocks, bpb = bs * w->bits / 8;
+    for (int i = 0; i < n_rows; i += 4) {
+        int n[4];
+        const uint8_t *rp[4];
+        for (int r = 0; r < 4; r++) {
+            n[r] = rows[i + r < n_rows ? i + r : i]; /* a short last quad repeats a row */
+            rp[r] = w->data + (size_t)n[r] * nb * bpb;
+        }
+        float32x4_t acc = vdupq_n_f32(0.0f);
+        for (int b = 0; b < nb; b++) {
+            int32x4_t d[4];
+            for (int r = 0; r < 4; r++) d[r] = vdupq_n_s32(0);
+            for (int c = 0; c < bs / 32; c++) {
+                const int8x16_t xa = vld1q_s8(a->xq + b * bs + c * 32);
+                const int8x16_t xb = vld1q_s8(a->xq + b * bs + c * 32 + 16);
+                for (int r = 0; r < 4; r++) {
+                    int8x16_t wa, wb;
+                    if (w->bits == 4) { /* x interleaved [even16 | odd16] */
+                        const uint8x16_t v = vld1q_u8(rp[r] + (size_t)b * bpb + c * 16);
+                        wa = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(15)));
+                        wb = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+                    } else {
+                        const uint8_t *p = rp[r] + (size_t)b * bpb + c * 32;
+                        wa = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p), vdupq_n_u8(0x80)));
+                        wb = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p + 16), vdupq_n_u8(0x80)));
+                    }
+                    d[r] = DP ? dot16_dp(dot16_dp(d[r], wa, xa), wb, xb) : dot16(dot16(d[r], wa, xa), wb, xb);
+                }
+            }
+            const int off = w->bits == 8 ? 128 : 0;
+            const int32_t cz[4] = {off - ea_qweight_zp(w, n[0], b), off - ea_qweight_zp(w, n[1], b),
+                                   off - ea_qweight_zp(w, n[2], b), off - ea_qweight_zp(w, n[3], b)};
+            const float sws[4] = {w->scales[(size_t)n[0] * nb + b], w->scales[(size_t)n[1] * nb + b],
+                                  w->scales[(size_t)n[2] * nb + b], w->scales[(size_t)n[3] * nb + b]};
+            int32x4_t idot = vpaddq_s32(vpaddq_s32(d[0], d[1]), vpaddq_s32(d[2], d[3]));
+            idot = vmlaq_s32(idot, vld1q_s32(cz), vdupq_n_s32(a->sumx[b]));
+            acc = vfmaq_f32(acc, vmulq_f32(vdupq_n_f32(a->sx[b]), vld1q_f32(sws)), vcvtq_f32_s32(idot));
+        }
+        float tmp[4];
+        vst1q_f32(tmp, acc);
+        for (int r = 0; r < 4 && i + r < n_rows; r++) y[n[r]] = tmp[r];
+    }
+}
+
+EA_TARGET_DOTPROD static void rows_dotprod(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows,
+                                           float *y) {
+    rows_impl(w, a, rows, n_rows, y, 1);
+}
+
+void ea_rows_neon(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y, int dotprod) {
+    if (dotprod) rows_dotprod(w, a, rows, n_rows, y);
+    else rows_impl(w, a, rows, n_rows, y, 0);
+}
+
+#endif
