@@ -43,6 +43,7 @@ def model_card(src: SourceModel, facts: dict, has_tokenizer: bool) -> dict:
         "sparsity": facts.get("sparsity"),
         "steering": facts.get("steering"),
         "external_data": facts.get("external_data", False),
+        "kv_cache": facts["kv_cache"],
         "tokenizer": {
             "file": "tokenizer.json" if has_tokenizer else None,
             "bos_token_id": cfg.bos_token_id, "eos_token_ids": list(cfg.eos_token_ids),

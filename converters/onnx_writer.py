@@ -24,6 +24,27 @@ IR_VERSION = 10
 DATA_FILE = "model.onnx.data"
 ALIGN = 64
 _PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2   # leave room for the graph itself under protobuf's 2 GB
+GQA_HEAD_MULTIPLE = 16   # onnxruntime's CPU GroupQueryAttention rejects other head sizes
+
+
+def graph_head_dim(head_dim: int) -> int:
+    """The head size the graph uses: head_dim rounded up to a multiple of 16 (see pad_heads)."""
+    return -(-head_dim // GQA_HEAD_MULTIPLE) * GQA_HEAD_MULTIPLE
+
+
+def pad_heads(w: np.ndarray, n_heads: int, d: int, D: int, axis: int) -> np.ndarray:
+    """Spread each head's d entries along `axis` over D slots, keeping rotate_half pairs (j, j + d/2) at (j, j + D/2).
+
+    The extra slots are zero in q, k and v, so attention scores and outputs are unchanged;
+    o_proj gets matching zero columns.
+    """
+    w = np.moveaxis(w, axis, 0)
+    heads = w.reshape(n_heads, d, *w.shape[1:])
+    out = np.zeros((n_heads, D, *w.shape[1:]), dtype=w.dtype)
+    half = d // 2
+    out[:, :half] = heads[:, :half]
+    out[:, D // 2: D // 2 + half] = heads[:, half:]
+    return np.moveaxis(out.reshape(n_heads * D, *w.shape[1:]), 0, axis)
 
 
 def default_lm_head(quant: str) -> str:
@@ -123,6 +144,7 @@ class GraphBuilder:
         self.accuracy_level = accuracy_level
         self.linear_override = dict(linear_override or {})
         self.steering = steering
+        self.head_dim = graph_head_dim(self.cfg.head_dim)
         self.nodes: list[onnx.NodeProto] = []
         self._on_tensor = on_tensor or (lambda name: None)
 
@@ -143,13 +165,21 @@ class GraphBuilder:
         if not self.src.has(name):
             raise ConversionError(f"source is missing tensor {name}")
         self._on_tensor(name)
-        return self.src.load(name)
+        w = self.src.load(name)
+        if self.head_dim != self.cfg.head_dim and ".self_attn." in name:
+            c, proj = self.cfg, name.split(".")[-2]
+            heads = c.num_heads if proj in ("q_proj", "o_proj") else c.num_kv_heads
+            w = pad_heads(w, heads, c.head_dim, self.head_dim, axis=1 if proj == "o_proj" else 0)
+        return w
 
     def kind_of(self, weight: str) -> str:
         return self.lm_head_kind if weight == "lm_head.weight" else self.quant
 
     def quantized(self, weight: str) -> QuantizedWeight:
         if weight in self.linear_override:
+            if self.head_dim != self.cfg.head_dim and ".self_attn." in weight:
+                raise ConversionError(f"cannot take a pre-quantized {weight}: head_dim {self.cfg.head_dim} "
+                                      f"is padded to {self.head_dim} in the graph")
             self._on_tensor(weight)
             return self.linear_override[weight]
         bits = 4 if self.kind_of(weight) == "int4" else 8
@@ -257,6 +287,10 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
     if max_context < 1:
         raise ConversionError(f"max_context must be positive, got {max_context}")
     cos, sin = cos_sin_cache(cfg, max_context)   # validates rope_scaling before any file is written
+    head_dim = graph_head_dim(cfg.head_dim)
+    if head_dim != cfg.head_dim:   # padded slots rotate by angle 0 (they hold zeros anyway)
+        pad = ((0, 0), (0, head_dim // 2 - cfg.head_dim // 2))
+        cos, sin = np.pad(cos, pad, constant_values=1.0), np.pad(sin, pad)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +337,7 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
         bar.close()
         inits.close()
 
-    kv_shape = lambda dim: [1, cfg.num_kv_heads, dim, cfg.head_dim]  # noqa: E731
+    kv_shape = lambda dim: [1, cfg.num_kv_heads, dim, head_dim]  # noqa: E731
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence_length"]),
               helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
@@ -329,5 +363,6 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
         "steering": ({"layers": cfg.num_layers, "inputs": "steer.{i}.add / steer.{i}.ablate"} if steering else None),
         "sparsity": None,
         "external_data": bool(external_data),
+        "kv_cache": {"num_kv_heads": cfg.num_kv_heads, "head_dim": head_dim},
         "weight_bytes": inits.nbytes,
     }

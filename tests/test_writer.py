@@ -100,6 +100,9 @@ CONFIGS = {
     "qwen2-bias": dict(arch="qwen2", attention_bias=True, rms_norm_eps=1e-6, rope_theta=1e6),
     "llama3-rope": dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
     "linear-rope": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}, num_kv_heads=3),
+    # head_dim 8 and 24: the graph pads heads to a multiple of 16 for onnxruntime's GQA.
+    "head-dim-8": dict(num_heads=6, num_kv_heads=2, head_dim=8, arch="qwen2", attention_bias=True),
+    "head-dim-24": dict(num_heads=2, num_kv_heads=1, head_dim=24),
 }
 
 
