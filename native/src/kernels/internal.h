@@ -116,6 +116,7 @@ typedef struct {
     int32_t *sumx;  /* [n_blocks] */
     int32_t *ch;    /* channel of each nonzero quantized entry */
     int8_t *q;      /* its value */
+    float *acc;     /* [n_pad] per-row accumulators in lane order (threads own disjoint tiles) */
 } ea_sparse_act;
 
 void ea_sparse_tiles_scalar(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);

@@ -146,8 +146,14 @@ int ea_embed_f16(const ea_kctx *ctx, const uint16_t *table, int vocab, int dim,
  * move absmax and quantize to 0) and summed in the same order. */
 
 /* Active fraction of K above which ea_sparse_qgemv hands over to the dense
- * kernel (measured with bench_kernels: int4 block 32, 2048x5632, AVX2). */
-#define EA_SPARSE_DENSE_CROSSOVER 0.5f
+ * kernel. bench_kernels, int4 block 32, AVX2, 1 thread: the input-sparse
+ * GEMV breaks even at ~50% active for 2048x5632 and ~30% for 5632x2048
+ * (per-block scaling of all N rows costs the same whatever the count). */
+#define EA_SPARSE_DENSE_CROSSOVER 0.35f
+/* Fraction of output rows above which ea_qgemv_rows is slower than the
+ * dense GEMV (same benchmark: break-even at ~55-60% of rows); the caller
+ * chooses, since the dense kernel also writes the unlisted rows. */
+#define EA_ROWS_DENSE_CROSSOVER 0.55f
 
 /* Channel-major copy of an int4 ea_qweight: for each input channel k the N
  * nibbles contiguous, scales and zero points as [n_blocks, n_pad] in the

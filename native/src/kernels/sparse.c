@@ -180,11 +180,13 @@ int ea_sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *den
         return rc;
     }
     const int nb = cm->n_blocks;
-    const size_t need = (size_t)n_active * (sizeof(int32_t) + 1) + (size_t)(nb + 1) * 4 * sizeof(int32_t) + 64;
+    const size_t acc_bytes = sizeof(float) * (size_t)cm->n_pad;
+    const size_t need = acc_bytes + (size_t)n_active * (sizeof(int32_t) + 1) + (size_t)(nb + 1) * 4 * sizeof(int32_t) + 64;
     uint8_t *s = ea_scratch(ctx, need);
     if (!s) return EA_KERR_NOMEM;
     ea_sparse_act a;
-    a.ch = (int32_t *)s;
+    a.acc = (float *)s;
+    a.ch = (int32_t *)(s + acc_bytes);
     a.blk = a.ch + n_active;
     a.start = a.blk + nb + 1;
     a.sumx = a.start + nb + 1;

@@ -24,18 +24,24 @@ AVX2 static inline void widen(__m256i acc32[4], __m256i *lo16, __m256i *hi16) {
     *lo16 = *hi16 = _mm256_setzero_si256();
 }
 
+/* Blocks outer, tiles inner: for one block the active channels' rows are
+ * read front to back across the thread's tiles (a few sequential streams
+ * the prefetchers follow) while the float accumulators stay in L1/L2. */
 AVX2 void ea_sparse_tiles_avx2(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
     const size_t cstride = (size_t)cm->n_pad / 2;
-    for (int t = t0; t < t1; t++) {
-        const uint8_t *base = cm->data + (size_t)t * EA_CM_TILE / 2;
-        __m256 acc[4];
-        for (int v = 0; v < 4; v++) acc[v] = _mm256_setzero_ps();
-        for (int ab = 0; ab < a->n_blocks; ab++) {
+    float *accbuf = a->acc;
+    for (int t = t0; t < t1; t++)
+        for (int v = 0; v < 4; v++) _mm256_storeu_ps(accbuf + t * EA_CM_TILE + 8 * v, _mm256_setzero_ps());
+    for (int ab = 0; ab < a->n_blocks; ab++) {
+        const int start = a->start[ab], end = a->start[ab + 1];
+        const __m256i sumx = _mm256_set1_epi32(a->sumx[ab]);
+        const __m256 sx = _mm256_set1_ps(a->sx[ab]);
+        for (int t = t0; t < t1; t++) {
+            const uint8_t *base = cm->data + (size_t)t * EA_CM_TILE / 2;
             __m256i i32[4], lo16 = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
             for (int v = 0; v < 4; v++) i32[v] = _mm256_setzero_si256();
-            int j = a->start[ab], pairs = 0;
-            const int end = a->start[ab + 1];
-            for (; j < end; j += 2) {
+            int pairs = 0;
+            for (int j = start; j < end; j += 2) {
                 const int has2 = j + 1 < end;
                 const __m256i w1 = nibbles_even_odd(base + (size_t)a->ch[j] * cstride);
                 const __m256i w2 = nibbles_even_odd(base + (size_t)a->ch[has2 ? j + 1 : j] * cstride);
@@ -50,24 +56,22 @@ AVX2 void ea_sparse_tiles_avx2(const ea_qweight_cm *cm, const ea_sparse_act *a, 
             }
             widen(i32, &lo16, &hi16);
             const size_t sb = (size_t)a->blk[ab] * cm->n_pad + (size_t)t * EA_CM_TILE;
-            const __m256i sumx = _mm256_set1_epi32(a->sumx[ab]);
-            const __m256 sx = _mm256_set1_ps(a->sx[ab]);
             for (int v = 0; v < 4; v++) {
                 const __m256i zp = cm->zero_points
                     ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cm->zero_points + sb + 8 * v)))
                     : _mm256_set1_epi32(8);
                 const __m256i idot = _mm256_sub_epi32(i32[v], _mm256_mullo_epi32(zp, sumx));
                 const __m256 s = _mm256_mul_ps(sx, _mm256_loadu_ps(cm->scales + sb + 8 * v));
-                acc[v] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(idot), acc[v]);
+                float *acc = accbuf + t * EA_CM_TILE + 8 * v;
+                _mm256_storeu_ps(acc, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(idot), _mm256_loadu_ps(acc)));
             }
         }
-        float tmp[EA_CM_TILE];
-        for (int v = 0; v < 4; v++) _mm256_storeu_ps(tmp + 8 * v, acc[v]);
+    }
+    for (int t = t0; t < t1; t++)
         for (int lane = 0; lane < EA_CM_TILE; lane++) {
             const int n = t * EA_CM_TILE + ea_cm_lane_n(EA_ISA_AVX2, lane);
-            if (n < cm->N) y[n] = tmp[lane];
+            if (n < cm->N) y[n] = accbuf[t * EA_CM_TILE + lane];
         }
-    }
 }
 
 /* ---- output-row subset: four listed rows at a time from the file layout ---- */
