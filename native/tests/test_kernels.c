@@ -8,6 +8,10 @@
  *     IN  = int32 M,K,N,bits,block_size,has_zp,threads; float x[M*K];
  *           uint8 B[N*nb*bs*bits/8]; float scales[N*nb]; uint8 zp[...]
  *     OUT = float y[M*N]
+ *   test_kernels --sparse IN OUT       input-sparse int4 GEMV on a file:
+ *     IN  = int32 K,N,block_size,has_zp,threads,n_active; float x[K];
+ *           uint8 B; float scales; uint8 zp (as above); int32 active[n_active]
+ *     OUT = float y[N]
  * Exit status 0 on success; failures print one line each. */
 #define _GNU_SOURCE
 #include <math.h>
@@ -498,9 +502,53 @@ static int run_qmatmul_file(const char *in, const char *out) {
     return 0;
 }
 
+static int run_sparse_file(const char *in, const char *out) {
+    FILE *f = fopen(in, "rb");
+    if (!f) { fprintf(stderr, "cannot open %s\n", in); return 2; }
+    int32_t h[6];
+    if (!read_exact(f, h, sizeof h)) { fprintf(stderr, "%s: short header\n", in); return 2; }
+    const int K = h[0], N = h[1], bs = h[2], has_zp = h[3], threads = h[4], n_active = h[5];
+    if (K <= 0 || N <= 0 || bs <= 0 || n_active < 0 || n_active > K) { fprintf(stderr, "bad header\n"); return 2; }
+    const int nb = (K + bs - 1) / bs;
+    const size_t dbytes = (size_t)N * nb * bs / 2, zbytes = has_zp ? (size_t)N * ((nb + 1) / 2) : 0;
+    float *x = malloc(sizeof(float) * K), *scales = malloc(sizeof(float) * N * nb), *y = malloc(sizeof(float) * N);
+    uint8_t *data = malloc(dbytes), *zp = has_zp ? malloc(zbytes) : NULL;
+    int32_t *active = malloc(sizeof(int32_t) * (n_active + 1));
+    if (!read_exact(f, x, sizeof(float) * K) || !read_exact(f, data, dbytes) ||
+        !read_exact(f, scales, sizeof(float) * N * nb) || (has_zp && !read_exact(f, zp, zbytes)) ||
+        !read_exact(f, active, sizeof(int32_t) * n_active)) {
+        fprintf(stderr, "%s: truncated\n", in);
+        return 2;
+    }
+    fclose(f);
+    ea_isa isa;
+    int rc = ea_isa_select(&isa);
+    if (rc) { fprintf(stderr, "EDGEACT_ISA: %s\n", ea_kernels_strerror(rc)); return 3; }
+    ea_pool *pool = threads > 1 ? ea_pool_create(threads) : NULL;
+    ea_kctx ctx;
+    ea_qweight w;
+    ea_qweight_cm cm;
+    ea_kctx_init(&ctx, isa, pool);
+    rc = ea_qweight_init(&w, isa, K, N, 4, bs, data, scales, zp);
+    if (!rc) rc = ea_qweight_cm_init(&cm, isa, &w);
+    if (!rc) rc = ea_sparse_qgemv(&ctx, &cm, NULL, x, active, n_active, y);
+    if (rc) { fprintf(stderr, "sparse_qgemv: %s\n", ea_kernels_strerror(rc)); return 3; }
+    f = fopen(out, "wb");
+    if (!f || fwrite(y, sizeof(float), (size_t)N, f) != (size_t)N) { fprintf(stderr, "cannot write %s\n", out); return 2; }
+    fclose(f);
+    fprintf(stderr, "isa=%s threads=%d\n", ea_isa_name(isa), ea_pool_size(pool));
+    ea_qweight_cm_release(&cm);
+    ea_qweight_release(&w);
+    ea_kctx_release(&ctx);
+    ea_pool_destroy(pool);
+    free(x); free(scales); free(y); free(data); free(zp); free(active);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc == 4 && strcmp(argv[1], "--qmatmul") == 0) return run_qmatmul_file(argv[2], argv[3]);
-    if (argc != 1) { fprintf(stderr, "usage: %s [--qmatmul IN OUT]\n", argv[0]); return 2; }
+    if (argc == 4 && strcmp(argv[1], "--sparse") == 0) return run_sparse_file(argv[2], argv[3]);
+    if (argc != 1) { fprintf(stderr, "usage: %s [--qmatmul IN OUT | --sparse IN OUT]\n", argv[0]); return 2; }
     ea_isa isa;
     int rc = ea_isa_select(&isa);
     if (rc) { fprintf(stderr, "EDGEACT_ISA: %s\n", ea_kernels_strerror(rc)); return 3; }

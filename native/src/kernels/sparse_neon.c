@@ -18,19 +18,25 @@ static inline void widen(int32x4_t i32[8], int16x8_t acc16[4]) {
     }
 }
 
+/* Blocks outer, tiles inner (as in sparse_avx2.c): the active channels'
+ * rows stream front to back while the accumulators stay in cache. */
 void ea_sparse_tiles_neon(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
     const size_t cstride = (size_t)cm->n_pad / 2;
-    for (int t = t0; t < t1; t++) {
-        const uint8_t *base = cm->data + (size_t)t * EA_CM_TILE / 2;
-        float32x4_t acc[8];
-        for (int v = 0; v < 8; v++) acc[v] = vdupq_n_f32(0.0f);
-        for (int ab = 0; ab < a->n_blocks; ab++) {
+    float *accbuf = a->acc;
+    for (int t = t0; t < t1; t++)
+        for (int v = 0; v < 8; v++) vst1q_f32(accbuf + t * EA_CM_TILE + 4 * v, vdupq_n_f32(0.0f));
+    for (int ab = 0; ab < a->n_blocks; ab++) {
+        const int start = a->start[ab], end = a->start[ab + 1];
+        const int32x4_t sumx = vdupq_n_s32(a->sumx[ab]);
+        const float32x4_t sx = vdupq_n_f32(a->sx[ab]);
+        for (int t = t0; t < t1; t++) {
+            const uint8_t *base = cm->data + (size_t)t * EA_CM_TILE / 2;
             int32x4_t i32[8];
             int16x8_t acc16[4]; /* even 0..14, even 16..30, odd 1..15, odd 17..31 */
             for (int v = 0; v < 8; v++) i32[v] = vdupq_n_s32(0);
             for (int v = 0; v < 4; v++) acc16[v] = vdupq_n_s16(0);
             int count = 0;
-            for (int j = a->start[ab]; j < a->start[ab + 1]; j++) {
+            for (int j = start; j < end; j++) {
                 const uint8x16_t w = vld1q_u8(base + (size_t)a->ch[j] * cstride);
                 const int8x16_t ev = vreinterpretq_s8_u8(vandq_u8(w, vdupq_n_u8(15)));
                 const int8x16_t od = vreinterpretq_s8_u8(vshrq_n_u8(w, 4));
@@ -46,8 +52,6 @@ void ea_sparse_tiles_neon(const ea_qweight_cm *cm, const ea_sparse_act *a, float
             }
             widen(i32, acc16);
             const size_t sb = (size_t)a->blk[ab] * cm->n_pad + (size_t)t * EA_CM_TILE;
-            const int32x4_t sumx = vdupq_n_s32(a->sumx[ab]);
-            const float32x4_t sx = vdupq_n_f32(a->sx[ab]);
             for (int v = 0; v < 8; v++) {
                 int32x4_t zp;
                 if (cm->zero_points) {
@@ -59,16 +63,16 @@ void ea_sparse_tiles_neon(const ea_qweight_cm *cm, const ea_sparse_act *a, float
                 }
                 const int32x4_t idot = vmlsq_s32(i32[v], zp, sumx);
                 const float32x4_t s = vmulq_f32(sx, vld1q_f32(cm->scales + sb + 4 * v));
-                acc[v] = vfmaq_f32(acc[v], s, vcvtq_f32_s32(idot));
+                float *acc = accbuf + t * EA_CM_TILE + 4 * v;
+                vst1q_f32(acc, vfmaq_f32(vld1q_f32(acc), s, vcvtq_f32_s32(idot)));
             }
         }
-        float tmp[EA_CM_TILE];
-        for (int v = 0; v < 8; v++) vst1q_f32(tmp + 4 * v, acc[v]);
+    }
+    for (int t = t0; t < t1; t++)
         for (int lane = 0; lane < EA_CM_TILE; lane++) {
             const int n = t * EA_CM_TILE + ea_cm_lane_n(EA_ISA_NEON, lane);
-            if (n < cm->N) y[n] = tmp[lane];
+            if (n < cm->N) y[n] = accbuf[t * EA_CM_TILE + lane];
         }
-    }
 }
 
 /* ---- output-row subset: four listed rows at a time from the file layout ---- */
