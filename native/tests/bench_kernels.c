@@ -99,6 +99,17 @@ static void bench_gemv(int K, int N, double seconds, ea_pool *pools[3]) {
     free(data); free(scales); free(x); free(y);
 }
 
+static void empty_task(void *ctx, int task, int thread) { (void)ctx; (void)task; (void)thread; }
+
+/* Round trip of one dispatch with trivial tasks (a decode step issues ~200). */
+static double dispatch_us(ea_pool *pool) {
+    const int rounds = 20000;
+    for (int i = 0; i < 100; i++) ea_pool_run(pool, empty_task, NULL, ea_pool_size(pool));
+    double t0 = now();
+    for (int i = 0; i < rounds; i++) ea_pool_run(pool, empty_task, NULL, ea_pool_size(pool));
+    return (now() - t0) / rounds * 1e6;
+}
+
 /* Times fn over `copies` weights for about `seconds`; returns us per call. */
 typedef void (*bench_fn)(void *ctx, int copy);
 static double time_calls(bench_fn fn, void *ctx, int copies, double seconds) {
@@ -178,6 +189,7 @@ int main(int argc, char **argv) {
     ea_pool *pools[3] = {NULL, ea_pool_create(2), NULL};
     printf("read bandwidth: %.2f GB/s (1 thread), %.2f GB/s (2 threads)\n", read_bandwidth(NULL),
            read_bandwidth(pools[1]));
+    printf("pool dispatch (2 threads, back to back): %.2f us\n", dispatch_us(pools[1]));
     const int sparse_only = argc > 2 && strcmp(argv[2], "sparse") == 0;
     if (!sparse_only) {
         bench_gemv(4096, 4096, seconds, pools);
