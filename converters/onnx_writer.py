@@ -71,8 +71,8 @@ def steer_function() -> onnx.FunctionProto:
 class _Initializers:
     """Initializer storage: TensorProtos in memory, or raw bytes appended to the data file at 64-byte offsets."""
 
-    def __init__(self, out_dir: Path, external: bool):
-        self.protos: list[TensorProto] = []
+    def __init__(self, out_dir: Path, external: bool, graph: onnx.GraphProto):
+        self.graph = graph   # initializers go straight into the model's graph: no copy of the weights
         self.external = external
         self.nbytes = 0
         self._file = open(out_dir / DATA_FILE, "wb") if external else None
@@ -82,20 +82,19 @@ class _Initializers:
         array = np.ascontiguousarray(array)
         self.nbytes += array.nbytes
         if not self.external:
-            self.protos.append(numpy_helper.from_array(array, name))
+            self.graph.initializer.add().CopyFrom(numpy_helper.from_array(array, name))
             return name
         pad = -self._offset % ALIGN
         self._file.write(b"\0" * pad)
         self._offset += pad
-        t = TensorProto(name=name, dims=list(array.shape),
-                        data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        t = self.graph.initializer.add(name=name, dims=list(array.shape),
+                                       data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
         t.data_location = TensorProto.EXTERNAL
         for key, value in (("location", DATA_FILE), ("offset", str(self._offset)), ("length", str(array.nbytes))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
         self._file.write(array.tobytes())
         self._offset += array.nbytes
-        self.protos.append(t)
         return name
 
     def close(self) -> None:
@@ -311,7 +310,8 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
         bar.set_postfix_str(key, refresh=False)
         bar.update(1)
 
-    inits = _Initializers(out_dir, external_data)
+    model = onnx.ModelProto(ir_version=IR_VERSION, producer_name="edgeact", opset_import=OPSET)
+    inits = _Initializers(out_dir, external_data, model.graph)
     try:
         b = GraphBuilder(src, inits, quant=quant, group_size=group_size, symmetric=symmetric, lm_head=lm_head,
                          embedding=embedding, accuracy_level=accuracy_level, linear_override=linear_override,
@@ -348,13 +348,16 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
                                                         kv_shape("past_sequence_length")))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT,
                                                          kv_shape("total_sequence_length")))
-    graph = helper.make_graph(b.nodes, "edgeact_decoder", inputs + steer_inputs, outputs, initializer=inits.protos)
-    model = helper.make_model(graph, opset_imports=OPSET, ir_version=IR_VERSION,
-                              functions=[steer_function()] if steering else [],
-                              producer_name="edgeact")
+    model.graph.name = "edgeact_decoder"
+    model.graph.node.extend(b.nodes)
+    model.graph.input.extend(inputs + steer_inputs)
+    model.graph.output.extend(outputs)
+    if steering:
+        model.functions.append(steer_function())
     path = out_dir / "model.onnx"
     onnx.save_model(model, str(path))
-    onnx.checker.check_model(str(path) if external_data else model)
+    del model   # check from the file so the weights are not held twice
+    onnx.checker.check_model(str(path))
     return {
         "max_context": max_context,
         "quantization": {"weights": quant, "group_size": group_size, "symmetric": symmetric,
