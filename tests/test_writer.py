@@ -264,3 +264,25 @@ def test_no_steering_still_names_hidden_states(tmp_path):
     assert facts["steering"] is None and not m.functions
     assert "hidden.1" in {o for n in m.graph.node for o in n.output}
     assert not any(i.name.startswith("steer.") for i in m.graph.input)
+
+
+def test_chunked_prefill_through_cache_equals_one_prefill(tmp_path):
+    src = random_source("tiny", seed=8)
+    write_onnx(src, tmp_path, quant="fp32", progress=False)
+    dec = OrtDecoder(tmp_path / "model.onnx")
+    ids = _prompt(src.config.vocab_size, 15)
+    full = dec.step(ids)["logits"][0]
+    dec.reset()
+    chunks = np.concatenate([dec.step(ids[:10])["logits"][0], dec.step(ids[10:])["logits"][0]])
+    np.testing.assert_allclose(chunks, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant", ["fp32", "fp16", "int8", "int4"])
+def test_size_estimate_tracks_written_bytes(tmp_path, quant):
+    # The estimate decides external data before anything is written; it must not undershoot much.
+    from edgeact.converters.onnx_writer import default_embedding, default_lm_head, estimate_bytes
+
+    src = random_source("tiny", hidden_size=128, num_heads=8, num_kv_heads=2, intermediate_size=256)
+    facts = write_onnx(src, tmp_path, quant=quant, progress=False, max_context=64)
+    est = estimate_bytes(src, quant, 32, default_lm_head(quant), default_embedding(quant), 64)
+    assert 0.9 <= est / facts["weight_bytes"] <= 1.2
