@@ -109,3 +109,20 @@ def test_smollm2_fp32_matches_transformers_gguf_load(smollm2_fp32_dir, smollm2_h
     err = float(np.abs(logits - ref).max())
     assert err <= 1e-3, f"max |Δlogit| {err}"
     assert tokens == [int(r.argmax()) for r in ref[len(prompt) - 1:-1]]
+
+
+def test_random_source_is_lazy_deterministic_and_shaped():
+    a, b = random_source("tinyllama-1.1b", seed=1), random_source("tinyllama-1.1b", seed=1)
+    c = a.config
+    assert (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.intermediate_size, c.vocab_size) == \
+        (2048, 22, 32, 4, 5632, 32000)
+    name = "model.layers.21.self_attn.k_proj.weight"
+    w = a.load(name)
+    assert w.shape == (256, 2048) and np.array_equal(w, b.load(name))
+    assert not np.array_equal(w, random_source("tinyllama-1.1b", seed=2).load(name))
+    assert abs(float(w.std()) - 2048 ** -0.5) < 1e-3
+    assert abs(float(a.load("model.norm.weight").mean()) - 1.0) < 0.02
+    tiny = random_source(random_source("tiny").config, tie_word_embeddings=True)
+    assert not tiny.has("lm_head.weight") and tiny.config.hidden_size == 48
+    with pytest.raises(ConversionError, match="unknown random shape"):
+        random_source("gpt-5")
