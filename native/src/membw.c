@@ -1,0 +1,85 @@
+/* Memory read bandwidth probe for `edgeact bench`: the yardstick that decode
+ * speed is reported against (weight bytes per second ÷ this).  The buffer must
+ * dwarf the last-level cache (VMs report up to a few hundred MiB of L3), so the
+ * caller passes its size; best of `reps` passes, as the machine's capability. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "threadpool.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define EA_MEMBW_X86 1
+#endif
+
+typedef struct { const uint64_t *buf; size_t n; int tasks; uint64_t out[256]; } read_job;
+
+#ifdef EA_MEMBW_X86
+/* 256-bit loads, four accumulators: the loop is bound by memory, not by issue. */
+__attribute__((target("avx2"))) static uint64_t sum_avx2(const uint64_t *p, size_t n) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_add_epi64(a0, _mm256_loadu_si256((const __m256i *)(p + i)));
+        a1 = _mm256_add_epi64(a1, _mm256_loadu_si256((const __m256i *)(p + i + 4)));
+        a2 = _mm256_add_epi64(a2, _mm256_loadu_si256((const __m256i *)(p + i + 8)));
+        a3 = _mm256_add_epi64(a3, _mm256_loadu_si256((const __m256i *)(p + i + 12)));
+    }
+    uint64_t lanes[4];
+    _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)));
+    uint64_t s = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    for (; i < n; i++) s += p[i];
+    return s;
+}
+#endif
+
+static uint64_t sum_plain(const uint64_t *p, size_t n) {
+    /* Four independent sums keep several loads in flight (NEON: the compiler vectorizes this). */
+    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) { s0 += p[i]; s1 += p[i + 1]; s2 += p[i + 2]; s3 += p[i + 3]; }
+    for (; i < n; i++) s0 += p[i];
+    return s0 + s1 + s2 + s3;
+}
+
+static void read_task(void *arg, int t, int thread) {
+    (void)thread;
+    read_job *j = arg;
+    size_t a = j->n * (size_t)t / (size_t)j->tasks, b = j->n * (size_t)(t + 1) / (size_t)j->tasks;
+#ifdef EA_MEMBW_X86
+    if (__builtin_cpu_supports("avx2")) { j->out[t & 255] = sum_avx2(j->buf + a, b - a); return; }
+#endif
+    j->out[t & 255] = sum_plain(j->buf + a, b - a);
+}
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* GB/s read with `threads` threads over `bytes` bytes; < 0 on bad arguments or no memory. */
+double ea_measure_read_bandwidth(int threads, size_t bytes, int reps) {
+    if (threads < 1 || threads > 256 || bytes < (1u << 20) || reps < 1) return -1.0;
+    size_t n = bytes / 8;
+    uint64_t *buf = malloc(n * 8);
+    if (!buf) return -2.0;
+    for (size_t i = 0; i < n; i++) buf[i] = i;  /* touch every page before timing */
+    ea_pool *pool = threads > 1 ? ea_pool_create(threads) : NULL;
+    read_job j;
+    memset(&j, 0, sizeof j);
+    j.buf = buf; j.n = n; j.tasks = threads;
+    double best = 0.0;
+    for (int r = 0; r < reps; r++) {
+        double t0 = now_s();
+        if (pool) ea_pool_run(pool, read_task, &j, j.tasks);
+        else read_task(&j, 0, 0);
+        double gbs = (double)(n * 8) / (now_s() - t0) / 1e9;
+        if (gbs > best) best = gbs;
+    }
+    if (pool) ea_pool_destroy(pool);
+    free(buf);
+    return best;
+}
