@@ -1,0 +1,120 @@
+/* edgeact native runtime: the public C API.
+ *
+ * Opaque handles, plain C types, no callbacks, so cffi, JNI or any FFI can
+ * call it. Every function returning int returns EA_OK (0) or a negative
+ * EA_ERR_*; the one-line message of the last failure on the calling thread
+ * is ea_last_error(). A model is immutable after loading and may be shared
+ * by sessions on different threads; one session must not be used by two
+ * threads at once.
+ *
+ * The lines between "cdef-begin" and "cdef-end" are read verbatim by the
+ * cffi build (runtime/build_ffi.py): keep them free of preprocessor lines. */
+#ifndef EDGEACT_H
+#define EDGEACT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* cdef-begin */
+enum {
+    EA_OK = 0,
+    EA_ERR_IO = -1,       /* file missing, unreadable, not mappable */
+    EA_ERR_FORMAT = -2,   /* malformed protobuf, bad tensor, unknown op, bad graph */
+    EA_ERR_ARG = -3,      /* bad argument: token id, steering vector, layer, sizes */
+    EA_ERR_CONTEXT = -4,  /* the tokens do not fit in the session's n_ctx */
+    EA_ERR_NOMEM = -5,
+    EA_ERR_KERNEL = -6,   /* a kernel rejected its arguments or the ISA is unavailable */
+    EA_ERR_STATE = -7     /* e.g. hidden states requested while capture is off */
+};
+
+typedef struct ea_model ea_model;
+typedef struct ea_session ea_session;
+
+typedef struct ea_model_info {
+    int n_layers;        /* GroupQueryAttention nodes */
+    int hidden;          /* residual stream width */
+    int vocab;
+    int max_context;     /* rows of the rotary caches */
+    int n_heads, n_kv_heads, head_dim; /* head_dim as in the graph (padded) */
+    int n_nodes;         /* graph nodes */
+    int n_steer_layers;  /* Steer nodes (0 when the folder was written without steering) */
+    const char *isa;     /* kernels in use: "scalar", "avx2", "neon", "neon-dotprod" */
+    uint64_t weight_bytes_mapped;   /* initializer bytes used in place from the file maps */
+    uint64_t weight_bytes_copied;   /* copied for alignment */
+    uint64_t weight_bytes_repacked; /* owned SIMD repacks of quantized weights */
+} ea_model_info;
+
+typedef struct ea_profile_record {
+    const char *name;     /* node name (fused nodes carry the last node's name) */
+    const char *op_type;  /* ONNX op type, or "SiluMul" for the fused Sigmoid/Mul/Mul */
+    uint64_t calls;
+    uint64_t ns;          /* wall time summed over calls */
+    uint64_t weight_bytes; /* weight bytes read, summed over calls */
+} ea_profile_record;
+
+const char *ea_last_error(void);
+const char *ea_version(void);
+
+/* Loads DIR/model.onnx (external data resolved only inside DIR). */
+int ea_model_load(const char *dir, ea_model **out);
+/* Loads a model from memory (the buffer is copied); external data, if any, is resolved in dir
+ * (NULL: external data is an error). For tests and fuzzing. */
+int ea_model_load_buffer(const void *data, size_t n, const char *dir, ea_model **out);
+void ea_model_free(ea_model *model);
+int ea_model_get_info(const ea_model *model, ea_model_info *info);
+/* Op types with their node counts, index in [0, ea_model_n_op_types). */
+int ea_model_n_op_types(const ea_model *model);
+int ea_model_op_type(const ea_model *model, int index, const char **op_type, int *count);
+
+/* n_threads <= 0: one per physical core; n_ctx <= 0: min(max_context, 4096);
+ * max_chunk <= 0: 64 tokens per prefill chunk (longer prompts run in chunks). */
+int ea_session_create(ea_model *model, int n_threads, int n_ctx, int max_chunk, ea_session **out);
+void ea_session_free(ea_session *session);
+int ea_session_n_ctx(const ea_session *session);
+int ea_session_n_past(const ea_session *session);
+int ea_session_n_threads(const ea_session *session);
+/* Forgets the cache (n_past = 0); steering, capture and profiling settings stay. */
+int ea_session_reset(ea_session *session);
+/* Appends n tokens at positions n_past .. n_past+n-1. all_logits: logits [n, vocab];
+ * otherwise [vocab] for the last token only. On error the session is unchanged. */
+int ea_session_forward(ea_session *session, const int64_t *ids, int n, float *logits, int all_logits);
+
+/* Steering after layer `layer` (index i of steer.{i}): y = h - (h A^T) A + add.
+ * add [hidden] or NULL, ablate [R, hidden] or NULL (R ignored). Values must be finite. */
+int ea_session_set_steering(ea_session *session, int layer, const float *add, const float *ablate, int R);
+/* layer -1 clears every layer. */
+int ea_session_clear_steering(ea_session *session, int layer);
+
+/* Hidden-state capture: when on, each forward keeps hidden.{i} of all its tokens. */
+int ea_session_capture_hidden(ea_session *session, int on);
+/* Tokens held by the capture buffer (the last forward's n). */
+int ea_session_hidden_tokens(const ea_session *session);
+/* Copies [n_layers, tokens, hidden] floats into out (n_floats must be at least that). */
+int ea_session_get_hidden(const ea_session *session, float *out, size_t n_floats);
+
+int ea_session_profile(ea_session *session, int on);
+int ea_session_profile_reset(ea_session *session);
+/* Records, one per executed node, in execution order. */
+int ea_session_profile_count(const ea_session *session);
+int ea_session_profile_get(const ea_session *session, int index, ea_profile_record *out);
+
+/* Kernel-level entry for benchmarks: a MatMulNBits weight (arrays as in
+ * docs/model-folder.md, copied) run as y[M, N] = x[M, K] W^T with the
+ * model-load ISA and n_threads (<= 0: physical cores). */
+typedef struct ea_bench_qmatmul ea_bench_qmatmul;
+int ea_bench_qmatmul_create(int K, int N, int bits, int block_size, const uint8_t *B, const float *scales,
+                            const uint8_t *zero_points, int n_threads, ea_bench_qmatmul **out);
+int ea_bench_qmatmul_run(ea_bench_qmatmul *bench, const float *x, int M, float *y);
+void ea_bench_qmatmul_free(ea_bench_qmatmul *bench);
+/* Memory read bandwidth in GB/s over a buffer of `bytes` (best of reps), the yardstick for decode speed. */
+double ea_measure_read_bandwidth(int threads, size_t bytes, int reps);
+/* cdef-end */
+
+#ifdef __cplusplus
+}
+#endif
+#endif

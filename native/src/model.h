@@ -1,0 +1,99 @@
+/* The loaded model: the ONNX graph checked against docs/model-folder.md and
+ * turned into an execution plan (one step per executed node, weights bound,
+ * activation buffers assigned to reusable slots). */
+#ifndef EDGEACT_MODEL_H
+#define EDGEACT_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../include/edgeact.h"
+#include "error.h"
+#include "kernels/kernels.h"
+#include "onnx.h"
+
+typedef enum {
+    V_ACT,       /* activation [S, width] float32 (dtype records an fp16 origin) */
+    V_CONST,     /* initializer (or Cast of an fp16 initializer) */
+    V_IDS,       /* input_ids */
+    V_POSINFO,   /* seqlens_k / total_sequence_length: positions come from the session */
+    V_PAST,      /* past_key_values.*: the session's KV cache */
+    V_PRESENT    /* present.*: written into the KV cache by GroupQueryAttention */
+} value_kind;
+
+typedef struct value {
+    const char *name;  /* borrowed from the onnx model */
+    value_kind kind;
+    int dtype;         /* ONNX dtype of the data as held (activations: always float32 storage) */
+    int width;         /* activations: floats per token */
+    int producer;      /* plan step index, -1 for inputs/initializers */
+    int last_use;      /* last plan step reading it */
+    int slot;          /* activation buffer slot */
+    int is_graph_output;
+    int hidden_layer;  /* i for hidden.{i}, else -1 */
+    onnx_tensor *tensor; /* V_CONST */
+    int cast_f16;      /* V_CONST: Cast(to=FLOAT) of an fp16 tensor (the matmul reads fp16) */
+} value;
+
+typedef enum {
+    OP_GATHER, OP_CAST, OP_RMSNORM, OP_MATMUL, OP_QMATMUL, OP_GQA, OP_ADD, OP_ADD_BIAS,
+    OP_MUL, OP_SIGMOID, OP_SILU_MUL, OP_STEER, OP_NOP
+} op_kind;
+
+typedef struct step {
+    op_kind op;
+    int node;             /* index into onnx nodes (the last one for fused steps) */
+    const char *name, *op_type;
+    int in[3], out;       /* value indexes (-1 unused) */
+    int inplace;          /* out shares in[0]'s slot */
+    uint64_t weight_bytes;
+    /* Gather */
+    const void *table;
+    int table_f16, vocab;
+    /* RMSNorm / bias */
+    const float *w;
+    float eps;
+    /* MatMul / MatMulNBits */
+    int K, N;
+    const float *Wf;
+    const uint16_t *Wh;
+    ea_qweight qw;
+    int qw_ready;
+    /* GQA */
+    int layer;            /* GQA: cache index; Steer: steering layer */
+    int H, KVH, D, rotary;
+    float scale;
+    const float *cos, *sin;
+    int max_pos;
+    /* Steer defaults (initializers), used when the session sets nothing */
+    const float *def_add, *def_ablate;
+    int def_R, def_add_zero, def_ablate_zero;
+} step;
+
+struct ea_model {
+    onnx_model onnx;
+    void *map;            /* model.onnx bytes (mmap or owned copy) */
+    size_t map_len;
+    int map_owned;        /* 1: malloc'd copy, 0: mmap */
+    struct ext_map *ext;  /* external data files, mapped once each */
+    int n_ext;
+    ea_isa isa;
+    int n_values, n_steps, n_slots;
+    value *values;
+    step *steps;
+    int *slot_width;
+    int ids_value, logits_value, logits_step;
+    int n_gqa, n_steer, n_hidden;
+    int hidden, vocab, max_context, n_heads, n_kv_heads, head_dim;
+    int max_act_width, max_q_width, max_kv_width;
+    uint64_t bytes_mapped, bytes_copied, bytes_repacked;
+    int n_op_types;
+    const char *op_types[32];
+    int op_counts[32];
+};
+
+/* err receives the message; returns an EA_ERR_* code. */
+int ea_model_build(ea_model *m, const char *dir, ea_err *err);
+void ea_model_destroy(ea_model *m);
+
+#endif

@@ -1,0 +1,290 @@
+/* The executor: runs the plan over chunks of new tokens with the KV cache,
+ * steering, hidden-state capture and the profiler living in the session.
+ * All buffers are sized at session creation, so decoding does not allocate. */
+#define _GNU_SOURCE
+#include "session.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+int ea_physical_cores(void) {
+    /* distinct (package, core) pairs; SMT siblings share a core and its SIMD units */
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    if (online < 1) online = 1;
+    int seen[1024][2], n = 0;
+    for (long c = 0; c < online && c < 1024; c++) {
+        char path[128];
+        int ids[2] = {-1, -1};
+        const char *names[2] = {"physical_package_id", "core_id"};
+        for (int k = 0; k < 2; k++) {
+            snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%ld/topology/%s", c, names[k]);
+            FILE *f = fopen(path, "r");
+            if (!f) return (int)online;
+            if (fscanf(f, "%d", &ids[k]) != 1) ids[k] = -1;
+            fclose(f);
+        }
+        int dup = 0;
+        for (int i = 0; i < n && !dup; i++) dup = seen[i][0] == ids[0] && seen[i][1] == ids[1];
+        if (!dup) {
+            seen[n][0] = ids[0];
+            seen[n][1] = ids[1];
+            n++;
+        }
+    }
+    return n > 0 ? n : (int)online;
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void steer_rows(const ea_session *ss, const step *st, float *h, int S, int width) {
+    const float *add = ss->steer_add[st->layer], *abl = ss->steer_ablate[st->layer];
+    int R = ss->steer_R[st->layer];
+    if (!add && !st->def_add_zero) add = st->def_add;
+    if (!abl && !st->def_ablate_zero) abl = st->def_ablate, R = st->def_R;
+    for (int s = 0; s < S; s++) {
+        float *x = h + (size_t)s * width;
+        if (abl) { /* y = h - (h A^T) A: coefficients from the unmodified row */
+            for (int r = 0; r < R; r++) {
+                const float *a = abl + (size_t)r * width;
+                float c = 0.0f;
+                for (int k = 0; k < width; k++) c += x[k] * a[k];
+                ss->coef[r] = c;
+            }
+            for (int r = 0; r < R; r++) {
+                const float *a = abl + (size_t)r * width;
+                const float c = ss->coef[r];
+                for (int k = 0; k < width; k++) x[k] -= c * a[k];
+            }
+        }
+        if (add)
+            for (int k = 0; k < width; k++) x[k] += add[k];
+    }
+}
+
+/* Runs S tokens at positions pos0.. ; logits rows go to `logits` (all rows, or the last one
+ * when last_only; NULL skips the logits step). Returns an EA_ERR_* code. */
+static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *logits, int last_only, ea_err *err) {
+    ea_model *m = ss->m;
+    ea_kctx *ctx = &ss->kctx;
+    for (int e = 0; e < ss->n_exec; e++) {
+        const int si = ss->exec_steps[e];
+        const step *st = &m->steps[si];
+        if (si == m->logits_step && !logits) continue;
+        uint64_t t0 = 0;
+        if (__builtin_expect(ss->profile, 0)) t0 = now_ns();
+        const value *ov = st->out >= 0 ? &m->values[st->out] : NULL;
+        float *y = ov && ov->kind == V_ACT ? ss->slots[ov->slot] : NULL;
+        const float *a = st->in[0] >= 0 && m->values[st->in[0]].kind == V_ACT ? ss->slots[m->values[st->in[0]].slot] : NULL;
+        const float *bb = st->in[1] >= 0 && m->values[st->in[1]].kind == V_ACT ? ss->slots[m->values[st->in[1]].slot] : NULL;
+        const int w = ov ? ov->width : 0;
+        const size_t n = (size_t)S * (size_t)w;
+        int rows = S;
+        uint64_t bytes = st->weight_bytes;
+        int rc = EA_KOK;
+        switch (st->op) {
+        case OP_GATHER:
+            rc = st->table_f16 ? ea_embed_f16(ctx, st->table, st->vocab, st->N, ss->ids, S, y)
+                               : ea_embed_f32(ctx, st->table, st->vocab, st->N, ss->ids, S, y);
+            bytes = (uint64_t)S * st->N * (st->table_f16 ? 2 : 4);
+            break;
+        case OP_CAST:
+            if (!st->inplace) memcpy(y, a, n * sizeof(float));
+            break;
+        case OP_RMSNORM: ea_rmsnorm(ctx, a, st->w, S, w, st->eps, y); break;
+        case OP_MATMUL:
+        case OP_QMATMUL:
+            if (si == m->logits_step && last_only) { /* decode needs one row of the vocabulary projection */
+                a += (size_t)(S - 1) * st->K;
+                rows = 1;
+            }
+            rc = st->op == OP_QMATMUL ? ea_qmatmul(ctx, &st->qw, a, rows, y)
+                 : st->Wh ? ea_matmul_f16(ctx, a, rows, st->K, st->Wh, st->N, y)
+                          : ea_matmul_f32(ctx, a, rows, st->K, st->Wf, st->N, y);
+            break;
+        case OP_GQA: {
+            const float *k = ss->slots[m->values[st->in[1]].slot], *v = ss->slots[m->values[st->in[2]].slot];
+            const int qw = st->H * st->D, kw = st->KVH * st->D;
+            float *kc = ss->k_cache[st->layer], *vc = ss->v_cache[st->layer];
+            memcpy(ss->qbuf, a, sizeof(float) * (size_t)S * qw);
+            memcpy(ss->kbuf, k, sizeof(float) * (size_t)S * kw);
+            if (st->rotary) {
+                rc = ea_rope(ctx, ss->qbuf, S, st->H, st->D, st->cos, st->sin, st->max_pos, pos0);
+                if (!rc) rc = ea_rope(ctx, ss->kbuf, S, st->KVH, st->D, st->cos, st->sin, st->max_pos, pos0);
+            }
+            if (rc) break;
+            for (int s = 0; s < S; s++)
+                for (int h = 0; h < st->KVH; h++) {
+                    size_t dst = ((size_t)h * ss->n_ctx + (size_t)(pos0 + s)) * st->D;
+                    memcpy(kc + dst, ss->kbuf + (size_t)s * kw + (size_t)h * st->D, sizeof(float) * st->D);
+                    memcpy(vc + dst, v + (size_t)s * kw + (size_t)h * st->D, sizeof(float) * st->D);
+                }
+            rc = ea_attention(ctx, ss->qbuf, S, st->H, st->D, kc, vc, st->KVH, ss->n_ctx, pos0, st->scale, y);
+            bytes = (uint64_t)(pos0 + S) * kw * 2 * sizeof(float);
+            break;
+        }
+        case OP_ADD: ea_add(ctx, a, bb, n, y); break;
+        case OP_ADD_BIAS:
+            for (int s = 0; s < S; s++)
+                for (int k = 0; k < w; k++) y[(size_t)s * w + k] = a[(size_t)s * w + k] + st->w[k];
+            break;
+        case OP_MUL:
+            for (size_t i = 0; i < n; i++) y[i] = a[i] * bb[i];
+            break;
+        case OP_SIGMOID:
+            for (size_t i = 0; i < n; i++) y[i] = 1.0f / (1.0f + expf(-a[i]));
+            break;
+        case OP_SILU_MUL: ea_silu_mul(ctx, a, bb, n, y); break;
+        case OP_STEER:
+            if (!st->inplace) memcpy(y, a, n * sizeof(float));
+            if (ss->steer_add[st->layer] || ss->steer_ablate[st->layer] || !st->def_add_zero || !st->def_ablate_zero)
+                steer_rows(ss, st, y, S, w);
+            break;
+        case OP_NOP: break;
+        }
+        if (rc) {
+            ea_fail(err, "node '%s' (%s): kernel error: %s", st->name, st->op_type, ea_kernels_strerror(rc));
+            return EA_ERR_KERNEL;
+        }
+        if (ov && ov->hidden_layer >= 0 && ss->capture && ov->hidden_layer < m->n_hidden)
+            memcpy(ss->hidden_buf + ((size_t)ov->hidden_layer * ss->hidden_tokens + tok_offset) * w, y,
+                   n * sizeof(float));
+        if (si == m->logits_step) {
+            if (last_only) memcpy(logits, y + (size_t)(rows - 1) * w, sizeof(float) * w);
+            else memcpy(logits, y, sizeof(float) * n);
+        }
+        if (__builtin_expect(ss->profile, 0)) {
+            ss->prof_ns[e] += now_ns() - t0;
+            ss->prof_calls[e]++;
+            ss->prof_bytes[e] += bytes;
+        }
+    }
+    return EA_OK;
+}
+
+int ea_session_run(ea_session *ss, const int64_t *ids, int n, float *logits, int all_logits, ea_err *err) {
+    ea_model *m = ss->m;
+    if (n <= 0) return ea_fail(err, "forward needs at least one token (got %d)", n), EA_ERR_ARG;
+    if (!ids || !logits) return ea_fail(err, "forward: ids and logits must not be NULL"), EA_ERR_ARG;
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= m->vocab)
+            return ea_fail(err, "token id %lld at position %d is outside the vocabulary [0, %d)", (long long)ids[i], i,
+                           m->vocab), EA_ERR_ARG;
+    if (n > ss->n_ctx - ss->n_past)
+        return ea_fail(err, "context overflow: %d cached + %d new tokens exceed the session's n_ctx %d "
+                            "(reset the session or create it with a larger n_ctx, max %d)",
+                       ss->n_past, n, ss->n_ctx, m->max_context), EA_ERR_CONTEXT;
+    if (ss->capture && m->n_hidden) {
+        size_t need = (size_t)m->n_hidden * (size_t)n * (size_t)m->hidden;
+        if (need > ss->hidden_cap) {
+            float *p = realloc(ss->hidden_buf, need * sizeof(float));
+            if (!p) return ea_fail(err, "out of memory for %d tokens of hidden-state capture", n), EA_ERR_NOMEM;
+            ss->hidden_buf = p;
+            ss->hidden_cap = need;
+        }
+        ss->hidden_tokens = n;
+    }
+    const int start = ss->n_past;
+    for (int c = 0; c < n; c += ss->max_chunk) {
+        const int S = n - c < ss->max_chunk ? n - c : ss->max_chunk;
+        const int last = c + S == n;
+        memcpy(ss->ids, ids + c, sizeof(int64_t) * S);
+        float *out = all_logits ? logits + (size_t)c * m->vocab : last ? logits : NULL;
+        int rc = run_chunk(ss, S, ss->n_past, c, out, !all_logits, err);
+        if (rc) {
+            ss->n_past = start; /* the cache rows past `start` are simply overwritten next time */
+            return rc;
+        }
+        ss->n_past += S;
+    }
+    return EA_OK;
+}
+
+void ea_session_destroy(ea_session *ss) {
+    ea_model *m = ss->m;
+    if (ss->slots)
+        for (int i = 0; i < m->n_slots; i++) free(ss->slots[i]);
+    if (ss->k_cache)
+        for (int i = 0; i < m->n_gqa; i++) free(ss->k_cache[i]), free(ss->v_cache[i]);
+    if (ss->steer_add)
+        for (int i = 0; i < m->n_steer; i++) free(ss->steer_add[i]), free(ss->steer_ablate[i]);
+    free(ss->slots);
+    free(ss->k_cache);
+    free(ss->v_cache);
+    free(ss->steer_add);
+    free(ss->steer_ablate);
+    free(ss->steer_R);
+    free(ss->coef);
+    free(ss->ids);
+    free(ss->qbuf);
+    free(ss->kbuf);
+    free(ss->hidden_buf);
+    free(ss->exec_steps);
+    free(ss->prof_ns);
+    free(ss->prof_calls);
+    free(ss->prof_bytes);
+    ea_kctx_release(&ss->kctx);
+    if (ss->pool) ea_pool_destroy(ss->pool);
+    free(ss);
+}
+
+int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int max_chunk, ea_err *err) {
+    ss->m = m;
+    ss->n_threads = n_threads > 0 ? n_threads : ea_physical_cores();
+    ss->n_ctx = n_ctx > 0 ? n_ctx : (m->max_context < 4096 ? m->max_context : 4096);
+    ss->max_chunk = max_chunk > 0 ? max_chunk : 64;
+    if (ss->n_threads > 256) return ea_fail(err, "n_threads %d is too large", n_threads), EA_ERR_ARG;
+    if (ss->n_ctx > m->max_context)
+        return ea_fail(err, "n_ctx %d exceeds the model's max_context %d", ss->n_ctx, m->max_context), EA_ERR_ARG;
+    if (ss->max_chunk > 4096) return ea_fail(err, "max_chunk %d is too large (at most 4096)", max_chunk), EA_ERR_ARG;
+    if (ss->max_chunk > ss->n_ctx) ss->max_chunk = ss->n_ctx;
+    if (ss->n_threads > 1) {
+        ss->pool = ea_pool_create(ss->n_threads);
+        if (!ss->pool) return ea_fail(err, "cannot start %d threads", ss->n_threads), EA_ERR_NOMEM;
+    }
+    int rc = ea_kctx_init(&ss->kctx, m->isa, ss->pool);
+    if (rc) return ea_fail(err, "kernel context: %s", ea_kernels_strerror(rc)), EA_ERR_KERNEL;
+    const size_t C = (size_t)ss->max_chunk;
+    ss->slots = calloc((size_t)m->n_slots + 1, sizeof(float *));
+    ss->k_cache = calloc((size_t)m->n_gqa, sizeof(float *));
+    ss->v_cache = calloc((size_t)m->n_gqa, sizeof(float *));
+    ss->steer_add = calloc((size_t)m->n_steer + 1, sizeof(float *));
+    ss->steer_ablate = calloc((size_t)m->n_steer + 1, sizeof(float *));
+    ss->steer_R = calloc((size_t)m->n_steer + 1, sizeof(int));
+    ss->ids = malloc(sizeof(int64_t) * C);
+    ss->qbuf = malloc(sizeof(float) * C * (size_t)m->max_q_width);
+    ss->kbuf = malloc(sizeof(float) * C * (size_t)m->max_kv_width);
+    ss->exec_steps = malloc(sizeof(int) * (size_t)(m->n_steps + 1));
+    ss->prof_ns = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
+    ss->prof_calls = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
+    ss->prof_bytes = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
+    int max_R = 1;
+    for (int s = 0; s < m->n_steps; s++)
+        if (m->steps[s].op == OP_STEER && m->steps[s].def_R > max_R) max_R = m->steps[s].def_R;
+    ss->coef = malloc(sizeof(float) * (size_t)(max_R > m->hidden ? max_R : m->hidden + 1));
+    if (!ss->slots || !ss->k_cache || !ss->v_cache || !ss->steer_add || !ss->steer_ablate || !ss->steer_R ||
+        !ss->ids || !ss->qbuf || !ss->kbuf || !ss->exec_steps || !ss->prof_ns || !ss->prof_calls || !ss->prof_bytes ||
+        !ss->coef)
+        return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
+    for (int i = 0; i < m->n_slots; i++)
+        if (!(ss->slots[i] = malloc(sizeof(float) * C * (size_t)m->slot_width[i])))
+            return ea_fail(err, "out of memory for activation buffers"), EA_ERR_NOMEM;
+    for (int s = 0; s < m->n_steps; s++) {
+        const step *st = &m->steps[s];
+        if (st->op != OP_NOP) ss->exec_steps[ss->n_exec++] = s;
+        if (st->op != OP_GQA) continue;
+        size_t kvn = (size_t)st->KVH * (size_t)ss->n_ctx * (size_t)st->D;
+        ss->k_cache[st->layer] = calloc(kvn, sizeof(float));
+        ss->v_cache[st->layer] = calloc(kvn, sizeof(float));
+        if (!ss->k_cache[st->layer] || !ss->v_cache[st->layer])
+            return ea_fail(err, "out of memory for the KV cache (n_ctx %d)", ss->n_ctx), EA_ERR_NOMEM;
+    }
+    return EA_OK;
+}

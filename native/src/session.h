@@ -1,0 +1,29 @@
+#ifndef EDGEACT_SESSION_H
+#define EDGEACT_SESSION_H
+
+#include "model.h"
+
+struct ea_session {
+    ea_model *m;
+    ea_pool *pool;
+    ea_kctx kctx;
+    int n_threads, n_ctx, max_chunk, n_past;
+    float **slots;          /* [n_slots][max_chunk * slot_width] */
+    int64_t *ids;           /* one chunk of token ids */
+    float *qbuf, *kbuf;     /* rotated queries / keys of one chunk */
+    float **k_cache, **v_cache; /* per GQA node: [kv_heads, n_ctx, head_dim] */
+    float **steer_add, **steer_ablate; /* per steering layer, NULL when unset */
+    int *steer_R;
+    float *coef;            /* ablation coefficients of one row */
+    int capture, hidden_tokens;
+    float *hidden_buf;      /* [n_hidden, hidden_tokens, hidden] */
+    size_t hidden_cap;
+    int profile;
+    int *exec_steps;        /* the plan steps that run, in order */
+    int n_exec;
+    uint64_t *prof_ns, *prof_calls, *prof_bytes; /* per exec step */
+};
+
+int ea_physical_cores(void);
+
+#endif

@@ -1,0 +1,163 @@
+/* model.onnx and its external data mapped into memory, and every initializer's
+ * payload located, size-checked and (only when misaligned) copied. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "model.h"
+#include "weights.h"
+
+struct ext_map {
+    char *location;
+    void *p;
+    size_t n;
+};
+
+int ea_map_file(const char *path, void **p, size_t *n, ea_err *err) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return ea_fail(err, "cannot open %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return ea_fail(err, "%s is not a regular file", path);
+    }
+    *n = (size_t)st.st_size;
+    if (*n == 0) {
+        close(fd);
+        *p = NULL;
+        return 0;
+    }
+    *p = mmap(NULL, *n, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (*p == MAP_FAILED) {
+        *p = NULL;
+        return ea_fail(err, "cannot map %s: %s", path, strerror(errno));
+    }
+    return 0;
+}
+
+/* location must name a file inside dir: relative, no "..", and after resolving
+ * symlinks still under dir. */
+static int open_external(ea_model *m, const char *dir, const onnx_tensor *t, struct ext_map **out, ea_err *err) {
+    const char *loc = t->location;
+    for (int i = 0; i < m->n_ext; i++)
+        if (!strcmp(m->ext[i].location, loc)) {
+            *out = &m->ext[i];
+            return 0;
+        }
+    if (!dir) return ea_fail(err, "initializer '%s': external data '%s' but the model was not loaded from a folder",
+                             t->name, loc);
+    if (!*loc || loc[0] == '/' || strchr(loc, '\\'))
+        return ea_fail(err, "initializer '%s': external data location '%s' must be a relative path inside the model folder",
+                       t->name, loc);
+    for (const char *s = loc; *s;) {
+        const char *e = strchr(s, '/');
+        size_t len = e ? (size_t)(e - s) : strlen(s);
+        if (len == 2 && s[0] == '.' && s[1] == '.')
+            return ea_fail(err, "initializer '%s': external data location '%s' leaves the model folder", t->name, loc);
+        s += len + (e ? 1 : 0);
+    }
+    char path[PATH_MAX], real_dir[PATH_MAX], real_file[PATH_MAX];
+    if ((size_t)snprintf(path, sizeof path, "%s/%s", dir, loc) >= sizeof path)
+        return ea_fail(err, "initializer '%s': external data path too long", t->name);
+    if (!realpath(dir, real_dir)) return ea_fail(err, "cannot resolve model folder %s: %s", dir, strerror(errno));
+    if (!realpath(path, real_file))
+        return ea_fail(err, "initializer '%s': external data file '%s' not found in the model folder", t->name, loc);
+    size_t dl = strlen(real_dir);
+    if (strncmp(real_file, real_dir, dl) || real_file[dl] != '/')
+        return ea_fail(err, "initializer '%s': external data '%s' resolves outside the model folder", t->name, loc);
+    struct ext_map *e = realloc(m->ext, sizeof *m->ext * (size_t)(m->n_ext + 1));
+    if (!e) return ea_fail(err, "out of memory");
+    m->ext = e;
+    struct ext_map *x = &m->ext[m->n_ext];
+    memset(x, 0, sizeof *x);
+    if (ea_map_file(real_file, &x->p, &x->n, err)) return -1;
+    x->location = strdup(loc);
+    if (!x->location) {
+        if (x->p) munmap(x->p, x->n);
+        return ea_fail(err, "out of memory");
+    }
+    m->n_ext++;
+    *out = x;
+    return 0;
+}
+
+void ea_unmap_external(ea_model *m) {
+    for (int i = 0; i < m->n_ext; i++) {
+        if (m->ext[i].p) munmap(m->ext[i].p, m->ext[i].n);
+        free(m->ext[i].location);
+    }
+    free(m->ext);
+    m->ext = NULL;
+    m->n_ext = 0;
+}
+
+int ea_tensor_numel(const onnx_tensor *t, uint64_t *numel, ea_err *err) {
+    uint64_t n = 1;
+    for (int i = 0; i < t->ndim; i++) {
+        if (t->dims[i] < 0 || t->dims[i] > (int64_t)1 << 40)
+            return ea_fail(err, "initializer '%s': dimension %d is %lld (out of range)", t->name, i,
+                           (long long)t->dims[i]);
+        if (t->dims[i] && n > ((uint64_t)1 << 48) / (uint64_t)t->dims[i])
+            return ea_fail(err, "initializer '%s': too many elements", t->name);
+        n *= (uint64_t)t->dims[i];
+    }
+    *numel = n;
+    return 0;
+}
+
+int ea_resolve_tensors(ea_model *m, const char *dir, ea_err *err) {
+    for (int i = 0; i < m->onnx.n_inits; i++) {
+        onnx_tensor *t = &m->onnx.inits[i];
+        size_t es = onnx_dtype_size(t->dtype);
+        if (!es)
+            return ea_fail(err, "initializer '%s': data type %d (%s) is not supported by the native runtime", t->name,
+                           t->dtype, onnx_dtype_name(t->dtype));
+        uint64_t numel;
+        if (ea_tensor_numel(t, &numel, err)) return -1;
+        uint64_t want = numel * es;
+        if (t->external) {
+            if (!t->location) return ea_fail(err, "initializer '%s': external data without a location", t->name);
+            struct ext_map *x;
+            if (open_external(m, dir, t, &x, err)) return -1;
+            uint64_t off = t->ext_offset < 0 ? 0 : (uint64_t)t->ext_offset;
+            uint64_t len = t->ext_length < 0 ? want : (uint64_t)t->ext_length;
+            if (len != want)
+                return ea_fail(err, "initializer '%s': external data length %llu does not match its dims x dtype (%llu bytes)",
+                               t->name, (unsigned long long)len, (unsigned long long)want);
+            if (off > x->n || len > x->n - off)
+                return ea_fail(err, "initializer '%s': external data offset %llu + length %llu exceeds '%s' (%zu bytes)",
+                               t->name, (unsigned long long)off, (unsigned long long)len, t->location, x->n);
+            t->data = (const uint8_t *)x->p + off;
+            t->nbytes = (size_t)len;
+        } else {
+            if (!t->has_data) {
+                if (t->unsupported_field)
+                    return ea_fail(err, "initializer '%s': data stored in %s is not supported (write raw_data)", t->name,
+                                   t->unsupported_field);
+                if (want) return ea_fail(err, "initializer '%s': no data", t->name);
+            }
+            if ((uint64_t)t->nbytes != want)
+                return ea_fail(err, "initializer '%s': %zu data bytes but dims x dtype need %llu", t->name, t->nbytes,
+                               (unsigned long long)want);
+        }
+        if (want && ((uintptr_t)t->data % es)) { /* raw_data sits anywhere in the protobuf */
+            void *copy = malloc((size_t)want);
+            if (!copy) return ea_fail(err, "out of memory copying initializer '%s'", t->name);
+            memcpy(copy, t->data, (size_t)want);
+            t->owned = copy;
+            t->data = copy;
+            m->bytes_copied += want;
+        } else {
+            m->bytes_mapped += want;
+        }
+    }
+    return 0;
+}

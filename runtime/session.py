@@ -1,0 +1,240 @@
+"""NativeModel / NativeSession: numpy over the C API in native/include/edgeact.h.
+
+Arrays cross the boundary through ffi.from_buffer (no copies when the caller's
+array is already C-contiguous with the right dtype).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ._native import ffi, lib
+
+# Error codes of edgeact.h
+_ERR_IO, _ERR_FORMAT, _ERR_ARG, _ERR_CONTEXT, _ERR_NOMEM, _ERR_KERNEL, _ERR_STATE = -1, -2, -3, -4, -5, -6, -7
+
+
+class NativeError(RuntimeError):
+    """A failure inside the native runtime (kernel, memory, state)."""
+
+
+class ModelFormatError(ValueError):
+    """model.onnx is malformed or uses something the native runtime does not execute."""
+
+
+class ContextOverflowError(ValueError):
+    """The tokens do not fit in the session's n_ctx."""
+
+
+def _check(rc: int) -> None:
+    if rc == 0:
+        return
+    msg = ffi.string(lib.ea_last_error()).decode("utf-8", "replace")
+    if rc == _ERR_IO:
+        raise FileNotFoundError(msg)
+    if rc == _ERR_FORMAT:
+        raise ModelFormatError(msg)
+    if rc == _ERR_ARG:
+        raise ValueError(msg)
+    if rc == _ERR_CONTEXT:
+        raise ContextOverflowError(msg)
+    if rc == _ERR_NOMEM:
+        raise MemoryError(msg)
+    raise NativeError(msg)
+
+
+def _f32(a, shape_tail: int | None = None) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if shape_tail is not None and (a.ndim == 0 or a.shape[-1] != shape_tail):
+        raise ValueError(f"expected a last dimension of {shape_tail}, got shape {a.shape}")
+    return a
+
+
+class NativeModel:
+    """A model folder loaded by the C runtime (immutable; sessions share it)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not (self.folder / "model.onnx").is_file():
+            raise FileNotFoundError(f"{self.folder} has no model.onnx")
+        out = ffi.new("ea_model **")
+        _check(lib.ea_model_load(os.fsencode(self.folder), out))
+        self._ptr = ffi.gc(out[0], lib.ea_model_free)
+        info = ffi.new("ea_model_info *")
+        _check(lib.ea_model_get_info(self._ptr, info))
+        self.n_layers, self.hidden, self.vocab = info.n_layers, info.hidden, info.vocab
+        self.max_context = info.max_context
+        self.n_heads, self.n_kv_heads, self.head_dim = info.n_heads, info.n_kv_heads, info.head_dim
+        self.n_nodes, self.n_steer_layers = info.n_nodes, info.n_steer_layers
+        self.isa = ffi.string(info.isa).decode()
+        self.weight_bytes = {"mapped": int(info.weight_bytes_mapped), "copied": int(info.weight_bytes_copied),
+                             "repacked": int(info.weight_bytes_repacked)}
+
+    @classmethod
+    def from_bytes(cls, data: bytes, folder: str | os.PathLike | None = None) -> "NativeModel":
+        """Load from an in-memory model.onnx (external data, if any, resolved in `folder`)."""
+        self = cls.__new__(cls)
+        self.folder = Path(folder) if folder else None
+        out = ffi.new("ea_model **")
+        _check(lib.ea_model_load_buffer(data, len(data), os.fsencode(folder) if folder else ffi.NULL, out))
+        self._ptr = ffi.gc(out[0], lib.ea_model_free)
+        info = ffi.new("ea_model_info *")
+        _check(lib.ea_model_get_info(self._ptr, info))
+        self.n_layers, self.hidden, self.vocab = info.n_layers, info.hidden, info.vocab
+        self.max_context = info.max_context
+        self.n_heads, self.n_kv_heads, self.head_dim = info.n_heads, info.n_kv_heads, info.head_dim
+        self.n_nodes, self.n_steer_layers = info.n_nodes, info.n_steer_layers
+        self.isa = ffi.string(info.isa).decode()
+        self.weight_bytes = {"mapped": int(info.weight_bytes_mapped), "copied": int(info.weight_bytes_copied),
+                             "repacked": int(info.weight_bytes_repacked)}
+        return self
+
+    def op_counts(self) -> dict[str, int]:
+        name, count = ffi.new("const char **"), ffi.new("int *")
+        out = {}
+        for i in range(lib.ea_model_n_op_types(self._ptr)):
+            _check(lib.ea_model_op_type(self._ptr, i, name, count))
+            out[ffi.string(name[0]).decode()] = count[0]
+        return out
+
+    def session(self, threads: int = 0, n_ctx: int = 0, max_chunk: int = 0) -> "NativeSession":
+        return NativeSession(self, threads=threads, n_ctx=n_ctx, max_chunk=max_chunk)
+
+
+class NativeSession:
+    """One decoding stream: KV cache, steering, capture and profiler state."""
+
+    def __init__(self, model: NativeModel, threads: int = 0, n_ctx: int = 0, max_chunk: int = 0):
+        self.model = model   # keeps the model alive while the session exists
+        out = ffi.new("ea_session **")
+        _check(lib.ea_session_create(model._ptr, int(threads), int(n_ctx), int(max_chunk), out))
+        self._ptr = ffi.gc(out[0], lib.ea_session_free)
+        self.n_ctx = lib.ea_session_n_ctx(self._ptr)
+        self.threads = lib.ea_session_n_threads(self._ptr)
+
+    @property
+    def n_past(self) -> int:
+        return lib.ea_session_n_past(self._ptr)
+
+    def reset(self) -> None:
+        _check(lib.ea_session_reset(self._ptr))
+
+    def forward(self, ids, all_logits: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+        """Append tokens; return logits [n, vocab] (all_logits) or [vocab] for the last token."""
+        ids = np.ascontiguousarray(np.asarray(ids).reshape(-1), dtype=np.int64)
+        n = ids.shape[0]
+        shape = (n, self.model.vocab) if all_logits else (self.model.vocab,)
+        if out is None:
+            out = np.empty(shape, np.float32)
+        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
+        _check(lib.ea_session_forward(self._ptr, ffi.from_buffer("int64_t[]", ids), n,
+                                      ffi.from_buffer("float[]", out), int(bool(all_logits))))
+        return out
+
+    # --- steering ---------------------------------------------------------------------------
+    def set_steering(self, layer: int, add=None, ablate=None) -> None:
+        """After layer `layer`: h <- h - (h A^T) A + add; add [hidden], ablate [R, hidden] (or [hidden])."""
+        add_p = ablate_p = ffi.NULL
+        R = 0
+        if add is not None:
+            add = _f32(add, self.model.hidden).reshape(-1)
+            if add.shape[0] != self.model.hidden:
+                raise ValueError(f"steering add must have {self.model.hidden} values, got {add.shape}")
+            add_p = ffi.from_buffer("float[]", add)
+        if ablate is not None:
+            ablate = _f32(ablate, self.model.hidden).reshape(-1, self.model.hidden)
+            R = ablate.shape[0]
+            ablate_p = ffi.from_buffer("float[]", ablate)
+        _check(lib.ea_session_set_steering(self._ptr, int(layer), add_p, ablate_p, R))
+
+    def clear_steering(self, layer: int | None = None) -> None:
+        _check(lib.ea_session_clear_steering(self._ptr, -1 if layer is None else int(layer)))
+
+    # --- hidden-state capture ---------------------------------------------------------------
+    def capture_hidden(self, on: bool = True) -> None:
+        _check(lib.ea_session_capture_hidden(self._ptr, int(bool(on))))
+
+    def hidden_states(self) -> np.ndarray:
+        """hidden.{i} of every token of the last forward: [n_layers, tokens, hidden]."""
+        t = lib.ea_session_hidden_tokens(self._ptr)
+        out = np.empty((self.model.n_steer_layers or self.model.n_layers, t, self.model.hidden), np.float32)
+        _check(lib.ea_session_get_hidden(self._ptr, ffi.from_buffer("float[]", out), out.size))
+        return out
+
+    # --- profiler ---------------------------------------------------------------------------
+    def profile(self, on: bool = True) -> None:
+        _check(lib.ea_session_profile(self._ptr, int(bool(on))))
+
+    def profile_reset(self) -> None:
+        _check(lib.ea_session_profile_reset(self._ptr))
+
+    def profile_records(self) -> list[dict]:
+        rec = ffi.new("ea_profile_record *")
+        out = []
+        for i in range(lib.ea_session_profile_count(self._ptr)):
+            _check(lib.ea_session_profile_get(self._ptr, i, rec))
+            out.append({"name": ffi.string(rec.name).decode(), "op_type": ffi.string(rec.op_type).decode(),
+                        "calls": int(rec.calls), "ns": int(rec.ns), "weight_bytes": int(rec.weight_bytes)})
+        return out
+
+
+def profile_by_op(records: list[dict]) -> dict[str, dict]:
+    """Per-op-type totals of profile_records()."""
+    agg: dict[str, dict] = {}
+    for r in records:
+        a = agg.setdefault(r["op_type"], {"nodes": 0, "calls": 0, "ns": 0, "weight_bytes": 0})
+        a["nodes"] += 1
+        for k in ("calls", "ns", "weight_bytes"):
+            a[k] += r[k]
+    return agg
+
+
+def format_profile(records: list[dict]) -> str:
+    """The per-op-type table the CLI prints."""
+    agg = profile_by_op(records)
+    total = sum(a["ns"] for a in agg.values()) or 1
+    lines = [f"{'op':<22}{'nodes':>7}{'calls':>9}{'ms':>11}{'%':>7}{'GB/s':>8}"]
+    for op, a in sorted(agg.items(), key=lambda kv: -kv[1]["ns"]):
+        gbs = a["weight_bytes"] / a["ns"] if a["ns"] else 0.0
+        lines.append(f"{op:<22}{a['nodes']:>7}{a['calls']:>9}{a['ns'] / 1e6:>11.3f}{100 * a['ns'] / total:>7.1f}{gbs:>8.2f}")
+    return "\n".join(lines)
+
+
+class QMatMul:
+    """Our int4/int8 MatMulNBits kernel on given arrays, for benchmarks: y = x @ W^T."""
+
+    def __init__(self, K: int, N: int, bits: int, block_size: int, B, scales, zero_points=None, threads: int = 0):
+        self.K, self.N = int(K), int(N)
+        B = np.ascontiguousarray(B, dtype=np.uint8)
+        scales = np.ascontiguousarray(scales, dtype=np.float32)
+        nb = -(-self.K // block_size)
+        if B.size != self.N * nb * block_size * bits // 8 or scales.size != self.N * nb:
+            raise ValueError(f"B ({B.size} bytes) / scales ({scales.size}) do not match K={K}, N={N}, "
+                             f"bits={bits}, block_size={block_size}")
+        zp = ffi.NULL
+        if zero_points is not None:
+            zero_points = np.ascontiguousarray(zero_points, dtype=np.uint8)
+            want = self.N * ((nb + 1) // 2) if bits == 4 else self.N * nb
+            if zero_points.size != want:
+                raise ValueError(f"zero_points has {zero_points.size} bytes, expected {want}")
+            zp = ffi.from_buffer("uint8_t[]", zero_points)
+        out = ffi.new("ea_bench_qmatmul **")
+        _check(lib.ea_bench_qmatmul_create(self.K, self.N, int(bits), int(block_size), ffi.from_buffer("uint8_t[]", B),
+                                           ffi.from_buffer("float[]", scales), zp, int(threads), out))
+        self._ptr = ffi.gc(out[0], lib.ea_bench_qmatmul_free)
+
+    def __call__(self, x, out: np.ndarray | None = None) -> np.ndarray:
+        x = _f32(x, self.K).reshape(-1, self.K)
+        if out is None:
+            out = np.empty((x.shape[0], self.N), np.float32)
+        _check(lib.ea_bench_qmatmul_run(self._ptr, ffi.from_buffer("float[]", x), x.shape[0],
+                                        ffi.from_buffer("float[]", out)))
+        return out
+
+
+def measure_read_bandwidth(threads: int = 0, nbytes: int = 1 << 30, reps: int = 3) -> float:
+    """Machine memory read bandwidth in GB/s (native probe)."""
+    return float(lib.ea_measure_read_bandwidth(int(threads), int(nbytes), int(reps)))
