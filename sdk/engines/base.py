@@ -1,0 +1,97 @@
+"""The interface every engine implements; the SDK (generation, steering, eval,
+bench) talks only to this."""
+from __future__ import annotations
+
+import abc
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def read_meta(folder) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        if folder.exists() and folder.suffix in (".gguf", ".bin") or (folder / "config.json").exists():
+            raise ValueError(f"{folder} is a source checkpoint, not a model folder: convert it first with "
+                             f"`edgeact convert {folder} -o OUT_DIR`")
+        raise ValueError(f"model folder not found: {folder}")
+    meta_path = folder / "edgeact.json"
+    if not meta_path.is_file():
+        if (folder / "config.json").exists():
+            raise ValueError(f"{folder} is a Hugging Face folder, not an edgeact model folder: convert it first "
+                             f"with `edgeact convert {folder} -o OUT_DIR`")
+        raise ValueError(f"{folder} has no edgeact.json: not an edgeact model folder")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+    if meta.get("format") != "edgeact-model":
+        raise ValueError(f"{meta_path} is not an edgeact model description")
+    return meta
+
+
+class Engine(abc.ABC):
+    """A decoder with its KV cache. Batch 1; tokens are appended after `n_past`."""
+
+    name: str = "?"
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.meta = read_meta(self.folder)
+        cfg = self.meta["config"]
+        self.num_layers: int = cfg["num_layers"]
+        self.hidden_size: int = cfg["hidden_size"]
+        self.vocab_size: int = cfg["vocab_size"]
+        self.max_context: int = self.meta.get("max_context", cfg.get("max_position_embeddings", 2048))
+        self.n_past = 0
+
+    # ---- the interface
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Drop the KV cache."""
+
+    @abc.abstractmethod
+    def forward(self, ids: np.ndarray, *, output_hidden: bool = False):
+        """Run `ids` (int64 [S]) at positions n_past..n_past+S-1. Returns logits float32 [S, vocab],
+        and with output_hidden also hidden [num_layers, S, hidden] (each layer's Steer output)."""
+
+    @abc.abstractmethod
+    def set_steering(self, layer: int, add: np.ndarray | None = None, ablate: np.ndarray | None = None) -> None:
+        """add [hidden] is added after `layer`; ablate [R, hidden] unit rows are projected out first."""
+
+    @abc.abstractmethod
+    def clear_steering(self) -> None:
+        ...
+
+    # ---- shared checks
+    def check_ids(self, ids) -> np.ndarray:
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+        if ids.size == 0:
+            raise ValueError("no tokens to run")
+        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is out of range (vocabulary size {self.vocab_size})")
+        if self.n_past + ids.size > self.max_context:
+            raise ValueError(f"context overflow: {self.n_past} cached + {ids.size} new tokens > "
+                             f"max context {self.max_context}")
+        return ids
+
+    def check_steering(self, layer: int, add, ablate):
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"steering layer {layer} out of range (model has layers 0..{self.num_layers - 1})")
+        if add is not None:
+            add = np.ascontiguousarray(add, dtype=np.float32)
+            if add.shape != (self.hidden_size,):
+                raise ValueError(f"steering vector has shape {add.shape}, expected ({self.hidden_size},)")
+            if not np.isfinite(add).all():
+                raise ValueError("steering vector contains NaN or Inf")
+        if ablate is not None:
+            ablate = np.ascontiguousarray(ablate, dtype=np.float32)
+            if ablate.ndim == 1:
+                ablate = ablate[None]
+            if ablate.ndim != 2 or ablate.shape[1] != self.hidden_size or ablate.shape[0] == 0:
+                raise ValueError(f"ablation directions have shape {ablate.shape}, expected (R, {self.hidden_size})")
+            if not np.isfinite(ablate).all():
+                raise ValueError("ablation direction contains NaN or Inf")
+        return int(layer), add, ablate
