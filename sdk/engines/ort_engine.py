@@ -1,0 +1,108 @@
+"""onnxruntime on the model folder: the reference every native result is compared with,
+and the fallback where the native runtime is not built."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Engine
+
+
+def default_threads() -> int:
+    from edgeact.bench import physical_cores
+
+    return physical_cores()
+
+
+class OrtEngine(Engine):
+    name = "ort"
+
+    def __init__(self, folder, threads: int | None = None):
+        super().__init__(folder)
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.threads = threads or default_threads()
+        kv = self.meta.get("kv_cache") or {"num_kv_heads": self.meta["config"]["num_kv_heads"],
+                                           "head_dim": self.meta["config"]["head_dim"]}
+        self.kv_heads, self.kv_dim = kv["num_kv_heads"], kv["head_dim"]
+        self._session = self._make_session()
+        self._hidden_session = None  # built on first output_hidden request
+        self._inputs = {i.name for i in self._session.get_inputs()}
+        self._steer: dict[str, np.ndarray] = {}
+        self.extra_inputs: dict[str, np.ndarray] = {}  # e.g. sparsity masks set by the SDK
+        self.reset()
+
+    def _options(self):
+        so = self._ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = self._ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3  # steer.* initializers double as inputs by design: silence that warning
+        return so
+
+    def _make_session(self, model_bytes: bytes | None = None):
+        path = str(self.folder / "model.onnx")
+        return self._ort.InferenceSession(model_bytes if model_bytes is not None else path, self._options(),
+                                          providers=["CPUExecutionProvider"])
+
+    def _hidden(self):
+        """A second session whose outputs include every layer's `hidden.{i}`."""
+        if self._hidden_session is None:
+            import onnx
+
+            model = onnx.load(str(self.folder / "model.onnx"), load_external_data=False)
+            have = {o.name for o in model.graph.output}
+            for i in range(self.num_layers):
+                if f"hidden.{i}" not in have:
+                    model.graph.output.append(onnx.helper.make_tensor_value_info(f"hidden.{i}", onnx.TensorProto.FLOAT, None))
+            if self.meta.get("external_data"):
+                # External data resolves relative to the file: save the edited graph beside it.
+                import tempfile
+
+                with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".onnx", delete=True) as f:
+                    onnx.save_model(model, f.name)
+                    self._hidden_session = self._ort.InferenceSession(f.name, self._options(),
+                                                                      providers=["CPUExecutionProvider"])
+            else:
+                self._hidden_session = self._make_session(model.SerializeToString())
+        return self._hidden_session
+
+    def reset(self) -> None:
+        empty = np.zeros((1, self.kv_heads, 0, self.kv_dim), dtype=np.float32)
+        self._past = [(empty, empty) for _ in range(self.num_layers)]
+        self.n_past = 0
+
+    def forward(self, ids, *, output_hidden: bool = False):
+        ids = self.check_ids(ids)
+        S, P = ids.size, self.n_past
+        feed = {"input_ids": ids[None], "seqlens_k": np.array([P + S - 1], dtype=np.int32),
+                "total_sequence_length": np.array(P + S, dtype=np.int32)}
+        for i, (k, v) in enumerate(self._past):
+            feed[f"past_key_values.{i}.key"] = k
+            feed[f"past_key_values.{i}.value"] = v
+        feed.update(self._steer)
+        feed.update({k: v for k, v in self.extra_inputs.items() if k in self._inputs})
+        sess = self._hidden() if output_hidden else self._session
+        names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        if output_hidden:
+            names += [f"hidden.{i}" for i in range(self.num_layers)]
+        out = sess.run(names, feed)
+        self._past = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.num_layers)]
+        self.n_past = P + S
+        logits = out[0][0]
+        if output_hidden:
+            return logits, np.stack([h[0] for h in out[1 + 2 * self.num_layers:]])
+        return logits
+
+    def set_steering(self, layer: int, add=None, ablate=None) -> None:
+        layer, add, ablate = self.check_steering(layer, add, ablate)
+        if f"steer.{layer}.add" not in self._inputs:
+            raise ValueError("this model folder was converted without steering points (convert with steering on)")
+        for key, val in ((f"steer.{layer}.add", add), (f"steer.{layer}.ablate", ablate)):
+            if val is None:
+                self._steer.pop(key, None)
+            else:
+                self._steer[key] = val
+
+    def clear_steering(self) -> None:
+        self._steer.clear()
