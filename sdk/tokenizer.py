@@ -1,0 +1,76 @@
+"""Tokenizer and chat template of a model folder (Hugging Face `tokenizers` + jinja2)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class TextTokenizer:
+    """tokenizer.json plus the special-token facts edgeact.json records.
+
+    BOS: tokenizer.json's post-processor adds it when the source says so, so
+    `encode(text)` already starts with BOS where the model expects one.
+    """
+
+    def __init__(self, folder: Path, meta: dict):
+        from tokenizers import Tokenizer
+
+        info = meta.get("tokenizer") or {}
+        self._tok = Tokenizer.from_file(str(Path(folder) / (info.get("file") or "tokenizer.json")))
+        cfg = meta["config"]
+        self.bos_token_id = info.get("bos_token_id", cfg.get("bos_token_id"))
+        self.eos_token_ids = list(info.get("eos_token_ids") or cfg.get("eos_token_ids") or [])
+        self.chat_template = info.get("chat_template")
+
+    # tokenizers.Tokenizer's Encoding-returning API is what steering's helpers expect
+    def encode(self, text: str, add_special_tokens: bool = True):
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def encode_ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i):
+        return self._tok.id_to_token(int(i))
+
+    def token_to_id(self, t):
+        return self._tok.token_to_id(t)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ValueError("this model has no chat template: use a raw prompt (--raw)")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        tok = lambda i: self.id_to_token(i) if i is not None else ""  # noqa: E731
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=tok(self.bos_token_id), eos_token=tok((self.eos_token_ids or [None])[0]))
+        except TemplateError as e:
+            raise ValueError(f"chat template: {e}") from None
+
+
+class StreamDecoder:
+    """Incremental detokenization: yields only text that is final, so a UTF-8
+    character split over several byte-fallback tokens comes out whole."""
+
+    def __init__(self, tokenizer: TextTokenizer, prefix_ids=()):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # incomplete multi-byte sequence: wait for more tokens
+            return ""
+        new = text[len(self.emitted):] if text.startswith(self.emitted) else text
+        self.emitted = text
+        return new
