@@ -176,4 +176,7 @@ def load(path=None, engine: str = "auto", threads: int | None = None) -> Model:
         from edgeact.default_model import default_model_dir
 
         path = default_model_dir()
+    from edgeact.engines.base import read_meta
+
+    read_meta(path)  # a clear error for a wrong path before any engine is built
     return Model(make_engine(Path(path), engine=engine, threads=threads))

@@ -7,6 +7,8 @@ __all__ = ["Engine", "read_meta", "make_engine", "native_available"]
 def native_available() -> bool:
     try:
         from edgeact.runtime import available
+
+        from . import native_engine  # noqa: F401
     except ImportError:
         return False
     return bool(available())
