@@ -1,0 +1,399 @@
+"""`edgeact bench`: llama-bench-style speed figures, ours against the baselines in one run.
+
+Every engine is measured in its own subprocess (`python -m edgeact.bench --worker`)
+so that its peak RSS is its own and one engine's threads or caches do not slow
+another. Figures are tokens/s as median ± spread (half the inter-quartile range
+is too fragile with 3–5 repetitions, so we report the standard deviation like
+llama-bench) over repetitions; speed claims are ratios against the baselines
+measured in the same run, because this kind of machine is noisy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ENGINES = ("native", "ort", "llama.cpp", "torch")
+CACHE = Path(os.environ.get("EDGEACT_HOME", Path.home() / ".cache" / "edgeact")) / "bench"
+
+
+def physical_cores() -> int:
+    """Cores, not hyper-threads: two matmul threads on one core only fight for its SIMD units."""
+    try:
+        pairs, phys = set(), None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = (s.strip() for s in line.partition(":"))
+            if key == "physical id":
+                phys = val
+            elif key == "core id":
+                pairs.add((phys, val))
+        return len(pairs) or os.cpu_count() or 1
+    except OSError:
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------- machine facts
+
+def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 5) -> float:
+    """Memory read bandwidth in GB/s over a buffer far larger than the last-level cache,
+    best of `reps` (the machine's capability, not its noise). The native probe streams
+    with SIMD loads on a thread pool; numpy's reductions are a slower fallback."""
+    try:
+        from edgeact.runtime import available, measure_read_bandwidth
+
+        if available():
+            return measure_read_bandwidth(threads, int(gib * (1 << 30)), reps)
+    except ImportError:
+        pass
+    a = np.ones(int(gib * (1 << 30)) // 8, dtype=np.int64)
+    parts = np.array_split(a, threads)
+    best = 0.0
+    for _ in range(reps):
+        ts = [threading.Thread(target=np.bitwise_or.reduce, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+# ---------------------------------------------------------------- model facts
+
+def folder_facts(folder: Path) -> dict:
+    """Bytes a decode step reads (all weights but the embedding table, of which one
+    row is read) and the KV cache size per token of context."""
+    meta = json.loads((folder / "edgeact.json").read_text())
+    cfg = meta["config"]
+    files = [folder / "model.onnx"] + ([folder / "model.onnx.data"] if (folder / "model.onnx.data").exists() else [])
+    total = sum(f.stat().st_size for f in files)
+    emb_bytes = {"fp32": 4, "fp16": 2}.get(meta.get("quantization", {}).get("embedding", "fp32"), 4)
+    embed = cfg["vocab_size"] * cfg["hidden_size"] * emb_bytes
+    kv = meta.get("kv_cache") or {"num_kv_heads": cfg["num_kv_heads"], "head_dim": cfg["head_dim"]}
+    kv_per_token = 2 * cfg["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * 4
+    return {"file_bytes": total, "decode_weight_bytes": total - embed, "kv_bytes_per_token": kv_per_token,
+            "vocab_size": cfg["vocab_size"], "meta": meta}
+
+
+def source_of(folder: Path, meta: dict):
+    """The SourceModel a folder was converted from (for the torch and llama.cpp baselines)."""
+    from edgeact.converters.model import ModelConfig
+
+    prov = meta.get("source", {})
+    if prov.get("format") == "random":
+        from edgeact.converters.random_model import random_source
+
+        return random_source(ModelConfig.from_dict(meta["config"]), seed=prov.get("seed", 0))
+    path = prov.get("path")
+    if path and Path(path).exists():
+        from edgeact.converters.readers import read_source
+
+        return read_source(path)
+    return None
+
+
+def llamacpp_gguf(folder: Path, meta: dict, ftype: str = "q4_0") -> Path | None:
+    """Our reader's weights written as GGUF and quantized by llama.cpp itself; cached."""
+    key = f"{Path(meta.get('source', {}).get('path', folder.name)).name}-{meta['config']['num_layers']}L-" \
+          f"{meta['config']['hidden_size']}-{meta.get('source', {}).get('seed', 0)}"
+    out = CACHE / f"{key.replace(':', '_')}.{ftype}.gguf"
+    if out.exists():
+        return out
+    src = source_of(folder, meta)
+    if src is None:
+        return None
+    from edgeact.converters.gguf_export import quantize_gguf, write_gguf
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        f16 = write_gguf(src, Path(tmp) / "model.f16.gguf", dtype="f16")
+        quantize_gguf(f16, Path(tmp) / out.name, ftype)
+        os.replace(Path(tmp) / out.name, out)
+    return out
+
+
+# ---------------------------------------------------------------- workers (run in a subprocess)
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _time_engine(prefill, step, reset, pp: int, tg: int, reps: int, vocab: int) -> dict:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, vocab, size=max(pp, tg) + 1, dtype=np.int64)
+    # Warm-up: page in weights, size buffers.
+    reset(); prefill(ids[:min(pp, 16)]); step(ids[:1]); reset()
+    pp_s, tg_s = [], []
+    for _ in range(reps):
+        if pp:
+            reset()
+            t0 = time.perf_counter()
+            prefill(ids[:pp])
+            pp_s.append(pp / (time.perf_counter() - t0))
+        if tg:
+            reset()
+            step(ids[:1])
+            t0 = time.perf_counter()
+            for t in ids[1:tg + 1]:
+                step(np.array([t]))
+            tg_s.append(tg / (time.perf_counter() - t0))
+    return {"pp": pp_s, "tg": tg_s}
+
+
+def worker(spec: dict) -> dict:
+    engine, folder, threads = spec["engine"], Path(spec["folder"]), spec["threads"]
+    pp, tg, reps = spec["pp"], spec["tg"], spec["reps"]
+    facts = folder_facts(folder)
+    vocab = facts["vocab_size"]
+    n_ctx = pp + tg + 8
+    if engine in ("native", "ort"):
+        import edgeact
+
+        model = edgeact.load(folder, engine=engine, threads=threads)
+        eng = model.engine
+        res = _time_engine(eng.forward, eng.forward, eng.reset, pp, tg, reps, vocab)
+        try:
+            res["repacked_bytes"] = int(getattr(eng, "repacked_bytes", 0) or 0)
+        except Exception:
+            pass
+    elif engine == "llama.cpp":
+        import llama_cpp
+
+        model = llama_cpp.Llama(spec["gguf"], n_ctx=n_ctx, n_batch=max(pp, 1), n_ubatch=max(pp, 1),
+                                n_threads=threads, n_threads_batch=threads, verbose=False)
+        res = _time_engine(lambda x: model.eval(list(map(int, x))), lambda x: model.eval(list(map(int, x))),
+                           model.reset, pp, tg, reps, vocab)
+    elif engine == "torch":
+        import torch
+
+        from edgeact.converters.torch_ref import build_torch_model
+
+        torch.set_num_threads(threads)
+        tm = build_torch_model(source_of(folder, facts["meta"]))
+        state = {}
+
+        def reset():
+            state.clear()
+
+        @torch.no_grad()
+        def forward(x):
+            out = tm(torch.from_numpy(np.asarray(x, dtype=np.int64))[None], past_key_values=state.get("past"),
+                     use_cache=True)
+            state["past"] = out.past_key_values
+
+        res = _time_engine(forward, forward, reset, pp, tg, reps, vocab)
+    else:
+        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    res["peak_rss"] = _peak_rss()
+    return res
+
+
+def run_worker(spec: dict, timeout: float = 1800) -> dict:
+    """One engine in a fresh interpreter; errors come back as {'error': ...}."""
+    proc = subprocess.run([sys.executable, "-m", "edgeact.bench", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or ["worker failed"])[-1]
+        return {"error": err}
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------- the report
+
+@dataclass
+class Row:
+    model: str
+    engine: str
+    test: str
+    median: float
+    spread: float
+    extra: dict = field(default_factory=dict)
+
+
+def _stats(xs: list[float]) -> tuple[float, float]:
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.median(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def bench_models(folders: list[Path], *, engines=("native", "ort", "llama.cpp"), threads: int | None = None,
+                 pp: int = 128, tg: int = 64, reps: int = 5, measure_bw: bool = True, progress=print) -> dict:
+    threads = threads or physical_cores()
+    report = {"threads": threads, "pp": pp, "tg": tg, "reps": reps, "models": []}
+    if measure_bw:
+        report["read_bandwidth_gbs"] = read_bandwidth(threads)
+        progress(f"memory read bandwidth ({threads} threads): {report['read_bandwidth_gbs']:.1f} GB/s")
+    for folder in folders:
+        folder = Path(folder)
+        facts = folder_facts(folder)
+        entry = {"folder": str(folder), "decode_weight_bytes": facts["decode_weight_bytes"],
+                 "file_bytes": facts["file_bytes"], "kv_bytes_per_token": facts["kv_bytes_per_token"],
+                 "engines": {}}
+        for engine in engines:
+            spec = {"engine": engine, "folder": str(folder), "threads": threads, "pp": pp, "tg": tg, "reps": reps}
+            if engine == "llama.cpp":
+                try:
+                    import llama_cpp  # noqa: F401
+                except ImportError:
+                    entry["engines"][engine] = {"skipped": "llama-cpp-python not installed"}
+                    continue
+                gguf = llamacpp_gguf(folder, facts["meta"])
+                if gguf is None:
+                    entry["engines"][engine] = {"skipped": "source weights not found for the GGUF export"}
+                    continue
+                spec["gguf"] = str(gguf)
+            if engine == "torch" and source_of(folder, facts["meta"]) is None:
+                entry["engines"][engine] = {"skipped": "source weights not found"}
+                continue
+            progress(f"{folder.name}: {engine} ...")
+            res = run_worker(spec)
+            if "error" not in res:
+                for t in ("pp", "tg"):
+                    res[f"{t}_median"], res[f"{t}_spread"] = _stats(res[t])
+                if res.get("tg"):
+                    res["decode_gbs"] = res["tg_median"] * facts["decode_weight_bytes"] / 1e9
+                    if report.get("read_bandwidth_gbs"):
+                        res["bandwidth_share"] = res["decode_gbs"] / report["read_bandwidth_gbs"]
+                kv = facts["kv_bytes_per_token"] * (pp + tg + 8)
+                res["rss_over_weights_kv"] = res["peak_rss"] / (facts["file_bytes"] + kv)
+            entry["engines"][engine] = res
+        base = entry["engines"]
+        for ref in ("ort", "llama.cpp"):
+            if "native" in base and "tg_median" in base.get("native", {}) and "tg_median" in base.get(ref, {}):
+                entry[f"native_vs_{ref}"] = {t: base["native"][f"{t}_median"] / base[ref][f"{t}_median"]
+                                             for t in ("pp", "tg")}
+        report["models"].append(entry)
+    return report
+
+
+def format_report(report: dict) -> str:
+    out = [f"threads={report['threads']}  pp={report['pp']}  tg={report['tg']}  reps={report['reps']}"]
+    if report.get("read_bandwidth_gbs"):
+        out.append(f"measured memory read bandwidth: {report['read_bandwidth_gbs']:.1f} GB/s")
+    out.append("")
+    out.append(f"| model | engine | pp{report['pp']} t/s | tg{report['tg']} t/s | decode GB/s (share of bw) | peak RSS MB (÷ weights+KV) |")
+    out.append("|---|---|---|---|---|---|")
+    for m in report["models"]:
+        name = Path(m["folder"]).name
+        for eng, r in m["engines"].items():
+            if "skipped" in r or "error" in r:
+                out.append(f"| {name} | {eng} | {r.get('skipped') or 'error: ' + r['error']} | | | |")
+                continue
+            bw = f"{r['decode_gbs']:.1f} ({100 * r['bandwidth_share']:.0f}%)" if "bandwidth_share" in r else \
+                (f"{r['decode_gbs']:.1f}" if "decode_gbs" in r else "")
+            out.append(f"| {name} | {eng} | {r['pp_median']:.1f} ± {r['pp_spread']:.1f} | "
+                       f"{r['tg_median']:.1f} ± {r['tg_spread']:.1f} | {bw} | "
+                       f"{r['peak_rss'] / 1e6:.0f} ({r['rss_over_weights_kv']:.2f}×) |")
+        for ref in ("ort", "llama.cpp"):
+            if f"native_vs_{ref}" in m:
+                v = m[f"native_vs_{ref}"]
+                out.append(f"| {name} | native ÷ {ref} | {v['pp']:.2f}× | {v['tg']:.2f}× | | |")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- kernels mode
+
+def _ort_matmulnbits_session(mats, K: int, N: int, block: int, threads: int):
+    """One onnxruntime session running every weight set once on the same input,
+    so its time per matrix includes streaming that matrix from memory."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits, outs = [], [], []
+    for i, qw in enumerate(mats):
+        names = [f"B{i}", f"s{i}"] + ([f"z{i}"] if qw.zero_points is not None else [])
+        nodes.append(helper.make_node("MatMulNBits", ["x"] + names, [f"y{i}"], domain="com.microsoft",
+                                      K=K, N=N, bits=4, block_size=block, accuracy_level=4))
+        inits += [numpy_helper.from_array(qw.B, names[0]), numpy_helper.from_array(qw.scales, names[1])]
+        if qw.zero_points is not None:
+            inits.append(numpy_helper.from_array(qw.zero_points, names[2]))
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "k", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as d:
+        onnx.save_model(model, f"{d}/k.onnx", save_as_external_data=True, location="k.data")
+        return ort.InferenceSession(f"{d}/k.onnx", so, providers=["CPUExecutionProvider"])
+
+
+def bench_kernels(shapes: list[tuple[int, int, int]], *, threads: int | None = None, block: int = 32,
+                  reps: int = 7, cycle_bytes: int = 1 << 30, measure_bw: bool = True, progress=print) -> dict:
+    """int4 MatMulNBits y = x·Wᵀ: ours against onnxruntime, cycling through
+    `cycle_bytes` of distinct weights so neither measures the last-level cache."""
+    from edgeact.converters.quantize import quantize_blockwise
+    from edgeact.runtime import QMatMul
+
+    threads = threads or physical_cores()
+    report = {"threads": threads, "block": block, "reps": reps, "shapes": []}
+    if measure_bw:
+        report["read_bandwidth_gbs"] = read_bandwidth(threads)
+    rng = np.random.default_rng(0)
+    for M, K, N in shapes:
+        base = quantize_blockwise(rng.standard_normal((N, K), dtype=np.float32) * 0.02, bits=4,
+                                  block_size=block, symmetric=True)
+        wbytes = base.B.nbytes + base.scales.nbytes
+        n_mats = max(2, -(-cycle_bytes // wbytes))
+        # Distinct bytes per matrix (a rotated copy), same numeric character.
+        mats = [base] + [type(base)(**{**base.__dict__, "B": np.roll(base.B, i, axis=0).copy(),
+                                      "scales": np.roll(base.scales, i).copy()}) for i in range(1, n_mats)]
+        progress(f"M={M} K={K} N={N}: {n_mats} matrices, {n_mats * wbytes / 1e6:.0f} MB cycled")
+        x = rng.standard_normal((M, K), dtype=np.float32)
+        kernels = [QMatMul(K, N, 4, block, m.B, m.scales, m.zero_points, threads=threads) for m in mats]
+        y = np.empty((M, N), np.float32)
+
+        def ours(x):
+            for k in kernels:
+                k(x, out=y)
+        sess = _ort_matmulnbits_session(mats, K, N, block, threads)
+        ours(x)
+        sess.run(None, {"x": x})
+        t_ours, t_ort = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter(); ours(x); t_ours.append((time.perf_counter() - t0) / n_mats)
+            t0 = time.perf_counter(); sess.run(None, {"x": x}); t_ort.append((time.perf_counter() - t0) / n_mats)
+        mo, so_ = _stats(t_ours)
+        mr, sr = _stats(t_ort)
+        row = {"M": M, "K": K, "N": N, "weight_bytes": wbytes, "ours_us": mo * 1e6, "ours_us_spread": so_ * 1e6,
+               "ort_us": mr * 1e6, "ort_us_spread": sr * 1e6, "speedup": mr / mo,
+               "ours_gbs": wbytes / mo / 1e9, "ort_gbs": wbytes / mr / 1e9}
+        if report.get("read_bandwidth_gbs"):
+            row["ours_bw_share"] = row["ours_gbs"] / report["read_bandwidth_gbs"]
+        report["shapes"].append(row)
+        del sess, kernels
+    return report
+
+
+def format_kernels(report: dict) -> str:
+    out = [f"int4 block {report['block']}, threads={report['threads']}, reps={report['reps']}"]
+    if report.get("read_bandwidth_gbs"):
+        out.append(f"measured memory read bandwidth: {report['read_bandwidth_gbs']:.1f} GB/s")
+    out += ["", "| M | K | N | ours µs | onnxruntime µs | speed-up | ours GB/s (share of bw) |", "|---|---|---|---|---|---|---|"]
+    for r in report["shapes"]:
+        share = f" ({100 * r['ours_bw_share']:.0f}%)" if "ours_bw_share" in r else ""
+        out.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['ours_us']:.0f} ± {r['ours_us_spread']:.0f} | "
+                   f"{r['ort_us']:.0f} ± {r['ort_us_spread']:.0f} | {r['speedup']:.2f}× | {r['ours_gbs']:.1f}{share} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # worker entry: python -m edgeact.bench --worker '{json}'
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(json.loads(sys.argv[2]))))
+    else:
+        sys.exit("usage: python -m edgeact.bench --worker SPEC_JSON (use `edgeact bench` instead)")
