@@ -91,6 +91,14 @@ class NativeModel:
                              "repacked": int(info.weight_bytes_repacked)}
         return self
 
+    def info(self) -> dict:
+        """What the runtime made of the folder (for `edgeact info` and benchmarks)."""
+        return {"isa": self.isa, "layers": self.n_layers, "hidden": self.hidden, "vocab": self.vocab,
+                "max_context": self.max_context, "heads": self.n_heads, "kv_heads": self.n_kv_heads,
+                "head_dim": self.head_dim, "nodes": self.n_nodes, "steer_layers": self.n_steer_layers,
+                **{f"weights_{k}_bytes": v for k, v in self.weight_bytes.items()},
+                "ops": self.op_counts()}
+
     def op_counts(self) -> dict[str, int]:
         name, count = ffi.new("const char **"), ffi.new("int *")
         out = {}

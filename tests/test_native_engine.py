@@ -331,3 +331,22 @@ def test_2000_decode_steps_stay_within_the_kv_cache(long_ctx_dir):
     kv_kib = model.n_layers * 2 * model.n_kv_heads * 2100 * model.head_dim * 4 // 1024
     assert grown <= kv_kib + 1024, (grown, kv_kib)
     assert sess.n_past == 2001
+
+
+def test_native_engine_matches_ort_engine(tiny_dirs):
+    from edgeact.engines import make_engine
+
+    nat, ref = make_engine(tiny_dirs["fp32"], "native", threads=2), make_engine(tiny_dirs["fp32"], "ort", threads=1)
+    ids = _ids(300, 9)
+    (ln, hn), (lo, ho) = nat.forward(ids, output_hidden=True), ref.forward(ids, output_hidden=True)
+    assert np.abs(ln - lo).max() <= 1e-3 and np.abs(hn - ho).max() <= 1e-3
+    assert nat.n_past == ref.n_past == 9
+    add = np.linspace(-1, 1, nat.hidden_size, dtype=np.float32)
+    for e in (nat, ref):
+        e.set_steering(0, add=add)
+    assert np.abs(nat.forward([7]) - ref.forward([7])).max() <= 1e-3
+    nat.profile(True)
+    nat.forward([8])
+    recs = nat.profile_records()
+    assert {r["op_type"] for r in recs} >= {"MatMul", "GroupQueryAttention", "SiluMul", "Steer"}
+    assert all(r["calls"] == 1 for r in recs) and "GroupQueryAttention" in nat.profile_table()
