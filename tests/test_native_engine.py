@@ -341,9 +341,6 @@ def test_native_engine_matches_ort_engine(tiny_dirs):
     (ln, hn), (lo, ho) = nat.forward(ids, output_hidden=True), ref.forward(ids, output_hidden=True)
     assert np.abs(ln - lo).max() <= 1e-3 and np.abs(hn - ho).max() <= 1e-3
     assert nat.n_past == ref.n_past == 9
-    add = np.linspace(-1, 1, nat.hidden_size, dtype=np.float32)
-    for e in (nat, ref):
-        e.set_steering(0, add=add)
     assert np.abs(nat.forward([7]) - ref.forward([7])).max() <= 1e-3
     nat.profile(True)
     nat.forward([8])
