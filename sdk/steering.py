@@ -100,8 +100,21 @@ class Steering:
 
     def apply(self, engine, generated: bool = False) -> None:
         """Put this phase's inputs into `engine` (everything else unsteered)."""
+        inputs = self.layer_inputs(generated)
+        rows = max((a.shape[0] for _, a in inputs.values() if a is not None), default=1)
+        if rows > 1:
+            # Every steer.{i}.ablate input shares the symbolic dim "R" in the graph, and onnxruntime
+            # holds it to one value across layers: give all layers R rows (zero rows remove nothing).
+            pad = np.zeros((rows, self.hidden_size), np.float32)
+            for layer in range(self.num_layers):
+                add, ablate = inputs.get(layer, (None, None))
+                if ablate is None:
+                    ablate = pad
+                elif ablate.shape[0] < rows:
+                    ablate = np.concatenate([ablate, pad[: rows - ablate.shape[0]]])
+                inputs[layer] = (add, ablate)
         engine.clear_steering()
-        for layer, (add, ablate) in self.layer_inputs(generated).items():
+        for layer, (add, ablate) in sorted(inputs.items()):
             engine.set_steering(layer, add=add, ablate=ablate)
 
 
@@ -450,7 +463,8 @@ def _engine_source(model) -> HiddenSource:
     cfg = model.config
 
     def hidden_fn(ids):
-        _, hidden = model.engine.forward(np.asarray([ids], dtype=np.int64), output_hidden=True)
+        model.engine.reset()  # forward continues the KV cache; each prompt starts fresh
+        _, hidden = model.engine.forward(np.asarray(ids, dtype=np.int64), output_hidden=True)
         return hidden
 
     return HiddenSource(cfg.num_layers, cfg.hidden_size, _model_encoder(model), hidden_fn, cfg.arch)
@@ -482,7 +496,8 @@ def word_logprob_shift(model, prompts: Sequence[str], pos_words: Sequence[str], 
     pos_ids, neg_ids = first_tokens(pos_words), first_tokens(neg_words)
     shifts = []
     for p in prompts:
-        logits, _ = model.engine.forward(np.asarray([source.encode(p, chat)], dtype=np.int64), output_hidden=False)
+        model.engine.reset()
+        logits = model.engine.forward(np.asarray(source.encode(p, chat), dtype=np.int64))
         last = np.asarray(logits, dtype=np.float64).reshape(-1, logits.shape[-1])[-1]
         logp = last - (last.max() + np.log(np.exp(last - last.max()).sum()))
         shifts.append(logp[pos_ids].mean() - logp[neg_ids].mean())
@@ -540,16 +555,13 @@ def iter_prompts(path) -> list[str]:
 
 def _model_encoder(model):
     """Text → ids through the Model's tokenizer (None when the folder has no tokenizer)."""
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
+    if getattr(model, "tokenizer", None) is None:
         return None
 
     def encode(text, chat):
         if chat:
             text = model.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-            ids = tok.encode(text, add_special_tokens=False)
-        else:
-            ids = tok.encode(text)
-        return list(getattr(ids, "ids", ids))
+            return model.tokenize(text, add_special_tokens=False)
+        return model.tokenize(text)
 
     return encode

@@ -162,8 +162,8 @@ def test_mean_diff_and_pca_against_numpy(tiny_source):
     feats = {name: np.stack([src.hidden(p)[:, -1] for p in ps], 1).astype(np.float64)
              for name, ps in (("pos", pos), ("neg", neg))}
     md = compute_vectors(src, pos, neg, method="mean-diff")
-    pca = compute_vectors(src, pos, neg, method="pca", layers="1-2")
-    assert sorted(md) == list(range(tiny_source.config.num_layers)) and sorted(pca) == [1, 2]
+    pca = compute_vectors(src, pos, neg, method="pca", layers="0-1")
+    assert sorted(md) == list(range(tiny_source.config.num_layers)) and sorted(pca) == [0, 1]
     for layer in md:
         expect = feats["pos"][layer].mean(0) - feats["neg"][layer].mean(0)
         np.testing.assert_allclose(md[layer], expect, rtol=1e-4, atol=1e-5)
@@ -174,10 +174,186 @@ def test_mean_diff_and_pca_against_numpy(tiny_source):
         assert abs(abs(v @ top) / np.linalg.norm(v) - 1) < 1e-4  # the first principal direction
         assert v @ md[layer] > 0  # sign follows the mean difference
         np.testing.assert_allclose(np.linalg.norm(v), abs((diffs @ top).mean()), rtol=1e-4)
-    mean_pos = compute_vectors(src, pos, neg, layers=[2], position="mean")[2]
-    expect = np.mean([src.hidden(p)[2].mean(0) for p in pos], 0) - np.mean([src.hidden(p)[2].mean(0) for p in neg], 0)
+    mean_pos = compute_vectors(src, pos, neg, layers=[1], position="mean")[1]
+    expect = np.mean([src.hidden(p)[1].mean(0) for p in pos], 0) - np.mean([src.hidden(p)[1].mean(0) for p in neg], 0)
     np.testing.assert_allclose(mean_pos, expect, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="pca pairs prompts"):
         compute_vectors(src, pos, neg[:-1], method="pca")
     with pytest.raises(ValueError, match="no tokenizer|method"):
         compute_vectors(src, pos, neg, method="svd")
+
+
+# --- the engines' steering points (small random fp32 folder) ------------------------------------
+
+def _native_available() -> bool:
+    try:
+        from edgeact.engines import native_available
+    except ImportError:
+        return False
+    return native_available()
+
+
+ENGINES = ["ort", pytest.param("native", marks=pytest.mark.skipif(
+    not _native_available(), reason="native engine not available (runtime not built or no native_engine)"))]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_source):
+    from edgeact.converters.convert import convert
+
+    out = tmp_path_factory.mktemp("steering") / "tiny-fp32"
+    convert(tiny_source, out, quant="fp32", progress=False)
+    return out
+
+
+def _load(folder, engine):
+    import edgeact
+
+    return edgeact.load(folder, engine=engine)
+
+
+IDS = np.array([3, 17, 5, 9, 22, 4], dtype=np.int64)
+
+
+def _forward(m):
+    m.engine.reset()
+    logits, hidden = m.engine.forward(IDS, output_hidden=True)
+    return np.asarray(logits, np.float32), np.asarray(hidden, np.float32)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_zero_vector_or_zero_scale_is_exactly_unsteered(tiny_dir, engine):
+    m = _load(tiny_dir, engine)
+    cfg = m.config
+    base, _ = _forward(m)
+    m.steer(np.zeros(cfg.hidden_size), layers=None)  # every layer, zero
+    np.testing.assert_array_equal(_forward(m)[0], base)
+    m.clear_steering()
+    v = np.random.default_rng(4).standard_normal(cfg.hidden_size)
+    m.steer(v, scale=0.0, layers=[0, cfg.num_layers - 1])
+    m.steer(np.zeros(cfg.hidden_size), mode="ablate", layers=1)
+    np.testing.assert_array_equal(_forward(m)[0], base)
+    m.clear_steering()
+    m.steer(v, scale=3.0, layers=1)
+    assert np.abs(_forward(m)[0] - base).max() > 1e-3  # the same vector, scaled, does act
+    m.clear_steering()
+    np.testing.assert_array_equal(_forward(m)[0], base)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_add_moves_that_layer_by_exactly_alpha_v(tiny_dir, engine):
+    m = _load(tiny_dir, engine)
+    base_logits, base = _forward(m)
+    layer, alpha = 1, 2.5
+    v = np.random.default_rng(5).standard_normal(m.config.hidden_size).astype(np.float32)
+    with m.steering(v, scale=alpha, layers=layer):
+        logits, hidden = _forward(m)
+    np.testing.assert_array_equal(hidden[:layer], base[:layer])  # earlier layers untouched
+    delta = hidden[layer] - base[layer]
+    tol = 1e-5 * (np.abs(base[layer]).max() + np.abs(alpha * v).max())
+    np.testing.assert_allclose(delta, np.broadcast_to(alpha * v, delta.shape), rtol=0, atol=tol)
+    assert np.abs(logits - base_logits).max() > 1e-3
+    np.testing.assert_array_equal(_forward(m)[0], base_logits)  # the context manager restored it
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ablate_removes_the_direction_at_that_layer(tiny_dir, engine):
+    m = _load(tiny_dir, engine)
+    _, base = _forward(m)
+    rng = np.random.default_rng(6)
+    layer = m.config.num_layers - 1
+    # A direction the hidden states really have: their mean, plus a random one stacked with it.
+    d1, d2 = base[layer].mean(0), rng.standard_normal(m.config.hidden_size)
+    m.steer(d1, mode="ablate", layers=layer)
+    m.steer({layer: d2}, mode="ablate")
+    _, hidden = _forward(m)
+    np.testing.assert_array_equal(hidden[:layer], base[:layer])
+    h = hidden[layer]
+    for d in (d1, d2):
+        unit = d / np.linalg.norm(d)
+        assert np.all(np.abs(h @ unit) <= 1e-4 * np.linalg.norm(h, axis=1))
+    np.testing.assert_allclose(h, steer_hidden(base[layer], None, orthonormal_rows(np.stack([d1, d2]))),
+                               rtol=1e-4, atol=1e-4 * np.abs(base[layer]).max())
+
+
+def test_native_and_onnxruntime_agree_when_steered(tiny_dir):
+    if not _native_available():
+        pytest.skip("native engine not available (runtime not built or no native_engine)")
+    results = []
+    for engine in ("ort", "native"):
+        m = _load(tiny_dir, engine)
+        H_, n = m.config.hidden_size, m.config.num_layers
+        r = np.random.default_rng(7)
+        m.steer(r.standard_normal((n, H_)), scale=1.5)
+        m.steer(r.standard_normal(H_), mode="ablate", layers=[0, n - 1])
+        results.append(_forward(m))
+    np.testing.assert_allclose(results[1][0], results[0][0], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(results[1][1], results[0][1], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bad_inputs_raise_and_the_model_stays_unsteered(tiny_dir, engine, tmp_path):
+    m = _load(tiny_dir, engine)
+    cfg = m.config
+    base, _ = _forward(m)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"\x00" * 64)
+    wrong_width = save_control_vector(tmp_path / "wide.gguf", {1: np.ones(cfg.hidden_size + 3)})
+    bad = [
+        (dict(vec_or_path=np.ones(cfg.hidden_size - 1), layers=0), "hidden size"),
+        (dict(vec_or_path=np.ones(cfg.hidden_size), layers=cfg.num_layers), "out of range"),
+        (dict(vec_or_path=np.full(cfg.hidden_size, np.nan), layers=0), "NaN"),
+        (dict(vec_or_path=np.full(cfg.hidden_size, np.inf), layers=0, mode="ablate"), "NaN or Inf"),
+        (dict(vec_or_path=str(junk)), "not a readable GGUF"),
+        (dict(vec_or_path=tmp_path / "missing.gguf"), "not found"),
+        (dict(vec_or_path=wrong_width), "hidden size"),
+    ]
+    for kw, message in bad:
+        with pytest.raises(ValueError, match=message):
+            m.steer(**kw)
+        np.testing.assert_array_equal(_forward(m)[0], base)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_generated_only_vectors_switch_on_for_decode(tiny_dir, engine):
+    m = _load(tiny_dir, engine)
+    base, _ = _forward(m)
+    v = np.random.default_rng(8).standard_normal(m.config.hidden_size)
+    m.steer(v, scale=4.0, layers=1, apply_to="generated")
+    np.testing.assert_array_equal(_forward(m)[0], base)  # prefill: off
+    m.steering_phase(generated=True)
+    steered, _ = _forward(m)
+    m.steering_phase(generated=False)
+    np.testing.assert_array_equal(_forward(m)[0], base)
+    with m.steering(v, scale=4.0, layers=1):
+        np.testing.assert_allclose(_forward(m)[0], steered, rtol=0, atol=0)
+
+
+def test_vectors_from_the_engine_match_the_torch_reference(tiny_dir, tiny_source):
+    rng = np.random.default_rng(9)
+    vocab = tiny_source.config.vocab_size
+    pos, neg = _prompts(rng, vocab, 4), _prompts(rng, vocab, 4)
+    m = _load(tiny_dir, "ort")
+    for method in ("mean-diff", "pca"):
+        ours = compute_vectors(m, pos, neg, method=method)
+        ref = compute_vectors(tiny_source, pos, neg, method=method)
+        for layer in ref:
+            np.testing.assert_allclose(ours[layer], ref[layer], rtol=1e-3, atol=1e-4 * np.abs(ref[layer]).max())
+
+
+def test_steer_cli_info_and_errors(tmp_path, tiny_dir, capsys):
+    from edgeact.cli import main
+
+    v = {1: np.arange(48, dtype=np.float32)}
+    path = save_control_vector(tmp_path / "v.gguf", v)
+    assert main(["steer", "info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "n_embd 48" in out and "layer   1" in out and f"{np.linalg.norm(v[1]):.4g}" in out
+    pos = tmp_path / "pos.txt"
+    pos.write_text("a happy line\n")
+    # The random tiny folder has no tokenizer: text prompts are refused in one line.
+    assert main(["steer", "compute", str(tiny_dir), "--pos", str(pos), "--neg", str(pos),
+                 "-o", str(tmp_path / "out.gguf"), "--engine", "ort"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+    assert main(["steer", "info", str(tmp_path / "missing.gguf")]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -4,7 +4,7 @@
                           [--method mean-diff|pca] [--layers A-B] [--position last|mean] [--chat]
     edgeact steer info VEC.gguf
     edgeact steer sweep MODEL VEC.gguf --prompts P.txt --pos-words W+.txt --neg-words W-.txt
-                        [--scales -4,0,4] [--layers A-B] [--ablate] [--engine ort]
+                        [--scales -4,0,4] [--layers A-B] [--ablate] [--engine auto|native|ort]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
     c.add_argument("--position", choices=POSITIONS, default="last",
                    help="hidden state of the last prompt token, or the mean over the prompt")
     c.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
-    c.add_argument("--engine", default="ort", help="engine for a model folder (default ort)")
+    c.add_argument("--engine", choices=("auto", "native", "ort"), default="auto", help="engine for a model folder")
 
     i = sub.add_parser("info", help="metadata and per-layer norms of a control vector")
     i.add_argument("vector")
@@ -46,7 +46,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("--layers", default=None, metavar="A-B", help="only these layers of the vector")
     s.add_argument("--ablate", action="store_true", help="also measure with the direction projected out")
     s.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
-    s.add_argument("--engine", default="ort", help="engine (default ort)")
+    s.add_argument("--engine", choices=("auto", "native", "ort"), default="auto")
 
 
 def run(args) -> int:
