@@ -1,0 +1,207 @@
+"""The native loader rejects bad model files one problem at a time, each with a
+clear one-line error naming the node or initializer, never crashing."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+runtime = pytest.importorskip("edgeact.runtime")
+if not runtime.available():
+    pytest.skip(runtime.unavailable_reason(), allow_module_level=True)
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper  # noqa: E402
+
+from edgeact.converters.convert import convert  # noqa: E402
+from edgeact.converters.random_model import random_source  # noqa: E402
+from edgeact.runtime import ModelFormatError, NativeModel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    src = random_source("tiny", seed=0)
+    return {"fp32": convert(src, root / "fp32", quant="fp32", progress=False),
+            "int4": convert(src, root / "int4", quant="int4", progress=False),
+            "ext": convert(src, root / "ext", quant="int4", external_data=True, progress=False)}
+
+
+def _edit(folder, tmp_path, edit, name="m"):
+    """Copy the folder, apply edit(ModelProto) and save model.onnx (external data left as is)."""
+    out = tmp_path / name
+    shutil.copytree(folder, out)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    edit(model)
+    (out / "model.onnx").write_bytes(model.SerializeToString())
+    return out
+
+
+def _load_error(folder, exc=ModelFormatError) -> str:
+    with pytest.raises(exc) as e:
+        NativeModel(folder)
+    msg = str(e.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def _node(model, name):
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def _init(model, name):
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def test_valid_folders_load(base):
+    for f in base.values():
+        m = NativeModel(f)
+        assert m.n_layers == 2 and m.vocab == 300 and m.n_steer_layers == 2
+    ext = NativeModel(base["ext"])
+    assert ext.weight_bytes["copied"] == 0   # 64-byte aligned external data is used in place
+
+
+def test_truncated_files(base, tmp_path):
+    data = (base["int4"] / "model.onnx").read_bytes()
+    rng = np.random.default_rng(0)
+    cuts = sorted({0, 1, 2, 7, len(data) // 2, len(data) - 1, *rng.integers(1, len(data), 40).tolist()})
+    for cut in cuts:
+        with pytest.raises((ModelFormatError, ValueError)) as e:
+            NativeModel.from_bytes(data[:cut])
+        assert str(e.value), cut
+
+
+def test_missing_model_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.onnx"):
+        NativeModel(tmp_path)
+
+
+def test_wrong_input_type(base, tmp_path):
+    def edit(m):
+        m.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    assert "graph input 'input_ids' must be int64, the graph declares float32" in _load_error(
+        _edit(base["fp32"], tmp_path, edit))
+
+
+def test_weight_of_wrong_dtype(base, tmp_path):
+    def edit(m):
+        t = _init(m, "model.layers.0.mlp.gate_proj.weight")
+        arr = onnx.numpy_helper.to_array(t).astype(np.int32)
+        t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+    msg = _load_error(_edit(base["fp32"], tmp_path, edit))
+    assert "node 'layers.0.mlp.gate_proj' (MatMul)" in msg and "int32" in msg
+
+
+def test_dims_that_do_not_match_the_data(base, tmp_path):
+    def edit(m):
+        _init(m, "model.norm.weight").dims[0] = 1 << 30
+    assert "initializer 'model.norm.weight'" in _load_error(_edit(base["fp32"], tmp_path, edit))
+
+
+def test_negative_dim(base, tmp_path):
+    def edit(m):
+        _init(m, "cos_cache").dims[0] = -5
+    assert "initializer 'cos_cache': dimension 0 is -5" in _load_error(_edit(base["fp32"], tmp_path, edit))
+
+
+def test_matmulnbits_attributes_vs_weight_shapes(base, tmp_path):
+    def edit(m):
+        for a in _node(m, "layers.1.mlp.up_proj").attribute:
+            if a.name == "N":
+                a.i += 1
+    msg = _load_error(_edit(base["int4"], tmp_path, edit))
+    assert "node 'layers.1.mlp.up_proj' (com.microsoft.MatMulNBits)" in msg and "B '" in msg
+
+
+def test_unknown_attribute_value(base, tmp_path):
+    def edit(m):
+        for a in _node(m, "layers.0.attn.gqa").attribute:
+            if a.name == "rotary_interleaved":
+                a.i = 1
+    assert "node 'layers.0.attn.gqa' (com.microsoft.GroupQueryAttention): rotary_interleaved=1 is not supported" \
+        == _load_error(_edit(base["int4"], tmp_path, edit))
+
+
+def test_unknown_op(base, tmp_path):
+    def edit(m):
+        _node(m, "layers.0.mlp.sigmoid").op_type = "HardSigmoid"
+    msg = _load_error(_edit(base["fp32"], tmp_path, edit))
+    assert msg.startswith("node 'layers.0.mlp.sigmoid' (HardSigmoid): op type 'HardSigmoid' is not supported")
+
+
+def test_dangling_edge(base, tmp_path):
+    def edit(m):
+        _node(m, "layers.1.attn.residual").input[1] = "nowhere"
+    assert "node 'layers.1.attn.residual' (Add): input 'nowhere' is dangling" in _load_error(
+        _edit(base["fp32"], tmp_path, edit))
+
+
+def test_cycle(base, tmp_path):
+    def edit(m):   # the first layer's norm reads the last layer's output
+        _node(m, "layers.0.attn_norm").input[0] = "hidden.1"
+    msg = _load_error(_edit(base["fp32"], tmp_path, edit))
+    assert "node 'layers.0.attn_norm' (RMSNormalization): input 'hidden.1' is produced by node 'layers.1.steer'" in msg
+    assert "cycle" in msg
+
+
+def test_duplicate_output(base, tmp_path):
+    def edit(m):
+        _node(m, "layers.1.mlp.residual").output[0] = "layers.0.mlp.residual"
+    assert "already defined" in _load_error(_edit(base["fp32"], tmp_path, edit))
+
+
+def test_steer_vector_shape(base, tmp_path):
+    def edit(m):
+        t = _init(m, "steer.1.add")
+        t.CopyFrom(onnx.numpy_helper.from_array(np.zeros(47, np.float32), t.name))
+    assert "node 'layers.1.steer' (ai.edgeact.Steer)" in _load_error(_edit(base["fp32"], tmp_path, edit))
+
+
+def _ext_tensor(m):
+    return next(t for t in m.graph.initializer if t.data_location == TensorProto.EXTERNAL)
+
+
+def _set_ext(t, key, value):
+    for e in t.external_data:
+        if e.key == key:
+            e.value = value
+            return
+    t.external_data.add(key=key, value=value)
+
+
+@pytest.mark.parametrize("key,value,expect", [
+    ("offset", str(10 ** 9), "exceeds"),
+    ("length", "12", "does not match its dims"),
+    ("offset", "-3", "not a non-negative integer"),
+    ("location", "../model.onnx.data", "leaves the model folder"),
+    ("location", "/etc/passwd", "must be a relative path"),
+    ("location", "missing.data", "not found in the model folder"),
+])
+def test_external_data_checks(base, tmp_path, key, value, expect):
+    def edit(m):
+        _set_ext(_ext_tensor(m), key, value)
+    msg = _load_error(_edit(base["ext"], tmp_path, edit))
+    assert msg.startswith("initializer '") and expect in msg
+
+
+def test_external_data_symlink_out_of_folder(base, tmp_path):
+    outside = tmp_path / "outside.data"
+    shutil.copy(base["ext"] / "model.onnx.data", outside)
+
+    def edit(m):
+        _set_ext(_ext_tensor(m), "location", "link.data")
+    folder = _edit(base["ext"], tmp_path, edit)
+    os.symlink(outside, folder / "link.data")
+    assert "resolves outside the model folder" in _load_error(folder)
+
+
+def test_initializer_without_raw_data_layout(base, tmp_path):
+    def edit(m):
+        t = _init(m, "model.norm.weight")
+        vals = onnx.numpy_helper.to_array(t)
+        t.ClearField("raw_data")
+        t.data_type = TensorProto.FLOAT
+        t.float_data.extend(vals.tolist())   # packed float_data: accepted, same bytes
+    m = NativeModel(_edit(base["fp32"], tmp_path, edit))
+    assert m.vocab == 300
