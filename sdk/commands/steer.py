@@ -4,7 +4,7 @@
                           [--method mean-diff|pca] [--layers A-B] [--position last|mean] [--chat]
     edgeact steer info VEC.gguf
     edgeact steer sweep MODEL VEC.gguf --prompts P.txt --pos-words W+.txt --neg-words W-.txt
-                        [--scales -4,0,4] [--layers A-B] [--ablate] [--engine auto|native|ort]
+                        [--scales=-4,0,4] [--layers A-B] [--ablate] [--engine auto|native|ort]
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("--prompts", required=True, help="held-out prompts, one per line")
     s.add_argument("--pos-words", required=True, help="words of the positive side, one per line")
     s.add_argument("--neg-words", required=True, help="words of the negative side, one per line")
-    s.add_argument("--scales", default="-4,-2,0,2,4,8", help="comma-separated scales (default -4,-2,0,2,4,8)")
+    s.add_argument("--scales", default="-4,-2,0,2,4,8", help="comma-separated scales; write --scales=-4,0,4 when the first is negative")
     s.add_argument("--layers", default=None, metavar="A-B", help="only these layers of the vector")
     s.add_argument("--ablate", action="store_true", help="also measure with the direction projected out")
     s.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
