@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgeact.control_vector import save_control_vector
-from edgeact.steering import (Steering, SteeringMixin, apply_steering_args, add_steering_args, as_directions,
+from edgeact.steering import (Steering, apply_steering_args, add_steering_args, as_directions,
                               compute_vectors, orthonormal_rows, parse_layers, parse_steer_spec, steer_hidden,
                               torch_source)
 
