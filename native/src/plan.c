@@ -521,6 +521,8 @@ static int add_graph_inputs(builder *b) {
         const char *n = vi->name;
         int existing = map_find(&b->nm, n);
         if (existing >= 0) {
+            if (m->values[existing].kind != V_CONST || !m->values[existing].tensor)
+                return ea_fail(b->err, "graph input '%s' is declared twice", n);
             /* an initializer that is also a graph input: an overridable default (steer.*) */
             if (vi->elem_type && vi->elem_type != m->values[existing].tensor->dtype)
                 return ea_fail(b->err, "graph input '%s' is declared %s but its initializer is %s", n,

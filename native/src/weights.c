@@ -148,6 +148,22 @@ int ea_resolve_tensors(ea_model *m, const char *dir, ea_err *err) {
                 return ea_fail(err, "initializer '%s': %zu data bytes but dims x dtype need %llu", t->name, t->nbytes,
                                (unsigned long long)want);
         }
+        if (t->dtype == ONNX_FLOAT || t->dtype == ONNX_FLOAT16) { /* NaN/Inf weights would poison every token */
+            size_t n = (size_t)numel;
+            for (size_t k = 0; k < n; k++) {
+                uint32_t bits;
+                int bad;
+                if (t->dtype == ONNX_FLOAT) {
+                    memcpy(&bits, t->data + 4 * k, 4);
+                    bad = (bits & 0x7f800000u) == 0x7f800000u;
+                } else {
+                    uint16_t h;
+                    memcpy(&h, t->data + 2 * k, 2);
+                    bad = (h & 0x7c00u) == 0x7c00u;
+                }
+                if (bad) return ea_fail(err, "initializer '%s': element %zu is NaN or infinite", t->name, k);
+            }
+        }
         if (want && ((uintptr_t)t->data % es)) { /* raw_data sits anywhere in the protobuf */
             void *copy = malloc((size_t)want);
             if (!copy) return ea_fail(err, "out of memory copying initializer '%s'", t->name);

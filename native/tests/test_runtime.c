@@ -1,0 +1,218 @@
+/* Runtime self-tests through the public API on tests/data/tiny (an int4 model
+ * written by make_fixture.py): KV-cache decode vs full recompute, thread-count
+ * independence, steering and hidden capture, profiler records, argument
+ * errors, and every truncation of the file failing cleanly.
+ *   test_runtime DATA_DIR        (exit 0 when all checks pass) */
+#define _GNU_SOURCE
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../include/edgeact.h"
+
+static int failures = 0;
+#define CHECK(cond, ...)                                             \
+    do {                                                             \
+        if (!(cond)) {                                               \
+            failures++;                                              \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);     \
+            fprintf(stderr, __VA_ARGS__);                            \
+            fprintf(stderr, " [last error: %s]\n", ea_last_error()); \
+        }                                                            \
+    } while (0)
+
+static float max_abs_diff(const float *a, const float *b, size_t n) {
+    float m = 0.0f;
+    for (size_t i = 0; i < n; i++) {
+        float d = fabsf(a[i] - b[i]);
+        if (!(d <= m)) m = d; /* NaN propagates as a failure */
+    }
+    return m;
+}
+
+static unsigned char *read_file(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *buf = malloc((size_t)len);
+    if (buf && fread(buf, 1, (size_t)len, f) != (size_t)len) {
+        free(buf);
+        buf = NULL;
+    }
+    fclose(f);
+    *n = (size_t)len;
+    return buf;
+}
+
+enum { T = 12 };
+
+int main(int argc, char **argv) {
+    const char *data = argc > 1 ? argv[1] : "tests/data";
+    char dir[1024], path[1100];
+    snprintf(dir, sizeof dir, "%s/tiny", data);
+    snprintf(path, sizeof path, "%s/model.onnx", dir);
+
+    ea_model *model = NULL;
+    if (ea_model_load(dir, &model) != EA_OK) {
+        fprintf(stderr, "cannot load %s: %s\n", dir, ea_last_error());
+        return 2;
+    }
+    ea_model_info info;
+    CHECK(ea_model_get_info(model, &info) == EA_OK, "info");
+    CHECK(info.n_layers == 2 && info.vocab == 40 && info.hidden == 32 && info.max_context == 64 &&
+              info.n_steer_layers == 2 && info.head_dim == 16,
+          "info: layers %d vocab %d hidden %d max_context %d", info.n_layers, info.vocab, info.hidden,
+          info.max_context);
+    printf("model: isa %s, mapped %llu, copied %llu, repacked %llu bytes\n", info.isa,
+           (unsigned long long)info.weight_bytes_mapped, (unsigned long long)info.weight_bytes_copied,
+           (unsigned long long)info.weight_bytes_repacked);
+    const int V = info.vocab, H = info.hidden;
+
+    int64_t ids[T];
+    for (int i = 0; i < T; i++) ids[i] = 3 + (i * 7) % (V - 3);
+    float *full = malloc(sizeof(float) * T * V), *inc = malloc(sizeof(float) * T * V), *last = malloc(sizeof(float) * V);
+
+    /* full prefill vs chunked prefill + one-token decode */
+    ea_session *a = NULL, *b = NULL;
+    CHECK(ea_session_create(model, 1, 0, 0, &a) == EA_OK, "session a");
+    CHECK(ea_session_create(model, 2, 32, 3, &b) == EA_OK, "session b");
+    CHECK(ea_session_n_ctx(a) == 64, "default n_ctx is min(max_context, 4096): %d", ea_session_n_ctx(a));
+    CHECK(ea_session_forward(a, ids, T, full, 1) == EA_OK, "forward full");
+    CHECK(ea_session_forward(b, ids, 5, inc, 1) == EA_OK, "forward prefix");
+    for (int i = 5; i < T; i++) CHECK(ea_session_forward(b, ids + i, 1, inc + (size_t)i * V, 1) == EA_OK, "decode %d", i);
+    CHECK(ea_session_n_past(b) == T, "n_past %d", ea_session_n_past(b));
+    CHECK(max_abs_diff(full, inc, (size_t)T * V) <= 1e-4f, "KV decode vs full: %g", max_abs_diff(full, inc, (size_t)T * V));
+    for (size_t i = 0; i < (size_t)T * V; i++)
+        if (!isfinite(full[i])) {
+            CHECK(0, "non-finite logit at %zu", i);
+            break;
+        }
+
+    /* last-token logits equal the last row of all logits */
+    ea_session_reset(a);
+    CHECK(ea_session_forward(a, ids, T, last, 0) == EA_OK, "forward last");
+    CHECK(max_abs_diff(last, full + (size_t)(T - 1) * V, V) <= 1e-5f, "last-row logits");
+
+    /* errors leave the session usable */
+    int64_t bad = V;
+    CHECK(ea_session_forward(a, &bad, 1, last, 0) == EA_ERR_ARG && strstr(ea_last_error(), "outside the vocabulary"),
+          "bad token id");
+    int64_t many[64] = {0};
+    CHECK(ea_session_forward(a, many, 64, last, 0) == EA_ERR_CONTEXT && strstr(ea_last_error(), "context overflow"),
+          "context overflow");
+    CHECK(ea_session_n_past(a) == T, "n_past unchanged after errors");
+    CHECK(ea_session_forward(a, ids, 0, last, 0) == EA_ERR_ARG, "zero tokens");
+    ea_session *c = NULL;
+    CHECK(ea_session_create(model, 1, 65, 0, &c) == EA_ERR_ARG && strstr(ea_last_error(), "max_context"), "n_ctx too big");
+
+    /* steering: add at the last layer shows up in the captured hidden state */
+    float *plain = malloc(sizeof(float) * 2 * T * H), *steered = malloc(sizeof(float) * 2 * T * H);
+    float add[64], nan_add[64];
+    for (int i = 0; i < H; i++) add[i] = 0.25f * (float)(i % 5) - 0.5f, nan_add[i] = 0.0f;
+    nan_add[3] = NAN;
+    CHECK(ea_session_get_hidden(a, plain, 1) == EA_ERR_STATE, "hidden while capture is off");
+    CHECK(ea_session_capture_hidden(a, 1) == EA_OK, "capture on");
+    ea_session_reset(a);
+    CHECK(ea_session_forward(a, ids, T, last, 0) == EA_OK, "forward capture");
+    CHECK(ea_session_hidden_tokens(a) == T, "hidden tokens");
+    CHECK(ea_session_get_hidden(a, plain, (size_t)2 * T * H) == EA_OK, "get hidden");
+    CHECK(ea_session_set_steering(a, 1, nan_add, NULL, 0) == EA_ERR_ARG && strstr(ea_last_error(), "non-finite"), "NaN add");
+    CHECK(ea_session_set_steering(a, 2, add, NULL, 0) == EA_ERR_ARG && strstr(ea_last_error(), "out of range"), "layer");
+    CHECK(ea_session_set_steering(a, 1, add, NULL, 0) == EA_OK, "set steering");
+    ea_session_reset(a);
+    CHECK(ea_session_forward(a, ids, T, last, 0) == EA_OK, "forward steered");
+    CHECK(ea_session_get_hidden(a, steered, (size_t)2 * T * H) == EA_OK, "get hidden steered");
+    CHECK(max_abs_diff(plain, steered, (size_t)T * H) == 0.0f, "layer 0 unchanged by steering layer 1");
+    float worst = 0.0f;
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < H; k++) {
+            float d = fabsf(steered[(size_t)(T + t) * H + k] - (plain[(size_t)(T + t) * H + k] + add[k]));
+            if (d > worst) worst = d;
+        }
+    CHECK(worst <= 1e-5f, "steered hidden = plain + add: %g", worst);
+    /* ablating a unit direction zeroes the hidden state's component along it */
+    float axis[64] = {0};
+    axis[5] = 1.0f;
+    CHECK(ea_session_set_steering(a, 1, NULL, axis, 1) == EA_OK, "ablate");
+    ea_session_reset(a);
+    CHECK(ea_session_forward(a, ids, T, last, 0) == EA_OK, "forward ablated");
+    CHECK(ea_session_get_hidden(a, steered, (size_t)2 * T * H) == EA_OK, "get hidden ablated");
+    for (int t = 0; t < T; t++) CHECK(fabsf(steered[(size_t)(T + t) * H + 5]) <= 1e-6f, "ablated component t=%d", t);
+    CHECK(ea_session_clear_steering(a, -1) == EA_OK, "clear");
+    ea_session_reset(a);
+    CHECK(ea_session_forward(a, ids, T, last, 0) == EA_OK, "forward cleared");
+    CHECK(max_abs_diff(last, full + (size_t)(T - 1) * V, V) <= 1e-5f, "cleared steering restores the logits");
+
+    /* profiler */
+    CHECK(ea_session_profile(a, 1) == EA_OK, "profile on");
+    CHECK(ea_session_forward(a, ids, 1, last, 0) == EA_OK, "forward profiled");
+    int nrec = ea_session_profile_count(a), gqa = 0;
+    for (int i = 0; i < nrec; i++) {
+        ea_profile_record r;
+        CHECK(ea_session_profile_get(a, i, &r) == EA_OK && r.calls == 1, "record %d", i);
+        gqa += !strcmp(r.op_type, "GroupQueryAttention");
+    }
+    CHECK(nrec > 10 && gqa == 2, "profile records %d, GQA %d", nrec, gqa);
+
+    /* thread count does not change results */
+    ea_session_reset(b);
+    CHECK(ea_session_forward(b, ids, T, inc, 1) == EA_OK, "forward 2 threads");
+    CHECK(max_abs_diff(full, inc, (size_t)T * V) <= 1e-5f, "1 vs 2 threads");
+
+    ea_session_free(a);
+    ea_session_free(b);
+    ea_model_free(model);
+
+    /* every truncation (in strides) is a clean error */
+    size_t n = 0;
+    unsigned char *buf = read_file(path, &n);
+    CHECK(buf != NULL, "read %s", path);
+    int cuts = 0;
+    for (size_t cut = 0; buf && cut < n; cut += 1 + cut / 64) {
+        ea_model *m = NULL;
+        int rc = ea_model_load_buffer(buf, cut, NULL, &m);
+        CHECK(rc != EA_OK && m == NULL && ea_last_error()[0], "truncation at %zu loaded", cut);
+        if (m) ea_model_free(m);
+        cuts++;
+    }
+    ea_model *m = NULL;
+    CHECK(buf && ea_model_load_buffer(buf, n, NULL, &m) == EA_OK, "whole buffer loads");
+    ea_model_free(m);
+    free(buf);
+    CHECK(ea_model_load("/nonexistent-edgeact", &m) == EA_ERR_IO && strstr(ea_last_error(), "cannot open"), "missing");
+
+    /* benchmark entry: int4 block 32, symmetric, against a float reference */
+    enum { BK = 64, BN = 8 };
+    uint8_t B[BN * 2 * 16];
+    float sc[BN * 2], x[BK], y[BN];
+    for (int i = 0; i < (int)sizeof B; i++) B[i] = (uint8_t)((i * 37 + 11) & 0xff);
+    for (int i = 0; i < BN * 2; i++) sc[i] = 0.01f * (float)(i + 1);
+    for (int i = 0; i < BK; i++) x[i] = sinf((float)i);
+    ea_bench_qmatmul *q = NULL;
+    CHECK(ea_bench_qmatmul_create(BK, BN, 4, 32, B, sc, NULL, 1, &q) == EA_OK, "bench create");
+    CHECK(q && ea_bench_qmatmul_run(q, x, 1, y) == EA_OK, "bench run");
+    for (int nn = 0; q && nn < BN; nn++) {
+        double ref = 0, mag = 0;
+        for (int k = 0; k < BK; k++) {
+            uint8_t byte = B[(nn * 2 + k / 32) * 16 + (k % 32) / 2];
+            int qv = (k % 2) ? byte >> 4 : byte & 15;
+            double w = (qv - 8) * sc[nn * 2 + k / 32];
+            ref += w * x[k];
+            mag += fabs(w * x[k]);
+        }
+        CHECK(fabs(y[nn] - ref) <= 0.02 * mag + 1e-6, "bench row %d: %g vs %g", nn, y[nn], ref);
+    }
+    ea_bench_qmatmul_free(q);
+    CHECK(ea_bench_qmatmul_create(BK, BN, 3, 32, B, sc, NULL, 1, &q) == EA_ERR_ARG, "bench bad bits");
+
+    free(full);
+    free(inc);
+    free(last);
+    free(plain);
+    free(steered);
+    printf("test_runtime: %d truncations rejected; %s: %d failure(s)\n", cuts, failures ? "FAILED" : "ok", failures);
+    return failures ? 1 : 0;
+}
