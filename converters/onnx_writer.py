@@ -326,7 +326,7 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
                 b.init(f"steer.{i}.ablate", np.zeros((1, cfg.hidden_size), np.float32))
                 steer_inputs += [helper.make_tensor_value_info(f"steer.{i}.add", TensorProto.FLOAT, [cfg.hidden_size]),
                                  helper.make_tensor_value_info(f"steer.{i}.ablate", TensorProto.FLOAT,
-                                                               ["R", cfg.hidden_size])]
+                                                               [f"R{i}", cfg.hidden_size])]
         h = b.embed()
         for i in range(cfg.num_layers):
             h = b.layer(i, h)

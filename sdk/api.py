@@ -82,25 +82,29 @@ class Model(SteeringMixin):
         eng = self.engine
         eng.reset()
         self.steering_phase(False)
-        t0 = time.perf_counter()
-        logits = eng.forward(np.asarray(prompt_ids, dtype=np.int64))[-1]
-        timing["prefill_s"] = time.perf_counter() - t0
-        history = list(prompt_ids)
-        t1 = time.perf_counter()
-        for step in range(cfg.max_new_tokens):
-            tok = choose(logits, cfg, rng, history)
-            history.append(tok)
-            timing["decode_s"] = time.perf_counter() - t1
-            yield tok
-            if tok in self.eos_token_ids or step == cfg.max_new_tokens - 1:
-                return
-            if eng.n_past >= eng.max_context:
-                timing["context"] = True
-                return
-            if step == 0:
-                self.steering_phase(True)
-                t1 = time.perf_counter()
-            logits = eng.forward(np.array([tok], dtype=np.int64))[-1]
+        try:
+            t0 = time.perf_counter()
+            logits = eng.forward(np.asarray(prompt_ids, dtype=np.int64))[-1]
+            timing["prefill_s"] = time.perf_counter() - t0
+            history = list(prompt_ids)
+            t1 = time.perf_counter()
+            for step in range(cfg.max_new_tokens):
+                tok = choose(logits, cfg, rng, history)
+                history.append(tok)
+                timing["decode_s"] = time.perf_counter() - t1
+                yield tok
+                if tok in self.eos_token_ids or step == cfg.max_new_tokens - 1:
+                    return
+                if eng.n_past >= eng.max_context:
+                    timing["context"] = True
+                    return
+                if step == 0:
+                    self.steering_phase(True)
+                    t1 = time.perf_counter()
+                logits = eng.forward(np.array([tok], dtype=np.int64))[-1]
+        finally:
+            # generated-only vectors must not leak into a later forward()
+            self.steering_phase(False)
 
     def stream(self, prompt, max_new_tokens: int = 128, **kw) -> Iterator[str]:
         """Text pieces as they become final (token ids for a folder without a tokenizer)."""

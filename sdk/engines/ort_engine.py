@@ -27,7 +27,9 @@ class OrtEngine(Engine):
         self.kv_heads, self.kv_dim = kv["num_kv_heads"], kv["head_dim"]
         self._session = self._make_session()
         self._hidden_session = None  # built on first output_hidden request
-        self._inputs = {i.name for i in self._session.get_inputs()}
+        # steer.* are initializers that double as inputs: onnxruntime lists them as overridable, not as inputs
+        self._inputs = {i.name for i in self._session.get_inputs()} | \
+            {i.name for i in self._session.get_overridable_initializers()}
         self._steer: dict[str, np.ndarray] = {}
         self.extra_inputs: dict[str, np.ndarray] = {}  # e.g. sparsity masks set by the SDK
         self.reset()
