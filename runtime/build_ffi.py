@@ -50,6 +50,8 @@ if __name__ == "__main__":
     _require_compiler()
     tmp = ROOT / "build" / "cffi"
     built = Path(ffibuilder.compile(tmpdir=str(tmp), verbose=False))
+    for stale in (ROOT / "runtime").glob("_native*.so"):   # e.g. an abi3 build from pip would shadow or be shadowed
+        stale.unlink()
     shutil.copy2(built, ROOT / "runtime" / built.name)
     print(ROOT / "runtime" / built.name)
 else:
