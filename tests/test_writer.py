@@ -180,7 +180,7 @@ def test_graph_follows_contract(tmp_path, quant):
     assert steer_outs == ["hidden.0", "hidden.1"]
     inputs = {i.name: i for i in m.graph.input}
     ablate = inputs["steer.0.ablate"].type.tensor_type.shape.dim
-    assert ablate[0].dim_param == "R" and ablate[1].dim_value == 48
+    assert ablate[0].dim_param == "R0" and ablate[1].dim_value == 48
     assert [o.name for o in m.graph.output] == ["logits"] + [f"present.{i}.{kv}" for i in range(2)
                                                              for kv in ("key", "value")]
     inits = {t.name: t for t in m.graph.initializer}
