@@ -126,6 +126,14 @@ def llamacpp_gguf(folder: Path, meta: dict, ftype: str = "q4_0") -> Path | None:
 # ---------------------------------------------------------------- workers (run in a subprocess)
 
 def _peak_rss() -> int:
+    """Peak resident set of this process. VmHWM, not ru_maxrss: the latter survives
+    execve, so a worker would inherit its parent's (torch-sized) high-water mark."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -158,11 +166,14 @@ def worker(spec: dict) -> dict:
     vocab = facts["vocab_size"]
     n_ctx = pp + tg + 8
     if engine in ("native", "ort"):
-        import edgeact
+        from edgeact.engines import make_engine
 
-        model = edgeact.load(folder, engine=engine, threads=threads)
-        eng = model.engine
-        res = _time_engine(eng.forward, eng.forward, eng.reset, pp, tg, reps, vocab)
+        # The native KV cache is allocated up front: size it to the run, as llama.cpp's n_ctx is.
+        eng = make_engine(folder, engine, threads=threads, **({"n_ctx": n_ctx} if engine == "native" else {}))
+        last = getattr(eng, "logits_last", None)
+        # llama-bench's pp computes logits for the last prompt token only; do the same where we can.
+        prefill = (lambda x: last(x)) if last else eng.forward
+        res = _time_engine(prefill, eng.forward, eng.reset, pp, tg, reps, vocab)
         try:
             res["repacked_bytes"] = int(getattr(eng, "repacked_bytes", 0) or 0)
         except Exception:
