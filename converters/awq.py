@@ -1,0 +1,187 @@
+"""Activation-aware weight quantization (AWQ, Lin et al. 2023) as a weight transform.
+
+Round-to-nearest loses most on the weight columns that meet the largest
+activations. AWQ scales those input channels up before quantizing (W·diag(s))
+and folds 1/s into whatever produces the input (an RMSNorm weight, or the rows
+of the previous linear), so the fp32 function is unchanged and the graph gains
+no op. s = s_x^α with s_x the mean |x| per channel on calibration text; α is
+searched on a grid for each group of linears sharing an input, minimizing the
+group's output error after quantization. An optional clipping search then
+shrinks each output row's range where that lowers its output error.
+
+The result is an ordinary SourceModel: the writer's round-to-nearest packer
+quantizes it into the same MatMulNBits format, so every engine runs it unchanged.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .calibration import calibration_ids, capture_inputs
+from .model import ConversionError, SourceModel
+
+ALPHAS = np.linspace(0.0, 1.0, 21)[:-1]      # 0, 0.05, ..., 0.95 (α=0 is plain RTN)
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+METHODS = ("rtn", "awq")
+
+
+def fake_quant(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
+    """Quantize-dequantize W [N, K] exactly as converters/quantize.py packs it."""
+    N, K = w.shape
+    blocks = -(-K // group)
+    wp = torch.nn.functional.pad(w, (0, blocks * group - K)).reshape(N, blocks, group)
+    qmax = (1 << bits) - 1
+    if symmetric:
+        mid = 1 << (bits - 1)
+        scale = wp.abs().amax(-1) / (mid - 1)
+        zp = torch.full_like(scale, float(mid))
+    else:
+        lo = wp.amin(-1).clamp(max=0)
+        hi = wp.amax(-1).clamp(min=0)
+        scale = (hi - lo) / qmax
+        zp = torch.where(scale > 0, torch.round(-lo / scale.clamp(min=1e-30)).clamp(0, qmax), torch.zeros_like(scale))
+    inv = torch.where(scale > 0, 1.0 / scale.clamp(min=1e-30), torch.zeros_like(scale))
+    q = (torch.round(wp * inv[..., None]) + zp[..., None]).clamp(0, qmax)
+    return ((q - zp[..., None]) * scale[..., None]).reshape(N, -1)[:, :K]
+
+
+def _group_error(x: torch.Tensor, ws: list[torch.Tensor], s: torch.Tensor, bits, group, sym) -> float:
+    err = 0.0
+    for w in ws:
+        wq = fake_quant(w * s, bits, group, sym) / s
+        err += float(((x @ (wq - w).T) ** 2).mean())
+    return err
+
+
+def search_scale(x: torch.Tensor, ws: list[torch.Tensor], bits: int, group: int, symmetric: bool):
+    """Best s = s_x^α over the α grid for linears `ws` that all read input x [T, K]."""
+    s_x = x.abs().mean(0).clamp(min=1e-8)
+    best = (float("inf"), None, None)
+    base = None
+    for a in ALPHAS:
+        s = s_x.pow(float(a))
+        s = s / (s.max() * s.min()).sqrt()
+        err = _group_error(x, ws, s, bits, group, symmetric)
+        if a == 0:
+            base = err
+        if err < best[0]:
+            best = (err, float(a), s)
+    return best[2], best[1], base, best[0]
+
+
+def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
+    """Per output row, the clipping ratio of the weight range with the lowest output error."""
+    best_err = torch.full((w.shape[0],), float("inf"))
+    best_w = w.clone()
+    for r in CLIP_RATIOS:
+        N, K = w.shape
+        blocks = -(-K // group)
+        wp = torch.nn.functional.pad(w, (0, blocks * group - K)).reshape(N, blocks, group)
+        hi = wp.amax(-1, keepdim=True) * r
+        lo = wp.amin(-1, keepdim=True) * r
+        wc = torch.maximum(torch.minimum(wp, hi), lo).reshape(N, -1)[:, :K]
+        err = ((x @ (fake_quant(wc, bits, group, symmetric) - w).T) ** 2).mean(0)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_w[better] = wc[better]
+    return best_w
+
+
+def awq_transform(src: SourceModel, *, bits: int = 4, group_size: int = 128, symmetric: bool = False,
+                  calib_ids: np.ndarray | None = None, calib_file=None, calib_tokens: int = 1024, clip: bool = True,
+                  progress: bool = True) -> tuple[SourceModel, dict]:
+    """AWQ-scaled (and clipped) fp32 weights of `src`, with a report for edgeact.json."""
+    from tqdm import tqdm
+
+    from .torch_ref import build_torch_model
+
+    cfg = src.config
+    model = build_torch_model(src)
+    if calib_ids is None:
+        calib_ids = calibration_ids(src, model, text_file=calib_file, n_tokens=calib_tokens)
+    tensors = {name: src.load(name) for name in src.tensors}   # one copy of the weights, transformed in place
+    t = {k: torch.from_numpy(v) for k, v in tensors.items()}
+    # o_proj can take v's scales only if each v channel feeds exactly one o input channel (no GQA sharing).
+    fold_v_o = cfg.num_heads == cfg.num_kv_heads
+    report = {"method": "awq", "alphas": {}, "loss_rtn": 0.0, "loss_awq": 0.0, "clip": clip,
+              "calibration": {"tokens": int(np.asarray(calib_ids).size),
+                              "source": str(calib_file) if calib_file else "sampled from the fp32 model"},
+              "not_folded": [] if fold_v_o else
+              [f"model.layers.*.self_attn.o_proj (GQA: {cfg.num_heads} heads share {cfg.num_kv_heads} v heads)"]}
+    it = range(cfg.num_layers)
+    for i in (tqdm(it, desc="AWQ", unit="layer") if progress else it):
+        acts = capture_inputs(model, calib_ids, layers=[i])
+        p = f"model.layers.{i}."
+        plans = [("attn_in", [p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"],
+                  ("norm", p + "input_layernorm.weight")),
+                 ("ffn_in", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+                  ("norm", p + "post_attention_layernorm.weight")),
+                 ("ffn_out", [p + "mlp.down_proj.weight"], ("rows", p + "mlp.up_proj.weight"))]
+        if fold_v_o:
+            plans.append(("attn_out", [p + "self_attn.o_proj.weight"], ("rows", p + "self_attn.v_proj.weight")))
+        for group, names, (kind, prev) in plans:
+            # Captured from the fp32 function, which every fold preserves (down's input is SiLU(gate)·up,
+            # unchanged by gate/up's input scaling; dividing up's rows by s scales it by exactly 1/s).
+            x = acts[(i, group)]
+            ws = [t[n] for n in names]
+            s, alpha, err0, err1 = search_scale(x, ws, bits, group_size, symmetric)
+            report["alphas"][f"{i}.{group}"] = alpha
+            report["loss_rtn"] += err0
+            report["loss_awq"] += err1
+            for n in names:
+                t[n] = t[n] * s
+            if kind == "norm":
+                t[prev] = t[prev] / s
+            else:
+                t[prev] = t[prev] / s[:, None]
+                bias = prev.replace(".weight", ".bias")
+                if bias in t:
+                    t[bias] = t[bias] / s
+            if clip:
+                xs = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:512]]
+                for n in names:
+                    t[n] = search_clip(xs / s, t[n], bits, group_size, symmetric)
+        del acts
+        # Later layers see the fp32 function (folding keeps it); reload this layer's weights into the
+        # reference only if clipping changed it, so the next layers calibrate on what will be deployed.
+        if clip:
+            block = model.model.layers[i]
+            with torch.no_grad():
+                for n, tensor in t.items():
+                    if n.startswith(p):
+                        block.get_parameter(n[len(p):]).copy_(tensor)
+    out = {k: (lambda v=v: v.numpy()) for k, v in t.items()}
+    new = SourceModel(cfg, out, tokenizer_json=src.tokenizer_json, chat_template=src.chat_template,
+                      add_bos_token=src.add_bos_token, provenance=dict(src.provenance))
+    return new, report
+
+
+# ---- the `edgeact convert` extension (picked up by sdk/commands/convert.py)
+
+def add_convert_args(parser) -> None:
+    g = parser.add_argument_group("quantization method")
+    g.add_argument("--method", choices=METHODS, default="rtn",
+                   help="rtn: round to nearest; awq: activation-aware scaling (+ clipping) on calibration text")
+    if "--calib" not in parser._option_string_actions:
+        g.add_argument("--calib", default=None, metavar="FILE",
+                       help="calibration text (default: text the fp32 model samples itself, fixed seed)")
+    g.add_argument("--calib-tokens", type=int, default=1024, help="calibration tokens")
+    g.add_argument("--no-awq-clip", dest="awq_clip", action="store_false", help="skip AWQ's clipping search")
+
+
+def convert_kwargs(args, source, kw):
+    if getattr(args, "method", "rtn") == "rtn":
+        return source, kw
+    if kw["quant"] not in ("int4", "int8"):
+        raise ConversionError(f"--method {args.method} needs --quant int4 or int8, not {kw['quant']}")
+    from .model import SourceModel as _SM
+    from .readers import read_source
+
+    src = source if isinstance(source, _SM) else read_source(source, tokenizer=kw.pop("tokenizer", None))
+    kw.pop("tokenizer", None)
+    new, report = awq_transform(src, bits=4 if kw["quant"] == "int4" else 8, group_size=kw["group_size"],
+                                symmetric=kw["symmetric"], calib_file=args.calib, calib_tokens=args.calib_tokens,
+                                clip=args.awq_clip, progress=kw.get("progress", True))
+    kw["method"] = "awq"
+    kw["calibration"] = report
+    return new, kw

@@ -1,0 +1,81 @@
+"""Calibration data and activation capture, shared by AWQ and activation sparsity.
+
+Activations are taken from the fp32 source model (not from a progressively
+quantized one): every method then calibrates against the same, reproducible
+inputs, and a layer's statistics do not depend on the choices made before it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from .model import ConversionError, SourceModel
+from .sampling import sample_ids
+
+# Linears by the input they read (HF module names inside a decoder layer).
+INPUT_GROUPS = {
+    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn_out": ("self_attn.o_proj",),
+    "ffn_in": ("mlp.gate_proj", "mlp.up_proj"),
+    "ffn_out": ("mlp.down_proj",),
+}
+
+
+def calibration_ids(src: SourceModel, model=None, *, text_file: str | Path | None = None, n_tokens: int = 1024,
+                    seq_len: int = 256, seed: int = 1234) -> np.ndarray:
+    """[n_seq, seq_len] int64 token ids: the text file tokenized with the source's tokenizer,
+    or, by default, text the fp32 model samples itself (seeds seed, seed+1, ...)."""
+    if n_tokens < seq_len:
+        seq_len = n_tokens
+    n_seq = max(1, n_tokens // seq_len)
+    if text_file is not None:
+        if not src.tokenizer_json:
+            raise ConversionError("--calib needs a tokenizer, and this source has none: omit --calib to calibrate "
+                                  "on text the model samples itself")
+        path = Path(text_file)
+        if not path.is_file():
+            raise ConversionError(f"calibration text {path} not found")
+        from tokenizers import Tokenizer
+
+        ids = Tokenizer.from_str(src.tokenizer_json).encode(path.read_text()).ids
+        if len(ids) < seq_len:
+            raise ConversionError(f"calibration text {path} has {len(ids)} tokens; need at least {seq_len}")
+        n_seq = min(n_seq, len(ids) // seq_len)
+        return np.asarray(ids[: n_seq * seq_len], dtype=np.int64).reshape(n_seq, seq_len)
+    if model is None:
+        from .torch_ref import build_torch_model
+
+        model = build_torch_model(src)
+    bos = src.config.bos_token_id
+    seqs = [sample_ids(model, seq_len - 1, seed=seed + i, bos_id=bos) for i in range(n_seq)]
+    return np.stack(seqs).astype(np.int64)
+
+
+@torch.no_grad()
+def capture_inputs(model, ids: np.ndarray, layers: Iterable[int] | None = None,
+                   groups: Iterable[str] = tuple(INPUT_GROUPS)) -> dict[tuple[int, str], torch.Tensor]:
+    """Inputs of each linear group, as {(layer, group): [tokens, K] float32}, for the given layers
+    (all by default). Memory: tokens × (sum of captured K) floats."""
+    layer_set = set(range(len(model.model.layers)) if layers is None else layers)
+    out: dict[tuple[int, str], list[torch.Tensor]] = {}
+    hooks = []
+    for i, block in enumerate(model.model.layers):
+        if i not in layer_set:
+            continue
+        for g in groups:
+            mod = block.get_submodule(INPUT_GROUPS[g][0])
+
+            def hook(m, args, i=i, g=g):
+                out.setdefault((i, g), []).append(args[0].reshape(-1, args[0].shape[-1]).detach().float().clone())
+
+            hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        for row in np.atleast_2d(ids):
+            model(torch.from_numpy(np.asarray(row, dtype=np.int64))[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(v) for k, v in out.items()}
