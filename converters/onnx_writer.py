@@ -136,13 +136,15 @@ class GraphBuilder:
 
     def __init__(self, src: SourceModel, inits: _Initializers, *, quant: str, group_size: int, symmetric: bool,
                  lm_head: str, embedding: str, accuracy_level: int,
-                 linear_override: dict[str, QuantizedWeight] | None, steering: bool = True, on_tensor=None):
+                 linear_override: dict[str, QuantizedWeight] | None, steering: bool = True, on_tensor=None,
+                 sparse_sites: dict | None = None):
         self.src, self.cfg, self.inits = src, src.config, inits
         self.quant, self.group_size, self.symmetric = quant, group_size, symmetric
         self.lm_head_kind, self.embedding_kind = lm_head, embedding
         self.accuracy_level = accuracy_level
         self.linear_override = dict(linear_override or {})
         self.steering = steering
+        self.sparse_sites = dict(sparse_sites or {})   # site → (threshold [K], col_scale [K]); see converters/sparsity.py
         self.head_dim = graph_head_dim(self.cfg.head_dim)
         self.nodes: list[onnx.NodeProto] = []
         self._on_tensor = on_tensor or (lambda name: None)
@@ -202,6 +204,15 @@ class GraphBuilder:
         return self.node("MatMul", [x, self.init(weight, w)], name)
 
     # --- blocks -------------------------------------------------------------------------------------
+    def sparsify(self, x: str, site: str) -> str:
+        """ai.edgeact.Sparsify before the linears reading `x` when activation sparsity covers `site`."""
+        if site not in self.sparse_sites:
+            return x
+        threshold, col_scale = self.sparse_sites[site]
+        t = self.init(f"{site}.threshold", np.asarray(threshold, np.float32))
+        c = self.init(f"{site}.col_scale", np.asarray(col_scale, np.float32))
+        return self.node("Sparsify", [x, t, c], f"{site}.sparsify", domain="ai.edgeact")
+
     def rms_norm(self, x: str, weight: str, name: str) -> str:
         return self.node("RMSNormalization", [x, self.init(weight, self.weight(weight))], name,
                          axis=-1, epsilon=float(self.cfg.rms_norm_eps))
@@ -224,7 +235,7 @@ class GraphBuilder:
     def layer(self, i: int, h: str) -> str:
         c = self.cfg
         p, hf = f"layers.{i}", f"model.layers.{i}"
-        x = self.rms_norm(h, f"{hf}.input_layernorm.weight", f"{p}.attn_norm")
+        x = self.sparsify(self.rms_norm(h, f"{hf}.input_layernorm.weight", f"{p}.attn_norm"), f"{p}.attn_in")
         q = self.projection(x, f"{hf}.self_attn", "q_proj", f"{p}.attn.q_proj")
         k = self.projection(x, f"{hf}.self_attn", "k_proj", f"{p}.attn.k_proj")
         v = self.projection(x, f"{hf}.self_attn", "v_proj", f"{p}.attn.v_proj")
@@ -234,14 +245,14 @@ class GraphBuilder:
                       f"{p}.attn.gqa", outputs=[f"{p}.attn.gqa", f"present.{i}.key", f"present.{i}.value"],
                       domain="com.microsoft", num_heads=c.num_heads, kv_num_heads=c.num_kv_heads,
                       do_rotary=1, rotary_interleaved=0, scale=1.0 / math.sqrt(c.head_dim))
-        o = self.linear(a, f"{hf}.self_attn.o_proj.weight", f"{p}.attn.o_proj")
+        o = self.linear(self.sparsify(a, f"{p}.attn_out"), f"{hf}.self_attn.o_proj.weight", f"{p}.attn.o_proj")
         h1 = self.node("Add", [h, o], f"{p}.attn.residual")
-        x2 = self.rms_norm(h1, f"{hf}.post_attention_layernorm.weight", f"{p}.ffn_norm")
+        x2 = self.sparsify(self.rms_norm(h1, f"{hf}.post_attention_layernorm.weight", f"{p}.ffn_norm"), f"{p}.ffn_in")
         g = self.linear(x2, f"{hf}.mlp.gate_proj.weight", f"{p}.mlp.gate_proj")
         u = self.linear(x2, f"{hf}.mlp.up_proj.weight", f"{p}.mlp.up_proj")
         silu = self.node("Mul", [g, self.node("Sigmoid", [g], f"{p}.mlp.sigmoid")], f"{p}.mlp.silu")
-        m = self.node("Mul", [silu, u], f"{p}.mlp.gate_mul")
-        d = self.linear(m, f"{hf}.mlp.down_proj.weight", f"{p}.mlp.down_proj")
+        m = self.node("Mul", [self.sparsify(silu, f"{p}.ffn_act"), u], f"{p}.mlp.gate_mul")
+        d = self.linear(self.sparsify(m, f"{p}.ffn_out"), f"{hf}.mlp.down_proj.weight", f"{p}.mlp.down_proj")
         if not self.steering:
             return self.node("Add", [h1, d], f"{p}.mlp.residual", outputs=[f"hidden.{i}"])
         h2 = self.node("Add", [h1, d], f"{p}.mlp.residual")
@@ -260,12 +271,13 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
                lm_head: str | None = None, embedding: str | None = None, accuracy_level: int = 4,
                max_context: int | None = None, external_data: bool | None = None, steering: bool = True,
                progress: bool = True, linear_override: dict[str, QuantizedWeight] | None = None,
-               method: str = "rtn") -> dict:
+               method: str = "rtn", sparsity: dict | None = None) -> dict:
     """Write out_dir/model.onnx (+ model.onnx.data); return the facts edgeact.json records.
 
     external_data: None = only when the weights exceed protobuf's 2 GB; True/False force it.
     steering=False leaves the Steer nodes out (hidden.{i} is then the layer's residual output).
     method names the quantizer in edgeact.json ("awq", "gptq" when linear_override carries its weights).
+    sparsity: {"sites": {site: (threshold, col_scale)}, "meta": {...}} from converters/sparsity.py.
     """
     cfg = src.config
     if cfg.arch not in SUPPORTED_ARCHITECTURES:
@@ -315,7 +327,8 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
     try:
         b = GraphBuilder(src, inits, quant=quant, group_size=group_size, symmetric=symmetric, lm_head=lm_head,
                          embedding=embedding, accuracy_level=accuracy_level, linear_override=linear_override,
-                         steering=steering, on_tensor=on_tensor)
+                         steering=steering, on_tensor=on_tensor,
+                         sparse_sites=(sparsity or {}).get("sites"))
         b.init("cos_cache", cos)
         b.init("sin_cache", sin)
         del cos, sin
@@ -354,6 +367,10 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
     model.graph.output.extend(outputs)
     if steering:
         model.functions.append(steer_function())
+    if sparsity and sparsity.get("sites"):
+        from .sparsity import sparsify_function
+
+        model.functions.append(sparsify_function())
     path = out_dir / "model.onnx"
     onnx.save_model(model, str(path))
     del model   # check from the file so the weights are not held twice
@@ -364,7 +381,7 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
                          "method": method, "accuracy_level": accuracy_level,
                          "lm_head": lm_head, "embedding": embedding},
         "steering": ({"layers": cfg.num_layers, "inputs": "steer.{i}.add / steer.{i}.ablate"} if steering else None),
-        "sparsity": None,
+        "sparsity": (sparsity or {}).get("meta"),
         "external_data": bool(external_data),
         "kv_cache": {"num_kv_heads": cfg.num_kv_heads, "head_dim": head_dim},
         "weight_bytes": inits.nbytes,

@@ -185,7 +185,8 @@ class NativeSession:
         for i in range(lib.ea_session_profile_count(self._ptr)):
             _check(lib.ea_session_profile_get(self._ptr, i, rec))
             out.append({"name": ffi.string(rec.name).decode(), "op_type": ffi.string(rec.op_type).decode(),
-                        "calls": int(rec.calls), "ns": int(rec.ns), "weight_bytes": int(rec.weight_bytes)})
+                        "calls": int(rec.calls), "ns": int(rec.ns), "weight_bytes": int(rec.weight_bytes),
+                        "active": int(rec.active), "total": int(rec.total)})
         return out
 
 

@@ -54,6 +54,7 @@ typedef struct ea_profile_record {
     uint64_t calls;
     uint64_t ns;          /* wall time summed over calls */
     uint64_t weight_bytes; /* weight bytes read, summed over calls */
+    uint64_t active, total; /* Sparsify: channels kept and channels seen (realized sparsity = 1 - active/total) */
 } ea_profile_record;
 
 const char *ea_last_error(void);

@@ -253,6 +253,8 @@ int ea_session_profile_reset(ea_session *ss) {
     memset(ss->prof_ns, 0, sizeof(uint64_t) * (size_t)ss->n_exec);
     memset(ss->prof_calls, 0, sizeof(uint64_t) * (size_t)ss->n_exec);
     memset(ss->prof_bytes, 0, sizeof(uint64_t) * (size_t)ss->n_exec);
+    memset(ss->prof_active, 0, sizeof(uint64_t) * (size_t)ss->n_exec);
+    memset(ss->prof_total, 0, sizeof(uint64_t) * (size_t)ss->n_exec);
     return EA_OK;
 }
 
@@ -268,6 +270,8 @@ int ea_session_profile_get(const ea_session *ss, int index, ea_profile_record *o
     out->calls = ss->prof_calls[index];
     out->ns = ss->prof_ns[index];
     out->weight_bytes = ss->prof_bytes[index];
+    out->active = ss->prof_active[index];
+    out->total = ss->prof_total[index];
     return EA_OK;
 }
 

@@ -37,7 +37,7 @@ typedef struct value {
 
 typedef enum {
     OP_GATHER, OP_CAST, OP_RMSNORM, OP_MATMUL, OP_QMATMUL, OP_GQA, OP_ADD, OP_ADD_BIAS,
-    OP_MUL, OP_SIGMOID, OP_SILU_MUL, OP_STEER, OP_NOP
+    OP_MUL, OP_SIGMOID, OP_SILU_MUL, OP_STEER, OP_SPARSIFY, OP_NOP
 } op_kind;
 
 typedef struct step {
@@ -68,6 +68,12 @@ typedef struct step {
     /* Steer defaults (initializers), used when the session sets nothing */
     const float *def_add, *def_ablate;
     int def_R, def_add_zero, def_ablate_zero;
+    /* Sparsify: threshold and column scale [K]; a MatMulNBits reading a Sparsify output keeps a
+     * channel-major copy and, for one row, reads only the weights of the active channels */
+    const float *thr, *colsc;
+    int sparse_src;       /* MatMulNBits: 1 + the Sparsify step feeding it, 0 = dense input */
+    ea_qweight_cm cm;
+    int cm_ready;
 } step;
 
 struct ea_model {

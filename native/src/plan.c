@@ -470,6 +470,23 @@ static int plan_node(builder *b, int ni, step *st) {
         st->out = add_output(b, nd, 0, V_ACT, ONNX_FLOAT, m->values[st->in[0]].width, si);
         return st->out < 0 ? -1 : 0;
     }
+    if (ea && !strcmp(op, "Sparsify")) {
+        static const char *const known[] = {NULL};
+        if (check_attrs(b, nd, known) || get_input(b, nd, 0, 1, &st->in[0]) || get_input(b, nd, 1, 1, &st->in[1]) ||
+            get_input(b, nd, 2, 1, &st->in[2]) || need_act(b, nd, 0, st->in[0]) || only_outputs(b, nd, 1))
+            return -1;
+        int width = m->values[st->in[0]].width;
+        const onnx_tensor *thr = need_const(b, nd, 1, st->in[1], ONNX_FLOAT, -1);
+        const onnx_tensor *col = thr ? need_const(b, nd, 2, st->in[2], ONNX_FLOAT, -1) : NULL;
+        if (!col) return -1;
+        if (numel_of(thr) != width || numel_of(col) != width)
+            NODE_FAIL("threshold and col_scale must have %d elements (the input width)", width);
+        st->op = OP_SPARSIFY;
+        st->thr = (const float *)thr->data;
+        st->colsc = (const float *)col->data;
+        st->out = add_output(b, nd, 0, V_ACT, ONNX_FLOAT, width, si);
+        return st->out < 0 ? -1 : 0;
+    }
     if (ea && !strcmp(op, "Steer")) {
         static const char *const known[] = {NULL};
         if (check_attrs(b, nd, known) || get_input(b, nd, 0, 1, &st->in[0]) || get_input(b, nd, 1, 1, &st->in[1]) ||
@@ -501,7 +518,7 @@ static int plan_node(builder *b, int ni, step *st) {
     }
     NODE_FAIL("op type '%s%s%s' is not supported by the native runtime (supported: Gather, Cast, RMSNormalization, "
               "MatMul, Add, Mul, Sigmoid, com.microsoft.MatMulNBits, com.microsoft.GroupQueryAttention, "
-              "ai.edgeact.Steer)", dom, *dom ? "." : "", op);
+              "ai.edgeact.Steer, ai.edgeact.Sparsify)", dom, *dom ? "." : "", op);
 }
 
 /* ---- graph inputs and initializers -------------------------------------------- */
@@ -732,6 +749,21 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
     }
     count_uses(m, uses);
     fuse_silu(m, uses);
+    /* int4 matmuls fed by a Sparsify get a channel-major copy for the input-sparse GEMV */
+    for (int s = 0; s < m->n_steps; s++) {
+        step *st = &m->steps[s];
+        if (st->op != OP_QMATMUL || st->qw.bits != 4 || st->in[0] < 0) continue;
+        int p = m->values[st->in[0]].producer;
+        if (p < 0 || p >= m->n_steps || m->steps[p].op != OP_SPARSIFY) continue;
+        int krc = ea_qweight_cm_init(&st->cm, m->isa, &st->qw);
+        if (krc) {
+            ea_fail(err, "node '%s': channel-major repack failed: %s", st->name, ea_kernels_strerror(krc));
+            goto done;
+        }
+        st->cm_ready = 1;
+        st->sparse_src = p + 1;
+        m->bytes_repacked += st->cm.bytes;
+    }
     m->hidden = 0;
     for (int i = 0; i < m->n_values; i++) {
         value *v = &m->values[i];
@@ -766,8 +798,10 @@ done:
 }
 
 void ea_model_destroy(ea_model *m) {
-    for (int s = 0; s < m->n_steps; s++)
+    for (int s = 0; s < m->n_steps; s++) {
         if (m->steps[s].qw_ready) ea_qweight_release(&m->steps[s].qw);
+        if (m->steps[s].cm_ready) ea_qweight_cm_release(&m->steps[s].cm);
+    }
     free(m->steps);
     free(m->values);
     free(m->slot_width);

@@ -105,6 +105,13 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 a += (size_t)(S - 1) * st->K;
                 rows = 1;
             }
+            if (st->sparse_src && rows == 1) {
+                /* one row behind a Sparsify: read only the weights of its active channels */
+                const int src = st->sparse_src - 1, na = ss->n_active[src];
+                rc = ea_sparse_qgemv(ctx, &st->cm, &st->qw, a, ss->active[src], na, y);
+                bytes = (uint64_t)((double)st->weight_bytes * na / (st->K ? st->K : 1));
+                break;
+            }
             rc = st->op == OP_QMATMUL ? ea_qmatmul(ctx, &st->qw, a, rows, y)
                  : st->Wh ? ea_matmul_f16(ctx, a, rows, st->K, st->Wh, st->N, y)
                           : ea_matmul_f32(ctx, a, rows, st->K, st->Wf, st->N, y);
@@ -147,6 +154,30 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
             if (ss->steer_add[st->layer] || ss->steer_ablate[st->layer] || !st->def_add_zero || !st->def_ablate_zero)
                 steer_rows(ss, st, y, S, w);
             break;
+        case OP_SPARSIFY: {
+            int na = 0;
+            for (int r = 0; r < S; r++) {
+                const float *xr = a + (size_t)r * w;
+                float *yr = y + (size_t)r * w;
+                int32_t *act = ss->active[si];
+                na = 0;
+                for (int k = 0; k < w; k++) {
+                    /* same rule as the function body: keep when |x|·col_scale >= threshold */
+                    if (fabsf(xr[k]) * st->colsc[k] >= st->thr[k]) {
+                        yr[k] = xr[k];
+                        act[na++] = k;
+                    } else {
+                        yr[k] = 0.0f;
+                    }
+                }
+                if (__builtin_expect(ss->profile, 0)) {
+                    ss->prof_active[e] += (uint64_t)na;
+                    ss->prof_total[e] += (uint64_t)w;
+                }
+            }
+            ss->n_active[si] = na;
+            break;
+        }
         case OP_NOP: break;
         }
         if (rc) {
@@ -230,6 +261,12 @@ void ea_session_destroy(ea_session *ss) {
     free(ss->prof_ns);
     free(ss->prof_calls);
     free(ss->prof_bytes);
+    free(ss->prof_active);
+    free(ss->prof_total);
+    if (ss->active)
+        for (int s = 0; s < ss->m->n_steps; s++) free(ss->active[s]);
+    free(ss->active);
+    free(ss->n_active);
     ea_kctx_release(&ss->kctx);
     if (ss->pool) ea_pool_destroy(ss->pool);
     free(ss);
@@ -265,6 +302,16 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     ss->prof_ns = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
     ss->prof_calls = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
     ss->prof_bytes = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
+    ss->prof_active = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
+    ss->prof_total = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
+    ss->active = calloc((size_t)m->n_steps + 1, sizeof(int32_t *));
+    ss->n_active = calloc((size_t)m->n_steps + 1, sizeof(int));
+    if (!ss->prof_active || !ss->prof_total || !ss->active || !ss->n_active)
+        return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
+    for (int s = 0; s < m->n_steps; s++)
+        if (m->steps[s].op == OP_SPARSIFY &&
+            !(ss->active[s] = malloc(sizeof(int32_t) * (size_t)m->values[m->steps[s].out].width)))
+            return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
     int max_R = 1;
     for (int s = 0; s < m->n_steps; s++)
         if (m->steps[s].op == OP_STEER && m->steps[s].def_R > max_R) max_R = m->steps[s].def_R;

@@ -22,6 +22,9 @@ struct ea_session {
     int *exec_steps;        /* the plan steps that run, in order */
     int n_exec;
     uint64_t *prof_ns, *prof_calls, *prof_bytes; /* per exec step */
+    uint64_t *prof_active, *prof_total;          /* per exec step: Sparsify channels kept / seen */
+    int32_t **active;       /* per plan step (Sparsify only): active channels of the last row */
+    int *n_active;
 };
 
 int ea_physical_cores(void);

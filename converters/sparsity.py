@@ -1,0 +1,191 @@
+"""Activation sparsity: which input channels of a linear are zeroed, and the thresholds
+that make a target fraction of them zero on calibration text.
+
+A channel is *active* when its score reaches the threshold; inactive channels are
+zero and the weight rows they would meet are never read. Methods (seed papers):
+
+  teal       |x_i|            ≥ t      one threshold per tensor (TEAL)
+  chess      |x_i|            ≥ t_i    one threshold per channel (CHESS)
+  wina       |x_i|·‖W[:, i]‖  ≥ t      weight-informed score (WINA); ‖·‖ over every
+                                        linear reading x (q, k, v share one score)
+  cats       |SiLU(gate)_j|   ≥ t      gated FFN: the intermediate channel j is computed
+                                        only when its gate activation is large (CATS)
+
+Each sparse site becomes one `ai.edgeact.Sparsify(x, threshold, col_scale)` node
+before the linears that read x (docs/sparsity.md); its ONNX function body is the
+same rule in standard ops, so onnxruntime runs the file as dense math with zeros.
+Thresholds come from the fp32 model's activations on calibration text.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from .calibration import INPUT_GROUPS, calibration_ids, capture_inputs
+from .model import ConversionError, SourceModel
+
+METHODS = ("teal", "chess", "wina", "cats")
+# Site → (layer type, the linears that read it).
+SITES = {"attn_in": ("attn", INPUT_GROUPS["attn_in"]), "attn_out": ("attn", INPUT_GROUPS["attn_out"]),
+         "ffn_in": ("ffn", INPUT_GROUPS["ffn_in"]), "ffn_out": ("ffn", INPUT_GROUPS["ffn_out"])}
+
+
+def sparsify_function() -> onnx.FunctionProto:
+    """y = x where |x|·col_scale ≥ threshold, else 0 (threshold, col_scale broadcast over the last axis)."""
+    return helper.make_function(
+        "ai.edgeact", "Sparsify", ["x", "threshold", "col_scale"], ["y"],
+        [helper.make_node("Abs", ["x"], ["ax"]),
+         helper.make_node("Mul", ["ax", "col_scale"], ["score"]),
+         helper.make_node("GreaterOrEqual", ["score", "threshold"], ["keep"]),
+         helper.make_node("Constant", [], ["zero"], value_float=0.0),
+         helper.make_node("Where", ["keep", "x", "zero"], ["y"])],
+        opset_imports=[helper.make_opsetid("", 23)])
+
+
+def parse_targets(spec, method: str) -> dict[str, float]:
+    """'0.5' or 'attn=0.4,ffn=0.5' → {'attn': .., 'ffn': ..}; cats covers the FFN only."""
+    if method not in METHODS:
+        raise ConversionError(f"unknown sparsity method {method!r}; choose one of {', '.join(METHODS)}")
+    spec = str(spec).strip()
+    out: dict[str, float] = {}
+    try:
+        if "=" in spec:
+            for part in spec.split(","):
+                k, v = (s.strip() for s in part.split("="))
+                if k not in ("attn", "ffn"):
+                    raise ConversionError(f"--sparsity layer type must be attn or ffn, not {k!r}")
+                out[k] = float(v)
+        else:
+            out = {"attn": float(spec), "ffn": float(spec)}
+    except ValueError:
+        raise ConversionError(f"--sparsity takes a number in [0, 1) or attn=A,ffn=F, not {spec!r}") from None
+    for k, v in out.items():
+        if not 0.0 <= v < 1.0:
+            raise ConversionError(f"sparsity {k}={v} outside [0, 1)")
+    if method == "cats":
+        out = {"ffn": out.get("ffn", 0.0)}
+    return out
+
+
+def _quantile(a: torch.Tensor, q: float, dim=None) -> torch.Tensor:
+    a = a.double()
+    if dim is None:
+        a = a.reshape(-1)
+        if a.numel() > 1 << 24:   # torch.quantile's limit: subsample deterministically
+            a = a[torch.randperm(a.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 24]]
+        return torch.quantile(a, q)
+    return torch.quantile(a, q, dim=dim)
+
+
+def calibrate(src: SourceModel, method: str, targets: dict[str, float], *, calib_ids=None, calib_file=None,
+              calib_tokens: int = 1024, progress: bool = True) -> dict:
+    """{"sites": {graph site: (threshold [K], col_scale [K])}, "meta": {... for edgeact.json}}."""
+    from tqdm import tqdm
+
+    from .torch_ref import build_torch_model
+
+    cfg = src.config
+    if method == "cats" and not all(src.has(f"model.layers.{i}.mlp.gate_proj.weight") for i in range(cfg.num_layers)):
+        raise ConversionError("cats needs a gated FFN (gate_proj), and this model has none")
+    model = build_torch_model(src)
+    if calib_ids is None:
+        calib_ids = calibration_ids(src, model, text_file=calib_file, n_tokens=calib_tokens)
+    sites: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    it = range(cfg.num_layers)
+    for i in (tqdm(it, desc=f"calibrating {method}", unit="layer") if progress else it):
+        p = f"layers.{i}"
+        if method == "cats":
+            t = targets.get("ffn", 0.0)
+            if t <= 0:
+                continue
+            acts = _capture_gate_act(model, calib_ids, i)
+            thr = float(_quantile(acts.abs(), t))
+            K = acts.shape[1]
+            sites[f"{p}.ffn_act"] = (np.full(K, thr, np.float32), np.ones(K, np.float32))
+            continue
+        wanted = [s for s, (kind, _) in SITES.items() if targets.get(kind, 0.0) > 0]
+        if not wanted:
+            continue
+        acts = capture_inputs(model, calib_ids, layers=[i], groups=wanted)
+        for site in wanted:
+            kind, linears = SITES[site]
+            x = acts[(i, site)].abs()
+            K = x.shape[1]
+            col = torch.ones(K)
+            if method == "wina":
+                sq = sum(torch.from_numpy(src.load(f"model.layers.{i}.{lin}.weight")).pow(2).sum(0) for lin in linears)
+                col = sq.sqrt().float()
+            if method == "chess":
+                thr = _quantile(x, targets[kind], dim=0).float()
+            else:
+                thr = torch.full((K,), float(_quantile(x * col, targets[kind])))
+            sites[f"{p}.{site}"] = (thr.numpy().astype(np.float32), col.numpy().astype(np.float32))
+    meta = {"method": method, "targets": targets, "sites": len(sites),
+            "calibration": {"tokens": int(np.asarray(calib_ids).size),
+                            "source": str(calib_file) if calib_file else "sampled from the fp32 model"}}
+    return {"sites": sites, "meta": meta}
+
+
+@torch.no_grad()
+def _capture_gate_act(model, ids, layer: int) -> torch.Tensor:
+    got = []
+    h = model.model.layers[layer].mlp.act_fn.register_forward_hook(
+        lambda m, a, out: got.append(out.reshape(-1, out.shape[-1]).float().clone()))
+    try:
+        for row in np.atleast_2d(ids):
+            model(torch.from_numpy(np.asarray(row, dtype=np.int64))[None])
+    finally:
+        h.remove()
+    return torch.cat(got)
+
+
+def realized_sparsity(folder, ids) -> dict[str, float]:
+    """Share of zeros at every Sparsify output when onnxruntime runs `ids` (a fresh sequence)."""
+    import onnxruntime as ort
+
+    from edgeact.engines.ort_engine import OrtEngine
+
+    model = onnx.load(str(folder) + "/model.onnx", load_external_data=False)
+    names = [n.output[0] for n in model.graph.node if n.op_type == "Sparsify"]
+    for n in names:
+        model.graph.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    eng = OrtEngine(folder)
+    so = eng._options()
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    eng.reset()
+    feed = {"input_ids": np.asarray(ids, np.int64)[None], "seqlens_k": np.array([len(ids) - 1], np.int32),
+            "total_sequence_length": np.array(len(ids), np.int32)}
+    for i, (k, v) in enumerate(eng._past):
+        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k, v
+    outs = sess.run(names, feed)
+    return {n.rsplit(".sparsify", 1)[0]: float((o == 0).mean()) for n, o in zip(names, outs)}
+
+
+# ---- the `edgeact convert` extension (picked up by sdk/commands/convert.py)
+
+def add_convert_args(parser) -> None:
+    g = parser.add_argument_group("activation sparsity")
+    g.add_argument("--sparsity", default=None, metavar="S",
+                   help="target share of zeroed input channels: 0.5, or per layer type attn=0.4,ffn=0.5")
+    g.add_argument("--sparsity-method", choices=METHODS, default="teal",
+                   help="teal: |x| per tensor; chess: per channel; wina: |x|·‖W col‖; cats: gated-FFN activation")
+    if "--calib" not in parser._option_string_actions:
+        g.add_argument("--calib", default=None, metavar="FILE",
+                       help="calibration text (default: text the fp32 model samples itself, fixed seed)")
+    if "--calib-tokens" not in parser._option_string_actions:
+        g.add_argument("--calib-tokens", type=int, default=1024, help="calibration tokens")
+
+
+def convert_kwargs(args, source, kw):
+    if args.sparsity is None:
+        return source, kw
+    targets = parse_targets(args.sparsity, args.sparsity_method)
+    from .readers import read_source
+
+    src = source if isinstance(source, SourceModel) else read_source(source, tokenizer=kw.pop("tokenizer", None))
+    kw.pop("tokenizer", None)
+    kw["sparsity"] = calibrate(src, args.sparsity_method, targets, calib_file=args.calib,
+                               calib_tokens=args.calib_tokens, progress=kw.get("progress", True))
+    return src, kw
