@@ -1,0 +1,49 @@
+"""`edgeact sweep SRC`: the activation-sparsity quality/speed curve."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="activation sparsity: quality and decode speed over methods and targets",
+                       description="Convert SRC at each sparsity method × target (plus dense), measure KL, top-1 "
+                       "and perplexity against the fp32 source on held-out sampled text, realized sparsity, and "
+                       "native decode tokens/s with its speed-up over dense int4; print one table, save a plot.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("source", help="checkpoint (GGUF, HF folder, llama2.c .bin), or random:SHAPE for speed work")
+    p.add_argument("-o", "--output", required=True, help="folder for the converted variants")
+    p.add_argument("--methods", default="teal,chess,wina,cats")
+    p.add_argument("--sparsities", default="0.25,0.4,0.5,0.7")
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--no-quality", action="store_true", help="speed only (random-weight shapes)")
+    p.add_argument("--no-speed", action="store_true", help="quality only")
+    p.add_argument("--tokens", type=int, default=256, help="evaluation tokens")
+    p.add_argument("--png", default=None, help="save the quality-vs-speed-up plot here")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args) -> int:
+    from edgeact.converters.sparsity import METHODS
+    from edgeact.sweep import format_table, plot, sweep
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown sparsity method {m!r}; choose from {', '.join(METHODS)}")
+    try:
+        sparsities = [float(s) for s in args.sparsities.split(",")]
+    except ValueError:
+        raise ValueError(f"--sparsities takes numbers, not {args.sparsities!r}") from None
+    source = args.source
+    if source.startswith("random:"):
+        from edgeact.converters.random_model import random_source
+
+        source = random_source(source.split(":", 1)[1])
+    rows = sweep(source, methods, sparsities, args.output, group_size=args.group_size,
+                 quality=not args.no_quality, speed=not args.no_speed, n_tokens=args.tokens,
+                 progress=(lambda *a: None) if args.json else print)
+    if args.png and not args.no_quality:
+        plot(rows, args.png)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
