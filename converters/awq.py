@@ -174,11 +174,9 @@ def convert_kwargs(args, source, kw):
         return source, kw
     if kw["quant"] not in ("int4", "int8"):
         raise ConversionError(f"--method {args.method} needs --quant int4 or int8, not {kw['quant']}")
-    from .model import SourceModel as _SM
-    from .readers import read_source
+    from .readers import ensure_source
 
-    src = source if isinstance(source, _SM) else read_source(source, tokenizer=kw.pop("tokenizer", None))
-    kw.pop("tokenizer", None)
+    src = ensure_source(source, kw)
     new, report = awq_transform(src, bits=4 if kw["quant"] == "int4" else 8, group_size=kw["group_size"],
                                 symmetric=kw["symmetric"], calib_file=args.calib, calib_tokens=args.calib_tokens,
                                 clip=args.awq_clip, progress=kw.get("progress", True))

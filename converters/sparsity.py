@@ -182,10 +182,9 @@ def convert_kwargs(args, source, kw):
     if args.sparsity is None:
         return source, kw
     targets = parse_targets(args.sparsity, args.sparsity_method)
-    from .readers import read_source
+    from .readers import ensure_source
 
-    src = source if isinstance(source, SourceModel) else read_source(source, tokenizer=kw.pop("tokenizer", None))
-    kw.pop("tokenizer", None)
+    src = ensure_source(source, kw)
     kw["sparsity"] = calibrate(src, args.sparsity_method, targets, calib_file=args.calib,
                                calib_tokens=args.calib_tokens, progress=kw.get("progress", True))
     return src, kw
