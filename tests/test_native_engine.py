@@ -127,10 +127,14 @@ def test_kv_cache_decode_equals_full_recompute(tiny_dirs):
 
 # ---- quantized models: KL and top-1 over 256 tokens ----------------------------------------------
 # Activation quantization (accuracy_level 4) turns float-rounding differences of ~1e-7 upstream into
-# whole int8 steps, so two correct implementations drift apart on real models: onnxruntime's own
-# decode path (M=1) disagrees with its prefill path by KL ~2e-3 on stories260K and SmolLM2 (measured).
-# Real models are therefore held to the spec bound or to 1.5x onnxruntime's self-disagreement,
-# whichever is larger, and each MatMulNBits node is checked exactly on onnxruntime's own inputs.
+# whole int8 steps, and over 30 layers those flips cascade until the rounding of the two runs is
+# independent: onnxruntime's own decode path (M=1) disagrees with its own prefill path by
+# KL 2.2e-3 / top-1 98.0% on SmolLM2 and KL 5.0e-3 / top-1 94.1% on stories260K (256 tokens,
+# measured with onnxruntime 1.32), so the absolute bound (KL <= 1e-3, top-1 >= 99%) is out of
+# reach for any implementation that is not bit-identical to MLAS in every op. Native measured:
+# SmolLM2 KL 2.6e-3 / 98.0%, stories260K KL 4.0e-3 / 94.1%. Real models are therefore held to the
+# spec bound or to 1.5x onnxruntime's self-disagreement, whichever is larger, and each MatMulNBits
+# node is checked to ~1e-6 relative on onnxruntime's own inputs (same int8 codes as MLAS).
 def _quant_agreement(folder, ids):
     model, ref = NativeModel(folder), OrtRef(folder)
     got = model.session(threads=2).forward(ids, all_logits=True)
@@ -181,7 +185,9 @@ def _matmulnbits_nodes_match_onnxruntime(folder, ids):
                     numpy_helper.to_array(inits[n.input[2]]), zp, threads=2)
         want = res[n.output[0]][0]
         got = q(res[n.input[0]][0])
-        tol = 1e-5 * max(1.0, float(np.abs(want).max()))
+        # same codes as MLAS (127/amax, ties to even): only the fp32 summation order differs;
+        # one flipped code would cost ~1e-4 of the row's largest output
+        tol = 3e-6 * max(1e-3, float(np.abs(want).max()))
         assert np.abs(got - want).max() <= tol, (n.name, float(np.abs(got - want).max()))
 
 
@@ -210,6 +216,8 @@ def _smollm2_text_ids(folder, n=256):
 def test_smollm2_int4_matches_onnxruntime(smollm2_int4_dir):
     ids = _smollm2_text_ids(smollm2_int4_dir)
     _assert_agreement(*_quant_agreement(smollm2_int4_dir, ids))
+    # layer 0 sees the RMS-normed Q8_0 embedding, whose exact .5 ties once put 5% of q/k/v off
+    _matmulnbits_nodes_match_onnxruntime(smollm2_int4_dir, ids[:64])
 
 
 @pytest.mark.slow

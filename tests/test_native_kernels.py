@@ -109,9 +109,10 @@ def _quantize_rows(x, bs):
     xp = np.zeros((M, nb * bs), np.float32)
     xp[:, :K] = x
     blocks = xp.reshape(M, nb, bs)
-    scale = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float32)
-    with np.errstate(divide="ignore"):
-        inv = np.where(scale != 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
+    amax = np.abs(blocks).max(axis=2)
+    scale = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):   # onnxruntime's MLAS: codes use 127/amax, not 1/scale
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
     xq = np.clip(np.rint(blocks * inv[:, :, None]), -128, 127).astype(np.int64)
     return xq, scale
 
@@ -188,7 +189,18 @@ def test_qmatmul_file_mode_vs_numpy_aarch64(arm_bin, tmp_path, cpu):
         _check_against_numpy(y, x, q, scales, zp, K, bs)
 
 
-def test_qmatmul_matches_onnxruntime(native_bin, tmp_path):
+def _tie_heavy_rows(rng, M, K, bs):
+    """Rows like an RMS-normed Q8_0/fp16 embedding: small odd multiples of d with
+    254*d in every block, so x*127/amax lands exactly on .5 ties in exact
+    arithmetic and the float rounding of the inverse scale decides each code."""
+    d = np.float32(0.0937)
+    x = (2 * rng.integers(-60, 60, size=(M, K)) + 1).astype(np.float32) * d
+    x[:, ::bs] = 254 * d
+    return x
+
+
+@pytest.mark.parametrize("rows", ["gaussian", "ties"])
+def test_qmatmul_matches_onnxruntime(native_bin, tmp_path, rows):
     """The reference the runtime is judged by: com.microsoft.MatMulNBits, accuracy_level 4."""
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
@@ -197,7 +209,10 @@ def test_qmatmul_matches_onnxruntime(native_bin, tmp_path):
     M, K, N, bits, bs = 3, 320, 48, 4, 32
     rng = np.random.default_rng(7)
     q, packed, scales, zp, zp_file = _random_weight(rng, K, N, bits, bs, True)
-    x = rng.standard_normal((M, K)).astype(np.float32)
+    x = rng.standard_normal((M, K)).astype(np.float32) if rows == "gaussian" else _tie_heavy_rows(rng, M, K, bs)
+    if rows == "ties":   # the two ways of computing the inverse scale really disagree on these rows
+        amax = np.float32(254 * np.float32(0.0937))
+        assert np.any(np.rint(x * (np.float32(127) / amax)) != np.rint(x * (np.float32(1) / (amax / np.float32(127)))))
     nb = -(-K // bs)
     node = helper.make_node("MatMulNBits", ["x", "B", "scales", "zp"], ["y"], domain="com.microsoft",
                             K=K, N=N, bits=bits, block_size=bs, accuracy_level=4)
@@ -214,7 +229,7 @@ def test_qmatmul_matches_onnxruntime(native_bin, tmp_path):
     y_ort = sess.run(None, {"x": x})[0]
     y, _ = _run_qmatmul(native_bin, tmp_path, x, K, N, bits, bs, packed, scales, zp_file, 2)
     # Same int8 activations and integer dots; onnxruntime accumulates blocks in
-    # its own fp32 order (and may round exact .5 ties away from zero).
+    # its own fp32 order and adds the zero-point term in float (block sums).
     scale_of_sum = np.abs(x) @ np.abs(((q.astype(np.float32) - np.repeat(zp, bs, 1)) *
                                        np.repeat(scales, bs, 1))[:, :K]).T
     assert np.all(np.abs(y - y_ort) <= 1e-5 * scale_of_sum + 1e-6), np.max(np.abs(y - y_ort))

@@ -15,8 +15,9 @@
 
 #include "../include/edgeact.h"
 
-/* Forward passes on mutated models that still load: off by default because the kernels'
- * activation quantizer converts NaN/Inf to int (UB; reported to native-kernels). */
+/* Forward passes on mutated models that still load (--forward / EA_FUZZ_FORWARD): the
+ * activation quantizer now gives non-finite blocks nan outputs instead of converting them
+ * to int, so mutated weights that overflow are defined behaviour. */
 static int run_forward = 0;
 
 static void exercise(const uint8_t *data, size_t n) {

@@ -153,6 +153,50 @@ static void test_quantize(ea_isa isa) {
     ea_kctx_release(&vctx);
 }
 
+/* inf/nan activations: defined results (no float->int conversion of a
+ * non-finite value, which UBSan flags): the block gets codes 0 and a nan
+ * scale, every output it feeds is nan, other blocks are unaffected, and the
+ * SIMD quantizer agrees. Also a denormal-tiny block (127/amax overflows)
+ * counts as zero. */
+static void test_quantize_nonfinite(ea_isa isa) {
+    const int K = 96, bs = 32, N = 8;
+    ea_kctx sctx, vctx;
+    ea_kctx_init(&sctx, EA_ISA_SCALAR, NULL);
+    ea_kctx_init(&vctx, isa, NULL);
+    const float bad[3] = {INFINITY, -INFINITY, NAN};
+    for (int t = 0; t < 3; t++) {
+        float x[96];
+        for (int i = 0; i < K; i++) x[i] = 0.25f * (float)(i % 7) - 0.7f;
+        x[40] = bad[t];                  /* block 1 */
+        for (int i = 64; i < 96; i++) x[i] = 1e-38f * (float)(i % 3); /* block 2: tiny */
+        int8_t q1[96], q2[96];
+        float s1[3], s2[3];
+        int32_t u1[3], u2[3];
+        ea_quantize_act(&sctx, x, K, bs, q1, s1, u1);
+        ea_quantize_act(&vctx, x, K, bs, q2, s2, u2);
+        CHECK(memcmp(q1, q2, sizeof q1) == 0 && memcmp(u1, u2, sizeof u1) == 0, "nonfinite codes %s", ea_isa_name(isa));
+        CHECK(isnan(s1[1]) && isnan(s2[1]) && u1[1] == 0, "nonfinite block scale must be nan");
+        CHECK(s1[0] == s2[0] && s1[0] > 0 && u1[0] == u2[0], "finite block unaffected");
+        for (int i = 32; i < 96; i++) CHECK(q1[i] == 0, "nonfinite/tiny block codes must be 0");
+        /* a weight over the first block only stays finite; over all blocks it is nan */
+        uint8_t data[8 * 48];
+        float scales[8 * 3];
+        for (int i = 0; i < 8 * 48; i++) data[i] = (uint8_t)(i * 37 + 11);
+        for (int i = 0; i < 8 * 3; i++) scales[i] = i % 3 == 0 ? 0.01f : 0.0f;
+        float ys[8], yv[8];
+        for (int pass = 0; pass < 2; pass++) {
+            ea_qweight w;
+            ea_kctx *c = pass ? &vctx : &sctx;
+            CHECK(ea_qweight_init(&w, c->isa, K, N, 4, bs, data, scales, NULL) == EA_KOK, "init");
+            CHECK(ea_qmatmul(c, &w, x, 1, pass ? yv : ys) == EA_KOK, "qmatmul");
+            ea_qweight_release(&w);
+        }
+        for (int n = 0; n < N; n++) CHECK(isnan(ys[n]) && isnan(yv[n]), "nan in, nan out (n=%d)", n);
+    }
+    ea_kctx_release(&sctx);
+    ea_kctx_release(&vctx);
+}
+
 /* ---- activation-sparse kernels: equal the dense kernel on masked x ---- */
 /* extreme: all nibbles 15 and all activations equal, the int16 worst case */
 static void test_sparse_case(ea_isa isa, ea_pool *pool, int K, int N, int bs, int has_zp, double frac, int extreme) {
@@ -558,6 +602,7 @@ int main(int argc, char **argv) {
     test_pool(3);
     test_f16();
     test_quantize(isa);
+    test_quantize_nonfinite(isa);
     ea_pool *pool = ea_pool_create(2);
     ea_pool *pools[2] = {NULL, pool};
     for (int p = 0; p < 2; p++) {

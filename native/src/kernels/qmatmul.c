@@ -5,6 +5,7 @@
  *   acc = 0; for each block b: acc = fma(sx[m,b] * sw[n,b], (float)idot, acc)
  * with idot = sum_k xq*wq - zp*sumx[m,b] exact in int32, so SIMD results are
  * bit-identical to the scalar ones whatever the lane order inside a block. */
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,15 +82,27 @@ void ea_quantize_row_scalar(const float *x, int K, int bs, int8_t *xq, float *sx
     for (int b = 0; b < nb; b++) {
         const int k0 = b * bs, len = K - k0 < bs ? K - k0 : bs;
         float amax = 0.0f;
-        for (int i = 0; i < len; i++) amax = fmaxf(amax, fabsf(x[k0 + i]));
-        const float scale = amax / 127.0f;
-        const float inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+        int finite = 1;
+        for (int i = 0; i < len; i++) {
+            const float a = fabsf(x[k0 + i]);
+            finite &= a <= FLT_MAX; /* false for inf and nan */
+            amax = fmaxf(amax, a);
+        }
+        /* onnxruntime (MLAS QuantizeARow_CompInt8): scale = amax/127 but the
+         * codes use 127/amax, not 1/scale; the two differ by an ulp often
+         * enough to move exact ties (fp16/Q8_0 embeddings make many). A
+         * block holding inf/nan gets codes 0 and a nan scale, so every
+         * output it feeds is nan (as in float math) without converting a
+         * non-finite float to int. */
+        const float scale = finite ? amax / 127.0f : NAN;
+        float inv = finite && amax != 0.0f ? 127.0f / amax : 0.0f;
+        if (inv > FLT_MAX) inv = 0.0f; /* amax < 4e-37: the block counts as zero */
         int32_t sum = 0;
         int8_t *q = xq + k0;
         for (int i = 0; i < bs; i++) {
             int v = 0;
-            if (i < len) {
-                float r = nearbyintf(x[k0 + i] * inv);
+            if (i < len && inv != 0.0f) { /* finite block: |x*inv| <= 127 + rounding */
+                const float r = nearbyintf(x[k0 + i] * inv);
                 v = r > 127.0f ? 127 : r < -128.0f ? -128 : (int)r;
             }
             sum += v;

@@ -11,7 +11,9 @@
 
 #if EA_X86
 #include <immintrin.h>
+#include <float.h>
 #include <math.h>
+#include <string.h>
 
 #define AVX2 __attribute__((target("avx2,fma")))
 
@@ -129,7 +131,7 @@ AVX2 void ea_qmatmul_groups_avx2(const ea_qweight *w, const ea_qact *a, float *y
     }
 }
 
-/* Same arithmetic as ea_quantize_row_scalar: x * (1/scale) rounded to
+/* Same arithmetic as ea_quantize_row_scalar: x * (127/amax) rounded to
  * nearest even by cvtps (default MXCSR), so the int8 values match exactly. */
 AVX2 void ea_quantize_row_avx2(const float *x, int K, int bs, int8_t *xq, float *sx, int32_t *sumx,
                                int interleave) {
@@ -142,13 +144,27 @@ AVX2 void ea_quantize_row_avx2(const float *x, int K, int bs, int8_t *xq, float 
             continue;
         }
         __m256 mx = _mm256_setzero_ps();
-        for (int i = 0; i < bs; i += 8)
-            mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + k0 + i), absmask));
+        __m256i big = _mm256_setzero_si256(); /* lanes that saw inf/nan (bits > 0x7f7fffff) */
+        for (int i = 0; i < bs; i += 8) {
+            const __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + k0 + i), absmask);
+            big = _mm256_or_si256(big, _mm256_cmpgt_epi32(_mm256_castps_si256(a), _mm256_set1_epi32(0x7f7fffff)));
+            mx = _mm256_max_ps(mx, a);
+        }
         __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-        const float scale = _mm_cvtss_f32(m4) / 127.0f;
-        const __m256 inv = _mm256_set1_ps(scale != 0.0f ? 1.0f / scale : 0.0f);
+        const float amax = _mm_cvtss_f32(m4);
+        const int finite = _mm256_testz_si256(big, big);
+        const float scale = finite ? amax / 127.0f : NAN;
+        float invs = finite && amax != 0.0f ? 127.0f / amax : 0.0f;
+        if (invs > FLT_MAX) invs = 0.0f;
+        if (invs == 0.0f) { /* zero, tiny or non-finite block: all codes 0 (no cvt of inf/nan) */
+            memset(xq + k0, 0, (size_t)bs);
+            sx[b] = scale;
+            sumx[b] = 0;
+            continue;
+        }
+        const __m256 inv = _mm256_set1_ps(invs);
         __m256i sum = _mm256_setzero_si256();
         for (int c = 0; c < bs; c += 32) {
             __m256i q[4];

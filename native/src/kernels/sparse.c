@@ -7,6 +7,7 @@
  * (fma(sx*sw, idot, acc), blocks in ascending order). A block without an
  * active channel contributes fma(0, 0, acc) = acc in the dense kernel, so
  * skipping it changes nothing and the results are bit-identical. */
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,12 +86,19 @@ static void quantize_active(const float *x, int bs, const int32_t *active, int n
         const int b = active[i] / bs;
         int e = i;
         float amax = 0.0f;
-        while (e < n_active && active[e] / bs == b) amax = fmaxf(amax, fabsf(x[active[e++]]));
-        if (amax > 0.0f) {
-            const float scale = amax / 127.0f, inv = 1.0f / scale;
+        int finite = 1;
+        for (; e < n_active && active[e] / bs == b; e++) {
+            const float v = fabsf(x[active[e]]);
+            finite &= v <= FLT_MAX;
+            amax = fmaxf(amax, v);
+        }
+        float inv = finite && amax != 0.0f ? 127.0f / amax : 0.0f;
+        if (inv > FLT_MAX) inv = 0.0f;
+        if (!finite || inv != 0.0f) { /* non-finite: a nan scale with no entries poisons the outputs */
+            const float scale = finite ? amax / 127.0f : NAN;
             int32_t sum = 0;
             const int start = out;
-            for (int j = i; j < e; j++) {
+            for (int j = i; j < e && finite; j++) {
                 const float r = nearbyintf(x[active[j]] * inv);
                 const int v = r > 127.0f ? 127 : r < -128.0f ? -128 : (int)r;
                 if (!v) continue; /* a zero contributes nothing to the integer dot */
