@@ -367,7 +367,9 @@ static void test_f16(void) {
 /* ---- transformer pieces against double references ---------------------- */
 static void test_attention(ea_isa isa, ea_pool *pool) {
     static const int cases[][6] = {/* S, H, kvh, hd, pos0, capacity */
-                                   {1, 4, 2, 16, 0, 8}, {1, 6, 2, 32, 9, 16}, {5, 4, 4, 8, 3, 10}, {7, 8, 1, 64, 0, 7}};
+                                   {1, 4, 2, 16, 0, 8}, {1, 6, 2, 32, 9, 16}, {5, 4, 4, 8, 3, 10}, {7, 8, 1, 64, 0, 7},
+                                   /* long cache (threaded, 8-wide exp + tail), hd not a multiple of 8 */
+                                   {1, 9, 3, 64, 300, 320}, {3, 4, 2, 12, 37, 48}, {2, 2, 1, 128, 61, 70}};
     ea_kctx ctx;
     ea_kctx_init(&ctx, isa, pool);
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
@@ -382,7 +384,7 @@ static void test_attention(ea_isa isa, ea_pool *pool) {
         for (int s = 0; s < S; s++)
             for (int h = 0; h < H; h++) {
                 const int g = h / (H / kvh), L = pos0 + s + 1;
-                double sc[64], mx = -1e300, sum = 0;
+                double sc[512], mx = -1e300, sum = 0;
                 for (int t = 0; t < L; t++) {
                     double d = 0;
                     for (int i = 0; i < hd; i++) d += (double)q[(s * H + h) * hd + i] * kc[(g * cap + t) * hd + i];

@@ -48,7 +48,13 @@ void ea_quantize_row_scalar(const float *x, int K, int bs, int8_t *xq, float *sx
 /* Rows [n0, n1) of y (row stride N) for all M rows. */
 void ea_qmatmul_rows_scalar(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1);
 
+/* One query row of attention over L cached positions (transformer.c). */
+void ea_attention_row_scalar(const float *q, const float *kc, const float *vc, int hd, int L, float scale,
+                             float *sc, float *out);
+
 #if EA_X86
+void ea_attention_row_avx2(const float *q, const float *kc, const float *vc, int hd, int L, float scale,
+                           float *sc, float *out);
 void ea_quantize_row_avx2(const float *x, int K, int bs, int8_t *xq, float *sx, int32_t *sumx,
                           int interleave);
 /* Groups [g0, g1) of EA_QROWS rows of the packed weight. */

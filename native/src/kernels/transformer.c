@@ -39,11 +39,42 @@ int ea_rope(const ea_kctx *ctx, float *x, int S, int H, int head_dim, const floa
     return EA_KOK;
 }
 
+/* out[hd] = softmax(scale * K q) V over cached positions 0..L-1 (K, V rows
+ * of hd floats); sc is L floats of scratch. */
+void ea_attention_row_scalar(const float *q, const float *kc, const float *vc, int hd, int L, float scale,
+                             float *sc, float *out) {
+    float mx = -INFINITY;
+    for (int t = 0; t < L; t++) {
+        const float *kr = kc + (size_t)t * hd;
+        float d[4] = {0}; /* independent chains instead of one serial sum */
+        int i = 0;
+        for (; i + 4 <= hd; i += 4)
+            for (int l = 0; l < 4; l++) d[l] += q[i + l] * kr[i + l];
+        for (; i < hd; i++) d[0] += q[i] * kr[i];
+        sc[t] = ((d[0] + d[1]) + (d[2] + d[3])) * scale;
+        if (sc[t] > mx) mx = sc[t];
+    }
+    float sum = 0.0f;
+    for (int t = 0; t < L; t++) {
+        sc[t] = expf(sc[t] - mx);
+        sum += sc[t];
+    }
+    const float inv = 1.0f / sum;
+    memset(out, 0, sizeof(float) * (size_t)hd);
+    for (int t = 0; t < L; t++) {
+        const float p = sc[t];
+        const float *vr = vc + (size_t)t * hd;
+        for (int i = 0; i < hd; i++) out[i] += p * vr[i];
+    }
+    for (int i = 0; i < hd; i++) out[i] *= inv;
+}
+
 typedef struct {
     const float *q, *k, *v;
     float *out, *scores; /* scores: capacity floats per thread */
     int S, H, hd, kv_heads, capacity, pos0;
     float scale;
+    ea_isa isa;
 } attn_job;
 
 static void attention_head(void *arg, int h, int thread) {
@@ -56,28 +87,20 @@ static void attention_head(void *arg, int h, int thread) {
         const float *qv = j->q + ((size_t)s * j->H + h) * j->hd;
         float *o = j->out + ((size_t)s * j->H + h) * j->hd;
         const int L = j->pos0 + s + 1; /* causal: positions 0 .. pos0+s */
-        float mx = -INFINITY;
-        for (int t = 0; t < L; t++) {
-            const float *kr = kc + (size_t)t * j->hd;
-            float d = 0.0f;
-            for (int i = 0; i < j->hd; i++) d += qv[i] * kr[i];
-            sc[t] = d * j->scale;
-            if (sc[t] > mx) mx = sc[t];
+#if EA_X86
+        if (j->isa == EA_ISA_AVX2) {
+            ea_attention_row_avx2(qv, kc, vc, j->hd, L, j->scale, sc, o);
+            continue;
         }
-        float sum = 0.0f;
-        for (int t = 0; t < L; t++) {
-            sc[t] = expf(sc[t] - mx);
-            sum += sc[t];
-        }
-        const float inv = 1.0f / sum;
-        memset(o, 0, sizeof(float) * (size_t)j->hd);
-        for (int t = 0; t < L; t++) {
-            const float p = sc[t] * inv;
-            const float *vr = vc + (size_t)t * j->hd;
-            for (int i = 0; i < j->hd; i++) o[i] += p * vr[i];
-        }
+#endif
+        ea_attention_row_scalar(qv, kc, vc, j->hd, L, j->scale, sc, o);
     }
 }
+
+/* Below this many multiply-adds (q.k plus p.v over all heads) one thread
+ * finishes sooner than a pool dispatch and its join (a decode step over a
+ * short cache). */
+#define EA_ATTN_PARALLEL_MACS 65536
 
 int ea_attention(ea_kctx *ctx, const float *q, int S, int H, int hd, const float *k_cache,
                  const float *v_cache, int kv_heads, int capacity, int pos0, float scale, float *out) {
@@ -86,8 +109,9 @@ int ea_attention(ea_kctx *ctx, const float *q, int S, int H, int hd, const float
     const int threads = ea_pool_size(ctx->pool);
     float *scores = ea_scratch(ctx, sizeof(float) * (size_t)capacity * threads);
     if (!scores) return EA_KERR_NOMEM;
-    attn_job j = {q, k_cache, v_cache, out, scores, S, H, hd, kv_heads, capacity, pos0, scale};
-    ea_pool_run(ctx->pool, attention_head, &j, H);
+    attn_job j = {q, k_cache, v_cache, out, scores, S, H, hd, kv_heads, capacity, pos0, scale, ctx->isa};
+    const double macs = 2.0 * H * hd * ((double)S * pos0 + (double)S * (S + 1) / 2);
+    ea_pool_run(macs >= EA_ATTN_PARALLEL_MACS ? ctx->pool : NULL, attention_head, &j, H);
     return EA_KOK;
 }
 

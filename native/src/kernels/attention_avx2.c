@@ -1,0 +1,139 @@
+/* AVX2 attention of one query row over L cached positions (see
+ * ea_attention_row_scalar in transformer.c for the contract).
+ *
+ * Decode spends its non-matmul time here: the scalar loop's dot product is
+ * one serial chain of hd dependent adds per position and its softmax one
+ * libm expf per position. Here four positions are dotted at once with
+ * independent accumulators, exp is a vector polynomial (relative error
+ * ~2e-7, inside the kernel test's 1e-5), and the weighted sum of V keeps
+ * 64 outputs in registers. */
+#include "internal.h"
+
+#if EA_X86
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* e^x for x <= 0 (scores minus their max): x = n ln2 + r, |r| <= ln2/2,
+ * degree-6 Taylor polynomial of e^r, times 2^n; below -87 it is 0 against a
+ * sum that is at least 1. */
+AVX2 static inline __m256 exp_neg(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+AVX2 static inline float dot_tail(const float *a, const float *b, int i, int n, float d) {
+    for (; i < n; i++) d += a[i] * b[i];
+    return d;
+}
+
+/* out[hd] = softmax(scale * K q) V over positions 0..L-1; sc holds L floats. */
+AVX2 void ea_attention_row_avx2(const float *q, const float *kc, const float *vc, int hd, int L, float scale,
+                                float *sc, float *out) {
+    const int hv = hd & ~7;
+    int t = 0;
+    __m128 m4 = _mm_set1_ps(-INFINITY);
+    for (; t + 4 <= L; t += 4) {
+        const float *k0 = kc + (size_t)t * hd;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int i = 0; i < hv; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + hd + i), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * hd + i), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * hd + i), a3);
+        }
+        /* four horizontal sums at once: [a0 a1 a2 a3] lanes */
+        const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
+        const __m256 h = _mm256_hadd_ps(h01, h23);
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        if (hv < hd) {
+            float tl[4];
+            _mm_storeu_ps(tl, s4);
+            for (int u = 0; u < 4; u++) tl[u] = dot_tail(q, k0 + (size_t)u * hd, hv, hd, tl[u]);
+            s4 = _mm_loadu_ps(tl);
+        }
+        s4 = _mm_mul_ps(s4, _mm_set1_ps(scale));
+        _mm_storeu_ps(sc + t, s4);
+        m4 = _mm_max_ps(m4, s4);
+    }
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float mx = _mm_cvtss_f32(m4);
+    for (; t < L; t++) {
+        const float *kr = kc + (size_t)t * hd;
+        __m256 a = _mm256_setzero_ps();
+        for (int i = 0; i < hv; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kr + i), a);
+        sc[t] = dot_tail(q, kr, hv, hd, hsum(a)) * scale;
+        if (sc[t] > mx) mx = sc[t];
+    }
+    /* exponentials and their sum */
+    const __m256 vm = _mm256_set1_ps(mx);
+    __m256 vs = _mm256_setzero_ps();
+    int u = 0;
+    for (; u + 8 <= L; u += 8) {
+        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(sc + u), vm));
+        _mm256_storeu_ps(sc + u, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    if (u < L) {
+        float tmp[8] = {0};
+        memcpy(tmp, sc + u, sizeof(float) * (size_t)(L - u));
+        const __m256 mask = _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7),
+                                          _mm256_set1_ps((float)(L - u)), _CMP_LT_OQ);
+        const __m256 e = _mm256_and_ps(exp_neg(_mm256_sub_ps(_mm256_loadu_ps(tmp), vm)), mask);
+        _mm256_storeu_ps(tmp, e);
+        memcpy(sc + u, tmp, sizeof(float) * (size_t)(L - u));
+        vs = _mm256_add_ps(vs, e);
+    }
+    const float inv = 1.0f / hsum(vs);
+    /* weighted sum of V rows, 64 outputs per pass held in registers */
+    for (int i0 = 0; i0 < hv; i0 += 64) {
+        const int w = hv - i0 < 64 ? hv - i0 : 64;
+        __m256 o[8];
+        for (int c = 0; c < 8; c++) o[c] = _mm256_setzero_ps();
+        if (w == 64) {
+            for (int tt = 0; tt < L; tt++) {
+                const __m256 p = _mm256_set1_ps(sc[tt]);
+                const float *vr = vc + (size_t)tt * hd + i0;
+                for (int c = 0; c < 8; c++) o[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * c), o[c]);
+            }
+        } else {
+            for (int tt = 0; tt < L; tt++) {
+                const __m256 p = _mm256_set1_ps(sc[tt]);
+                const float *vr = vc + (size_t)tt * hd + i0;
+                for (int c = 0; c < w / 8; c++) o[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * c), o[c]);
+            }
+        }
+        const __m256 vi = _mm256_set1_ps(inv);
+        for (int c = 0; c < w / 8; c++) _mm256_storeu_ps(out + i0 + 8 * c, _mm256_mul_ps(o[c], vi));
+    }
+    for (int i = hv; i < hd; i++) {
+        float o = 0.0f;
+        for (int tt = 0; tt < L; tt++) o += sc[tt] * vc[(size_t)tt * hd + i];
+        out[i] = o * inv;
+    }
+}
+
+#endif
