@@ -27,6 +27,8 @@
 #define EA_QPREFETCH 2048
 /* N is split across threads in multiples of this many rows (64-byte output lines). */
 #define EA_NCHUNK 16
+/* Tasks per pool thread for the matmuls (dynamic claiming balances preemption). */
+#define EA_TASKS_PER_THREAD 4
 
 /* Scratch from the ctx, grown on demand; NULL when out of memory. */
 void *ea_scratch(ea_kctx *ctx, size_t bytes);

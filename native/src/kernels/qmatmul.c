@@ -213,7 +213,11 @@ int ea_qmatmul(ea_kctx *ctx, const ea_qweight *w, const float *x, int M, float *
         ea_quantize_row_scalar(xr, w->K, w->block_size, q, a.sx + (size_t)m * nb, a.sumx + (size_t)m * nb, interleave);
     }
     const int units = (w->N + EA_NCHUNK - 1) / EA_NCHUNK;
-    int n_tasks = ea_pool_size(ctx->pool);
+    /* a few tasks per thread, claimed dynamically: when a teammate's process
+     * preempts one of our threads, the others take over its share instead of
+     * spinning until it is scheduled again */
+    const int threads = ea_pool_size(ctx->pool);
+    int n_tasks = threads > 1 ? threads * EA_TASKS_PER_THREAD : 1;
     if (n_tasks > units) n_tasks = units;
     qjob j = {ctx, w, &a, y, units, n_tasks};
     ea_pool_run(ctx->pool, qmatmul_task, &j, n_tasks);
