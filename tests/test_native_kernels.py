@@ -37,17 +37,20 @@ def arm_bin(tmp_path_factory):
                       ["-static"]))
 
 
-def _run(cmd, isa=None):
+def _run(cmd, isa=None, no_vnni=False):
     env = dict(os.environ)
     env.pop("EDGEACT_ISA", None)
+    env.pop("EDGEACT_NO_VNNI", None)
     if isa:
         env["EDGEACT_ISA"] = isa
+    if no_vnni:   # the AVX2 int matmul without vpdpbusd (the path of AVX2 CPUs that lack AVX-VNNI)
+        env["EDGEACT_NO_VNNI"] = "1"
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("isa", [None, "scalar"])
-def test_c_selftests_native(native_bin, isa):
-    res = _run(native_bin, isa)
+@pytest.mark.parametrize("isa,no_vnni", [(None, False), (None, True), ("scalar", False)])
+def test_c_selftests_native(native_bin, isa, no_vnni):
+    res = _run(native_bin, isa, no_vnni)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "ok: 0 failure(s)" in res.stdout
 

@@ -12,6 +12,8 @@
 #if EA_X86
 #include <immintrin.h>
 #include <float.h>
+#include <stdatomic.h>
+#include <stdlib.h>
 #include <math.h>
 #include <string.h>
 
@@ -23,6 +25,19 @@ AVX2 static inline __m256i hsum8(const __m256i d[4]) {
     return _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
 }
 
+/* acc += per-int32-lane sum of four u8 x s8 products. With AVX-VNNI one
+ * vpdpbusd (inline asm: its intrinsic needs a target attribute this file's
+ * AVX2-only functions cannot inline); otherwise maddubs + madd, whose int16
+ * pair sums cannot saturate here (15*127*2 for int4, 128*127*2 for int8),
+ * so both give the same integers. */
+AVX2 static inline __attribute__((always_inline)) __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s, int VNNI) {
+    if (VNNI) {
+        __asm__("%{vex%} vpdpbusd %[s], %[u], %[acc]" : [acc] "+x"(acc) : [u] "x"(u), [s] "x"(s));
+        return acc;
+    }
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+
 AVX2 static inline __m256i bcast16(const int8_t *p) {
     return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
 }
@@ -32,7 +47,7 @@ AVX2 static inline __m256i bcast16(const int8_t *p) {
  * loops unroll. Each 32-byte load holds 16 bytes of two rows; the
  * activations are broadcast to both halves. */
 AVX2 static inline __attribute__((always_inline)) void group_rows(const uint8_t *gp, size_t stride, int nb, int has_zp,
-                                   const ea_qact *a, int m0, int MT, int BS, int BITS,
+                                   const ea_qact *a, int m0, int MT, int BS, int BITS, int VNNI,
                                    __m256 acc[2]) {
     const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
     const int kp = nb * BS, bpb = BS * BITS / 8, subs = bpb / 16;
@@ -62,6 +77,10 @@ AVX2 static inline __attribute__((always_inline)) void group_rows(const uint8_t 
                     const __m256i lo = _mm256_and_si256(v, low4);
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
                     for (int t = 0; t < MT; t++) {
+                        if (VNNI) {
+                            d[t][q] = dot_u8s8(dot_u8s8(d[t][q], lo, xa[t], 1), hi, xb[t], 1);
+                            continue;
+                        }
                         /* int16 sum of two maddubs: at most 4*15*127, no saturation */
                         const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa[t]),
                                                              _mm256_maddubs_epi16(hi, xb[t]));
@@ -71,8 +90,7 @@ AVX2 static inline __attribute__((always_inline)) void group_rows(const uint8_t 
                     const __m256i ws = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
                     const __m256i wa = _mm256_abs_epi8(ws);
                     for (int t = 0; t < MT; t++)
-                        d[t][q] = _mm256_add_epi32(d[t][q], _mm256_madd_epi16(
-                            _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xa[t], ws)), ones));
+                        d[t][q] = dot_u8s8(d[t][q], wa, _mm256_sign_epi8(xa[t], ws), VNNI);
                 }
             }
         }
@@ -100,7 +118,7 @@ AVX2 static void store_group(float *y, int N, int m, int g, __m256 v) {
 }
 
 AVX2 static inline __attribute__((always_inline)) void groups_impl(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1,
-                                    int BS, int BITS) {
+                                    int BS, int BITS, int VNNI) {
     const size_t stride = ea_qpack_block_stride(w);
     const int nb = w->n_blocks, has_zp = w->zero_points != NULL;
     for (int g = g0; g < g1; g++) {
@@ -109,26 +127,45 @@ AVX2 static inline __attribute__((always_inline)) void groups_impl(const ea_qwei
         int m = 0;
         __m256 acc[2];
         for (; m + 2 <= a->M; m += 2) {
-            group_rows(gp, stride, nb, has_zp, a, m, 2, BS, BITS, acc);
+            group_rows(gp, stride, nb, has_zp, a, m, 2, BS, BITS, VNNI, acc);
             store_group(y, w->N, m, g, acc[0]);
             store_group(y, w->N, m + 1, g, acc[1]);
         }
         if (m < a->M) {
-            group_rows(gp, stride, nb, has_zp, a, m, 1, BS, BITS, acc);
+            group_rows(gp, stride, nb, has_zp, a, m, 1, BS, BITS, VNNI, acc);
             store_group(y, w->N, m, g, acc[0]);
         }
     }
 }
 
-AVX2 void ea_qmatmul_groups_avx2(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) {
-    switch (w->bits * 1000 + w->block_size) {
-    case 4032: groups_impl(w, a, y, g0, g1, 32, 4); break;
-    case 4064: groups_impl(w, a, y, g0, g1, 64, 4); break;
-    case 4128: groups_impl(w, a, y, g0, g1, 128, 4); break;
-    case 8032: groups_impl(w, a, y, g0, g1, 32, 8); break;
-    case 8064: groups_impl(w, a, y, g0, g1, 64, 8); break;
-    default: groups_impl(w, a, y, g0, g1, 128, 8); break;
+#define GROUPS_BY_SHAPE(V)                                               \
+    switch (w->bits * 1000 + w->block_size) {                            \
+    case 4032: groups_impl(w, a, y, g0, g1, 32, 4, V); break;            \
+    case 4064: groups_impl(w, a, y, g0, g1, 64, 4, V); break;            \
+    case 4128: groups_impl(w, a, y, g0, g1, 128, 4, V); break;           \
+    case 8032: groups_impl(w, a, y, g0, g1, 32, 8, V); break;            \
+    case 8064: groups_impl(w, a, y, g0, g1, 64, 8, V); break;            \
+    default: groups_impl(w, a, y, g0, g1, 128, 8, V); break;             \
     }
+
+AVX2 static void groups_vnni(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) { GROUPS_BY_SHAPE(1) }
+AVX2 static void groups_plain(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) { GROUPS_BY_SHAPE(0) }
+
+/* AVX-VNNI when the CPU has it, unless EDGEACT_NO_VNNI is set (tests run both). */
+static int use_vnni(void) {
+    static _Atomic int cached = -1;
+    int v = cached;
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avxvnni") && !getenv("EDGEACT_NO_VNNI");
+        cached = v;
+    }
+    return v;
+}
+
+void ea_qmatmul_groups_avx2(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) {
+    if (use_vnni()) groups_vnni(w, a, y, g0, g1);
+    else groups_plain(w, a, y, g0, g1);
 }
 
 /* Same arithmetic as ea_quantize_row_scalar: x * (127/amax) rounded to
