@@ -23,7 +23,9 @@ OPSET = [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1), h
 IR_VERSION = 10
 DATA_FILE = "model.onnx.data"
 ALIGN = 64
-_PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2   # leave room for the graph itself under protobuf's 2 GB
+# Above this, weights go to model.onnx.data: protobuf raw_data is unaligned, so the native runtime
+# would have to copy every tensor it reads in place (the fp16 embedding, fp32 weights).
+_EXTERNAL_MIN = 16 * 1024**2
 GQA_HEAD_MULTIPLE = 16   # onnxruntime's CPU GroupQueryAttention rejects other head sizes
 
 
@@ -274,7 +276,7 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
                method: str = "rtn", sparsity: dict | None = None) -> dict:
     """Write out_dir/model.onnx (+ model.onnx.data); return the facts edgeact.json records.
 
-    external_data: None = only when the weights exceed protobuf's 2 GB; True/False force it.
+    external_data: None = when the weights exceed 16 MiB (always above protobuf's 2 GB); True/False force it.
     steering=False leaves the Steer nodes out (hidden.{i} is then the layer's residual output).
     method names the quantizer in edgeact.json ("awq", "gptq" when linear_override carries its weights).
     sparsity: {"sites": {site: (threshold, col_scale)}, "meta": {...}} from converters/sparsity.py.
@@ -306,7 +308,7 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        external_data = estimate_bytes(src, quant, group_size, lm_head, embedding, max_context) > _PROTO_LIMIT
+        external_data = estimate_bytes(src, quant, group_size, lm_head, embedding, max_context) > _EXTERNAL_MIN
 
     from tqdm import tqdm
 

@@ -339,6 +339,11 @@ static int plan_node(builder *b, int ni, step *st) {
         if (rc) NODE_FAIL("cannot prepare the weight: %s", ea_kernels_strerror(rc));
         st->qw_ready = 1;
         m->bytes_repacked += st->qw.packed_bytes;
+        if (st->qw.packed) { /* the SIMD kernels read only the repack from here on */
+            ea_release_pages(m, B->data, B->nbytes);
+            ea_release_pages(m, S->data, S->nbytes);
+            if (zp) ea_release_pages(m, zp, zp_bytes);
+        }
         st->op = OP_QMATMUL;
         st->K = (int)K;
         st->N = (int)N;
@@ -762,6 +767,7 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
         }
         st->cm_ready = 1;
         st->sparse_src = p + 1;
+        if (st->qw.packed) ea_release_pages(m, st->qw.data, (size_t)st->qw.N * st->qw.n_blocks * st->qw.block_size / 2);
         m->bytes_repacked += st->cm.bytes;
     }
     m->hidden = 0;

@@ -89,6 +89,31 @@ static int open_external(ea_model *m, const char *dir, const onnx_tensor *t, str
     return 0;
 }
 
+/* True when [p, p+n) lies in one of the model's read-only file mappings. */
+static int in_mapping(const ea_model *m, const uint8_t *p, size_t n) {
+    if (!m->map_owned && m->map && p >= (const uint8_t *)m->map && n <= m->map_len &&
+        (size_t)(p - (const uint8_t *)m->map) <= m->map_len - n)
+        return 1;
+    for (int i = 0; i < m->n_ext; i++) {
+        const uint8_t *b = m->ext[i].p;
+        if (b && p >= b && n <= m->ext[i].n && (size_t)(p - b) <= m->ext[i].n - n) return 1;
+    }
+    return 0;
+}
+
+/* Drops the pages wholly inside [p, p+n) from the resident set once their
+ * bytes have been repacked or copied. Only file mappings qualify: they are
+ * private and never written, so a later read faults the bytes back in from
+ * the file, which keeps this safe if a neighbouring tensor shares a page. */
+void ea_release_pages(const ea_model *m, const void *p, size_t n) {
+    static long page;
+    if (!page) page = sysconf(_SC_PAGESIZE);
+    if (!p || page <= 0 || n < (size_t)page || !in_mapping(m, p, n)) return;
+    uintptr_t a = ((uintptr_t)p + (uintptr_t)page - 1) & ~(uintptr_t)(page - 1);
+    uintptr_t e = ((uintptr_t)p + n) & ~(uintptr_t)(page - 1);
+    if (e > a) madvise((void *)a, e - a, MADV_DONTNEED);
+}
+
 void ea_unmap_external(ea_model *m) {
     for (int i = 0; i < m->n_ext; i++) {
         if (m->ext[i].p) munmap(m->ext[i].p, m->ext[i].n);
@@ -163,11 +188,14 @@ int ea_resolve_tensors(ea_model *m, const char *dir, ea_err *err) {
                 }
                 if (bad) return ea_fail(err, "initializer '%s': element %zu is NaN or infinite", t->name, k);
             }
+            /* the scan paged the whole tensor in; let use (e.g. a Gather's few rows) decide what stays */
+            ea_release_pages(m, t->data, (size_t)want);
         }
         if (want && ((uintptr_t)t->data % es)) { /* raw_data sits anywhere in the protobuf */
             void *copy = malloc((size_t)want);
             if (!copy) return ea_fail(err, "out of memory copying initializer '%s'", t->name);
             memcpy(copy, t->data, (size_t)want);
+            ea_release_pages(m, t->data, (size_t)want);
             t->owned = copy;
             t->data = copy;
             m->bytes_copied += want;
