@@ -70,6 +70,13 @@ def smollm2_int4_dir(tmp_path_factory, smollm2_gguf):
 
 
 @pytest.fixture(scope="session")
+def smollm2_int4_fp32act_dir(tmp_path_factory, smollm2_gguf):
+    """SmolLM2 int4 g32 with accuracy_level 1: MatMulNBits on float activations."""
+    return _converted(tmp_path_factory, smollm2_gguf, "smollm2-int4-acc1", quant="int4", group_size=32,
+                      accuracy_level=1)
+
+
+@pytest.fixture(scope="session")
 def smollm2_fp32_dir(tmp_path_factory, smollm2_gguf):
     return _converted(tmp_path_factory, smollm2_gguf, "smollm2-fp32", quant="fp32")
 
@@ -82,3 +89,9 @@ def stories_fp32_dir(tmp_path_factory, stories260k):
 @pytest.fixture(scope="session")
 def stories_int4_dir(tmp_path_factory, stories260k):
     return _converted(tmp_path_factory, stories260k, "stories-int4", quant="int4", group_size=32)
+
+
+@pytest.fixture(scope="session")
+def stories_int4_fp32act_dir(tmp_path_factory, stories260k):
+    return _converted(tmp_path_factory, stories260k, "stories-int4-acc1", quant="int4", group_size=32,
+                      accuracy_level=1)

@@ -83,7 +83,9 @@ def _greedy(step, first, n):
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("native-tiny")
     src = random_source("tiny", seed=3)
-    return {q: convert(src, root / q, quant=q, progress=False) for q in ("fp32", "fp16", "int4", "int8")}
+    dirs = {q: convert(src, root / q, quant=q, progress=False) for q in ("fp32", "fp16", "int4", "int8")}
+    dirs["int4-acc1"] = convert(src, root / "int4-acc1", quant="int4", accuracy_level=1, progress=False)
+    return dirs
 
 
 def _ids(vocab, n, seed=0):
@@ -127,15 +129,18 @@ def test_kv_cache_decode_equals_full_recompute(tiny_dirs):
 
 
 # ---- quantized models: KL and top-1 over 256 tokens ----------------------------------------------
-# Activation quantization (accuracy_level 4) turns float-rounding differences of ~1e-7 upstream into
-# whole int8 steps, and over 30 layers those flips cascade until the rounding of the two runs is
-# independent: onnxruntime's own decode path (M=1) disagrees with its own prefill path by
-# KL 2.2e-3 / top-1 98.0% on SmolLM2 and KL 5.0e-3 / top-1 94.1% on stories260K (256 tokens,
-# measured with onnxruntime 1.32), so the issue's absolute bound (KL <= 1e-3, top-1 >= 99%) is out of
-# reach for any implementation that is not bit-identical to MLAS in every op. Native measured:
-# SmolLM2 KL 2.6e-3 / 98.0%, stories260K KL 4.0e-3 / 94.1%. Real models are therefore held to the
-# spec bound or to 1.5x onnxruntime's self-disagreement, whichever is larger, and each MatMulNBits
-# node is checked to ~1e-6 relative on onnxruntime's own inputs (same int8 codes as MLAS).
+# MatMulNBits' accuracy_level says how activations meet the int4 weights.
+#  - Level 1 (float activations, onnxruntime's CompFp32): no rounding besides fp32, so the two
+#    engines differ by summation order only; the issue's bound (KL <= 1e-3, top-1 >= 99%) is
+#    asserted as is, on the tiny models, stories260K and SmolLM2 (measured: KL ~1e-10, 100%).
+#  - Level 4 (the default, int8 activations per block): float-rounding differences of ~1e-7
+#    upstream become whole int8 steps, and over 30 layers those flips cascade until the rounding of
+#    the two runs is independent. onnxruntime's own decode path (M=1) disagrees with its own
+#    prefill path by KL 2.2e-3 / top-1 98.0% on SmolLM2 and KL 5.0e-3 / top-1 94.1% on stories260K
+#    (onnxruntime 1.32), so at level 4 real models are held to the spec bound or to 1.5x
+#    onnxruntime's self-disagreement, whichever is larger, and each MatMulNBits node is checked to
+#    ~1e-6 relative on onnxruntime's own inputs (same int8 codes as MLAS). Tiny random models meet
+#    the absolute bound at level 4 too.
 def _quant_agreement(folder, ids):
     model, ref = NativeModel(folder), OrtRef(folder)
     got = model.session(threads=2).forward(ids, all_logits=True)
@@ -151,10 +156,14 @@ def _assert_agreement(native, ort_self):
     assert top1 >= min(0.99, top1_o - 0.02), (native, ort_self)
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_quantized_tiny_matches_onnxruntime(tiny_dirs, quant):
-    (kl, top1), _ = _quant_agreement(tiny_dirs[quant], _ids(300, 256))
+def _assert_spec_bound(folder, ids):
+    (kl, top1), _ = _quant_agreement(folder, ids)
     assert kl <= 1e-3 and top1 >= 0.99, (kl, top1)
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8", "int4-acc1"])
+def test_quantized_tiny_matches_onnxruntime(tiny_dirs, quant):
+    _assert_spec_bound(tiny_dirs[quant], _ids(300, 256))
 
 
 def _matmulnbits_nodes_match_onnxruntime(folder, ids):
@@ -192,7 +201,7 @@ def _matmulnbits_nodes_match_onnxruntime(folder, ids):
         assert np.abs(got - want).max() <= tol, (n.name, float(np.abs(got - want).max()))
 
 
-def test_stories_fp32_and_int4_match_onnxruntime(stories_fp32_dir, stories_int4_dir):
+def test_stories_fp32_and_int4_match_onnxruntime(stories_fp32_dir, stories_int4_dir, stories_int4_fp32act_dir):
     model, ref = NativeModel(stories_fp32_dir), OrtRef(stories_fp32_dir)
     assert model.head_dim == 16   # head_dim 8 padded in the graph
     ids = _ids(model.vocab, 256, seed=4)
@@ -201,6 +210,7 @@ def test_stories_fp32_and_int4_match_onnxruntime(stories_fp32_dir, stories_int4_
     assert _greedy(model.session().forward, ids[:5], 30) == _greedy(ref.forward, ids[:5], 30)
     _assert_agreement(*_quant_agreement(stories_int4_dir, ids))
     _matmulnbits_nodes_match_onnxruntime(stories_int4_dir, ids)
+    _assert_spec_bound(stories_int4_fp32act_dir, ids)
 
 
 def _smollm2_text_ids(folder, n=256):
@@ -219,6 +229,11 @@ def test_smollm2_int4_matches_onnxruntime(smollm2_int4_dir):
     _assert_agreement(*_quant_agreement(smollm2_int4_dir, ids))
     # layer 0 sees the RMS-normed Q8_0 embedding, whose exact .5 ties once put 5% of q/k/v off
     _matmulnbits_nodes_match_onnxruntime(smollm2_int4_dir, ids[:64])
+
+
+@pytest.mark.slow
+def test_smollm2_int4_float_activations_meet_the_spec_bound(smollm2_int4_fp32act_dir):
+    _assert_spec_bound(smollm2_int4_fp32act_dir, _smollm2_text_ids(smollm2_int4_fp32act_dir))
 
 
 @pytest.mark.slow

@@ -59,6 +59,7 @@ typedef struct step {
     const uint16_t *Wh;
     ea_qweight qw;
     int qw_ready;
+    int f32act;           /* MatMulNBits accuracy_level 0..3: float activations, file layout (no repack) */
     /* GQA */
     int layer;            /* GQA: cache index; Steer: steering layer */
     int H, KVH, D, rotary;

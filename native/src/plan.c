@@ -334,8 +334,11 @@ static int plan_node(builder *b, int ni, step *st) {
         }
         if (m->values[st->in[0]].width != K)
             NODE_FAIL("input width %d does not match attribute K=%lld", m->values[st->in[0]].width, (long long)K);
-        int rc = ea_qweight_init(&st->qw, m->isa, (int)K, (int)N, (int)bits, (int)bs, B->data,
-                                 (const float *)S->data, zp);
+        /* accuracy_level 4 lets activations be rounded to int8 (the fast SIMD path); below it the
+         * file asks for float activations, computed from the file layout in place */
+        st->f32act = acc < 4;
+        int rc = ea_qweight_init(&st->qw, st->f32act ? EA_ISA_SCALAR : m->isa, (int)K, (int)N, (int)bits, (int)bs,
+                                 B->data, (const float *)S->data, zp);
         if (rc) NODE_FAIL("cannot prepare the weight: %s", ea_kernels_strerror(rc));
         st->qw_ready = 1;
         m->bytes_repacked += st->qw.packed_bytes;
@@ -757,7 +760,7 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
     /* int4 matmuls fed by a Sparsify get a channel-major copy for the input-sparse GEMV */
     for (int s = 0; s < m->n_steps; s++) {
         step *st = &m->steps[s];
-        if (st->op != OP_QMATMUL || st->qw.bits != 4 || st->in[0] < 0) continue;
+        if (st->op != OP_QMATMUL || st->qw.bits != 4 || st->f32act || st->in[0] < 0) continue;
         int p = m->values[st->in[0]].producer;
         if (p < 0 || p >= m->n_steps || m->steps[p].op != OP_SPARSIFY) continue;
         int krc = ea_qweight_cm_init(&st->cm, m->isa, &st->qw);

@@ -112,7 +112,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 bytes = (uint64_t)((double)st->weight_bytes * na / (st->K ? st->K : 1));
                 break;
             }
-            rc = st->op == OP_QMATMUL ? ea_qmatmul(ctx, &st->qw, a, rows, y)
+            rc = st->op == OP_QMATMUL ? (st->f32act ? ea_qmatmul_f32act : ea_qmatmul)(ctx, &st->qw, a, rows, y)
                  : st->Wh ? ea_matmul_f16(ctx, a, rows, st->K, st->Wh, st->N, y)
                           : ea_matmul_f32(ctx, a, rows, st->K, st->Wf, st->N, y);
             break;

@@ -20,7 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../src/kernels/kernels.h"
+#include "../src/kernels/internal.h"
 #include "../src/threadpool.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -77,6 +77,30 @@ static void fill_qweight(int K, int N, int bits, int bs, int has_zp, uint8_t **d
     }
 }
 
+/* accuracy_level < 4: float activations. The scalar kernel against float64 math on the
+ * dequantized weight, and the SIMD kernel against the scalar one; only the summation order
+ * differs, so both hold to 1e-5 of sum |w x| (a wrong element or scale is off by far more). */
+static void test_f32act_case(ea_isa isa, ea_kctx *sctx, ea_kctx *vctx, const ea_qweight *w, const float *x, qcase c,
+                             float *ys, float *yv) {
+    CHECK(ea_qmatmul_f32act(sctx, w, x, c.M, ys) == 0 && ea_qmatmul_f32act(vctx, w, x, c.M, yv) == 0, "f32act rc");
+    const int nb = w->n_blocks;
+    for (int m = 0; m < c.M; m++)
+        for (int n = 0; n < c.N; n++) {
+            double ref = 0, mag = 0;
+            for (int k = 0; k < c.K; k++) {
+                const size_t e = ((size_t)n * nb * c.bs + k);
+                const int q = c.bits == 8 ? w->data[e] : (e & 1) ? w->data[e / 2] >> 4 : w->data[e / 2] & 15;
+                const double wk = (double)(float)(q - ea_qweight_zp(w, n, k / c.bs)) * w->scales[(size_t)n * nb + k / c.bs];
+                ref += wk * x[(size_t)m * c.K + k];
+                mag += fabs(wk * x[(size_t)m * c.K + k]);
+            }
+            const float got_s = ys[(size_t)m * c.N + n], got_v = yv[(size_t)m * c.N + n];
+            CHECK(fabs(got_s - ref) <= 1e-5 * mag + 1e-30 && fabs(got_v - got_s) <= 1e-5 * mag + 1e-30,
+                  "f32act %s M=%d K=%d N=%d bits=%d bs=%d zp=%d [%d,%d]: scalar %.9g simd %.9g ref %.9g",
+                  ea_isa_name(isa), c.M, c.K, c.N, c.bits, c.bs, c.zp, m, n, got_s, got_v, ref);
+        }
+}
+
 static void test_qmatmul_case(ea_isa isa, ea_pool *pool, qcase c) {
     uint8_t *data, *zp;
     float *scales;
@@ -103,6 +127,7 @@ static void test_qmatmul_case(ea_isa isa, ea_pool *pool, qcase c) {
     /* the scalar context also runs a weight packed for SIMD (from the file layout) */
     CHECK(ea_qmatmul(&sctx, &wv, x, c.M, y) == 0 && memcmp(y, y_ref, sizeof(float) * c.M * c.N) == 0,
           "scalar ctx on a packed weight");
+    test_f32act_case(isa, &sctx, &vctx, &ws, x, c, y_ref, y);
     ea_qweight_release(&ws);
     ea_qweight_release(&wv);
     ea_kctx_release(&sctx);

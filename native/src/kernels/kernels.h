@@ -92,6 +92,11 @@ void ea_qweight_release(ea_qweight *w);
  * than ctx->isa (a scalar ctx runs any weight). */
 int ea_qmatmul(ea_kctx *ctx, const ea_qweight *w, const float *x, int M, float *y);
 
+/* The same product at accuracy_level 0..3 (onnxruntime's CompFp32): float x
+ * against (q - zero_point) * scale from the file layout, no activation
+ * rounding. Any isa; the weight needs no repack (prepare it as scalar). */
+int ea_qmatmul_f32act(ea_kctx *ctx, const ea_qweight *w, const float *x, int M, float *y);
+
 /* The activation quantization ea_qmatmul applies, exposed for tests and the
  * sparse path: one row of K floats → xq [n_blocks*block_size] (tail zero),
  * sx [n_blocks] scales, sumx [n_blocks] sums of xq. Natural element order. */
