@@ -431,6 +431,44 @@ static void test_attention(ea_isa isa, ea_pool *pool) {
     ea_kctx_release(&ctx);
 }
 
+/* Prefill-sized SiLU and RMSNorm: the SIMD exp, the ragged tail and the split over a pool
+ * against float64 math (exp polynomial ~2e-7 relative, so 1e-6). */
+static void test_wide_elementwise(ea_isa isa) {
+    enum { N = 40000 + 13, R = 61, DIM = 1001 };
+    ea_pool *pool = ea_pool_create(2);
+    ea_kctx ctx;
+    ea_kctx_init(&ctx, isa, pool);
+    float *g = malloc(sizeof(float) * N), *u = malloc(sizeof(float) * N), *o = malloc(sizeof(float) * N);
+    static const float edge[] = {0.0f, -0.0f, 88.0f, -88.0f, 1e-30f, -1e-30f, 100.0f, -100.0f, 20.0f, -20.0f};
+    for (int i = 0; i < N; i++) {
+        g[i] = i < 10 ? edge[i] : rndf() * 30.0f;
+        u[i] = rndf() * 2.0f;
+    }
+    ea_silu_mul(&ctx, g, u, N, o);
+    int bad = -1;
+    for (int i = 0; i < N && bad < 0; i++) {
+        const double ref = g[i] / (1.0 + exp(-(double)g[i])) * u[i];
+        if (!(fabs(o[i] - ref) <= 1e-6 * fabs(g[i] * u[i]) + 1e-37)) bad = i;
+    }
+    CHECK(bad < 0, "silu %s wide: i=%d g=%g got %.9g", ea_isa_name(isa), bad, bad < 0 ? 0.0 : g[bad],
+          bad < 0 ? 0.0 : o[bad]);
+    float *x = malloc(sizeof(float) * R * DIM), *w = malloc(sizeof(float) * DIM), *y = malloc(sizeof(float) * R * DIM);
+    for (int i = 0; i < R * DIM; i++) x[i] = rndf() * (i % 97 == 0 ? 50.0f : 1.0f);
+    for (int i = 0; i < DIM; i++) w[i] = rndf();
+    ea_rmsnorm(&ctx, x, w, R, DIM, 1e-6f, y);
+    for (int r = 0; r < R; r++) {
+        double ss = 0;
+        for (int i = 0; i < DIM; i++) ss += (double)x[r * DIM + i] * x[r * DIM + i];
+        const double inv = 1.0 / sqrt(ss / DIM + 1e-6);
+        for (int i = 0; i < DIM; i++)
+            CHECK(fabs(y[r * DIM + i] - x[r * DIM + i] * inv * w[i]) <= 1e-5 * (1 + fabs(x[r * DIM + i] * inv)),
+                  "rmsnorm wide r=%d i=%d", r, i);
+    }
+    free(g); free(u); free(o); free(x); free(w); free(y);
+    ea_kctx_release(&ctx);
+    ea_pool_destroy(pool);
+}
+
 static void test_small_ops(ea_isa isa) {
     ea_kctx ctx;
     ea_kctx_init(&ctx, isa, NULL);
@@ -472,6 +510,7 @@ static void test_small_ops(ea_isa isa) {
     for (int i = 0; i < D; i++) CHECK(fabs(o[i] - g[i] / (1 + exp(-(double)g[i])) * u[i]) <= 1e-6 * (1 + fabs(g[i])), "silu");
     ea_add(&ctx, g, u, D, o);
     for (int i = 0; i < D; i++) CHECK(o[i] == g[i] + u[i], "add");
+    test_wide_elementwise(isa);
     uint16_t t16[5 * 7];
     float t32[5 * 7], e[3 * 7];
     for (int i = 0; i < 35; i++) { t16[i] = ea_f32_to_f16(rndf()); t32[i] = ea_f16_to_f32(t16[i]); }
