@@ -139,7 +139,7 @@ class GraphBuilder:
     def __init__(self, src: SourceModel, inits: _Initializers, *, quant: str, group_size: int, symmetric: bool,
                  lm_head: str, embedding: str, accuracy_level: int,
                  linear_override: dict[str, QuantizedWeight] | None, steering: bool = True, on_tensor=None,
-                 sparse_sites: dict | None = None):
+                 sparse_sites: dict | None = None, coreinfer: dict | None = None):
         self.src, self.cfg, self.inits = src, src.config, inits
         self.quant, self.group_size, self.symmetric = quant, group_size, symmetric
         self.lm_head_kind, self.embedding_kind = lm_head, embedding
@@ -147,6 +147,7 @@ class GraphBuilder:
         self.linear_override = dict(linear_override or {})
         self.steering = steering
         self.sparse_sites = dict(sparse_sites or {})   # site → (threshold [K], col_scale [K]); see converters/sparsity.py
+        self.coreinfer = coreinfer   # {"keep", "token_k"}: NeuronMask before down_proj (converters/coreinfer.py)
         self.head_dim = graph_head_dim(self.cfg.head_dim)
         self.nodes: list[onnx.NodeProto] = []
         self._on_tensor = on_tensor or (lambda name: None)
@@ -254,6 +255,9 @@ class GraphBuilder:
         u = self.linear(x2, f"{hf}.mlp.up_proj.weight", f"{p}.mlp.up_proj")
         silu = self.node("Mul", [g, self.node("Sigmoid", [g], f"{p}.mlp.sigmoid")], f"{p}.mlp.silu")
         m = self.node("Mul", [self.sparsify(silu, f"{p}.ffn_act"), u], f"{p}.mlp.gate_mul")
+        if self.coreinfer:
+            m = self.node("NeuronMask", [m, f"ffn_mask.{i}", "coreinfer.token_k"], f"{p}.mlp.neuron_mask",
+                          outputs=[f"{p}.mlp.neuron_mask", f"ffn_score.{i}"], domain="ai.edgeact")
         d = self.linear(self.sparsify(m, f"{p}.ffn_out"), f"{hf}.mlp.down_proj.weight", f"{p}.mlp.down_proj")
         if not self.steering:
             return self.node("Add", [h1, d], f"{p}.mlp.residual", outputs=[f"hidden.{i}"])
@@ -330,7 +334,7 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
         b = GraphBuilder(src, inits, quant=quant, group_size=group_size, symmetric=symmetric, lm_head=lm_head,
                          embedding=embedding, accuracy_level=accuracy_level, linear_override=linear_override,
                          steering=steering, on_tensor=on_tensor,
-                         sparse_sites=(sparsity or {}).get("sites"))
+                         sparse_sites=(sparsity or {}).get("sites"), coreinfer=(sparsity or {}).get("coreinfer"))
         b.init("cos_cache", cos)
         b.init("sin_cache", sin)
         del cos, sin
@@ -342,6 +346,13 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
                 steer_inputs += [helper.make_tensor_value_info(f"steer.{i}.add", TensorProto.FLOAT, [cfg.hidden_size]),
                                  helper.make_tensor_value_info(f"steer.{i}.ablate", TensorProto.FLOAT,
                                                                [f"R{i}", cfg.hidden_size])]
+        core = (sparsity or {}).get("coreinfer")
+        if core:
+            b.init("coreinfer.token_k", np.array([core["token_k"]], np.int64))
+            for i in range(cfg.num_layers):
+                b.init(f"ffn_mask.{i}", np.ones(cfg.intermediate_size, np.float32))
+                steer_inputs.append(helper.make_tensor_value_info(f"ffn_mask.{i}", TensorProto.FLOAT,
+                                                                  [cfg.intermediate_size]))
         h = b.embed()
         for i in range(cfg.num_layers):
             h = b.layer(i, h)
@@ -366,6 +377,9 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
     model.graph.name = "edgeact_decoder"
     model.graph.node.extend(b.nodes)
     model.graph.input.extend(inputs + steer_inputs)
+    if core:
+        outputs += [helper.make_tensor_value_info(f"ffn_score.{i}", TensorProto.FLOAT, [cfg.intermediate_size])
+                    for i in range(cfg.num_layers)]
     model.graph.output.extend(outputs)
     if steering:
         model.functions.append(steer_function())
@@ -373,6 +387,10 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
         from .sparsity import sparsify_function
 
         model.functions.append(sparsify_function())
+    if core:
+        from .coreinfer import neuron_mask_function
+
+        model.functions.append(neuron_mask_function())
     path = out_dir / "model.onnx"
     onnx.save_model(model, str(path))
     del model   # check from the file so the weights are not held twice

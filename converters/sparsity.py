@@ -10,6 +10,8 @@ zero and the weight rows they would meet are never read. Methods (seed papers):
                                         linear reading x (q, k, v share one score)
   cats       |SiLU(gate)_j|   ≥ t      gated FFN: the intermediate channel j is computed
                                         only when its gate activation is large (CATS)
+  coreinfer  fixed per prompt           gated FFN: the neurons the prompt used most, chosen
+                                        after prefill (converters/coreinfer.py; no thresholds)
 
 Each sparse site becomes one `ai.edgeact.Sparsify(x, threshold, col_scale)` node
 before the linears that read x (docs/sparsity.md); its ONNX function body is the
@@ -26,7 +28,8 @@ from onnx import helper
 from .calibration import INPUT_GROUPS, calibration_ids, capture_inputs
 from .model import ConversionError, SourceModel
 
-METHODS = ("teal", "chess", "wina", "cats")
+METHODS = ("teal", "chess", "wina", "cats", "coreinfer")
+FFN_ONLY = ("cats", "coreinfer")
 # Site → (layer type, the linears that read it).
 SITES = {"attn_in": ("attn", INPUT_GROUPS["attn_in"]), "attn_out": ("attn", INPUT_GROUPS["attn_out"]),
          "ffn_in": ("ffn", INPUT_GROUPS["ffn_in"]), "ffn_out": ("ffn", INPUT_GROUPS["ffn_out"])}
@@ -45,7 +48,7 @@ def sparsify_function() -> onnx.FunctionProto:
 
 
 def parse_targets(spec, method: str) -> dict[str, float]:
-    """'0.5' or 'attn=0.4,ffn=0.5' → {'attn': .., 'ffn': ..}; cats covers the FFN only."""
+    """'0.5' or 'attn=0.4,ffn=0.5' → {'attn': .., 'ffn': ..}; cats and coreinfer cover the FFN only."""
     if method not in METHODS:
         raise ConversionError(f"unknown sparsity method {method!r}; choose one of {', '.join(METHODS)}")
     spec = str(spec).strip()
@@ -64,7 +67,7 @@ def parse_targets(spec, method: str) -> dict[str, float]:
     for k, v in out.items():
         if not 0.0 <= v < 1.0:
             raise ConversionError(f"sparsity {k}={v} outside [0, 1)")
-    if method == "cats":
+    if method in FFN_ONLY:
         out = {"ffn": out.get("ffn", 0.0)}
     return out
 
@@ -87,6 +90,10 @@ def calibrate(src: SourceModel, method: str, targets: dict[str, float], *, calib
     from .torch_ref import build_torch_model
 
     cfg = src.config
+    if method == "coreinfer":   # chosen per prompt at run time: nothing to calibrate
+        from .coreinfer import plan
+
+        return plan(src, 1.0 - targets.get("ffn", 0.0))
     if method == "cats" and not all(src.has(f"model.layers.{i}.mlp.gate_proj.weight") for i in range(cfg.num_layers)):
         raise ConversionError("cats needs a gated FFN (gate_proj), and this model has none")
     model = build_torch_model(src)
@@ -170,7 +177,8 @@ def add_convert_args(parser) -> None:
     g.add_argument("--sparsity", default=None, metavar="S",
                    help="target share of zeroed input channels: 0.5, or per layer type attn=0.4,ffn=0.5")
     g.add_argument("--sparsity-method", choices=METHODS, default="teal",
-                   help="teal: |x| per tensor; chess: per channel; wina: |x|·‖W col‖; cats: gated-FFN activation")
+                   help="teal: |x| per tensor; chess: per channel; wina: |x|·‖W col‖; cats: gated-FFN activation; "
+                        "coreinfer: the FFN neurons the prompt used most, fixed after prefill (no calibration)")
     if "--calib" not in parser._option_string_actions:
         g.add_argument("--calib", default=None, metavar="FILE",
                        help="calibration text (default: text the fp32 model samples itself, fixed seed)")

@@ -62,15 +62,7 @@ class NativeModel:
         out = ffi.new("ea_model **")
         _check(lib.ea_model_load(os.fsencode(self.folder), out))
         self._ptr = ffi.gc(out[0], lib.ea_model_free)
-        info = ffi.new("ea_model_info *")
-        _check(lib.ea_model_get_info(self._ptr, info))
-        self.n_layers, self.hidden, self.vocab = info.n_layers, info.hidden, info.vocab
-        self.max_context = info.max_context
-        self.n_heads, self.n_kv_heads, self.head_dim = info.n_heads, info.n_kv_heads, info.head_dim
-        self.n_nodes, self.n_steer_layers = info.n_nodes, info.n_steer_layers
-        self.isa = ffi.string(info.isa).decode()
-        self.weight_bytes = {"mapped": int(info.weight_bytes_mapped), "copied": int(info.weight_bytes_copied),
-                             "repacked": int(info.weight_bytes_repacked)}
+        self._read_info()
 
     @classmethod
     def from_bytes(cls, data: bytes, folder: str | os.PathLike | None = None) -> "NativeModel":
@@ -80,16 +72,20 @@ class NativeModel:
         out = ffi.new("ea_model **")
         _check(lib.ea_model_load_buffer(data, len(data), os.fsencode(folder) if folder else ffi.NULL, out))
         self._ptr = ffi.gc(out[0], lib.ea_model_free)
+        self._read_info()
+        return self
+
+    def _read_info(self) -> None:
         info = ffi.new("ea_model_info *")
         _check(lib.ea_model_get_info(self._ptr, info))
         self.n_layers, self.hidden, self.vocab = info.n_layers, info.hidden, info.vocab
         self.max_context = info.max_context
         self.n_heads, self.n_kv_heads, self.head_dim = info.n_heads, info.n_kv_heads, info.head_dim
         self.n_nodes, self.n_steer_layers = info.n_nodes, info.n_steer_layers
+        self.n_mask_layers, self.mask_width = info.n_mask_layers, info.mask_width
         self.isa = ffi.string(info.isa).decode()
         self.weight_bytes = {"mapped": int(info.weight_bytes_mapped), "copied": int(info.weight_bytes_copied),
                              "repacked": int(info.weight_bytes_repacked)}
-        return self
 
     def info(self) -> dict:
         """What the runtime made of the folder (for `edgeact info` and benchmarks)."""
@@ -160,6 +156,22 @@ class NativeSession:
 
     def clear_steering(self, layer: int | None = None) -> None:
         _check(lib.ea_session_clear_steering(self._ptr, -1 if layer is None else int(layer)))
+
+    # --- CoreInfer neuron masks -------------------------------------------------------------
+    def set_neuron_mask(self, layer: int, mask=None) -> None:
+        """FFN neurons of layer `layer` to compute (mask != 0); None restores the model's default (all)."""
+        if mask is None:
+            _check(lib.ea_session_set_neuron_mask(self._ptr, int(layer), ffi.NULL, 0))
+            return
+        mask = np.ascontiguousarray(np.asarray(mask, dtype=np.float32).reshape(-1))
+        _check(lib.ea_session_set_neuron_mask(self._ptr, int(layer), ffi.from_buffer("float[]", mask), mask.size))
+
+    def neuron_scores(self) -> np.ndarray:
+        """ffn_score.{i} of the last forward: [mask layers, FFN width] counts of token-wise top-k hits."""
+        out = np.empty((self.model.n_mask_layers, self.model.mask_width), np.float32)
+        for i in range(self.model.n_mask_layers):
+            _check(lib.ea_session_get_neuron_scores(self._ptr, i, ffi.from_buffer("float[]", out[i]), out.shape[1]))
+        return out
 
     # --- hidden-state capture ---------------------------------------------------------------
     def capture_hidden(self, on: bool = True) -> None:

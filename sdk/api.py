@@ -71,10 +71,15 @@ class Model(SteeringMixin):
         return ids
 
     # ---- compute
-    def forward(self, ids) -> np.ndarray:
-        """Logits [len(ids), vocab] of a fresh sequence (no cache carried over)."""
+    def forward(self, ids, prompt_len: int | None = None) -> np.ndarray:
+        """Logits [len(ids), vocab] of a fresh sequence (no cache carried over). prompt_len splits it
+        into a prompt and its continuation: with CoreInfer the neuron set is chosen on the prompt and
+        the continuation runs with it, as in generation (otherwise the result is the same)."""
         self.engine.reset()
-        return self.engine.forward(np.asarray(ids, dtype=np.int64))
+        ids = np.asarray(ids, dtype=np.int64)
+        if not prompt_len or prompt_len >= len(ids):
+            return self.engine.forward(ids)
+        return np.concatenate([self.engine.forward(ids[:prompt_len]), self.engine.forward(ids[prompt_len:])])
 
     def _tokens(self, prompt_ids: list[int], cfg: GenerationConfig, timing: dict) -> Iterator[int]:
         cfg.validate()

@@ -52,8 +52,14 @@ def sweep(source, methods, sparsities, out_dir, *, quant="int4", group_size=32, 
         row = {"method": method, "target": target, "folder": str(folder)}
         if ref is not None:
             row.update(ref.compare(folder).to_dict())
-            r = realized_sparsity(folder, ref.ids) if method != "dense" else {}
-            row["realized"] = float(np.mean(list(r.values()))) if r else 0.0
+            if method == "coreinfer":   # a fixed share of FFN neurons per prompt, by construction
+                from edgeact.engines import read_meta
+
+                meta = read_meta(folder)
+                row["realized"] = 1.0 - meta["sparsity"]["keep"] / meta["config"]["intermediate_size"]
+            else:
+                r = realized_sparsity(folder, ref.ids) if method != "dense" else {}
+                row["realized"] = float(np.mean(list(r.values()))) if r else 0.0
         if speed:
             row["tg"] = decode_speed(folder, engine)
         rows.append(row)

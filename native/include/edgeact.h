@@ -42,6 +42,8 @@ typedef struct ea_model_info {
     int n_heads, n_kv_heads, head_dim; /* head_dim as in the graph (padded) */
     int n_nodes;         /* graph nodes */
     int n_steer_layers;  /* Steer nodes (0 when the folder was written without steering) */
+    int n_mask_layers;   /* NeuronMask nodes (CoreInfer; 0 otherwise) */
+    int mask_width;      /* their width (the FFN intermediate size) */
     const char *isa;     /* kernels in use: "scalar", "avx2", "neon", "neon-dotprod" */
     uint64_t weight_bytes_mapped;   /* initializer bytes used in place from the file maps */
     uint64_t weight_bytes_copied;   /* copied for alignment */
@@ -89,6 +91,14 @@ int ea_session_forward(ea_session *session, const int64_t *ids, int n, float *lo
 int ea_session_set_steering(ea_session *session, int layer, const float *add, const float *ablate, int R);
 /* layer -1 clears every layer. */
 int ea_session_clear_steering(ea_session *session, int layer);
+
+/* CoreInfer (ai.edgeact.NeuronMask, layer = i of ffn_mask.{i}): mask [mask_width] replaces the
+ * model's default (NULL restores it); the FFN computes only the rows and columns where mask != 0.
+ * Values must be finite. reset() keeps masks. */
+int ea_session_set_neuron_mask(ea_session *session, int layer, const float *mask, int n);
+/* Per-channel counts of the last forward call's tokens whose |h| reached their token-wise top-k
+ * (ffn_score.{i}); counted only while that layer's mask is unset. n must be mask_width. */
+int ea_session_get_neuron_scores(const ea_session *session, int layer, float *out, int n);
 
 /* Hidden-state capture: when on, each forward keeps hidden.{i} of all its tokens. */
 int ea_session_capture_hidden(ea_session *session, int on);

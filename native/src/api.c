@@ -105,6 +105,8 @@ int ea_model_get_info(const ea_model *m, ea_model_info *info) {
     info->head_dim = m->head_dim;
     info->n_nodes = m->onnx.n_nodes;
     info->n_steer_layers = m->n_steer;
+    info->n_mask_layers = m->n_nmask;
+    info->mask_width = m->nmask_width;
     info->isa = ea_isa_name(m->isa);
     info->weight_bytes_mapped = m->bytes_mapped;
     info->weight_bytes_copied = m->bytes_copied;
@@ -211,6 +213,46 @@ int ea_session_clear_steering(ea_session *ss, int layer) {
         return EA_OK;
     }
     return ea_session_set_steering(ss, layer, NULL, NULL, 0);
+}
+
+static int check_mask_layer(const ea_session *ss, int layer, int n) {
+    if (!ss->m->n_nmask) return fail(EA_ERR_ARG, "%s", "this model has no NeuronMask nodes (convert with --sparsity-method coreinfer)");
+    if (layer < 0 || layer >= ss->m->n_nmask) {
+        snprintf(last_err.msg, sizeof last_err.msg, "mask layer %d out of range [0, %d)", layer, ss->m->n_nmask);
+        return EA_ERR_ARG;
+    }
+    if (n != ss->m->nmask_width) {
+        snprintf(last_err.msg, sizeof last_err.msg, "mask has %d values, the FFN has %d neurons", n, ss->m->nmask_width);
+        return EA_ERR_ARG;
+    }
+    return EA_OK;
+}
+
+int ea_session_set_neuron_mask(ea_session *ss, int layer, const float *mask, int n) {
+    CHECK_PTR(ss, "session");
+    const int W = ss->m->nmask_width;
+    int rc = check_mask_layer(ss, layer, mask ? n : W);
+    if (rc) return rc;
+    if (mask && !all_finite(mask, (size_t)W)) return fail(EA_ERR_ARG, "%s", "neuron mask has non-finite values");
+    float *copy = NULL;
+    if (mask && !(copy = malloc(sizeof(float) * (size_t)W))) return fail(EA_ERR_NOMEM, "%s", "out of memory");
+    if (copy) memcpy(copy, mask, sizeof(float) * (size_t)W);
+    free(ss->nmask[layer]);
+    ss->nmask[layer] = copy;
+    int nr = 0;
+    for (int k = 0; k < W; k++)
+        if (!copy || copy[k] != 0.0f) ss->nm_rows[layer][nr++] = k;
+    ss->nm_n_rows[layer] = nr;
+    return EA_OK;
+}
+
+int ea_session_get_neuron_scores(const ea_session *ss, int layer, float *out, int n) {
+    CHECK_PTR(ss, "session");
+    CHECK_PTR(out, "out");
+    int rc = check_mask_layer(ss, layer, n);
+    if (rc) return rc;
+    memcpy(out, ss->nscore[layer], sizeof(float) * (size_t)n);
+    return EA_OK;
 }
 
 int ea_session_capture_hidden(ea_session *ss, int on) {

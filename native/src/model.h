@@ -18,7 +18,8 @@ typedef enum {
     V_IDS,       /* input_ids */
     V_POSINFO,   /* seqlens_k / total_sequence_length: positions come from the session */
     V_PAST,      /* past_key_values.*: the session's KV cache */
-    V_PRESENT    /* present.*: written into the KV cache by GroupQueryAttention */
+    V_PRESENT,   /* present.*: written into the KV cache by GroupQueryAttention */
+    V_SCORE      /* ffn_score.*: NeuronMask's per-neuron counts over a forward call, kept in the session */
 } value_kind;
 
 typedef struct value {
@@ -37,7 +38,7 @@ typedef struct value {
 
 typedef enum {
     OP_GATHER, OP_CAST, OP_RMSNORM, OP_MATMUL, OP_QMATMUL, OP_GQA, OP_ADD, OP_ADD_BIAS,
-    OP_MUL, OP_SIGMOID, OP_SILU_MUL, OP_STEER, OP_SPARSIFY, OP_NOP
+    OP_MUL, OP_SIGMOID, OP_SILU_MUL, OP_STEER, OP_SPARSIFY, OP_NEURON_MASK, OP_NOP
 } op_kind;
 
 typedef struct step {
@@ -75,6 +76,11 @@ typedef struct step {
     int sparse_src;       /* MatMulNBits: 1 + the Sparsify step feeding it, 0 = dense input */
     ea_qweight_cm cm;
     int cm_ready;
+    /* NeuronMask (CoreInfer): default mask [width] (ones) and the token-wise top-k of its score;
+     * `layer` indexes the session's masks. A MatMulNBits feeding it through SiLU-gate computes
+     * only the rows the session's mask keeps (row_src = 1 + the NeuronMask step). */
+    const float *def_mask;
+    int token_k, row_src;
 } step;
 
 struct ea_model {
@@ -91,6 +97,7 @@ struct ea_model {
     int *slot_width;
     int ids_value, logits_value, logits_step;
     int n_gqa, n_steer, n_hidden;
+    int n_nmask, nmask_width; /* NeuronMask nodes (CoreInfer) and their width */
     int hidden, vocab, max_context, n_heads, n_kv_heads, head_dim;
     int max_act_width, max_q_width, max_kv_width;
     uint64_t bytes_mapped, bytes_copied, bytes_repacked;

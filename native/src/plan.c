@@ -495,6 +495,39 @@ static int plan_node(builder *b, int ni, step *st) {
         st->out = add_output(b, nd, 0, V_ACT, ONNX_FLOAT, width, si);
         return st->out < 0 ? -1 : 0;
     }
+    if (ea && !strcmp(op, "NeuronMask")) {
+        static const char *const known[] = {NULL};
+        if (check_attrs(b, nd, known) || get_input(b, nd, 0, 1, &st->in[0]) || get_input(b, nd, 1, 1, &st->in[1]) ||
+            get_input(b, nd, 2, 1, &st->in[2]) || need_act(b, nd, 0, st->in[0]) || only_outputs(b, nd, 2))
+            return -1;
+        if (nd->n_outputs < 2 || !*nd->outputs[1]) NODE_FAIL("%s", "needs both outputs (y, score)");
+        const int width = m->values[st->in[0]].width;
+        const onnx_tensor *mask = need_const(b, nd, 1, st->in[1], ONNX_FLOAT, 1);
+        const onnx_tensor *k = mask ? need_const(b, nd, 2, st->in[2], ONNX_INT64, -1) : NULL;
+        if (!k) return -1;
+        if (mask->dims[0] != width) NODE_FAIL("mask '%s' must have %d elements (the input width)", mask->name, width);
+        int64_t kv;
+        if (numel_of(k) != 1) NODE_FAIL("k '%s' must hold one value", k->name);
+        memcpy(&kv, k->data, sizeof kv);
+        if (kv < 1 || kv > width) NODE_FAIL("k = %lld is outside [1, %d]", (long long)kv, width);
+        if (m->nmask_width && m->nmask_width != width)
+            NODE_FAIL("width %d differs from the other NeuronMask nodes' %d", width, m->nmask_width);
+        int layer;
+        char tail;
+        if (sscanf(mask->name, "ffn_mask.%d%c", &layer, &tail) != 1 || layer < 0) layer = m->n_nmask;
+        for (int j = 0; j < si; j++)
+            if (m->steps[j].op == OP_NEURON_MASK && m->steps[j].layer == layer)
+                NODE_FAIL("a second NeuronMask node for layer %d", layer);
+        st->op = OP_NEURON_MASK;
+        st->layer = layer;
+        st->def_mask = (const float *)mask->data;
+        st->token_k = (int)kv;
+        m->nmask_width = width;
+        m->n_nmask++;
+        st->out = add_output(b, nd, 0, V_ACT, ONNX_FLOAT, width, si);
+        if (st->out < 0 || add_output(b, nd, 1, V_SCORE, ONNX_FLOAT, width, si) < 0) return -1;
+        return 0;
+    }
     if (ea && !strcmp(op, "Steer")) {
         static const char *const known[] = {NULL};
         if (check_attrs(b, nd, known) || get_input(b, nd, 0, 1, &st->in[0]) || get_input(b, nd, 1, 1, &st->in[1]) ||
@@ -526,7 +559,7 @@ static int plan_node(builder *b, int ni, step *st) {
     }
     NODE_FAIL("op type '%s%s%s' is not supported by the native runtime (supported: Gather, Cast, RMSNormalization, "
               "MatMul, Add, Mul, Sigmoid, com.microsoft.MatMulNBits, com.microsoft.GroupQueryAttention, "
-              "ai.edgeact.Steer, ai.edgeact.Sparsify)", dom, *dom ? "." : "", op);
+              "ai.edgeact.Steer, ai.edgeact.Sparsify, ai.edgeact.NeuronMask)", dom, *dom ? "." : "", op);
 }
 
 /* ---- graph inputs and initializers -------------------------------------------- */
@@ -721,7 +754,7 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
             ea_fail(err, "graph output '%s' is not produced by any node", om->outputs[i].name);
             goto done;
         }
-        if (m->values[v].kind != V_ACT && m->values[v].kind != V_PRESENT) {
+        if (m->values[v].kind != V_ACT && m->values[v].kind != V_PRESENT && m->values[v].kind != V_SCORE) {
             ea_fail(err, "graph output '%s' is not computed by the graph", om->outputs[i].name);
             goto done;
         }
@@ -762,7 +795,7 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
         step *st = &m->steps[s];
         if (st->op != OP_QMATMUL || st->qw.bits != 4 || st->f32act || st->in[0] < 0) continue;
         int p = m->values[st->in[0]].producer;
-        if (p < 0 || p >= m->n_steps || m->steps[p].op != OP_SPARSIFY) continue;
+        if (p < 0 || p >= m->n_steps || (m->steps[p].op != OP_SPARSIFY && m->steps[p].op != OP_NEURON_MASK)) continue;
         int krc = ea_qweight_cm_init(&st->cm, m->isa, &st->qw);
         if (krc) {
             ea_fail(err, "node '%s': channel-major repack failed: %s", st->name, ea_kernels_strerror(krc));
@@ -772,6 +805,18 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
         st->sparse_src = p + 1;
         if (st->qw.packed) ea_release_pages(m, st->qw.data, (size_t)st->qw.N * st->qw.n_blocks * st->qw.block_size / 2);
         m->bytes_repacked += st->cm.bytes;
+    }
+    /* CoreInfer: gate/up feeding a NeuronMask through SiLU-gate compute only the kept rows */
+    count_uses(m, uses);
+    for (int s = 0; s < m->n_steps; s++) {
+        if (m->steps[s].op != OP_NEURON_MASK) continue;
+        const int p = m->values[m->steps[s].in[0]].producer;
+        if (p < 0 || m->steps[p].op != OP_SILU_MUL || uses[m->steps[s].in[0]] != 1) continue;
+        for (int k = 0; k < 2; k++) {
+            const int v = m->steps[p].in[k], q = v >= 0 ? m->values[v].producer : -1;
+            if (q >= 0 && m->steps[q].op == OP_QMATMUL && !m->steps[q].f32act && uses[v] == 1)
+                m->steps[q].row_src = s + 1;
+        }
     }
     m->hidden = 0;
     for (int i = 0; i < m->n_values; i++) {
@@ -796,6 +841,12 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
         if (m->steps[s].op == OP_STEER && (m->steps[s].layer >= m->n_steer || m->values[m->steps[s].in[0]].width != m->hidden)) {
             ea_fail(err, "node '%s': steering layer %d out of range (Steer nodes: %d)", m->steps[s].name,
                     m->steps[s].layer, m->n_steer);
+            goto done;
+        }
+    for (int s = 0; s < m->n_steps; s++)
+        if (m->steps[s].op == OP_NEURON_MASK && m->steps[s].layer >= m->n_nmask) {
+            ea_fail(err, "node '%s': mask layer %d out of range (NeuronMask nodes: %d)", m->steps[s].name,
+                    m->steps[s].layer, m->n_nmask);
             goto done;
         }
     if (assign_slots(m, err)) goto done;

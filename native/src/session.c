@@ -69,6 +69,53 @@ static void steer_rows(const ea_session *ss, const step *st, float *h, int S, in
     }
 }
 
+/* The k-th largest of x[0..n) (1 <= k <= n), by quickselect; x is reordered. */
+static float kth_largest(float *x, int n, int k) {
+    int lo = 0, hi = n - 1;
+    const int want = k - 1;
+    while (lo < hi) {
+        const float pivot = x[lo + (hi - lo) / 2];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (x[i] > pivot) i++;
+            while (x[j] < pivot) j--;
+            if (i <= j) {
+                const float t = x[i];
+                x[i++] = x[j];
+                x[j--] = t;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
+    }
+    return x[want];
+}
+
+/* y = h * mask. While the caller has not fixed a mask (the prompt), count per channel the rows
+ * where |h| reaches the row's token_k-th largest: the same rule as the function body. */
+static void neuron_mask(ea_session *ss, const step *st, int si, int e, const float *a, float *y, int S, int w) {
+    const int L = st->layer;
+    const float *mask = ss->nmask[L] ? ss->nmask[L] : st->def_mask;
+    for (int r = 0; r < S; r++) {
+        const float *hr = a + (size_t)r * w;
+        float *yr = y + (size_t)r * w;
+        for (int k = 0; k < w; k++) yr[k] = hr[k] * mask[k];
+        if (ss->nmask[L]) continue;
+        for (int k = 0; k < w; k++) ss->sel[k] = fabsf(hr[k]);
+        const float kth = kth_largest(ss->sel, w, st->token_k);
+        float *score = ss->nscore[L];
+        for (int k = 0; k < w; k++) score[k] += fabsf(hr[k]) >= kth ? 1.0f : 0.0f;
+    }
+    /* down_proj's input-sparse GEMV reads only the kept channels */
+    ss->n_active[si] = ss->nm_n_rows[L];
+    memcpy(ss->active[si], ss->nm_rows[L], sizeof(int32_t) * (size_t)ss->nm_n_rows[L]);
+    if (__builtin_expect(ss->profile, 0)) {
+        ss->prof_active[e] += (uint64_t)S * (uint64_t)ss->nm_n_rows[L];
+        ss->prof_total[e] += (uint64_t)S * (uint64_t)w;
+    }
+}
+
 /* Runs S tokens at positions pos0.. ; logits rows go to `logits` (all rows, or the last one
  * when last_only; NULL skips the logits step). Returns an EA_ERR_* code. */
 static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *logits, int last_only, ea_err *err) {
@@ -104,6 +151,16 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
             if (si == m->logits_step && last_only) { /* decode needs one row of the vocabulary projection */
                 a += (size_t)(S - 1) * st->K;
                 rows = 1;
+            }
+            if (st->row_src && rows == 1) {
+                /* CoreInfer's fixed neurons: only the kept rows of gate/up (the rest are 0, masked later) */
+                const int L = m->steps[st->row_src - 1].layer, nr = ss->nm_n_rows[L];
+                if (ss->nmask[L] && nr < EA_ROWS_DENSE_CROSSOVER * st->N) {
+                    memset(y, 0, sizeof(float) * (size_t)st->N);
+                    rc = ea_qgemv_rows(ctx, &st->qw, a, ss->nm_rows[L], nr, y);
+                    bytes = (uint64_t)((double)st->weight_bytes * nr / (st->N ? st->N : 1));
+                    break;
+                }
             }
             if (st->sparse_src && rows == 1) {
                 /* one row behind a Sparsify: read only the weights of its active channels */
@@ -178,6 +235,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
             ss->n_active[si] = na;
             break;
         }
+        case OP_NEURON_MASK: neuron_mask(ss, st, si, e, a, y, S, w); break;
         case OP_NOP: break;
         }
         if (rc) {
@@ -222,6 +280,7 @@ int ea_session_run(ea_session *ss, const int64_t *ids, int n, float *logits, int
         }
         ss->hidden_tokens = n;
     }
+    for (int L = 0; L < m->n_nmask; L++) memset(ss->nscore[L], 0, sizeof(float) * (size_t)m->nmask_width);
     const int start = ss->n_past;
     for (int c = 0; c < n; c += ss->max_chunk) {
         const int S = n - c < ss->max_chunk ? n - c : ss->max_chunk;
@@ -267,6 +326,16 @@ void ea_session_destroy(ea_session *ss) {
         for (int s = 0; s < ss->m->n_steps; s++) free(ss->active[s]);
     free(ss->active);
     free(ss->n_active);
+    for (int L = 0; L < m->n_nmask; L++) {
+        if (ss->nmask) free(ss->nmask[L]);
+        if (ss->nscore) free(ss->nscore[L]);
+        if (ss->nm_rows) free(ss->nm_rows[L]);
+    }
+    free(ss->nmask);
+    free(ss->nscore);
+    free(ss->nm_rows);
+    free(ss->nm_n_rows);
+    free(ss->sel);
     ea_kctx_release(&ss->kctx);
     if (ss->pool) ea_pool_destroy(ss->pool);
     free(ss);
@@ -309,9 +378,23 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     if (!ss->prof_active || !ss->prof_total || !ss->active || !ss->n_active)
         return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
     for (int s = 0; s < m->n_steps; s++)
-        if (m->steps[s].op == OP_SPARSIFY &&
+        if ((m->steps[s].op == OP_SPARSIFY || m->steps[s].op == OP_NEURON_MASK) &&
             !(ss->active[s] = malloc(sizeof(int32_t) * (size_t)m->values[m->steps[s].out].width)))
             return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
+    const size_t nm = (size_t)m->n_nmask + 1, nw = (size_t)m->nmask_width + 1;
+    ss->nmask = calloc(nm, sizeof(float *));
+    ss->nscore = calloc(nm, sizeof(float *));
+    ss->nm_rows = calloc(nm, sizeof(int32_t *));
+    ss->nm_n_rows = calloc(nm, sizeof(int));
+    ss->sel = malloc(sizeof(float) * nw);
+    if (!ss->nmask || !ss->nscore || !ss->nm_rows || !ss->nm_n_rows || !ss->sel)
+        return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
+    for (int L = 0; L < m->n_nmask; L++) {
+        if (!(ss->nscore[L] = calloc(nw, sizeof(float))) || !(ss->nm_rows[L] = malloc(sizeof(int32_t) * nw)))
+            return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
+        for (int k = 0; k < m->nmask_width; k++) ss->nm_rows[L][k] = k; /* default mask: every channel */
+        ss->nm_n_rows[L] = m->nmask_width;
+    }
     int max_R = 1;
     for (int s = 0; s < m->n_steps; s++)
         if (m->steps[s].op == OP_STEER && m->steps[s].def_R > max_R) max_R = m->steps[s].def_R;

@@ -23,8 +23,14 @@ struct ea_session {
     int n_exec;
     uint64_t *prof_ns, *prof_calls, *prof_bytes; /* per exec step */
     uint64_t *prof_active, *prof_total;          /* per exec step: Sparsify channels kept / seen */
-    int32_t **active;       /* per plan step (Sparsify only): active channels of the last row */
+    int32_t **active;       /* per plan step (Sparsify, NeuronMask): active channels of the last row */
     int *n_active;
+    /* CoreInfer, per NeuronMask layer: the mask set by the caller (NULL = the model's default, all on),
+     * its nonzero channels, and the scores of the last forward call (counted while the mask is unset) */
+    float **nmask, **nscore;
+    int32_t **nm_rows;
+    int *nm_n_rows;
+    float *sel;             /* |h| of one row, for the k-th largest */
 };
 
 int ea_physical_cores(void);

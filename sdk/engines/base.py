@@ -45,16 +45,60 @@ class Engine(abc.ABC):
         self.vocab_size: int = cfg["vocab_size"]
         self.max_context: int = self.meta.get("max_context", cfg.get("max_position_embeddings", 2048))
         self.n_past = 0
+        sp = self.meta.get("sparsity") or {}
+        # CoreInfer: `keep` FFN neurons per layer, chosen from the prompt (converters/coreinfer.py)
+        self.core_keep: int | None = sp.get("keep") if sp.get("method") == "coreinfer" else None
+        self.core_masks: np.ndarray | None = None   # the neuron set in force, [layers, FFN width]
 
     # ---- the interface
-    @abc.abstractmethod
     def reset(self) -> None:
-        """Drop the KV cache."""
+        """Drop the KV cache (and a CoreInfer neuron set: the next prompt chooses a new one)."""
+        self._reset()
+        if self.core_keep is not None:
+            self.core_masks = None
+            self.set_neuron_masks(None)
 
-    @abc.abstractmethod
     def forward(self, ids: np.ndarray, *, output_hidden: bool = False):
         """Run `ids` (int64 [S]) at positions n_past..n_past+S-1. Returns logits float32 [S, vocab],
-        and with output_hidden also hidden [num_layers, S, hidden] (each layer's Steer output)."""
+        and with output_hidden also hidden [num_layers, S, hidden] (each layer's Steer output).
+        With CoreInfer the first call after a reset is the prompt: it runs every neuron and then
+        fixes each layer's `keep` most-used ones for the calls that follow."""
+        ids = self.check_ids(ids)
+        prompt = self.core_keep is not None and self.n_past == 0
+        out = self._forward(ids, output_hidden=output_hidden)
+        if prompt:
+            self.fix_core_neurons()
+        return out
+
+    def fix_core_neurons(self) -> None:
+        """CoreInfer: keep, from now until reset, the neurons the last forward (the prompt) used most."""
+        self.core_masks = choose_core_neurons(self.neuron_scores(), self.core_keep)
+        self.set_neuron_masks(self.core_masks)
+
+    @abc.abstractmethod
+    def _reset(self) -> None:
+        ...
+
+    @abc.abstractmethod
+    def _forward(self, ids: np.ndarray, *, output_hidden: bool = False):
+        ...
+
+    def neuron_scores(self) -> np.ndarray:
+        """CoreInfer: ffn_score.{i} of the last forward, [layers, FFN width]."""
+        raise ValueError("this model folder has no CoreInfer neuron masks (convert with --sparsity-method coreinfer)")
+
+    def set_neuron_masks(self, masks: np.ndarray | None) -> None:
+        """CoreInfer: [layers, FFN width] masks (0 = neuron skipped), or None for all neurons."""
+        raise ValueError("this model folder has no CoreInfer neuron masks (convert with --sparsity-method coreinfer)")
+
+    def check_masks(self, masks) -> np.ndarray:
+        width = self.meta["config"]["intermediate_size"]
+        masks = np.ascontiguousarray(masks, dtype=np.float32)
+        if masks.shape != (self.num_layers, width):
+            raise ValueError(f"neuron masks have shape {masks.shape}, expected ({self.num_layers}, {width})")
+        if not np.isfinite(masks).all():
+            raise ValueError("neuron masks contain NaN or Inf")
+        return masks
 
     @abc.abstractmethod
     def set_steering(self, layer: int, add: np.ndarray | None = None, ablate: np.ndarray | None = None) -> None:
@@ -95,3 +139,12 @@ class Engine(abc.ABC):
             if not np.isfinite(ablate).all():
                 raise ValueError("ablation direction contains NaN or Inf")
         return int(layer), add, ablate
+
+
+def choose_core_neurons(scores: np.ndarray, keep: int) -> np.ndarray:
+    """CoreInfer's sentence-wise core neurons: per layer the `keep` best-scored of [layers, I] scores
+    (ties to the lower index) as a float32 0/1 mask."""
+    scores = np.asarray(scores, dtype=np.float64)
+    masks = np.zeros(scores.shape, np.float32)
+    np.put_along_axis(masks, np.argsort(-scores, axis=-1, kind="stable")[:, :keep], 1.0, axis=-1)
+    return masks

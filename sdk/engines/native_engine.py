@@ -28,12 +28,11 @@ class NativeEngine(Engine):
     def isa(self) -> str:
         return self.model.isa
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self.session.reset()
         self.n_past = 0
 
-    def forward(self, ids, *, output_hidden: bool = False):
-        ids = self.check_ids(ids)
+    def _forward(self, ids, *, output_hidden: bool = False):
         if output_hidden != self._capturing:
             self.session.capture_hidden(output_hidden)
             self._capturing = output_hidden
@@ -52,6 +51,18 @@ class NativeEngine(Engine):
     def clear_steering(self) -> None:
         if self.model.n_steer_layers:
             self.session.clear_steering()
+
+    def neuron_scores(self) -> np.ndarray:
+        if self.core_keep is None:
+            return super().neuron_scores()
+        return self.session.neuron_scores()
+
+    def set_neuron_masks(self, masks) -> None:
+        if self.core_keep is None:
+            return super().set_neuron_masks(masks)
+        masks = None if masks is None else self.check_masks(masks)
+        for i in range(self.num_layers):
+            self.session.set_neuron_mask(i, None if masks is None else masks[i])
 
     # ---- profiler (native only)
     def profile(self, on: bool = True) -> None:
@@ -72,6 +83,9 @@ class NativeEngine(Engine):
     def logits_last(self, ids) -> np.ndarray:
         """Decode fast path: logits of the last token only (skips the other rows of the vocabulary projection)."""
         ids = self.check_ids(ids)
+        prompt = self.core_keep is not None and self.n_past == 0
         out = self.session.forward(ids, all_logits=False)
         self.n_past = self.session.n_past
+        if prompt:
+            self.fix_core_neurons()
         return out

@@ -69,13 +69,12 @@ class OrtEngine(Engine):
                 self._hidden_session = self._make_session(model.SerializeToString())
         return self._hidden_session
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         empty = np.zeros((1, self.kv_heads, 0, self.kv_dim), dtype=np.float32)
         self._past = [(empty, empty) for _ in range(self.num_layers)]
         self.n_past = 0
 
-    def forward(self, ids, *, output_hidden: bool = False):
-        ids = self.check_ids(ids)
+    def _forward(self, ids, *, output_hidden: bool = False):
         S, P = ids.size, self.n_past
         feed = {"input_ids": ids[None], "seqlens_k": np.array([P + S - 1], dtype=np.int32),
                 "total_sequence_length": np.array(P + S, dtype=np.int32)}
@@ -88,7 +87,11 @@ class OrtEngine(Engine):
         names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         if output_hidden:
             names += [f"hidden.{i}" for i in range(self.num_layers)]
+        if self.core_keep is not None:
+            names += [f"ffn_score.{i}" for i in range(self.num_layers)]
         out = sess.run(names, feed)
+        if self.core_keep is not None:
+            self._scores, out = np.stack(out[-self.num_layers:]), out[:-self.num_layers]
         self._past = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.num_layers)]
         self.n_past = P + S
         logits = out[0][0]
@@ -108,3 +111,18 @@ class OrtEngine(Engine):
 
     def clear_steering(self) -> None:
         self._steer.clear()
+
+    def neuron_scores(self) -> np.ndarray:
+        if self.core_keep is None:
+            return super().neuron_scores()
+        return self._scores
+
+    def set_neuron_masks(self, masks) -> None:
+        if self.core_keep is None:
+            return super().set_neuron_masks(masks)
+        masks = None if masks is None else self.check_masks(masks)
+        for i in range(self.num_layers):
+            if masks is None:
+                self.extra_inputs.pop(f"ffn_mask.{i}", None)
+            else:
+                self.extra_inputs[f"ffn_mask.{i}"] = masks[i]
