@@ -37,20 +37,25 @@ def arm_bin(tmp_path_factory):
                       ["-static"]))
 
 
-def _run(cmd, isa=None, no_vnni=False):
+def _run(cmd, isa=None, no_vnni=False, no_avx512=False):
     env = dict(os.environ)
-    env.pop("EDGEACT_ISA", None)
-    env.pop("EDGEACT_NO_VNNI", None)
+    for k in ("EDGEACT_ISA", "EDGEACT_NO_VNNI", "EDGEACT_NO_AVX512"):
+        env.pop(k, None)
     if isa:
         env["EDGEACT_ISA"] = isa
     if no_vnni:   # the AVX2 int matmul without vpdpbusd (the path of AVX2 CPUs that lack AVX-VNNI)
         env["EDGEACT_NO_VNNI"] = "1"
+    if no_avx512:   # the AVX2 prefill GEMM on CPUs that have AVX-512 VNNI too
+        env["EDGEACT_NO_AVX512"] = "1"
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("isa,no_vnni", [(None, False), (None, True), ("scalar", False)])
-def test_c_selftests_native(native_bin, isa, no_vnni):
-    res = _run(native_bin, isa, no_vnni)
+# default: every path this CPU has (AVX-512 VNNI prefill where present); then AVX-VNNI only;
+# then plain AVX2; then the scalar reference itself
+@pytest.mark.parametrize("isa,no_vnni,no_avx512", [(None, False, False), (None, False, True), (None, True, True),
+                                                   ("scalar", False, False)])
+def test_c_selftests_native(native_bin, isa, no_vnni, no_avx512):
+    res = _run(native_bin, isa, no_vnni, no_avx512)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "ok: 0 failure(s)" in res.stdout
 

@@ -67,6 +67,10 @@ void ea_quantize_row_avx2(const float *x, int K, int bs, int8_t *xq, float *sx, 
                           int interleave);
 /* Groups [g0, g1) of EA_QROWS rows of the packed weight. */
 void ea_qmatmul_groups_avx2(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1);
+/* The int4 prefill variant for CPUs with AVX-512 VNNI (same packed layout and
+ * results); ea_have_avx512_vnni is false when EDGEACT_NO_AVX512 is set. */
+int ea_have_avx512_vnni(void);
+void ea_qmatmul_groups_avx512(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1);
 void ea_matmul_f32_avx2(const float *x, int M, int K, const float *W, int N, float *y, int n0, int n1);
 void ea_matmul_f16_avx2(const float *x, int M, int K, const uint16_t *W, int N, float *y, int n0, int n1);
 #endif

@@ -1,0 +1,126 @@
+/* int4 MatMulNBits prefill (M >= 2) with AVX-512 VNNI on the AVX2 packed
+ * layout (internal.h), for CPUs that have it; ea_qmatmul_groups_avx2 hands
+ * over here. Prompt processing is compute-bound: a 64-byte vpdpbusd covers
+ * four weight rows where the AVX2 kernel covers two, 32 registers hold four
+ * rows of x per pass (the AVX2 kernel: two), and the per-block reduction of
+ * eight rows is one unpack/shuffle/permute tree instead of three hadds.
+ * The integers and the per-block fma order are those of the AVX2 and scalar
+ * kernels, so results are bit-identical (tested). Decode (M = 1) stays on
+ * the AVX2 kernel: it is bound by memory bandwidth, not by these ops. */
+#include "internal.h"
+
+#if EA_X86
+#include <immintrin.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+
+int ea_have_avx512_vnni(void) {
+    static _Atomic int cached = -1;
+    int v = cached;
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+            !getenv("EDGEACT_NO_AVX512");
+        cached = v;
+    }
+    return v;
+}
+
+/* d0 holds rows 0-3 (128-bit lane L = row L, four partial sums each), d1
+ * rows 4-7: the eight row sums in the AVX2 lane order r0 r2 r4 r6 r1 r3 r5 r7
+ * that the packed scales follow. */
+AVX512 static inline __m256i reduce8(__m512i d0, __m512i d1) {
+    __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi32(d0, d1), _mm512_unpackhi_epi32(d0, d1));
+    s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_BADC)); /* lane L: [rL, r4+L, rL, r4+L] */
+    const __m512i idx = _mm512_setr_epi32(0, 8, 1, 9, 4, 12, 5, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castsi512_si256(_mm512_permutexvar_epi32(idx, s));
+}
+
+/* MT rows of x against one group of EA_QROWS int4 rows over all blocks. */
+AVX512 static inline __attribute__((always_inline)) void group_rows(const uint8_t *gp, size_t stride, int nb,
+                                                                    int has_zp, const ea_qact *a, int m0, int MT,
+                                                                    int BS, __m256 acc[4]) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const int kp = nb * BS, bpb = BS / 2, subs = bpb / 16;
+    const int8_t *xr[4];
+    for (int t = 0; t < MT; t++) {
+        xr[t] = a->xq + (size_t)(m0 + t) * kp;
+        acc[t] = _mm256_setzero_ps();
+    }
+    const __m256i zp_sym = _mm256_set1_epi32(8);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *p = gp + (size_t)b * stride;
+        for (size_t o = 0; o < stride; o += 64) __builtin_prefetch(p + EA_QPREFETCH + o, 0, 3);
+        __m512i d[4][2];
+        for (int t = 0; t < MT; t++) d[t][0] = d[t][1] = _mm512_setzero_si512();
+        for (int j = 0; j < subs; j++) {
+            const __m512i v0 = _mm512_loadu_si512((const void *)(p + (size_t)j * EA_QROWS * 16));
+            const __m512i v1 = _mm512_loadu_si512((const void *)(p + (size_t)j * EA_QROWS * 16 + 64));
+            const __m512i lo0 = _mm512_and_si512(v0, low4), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low4);
+            const __m512i lo1 = _mm512_and_si512(v1, low4), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low4);
+            for (int t = 0; t < MT; t++) { /* 32 activations stored [even16 | odd16] */
+                const int8_t *x = xr[t] + b * BS + j * 32;
+                const __m512i xa = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x));
+                const __m512i xb = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(x + 16)));
+                d[t][0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(d[t][0], lo0, xa), hi0, xb);
+                d[t][1] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(d[t][1], lo1, xa), hi1, xb);
+            }
+        }
+        const __m256 sw = _mm256_loadu_ps((const float *)(p + EA_QROWS * bpb));
+        const __m256i zp = has_zp ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + EA_QROWS * bpb + 32)))
+                                  : zp_sym;
+        const __m256i corr = _mm256_sub_epi32(_mm256_setzero_si256(), zp); /* idot = dot - zp * sumx */
+        for (int t = 0; t < MT; t++) {
+            const size_t mb = (size_t)(m0 + t) * nb + b;
+            const __m256i idot = _mm256_add_epi32(reduce8(d[t][0], d[t][1]),
+                                                  _mm256_mullo_epi32(corr, _mm256_set1_epi32(a->sumx[mb])));
+            const __m256 s = _mm256_mul_ps(_mm256_set1_ps(a->sx[mb]), sw);
+            acc[t] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(idot), acc[t]);
+        }
+    }
+}
+
+AVX512 static void store_rows(float *y, int N, int m0, int MT, int g, const __m256 acc[4]) {
+    for (int t = 0; t < MT; t++) {
+        float tmp[EA_QROWS];
+        _mm256_storeu_ps(tmp, acc[t]);
+        float *dst = y + (size_t)(m0 + t) * N;
+        for (int lane = 0; lane < EA_QROWS; lane++) {
+            const int n = g * EA_QROWS + ea_qpack_lane_row(EA_ISA_AVX2, lane);
+            if (n < N) dst[n] = tmp[lane];
+        }
+    }
+}
+
+AVX512 static inline __attribute__((always_inline)) void groups_impl(const ea_qweight *w, const ea_qact *a, float *y,
+                                                                     int g0, int g1, int BS) {
+    const size_t stride = ea_qpack_block_stride(w);
+    const int nb = w->n_blocks, has_zp = w->zero_points != NULL;
+    __m256 acc[4];
+    for (int g = g0; g < g1; g++) {
+        const uint8_t *gp = (const uint8_t *)w->packed + (size_t)g * nb * stride;
+        int m = 0;
+        for (; m + 4 <= a->M; m += 4) {
+            group_rows(gp, stride, nb, has_zp, a, m, 4, BS, acc);
+            store_rows(y, w->N, m, 4, g, acc);
+        }
+        switch (a->M - m) { /* the group stays in L1 for the tail rows */
+        case 3: group_rows(gp, stride, nb, has_zp, a, m, 3, BS, acc); store_rows(y, w->N, m, 3, g, acc); break;
+        case 2: group_rows(gp, stride, nb, has_zp, a, m, 2, BS, acc); store_rows(y, w->N, m, 2, g, acc); break;
+        case 1: group_rows(gp, stride, nb, has_zp, a, m, 1, BS, acc); store_rows(y, w->N, m, 1, g, acc); break;
+        default: break;
+        }
+    }
+}
+
+AVX512 void ea_qmatmul_groups_avx512(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) {
+    switch (w->block_size) {
+    case 32: groups_impl(w, a, y, g0, g1, 32); break;
+    case 64: groups_impl(w, a, y, g0, g1, 64); break;
+    default: groups_impl(w, a, y, g0, g1, 128); break;
+    }
+}
+#endif
