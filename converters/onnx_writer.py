@@ -83,7 +83,8 @@ class _Initializers:
     def add(self, name: str, array: np.ndarray) -> str:
         array = np.ascontiguousarray(array)
         self.nbytes += array.nbytes
-        if not self.external:
+        # int64 parameters (CoreInfer's top-k) stay inline: onnxruntime's shape inference reads them
+        if not self.external or array.dtype == np.int64:
             self.graph.initializer.add().CopyFrom(numpy_helper.from_array(array, name))
             return name
         pad = -self._offset % ALIGN

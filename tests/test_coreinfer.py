@@ -38,6 +38,9 @@ def folders(tmp_path_factory):
             "acc1": convert(src, root / "acc1", quant="int4", accuracy_level=1, sparsity=_coreinfer(src),
                             progress=False),
             "keep_all": convert(src, root / "keep_all", quant="int4", sparsity=_coreinfer(src, "0"),
+                                progress=False),
+            # real models write external data: the top-k must stay readable to onnxruntime's shape inference
+            "external": convert(src, root / "external", quant="int4", sparsity=_coreinfer(src), external_data=True,
                                 progress=False)}
 
 
@@ -70,8 +73,9 @@ def test_choose_core_neurons_keeps_the_most_used_ties_to_lower_index():
 
 
 @pytest.mark.parametrize("engine", ["ort", pytest.param("native", marks=needs_native)])
-def test_set_is_chosen_after_prefill_fixed_during_decode_and_new_per_prompt(folders, engine):
-    eng = make_engine(folders["int4"], engine)
+@pytest.mark.parametrize("folder", ["int4", "external"])
+def test_set_is_chosen_after_prefill_fixed_during_decode_and_new_per_prompt(folders, engine, folder):
+    eng = make_engine(folders[folder], engine)
     keep, width = eng.core_keep, eng.meta["config"]["intermediate_size"]
     assert keep == width // 2 and eng.core_masks is None
     eng.forward(_ids(24, 1))
