@@ -21,6 +21,8 @@ from onnx import helper
 
 from .model import ConversionError, SourceModel
 
+TOKEN_FRACTION = 0.05   # the paper's α: share of a token's neurons that count as its core
+
 
 def plan(src: SourceModel, keep_fraction: float) -> dict:
     """The `sparsity` argument of write_onnx for CoreInfer keeping `keep_fraction` of each FFN."""
@@ -29,10 +31,13 @@ def plan(src: SourceModel, keep_fraction: float) -> dict:
         raise ConversionError("coreinfer needs a gated FFN (gate_proj), and this model has none")
     inter = cfg.intermediate_size
     keep = max(1, int(round(keep_fraction * inter)))
-    # α = β: a token's core neurons are as many as the sentence keeps (the paper tunes both; equal is its default regime)
-    meta = {"method": "coreinfer", "targets": {"ffn": round(1.0 - keep_fraction, 6)}, "keep": keep, "token_k": keep,
-            "inputs": "ffn_mask.{i}", "outputs": "ffn_score.{i}"}
-    return {"sites": {}, "coreinfer": {"keep": keep, "token_k": keep}, "meta": meta}
+    # Token-wise fraction α: a small one ranks neurons by how often they are a token's very strongest.
+    # SmolLM2, keep 60%, KL of the continuation vs fp32 (torch, 64-token prompt): α 0.05 → 1.53,
+    # 0.1 → 1.88, 0.2 → 2.40, 0.4 → 2.44; so α = 0.05.
+    token_k = max(1, int(round(TOKEN_FRACTION * inter)))
+    meta = {"method": "coreinfer", "targets": {"ffn": round(1.0 - keep_fraction, 6)}, "keep": keep,
+            "token_k": token_k, "inputs": "ffn_mask.{i}", "outputs": "ffn_score.{i}"}
+    return {"sites": {}, "coreinfer": {"keep": keep, "token_k": token_k}, "meta": meta}
 
 
 def neuron_mask_function() -> onnx.FunctionProto:
