@@ -95,3 +95,18 @@ def stories_int4_dir(tmp_path_factory, stories260k):
 def stories_int4_fp32act_dir(tmp_path_factory, stories260k):
     return _converted(tmp_path_factory, stories260k, "stories-int4-acc1", quant="int4", group_size=32,
                       accuracy_level=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """A Hugging Face Llama folder of the tiny random shape (for CLI conversions)."""
+    import torch
+    import transformers
+
+    from edgeact.converters.random_model import SHAPES
+    from edgeact.converters.torch_ref import hf_config
+
+    torch.manual_seed(0)
+    hf = tmp_path_factory.mktemp("tiny-hf") / "hf"
+    transformers.LlamaForCausalLM(hf_config(SHAPES["tiny"])).save_pretrained(hf, safe_serialization=True)
+    return hf

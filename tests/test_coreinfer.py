@@ -179,17 +179,10 @@ def test_bad_settings(folders, tmp_path):
             make_engine(folders["dense"], "native").session.set_neuron_mask(0, np.ones(100))
 
 
-def test_cli_convert_records_coreinfer(tmp_path):
-    import torch
-    import transformers
-
+def test_cli_convert_records_coreinfer(tmp_path, tiny_hf_dir):
     from edgeact.cli import main
-    from edgeact.converters.random_model import SHAPES
-    from edgeact.converters.torch_ref import hf_config
 
-    torch.manual_seed(0)
-    hf = tmp_path / "hf"
-    transformers.LlamaForCausalLM(hf_config(SHAPES["tiny"])).save_pretrained(hf, safe_serialization=True)
+    hf = tiny_hf_dir
     out = tmp_path / "core"
     assert main(["convert", str(hf), "-o", str(out), "--sparsity", "0.6", "--sparsity-method", "coreinfer",
                  "--quiet"]) == 0

@@ -129,19 +129,12 @@ def test_cats_needs_a_gated_ffn():
         calibrate(src, "cats", {"ffn": 0.5}, calib_ids=np.zeros((1, 8), np.int64), progress=False)
 
 
-def test_cli_convert_with_sparsity(tmp_path):
+def test_cli_convert_with_sparsity(tmp_path, tiny_hf_dir):
     import json
 
-    import torch
-    import transformers
-
     from edgeact.cli import main
-    from edgeact.converters.random_model import SHAPES
-    from edgeact.converters.torch_ref import hf_config
 
-    torch.manual_seed(0)
-    hf = tmp_path / "hf"
-    transformers.LlamaForCausalLM(hf_config(SHAPES["tiny"])).save_pretrained(hf, safe_serialization=True)
+    hf = tiny_hf_dir
     out = tmp_path / "sparse"
     assert main(["convert", str(hf), "-o", str(out), "--sparsity", "attn=0.3,ffn=0.5", "--sparsity-method", "wina",
                  "--calib-tokens", "128", "--quiet"]) == 0
