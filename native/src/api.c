@@ -243,7 +243,8 @@ int ea_session_set_neuron_mask(ea_session *ss, int layer, const float *mask, int
     for (int k = 0; k < W; k++)
         if (!copy || copy[k] != 0.0f) ss->nm_rows[layer][nr++] = k;
     ss->nm_n_rows[layer] = nr;
-    return EA_OK;
+    return ea_session_prepare_kept(ss, layer) ? fail(EA_ERR_NOMEM, "%s", "out of memory for the kept neurons")
+                                               : EA_OK;
 }
 
 int ea_session_get_neuron_scores(const ea_session *ss, int layer, float *out, int n) {

@@ -152,15 +152,16 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 a += (size_t)(S - 1) * st->K;
                 rows = 1;
             }
-            if (st->row_src && rows == 1) {
-                /* CoreInfer's fixed neurons: only the kept rows of gate/up (the rest are 0, masked later) */
+            if (st->row_src && rows == 1 && ss->kept_src[si]) {
+                /* CoreInfer's fixed neurons: the dense GEMV over the kept rows of gate/up, scattered
+                 * (the other rows are 0 and masked later) */
                 const int L = m->steps[st->row_src - 1].layer, nr = ss->nm_n_rows[L];
-                if (ss->nmask[L] && nr < EA_ROWS_DENSE_CROSSOVER * st->N) {
-                    memset(y, 0, sizeof(float) * (size_t)st->N);
-                    rc = ea_qgemv_rows(ctx, &st->qw, a, ss->nm_rows[L], nr, y);
-                    bytes = (uint64_t)((double)st->weight_bytes * nr / (st->N ? st->N : 1));
-                    break;
-                }
+                const int32_t *idx = ss->nm_rows[L];
+                memset(y, 0, sizeof(float) * (size_t)st->N);
+                rc = nr ? ea_qmatmul(ctx, &ss->kept[si], a, 1, ss->kept_y) : EA_KOK;
+                for (int r = 0; r < nr && !rc; r++) y[idx[r]] = ss->kept_y[r];
+                bytes = (uint64_t)((double)st->weight_bytes * nr / (st->N ? st->N : 1));
+                break;
             }
             if (st->sparse_src && rows == 1) {
                 /* one row behind a Sparsify: read only the weights of its active channels */
@@ -297,6 +298,46 @@ int ea_session_run(ea_session *ss, const int64_t *ids, int n, float *logits, int
     return EA_OK;
 }
 
+void ea_session_drop_kept(ea_session *ss, int si) {
+    if (!ss->kept_src[si]) return;
+    ea_qweight_release(&ss->kept[si]);
+    free(ss->kept_src[si]);
+    ss->kept_src[si] = NULL;
+}
+
+/* After a NeuronMask layer's mask changed: a copy of each gate/up weight holding only the kept rows
+ * (file layout gathered, then prepared like any weight), or none when too many rows are kept to
+ * pay. Returns an EA_ERR_* code. */
+int ea_session_prepare_kept(ea_session *ss, int layer) {
+    ea_model *m = ss->m;
+    const int nr = ss->nm_n_rows[layer];
+    const int32_t *idx = ss->nm_rows[layer];
+    for (int si = 0; si < m->n_steps; si++) {
+        const step *st = &m->steps[si];
+        if (!st->row_src || m->steps[st->row_src - 1].layer != layer) continue;
+        ea_session_drop_kept(ss, si);
+        if (!ss->nmask[layer] || nr >= EA_ROWS_DENSE_CROSSOVER * st->N || nr == 0) continue;
+        const ea_qweight *w = &st->qw;
+        const size_t row = (size_t)w->n_blocks * w->block_size * w->bits / 8, sc = (size_t)w->n_blocks;
+        const size_t zrow = w->zero_points ? (w->bits == 4 ? (sc + 1) / 2 : sc) : 0;
+        uint8_t *src = malloc((size_t)nr * (row + sc * sizeof(float) + zrow) + 64);
+        if (!src) return EA_ERR_NOMEM;
+        float *scales = (float *)(src + (((size_t)nr * row + 15) & ~(size_t)15));
+        uint8_t *zp = zrow ? (uint8_t *)(scales + (size_t)nr * sc) : NULL;
+        for (int r = 0; r < nr; r++) {
+            memcpy(src + (size_t)r * row, w->data + (size_t)idx[r] * row, row);
+            memcpy(scales + (size_t)r * sc, w->scales + (size_t)idx[r] * sc, sc * sizeof(float));
+            if (zp) memcpy(zp + (size_t)r * zrow, w->zero_points + (size_t)idx[r] * zrow, zrow);
+        }
+        if (ea_qweight_init(&ss->kept[si], m->isa, w->K, nr, w->bits, w->block_size, src, scales, zp)) {
+            free(src);
+            return EA_ERR_NOMEM;
+        }
+        ss->kept_src[si] = src;
+    }
+    return EA_OK;
+}
+
 void ea_session_destroy(ea_session *ss) {
     ea_model *m = ss->m;
     if (ss->slots)
@@ -336,6 +377,10 @@ void ea_session_destroy(ea_session *ss) {
     free(ss->nm_rows);
     free(ss->nm_n_rows);
     free(ss->sel);
+    for (int st = 0; ss->kept && st < m->n_steps; st++) ea_session_drop_kept(ss, st);
+    free(ss->kept);
+    free(ss->kept_src);
+    free(ss->kept_y);
     ea_kctx_release(&ss->kctx);
     if (ss->pool) ea_pool_destroy(ss->pool);
     free(ss);
@@ -387,7 +432,11 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     ss->nm_rows = calloc(nm, sizeof(int32_t *));
     ss->nm_n_rows = calloc(nm, sizeof(int));
     ss->sel = malloc(sizeof(float) * nw);
-    if (!ss->nmask || !ss->nscore || !ss->nm_rows || !ss->nm_n_rows || !ss->sel)
+    ss->kept = calloc((size_t)m->n_steps + 1, sizeof(ea_qweight));
+    ss->kept_src = calloc((size_t)m->n_steps + 1, sizeof(uint8_t *));
+    ss->kept_y = malloc(sizeof(float) * nw);
+    if (!ss->nmask || !ss->nscore || !ss->nm_rows || !ss->nm_n_rows || !ss->sel || !ss->kept || !ss->kept_src ||
+        !ss->kept_y)
         return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
     for (int L = 0; L < m->n_nmask; L++) {
         if (!(ss->nscore[L] = calloc(nw, sizeof(float))) || !(ss->nm_rows[L] = malloc(sizeof(int32_t) * nw)))

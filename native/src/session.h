@@ -31,8 +31,16 @@ struct ea_session {
     int32_t **nm_rows;
     int *nm_n_rows;
     float *sel;             /* |h| of one row, for the k-th largest */
+    /* per plan step (gate/up behind a NeuronMask): the kept rows of its weight, repacked when the
+     * mask is set so a decode step runs the dense GEMV on them; its file-layout source bytes */
+    ea_qweight *kept;
+    uint8_t **kept_src;
+    float *kept_y;          /* one row of kept outputs before the scatter */
 };
 
 int ea_physical_cores(void);
+/* CoreInfer: rebuild / drop the kept-row copies of gate/up for a NeuronMask layer (session.c). */
+int ea_session_prepare_kept(ea_session *ss, int layer);
+void ea_session_drop_kept(ea_session *ss, int si);
 
 #endif
