@@ -151,10 +151,11 @@ int ea_embed_f16(const ea_kctx *ctx, const uint16_t *table, int vocab, int dim,
  * move absmax and quantize to 0) and summed in the same order. */
 
 /* Active fraction of K above which ea_sparse_qgemv hands over to the dense
- * kernel. bench_kernels, int4 block 32, AVX2, 1 thread: the input-sparse
- * GEMV breaks even at ~50% active for 2048x5632 and ~30% for 5632x2048
- * (per-block scaling of all N rows costs the same whatever the count). */
-#define EA_SPARSE_DENSE_CROSSOVER 0.35f
+ * kernel. bench_kernels, int4 block 32, AVX2 (quad kernel), 1 and 2
+ * threads on a loaded machine: at 60% active the input-sparse GEMV is
+ * 1.46x/1.06x of dense on 2048x5632 and 1.08x/0.90x on 5632x2048, at 50%
+ * 1.58x/1.23x and 1.14x/0.92x; it stops paying at about 60% active. */
+#define EA_SPARSE_DENSE_CROSSOVER 0.6f
 /* Fraction of output rows above which ea_qgemv_rows is slower than the
  * dense GEMV (same benchmark: break-even at ~55-60% of rows); the caller
  * chooses, since the dense kernel also writes the unlisted rows. */
