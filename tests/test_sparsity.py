@@ -142,3 +142,23 @@ def test_cli_convert_with_sparsity(tmp_path, tiny_hf_dir):
     assert meta["sparsity"]["method"] == "wina" and meta["sparsity"]["targets"] == {"attn": 0.3, "ffn": 0.5}
     assert main(["convert", str(hf), "-o", str(tmp_path / "bad"), "--sparsity", "1.2"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_chess_exempts_dominant_channels_and_meets_target():
+    import torch
+
+    from edgeact.converters.sparsity import chess_thresholds
+
+    g = torch.Generator().manual_seed(0)
+    def acts():
+        x = torch.randn(4000, 200, generator=g).abs() * torch.linspace(0.5, 2.0, 200)
+        x[:, 7] *= 50.0   # a massive-activation channel
+        return x
+    calib, held_out = acts(), acts()
+    thr = chess_thresholds(calib, 0.5)
+    assert thr[7] == 0.0                       # never pruned
+    assert (thr[torch.arange(200) != 7] > 0).all()
+    assert abs(float((calib < thr).float().mean()) - 0.5) < 2e-3
+    assert abs(float((held_out < thr).float().mean()) - 0.5) < 0.02
+    # the other channels make up for the exempt one: each is pruned a bit more than half the time
+    assert float((calib[:, 0] < thr[0]).float().mean()) > 0.5
