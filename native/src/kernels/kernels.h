@@ -151,10 +151,10 @@ int ea_embed_f16(const ea_kctx *ctx, const uint16_t *table, int vocab, int dim,
  * move absmax and quantize to 0) and summed in the same order. */
 
 /* Active fraction of K above which ea_sparse_qgemv hands over to the dense
- * kernel. bench_kernels, int4 block 32, AVX2 (quad kernel), 1 and 2
- * threads on a loaded machine: at 60% active the input-sparse GEMV is
- * 1.46x/1.06x of dense on 2048x5632 and 1.08x/0.90x on 5632x2048, at 50%
- * 1.58x/1.23x and 1.14x/0.92x; it stops paying at about 60% active. */
+ * kernel. bench_kernels, int4 block 32, AVX2 quad kernel, quiet machine,
+ * speed-up over dense at 30/50/70% active: 2048x5632 1.80/1.33/1.10x (2
+ * threads), 2.23/1.69/1.41x (1 thread); 5632x2048 1.64/1.13/0.89x and
+ * 1.79/1.30/1.03x. Sparse stops paying at about 60-70% active. */
 #define EA_SPARSE_DENSE_CROSSOVER 0.6f
 /* Fraction of output rows above which ea_qgemv_rows is slower than the
  * dense GEMV (same benchmark: break-even at ~55-60% of rows); the caller

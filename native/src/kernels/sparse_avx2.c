@@ -8,16 +8,14 @@
  * the four products per row in int32. Blocks are the outer loop: the active
  * channels' rows of one block stream front to back across the thread's
  * tiles (tiles outer, touching every active row per tile, thrashed the TLB
- * and ran 2x slower) while the float accumulators stay in L1/L2. */
+ * and ran 2x slower) while the float accumulators stay in L1/L2, and the
+ * next block's rows are prefetched one line per four tiles. */
 #include "internal.h"
 
 #if EA_X86
 #include <immintrin.h>
 
 #include "vecmath_avx2.h"
-
-/* Lines of a channel row prefetched ahead (each holds four tiles). */
-#define PF_AHEAD 4
 
 AVX2 static inline __m256i nibbles_even_odd(const uint8_t *p) {
     const __m128i w = _mm_loadu_si128((const __m128i *)p);
@@ -32,18 +30,20 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
         for (int v = 0; v < 4; v++) _mm256_storeu_ps(accbuf + t * EA_CM_TILE + 8 * v, _mm256_setzero_ps());
     for (int ab = 0; ab < a->n_blocks; ab++) {
         const int q0 = a->qstart[ab], q1 = a->qstart[ab + 1];
+        const int qn = ab + 1 < a->n_blocks ? a->qstart[ab + 2] : q1;
         const __m256i sumx = _mm256_set1_epi32(a->sumx[ab]);
         const __m256i zp8 = _mm256_slli_epi32(sumx, 3);
         const __m256 sx = _mm256_set1_ps(a->sx[ab]);
         for (int t = t0; t < t1; t++) {
             const uint8_t *base = cm->data + (size_t)t * (EA_CM_TILE / 2);
-            const int prefetch = (t & 3) == 0;
+            /* once per cache line: the next block's rows at this tile (one block ahead) */
+            if ((t & 3) == 0 || t == t0)
+                for (int q = q1; q < qn; q++)
+                    for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(base + a->qoff[4 * (size_t)q + c]), _MM_HINT_T0);
             __m256i d[4];
             for (int v = 0; v < 4; v++) d[v] = _mm256_setzero_si256();
             for (int q = q0; q < q1; q++) {
                 const size_t *o = a->qoff + 4 * (size_t)q;
-                if (prefetch)
-                    for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(base + o[c] + 64 * PF_AHEAD), _MM_HINT_T0);
                 /* lanes: [ch0 | ch2] and [ch1 | ch3] */
                 const __m256i p = _mm256_loadu2_m128i((const __m128i *)(base + o[2]), (const __m128i *)(base + o[0]));
                 const __m256i r = _mm256_loadu2_m128i((const __m128i *)(base + o[3]), (const __m128i *)(base + o[1]));
