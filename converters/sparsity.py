@@ -197,7 +197,17 @@ def realized_sparsity(folder, ids) -> dict[str, float]:
         model.graph.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
     eng = OrtEngine(folder)
     so = eng._options()
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    # saved next to model.onnx so relative external-data paths resolve (a model loaded from
+    # bytes may not reference external files)
+    import os
+    import tempfile
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=str(folder))
+    os.close(fd)
+    try:
+        onnx.save_model(model, tmp)
+        sess = ort.InferenceSession(tmp, so, providers=["CPUExecutionProvider"])
+    finally:
+        os.unlink(tmp)
     eng.reset()
     feed = {"input_ids": np.asarray(ids, np.int64)[None], "seqlens_k": np.array([len(ids) - 1], np.int32),
             "total_sequence_length": np.array(len(ids), np.int32)}

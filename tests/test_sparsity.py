@@ -162,3 +162,14 @@ def test_chess_exempts_dominant_channels_and_meets_target():
     assert abs(float((held_out < thr).float().mean()) - 0.5) < 0.02
     # the other channels make up for the exempt one: each is pruned a bit more than half the time
     assert float((calib[:, 0] < thr[0]).float().mean()) > 0.5
+
+
+def test_realized_sparsity_with_external_data(tiny, tmp_path):
+    """Folders with external data (every real model) need the graph saved beside its data."""
+    src, ids = tiny
+    sp = calibrate(src, "teal", parse_targets("0.5", "teal"), calib_tokens=128, progress=False)
+    folder = convert(src, tmp_path / "ext", quant="int4", progress=False, sparsity=sp, external_data=True)
+    assert (tmp_path / "ext" / "model.onnx.data").exists()
+    r = realized_sparsity(folder, ids)
+    assert len(r) == 8 and abs(np.mean(list(r.values())) - 0.5) <= 0.1, r
+    assert sorted(p.name for p in (tmp_path / "ext").iterdir() if p.suffix == ".onnx") == ["model.onnx"]
