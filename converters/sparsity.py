@@ -5,7 +5,9 @@ A channel is *active* when its score reaches the threshold; inactive channels ar
 zero and the weight rows they would meet are never read. Methods (seed papers):
 
   teal       |x_i|            ≥ t      one threshold per tensor (TEAL)
-  chess      |x_i|            ≥ t_i    one threshold per channel (CHESS)
+  chess      |x_i|            ≥ t_i    one threshold per channel (CHESS): scaled own
+                                        quantiles, dominant (massive-activation)
+                                        channels never pruned
   wina       |x_i|·‖W[:, i]‖  ≥ t      weight-informed score (WINA); ‖·‖ over every
                                         linear reading x (q, k, v share one score)
   cats       |SiLU(gate)_j|   ≥ t      gated FFN: the intermediate channel j is computed
@@ -82,6 +84,41 @@ def _quantile(a: torch.Tensor, q: float, dim=None) -> torch.Tensor:
     return torch.quantile(a, q, dim=dim)
 
 
+# CHESS exemption: a channel whose mean |x| is this many times the median channel's
+# (the massive-activation channels of e.g. SmolLM2) is never pruned; at most 1% of channels.
+CHESS_OUTLIER_RATIO = 8.0
+CHESS_MAX_EXEMPT = 0.01
+
+
+def chess_thresholds(x: torch.Tensor, target: float) -> torch.Tensor:
+    """Per-channel thresholds t_i = lam * q_i, q_i channel i's own |x| quantile at the target,
+    with one factor lam solved so that the share of zeroed entries over all channels on the
+    calibration activations `x` ([tokens, K], absolute values) is the target; dominant
+    channels get t_i = 0 (always active), which the others make up for through lam."""
+    x = x.float()
+    K = x.shape[1]
+    q = _quantile(x, target, dim=0).float()
+    mean = x.mean(0)
+    ratio = mean / mean.median().clamp_min(torch.finfo(torch.float32).tiny)
+    exempt = ratio >= CHESS_OUTLIER_RATIO
+    cap = int(CHESS_MAX_EXEMPT * K)
+    if int(exempt.sum()) > cap:
+        exempt = torch.zeros(K, dtype=torch.bool)
+        exempt[torch.topk(ratio, cap).indices] = True
+    q = torch.where(exempt, torch.zeros_like(q), q)
+
+    def share(lam: float) -> float:
+        return float((x < lam * q).float().mean())
+
+    lo, hi = 0.0, 1.0
+    while share(hi) < target and hi < 1e6:
+        hi *= 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if share(mid) < target else (lo, mid)
+    return hi * q
+
+
 def calibrate(src: SourceModel, method: str, targets: dict[str, float], *, calib_ids=None, calib_file=None,
               calib_tokens: int = 1024, progress: bool = True) -> dict:
     """{"sites": {graph site: (threshold [K], col_scale [K])}, "meta": {... for edgeact.json}}."""
@@ -125,7 +162,7 @@ def calibrate(src: SourceModel, method: str, targets: dict[str, float], *, calib
                 sq = sum(torch.from_numpy(src.load(f"model.layers.{i}.{lin}.weight")).pow(2).sum(0) for lin in linears)
                 col = sq.sqrt().float()
             if method == "chess":
-                thr = _quantile(x, targets[kind], dim=0).float()
+                thr = chess_thresholds(x, targets[kind])
             else:
                 thr = torch.full((K,), float(_quantile(x * col, targets[kind])))
             sites[f"{p}.{site}"] = (thr.numpy().astype(np.float32), col.numpy().astype(np.float32))
@@ -160,7 +197,17 @@ def realized_sparsity(folder, ids) -> dict[str, float]:
         model.graph.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
     eng = OrtEngine(folder)
     so = eng._options()
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    # saved next to model.onnx so relative external-data paths resolve (a model loaded from
+    # bytes may not reference external files)
+    import os
+    import tempfile
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=str(folder))
+    os.close(fd)
+    try:
+        onnx.save_model(model, tmp)
+        sess = ort.InferenceSession(tmp, so, providers=["CPUExecutionProvider"])
+    finally:
+        os.unlink(tmp)
     eng.reset()
     feed = {"input_ids": np.asarray(ids, np.int64)[None], "seqlens_k": np.array([len(ids) - 1], np.int32),
             "total_sequence_length": np.array(len(ids), np.int32)}

@@ -159,6 +159,31 @@ def _time_engine(prefill, step, reset, pp: int, tg: int, reps: int, vocab: int) 
     return {"pp": pp_s, "tg": tg_s}
 
 
+def decode_sparsity(eng, tg: int, vocab: int) -> dict[str, float]:
+    """Share of zeroed inputs per sparse site type (attn_in, attn_out, ffn_in, ffn_out,
+    ffn_act) over `tg` decode steps, from the native profiler's Sparsify records."""
+    ids = np.random.default_rng(1).integers(3, vocab, size=tg + 1, dtype=np.int64)
+    eng.reset()
+    eng.forward(ids[:1])
+    eng.profile(True)
+    eng.profile_reset()
+    try:
+        for t in ids[1:]:
+            eng.forward(np.array([t]))
+        recs = eng.profile_records()
+    finally:
+        eng.profile(False)
+        eng.reset()
+    agg: dict[str, list[int]] = {}
+    for r in recs:
+        if r["op_type"] == "Sparsify" and r["total"]:
+            kind = r["name"].rsplit(".sparsify", 1)[0].rsplit(".", 1)[-1]
+            a = agg.setdefault(kind, [0, 0])
+            a[0] += r["active"]
+            a[1] += r["total"]
+    return {k: 1.0 - a / t for k, (a, t) in sorted(agg.items())}
+
+
 def worker(spec: dict) -> dict:
     engine, folder, threads = spec["engine"], Path(spec["folder"]), spec["threads"]
     pp, tg, reps = spec["pp"], spec["tg"], spec["reps"]
@@ -174,6 +199,8 @@ def worker(spec: dict) -> dict:
         # llama-bench's pp computes logits for the last prompt token only; do the same where we can.
         prefill = (lambda x: last(x)) if last else eng.forward
         res = _time_engine(prefill, eng.forward, eng.reset, pp, tg, reps, vocab)
+        if engine == "native" and facts["meta"].get("sparsity") and tg:
+            res["realized_sparsity"] = decode_sparsity(eng, tg, vocab)
         try:
             res["repacked_bytes"] = int(getattr(eng, "repacked_bytes", 0) or 0)
         except Exception:
@@ -280,7 +307,13 @@ def bench_models(folders: list[Path], *, engines=("native", "ort", "llama.cpp"),
                 kv = facts["kv_bytes_per_token"] * (pp + tg + 8)
                 res["rss_over_weights_kv"] = res["peak_rss"] / (facts["file_bytes"] + kv)
             entry["engines"][engine] = res
+        entry["sparse"] = bool(facts["meta"].get("sparsity"))
         base = entry["engines"]
+        dense = next((m for m in report["models"] if not m["sparse"]
+                      and "tg_median" in m["engines"].get("native", {})), None)
+        if entry["sparse"] and dense and "tg_median" in base.get("native", {}):
+            entry["native_vs_dense"] = {"model": Path(dense["folder"]).name, **{
+                t: base["native"][f"{t}_median"] / dense["engines"]["native"][f"{t}_median"] for t in ("pp", "tg")}}
         for ref in ("ort", "llama.cpp"):
             if "native" in base and "tg_median" in base.get("native", {}) and "tg_median" in base.get(ref, {}):
                 entry[f"native_vs_{ref}"] = {t: base["native"][f"{t}_median"] / base[ref][f"{t}_median"]
@@ -307,10 +340,16 @@ def format_report(report: dict) -> str:
             out.append(f"| {name} | {eng} | {r['pp_median']:.1f} ± {r['pp_spread']:.1f} | "
                        f"{r['tg_median']:.1f} ± {r['tg_spread']:.1f} | {bw} | "
                        f"{r['peak_rss'] / 1e6:.0f} ({r['rss_over_weights_kv']:.2f}×) |")
-        for ref in ("ort", "llama.cpp"):
+        for ref in ("ort", "llama.cpp", "dense"):
             if f"native_vs_{ref}" in m:
                 v = m[f"native_vs_{ref}"]
-                out.append(f"| {name} | native ÷ {ref} | {v['pp']:.2f}× | {v['tg']:.2f}× | | |")
+                label = f"native ÷ {v['model']} (dense)" if ref == "dense" else f"native ÷ {ref}"
+                out.append(f"| {name} | {label} | {v['pp']:.2f}× | {v['tg']:.2f}× | | |")
+    sparse = [(Path(m["folder"]).name, m["engines"]["native"]["realized_sparsity"]) for m in report["models"]
+              if "realized_sparsity" in m["engines"].get("native", {})]
+    if sparse:
+        out += ["", "realized sparsity in native decode (share of zeroed linear inputs):"]
+        out += [f"  {name}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sp.items()) for name, sp in sparse]
     return "\n".join(out)
 
 

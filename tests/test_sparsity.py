@@ -142,3 +142,34 @@ def test_cli_convert_with_sparsity(tmp_path, tiny_hf_dir):
     assert meta["sparsity"]["method"] == "wina" and meta["sparsity"]["targets"] == {"attn": 0.3, "ffn": 0.5}
     assert main(["convert", str(hf), "-o", str(tmp_path / "bad"), "--sparsity", "1.2"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_chess_exempts_dominant_channels_and_meets_target():
+    import torch
+
+    from edgeact.converters.sparsity import chess_thresholds
+
+    g = torch.Generator().manual_seed(0)
+    def acts():
+        x = torch.randn(4000, 200, generator=g).abs() * torch.linspace(0.5, 2.0, 200)
+        x[:, 7] *= 50.0   # a massive-activation channel
+        return x
+    calib, held_out = acts(), acts()
+    thr = chess_thresholds(calib, 0.5)
+    assert thr[7] == 0.0                       # never pruned
+    assert (thr[torch.arange(200) != 7] > 0).all()
+    assert abs(float((calib < thr).float().mean()) - 0.5) < 2e-3
+    assert abs(float((held_out < thr).float().mean()) - 0.5) < 0.02
+    # the other channels make up for the exempt one: each is pruned a bit more than half the time
+    assert float((calib[:, 0] < thr[0]).float().mean()) > 0.5
+
+
+def test_realized_sparsity_with_external_data(tiny, tmp_path):
+    """Folders with external data (every real model) need the graph saved beside its data."""
+    src, ids = tiny
+    sp = calibrate(src, "teal", parse_targets("0.5", "teal"), calib_tokens=128, progress=False)
+    folder = convert(src, tmp_path / "ext", quant="int4", progress=False, sparsity=sp, external_data=True)
+    assert (tmp_path / "ext" / "model.onnx.data").exists()
+    r = realized_sparsity(folder, ids)
+    assert len(r) == 8 and abs(np.mean(list(r.values())) - 0.5) <= 0.1, r
+    assert sorted(p.name for p in (tmp_path / "ext").iterdir() if p.suffix == ".onnx") == ["model.onnx"]

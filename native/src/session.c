@@ -220,13 +220,12 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 int32_t *act = ss->active[si];
                 na = 0;
                 for (int k = 0; k < w; k++) {
-                    /* same rule as the function body: keep when |x|·col_scale >= threshold */
-                    if (fabsf(xr[k]) * st->colsc[k] >= st->thr[k]) {
-                        yr[k] = xr[k];
-                        act[na++] = k;
-                    } else {
-                        yr[k] = 0.0f;
-                    }
+                    /* same rule as the function body: keep when |x|·col_scale >= threshold;
+                     * branch-free (a data-dependent branch mispredicts half the time at 50%) */
+                    const int keep = fabsf(xr[k]) * st->colsc[k] >= st->thr[k];
+                    yr[k] = keep ? xr[k] : 0.0f;
+                    act[na] = k;
+                    na += keep;
                 }
                 if (__builtin_expect(ss->profile, 0)) {
                     ss->prof_active[e] += (uint64_t)na;

@@ -116,8 +116,10 @@ static inline int ea_qweight_zp(const ea_qweight *w, int n, int b) {
  * natural order: n even in the low nibble, n odd in the high one). */
 static inline int ea_cm_lane_n(ea_isa isa, int lane) {
     const int v = lane / 8, j = lane % 8;
-    if (isa == EA_ISA_AVX2) /* unpacklo/hi of [even | odd], cvtepi16: 0,2..14 | 1..15 | 16..30 | 17..31 */
-        return (v >= 2 ? 16 : 0) + 2 * j + (v & 1);
+    if (isa == EA_ISA_AVX2) { /* vector v: tile bytes 0-3,8-11 (v < 2) or 4-7,12-15; low (v even) or high nibble */
+        const int byte = (v >= 2 ? 4 : 0) + (j < 4 ? j : j + 4);
+        return 2 * byte + (v & 1);
+    }
     if (isa == EA_ISA_NEON || isa == EA_ISA_NEON_DOTPROD) { /* even 0..30 then odd 1..31 */
         const int u = lane / 4, i = lane % 4;
         return (u >= 4 ? 1 : 0) + (u % 4) * 8 + 2 * i;
@@ -135,11 +137,16 @@ typedef struct {
     int32_t *ch;    /* channel of each nonzero quantized entry */
     int8_t *q;      /* its value */
     float *acc;     /* [n_pad] per-row accumulators in lane order (threads own disjoint tiles) */
+    /* AVX2: the entries of each block in quads (the last padded with value 0) */
+    int32_t *qstart; /* [n_blocks + 1] ranges into qoff / qx */
+    size_t *qoff;    /* [4 per quad] byte offset of each channel's row */
+    int32_t *qx;     /* [per quad] the four int8 values, first channel in the low byte */
 } ea_sparse_act;
 
 void ea_sparse_tiles_scalar(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
 void ea_rows_scalar(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y);
 #if EA_X86
+int ea_avx2_vnni(void); /* AVX-VNNI present and not disabled by EDGEACT_NO_VNNI */
 void ea_sparse_tiles_avx2(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
 void ea_rows_avx2(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y);
 #endif

@@ -17,25 +17,12 @@
 #include <math.h>
 #include <string.h>
 
-#define AVX2 __attribute__((target("avx2,fma")))
+#include "vecmath_avx2.h"
 
 /* Eight rows' sums from four [row 2q | row 2q+1] vectors of 4 lanes each;
  * the result is in lane order r0 r2 r4 r6 r1 r3 r5 r7 (internal.h). */
 AVX2 static inline __m256i hsum8(const __m256i d[4]) {
     return _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-}
-
-/* acc += per-int32-lane sum of four u8 x s8 products. With AVX-VNNI one
- * vpdpbusd (inline asm: its intrinsic needs a target attribute this file's
- * AVX2-only functions cannot inline); otherwise maddubs + madd, whose int16
- * pair sums cannot saturate here (15*127*2 for int4, 128*127*2 for int8),
- * so both give the same integers. */
-AVX2 static inline __attribute__((always_inline)) __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s, int VNNI) {
-    if (VNNI) {
-        __asm__("%{vex%} vpdpbusd %[s], %[u], %[acc]" : [acc] "+x"(acc) : [u] "x"(u), [s] "x"(s));
-        return acc;
-    }
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 
 AVX2 static inline __m256i bcast16(const int8_t *p) {
@@ -152,7 +139,7 @@ AVX2 static void groups_vnni(const ea_qweight *w, const ea_qact *a, float *y, in
 AVX2 static void groups_plain(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) { GROUPS_BY_SHAPE(0) }
 
 /* AVX-VNNI when the CPU has it, unless EDGEACT_NO_VNNI is set (tests run both). */
-static int use_vnni(void) {
+int ea_avx2_vnni(void) {
     static _Atomic int cached = -1;
     int v = cached;
     if (v < 0) {
@@ -165,7 +152,7 @@ static int use_vnni(void) {
 
 void ea_qmatmul_groups_avx2(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) {
     if (a->M >= 2 && w->bits == 4 && ea_have_avx512_vnni()) ea_qmatmul_groups_avx512(w, a, y, g0, g1);
-    else if (use_vnni()) groups_vnni(w, a, y, g0, g1);
+    else if (ea_avx2_vnni()) groups_vnni(w, a, y, g0, g1);
     else groups_plain(w, a, y, g0, g1);
 }
 

@@ -116,6 +116,25 @@ static void quantize_active(const float *x, int bs, const int32_t *active, int n
     a->start[a->n_blocks] = out;
 }
 
+/* Groups each block's entries in quads for the AVX2 kernel; a short last
+ * quad repeats its first channel with value 0 (adds nothing). */
+static void make_quads(const ea_sparse_act *a, size_t row_bytes, ea_sparse_act *out) {
+    int nq = 0;
+    for (int ab = 0; ab < a->n_blocks; ab++) {
+        out->qstart[ab] = nq;
+        for (int j = a->start[ab]; j < a->start[ab + 1]; j += 4, nq++) {
+            uint32_t packed = 0;
+            for (int c = 0; c < 4; c++) {
+                const int e = j + c < a->start[ab + 1] ? j + c : j;
+                out->qoff[4 * (size_t)nq + c] = (size_t)a->ch[e] * row_bytes;
+                if (e == j + c) packed |= (uint32_t)(uint8_t)a->q[e] << (8 * c);
+            }
+            out->qx[nq] = (int32_t)packed;
+        }
+    }
+    out->qstart[a->n_blocks] = nq;
+}
+
 void ea_sparse_tiles_scalar(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
     const int np = cm->n_pad;
     for (int t = t0; t < t1; t++) {
@@ -179,7 +198,7 @@ int ea_sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *den
     /* the scalar kernel reads any lane order; SIMD kernels need their own */
     const ea_isa isa = ctx->isa;
     if (isa != EA_ISA_SCALAR && !same_family(cm->isa, isa)) return EA_KERR_LAYOUT;
-    if (dense && n_active > EA_SPARSE_DENSE_CROSSOVER * cm->K) {
+    if (dense && (n_active > EA_SPARSE_DENSE_CROSSOVER * cm->K || cm->N < EA_SPARSE_MIN_N)) {
         float *xm = calloc((size_t)cm->K, sizeof(float));
         if (!xm) return EA_KERR_NOMEM;
         for (int i = 0; i < n_active; i++) xm[active[i]] = x[active[i]];
@@ -189,18 +208,25 @@ int ea_sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *den
     }
     const int nb = cm->n_blocks;
     const size_t acc_bytes = sizeof(float) * (size_t)cm->n_pad;
-    const size_t need = acc_bytes + (size_t)n_active * (sizeof(int32_t) + 1) + (size_t)(nb + 1) * 4 * sizeof(int32_t) + 64;
+    const size_t max_quads = (size_t)n_active / 4 + nb + 1;
+    const size_t quad_bytes = max_quads * (4 * sizeof(size_t) + sizeof(int32_t)) + (size_t)(nb + 1) * sizeof(int32_t);
+    const size_t need = acc_bytes + quad_bytes + (size_t)n_active * (sizeof(int32_t) + 1) +
+                        (size_t)(nb + 1) * 4 * sizeof(int32_t) + 64;
     uint8_t *s = ea_scratch(ctx, need);
     if (!s) return EA_KERR_NOMEM;
     ea_sparse_act a;
     a.acc = (float *)s;
-    a.ch = (int32_t *)(s + acc_bytes);
+    a.qoff = (size_t *)(s + acc_bytes); /* acc_bytes is a multiple of 128 */
+    a.qx = (int32_t *)(a.qoff + 4 * max_quads);
+    a.qstart = a.qx + max_quads;
+    a.ch = a.qstart + nb + 1;
     a.blk = a.ch + n_active;
     a.start = a.blk + nb + 1;
     a.sumx = a.start + nb + 1;
     a.sx = (float *)(a.sumx + nb + 1);
     a.q = (int8_t *)(a.sx + nb + 1);
     quantize_active(x, cm->block_size, active, n_active, &a);
+    if (isa == EA_ISA_AVX2) make_quads(&a, (size_t)cm->n_pad / 2, &a);
     const int tiles = cm->n_pad / EA_CM_TILE;
     int n_tasks = ea_pool_size(ctx->pool);
     if (n_tasks > tiles) n_tasks = tiles;

@@ -1,69 +1,70 @@
 /* AVX2 activation-sparse kernels (semantics: sparse.c).
  *
- * Input-sparse GEMV: two active channels of a block are paired so one
- * maddubs computes w1[n]*q1 + w2[n]*q2 for 16 rows; their nibbles are
- * interleaved by unpacklo/hi_epi8 and the pair (q1, q2) is broadcast. int16
- * partial sums are widened to int32 every 8 pairs (8*2*15*127 < 32767). */
+ * Input-sparse GEMV: the active channels of a block come in quads (sparse.c
+ * pads the last one with a zero value). The 16-byte tile pieces of a quad's
+ * four channels are byte-interleaved (two unpacks, one lane permute, two
+ * unpacks) so each int32 lane holds one row's four weights, and one
+ * vpdpbusd (or maddubs + madd without AVX-VNNI: the same integers) adds
+ * the four products per row in int32. Blocks are the outer loop: the active
+ * channels' rows of one block stream front to back across the thread's
+ * tiles (tiles outer, touching every active row per tile, thrashed the TLB
+ * and ran 2x slower) while the float accumulators stay in L1/L2, and the
+ * next block's rows are prefetched one line per four tiles. */
 #include "internal.h"
 
 #if EA_X86
 #include <immintrin.h>
 
-#define AVX2 __attribute__((target("avx2,fma")))
+#include "vecmath_avx2.h"
 
 AVX2 static inline __m256i nibbles_even_odd(const uint8_t *p) {
     const __m128i w = _mm_loadu_si128((const __m128i *)p);
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(w, 4), w), _mm256_set1_epi8(0x0F));
 }
 
-AVX2 static inline void widen(__m256i acc32[4], __m256i *lo16, __m256i *hi16) {
-    acc32[0] = _mm256_add_epi32(acc32[0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(*lo16)));
-    acc32[1] = _mm256_add_epi32(acc32[1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(*lo16, 1)));
-    acc32[2] = _mm256_add_epi32(acc32[2], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(*hi16)));
-    acc32[3] = _mm256_add_epi32(acc32[3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(*hi16, 1)));
-    *lo16 = *hi16 = _mm256_setzero_si256();
-}
-
-/* Blocks outer, tiles inner: for one block the active channels' rows are
- * read front to back across the thread's tiles (a few sequential streams
- * the prefetchers follow) while the float accumulators stay in L1/L2. */
-AVX2 void ea_sparse_tiles_avx2(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
-    const size_t cstride = (size_t)cm->n_pad / 2;
+AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qweight_cm *cm, const ea_sparse_act *a,
+                                                                   float *y, int t0, int t1, int VNNI) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
     float *accbuf = a->acc;
     for (int t = t0; t < t1; t++)
         for (int v = 0; v < 4; v++) _mm256_storeu_ps(accbuf + t * EA_CM_TILE + 8 * v, _mm256_setzero_ps());
     for (int ab = 0; ab < a->n_blocks; ab++) {
-        const int start = a->start[ab], end = a->start[ab + 1];
+        const int q0 = a->qstart[ab], q1 = a->qstart[ab + 1];
+        const int qn = ab + 1 < a->n_blocks ? a->qstart[ab + 2] : q1;
         const __m256i sumx = _mm256_set1_epi32(a->sumx[ab]);
+        const __m256i zp8 = _mm256_slli_epi32(sumx, 3);
         const __m256 sx = _mm256_set1_ps(a->sx[ab]);
         for (int t = t0; t < t1; t++) {
-            const uint8_t *base = cm->data + (size_t)t * EA_CM_TILE / 2;
-            __m256i i32[4], lo16 = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
-            for (int v = 0; v < 4; v++) i32[v] = _mm256_setzero_si256();
-            int pairs = 0;
-            for (int j = start; j < end; j += 2) {
-                const int has2 = j + 1 < end;
-                const __m256i w1 = nibbles_even_odd(base + (size_t)a->ch[j] * cstride);
-                const __m256i w2 = nibbles_even_odd(base + (size_t)a->ch[has2 ? j + 1 : j] * cstride);
-                const int q2 = has2 ? a->q[j + 1] : 0;
-                const __m256i xp = _mm256_set1_epi16((short)(uint16_t)((uint8_t)a->q[j] | (uint16_t)((uint8_t)q2 << 8)));
-                lo16 = _mm256_add_epi16(lo16, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(w1, w2), xp));
-                hi16 = _mm256_add_epi16(hi16, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(w1, w2), xp));
-                if (++pairs == 8) {
-                    widen(i32, &lo16, &hi16);
-                    pairs = 0;
-                }
+            const uint8_t *base = cm->data + (size_t)t * (EA_CM_TILE / 2);
+            /* once per cache line: the next block's rows at this tile (one block ahead) */
+            if ((t & 3) == 0 || t == t0)
+                for (int q = q1; q < qn; q++)
+                    for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(base + a->qoff[4 * (size_t)q + c]), _MM_HINT_T0);
+            __m256i d[4];
+            for (int v = 0; v < 4; v++) d[v] = _mm256_setzero_si256();
+            for (int q = q0; q < q1; q++) {
+                const size_t *o = a->qoff + 4 * (size_t)q;
+                /* lanes: [ch0 | ch2] and [ch1 | ch3] */
+                const __m256i p = _mm256_loadu2_m128i((const __m128i *)(base + o[2]), (const __m128i *)(base + o[0]));
+                const __m256i r = _mm256_loadu2_m128i((const __m128i *)(base + o[3]), (const __m128i *)(base + o[1]));
+                const __m256i u0 = _mm256_unpacklo_epi8(p, r), u1 = _mm256_unpackhi_epi8(p, r);
+                const __m256i w01 = _mm256_permute2x128_si256(u0, u1, 0x20); /* ch0,ch1 bytes 0-7 | 8-15 */
+                const __m256i w23 = _mm256_permute2x128_si256(u0, u1, 0x31); /* ch2,ch3 */
+                const __m256i v0 = _mm256_unpacklo_epi16(w01, w23), v1 = _mm256_unpackhi_epi16(w01, w23);
+                const __m256i x = _mm256_set1_epi32(a->qx[q]);
+                d[0] = dot_u8s8(d[0], _mm256_and_si256(v0, m4), x, VNNI);
+                d[1] = dot_u8s8(d[1], _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4), x, VNNI);
+                d[2] = dot_u8s8(d[2], _mm256_and_si256(v1, m4), x, VNNI);
+                d[3] = dot_u8s8(d[3], _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4), x, VNNI);
             }
-            widen(i32, &lo16, &hi16);
             const size_t sb = (size_t)a->blk[ab] * cm->n_pad + (size_t)t * EA_CM_TILE;
             for (int v = 0; v < 4; v++) {
-                const __m256i zp = cm->zero_points
-                    ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cm->zero_points + sb + 8 * v)))
-                    : _mm256_set1_epi32(8);
-                const __m256i idot = _mm256_sub_epi32(i32[v], _mm256_mullo_epi32(zp, sumx));
+                const __m256i zs = cm->zero_points
+                    ? _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cm->zero_points + sb + 8 * v))), sumx)
+                    : zp8;
                 const __m256 s = _mm256_mul_ps(sx, _mm256_loadu_ps(cm->scales + sb + 8 * v));
                 float *acc = accbuf + t * EA_CM_TILE + 8 * v;
-                _mm256_storeu_ps(acc, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(idot), _mm256_loadu_ps(acc)));
+                _mm256_storeu_ps(acc, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_sub_epi32(d[v], zs)), _mm256_loadu_ps(acc)));
             }
         }
     }
@@ -72,6 +73,18 @@ AVX2 void ea_sparse_tiles_avx2(const ea_qweight_cm *cm, const ea_sparse_act *a, 
             const int n = t * EA_CM_TILE + ea_cm_lane_n(EA_ISA_AVX2, lane);
             if (n < cm->N) y[n] = accbuf[t * EA_CM_TILE + lane];
         }
+}
+
+AVX2 static void sparse_tiles_vnni(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
+    sparse_tiles(cm, a, y, t0, t1, 1);
+}
+AVX2 static void sparse_tiles_plain(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
+    sparse_tiles(cm, a, y, t0, t1, 0);
+}
+
+void ea_sparse_tiles_avx2(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
+    if (ea_avx2_vnni()) sparse_tiles_vnni(cm, a, y, t0, t1);
+    else sparse_tiles_plain(cm, a, y, t0, t1);
 }
 
 /* ---- output-row subset: four listed rows at a time from the file layout ---- */

@@ -27,4 +27,17 @@ AVX2 static inline __m256 exp_neg(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+/* acc += per-int32-lane sum of four u8 x s8 products. With AVX-VNNI one
+ * vpdpbusd (inline asm: its intrinsic needs a target attribute this file's
+ * AVX2-only functions cannot inline); otherwise maddubs + madd, whose int16
+ * pair sums cannot saturate here (15*127*2 for int4, 128*127*2 for int8),
+ * so both give the same integers. */
+AVX2 static inline __attribute__((always_inline)) __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s, int VNNI) {
+    if (VNNI) {
+        __asm__("%{vex%} vpdpbusd %[s], %[u], %[acc]" : [acc] "+x"(acc) : [u] "x"(u), [s] "x"(s));
+        return acc;
+    }
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+
 #endif
