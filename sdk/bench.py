@@ -161,7 +161,7 @@ def _time_engine(prefill, step, reset, pp: int, tg: int, reps: int, vocab: int) 
 
 def decode_sparsity(eng, tg: int, vocab: int) -> dict[str, float]:
     """Share of zeroed inputs per sparse site type (attn_in, attn_out, ffn_in, ffn_out,
-    ffn_act) over `tg` decode steps, from the native profiler's Sparsify records."""
+    ffn_act) over `tg` decode steps, from the native profiler's Sparsify and NeuronMask records."""
     ids = np.random.default_rng(1).integers(3, vocab, size=tg + 1, dtype=np.int64)
     eng.reset()
     eng.forward(ids[:1])
@@ -176,8 +176,10 @@ def decode_sparsity(eng, tg: int, vocab: int) -> dict[str, float]:
         eng.reset()
     agg: dict[str, list[int]] = {}
     for r in recs:
-        if r["op_type"] == "Sparsify" and r["total"]:
-            kind = r["name"].rsplit(".sparsify", 1)[0].rsplit(".", 1)[-1]
+        if r["op_type"] in ("Sparsify", "NeuronMask") and r["total"]:
+            # a CoreInfer NeuronMask zeroes down_proj's input: the ffn_out site
+            kind = ("ffn_out" if r["op_type"] == "NeuronMask"
+                    else r["name"].rsplit(".sparsify", 1)[0].rsplit(".", 1)[-1])
             a = agg.setdefault(kind, [0, 0])
             a[0] += r["active"]
             a[1] += r["total"]

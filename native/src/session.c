@@ -152,7 +152,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 a += (size_t)(S - 1) * st->K;
                 rows = 1;
             }
-            if (st->row_src && rows == 1 && ss->kept_src[si]) {
+            if (st->row_src && rows == 1 && ss->has_kept[si]) {
                 /* CoreInfer's fixed neurons: the dense GEMV over the kept rows of gate/up, scattered
                  * (the other rows are 0 and masked later) */
                 const int L = m->steps[st->row_src - 1].layer, nr = ss->nm_n_rows[L];
@@ -298,10 +298,11 @@ int ea_session_run(ea_session *ss, const int64_t *ids, int n, float *logits, int
 }
 
 void ea_session_drop_kept(ea_session *ss, int si) {
-    if (!ss->kept_src[si]) return;
+    if (!ss->has_kept[si]) return;
     ea_qweight_release(&ss->kept[si]);
     free(ss->kept_src[si]);
     ss->kept_src[si] = NULL;
+    ss->has_kept[si] = 0;
 }
 
 /* After a NeuronMask layer's mask changed: a copy of each gate/up weight holding only the kept rows
@@ -315,7 +316,8 @@ int ea_session_prepare_kept(ea_session *ss, int layer) {
         const step *st = &m->steps[si];
         if (!st->row_src || m->steps[st->row_src - 1].layer != layer) continue;
         ea_session_drop_kept(ss, si);
-        if (!ss->nmask[layer] || nr >= EA_ROWS_DENSE_CROSSOVER * st->N || nr == 0) continue;
+        /* the GEMV on the kept rows costs in proportion to them: it pays unless nearly all are kept */
+        if (!ss->nmask[layer] || nr > 0.9 * st->N || nr == 0) continue;
         const ea_qweight *w = &st->qw;
         const size_t row = (size_t)w->n_blocks * w->block_size * w->bits / 8, sc = (size_t)w->n_blocks;
         const size_t zrow = w->zero_points ? (w->bits == 4 ? (sc + 1) / 2 : sc) : 0;
@@ -332,7 +334,20 @@ int ea_session_prepare_kept(ea_session *ss, int layer) {
             free(src);
             return EA_ERR_NOMEM;
         }
+        if (ss->kept[si].packed) { /* the SIMD kernels read only the repack: keep scales and zero points */
+            const size_t tail = (size_t)nr * (sc * sizeof(float) + zrow);
+            uint8_t *small = malloc(tail);
+            if (small) {
+                memcpy(small, scales, tail);
+                free(src);
+                src = small;
+                ss->kept[si].data = NULL;
+                ss->kept[si].scales = (const float *)small;
+                ss->kept[si].zero_points = zrow ? small + (size_t)nr * sc * sizeof(float) : NULL;
+            }
+        }
         ss->kept_src[si] = src;
+        ss->has_kept[si] = 1;
     }
     return EA_OK;
 }
@@ -376,9 +391,10 @@ void ea_session_destroy(ea_session *ss) {
     free(ss->nm_rows);
     free(ss->nm_n_rows);
     free(ss->sel);
-    for (int st = 0; ss->kept && st < m->n_steps; st++) ea_session_drop_kept(ss, st);
+    for (int st = 0; ss->has_kept && ss->kept && st < m->n_steps; st++) ea_session_drop_kept(ss, st);
     free(ss->kept);
     free(ss->kept_src);
+    free(ss->has_kept);
     free(ss->kept_y);
     ea_kctx_release(&ss->kctx);
     if (ss->pool) ea_pool_destroy(ss->pool);
@@ -433,9 +449,10 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     ss->sel = malloc(sizeof(float) * nw);
     ss->kept = calloc((size_t)m->n_steps + 1, sizeof(ea_qweight));
     ss->kept_src = calloc((size_t)m->n_steps + 1, sizeof(uint8_t *));
+    ss->has_kept = calloc((size_t)m->n_steps + 1, sizeof(int));
     ss->kept_y = malloc(sizeof(float) * nw);
     if (!ss->nmask || !ss->nscore || !ss->nm_rows || !ss->nm_n_rows || !ss->sel || !ss->kept || !ss->kept_src ||
-        !ss->kept_y)
+        !ss->has_kept || !ss->kept_y)
         return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
     for (int L = 0; L < m->n_nmask; L++) {
         if (!(ss->nscore[L] = calloc(nw, sizeof(float))) || !(ss->nm_rows[L] = malloc(sizeof(int32_t) * nw)))

@@ -189,8 +189,8 @@ static void qmatmul_task(void *arg, int task, int thread) {
 }
 
 int ea_qmatmul(ea_kctx *ctx, const ea_qweight *w, const float *x, int M, float *y) {
-    if (M <= 0 || !w || !w->data) return EA_KERR_ARG;
     const int simd = ea_is_simd(ctx->isa);
+    if (M <= 0 || !w || (!w->data && !(simd && w->packed))) return EA_KERR_ARG; /* SIMD reads the repack only */
     if (simd && (!w->packed || isa_family(w->isa) != isa_family(ctx->isa))) return EA_KERR_LAYOUT;
     const int nb = w->n_blocks, kp = nb * w->block_size;
     const size_t xq_bytes = ((size_t)M * kp + 63) & ~(size_t)63;
