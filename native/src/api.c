@@ -2,6 +2,7 @@
  * the wiring of model loading, sessions and the benchmark entry. */
 #define _GNU_SOURCE
 #include <limits.h>
+#include <pthread.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -327,11 +328,42 @@ struct ea_bench_qmatmul {
     float *scales;
 };
 
+/* Bench objects with the same thread count share one pool, as a model's matmuls do: with a pool
+ * each, a benchmark cycling through many matrices would wake a sleeping worker on every call and
+ * time the wake-up instead of the kernel. */
+static pthread_mutex_t shared_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct { ea_pool *pool; int threads, refs; } shared_pools[8];
+
+static ea_pool *shared_pool_get(int threads) {
+    ea_pool *p = NULL;
+    pthread_mutex_lock(&shared_mu);
+    for (int i = 0; i < 8 && !p; i++)
+        if (shared_pools[i].refs && shared_pools[i].threads == threads) shared_pools[i].refs++, p = shared_pools[i].pool;
+    for (int i = 0; i < 8 && !p; i++)
+        if (!shared_pools[i].refs && (p = ea_pool_create(threads))) {
+            shared_pools[i].pool = p;
+            shared_pools[i].threads = threads;
+            shared_pools[i].refs = 1;
+        }
+    pthread_mutex_unlock(&shared_mu);
+    return p;
+}
+
+static void shared_pool_put(ea_pool *p) {
+    pthread_mutex_lock(&shared_mu);
+    for (int i = 0; i < 8; i++)
+        if (shared_pools[i].refs && shared_pools[i].pool == p && --shared_pools[i].refs == 0) {
+            ea_pool_destroy(p);
+            shared_pools[i].pool = NULL;
+        }
+    pthread_mutex_unlock(&shared_mu);
+}
+
 void ea_bench_qmatmul_free(ea_bench_qmatmul *b) {
     if (!b) return;
     ea_qweight_release(&b->w);
     ea_kctx_release(&b->ctx);
-    if (b->pool) ea_pool_destroy(b->pool);
+    if (b->pool) shared_pool_put(b->pool);
     free(b->B);
     free(b->zp);
     free(b->scales);
@@ -368,7 +400,7 @@ int ea_bench_qmatmul_create(int K, int N, int bits, int block_size, const uint8_
     memcpy(b->scales, scales, sizeof(float) * (size_t)N * nb);
     if (b->zp) memcpy(b->zp, zero_points, nz);
     int threads = n_threads > 0 ? n_threads : ea_physical_cores();
-    if (threads > 1 && !(b->pool = ea_pool_create(threads))) {
+    if (threads > 1 && !(b->pool = shared_pool_get(threads))) {
         ea_bench_qmatmul_free(b);
         return fail(EA_ERR_NOMEM, "%s", "cannot start threads");
     }
