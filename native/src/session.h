@@ -30,7 +30,7 @@ struct ea_session {
     float **nmask, **nscore;
     int32_t **nm_rows;
     int *nm_n_rows;
-    float *sel;             /* |h| of one row, for the k-th largest */
+    float *sel;             /* |h| of one row and the scratch of its k-th largest (2 x width) */
     /* per plan step (gate/up behind a NeuronMask): the kept rows of its weight, repacked when the
      * mask is set so a decode step runs the dense GEMV on them; its file-layout source bytes */
     ea_qweight *kept;
