@@ -240,10 +240,13 @@ int ea_session_set_neuron_mask(ea_session *ss, int layer, const float *mask, int
     if (copy) memcpy(copy, mask, sizeof(float) * (size_t)W);
     free(ss->nmask[layer]);
     ss->nmask[layer] = copy;
-    int nr = 0;
-    for (int k = 0; k < W; k++)
-        if (!copy || copy[k] != 0.0f) ss->nm_rows[layer][nr++] = k;
-    ss->nm_n_rows[layer] = nr;
+    for (int s = 0; s < ss->m->n_steps; s++) /* the kept channels become the NeuronMask step's active list */
+        if (ss->m->steps[s].op == OP_NEURON_MASK && ss->m->steps[s].layer == layer) {
+            int nr = 0;
+            for (int k = 0; k < W; k++)
+                if (!copy || copy[k] != 0.0f) ss->active[s][nr++] = k;
+            ss->n_active[s] = nr;
+        }
     return ea_session_prepare_kept(ss, layer) ? fail(EA_ERR_NOMEM, "%s", "out of memory for the kept neurons")
                                                : EA_OK;
 }

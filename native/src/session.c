@@ -123,13 +123,11 @@ static void neuron_mask(ea_session *ss, const step *st, int si, int e, const flo
         for (int k = 0; k < w; k++) ah[k] = fabsf(hr[k]);
         const float kth = kth_largest(ah, w, st->token_k, tmp);
         float *score = ss->nscore[L];
-        for (int k = 0; k < w; k++) score[k] += fabsf(hr[k]) >= kth ? 1.0f : 0.0f;
+        for (int k = 0; k < w; k++) score[k] += ah[k] >= kth ? 1.0f : 0.0f;
     }
-    /* down_proj's input-sparse GEMV reads only the kept channels */
-    ss->n_active[si] = ss->nm_n_rows[L];
-    memcpy(ss->active[si], ss->nm_rows[L], sizeof(int32_t) * (size_t)ss->nm_n_rows[L]);
+    /* active[si] holds the kept channels (set with the mask), which down_proj's input-sparse GEMV reads */
     if (__builtin_expect(ss->profile, 0)) {
-        ss->prof_active[e] += (uint64_t)S * (uint64_t)ss->nm_n_rows[L];
+        ss->prof_active[e] += (uint64_t)S * (uint64_t)ss->n_active[si];
         ss->prof_total[e] += (uint64_t)S * (uint64_t)w;
     }
 }
@@ -173,8 +171,8 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
             if (st->row_src && rows == 1 && ss->has_kept[si]) {
                 /* CoreInfer's fixed neurons: the dense GEMV over the kept rows of gate/up, scattered
                  * (the other rows are 0 and masked later) */
-                const int L = m->steps[st->row_src - 1].layer, nr = ss->nm_n_rows[L];
-                const int32_t *idx = ss->nm_rows[L];
+                const int nr = ss->n_active[st->row_src - 1];
+                const int32_t *idx = ss->active[st->row_src - 1];
                 memset(y, 0, sizeof(float) * (size_t)st->N);
                 rc = nr ? ea_qmatmul(ctx, &ss->kept[si], a, 1, ss->kept_y) : EA_KOK;
                 for (int r = 0; r < nr && !rc; r++) y[idx[r]] = ss->kept_y[r];
@@ -328,11 +326,11 @@ void ea_session_drop_kept(ea_session *ss, int si) {
  * pay. Returns an EA_ERR_* code. */
 int ea_session_prepare_kept(ea_session *ss, int layer) {
     ea_model *m = ss->m;
-    const int nr = ss->nm_n_rows[layer];
-    const int32_t *idx = ss->nm_rows[layer];
     for (int si = 0; si < m->n_steps; si++) {
         const step *st = &m->steps[si];
         if (!st->row_src || m->steps[st->row_src - 1].layer != layer) continue;
+        const int nr = ss->n_active[st->row_src - 1];
+        const int32_t *idx = ss->active[st->row_src - 1];
         ea_session_drop_kept(ss, si);
         /* the GEMV on the kept rows costs in proportion to them: it pays unless nearly all are kept */
         if (!ss->nmask[layer] || nr > 0.9 * st->N || nr == 0) continue;
@@ -402,12 +400,9 @@ void ea_session_destroy(ea_session *ss) {
     for (int L = 0; L < m->n_nmask; L++) {
         if (ss->nmask) free(ss->nmask[L]);
         if (ss->nscore) free(ss->nscore[L]);
-        if (ss->nm_rows) free(ss->nm_rows[L]);
     }
     free(ss->nmask);
     free(ss->nscore);
-    free(ss->nm_rows);
-    free(ss->nm_n_rows);
     free(ss->sel);
     for (int st = 0; ss->has_kept && ss->kept && st < m->n_steps; st++) ea_session_drop_kept(ss, st);
     free(ss->kept);
@@ -462,21 +457,21 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     const size_t nm = (size_t)m->n_nmask + 1, nw = (size_t)m->nmask_width + 1;
     ss->nmask = calloc(nm, sizeof(float *));
     ss->nscore = calloc(nm, sizeof(float *));
-    ss->nm_rows = calloc(nm, sizeof(int32_t *));
-    ss->nm_n_rows = calloc(nm, sizeof(int));
     ss->sel = malloc(sizeof(float) * 2 * nw);
     ss->kept = calloc((size_t)m->n_steps + 1, sizeof(ea_qweight));
     ss->kept_src = calloc((size_t)m->n_steps + 1, sizeof(uint8_t *));
     ss->has_kept = calloc((size_t)m->n_steps + 1, sizeof(int));
     ss->kept_y = malloc(sizeof(float) * nw);
-    if (!ss->nmask || !ss->nscore || !ss->nm_rows || !ss->nm_n_rows || !ss->sel || !ss->kept || !ss->kept_src ||
+    if (!ss->nmask || !ss->nscore || !ss->sel || !ss->kept || !ss->kept_src ||
         !ss->has_kept || !ss->kept_y)
         return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
-    for (int L = 0; L < m->n_nmask; L++) {
-        if (!(ss->nscore[L] = calloc(nw, sizeof(float))) || !(ss->nm_rows[L] = malloc(sizeof(int32_t) * nw)))
+    for (int L = 0; L < m->n_nmask; L++)
+        if (!(ss->nscore[L] = calloc(nw, sizeof(float))))
             return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
-        for (int k = 0; k < m->nmask_width; k++) ss->nm_rows[L][k] = k; /* default mask: every channel */
-        ss->nm_n_rows[L] = m->nmask_width;
+    for (int s = 0; s < m->n_steps; s++) { /* default mask: every channel kept */
+        if (m->steps[s].op != OP_NEURON_MASK) continue;
+        for (int k = 0; k < m->nmask_width; k++) ss->active[s][k] = k;
+        ss->n_active[s] = m->nmask_width;
     }
     int max_R = 1;
     for (int s = 0; s < m->n_steps; s++)

@@ -25,11 +25,10 @@ struct ea_session {
     uint64_t *prof_active, *prof_total;          /* per exec step: Sparsify channels kept / seen */
     int32_t **active;       /* per plan step (Sparsify, NeuronMask): active channels of the last row */
     int *n_active;
-    /* CoreInfer, per NeuronMask layer: the mask set by the caller (NULL = the model's default, all on),
-     * its nonzero channels, and the scores of the last forward call (counted while the mask is unset) */
+    /* CoreInfer, per NeuronMask layer: the mask set by the caller (NULL = the model's default, all on)
+     * and the scores of the last forward call (counted while the mask is unset). The mask's nonzero
+     * channels are the NeuronMask step's active list. */
     float **nmask, **nscore;
-    int32_t **nm_rows;
-    int *nm_n_rows;
     float *sel;             /* |h| of one row and the scratch of its k-th largest (2 x width) */
     /* per plan step (gate/up behind a NeuronMask): the kept rows of its weight, repacked when the
      * mask is set so a decode step runs the dense GEMV on them; its file-layout source bytes */

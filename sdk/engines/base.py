@@ -63,9 +63,13 @@ class Engine(abc.ABC):
         and with output_hidden also hidden [num_layers, S, hidden] (each layer's Steer output).
         With CoreInfer the first call after a reset is the prompt: it runs every neuron and then
         fixes each layer's `keep` most-used ones for the calls that follow."""
+        return self.run_prompt_aware(lambda x: self._forward(x, output_hidden=output_hidden), ids)
+
+    def run_prompt_aware(self, run, ids):
+        """run(checked ids); with CoreInfer, the first call after a reset then fixes the neuron set."""
         ids = self.check_ids(ids)
         prompt = self.core_keep is not None and self.n_past == 0
-        out = self._forward(ids, output_hidden=output_hidden)
+        out = run(ids)
         if prompt:
             self.fix_core_neurons()
         return out

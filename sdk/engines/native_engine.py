@@ -82,10 +82,9 @@ class NativeEngine(Engine):
 
     def logits_last(self, ids) -> np.ndarray:
         """Decode fast path: logits of the last token only (skips the other rows of the vocabulary projection)."""
-        ids = self.check_ids(ids)
-        prompt = self.core_keep is not None and self.n_past == 0
-        out = self.session.forward(ids, all_logits=False)
-        self.n_past = self.session.n_past
-        if prompt:
-            self.fix_core_neurons()
-        return out
+        def last(x):
+            out = self.session.forward(x, all_logits=False)
+            self.n_past = self.session.n_past
+            return out
+
+        return self.run_prompt_aware(last, ids)

@@ -18,6 +18,7 @@ typedef struct {
     float eps;
     size_t n;
     ea_isa isa;
+    int n_tasks;
 } ew_job;
 
 static void rmsnorm_rows(const float *x, const float *w, int r0, int r1, int dim, float eps, float *y) {
@@ -38,8 +39,7 @@ static void rmsnorm_rows(const float *x, const float *w, int r0, int r1, int dim
 static void rmsnorm_task(void *arg, int task, int thread) {
     (void)thread;
     const ew_job *j = arg;
-    const int n_tasks = j->rows < 8 ? j->rows : 8; /* matches the dispatch below */
-    rmsnorm_rows(j->x, j->w, j->rows * task / n_tasks, j->rows * (task + 1) / n_tasks, j->dim, j->eps, j->y);
+    rmsnorm_rows(j->x, j->w, j->rows * task / j->n_tasks, j->rows * (task + 1) / j->n_tasks, j->dim, j->eps, j->y);
 }
 
 void ea_rmsnorm(const ea_kctx *ctx, const float *x, const float *w, int rows, int dim, float eps, float *y) {
@@ -47,8 +47,8 @@ void ea_rmsnorm(const ea_kctx *ctx, const float *x, const float *w, int rows, in
         rmsnorm_rows(x, w, 0, rows, dim, eps, y);
         return;
     }
-    ew_job j = {x, w, NULL, y, rows, dim, eps, 0, ctx->isa};
-    ea_pool_run(ctx->pool, rmsnorm_task, &j, rows < 8 ? rows : 8);
+    ew_job j = {x, w, NULL, y, rows, dim, eps, 0, ctx->isa, rows < 8 ? rows : 8};
+    ea_pool_run(ctx->pool, rmsnorm_task, &j, j.n_tasks);
 }
 
 int ea_rope(const ea_kctx *ctx, float *x, int S, int H, int head_dim, const float *cos_cache,
@@ -165,7 +165,7 @@ static void silu_span(ea_isa isa, const float *g, const float *u, size_t n, floa
 static void silu_task(void *arg, int task, int thread) {
     (void)thread;
     const ew_job *j = arg;
-    const size_t a = j->n * task / 8, b = j->n * (task + 1) / 8;
+    const size_t a = j->n * task / j->n_tasks, b = j->n * (task + 1) / j->n_tasks;
     silu_span(j->isa, j->x + a, j->u + a, b - a, j->y + a);
 }
 
@@ -174,8 +174,8 @@ void ea_silu_mul(const ea_kctx *ctx, const float *g, const float *u, size_t n, f
         silu_span(ctx->isa, g, u, n, y);
         return;
     }
-    ew_job j = {g, NULL, u, y, 0, 0, 0.0f, n, ctx->isa};
-    ea_pool_run(ctx->pool, silu_task, &j, 8);
+    ew_job j = {g, NULL, u, y, 0, 0, 0.0f, n, ctx->isa, 8};
+    ea_pool_run(ctx->pool, silu_task, &j, j.n_tasks);
 }
 
 void ea_add(const ea_kctx *ctx, const float *a, const float *b, size_t n, float *y) {
