@@ -19,10 +19,19 @@ import torch
 
 from .calibration import calibration_ids, capture_inputs
 from .model import ConversionError, SourceModel
+from .quantize import FP16_MAX, FP16_NORMAL_MIN
 
 ALPHAS = np.linspace(0.0, 1.0, 21)[:-1]      # 0, 0.05, ..., 0.95 (α=0 is plain RTN)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 METHODS = ("rtn", "awq")
+
+
+def fp16_exact(scale: torch.Tensor) -> torch.Tensor:
+    """quantize.fp16_exact in torch: scales rounded up to fp16 values in fp16's normal range."""
+    ok = (scale >= FP16_NORMAL_MIN) & (scale < FP16_MAX)
+    h = torch.where(ok, scale, torch.zeros_like(scale)).half()
+    h = torch.where(h.float() < scale, (h.view(torch.int16) + 1).view(torch.float16), h)
+    return torch.where(ok, h.float(), scale)
 
 
 def fake_quant(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
@@ -33,12 +42,12 @@ def fake_quant(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch
     qmax = (1 << bits) - 1
     if symmetric:
         mid = 1 << (bits - 1)
-        scale = wp.abs().amax(-1) / (mid - 1)
+        scale = fp16_exact(wp.abs().amax(-1) / (mid - 1))
         zp = torch.full_like(scale, float(mid))
     else:
         lo = wp.amin(-1).clamp(max=0)
         hi = wp.amax(-1).clamp(min=0)
-        scale = (hi - lo) / qmax
+        scale = fp16_exact((hi - lo) / qmax)
         zp = torch.where(scale > 0, torch.round(-lo / scale.clamp(min=1e-30)).clamp(0, qmax), torch.zeros_like(scale))
     inv = torch.where(scale > 0, 1.0 / scale.clamp(min=1e-30), torch.zeros_like(scale))
     q = (torch.round(wp * inv[..., None]) + zp[..., None]).clamp(0, qmax)

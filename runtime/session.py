@@ -246,6 +246,7 @@ class QMatMul:
         _check(lib.ea_bench_qmatmul_create(self.K, self.N, int(bits), int(block_size), ffi.from_buffer("uint8_t[]", B),
                                            ffi.from_buffer("float[]", scales), zp, int(threads), out))
         self._ptr = ffi.gc(out[0], lib.ea_bench_qmatmul_free)
+        self.bytes = int(lib.ea_bench_qmatmul_bytes(self._ptr))  # what one call reads
 
     def __call__(self, x, out: np.ndarray | None = None) -> np.ndarray:
         x = _f32(x, self.K).reshape(-1, self.K)

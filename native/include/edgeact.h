@@ -120,6 +120,8 @@ typedef struct ea_bench_qmatmul ea_bench_qmatmul;
 int ea_bench_qmatmul_create(int K, int N, int bits, int block_size, const uint8_t *B, const float *scales,
                             const uint8_t *zero_points, int n_threads, ea_bench_qmatmul **out);
 int ea_bench_qmatmul_run(ea_bench_qmatmul *bench, const float *x, int M, float *y);
+/* Weight bytes one call reads (the SIMD repack, or the file layout on the scalar path). */
+size_t ea_bench_qmatmul_bytes(const ea_bench_qmatmul *bench);
 void ea_bench_qmatmul_free(ea_bench_qmatmul *bench);
 /* Memory read bandwidth in GB/s over a buffer of `bytes` (best of reps), the yardstick for decode speed. */
 double ea_measure_read_bandwidth(int threads, size_t bytes, int reps);

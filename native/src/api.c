@@ -416,6 +416,14 @@ int ea_bench_qmatmul_create(int K, int N, int bits, int block_size, const uint8_
     return EA_OK;
 }
 
+size_t ea_bench_qmatmul_bytes(const ea_bench_qmatmul *b) {
+    if (!b) return 0;
+    if (b->w.packed) return b->w.packed_bytes;
+    const size_t nb = (size_t)b->w.n_blocks;
+    return (size_t)b->w.N * nb * (b->w.block_size * b->w.bits / 8 + sizeof(float)) +
+           (b->zp ? (size_t)b->w.N * (b->w.bits == 4 ? (nb + 1) / 2 : nb) : 0);
+}
+
 int ea_bench_qmatmul_run(ea_bench_qmatmul *b, const float *x, int M, float *y) {
     CHECK_PTR(b, "bench");
     CHECK_PTR(x, "x");

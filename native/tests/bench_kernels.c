@@ -8,7 +8,8 @@
  * speed-up over the dense kernel, over a sweep of active fractions (the
  * crossover behind EA_SPARSE_DENSE_CROSSOVER).
  *
- *   bench_kernels [seconds_per_case] [sparse]   (default 0.5; "sparse" skips the dense GEMV part) */
+ *   bench_kernels [seconds_per_case] [sparse|all] [block]
+ *   (defaults 0.5 all 32; "sparse" skips the dense GEMV part; block applies to the sparse part) */
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
@@ -68,7 +69,7 @@ static void bench_gemv(int K, int N, double seconds, ea_pool *pools[3]) {
     uint8_t *data = malloc(dbytes);
     float *scales = malloc(sbytes);
     for (size_t i = 0; i < dbytes; i++) data[i] = (uint8_t)rnd();
-    for (size_t i = 0; i < (size_t)N * nb; i++) scales[i] = (rnd() & 0xffff) * 1e-6f;
+    for (size_t i = 0; i < (size_t)N * nb; i++) scales[i] = ea_f16_to_f32(ea_f32_to_f16((rnd() & 0xffff) * 1e-6f)); /* as converters write */
     float *x = malloc(sizeof(float) * K), *y = malloc(sizeof(float) * N);
     for (int i = 0; i < K; i++) x[i] = (float)(rnd() & 0xffff) / 65536.0f - 0.5f;
     const ea_isa isas[] = {EA_ISA_SCALAR, EA_ISA_AVX2, EA_ISA_NEON, EA_ISA_NEON_DOTPROD};
@@ -87,9 +88,10 @@ static void bench_gemv(int K, int N, double seconds, ea_pool *pools[3]) {
                 ea_qmatmul(&ctx, &w[calls % copies], x, 1, y);
                 calls++;
             } while ((t = now() - t0) < budget || calls < copies);
-            /* the scalar path reads the file layout (no repack): same bytes */
+            /* the bytes the kernel reads: the scalar path the file layout, SIMD the repack */
+            const double rbytes = w[0].packed ? (double)w[0].packed_bytes : wbytes;
             printf("gemv int4 b32 K=%5d N=%5d %-12s threads=%d  %9.1f us/call  %6.2f GB/s  (%d matrices, %d calls)\n",
-                   K, N, ea_isa_name(isas[i]), ea_pool_size(pools[p]), t / calls * 1e6, wbytes * calls / t / 1e9,
+                   K, N, ea_isa_name(isas[i]), ea_pool_size(pools[p]), t / calls * 1e6, rbytes * calls / t / 1e9,
                    copies, calls);
             ea_kctx_release(&ctx);
         }
@@ -140,15 +142,15 @@ static void run_sparse_in(void *p, int c) {
 }
 static void run_rows(void *p, int c) { sparse_bench *b = p; ea_qgemv_rows(b->ctx, &b->w[c], b->x, b->idx, b->n_idx, b->y); }
 
-static void bench_sparse(int K, int N, double seconds, ea_pool *pool, ea_isa isa) {
-    const int bs = 32, nb = K / bs;
+static void bench_sparse(int K, int N, int bs, double seconds, ea_pool *pool, ea_isa isa) {
+    const int nb = K / bs;
     const size_t dbytes = (size_t)N * nb * bs / 2, sbytes = sizeof(float) * (size_t)N * nb;
     const double wbytes = (double)(dbytes + sbytes);
     const int copies = (int)((512u << 20) / wbytes) + 1;
     uint8_t *data = malloc(dbytes);
     float *scales = malloc(sbytes), *x = malloc(sizeof(float) * K), *y = malloc(sizeof(float) * N);
     for (size_t i = 0; i < dbytes; i++) data[i] = (uint8_t)rnd();
-    for (size_t i = 0; i < (size_t)N * nb; i++) scales[i] = (rnd() & 0xffff) * 1e-6f;
+    for (size_t i = 0; i < (size_t)N * nb; i++) scales[i] = ea_f16_to_f32(ea_f32_to_f16((rnd() & 0xffff) * 1e-6f)); /* as converters write */
     for (int i = 0; i < K; i++) x[i] = (float)(rnd() & 0xffff) / 65536.0f - 0.5f;
     ea_qweight *w = calloc((size_t)copies, sizeof *w);
     ea_qweight_cm *cm = calloc((size_t)copies, sizeof *cm);
@@ -161,8 +163,9 @@ static void bench_sparse(int K, int N, double seconds, ea_pool *pool, ea_isa isa
     int32_t *idx = malloc(sizeof(int32_t) * (K > N ? K : N));
     sparse_bench b = {&ctx, w, cm, x, idx, 0, y};
     const double dense_us = time_calls(run_dense, &b, copies, seconds);
-    printf("sparse K=%d N=%d %s threads=%d: dense %.1f us (%.2f GB/s)\n", K, N, ea_isa_name(isa),
-           ea_pool_size(pool), dense_us, wbytes / dense_us / 1e3);
+    printf("sparse K=%d N=%d block %d %s threads=%d: dense %.1f us (%.2f GB/s of the file, %.2f of the repack)\n", K, N,
+           bs, ea_isa_name(isa), ea_pool_size(pool), dense_us, wbytes / dense_us / 1e3,
+           (double)w[0].packed_bytes / dense_us / 1e3);
     static const double fracs[] = {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8};
     for (size_t f = 0; f < sizeof fracs / sizeof fracs[0]; f++) {
         for (int kind = 0; kind < 2; kind++) { /* 0: active input channels, 1: active output rows */
@@ -191,14 +194,19 @@ int main(int argc, char **argv) {
            read_bandwidth(pools[1]));
     printf("pool dispatch (2 threads, back to back): %.2f us\n", dispatch_us(pools[1]));
     const int sparse_only = argc > 2 && strcmp(argv[2], "sparse") == 0;
+    const int bs = argc > 3 ? atoi(argv[3]) : 32;
+    if (bs != 32 && bs != 64 && bs != 128) {
+        fprintf(stderr, "block size must be 32, 64 or 128\n");
+        return 2;
+    }
     if (!sparse_only) {
         bench_gemv(4096, 4096, seconds, pools);
         bench_gemv(4096, 11008, seconds, pools);
     }
     const ea_isa best = ea_isa_detect();
     for (int p = 0; p < 2; p++) {
-        bench_sparse(2048, 5632, seconds, pools[p], best); /* gate/up shape */
-        bench_sparse(5632, 2048, seconds, pools[p], best); /* down shape */
+        bench_sparse(2048, 5632, bs, seconds, pools[p], best); /* gate/up shape */
+        bench_sparse(5632, 2048, bs, seconds, pools[p], best); /* down shape */
     }
     ea_pool_destroy(pools[1]);
     return 0;

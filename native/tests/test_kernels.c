@@ -101,10 +101,14 @@ static void test_f32act_case(ea_isa isa, ea_kctx *sctx, ea_kctx *vctx, const ea_
         }
 }
 
-static void test_qmatmul_case(ea_isa isa, ea_pool *pool, qcase c) {
+/* f16: scales rounded to fp16 values, which the repack then stores as fp16 */
+static void test_qmatmul_case(ea_isa isa, ea_pool *pool, qcase c, int f16) {
     uint8_t *data, *zp;
     float *scales;
     fill_qweight(c.K, c.N, c.bits, c.bs, c.zp, &data, &scales, &zp);
+    const int nb = (c.K + c.bs - 1) / c.bs;
+    if (f16)
+        for (int i = 0; i < c.N * nb; i++) scales[i] = ea_f16_to_f32(ea_f32_to_f16(scales[i]));
     float *x = malloc(sizeof(float) * (size_t)c.M * c.K);
     for (int i = 0; i < c.M * c.K; i++) x[i] = rndf() * (i % 7 == 0 ? 4.0f : 1.0f);
     float *y_ref = malloc(sizeof(float) * (size_t)c.M * c.N);
@@ -115,14 +119,16 @@ static void test_qmatmul_case(ea_isa isa, ea_pool *pool, qcase c) {
     ea_kctx_init(&vctx, isa, pool);
     CHECK(ea_qweight_init(&ws, EA_ISA_SCALAR, c.K, c.N, c.bits, c.bs, data, scales, zp) == 0, "init scalar");
     CHECK(ea_qweight_init(&wv, isa, c.K, c.N, c.bits, c.bs, data, scales, zp) == 0, "init simd");
+    CHECK(wv.packed_f16 == (f16 && isa != EA_ISA_SCALAR), "%s: fp16 scales in the repack %d, expected %d",
+          ea_isa_name(isa), wv.packed_f16, f16);
     CHECK(ea_qmatmul(&sctx, &ws, x, c.M, y_ref) == 0, "scalar qmatmul");
     int rc = ea_qmatmul(&vctx, &wv, x, c.M, y);
     CHECK(rc == 0, "qmatmul %s rc %d", ea_isa_name(isa), rc);
     int bad = -1;
     for (int i = 0; i < c.M * c.N; i++)
         if (memcmp(&y[i], &y_ref[i], sizeof(float)) != 0) { bad = i; break; }
-    CHECK(bad < 0, "qmatmul %s threads=%d M=%d K=%d N=%d bits=%d bs=%d zp=%d: y[%d]=%.9g scalar %.9g",
-          ea_isa_name(isa), ea_pool_size(pool), c.M, c.K, c.N, c.bits, c.bs, c.zp, bad,
+    CHECK(bad < 0, "qmatmul %s threads=%d M=%d K=%d N=%d bits=%d bs=%d zp=%d f16=%d: y[%d]=%.9g scalar %.9g",
+          ea_isa_name(isa), ea_pool_size(pool), c.M, c.K, c.N, c.bits, c.bs, c.zp, f16, bad,
           bad < 0 ? 0.0 : y[bad], bad < 0 ? 0.0 : y_ref[bad]);
     /* the scalar context also runs a weight packed for SIMD (from the file layout) */
     CHECK(ea_qmatmul(&sctx, &wv, x, c.M, y) == 0 && memcmp(y, y_ref, sizeof(float) * c.M * c.N) == 0,
@@ -142,7 +148,8 @@ static void test_qmatmul(ea_isa isa, ea_pool *pool) {
         {96, 19, 8, 32, 0, 1},   {96, 19, 8, 32, 1, 4},   {200, 70, 8, 64, 1, 1},  {333, 45, 8, 128, 0, 3},
         {333, 45, 8, 128, 1, 1}, {1000, 257, 4, 32, 1, 7}, {576, 1536, 4, 32, 0, 1}, {31, 5, 4, 32, 1, 2},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) test_qmatmul_case(isa, pool, cases[i]);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        for (int f16 = 0; f16 < 2; f16++) test_qmatmul_case(isa, pool, cases[i], f16);
 }
 
 static void test_quantize(ea_isa isa) {
@@ -224,10 +231,14 @@ static void test_quantize_nonfinite(ea_isa isa) {
 
 /* ---- activation-sparse kernels: equal the dense kernel on masked x ---- */
 /* extreme: all nibbles 15 and all activations equal, the int16 worst case */
-static void test_sparse_case(ea_isa isa, ea_pool *pool, int K, int N, int bs, int has_zp, double frac, int extreme) {
+/* f16: scales rounded to fp16 values, which the channel-major copy stores as fp16 */
+static void test_sparse_case(ea_isa isa, ea_pool *pool, int K, int N, int bs, int has_zp, double frac, int extreme,
+                             int f16) {
     uint8_t *data, *zp;
     float *scales;
     fill_qweight(K, N, 4, bs, has_zp, &data, &scales, &zp);
+    if (f16)
+        for (int i = 0; i < N * ((K + bs - 1) / bs); i++) scales[i] = ea_f16_to_f32(ea_f32_to_f16(scales[i]));
     float *x = malloc(sizeof(float) * K), *xm = calloc((size_t)K, sizeof(float));
     float *y_ref = malloc(sizeof(float) * N), *y = malloc(sizeof(float) * N);
     int32_t *active = malloc(sizeof(int32_t) * K);
@@ -246,7 +257,7 @@ static void test_sparse_case(ea_isa isa, ea_pool *pool, int K, int N, int bs, in
     ea_qweight_cm cm;
     ea_qweight_init(&ws, EA_ISA_SCALAR, K, N, 4, bs, data, scales, zp);
     ea_qweight_init(&wv, isa, K, N, 4, bs, data, scales, zp);
-    CHECK(ea_qweight_cm_init(&cm, isa, &wv) == 0, "cm init");
+    CHECK(ea_qweight_cm_init(&cm, isa, &wv) == 0 && cm.scales_f16 == f16, "cm init (fp16 scales %d)", f16);
     ea_qmatmul(&sctx, &ws, xm, 1, y_ref);
     const struct { ea_kctx *ctx; const ea_qweight *dense; const char *what; } runs[] = {
         {&sctx, NULL, "scalar"}, {&vctx, NULL, "simd"}, {&vctx, &wv, "simd+dense fallback"}};
@@ -254,8 +265,8 @@ static void test_sparse_case(ea_isa isa, ea_pool *pool, int K, int N, int bs, in
         for (int i = 0; i < N; i++) y[i] = NAN;
         int rc = ea_sparse_qgemv(runs[r].ctx, &cm, runs[r].dense, x, active, n_active, y);
         CHECK(rc == 0 && memcmp(y, y_ref, sizeof(float) * N) == 0,
-              "sparse %s (%s) threads=%d K=%d N=%d bs=%d zp=%d active=%d/%d: rc %d", runs[r].what,
-              ea_isa_name(isa), ea_pool_size(pool), K, N, bs, has_zp, n_active, K, rc);
+              "sparse %s (%s) threads=%d K=%d N=%d bs=%d zp=%d f16=%d active=%d/%d: rc %d", runs[r].what,
+              ea_isa_name(isa), ea_pool_size(pool), K, N, bs, has_zp, f16, n_active, K, rc);
     }
     /* output-row subset: the listed rows equal the dense rows, the rest untouched */
     for (int bits = 4; bits <= 8; bits += 4) {
@@ -297,10 +308,11 @@ static void test_sparse(ea_isa isa, ea_pool *pool) {
     static const int shapes[][4] = {{100, 37, 32, 1}, {256, 64, 32, 0}, {300, 70, 64, 1}, {520, 45, 128, 0}, {1030, 100, 32, 1}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (size_t f = 0; f < sizeof fracs / sizeof fracs[0]; f++)
-            test_sparse_case(isa, pool, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], fracs[f], 0);
+            test_sparse_case(isa, pool, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], fracs[f], 0,
+                             (int)((s + f) & 1));
     /* full 128-channel blocks at the int16 limits exercise the widening */
-    test_sparse_case(isa, pool, 640, 33, 128, 1, 0.98, 0);
-    test_sparse_case(isa, pool, 256, 40, 128, 0, 1.0, 1);
+    test_sparse_case(isa, pool, 640, 33, 128, 1, 0.98, 0, 1);
+    test_sparse_case(isa, pool, 256, 40, 128, 0, 1.0, 1, 0);
     ea_kctx ctx;
     ea_kctx_init(&ctx, isa, NULL);
     ea_qweight w;

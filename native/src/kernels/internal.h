@@ -30,6 +30,9 @@
 /* Tasks per pool thread for the matmuls (dynamic claiming balances preemption). */
 #define EA_TASKS_PER_THREAD 4
 
+/* Whether every one of n scales is exactly representable in fp16. */
+int ea_scales_exact_in_f16(const float *s, size_t n);
+
 /* Scratch from the ctx, grown on demand; NULL when out of memory. */
 void *ea_scratch(ea_kctx *ctx, size_t bytes);
 
@@ -82,14 +85,18 @@ void ea_matmul_f16_neon(const float *x, int M, int K, const uint16_t *W, int N, 
 
 /* The SIMD repack. A group of EA_QROWS rows is n_blocks blocks; one block is
  *   data   [subs][EA_QROWS rows][16 bytes]   (subs = block_size*bits/8/16)
- *   scales [EA_QROWS] float, in lane order
+ *   scales [EA_QROWS] float, in lane order; fp16 when every scale of the
+ *          weight is exact in fp16 (packed_f16): the same values in 2 of the
+ *          ~20 bytes per row and block, which decode reads from DRAM
  *   zp     [EA_QROWS] uint8, in lane order (asymmetric weights only)
  * Two rows' 16-byte pieces are adjacent so AVX2 reads them with one 32-byte
  * load. "Lane order" is the order in which a kernel's integer reduction
  * leaves the rows (ea_qpack_lane_row), so scales apply without shuffles. */
+static inline size_t ea_qpack_zp_offset(const ea_qweight *w) {
+    return EA_QROWS * ((size_t)w->block_size * (size_t)w->bits / 8) + EA_QROWS * (w->packed_f16 ? 2 : sizeof(float));
+}
 static inline size_t ea_qpack_block_stride(const ea_qweight *w) {
-    size_t data = (size_t)w->block_size * (size_t)w->bits / 8;
-    return EA_QROWS * data + EA_QROWS * sizeof(float) + (w->zero_points ? EA_QROWS : 0);
+    return ea_qpack_zp_offset(w) + (w->zero_points ? EA_QROWS : 0);
 }
 
 /* Row (within its group) whose result lands in reduction lane `lane`. */
@@ -142,6 +149,11 @@ typedef struct {
     size_t *qoff;    /* [4 per quad] byte offset of each channel's row */
     int32_t *qx;     /* [per quad] the four int8 values, first channel in the low byte */
 } ea_sparse_act;
+
+/* Scale i of a channel-major weight. */
+static inline float ea_cm_scale(const ea_qweight_cm *cm, size_t i) {
+    return cm->scales_f16 ? ea_f16_to_f32(((const uint16_t *)cm->scales)[i]) : ((const float *)cm->scales)[i];
+}
 
 void ea_sparse_tiles_scalar(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
 void ea_rows_scalar(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y);

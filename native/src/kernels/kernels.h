@@ -77,6 +77,7 @@ typedef struct ea_qweight {
     ea_isa isa;          /* ISA the weight was prepared for */
     void *packed;        /* owned SIMD repack (rows interleaved, scales fused), or NULL */
     size_t packed_bytes; /* bytes allocated by the repack (0 when in place) */
+    int packed_f16;      /* the repack holds the scales as fp16 (every one is exact in fp16) */
 } ea_qweight;
 
 /* Validates the arguments (bits 4|8, block_size 32|64|128, K,N > 0) and, for a
@@ -172,7 +173,8 @@ typedef struct ea_qweight_cm {
     int K, N, n_pad, block_size, n_blocks;
     ea_isa isa;
     uint8_t *data;        /* [n_blocks*block_size, n_pad/2] */
-    float *scales;        /* [n_blocks, n_pad] */
+    void *scales;         /* [n_blocks, n_pad] float, or fp16 when scales_f16 */
+    int scales_f16;       /* every scale is exact in fp16 (as in the dense repack) */
     uint8_t *zero_points; /* [n_blocks, n_pad], NULL when symmetric (8) */
     size_t bytes;
 } ea_qweight_cm;

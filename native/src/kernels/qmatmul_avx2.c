@@ -34,7 +34,7 @@ AVX2 static inline __m256i bcast16(const int8_t *p) {
  * loops unroll. Each 32-byte load holds 16 bytes of two rows; the
  * activations are broadcast to both halves. */
 AVX2 static inline __attribute__((always_inline)) void group_rows(const uint8_t *gp, size_t stride, int nb, int has_zp,
-                                   const ea_qact *a, int m0, int MT, int BS, int BITS, int VNNI,
+                                   int f16, const ea_qact *a, int m0, int MT, int BS, int BITS, int VNNI,
                                    __m256 acc[2]) {
     const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
     const int kp = nb * BS, bpb = BS * BITS / 8, subs = bpb / 16;
@@ -81,8 +81,8 @@ AVX2 static inline __attribute__((always_inline)) void group_rows(const uint8_t 
                 }
             }
         }
-        const __m256 sw = _mm256_loadu_ps((const float *)(p + EA_QROWS * bpb));
-        const __m256i zp = has_zp ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + EA_QROWS * bpb + 32)))
+        const __m256 sw = ea_load8_scales(p + EA_QROWS * bpb, f16);
+        const __m256i zp = has_zp ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + EA_QROWS * bpb + (f16 ? 16 : 32))))
                                   : zp_sym;
         const __m256i corr = _mm256_sub_epi32(off, zp); /* idot = dot + (off - zp) * sumx */
         for (int t = 0; t < MT; t++) {
@@ -114,12 +114,12 @@ AVX2 static inline __attribute__((always_inline)) void groups_impl(const ea_qwei
         int m = 0;
         __m256 acc[2];
         for (; m + 2 <= a->M; m += 2) {
-            group_rows(gp, stride, nb, has_zp, a, m, 2, BS, BITS, VNNI, acc);
+            group_rows(gp, stride, nb, has_zp, w->packed_f16, a, m, 2, BS, BITS, VNNI, acc);
             store_group(y, w->N, m, g, acc[0]);
             store_group(y, w->N, m + 1, g, acc[1]);
         }
         if (m < a->M) {
-            group_rows(gp, stride, nb, has_zp, a, m, 1, BS, BITS, VNNI, acc);
+            group_rows(gp, stride, nb, has_zp, w->packed_f16, a, m, 1, BS, BITS, VNNI, acc);
             store_group(y, w->N, m, g, acc[0]);
         }
     }

@@ -14,7 +14,9 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+#include "vecmath_avx2.h"
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
 int ea_have_avx512_vnni(void) {
     static _Atomic int cached = -1;
@@ -41,7 +43,7 @@ AVX512 static inline __m256i reduce8(__m512i d0, __m512i d1) {
 
 /* MT rows of x against one group of EA_QROWS int4 rows over all blocks. */
 AVX512 static inline __attribute__((always_inline)) void group_rows(const uint8_t *gp, size_t stride, int nb,
-                                                                    int has_zp, const ea_qact *a, int m0, int MT,
+                                                                    int has_zp, int f16, const ea_qact *a, int m0, int MT,
                                                                     int BS, __m256 acc[4]) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     const int kp = nb * BS, bpb = BS / 2, subs = bpb / 16;
@@ -69,8 +71,8 @@ AVX512 static inline __attribute__((always_inline)) void group_rows(const uint8_
                 d[t][1] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(d[t][1], lo1, xa), hi1, xb);
             }
         }
-        const __m256 sw = _mm256_loadu_ps((const float *)(p + EA_QROWS * bpb));
-        const __m256i zp = has_zp ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + EA_QROWS * bpb + 32)))
+        const __m256 sw = ea_load8_scales(p + EA_QROWS * bpb, f16);
+        const __m256i zp = has_zp ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + EA_QROWS * bpb + (f16 ? 16 : 32))))
                                   : zp_sym;
         const __m256i corr = _mm256_sub_epi32(_mm256_setzero_si256(), zp); /* idot = dot - zp * sumx */
         for (int t = 0; t < MT; t++) {
@@ -104,13 +106,13 @@ AVX512 static inline __attribute__((always_inline)) void groups_impl(const ea_qw
         const uint8_t *gp = (const uint8_t *)w->packed + (size_t)g * nb * stride;
         int m = 0;
         for (; m + 4 <= a->M; m += 4) {
-            group_rows(gp, stride, nb, has_zp, a, m, 4, BS, acc);
+            group_rows(gp, stride, nb, has_zp, w->packed_f16, a, m, 4, BS, acc);
             store_rows(y, w->N, m, 4, g, acc);
         }
         switch (a->M - m) { /* the group stays in L1 for the tail rows */
-        case 3: group_rows(gp, stride, nb, has_zp, a, m, 3, BS, acc); store_rows(y, w->N, m, 3, g, acc); break;
-        case 2: group_rows(gp, stride, nb, has_zp, a, m, 2, BS, acc); store_rows(y, w->N, m, 2, g, acc); break;
-        case 1: group_rows(gp, stride, nb, has_zp, a, m, 1, BS, acc); store_rows(y, w->N, m, 1, g, acc); break;
+        case 3: group_rows(gp, stride, nb, has_zp, w->packed_f16, a, m, 3, BS, acc); store_rows(y, w->N, m, 3, g, acc); break;
+        case 2: group_rows(gp, stride, nb, has_zp, w->packed_f16, a, m, 2, BS, acc); store_rows(y, w->N, m, 2, g, acc); break;
+        case 1: group_rows(gp, stride, nb, has_zp, w->packed_f16, a, m, 1, BS, acc); store_rows(y, w->N, m, 1, g, acc); break;
         default: break;
         }
     }

@@ -43,7 +43,7 @@ static inline void store_group(float *y, int N, int m, int n, float32x4_t v0, fl
 /* One row of x against one group of EA_QROWS rows (lanes in row order);
  * BS, BITS, DP constant at call sites. */
 static inline __attribute__((always_inline)) void
-group_row(const uint8_t *gp, size_t stride, int nb, int has_zp, const ea_qact *a, int m,
+group_row(const uint8_t *gp, size_t stride, int nb, int has_zp, int f16, const ea_qact *a, int m,
           int BS, int BITS, int DP, float32x4_t acc[2]) {
     const int kp = nb * BS, bpb = BS * BITS / 8, subs = bpb / 16;
     const int8_t *x = a->xq + (size_t)m * kp;
@@ -70,21 +70,22 @@ group_row(const uint8_t *gp, size_t stride, int nb, int has_zp, const ea_qact *a
                 }
             }
         }
-        const float *sw = (const float *)(p + EA_QROWS * bpb);
+        const uint8_t *sw = p + EA_QROWS * bpb;
         const float32x4_t sx = vdupq_n_f32(a->sx[(size_t)m * nb + b]);
         const int32x4_t sumx = vdupq_n_s32(a->sumx[(size_t)m * nb + b]);
         for (int h = 0; h < 2; h++) {
             int32x4_t idot = vpaddq_s32(vpaddq_s32(d[4 * h], d[4 * h + 1]), vpaddq_s32(d[4 * h + 2], d[4 * h + 3]));
             int32x4_t zp;
             if (has_zp) {
-                const uint8_t *z = p + EA_QROWS * bpb + EA_QROWS * sizeof(float) + 4 * h;
+                const uint8_t *z = p + EA_QROWS * bpb + EA_QROWS * (f16 ? 2 : sizeof(float)) + 4 * h;
                 const int32_t zz[4] = {z[0], z[1], z[2], z[3]};
                 zp = vld1q_s32(zz);
             } else {
                 zp = vdupq_n_s32(BITS == 4 ? 8 : 128);
             }
             idot = vmlaq_s32(idot, vsubq_s32(off, zp), sumx); /* + (off - zp) * sumx */
-            const float32x4_t s = vmulq_f32(sx, vld1q_f32(sw + 4 * h));
+            const float32x4_t s = vmulq_f32(sx, f16 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)sw + 4 * h)))
+                                                    : vld1q_f32((const float *)sw + 4 * h));
             acc[h] = vfmaq_f32(acc[h], s, vcvtq_f32_s32(idot));
         }
     }
@@ -99,7 +100,7 @@ groups_impl(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1, int
         /* the group (n_blocks * stride bytes) stays in L1 across the rows of x */
         for (int m = 0; m < a->M; m++) {
             float32x4_t acc[2];
-            group_row(gp, stride, nb, has_zp, a, m, BS, BITS, DP, acc);
+            group_row(gp, stride, nb, has_zp, w->packed_f16, a, m, BS, BITS, DP, acc);
             store_group(y, w->N, m, g * EA_QROWS, acc[0], acc[1]);
         }
     }

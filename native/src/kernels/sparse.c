@@ -20,10 +20,13 @@ int ea_qweight_cm_init(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *w) {
     if (!ea_isa_available(isa)) return EA_KERR_ISA_UNAVAILABLE;
     const int np = (w->N + EA_CM_TILE - 1) / EA_CM_TILE * EA_CM_TILE, nb = w->n_blocks;
     const size_t kp = (size_t)nb * w->block_size;
-    const size_t dbytes = kp * np / 2, sbytes = sizeof(float) * (size_t)nb * np;
+    /* w's repack found its scales exact in fp16 (the scalar isa has no repack: it checks here) */
+    const int f16 = w->packed ? w->packed_f16 : ea_scales_exact_in_f16(w->scales, (size_t)w->N * nb);
+    const size_t ssize = f16 ? sizeof(uint16_t) : sizeof(float);
+    const size_t dbytes = kp * np / 2, sbytes = ssize * (size_t)nb * np;
     const size_t zbytes = w->zero_points ? (size_t)nb * np : 0;
     uint8_t *data = calloc(dbytes, 1);
-    float *scales = calloc((size_t)nb * np, sizeof(float));
+    uint8_t *scales = calloc((size_t)nb * np, ssize);
     uint8_t *zp = zbytes ? calloc(zbytes, 1) : NULL;
     if (!data || !scales || (zbytes && !zp)) {
         free(data); free(scales); free(zp);
@@ -45,7 +48,10 @@ int ea_qweight_cm_init(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *w) {
             const int ln = t * EA_CM_TILE + ea_cm_lane_n(isa, lane);
             if (ln >= w->N) continue;
             for (int b = 0; b < nb; b++) {
-                scales[(size_t)b * np + t * EA_CM_TILE + lane] = w->scales[(size_t)ln * nb + b];
+                const size_t i = (size_t)b * np + t * EA_CM_TILE + lane;
+                const float s = w->scales[(size_t)ln * nb + b];
+                if (f16) ((uint16_t *)scales)[i] = ea_f32_to_f16(s);
+                else ((float *)scales)[i] = s;
                 if (zp) zp[(size_t)b * np + t * EA_CM_TILE + lane] = (uint8_t)ea_qweight_zp(w, ln, b);
             }
         }
@@ -58,6 +64,7 @@ int ea_qweight_cm_init(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *w) {
     cm->isa = isa;
     cm->data = data;
     cm->scales = scales;
+    cm->scales_f16 = f16;
     cm->zero_points = zp;
     cm->bytes = dbytes + sbytes + zbytes;
     return EA_KOK;
@@ -150,7 +157,7 @@ void ea_sparse_tiles_scalar(const ea_qweight_cm *cm, const ea_sparse_act *a, flo
             for (int lane = 0; lane < EA_CM_TILE; lane++) {
                 const int n = ea_cm_lane_n(cm->isa, lane);
                 const int zp = cm->zero_points ? cm->zero_points[sb + lane] : 8;
-                const float s = a->sx[ab] * cm->scales[sb + lane];
+                const float s = a->sx[ab] * ea_cm_scale(cm, sb + lane);
                 acc[lane] = fmaf(s, (float)(idot[n] - zp * a->sumx[ab]), acc[lane]);
             }
         }

@@ -25,6 +25,8 @@ AVX2 static inline __m256i nibbles_even_odd(const uint8_t *p) {
 AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qweight_cm *cm, const ea_sparse_act *a,
                                                                    float *y, int t0, int t1, int VNNI) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const int f16 = cm->scales_f16;
+    const size_t ssize = f16 ? 2 : 4;
     float *accbuf = a->acc;
     for (int t = t0; t < t1; t++)
         for (int v = 0; v < 4; v++) _mm256_storeu_ps(accbuf + t * EA_CM_TILE + 8 * v, _mm256_setzero_ps());
@@ -62,7 +64,7 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
                 const __m256i zs = cm->zero_points
                     ? _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cm->zero_points + sb + 8 * v))), sumx)
                     : zp8;
-                const __m256 s = _mm256_mul_ps(sx, _mm256_loadu_ps(cm->scales + sb + 8 * v));
+                const __m256 s = _mm256_mul_ps(sx, ea_load8_scales((const uint8_t *)cm->scales + (sb + 8 * v) * ssize, f16));
                 float *acc = accbuf + t * EA_CM_TILE + 8 * v;
                 _mm256_storeu_ps(acc, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_sub_epi32(d[v], zs)), _mm256_loadu_ps(acc)));
             }

@@ -3,8 +3,15 @@
 #define EDGEACT_VECMATH_AVX2_H
 
 #include <immintrin.h>
+#include <stdint.h>
 
-#define AVX2 __attribute__((target("avx2,fma")))
+/* f16c: every CPU with AVX2 here has it (ea_isa_available requires it) */
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+/* Eight float scales stored as fp32, or as fp16 when f16 (exact either way). */
+AVX2 static inline __m256 ea_load8_scales(const uint8_t *p, int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)) : _mm256_loadu_ps((const float *)p);
+}
 
 /* e^x for x <= 0: x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor polynomial
  * of e^r (relative error ~2e-7), times 2^n; x is clamped at -87, where
