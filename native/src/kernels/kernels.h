@@ -155,8 +155,14 @@ int ea_embed_f16(const ea_kctx *ctx, const uint16_t *table, int vocab, int dim,
  * kernel. bench_kernels, int4 block 32, AVX2 quad kernel, quiet machine,
  * speed-up over dense at 30/50/70% active: 2048x5632 1.80/1.33/1.10x (2
  * threads), 2.23/1.69/1.41x (1 thread); 5632x2048 1.64/1.13/0.89x and
- * 1.79/1.30/1.03x. Sparse stops paying at about 60-70% active. */
+ * 1.79/1.30/1.03x. Sparse stops paying at about 60-70% active. With fp16
+ * scales the dense kernel reads 10% less, and matrices with short
+ * channel-major rows (N < EA_SPARSE_LONG_N, 1 KB at N = 2048) stop paying
+ * near 50% (5632x2048 at 50% active, 2 threads: 0.88-0.96x, three runs),
+ * so they hand over at EA_SPARSE_SHORT_CROSSOVER. */
 #define EA_SPARSE_DENSE_CROSSOVER 0.6f
+#define EA_SPARSE_SHORT_CROSSOVER 0.45f
+#define EA_SPARSE_LONG_N 4096
 /* Below this many outputs ea_sparse_qgemv runs the dense kernel (when given):
  * with a few 32-row tiles per thread the per-block work dominates (TinyLlama
  * k/v_proj, N=256, 2 threads, 50% active: 0.66 ms sparse vs 0.40 ms dense). */
@@ -186,7 +192,8 @@ void ea_qweight_cm_release(ea_qweight_cm *cm);
 /* y[N] = MatMulNBits(x masked to the channels in active[0..n_active)), M = 1.
  * active: strictly increasing indices in [0, K). Reads only the weights of
  * active channels. When dense != NULL (the same weight in row layout, for
- * ctx->isa) and n_active > EA_SPARSE_DENSE_CROSSOVER * K or N < EA_SPARSE_MIN_N,
+ * ctx->isa) and n_active is above the crossover share of K (EA_SPARSE_DENSE_CROSSOVER,
+ * EA_SPARSE_SHORT_CROSSOVER when N < EA_SPARSE_LONG_N) or N < EA_SPARSE_MIN_N,
  * runs the dense kernel on the masked x instead (same result). */
 int ea_sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *dense, const float *x,
                     const int32_t *active, int n_active, float *y);

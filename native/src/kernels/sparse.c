@@ -205,7 +205,8 @@ int ea_sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *den
     /* the scalar kernel reads any lane order; SIMD kernels need their own */
     const ea_isa isa = ctx->isa;
     if (isa != EA_ISA_SCALAR && !same_family(cm->isa, isa)) return EA_KERR_LAYOUT;
-    if (dense && (n_active > EA_SPARSE_DENSE_CROSSOVER * cm->K || cm->N < EA_SPARSE_MIN_N)) {
+    const float crossover = cm->N < EA_SPARSE_LONG_N ? EA_SPARSE_SHORT_CROSSOVER : EA_SPARSE_DENSE_CROSSOVER;
+    if (dense && (n_active > crossover * cm->K || cm->N < EA_SPARSE_MIN_N)) {
         float *xm = calloc((size_t)cm->K, sizeof(float));
         if (!xm) return EA_KERR_NOMEM;
         for (int i = 0; i < n_active; i++) xm[active[i]] = x[active[i]];
