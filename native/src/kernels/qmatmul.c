@@ -22,9 +22,6 @@ static int isa_family(ea_isa isa) {
     return isa == EA_ISA_NEON_DOTPROD ? EA_ISA_NEON : (int)isa;
 }
 
-/* Interleaves EA_QROWS rows per group in 16-byte pieces and puts each
- * block's scales and zero points right after its data (layout: internal.h),
- * so a group streams as one sequence. */
 /* Scales are kept as fp16 when that loses nothing (converters round them to
  * fp16 at quantization, as llama.cpp's formats do): exact, and 10% fewer bytes. */
 int ea_scales_exact_in_f16(const float *s, size_t n) {
@@ -35,6 +32,9 @@ int ea_scales_exact_in_f16(const float *s, size_t n) {
     return 1;
 }
 
+/* Interleaves EA_QROWS rows per group in 16-byte pieces and puts each
+ * block's scales and zero points right after its data (layout: internal.h),
+ * so a group streams as one sequence. */
 static int repack(ea_qweight *w) {
     const size_t bpb = (size_t)w->block_size * (size_t)w->bits / 8, subs = bpb / 16;
     w->packed_f16 = ea_scales_exact_in_f16(w->scales, (size_t)w->N * w->n_blocks);
