@@ -3,6 +3,7 @@
  * All buffers are sized at session creation, so decoding does not allocate. */
 #define _GNU_SOURCE
 #include "session.h"
+#include "weights.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -153,11 +154,24 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
         uint64_t bytes = st->weight_bytes;
         int rc = EA_KOK;
         switch (st->op) {
-        case OP_GATHER:
-            rc = st->table_f16 ? ea_embed_f16(ctx, st->table, st->vocab, st->N, ss->ids, S, y)
-                               : ea_embed_f32(ctx, st->table, st->vocab, st->N, ss->ids, S, y);
-            bytes = (uint64_t)S * st->N * (st->table_f16 ? 2 : 4);
+        case OP_GATHER: {
+            /* Row by row, handing each row's pages back: a fault in a file mapping maps the
+             * whole large folio around the row, so a 128-token prompt made 58 MB of SmolLM2's
+             * 56 MB fp16 table resident (peak RSS 1.21x). The window released is the aligned
+             * 2 MiB (the largest folio) around the row, clipped to the table. */
+            const size_t es = st->table_f16 ? 2 : 4, row = (size_t)st->N * es, tbytes = (size_t)st->vocab * row;
+            const uintptr_t t0 = (uintptr_t)st->table, t1 = t0 + tbytes, win = (uintptr_t)2 << 20;
+            for (int r = 0; r < S && !rc; r++) {
+                rc = st->table_f16 ? ea_embed_f16(ctx, st->table, st->vocab, st->N, ss->ids + r, 1, y + (size_t)r * st->N)
+                                   : ea_embed_f32(ctx, st->table, st->vocab, st->N, ss->ids + r, 1, y + (size_t)r * st->N);
+                if (rc) break;
+                const uintptr_t at = (t0 + (uintptr_t)ss->ids[r] * row) & ~(win - 1);
+                const uintptr_t lo = at > t0 ? at : t0, hi = at + win < t1 ? at + win : t1;
+                ea_release_pages(m, (const void *)lo, hi - lo);
+            }
+            bytes = (uint64_t)S * row;
             break;
+        }
         case OP_CAST:
             if (!st->inplace) memcpy(y, a, n * sizeof(float));
             break;
