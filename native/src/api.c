@@ -329,6 +329,7 @@ struct ea_bench_qmatmul {
     ea_pool *pool;
     uint8_t *B, *zp;
     float *scales;
+    size_t bytes; /* what one call reads */
 };
 
 /* Bench objects with the same thread count share one pool, as a model's matmuls do: with a pool
@@ -412,17 +413,13 @@ int ea_bench_qmatmul_create(int K, int N, int bits, int block_size, const uint8_
         ea_bench_qmatmul_free(b);
         return fail(EA_ERR_KERNEL, "%s", ea_kernels_strerror(rc));
     }
+    /* SIMD reads only its repack, the scalar path the file layout */
+    b->bytes = b->w.packed ? b->w.packed_bytes : nB + sizeof(float) * (size_t)N * nb + (b->zp ? nz : 0);
     *out = b;
     return EA_OK;
 }
 
-size_t ea_bench_qmatmul_bytes(const ea_bench_qmatmul *b) {
-    if (!b) return 0;
-    if (b->w.packed) return b->w.packed_bytes;
-    const size_t nb = (size_t)b->w.n_blocks;
-    return (size_t)b->w.N * nb * (b->w.block_size * b->w.bits / 8 + sizeof(float)) +
-           (b->zp ? (size_t)b->w.N * (b->w.bits == 4 ? (nb + 1) / 2 : nb) : 0);
-}
+size_t ea_bench_qmatmul_bytes(const ea_bench_qmatmul *b) { return b ? b->bytes : 0; }
 
 int ea_bench_qmatmul_run(ea_bench_qmatmul *b, const float *x, int M, float *y) {
     CHECK_PTR(b, "bench");

@@ -131,6 +131,19 @@ static int get_input(builder *b, const onnx_node *nd, int k, int required, int *
     return 0;
 }
 
+/* The layer a per-layer op (Steer, NeuronMask) serves: the number its initializer's name carries
+ * (fmt, e.g. "steer.%d.add%c"), else its order among that op's nodes. Two nodes of one op may
+ * not serve the same layer. */
+static int op_layer(builder *b, const onnx_node *nd, int si, op_kind op, const char *init_name, const char *fmt,
+                    int order, int *layer) {
+    char tail;
+    if (sscanf(init_name, fmt, layer, &tail) != 1 || *layer < 0) *layer = order;
+    for (int j = 0; j < si; j++)
+        if (b->m->steps[j].op == op && b->m->steps[j].layer == *layer)
+            NODE_FAIL("a second %s node for layer %d", nd->op_type, *layer);
+    return 0;
+}
+
 static int need_act(builder *b, const onnx_node *nd, int k, int v) {
     if (b->m->values[v].kind != V_ACT)
         NODE_FAIL("input %d '%s' must be a computed activation", k, b->m->values[v].name);
@@ -513,11 +526,7 @@ static int plan_node(builder *b, int ni, step *st) {
         if (m->nmask_width && m->nmask_width != width)
             NODE_FAIL("width %d differs from the other NeuronMask nodes' %d", width, m->nmask_width);
         int layer;
-        char tail;
-        if (sscanf(mask->name, "ffn_mask.%d%c", &layer, &tail) != 1 || layer < 0) layer = m->n_nmask;
-        for (int j = 0; j < si; j++)
-            if (m->steps[j].op == OP_NEURON_MASK && m->steps[j].layer == layer)
-                NODE_FAIL("a second NeuronMask node for layer %d", layer);
+        if (op_layer(b, nd, si, OP_NEURON_MASK, mask->name, "ffn_mask.%d%c", m->n_nmask, &layer)) return -1;
         st->op = OP_NEURON_MASK;
         st->layer = layer;
         st->def_mask = (const float *)mask->data;
@@ -540,11 +549,7 @@ static int plan_node(builder *b, int ni, step *st) {
         if (add->dims[0] != width || abl->dims[1] != width || abl->dims[0] < 1)
             NODE_FAIL("add '%s' must be [%d] and ablate '%s' [R >= 1, %d]", add->name, width, abl->name, width);
         int layer;
-        char tail;
-        if (sscanf(add->name, "steer.%d.add%c", &layer, &tail) != 1 || layer < 0) layer = m->n_steer;
-        for (int j = 0; j < si; j++)
-            if (m->steps[j].op == OP_STEER && m->steps[j].layer == layer)
-                NODE_FAIL("a second Steer node for layer %d", layer);
+        if (op_layer(b, nd, si, OP_STEER, add->name, "steer.%d.add%c", m->n_steer, &layer)) return -1;
         st->op = OP_STEER;
         st->layer = layer;
         st->def_add = (const float *)add->data;

@@ -33,7 +33,7 @@ struct ea_session {
     /* per plan step (gate/up behind a NeuronMask): the kept rows of its weight, repacked when the
      * mask is set so a decode step runs the dense GEMV on them; its file-layout source bytes */
     ea_qweight *kept;
-    uint8_t **kept_src;     /* NULL once repacked (SIMD) */
+    uint8_t **kept_src;     /* the gathered rows; only their scales and zero points once repacked (SIMD) */
     int *has_kept;
     float *kept_y;          /* one row of kept outputs before the scatter */
 };

@@ -92,8 +92,9 @@ void ea_matmul_f16_neon(const float *x, int M, int K, const uint16_t *W, int N, 
  * Two rows' 16-byte pieces are adjacent so AVX2 reads them with one 32-byte
  * load. "Lane order" is the order in which a kernel's integer reduction
  * leaves the rows (ea_qpack_lane_row), so scales apply without shuffles. */
+static inline size_t ea_qpack_scale_size(int f16) { return f16 ? 2 : sizeof(float); }
 static inline size_t ea_qpack_zp_offset(const ea_qweight *w) {
-    return EA_QROWS * ((size_t)w->block_size * (size_t)w->bits / 8) + EA_QROWS * (w->packed_f16 ? 2 : sizeof(float));
+    return EA_QROWS * ((size_t)w->block_size * (size_t)w->bits / 8) + EA_QROWS * ea_qpack_scale_size(w->packed_f16);
 }
 static inline size_t ea_qpack_block_stride(const ea_qweight *w) {
     return ea_qpack_zp_offset(w) + (w->zero_points ? EA_QROWS : 0);

@@ -82,7 +82,7 @@ AVX2 static inline __attribute__((always_inline)) void group_rows(const uint8_t 
             }
         }
         const __m256 sw = ea_load8_scales(p + EA_QROWS * bpb, f16);
-        const __m256i zp = has_zp ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + EA_QROWS * bpb + (f16 ? 16 : 32))))
+        const __m256i zp = has_zp ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + EA_QROWS * (bpb + ea_qpack_scale_size(f16)))))
                                   : zp_sym;
         const __m256i corr = _mm256_sub_epi32(off, zp); /* idot = dot + (off - zp) * sumx */
         for (int t = 0; t < MT; t++) {

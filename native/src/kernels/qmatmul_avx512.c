@@ -72,7 +72,7 @@ AVX512 static inline __attribute__((always_inline)) void group_rows(const uint8_
             }
         }
         const __m256 sw = ea_load8_scales(p + EA_QROWS * bpb, f16);
-        const __m256i zp = has_zp ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + EA_QROWS * bpb + (f16 ? 16 : 32))))
+        const __m256i zp = has_zp ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + EA_QROWS * (bpb + ea_qpack_scale_size(f16)))))
                                   : zp_sym;
         const __m256i corr = _mm256_sub_epi32(_mm256_setzero_si256(), zp); /* idot = dot - zp * sumx */
         for (int t = 0; t < MT; t++) {

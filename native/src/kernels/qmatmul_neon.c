@@ -77,7 +77,7 @@ group_row(const uint8_t *gp, size_t stride, int nb, int has_zp, int f16, const e
             int32x4_t idot = vpaddq_s32(vpaddq_s32(d[4 * h], d[4 * h + 1]), vpaddq_s32(d[4 * h + 2], d[4 * h + 3]));
             int32x4_t zp;
             if (has_zp) {
-                const uint8_t *z = p + EA_QROWS * bpb + EA_QROWS * (f16 ? 2 : sizeof(float)) + 4 * h;
+                const uint8_t *z = p + EA_QROWS * (bpb + ea_qpack_scale_size(f16)) + 4 * h;
                 const int32_t zz[4] = {z[0], z[1], z[2], z[3]};
                 zp = vld1q_s32(zz);
             } else {
