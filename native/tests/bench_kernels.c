@@ -146,7 +146,7 @@ static void bench_sparse(int K, int N, int bs, double seconds, ea_pool *pool, ea
     const int nb = K / bs;
     const size_t dbytes = (size_t)N * nb * bs / 2, sbytes = sizeof(float) * (size_t)N * nb;
     const double wbytes = (double)(dbytes + sbytes);
-    const int copies = (int)((512u << 20) / wbytes) + 1;
+    const int copies = getenv("BENCH_HOT") ? 1 : (int)((512u << 20) / wbytes) + 1;
     uint8_t *data = malloc(dbytes);
     float *scales = malloc(sbytes), *x = malloc(sizeof(float) * K), *y = malloc(sizeof(float) * N);
     for (size_t i = 0; i < dbytes; i++) data[i] = (uint8_t)rnd();
@@ -154,8 +154,12 @@ static void bench_sparse(int K, int N, int bs, double seconds, ea_pool *pool, ea
     for (int i = 0; i < K; i++) x[i] = (float)(rnd() & 0xffff) / 65536.0f - 0.5f;
     ea_qweight *w = calloc((size_t)copies, sizeof *w);
     ea_qweight_cm *cm = calloc((size_t)copies, sizeof *cm);
+    /* asymmetric, as the converters write int4 by default */
+    const size_t zbytes = (size_t)N * ((nb + 1) / 2);
+    uint8_t *zp = getenv("BENCH_SYM") ? NULL : malloc(zbytes);
+    for (size_t i = 0; zp && i < zbytes; i++) zp[i] = (uint8_t)(0x77 + (rnd() % 3) * 0x11);
     for (int c = 0; c < copies; c++) {
-        ea_qweight_init(&w[c], isa, K, N, 4, bs, data, scales, NULL);
+        ea_qweight_init(&w[c], isa, K, N, 4, bs, data, scales, zp);
         ea_qweight_cm_init(&cm[c], isa, &w[c]);
     }
     ea_kctx ctx;
@@ -184,7 +188,7 @@ static void bench_sparse(int K, int N, int bs, double seconds, ea_pool *pool, ea
         ea_qweight_cm_release(&cm[c]);
     }
     ea_kctx_release(&ctx);
-    free(w); free(cm); free(idx); free(data); free(scales); free(x); free(y);
+    free(w); free(cm); free(idx); free(data); free(scales); free(zp); free(x); free(y);
 }
 
 int main(int argc, char **argv) {
@@ -204,7 +208,10 @@ int main(int argc, char **argv) {
         bench_gemv(4096, 11008, seconds, pools);
     }
     const ea_isa best = ea_isa_detect();
+    int sk = 0, sn = 0;
+    if (getenv("BENCH_SHAPE")) sscanf(getenv("BENCH_SHAPE"), "%d,%d", &sk, &sn);
     for (int p = 0; p < 2; p++) {
+        if (sk) { bench_sparse(sk, sn, bs, seconds, pools[p], best); continue; }
         bench_sparse(2048, 5632, bs, seconds, pools[p], best); /* gate/up shape */
         bench_sparse(5632, 2048, bs, seconds, pools[p], best); /* down shape */
     }

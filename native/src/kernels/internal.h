@@ -35,6 +35,9 @@ int ea_scales_exact_in_f16(const float *s, size_t n);
 
 /* Scratch from the ctx, grown on demand; NULL when out of memory. */
 void *ea_scratch(ea_kctx *ctx, size_t bytes);
+/* Zeroed, 64-byte aligned memory for a weight repack (huge pages where the
+ * OS offers them: isa.c); free() releases it. */
+void *ea_alloc_weights(size_t bytes);
 
 /* The quantized activations of M rows, laid out for the kernels. */
 typedef struct {
@@ -116,21 +119,21 @@ static inline int ea_qweight_zp(const ea_qweight *w, int n, int b) {
 }
 
 /* ---- sparse kernels ---- */
-/* Output rows per tile of the channel-major layout: 16 bytes of nibbles. */
-#define EA_CM_TILE 32
+/* Output rows per tile of the channel-major layout: 32 bytes of nibbles. */
+#define EA_CM_TILE 64
 
 /* Row (within its 32-row tile) whose result lands in lane `lane` after the
  * kernel widens its int16 accumulators (the nibbles of a channel are in
  * natural order: n even in the low nibble, n odd in the high one). */
 static inline int ea_cm_lane_n(ea_isa isa, int lane) {
     const int v = lane / 8, j = lane % 8;
-    if (isa == EA_ISA_AVX2) { /* vector v: tile bytes 0-3,8-11 (v < 2) or 4-7,12-15; low (v even) or high nibble */
-        const int byte = (v >= 2 ? 4 : 0) + (j < 4 ? j : j + 4);
+    if (isa == EA_ISA_AVX2) { /* vector v: tile bytes 4i..4i+3 and 16+4i.. (i = v/2); low (v even) or high nibble */
+        const int byte = 4 * (v / 2) + (j < 4 ? j : 12 + j);
         return 2 * byte + (v & 1);
     }
-    if (isa == EA_ISA_NEON || isa == EA_ISA_NEON_DOTPROD) { /* even 0..30 then odd 1..31 */
-        const int u = lane / 4, i = lane % 4;
-        return (u >= 4 ? 1 : 0) + (u % 4) * 8 + 2 * i;
+    if (isa == EA_ISA_NEON || isa == EA_ISA_NEON_DOTPROD) { /* per 32-row half: even 0..30 then odd 1..31 */
+        const int h = lane / 32, u = lane % 32 / 4, i = lane % 4;
+        return 32 * h + (u >= 4 ? 1 : 0) + (u % 4) * 8 + 2 * i;
     }
     return lane;
 }

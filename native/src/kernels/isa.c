@@ -2,6 +2,9 @@
 #define _GNU_SOURCE
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "internal.h"
 
@@ -95,6 +98,26 @@ void ea_kctx_release(ea_kctx *ctx) {
     free(ctx->scratch);
     ctx->scratch = NULL;
     ctx->scratch_cap = 0;
+}
+
+/* Weight repacks are read once per token from end to end: with 4 KiB pages
+ * the sparse kernels' jumps between channel rows miss the TLB on most rows,
+ * so repacks of 2 MiB or more ask for transparent huge pages (Linux, where
+ * THP is "madvise"). Only whole 2 MiB pages are advised, so the resident
+ * size stays the repack's size. EDGEACT_NO_HUGEPAGE turns it off. */
+void *ea_alloc_weights(size_t bytes) {
+    const size_t huge = (size_t)2 << 20;
+    void *p = NULL;
+    if (bytes >= huge && !getenv("EDGEACT_NO_HUGEPAGE")) {
+        if (posix_memalign(&p, huge, bytes)) return NULL;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+        madvise(p, bytes & ~(huge - 1), MADV_HUGEPAGE);
+#endif
+    } else if (posix_memalign(&p, 64, bytes ? bytes : 1)) {
+        return NULL;
+    }
+    memset(p, 0, bytes);
+    return p;
 }
 
 void *ea_scratch(ea_kctx *ctx, size_t bytes) {

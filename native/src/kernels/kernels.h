@@ -152,19 +152,17 @@ int ea_embed_f16(const ea_kctx *ctx, const uint16_t *table, int vocab, int dim,
  * move absmax and quantize to 0) and summed in the same order. */
 
 /* Active fraction of K above which ea_sparse_qgemv hands over to the dense
- * kernel. bench_kernels, int4 block 32, AVX2 quad kernel, quiet machine,
- * speed-up over dense at 30/50/70% active: 2048x5632 1.80/1.33/1.10x (2
- * threads), 2.23/1.69/1.41x (1 thread); 5632x2048 1.64/1.13/0.89x and
- * 1.79/1.30/1.03x. Sparse stops paying at about 60-70% active. With fp16
- * scales the dense kernel reads 10% less, and matrices with short
- * channel-major rows (N < EA_SPARSE_LONG_N, 1 KB at N = 2048) stop paying
- * near 50% (5632x2048 at 50% active, 2 threads: 0.88-0.96x, three runs),
- * so they hand over at EA_SPARSE_SHORT_CROSSOVER. */
-#define EA_SPARSE_DENSE_CROSSOVER 0.6f
-#define EA_SPARSE_SHORT_CROSSOVER 0.45f
+ * kernel. bench_kernels, int4 block 32, fp16 scales, AVX2 64-row tiles,
+ * repacks on huge pages, 2 threads, speed-up over dense at 30/50/60%
+ * active: 2048x5632 2.08/1.39/1.15x; 5632x2048 1.81/1.17/0.98x; 2048x2048
+ * 1.90/1.19/1.00x. Matrices with short channel-major rows (N <
+ * EA_SPARSE_LONG_N, 1 KB at N = 2048) stop paying near 60% active, long
+ * ones near 70%. */
+#define EA_SPARSE_DENSE_CROSSOVER 0.65f
+#define EA_SPARSE_SHORT_CROSSOVER 0.55f
 #define EA_SPARSE_LONG_N 4096
 /* Below this many outputs ea_sparse_qgemv runs the dense kernel (when given):
- * with a few 32-row tiles per thread the per-block work dominates (TinyLlama
+ * with a few 64-row tiles per thread the per-block work dominates (TinyLlama
  * k/v_proj, N=256, 2 threads, 50% active: 0.66 ms sparse vs 0.40 ms dense). */
 #define EA_SPARSE_MIN_N 512
 /* Fraction of output rows above which ea_qgemv_rows is slower than the

@@ -41,9 +41,8 @@ static int repack(ea_qweight *w) {
     const size_t stride = ea_qpack_block_stride(w), zoff = ea_qpack_zp_offset(w);
     const int groups = (w->N + EA_QROWS - 1) / EA_QROWS;
     const size_t bytes = (size_t)groups * (size_t)w->n_blocks * stride;
-    uint8_t *p = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    uint8_t *p = ea_alloc_weights(bytes);
     if (!p) return EA_KERR_NOMEM;
-    memset(p, 0, bytes);
     for (int g = 0; g < groups; g++) {
         for (int b = 0; b < w->n_blocks; b++) {
             uint8_t *blk = p + ((size_t)g * w->n_blocks + b) * stride;

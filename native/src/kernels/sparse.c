@@ -25,7 +25,7 @@ int ea_qweight_cm_init(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *w) {
     const size_t ssize = f16 ? sizeof(uint16_t) : sizeof(float);
     const size_t dbytes = kp * np / 2, sbytes = ssize * (size_t)nb * np;
     const size_t zbytes = w->zero_points ? (size_t)nb * np : 0;
-    uint8_t *data = calloc(dbytes, 1);
+    uint8_t *data = ea_alloc_weights(dbytes);
     uint8_t *scales = calloc((size_t)nb * np, ssize);
     uint8_t *zp = zbytes ? calloc(zbytes, 1) : NULL;
     if (!data || !scales || (zbytes && !zp)) {

@@ -23,14 +23,16 @@ static inline void widen(int32x4_t i32[8], int16x8_t acc16[4]) {
 void ea_sparse_tiles_neon(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
     const size_t cstride = (size_t)cm->n_pad / 2;
     float *accbuf = a->acc;
-    for (int t = t0; t < t1; t++)
-        for (int v = 0; v < 8; v++) vst1q_f32(accbuf + t * EA_CM_TILE + 4 * v, vdupq_n_f32(0.0f));
+    /* a 64-row tile is two 32-row halves (16 bytes of nibbles each) */
+    const int h0 = 2 * t0, h1 = 2 * t1, HALF = EA_CM_TILE / 2;
+    for (int t = h0; t < h1; t++)
+        for (int v = 0; v < 8; v++) vst1q_f32(accbuf + t * HALF + 4 * v, vdupq_n_f32(0.0f));
     for (int ab = 0; ab < a->n_blocks; ab++) {
         const int start = a->start[ab], end = a->start[ab + 1];
         const int32x4_t sumx = vdupq_n_s32(a->sumx[ab]);
         const float32x4_t sx = vdupq_n_f32(a->sx[ab]);
-        for (int t = t0; t < t1; t++) {
-            const uint8_t *base = cm->data + (size_t)t * EA_CM_TILE / 2;
+        for (int t = h0; t < h1; t++) {
+            const uint8_t *base = cm->data + (size_t)t * HALF / 2;
             int32x4_t i32[8];
             int16x8_t acc16[4]; /* even 0..14, even 16..30, odd 1..15, odd 17..31 */
             for (int v = 0; v < 8; v++) i32[v] = vdupq_n_s32(0);
@@ -51,7 +53,7 @@ void ea_sparse_tiles_neon(const ea_qweight_cm *cm, const ea_sparse_act *a, float
                 }
             }
             widen(i32, acc16);
-            const size_t sb = (size_t)a->blk[ab] * cm->n_pad + (size_t)t * EA_CM_TILE;
+            const size_t sb = (size_t)a->blk[ab] * cm->n_pad + (size_t)t * HALF;
             for (int v = 0; v < 8; v++) {
                 int32x4_t zp;
                 if (cm->zero_points) {
@@ -66,7 +68,7 @@ void ea_sparse_tiles_neon(const ea_qweight_cm *cm, const ea_sparse_act *a, float
                     ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)cm->scales + sb + 4 * v)))
                     : vld1q_f32((const float *)cm->scales + sb + 4 * v);
                 const float32x4_t s = vmulq_f32(sx, sw);
-                float *acc = accbuf + t * EA_CM_TILE + 4 * v;
+                float *acc = accbuf + t * HALF + 4 * v;
                 vst1q_f32(acc, vfmaq_f32(vld1q_f32(acc), s, vcvtq_f32_s32(idot)));
             }
         }
