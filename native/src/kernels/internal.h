@@ -119,6 +119,10 @@ static inline int ea_qweight_zp(const ea_qweight *w, int n, int b) {
 }
 
 /* ---- sparse kernels ---- */
+/* Quads of active channels the AVX2 kernel streams at once (sparse_avx2.c). */
+#ifndef EA_SPARSE_CHUNK_QUADS
+#define EA_SPARSE_CHUNK_QUADS 3
+#endif
 /* Output rows per tile of the channel-major layout: 32 bytes of nibbles. */
 #define EA_CM_TILE 64
 
@@ -148,6 +152,7 @@ typedef struct {
     int32_t *ch;    /* channel of each nonzero quantized entry */
     int8_t *q;      /* its value */
     float *acc;     /* [n_pad] per-row accumulators in lane order (threads own disjoint tiles) */
+    int32_t *dacc;  /* [n_pad] a block's integer sums between chunks (AVX2) */
     /* AVX2: the entries of each block in quads (the last padded with value 0) */
     int32_t *qstart; /* [n_blocks + 1] ranges into qoff / qx */
     size_t *qoff;    /* [4 per quad] byte offset of each channel's row */

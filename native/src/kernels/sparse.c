@@ -215,7 +215,7 @@ int ea_sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *den
         return rc;
     }
     const int nb = cm->n_blocks;
-    const size_t acc_bytes = sizeof(float) * (size_t)cm->n_pad;
+    const size_t acc_bytes = 2 * sizeof(float) * (size_t)cm->n_pad; /* acc, dacc */
     const size_t max_quads = (size_t)n_active / 4 + nb + 1;
     const size_t quad_bytes = max_quads * (4 * sizeof(size_t) + sizeof(int32_t)) + (size_t)(nb + 1) * sizeof(int32_t);
     const size_t need = acc_bytes + quad_bytes + (size_t)n_active * (sizeof(int32_t) + 1) +
@@ -224,6 +224,7 @@ int ea_sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *den
     if (!s) return EA_KERR_NOMEM;
     ea_sparse_act a;
     a.acc = (float *)s;
+    a.dacc = (int32_t *)(s + acc_bytes / 2);
     a.qoff = (size_t *)(s + acc_bytes); /* acc_bytes is a multiple of 128 */
     a.qx = (int32_t *)(a.qoff + 4 * max_quads);
     a.qstart = a.qx + max_quads;

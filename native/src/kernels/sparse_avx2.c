@@ -42,6 +42,7 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
     float *accbuf = a->acc;
     for (int t = t0; t < t1; t++)
         for (int v = 0; v < 8; v++) _mm256_storeu_ps(accbuf + t * EA_CM_TILE + 8 * v, _mm256_setzero_ps());
+    int32_t *dbuf = a->dacc;
     for (int ab = 0; ab < a->n_blocks; ab++) {
         const int q0 = a->qstart[ab], q1 = a->qstart[ab + 1];
         const int qn = ab + 1 < a->n_blocks ? a->qstart[ab + 2] : q1;
@@ -49,13 +50,22 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
         const __m256i nz = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sumx, 3)); /* -8 sumx */
         const __m256i nz16 = _mm256_slli_epi32(nz, HI_SHIFT);
         const __m256 sx = _mm256_set1_ps(a->sx[ab]);
+        /* a block's quads in chunks: the rows of one chunk stream together
+         * (a 128-channel block at 50% would otherwise be 64 rows at once) */
+        for (int c0 = q0;; c0 += EA_SPARSE_CHUNK_QUADS) {
+            const int c1 = c0 + EA_SPARSE_CHUNK_QUADS < q1 ? c0 + EA_SPARSE_CHUNK_QUADS : q1;
+            const int first = c0 == q0, last = c1 == q1;
+            /* the next chunk: the rest of this block, or the next block's first */
+            const int p0 = last ? q1 : c1;
+            const int p1 = last ? (q1 + EA_SPARSE_CHUNK_QUADS < qn ? q1 + EA_SPARSE_CHUNK_QUADS : qn)
+                                : (c1 + EA_SPARSE_CHUNK_QUADS < q1 ? c1 + EA_SPARSE_CHUNK_QUADS : q1);
         for (int t = t0; t < t1; t++) {
             const uint8_t *base = cm->data + (size_t)t * (EA_CM_TILE / 2);
-            /* once per cache line: the next block's rows at this tile (one block ahead) */
+            /* once per cache line: the next chunk's rows at this tile */
             if ((t & 1) == 0 || t == t0)
-                for (int q = q1; q < qn; q++)
+                for (int q = p0; q < p1; q++)
                     for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(base + a->qoff[4 * (size_t)q + c]), _MM_HINT_T0);
-            if (ab + 1 < a->n_blocks) { /* and its scales and zero points: a few KB per block, too short for the hardware */
+            if (last && ab + 1 < a->n_blocks) { /* and the next block's scales and zero points: a few KB per block, too short for the hardware */
                 const size_t nsb = (size_t)a->blk[ab + 1] * cm->n_pad + (size_t)t * EA_CM_TILE;
                 const char *ns = (const char *)cm->scales + nsb * ssize;
                 for (size_t off = 0; off < EA_CM_TILE * ssize; off += 64) _mm_prefetch(ns + off, _MM_HINT_T0);
@@ -65,8 +75,14 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
              * integers); odd rows take the high nibble in place (16x its value,
              * shifted back before the float step) */
             const size_t sb = (size_t)a->blk[ab] * cm->n_pad + (size_t)t * EA_CM_TILE;
+            int32_t *dt = dbuf + (size_t)t * EA_CM_TILE;
             __m256i d0 = nz, d1 = nz16, d2 = nz, d3 = nz16, d4 = nz, d5 = nz16, d6 = nz, d7 = nz16;
-            if (cm->zero_points) {
+            if (!first) {
+                d0 = _mm256_load_si256((const __m256i *)dt); d1 = _mm256_load_si256((const __m256i *)dt + 1);
+                d2 = _mm256_load_si256((const __m256i *)dt + 2); d3 = _mm256_load_si256((const __m256i *)dt + 3);
+                d4 = _mm256_load_si256((const __m256i *)dt + 4); d5 = _mm256_load_si256((const __m256i *)dt + 5);
+                d6 = _mm256_load_si256((const __m256i *)dt + 6); d7 = _mm256_load_si256((const __m256i *)dt + 7);
+            } else if (cm->zero_points) {
                 __m256i z[8];
                 for (int v = 0; v < 8; v++) {
                     const __m256i zs = _mm256_mullo_epi32(
@@ -75,7 +91,7 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
                 }
                 d0 = z[0]; d1 = z[1]; d2 = z[2]; d3 = z[3]; d4 = z[4]; d5 = z[5]; d6 = z[6]; d7 = z[7];
             }
-            for (int q = q0; q < q1; q++) {
+            for (int q = c0; q < c1; q++) {
                 const size_t *o = a->qoff + 4 * (size_t)q;
                 const __m256i p0 = _mm256_load_si256((const __m256i *)(base + o[0]));
                 const __m256i p1 = _mm256_load_si256((const __m256i *)(base + o[1]));
@@ -97,6 +113,13 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
                 d6 = dot_u8s8(d6, _mm256_and_si256(v, m4), x, VNNI);
                 d7 = dot_u8s8(d7, hi_nibbles(v, m4, VNNI), x, VNNI);
             }
+            if (!last) {
+                _mm256_store_si256((__m256i *)dt, d0); _mm256_store_si256((__m256i *)dt + 1, d1);
+                _mm256_store_si256((__m256i *)dt + 2, d2); _mm256_store_si256((__m256i *)dt + 3, d3);
+                _mm256_store_si256((__m256i *)dt + 4, d4); _mm256_store_si256((__m256i *)dt + 5, d5);
+                _mm256_store_si256((__m256i *)dt + 6, d6); _mm256_store_si256((__m256i *)dt + 7, d7);
+                continue;
+            }
             __m256i d[8];
             d[0] = d0; d[1] = _mm256_srai_epi32(d1, HI_SHIFT); d[2] = d2; d[3] = _mm256_srai_epi32(d3, HI_SHIFT);
             d[4] = d4; d[5] = _mm256_srai_epi32(d5, HI_SHIFT); d[6] = d6; d[7] = _mm256_srai_epi32(d7, HI_SHIFT);
@@ -105,6 +128,8 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
                 float *acc = accbuf + t * EA_CM_TILE + 8 * v;
                 _mm256_storeu_ps(acc, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(d[v]), _mm256_loadu_ps(acc)));
             }
+        }
+            if (last) break;
         }
     }
     for (int t = t0; t < t1; t++)
