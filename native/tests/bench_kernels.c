@@ -9,7 +9,10 @@
  * crossover behind EA_SPARSE_DENSE_CROSSOVER).
  *
  *   bench_kernels [seconds_per_case] [sparse|all] [block]
- *   (defaults 0.5 all 32; "sparse" skips the dense GEMV part; block applies to the sparse part) */
+ *   (defaults 0.5 all 32; "sparse" skips the dense GEMV part; block applies to the sparse part)
+ *   BENCH_SHAPE=K,N   the sparse part on that one shape instead of the FFN shapes
+ *   BENCH_HOT=1       one matrix instead of enough to exceed the cache: compute, not memory
+ *   BENCH_SYM=1       no zero points (the converters write them by default) */
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>

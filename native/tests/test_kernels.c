@@ -305,7 +305,9 @@ static void test_sparse_case(ea_isa isa, ea_pool *pool, int K, int N, int bs, in
 
 static void test_sparse(ea_isa isa, ea_pool *pool) {
     static const double fracs[] = {0.0, 0.05, 0.3, 0.7, 1.0};
-    static const int shapes[][4] = {{100, 37, 32, 1}, {256, 64, 32, 0}, {300, 70, 64, 1}, {520, 45, 128, 0}, {1030, 100, 32, 1}};
+    /* N = 300 and 330: five and six 64-row tiles, so threads get tile pairs and an odd last tile */
+    static const int shapes[][4] = {{100, 37, 32, 1}, {256, 64, 32, 0}, {300, 70, 64, 1}, {520, 45, 128, 0}, {1030, 100, 32, 1},
+                                    {128, 300, 32, 1}, {200, 330, 128, 0}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (size_t f = 0; f < sizeof fracs / sizeof fracs[0]; f++)
             test_sparse_case(isa, pool, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], fracs[f], 0,

@@ -169,6 +169,8 @@ void ea_rows_scalar(const ea_qweight *w, const ea_qact *a, const int32_t *rows, 
 #if EA_X86
 int ea_avx2_vnni(void); /* AVX-VNNI present and not disabled by EDGEACT_NO_VNNI */
 void ea_sparse_tiles_avx2(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
+/* AVX-512 VNNI on tile pairs (t1 - t0 even), same layout and results */
+void ea_sparse_tiles_avx512(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
 void ea_rows_avx2(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y);
 #endif
 #if EA_ARM64

@@ -179,7 +179,11 @@ typedef struct {
 static void sparse_task(void *arg, int task, int thread) {
     (void)thread;
     const sjob *j = arg;
-    const int t0 = (int)((long)j->tiles * task / j->n_tasks), t1 = (int)((long)j->tiles * (task + 1) / j->n_tasks);
+    /* even tile boundaries: the AVX-512 kernel works on tile pairs */
+    const int pairs = (j->tiles + 1) / 2;
+    const int t0 = 2 * (int)((long)pairs * task / j->n_tasks);
+    int t1 = 2 * (int)((long)pairs * (task + 1) / j->n_tasks);
+    if (t1 > j->tiles) t1 = j->tiles;
     if (t0 >= t1) return;
     switch (j->ctx->isa) {
 #if EA_X86
@@ -238,7 +242,7 @@ int ea_sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *den
     if (isa == EA_ISA_AVX2) make_quads(&a, (size_t)cm->n_pad / 2, &a);
     const int tiles = cm->n_pad / EA_CM_TILE;
     int n_tasks = ea_pool_size(ctx->pool);
-    if (n_tasks > tiles) n_tasks = tiles;
+    if (n_tasks > (tiles + 1) / 2) n_tasks = (tiles + 1) / 2;
     sjob j = {ctx, cm, &a, y, tiles, n_tasks};
     ea_pool_run(ctx->pool, sparse_task, &j, n_tasks);
     return EA_KOK;

@@ -147,6 +147,12 @@ AVX2 static void sparse_tiles_plain(const ea_qweight_cm *cm, const ea_sparse_act
 }
 
 void ea_sparse_tiles_avx2(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
+    if (ea_have_avx512_vnni()) { /* pairs of tiles there; an odd last tile here */
+        const int t2 = t0 + ((t1 - t0) & ~1);
+        if (t2 > t0) ea_sparse_tiles_avx512(cm, a, y, t0, t2);
+        t0 = t2;
+        if (t0 == t1) return;
+    }
     if (ea_avx2_vnni()) sparse_tiles_vnni(cm, a, y, t0, t1);
     else sparse_tiles_plain(cm, a, y, t0, t1);
 }
