@@ -123,6 +123,22 @@ static inline int ea_qweight_zp(const ea_qweight *w, int n, int b) {
 #ifndef EA_SPARSE_CHUNK_QUADS
 #define EA_SPARSE_CHUNK_QUADS 3
 #endif
+/* A block's quads [q0, q1) go in chunks whose rows stream together (a
+ * 128-channel block at 50% would otherwise be 64 rows at once); qn ends the
+ * next block's quads. The chunk from c0 ends at c1; [p0, p1) is the chunk
+ * after it to prefetch: the rest of this block, or the next block's first. */
+typedef struct { int c1, first, last, p0, p1; } ea_sparse_chunk;
+static inline ea_sparse_chunk ea_sparse_chunk_at(int q0, int q1, int qn, int c0) {
+    ea_sparse_chunk c;
+    c.c1 = c0 + EA_SPARSE_CHUNK_QUADS < q1 ? c0 + EA_SPARSE_CHUNK_QUADS : q1;
+    c.first = c0 == q0;
+    c.last = c.c1 == q1;
+    c.p0 = c.c1;
+    const int end = c.last ? qn : q1;
+    c.p1 = c.p0 + EA_SPARSE_CHUNK_QUADS < end ? c.p0 + EA_SPARSE_CHUNK_QUADS : end;
+    return c;
+}
+
 /* Output rows per tile of the channel-major layout: 32 bytes of nibbles. */
 #define EA_CM_TILE 64
 

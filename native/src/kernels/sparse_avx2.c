@@ -50,15 +50,9 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
         const __m256i nz = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sumx, 3)); /* -8 sumx */
         const __m256i nz16 = _mm256_slli_epi32(nz, HI_SHIFT);
         const __m256 sx = _mm256_set1_ps(a->sx[ab]);
-        /* a block's quads in chunks: the rows of one chunk stream together
-         * (a 128-channel block at 50% would otherwise be 64 rows at once) */
         for (int c0 = q0;; c0 += EA_SPARSE_CHUNK_QUADS) {
-            const int c1 = c0 + EA_SPARSE_CHUNK_QUADS < q1 ? c0 + EA_SPARSE_CHUNK_QUADS : q1;
-            const int first = c0 == q0, last = c1 == q1;
-            /* the next chunk: the rest of this block, or the next block's first */
-            const int p0 = last ? q1 : c1;
-            const int p1 = last ? (q1 + EA_SPARSE_CHUNK_QUADS < qn ? q1 + EA_SPARSE_CHUNK_QUADS : qn)
-                                : (c1 + EA_SPARSE_CHUNK_QUADS < q1 ? c1 + EA_SPARSE_CHUNK_QUADS : q1);
+            const ea_sparse_chunk ch = ea_sparse_chunk_at(q0, q1, qn, c0);
+            const int c1 = ch.c1, first = ch.first, last = ch.last, p0 = ch.p0, p1 = ch.p1;
         for (int t = t0; t < t1; t++) {
             const uint8_t *base = cm->data + (size_t)t * (EA_CM_TILE / 2);
             /* once per cache line: the next chunk's rows at this tile */

@@ -45,11 +45,8 @@ AVX512 static void sparse_pairs(const ea_qweight_cm *cm, const ea_sparse_act *a,
         const __m512i nz16 = _mm512_slli_epi32(nz, 4);
         const __m512 sx = _mm512_set1_ps(a->sx[ab]);
         for (int c0 = q0;; c0 += EA_SPARSE_CHUNK_QUADS) {
-            const int c1 = c0 + EA_SPARSE_CHUNK_QUADS < q1 ? c0 + EA_SPARSE_CHUNK_QUADS : q1;
-            const int first = c0 == q0, last = c1 == q1;
-            const int p0 = last ? q1 : c1;
-            const int p1 = last ? (q1 + EA_SPARSE_CHUNK_QUADS < qn ? q1 + EA_SPARSE_CHUNK_QUADS : qn)
-                                : (c1 + EA_SPARSE_CHUNK_QUADS < q1 ? c1 + EA_SPARSE_CHUNK_QUADS : q1);
+            const ea_sparse_chunk ch = ea_sparse_chunk_at(q0, q1, qn, c0);
+            const int c1 = ch.c1, first = ch.first, last = ch.last, p0 = ch.p0, p1 = ch.p1;
             for (int t = t0; t < t1; t += 2) {
                 const uint8_t *base = cm->data + (size_t)t * (EA_CM_TILE / 2);
                 for (int q = p0; q < p1; q++) /* the next chunk's line at this pair */
