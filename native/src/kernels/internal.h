@@ -168,7 +168,7 @@ typedef struct {
     int32_t *ch;    /* channel of each nonzero quantized entry */
     int8_t *q;      /* its value */
     float *acc;     /* [n_pad] per-row accumulators in lane order (threads own disjoint tiles) */
-    int32_t *dacc;  /* [n_pad] a block's integer sums between chunks (AVX2) */
+    int32_t *dacc;  /* [n_pad] a block's integer sums between chunks (AVX2, AVX-512) */
     /* AVX2: the entries of each block in quads (the last padded with value 0) */
     int32_t *qstart; /* [n_blocks + 1] ranges into qoff / qx */
     size_t *qoff;    /* [4 per quad] byte offset of each channel's row */
