@@ -161,7 +161,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
              * 2 MiB (the largest folio) around the row, clipped to the table. */
             const size_t es = st->table_f16 ? 2 : 4, row = (size_t)st->N * es, tbytes = (size_t)st->vocab * row;
             const uintptr_t t0 = (uintptr_t)st->table, t1 = t0 + tbytes, win = (uintptr_t)2 << 20;
-            for (int r = 0; r < S && !rc; r++) {
+            for (int r = 0; r < S; r++) {
                 rc = st->table_f16 ? ea_embed_f16(ctx, st->table, st->vocab, st->N, ss->ids + r, 1, y + (size_t)r * st->N)
                                    : ea_embed_f32(ctx, st->table, st->vocab, st->N, ss->ids + r, 1, y + (size_t)r * st->N);
                 if (rc) break;

@@ -9,6 +9,7 @@
 #endif
 #if defined(__aarch64__)
 #define EA_ARM64 1
+#include <arm_neon.h>
 /* gcc 12's arm_neon.h wraps vdotq_s32 in arch=armv8.2-a+dotprod and rejects
  * inlining it into a plain "+dotprod" function; clang spells it "dotprod". */
 #if defined(__clang__)
@@ -96,6 +97,12 @@ void ea_matmul_f16_neon(const float *x, int M, int K, const uint16_t *W, int N, 
  * load. "Lane order" is the order in which a kernel's integer reduction
  * leaves the rows (ea_qpack_lane_row), so scales apply without shuffles. */
 static inline size_t ea_qpack_scale_size(int f16) { return f16 ? 2 : sizeof(float); }
+#if EA_ARM64
+/* Four scales stored as fp32, or as fp16 when f16 (exact either way); ea_load8_scales on AVX2. */
+static inline float32x4_t ea_load4_scales(const uint8_t *p, int f16) {
+    return f16 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)p))) : vld1q_f32((const float *)p);
+}
+#endif
 static inline size_t ea_qpack_zp_offset(const ea_qweight *w) {
     return EA_QROWS * ((size_t)w->block_size * (size_t)w->bits / 8) + EA_QROWS * ea_qpack_scale_size(w->packed_f16);
 }
@@ -119,10 +126,8 @@ static inline int ea_qweight_zp(const ea_qweight *w, int n, int b) {
 }
 
 /* ---- sparse kernels ---- */
-/* Quads of active channels the AVX2 kernel streams at once (sparse_avx2.c). */
-#ifndef EA_SPARSE_CHUNK_QUADS
+/* Quads of active channels the AVX2 and AVX-512 kernels stream at once. */
 #define EA_SPARSE_CHUNK_QUADS 3
-#endif
 /* A block's quads [q0, q1) go in chunks whose rows stream together (a
  * 128-channel block at 50% would otherwise be 64 rows at once); qn ends the
  * next block's quads. The chunk from c0 ends at c1; [p0, p1) is the chunk
@@ -142,7 +147,7 @@ static inline ea_sparse_chunk ea_sparse_chunk_at(int q0, int q1, int qn, int c0)
 /* Output rows per tile of the channel-major layout: 32 bytes of nibbles. */
 #define EA_CM_TILE 64
 
-/* Row (within its 32-row tile) whose result lands in lane `lane` after the
+/* Row (within its 64-row tile) whose result lands in lane `lane` after the
  * kernel widens its int16 accumulators (the nibbles of a channel are in
  * natural order: n even in the low nibble, n odd in the high one). */
 static inline int ea_cm_lane_n(ea_isa isa, int lane) {
@@ -169,7 +174,7 @@ typedef struct {
     int8_t *q;      /* its value */
     float *acc;     /* [n_pad] per-row accumulators in lane order (threads own disjoint tiles) */
     int32_t *dacc;  /* [n_pad] a block's integer sums between chunks (AVX2, AVX-512) */
-    /* AVX2: the entries of each block in quads (the last padded with value 0) */
+    /* AVX2, AVX-512: the entries of each block in quads (the last padded with value 0) */
     int32_t *qstart; /* [n_blocks + 1] ranges into qoff / qx */
     size_t *qoff;    /* [4 per quad] byte offset of each channel's row */
     int32_t *qx;     /* [per quad] the four int8 values, first channel in the low byte */

@@ -84,8 +84,7 @@ group_row(const uint8_t *gp, size_t stride, int nb, int has_zp, int f16, const e
                 zp = vdupq_n_s32(BITS == 4 ? 8 : 128);
             }
             idot = vmlaq_s32(idot, vsubq_s32(off, zp), sumx); /* + (off - zp) * sumx */
-            const float32x4_t s = vmulq_f32(sx, f16 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)sw + 4 * h)))
-                                                    : vld1q_f32((const float *)sw + 4 * h));
+            const float32x4_t s = vmulq_f32(sx, ea_load4_scales(sw + 4 * h * ea_qpack_scale_size(f16), f16));
             acc[h] = vfmaq_f32(acc[h], s, vcvtq_f32_s32(idot));
         }
     }

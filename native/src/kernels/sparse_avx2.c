@@ -53,76 +53,75 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
         for (int c0 = q0;; c0 += EA_SPARSE_CHUNK_QUADS) {
             const ea_sparse_chunk ch = ea_sparse_chunk_at(q0, q1, qn, c0);
             const int c1 = ch.c1, first = ch.first, last = ch.last, p0 = ch.p0, p1 = ch.p1;
-        for (int t = t0; t < t1; t++) {
-            const uint8_t *base = cm->data + (size_t)t * (EA_CM_TILE / 2);
-            /* once per cache line: the next chunk's rows at this tile */
-            if ((t & 1) == 0 || t == t0)
-                for (int q = p0; q < p1; q++)
-                    for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(base + a->qoff[4 * (size_t)q + c]), _MM_HINT_T0);
-            if (last && ab + 1 < a->n_blocks) { /* and the next block's scales and zero points: a few KB per block, too short for the hardware */
-                const size_t nsb = (size_t)a->blk[ab + 1] * cm->n_pad + (size_t)t * EA_CM_TILE;
-                const char *ns = (const char *)cm->scales + nsb * ssize;
-                for (size_t off = 0; off < EA_CM_TILE * ssize; off += 64) _mm_prefetch(ns + off, _MM_HINT_T0);
-                if (cm->zero_points) _mm_prefetch((const char *)(cm->zero_points + nsb), _MM_HINT_T0);
-            }
-            /* accumulators start at -zp*sumx (the zero-point term, exact in
-             * integers); odd rows take the high nibble in place (16x its value,
-             * shifted back before the float step) */
-            const size_t sb = (size_t)a->blk[ab] * cm->n_pad + (size_t)t * EA_CM_TILE;
-            int32_t *dt = dbuf + (size_t)t * EA_CM_TILE;
-            __m256i d0 = nz, d1 = nz16, d2 = nz, d3 = nz16, d4 = nz, d5 = nz16, d6 = nz, d7 = nz16;
-            if (!first) {
-                d0 = _mm256_load_si256((const __m256i *)dt); d1 = _mm256_load_si256((const __m256i *)dt + 1);
-                d2 = _mm256_load_si256((const __m256i *)dt + 2); d3 = _mm256_load_si256((const __m256i *)dt + 3);
-                d4 = _mm256_load_si256((const __m256i *)dt + 4); d5 = _mm256_load_si256((const __m256i *)dt + 5);
-                d6 = _mm256_load_si256((const __m256i *)dt + 6); d7 = _mm256_load_si256((const __m256i *)dt + 7);
-            } else if (cm->zero_points) {
-                __m256i z[8];
-                for (int v = 0; v < 8; v++) {
-                    const __m256i zs = _mm256_mullo_epi32(
-                        _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cm->zero_points + sb + 8 * v))), sumx);
-                    z[v] = _mm256_sub_epi32(_mm256_setzero_si256(), (v & 1) ? _mm256_slli_epi32(zs, HI_SHIFT) : zs);
+            for (int t = t0; t < t1; t++) {
+                const uint8_t *base = cm->data + (size_t)t * (EA_CM_TILE / 2);
+                /* once per cache line: the next chunk's rows at this tile */
+                if ((t & 1) == 0 || t == t0)
+                    for (int q = p0; q < p1; q++)
+                        for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(base + a->qoff[4 * (size_t)q + c]), _MM_HINT_T0);
+                if (last && ab + 1 < a->n_blocks) { /* and the next block's scales and zero points: a few KB per block, too short for the hardware */
+                    const size_t nsb = (size_t)a->blk[ab + 1] * cm->n_pad + (size_t)t * EA_CM_TILE;
+                    const char *ns = (const char *)cm->scales + nsb * ssize;
+                    for (size_t off = 0; off < EA_CM_TILE * ssize; off += 64) _mm_prefetch(ns + off, _MM_HINT_T0);
+                    if (cm->zero_points) _mm_prefetch((const char *)(cm->zero_points + nsb), _MM_HINT_T0);
                 }
-                d0 = z[0]; d1 = z[1]; d2 = z[2]; d3 = z[3]; d4 = z[4]; d5 = z[5]; d6 = z[6]; d7 = z[7];
+                /* accumulators start at -zp*sumx (the zero-point term, exact in
+                 * integers); odd rows take the high nibble in place (16x its value,
+                 * shifted back before the float step) */
+                const size_t sb = (size_t)a->blk[ab] * cm->n_pad + (size_t)t * EA_CM_TILE;
+                int32_t *dt = dbuf + (size_t)t * EA_CM_TILE;
+                __m256i d0 = nz, d1 = nz16, d2 = nz, d3 = nz16, d4 = nz, d5 = nz16, d6 = nz, d7 = nz16;
+                if (!first) {
+                    d0 = _mm256_load_si256((const __m256i *)dt); d1 = _mm256_load_si256((const __m256i *)dt + 1);
+                    d2 = _mm256_load_si256((const __m256i *)dt + 2); d3 = _mm256_load_si256((const __m256i *)dt + 3);
+                    d4 = _mm256_load_si256((const __m256i *)dt + 4); d5 = _mm256_load_si256((const __m256i *)dt + 5);
+                    d6 = _mm256_load_si256((const __m256i *)dt + 6); d7 = _mm256_load_si256((const __m256i *)dt + 7);
+                } else if (cm->zero_points) {
+                    __m256i z[8];
+                    for (int v = 0; v < 8; v++) {
+                        const __m256i zs = _mm256_mullo_epi32(
+                            _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cm->zero_points + sb + 8 * v))), sumx);
+                        z[v] = _mm256_sub_epi32(_mm256_setzero_si256(), (v & 1) ? _mm256_slli_epi32(zs, HI_SHIFT) : zs);
+                    }
+                    d0 = z[0]; d1 = z[1]; d2 = z[2]; d3 = z[3]; d4 = z[4]; d5 = z[5]; d6 = z[6]; d7 = z[7];
+                }
+                for (int q = c0; q < c1; q++) {
+                    const size_t *o = a->qoff + 4 * (size_t)q;
+                    const __m256i p0 = _mm256_load_si256((const __m256i *)(base + o[0]));
+                    const __m256i p1 = _mm256_load_si256((const __m256i *)(base + o[1]));
+                    const __m256i p2 = _mm256_load_si256((const __m256i *)(base + o[2]));
+                    const __m256i p3 = _mm256_load_si256((const __m256i *)(base + o[3]));
+                    const __m256i u0 = _mm256_unpacklo_epi8(p0, p1), u1 = _mm256_unpackhi_epi8(p0, p1);
+                    const __m256i u2 = _mm256_unpacklo_epi8(p2, p3), u3 = _mm256_unpackhi_epi8(p2, p3);
+                    const __m256i x = _mm256_set1_epi32(a->qx[q]);
+                    __m256i v = _mm256_unpacklo_epi16(u0, u2);
+                    d0 = dot_u8s8(d0, _mm256_and_si256(v, m4), x, VNNI);
+                    d1 = dot_u8s8(d1, hi_nibbles(v, m4, VNNI), x, VNNI);
+                    v = _mm256_unpackhi_epi16(u0, u2);
+                    d2 = dot_u8s8(d2, _mm256_and_si256(v, m4), x, VNNI);
+                    d3 = dot_u8s8(d3, hi_nibbles(v, m4, VNNI), x, VNNI);
+                    v = _mm256_unpacklo_epi16(u1, u3);
+                    d4 = dot_u8s8(d4, _mm256_and_si256(v, m4), x, VNNI);
+                    d5 = dot_u8s8(d5, hi_nibbles(v, m4, VNNI), x, VNNI);
+                    v = _mm256_unpackhi_epi16(u1, u3);
+                    d6 = dot_u8s8(d6, _mm256_and_si256(v, m4), x, VNNI);
+                    d7 = dot_u8s8(d7, hi_nibbles(v, m4, VNNI), x, VNNI);
+                }
+                if (!last) {
+                    _mm256_store_si256((__m256i *)dt, d0); _mm256_store_si256((__m256i *)dt + 1, d1);
+                    _mm256_store_si256((__m256i *)dt + 2, d2); _mm256_store_si256((__m256i *)dt + 3, d3);
+                    _mm256_store_si256((__m256i *)dt + 4, d4); _mm256_store_si256((__m256i *)dt + 5, d5);
+                    _mm256_store_si256((__m256i *)dt + 6, d6); _mm256_store_si256((__m256i *)dt + 7, d7);
+                    continue;
+                }
+                const __m256i d[8] = {d0, _mm256_srai_epi32(d1, HI_SHIFT), d2, _mm256_srai_epi32(d3, HI_SHIFT),
+                                      d4, _mm256_srai_epi32(d5, HI_SHIFT), d6, _mm256_srai_epi32(d7, HI_SHIFT)};
+                for (int v = 0; v < 8; v++) {
+                    const __m256 s = _mm256_mul_ps(sx, ea_load8_scales((const uint8_t *)cm->scales + (sb + 8 * v) * ssize, f16));
+                    float *acc = accbuf + t * EA_CM_TILE + 8 * v;
+                    _mm256_storeu_ps(acc, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(d[v]), _mm256_loadu_ps(acc)));
+                }
             }
-            for (int q = c0; q < c1; q++) {
-                const size_t *o = a->qoff + 4 * (size_t)q;
-                const __m256i p0 = _mm256_load_si256((const __m256i *)(base + o[0]));
-                const __m256i p1 = _mm256_load_si256((const __m256i *)(base + o[1]));
-                const __m256i p2 = _mm256_load_si256((const __m256i *)(base + o[2]));
-                const __m256i p3 = _mm256_load_si256((const __m256i *)(base + o[3]));
-                const __m256i u0 = _mm256_unpacklo_epi8(p0, p1), u1 = _mm256_unpackhi_epi8(p0, p1);
-                const __m256i u2 = _mm256_unpacklo_epi8(p2, p3), u3 = _mm256_unpackhi_epi8(p2, p3);
-                const __m256i x = _mm256_set1_epi32(a->qx[q]);
-                __m256i v = _mm256_unpacklo_epi16(u0, u2);
-                d0 = dot_u8s8(d0, _mm256_and_si256(v, m4), x, VNNI);
-                d1 = dot_u8s8(d1, hi_nibbles(v, m4, VNNI), x, VNNI);
-                v = _mm256_unpackhi_epi16(u0, u2);
-                d2 = dot_u8s8(d2, _mm256_and_si256(v, m4), x, VNNI);
-                d3 = dot_u8s8(d3, hi_nibbles(v, m4, VNNI), x, VNNI);
-                v = _mm256_unpacklo_epi16(u1, u3);
-                d4 = dot_u8s8(d4, _mm256_and_si256(v, m4), x, VNNI);
-                d5 = dot_u8s8(d5, hi_nibbles(v, m4, VNNI), x, VNNI);
-                v = _mm256_unpackhi_epi16(u1, u3);
-                d6 = dot_u8s8(d6, _mm256_and_si256(v, m4), x, VNNI);
-                d7 = dot_u8s8(d7, hi_nibbles(v, m4, VNNI), x, VNNI);
-            }
-            if (!last) {
-                _mm256_store_si256((__m256i *)dt, d0); _mm256_store_si256((__m256i *)dt + 1, d1);
-                _mm256_store_si256((__m256i *)dt + 2, d2); _mm256_store_si256((__m256i *)dt + 3, d3);
-                _mm256_store_si256((__m256i *)dt + 4, d4); _mm256_store_si256((__m256i *)dt + 5, d5);
-                _mm256_store_si256((__m256i *)dt + 6, d6); _mm256_store_si256((__m256i *)dt + 7, d7);
-                continue;
-            }
-            __m256i d[8];
-            d[0] = d0; d[1] = _mm256_srai_epi32(d1, HI_SHIFT); d[2] = d2; d[3] = _mm256_srai_epi32(d3, HI_SHIFT);
-            d[4] = d4; d[5] = _mm256_srai_epi32(d5, HI_SHIFT); d[6] = d6; d[7] = _mm256_srai_epi32(d7, HI_SHIFT);
-            for (int v = 0; v < 8; v++) {
-                const __m256 s = _mm256_mul_ps(sx, ea_load8_scales((const uint8_t *)cm->scales + (sb + 8 * v) * ssize, f16));
-                float *acc = accbuf + t * EA_CM_TILE + 8 * v;
-                _mm256_storeu_ps(acc, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(d[v]), _mm256_loadu_ps(acc)));
-            }
-        }
             if (last) break;
         }
     }

@@ -64,10 +64,9 @@ void ea_sparse_tiles_neon(const ea_qweight_cm *cm, const ea_sparse_act *a, float
                     zp = vdupq_n_s32(8);
                 }
                 const int32x4_t idot = vmlsq_s32(i32[v], zp, sumx);
-                const float32x4_t sw = cm->scales_f16
-                    ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)cm->scales + sb + 4 * v)))
-                    : vld1q_f32((const float *)cm->scales + sb + 4 * v);
-                const float32x4_t s = vmulq_f32(sx, sw);
+                const float32x4_t s = vmulq_f32(
+                    sx, ea_load4_scales((const uint8_t *)cm->scales + (sb + 4 * v) * ea_qpack_scale_size(cm->scales_f16),
+                                        cm->scales_f16));
                 float *acc = accbuf + t * HALF + 4 * v;
                 vst1q_f32(acc, vfmaq_f32(vld1q_f32(acc), s, vcvtq_f32_s32(idot)));
             }
