@@ -101,6 +101,24 @@ def test_native_matches_onnxruntime(folders, tiny, method):
 
 
 @pytest.mark.skipif(not native_available(), reason="native runtime not built")
+@pytest.mark.parametrize("method", METHODS)
+def test_sparse_kernels_equal_the_dense_fallback_bit_for_bit(folders, tiny, method, monkeypatch):
+    # The tiny model's widths sit below the sparse kernel's minimum, so decode runs the dense kernel
+    # on the masked input; EDGEACT_SPARSE_ALWAYS forces the input-sparse GEMV (q/k/v and gate/up
+    # stacked into one where they share a Sparsify), whose results must be the same bits.
+    _, ids = tiny
+
+    def decode():
+        eng = edgeact.load(folders[method], engine="native").engine
+        eng.forward(ids[:10])
+        return np.concatenate([eng.forward(ids[i:i + 1]) for i in range(10, 40)])
+
+    ref = decode()
+    monkeypatch.setenv("EDGEACT_SPARSE_ALWAYS", "1")
+    assert np.array_equal(decode(), ref)
+
+
+@pytest.mark.skipif(not native_available(), reason="native runtime not built")
 def test_native_reports_realized_sparsity(folders, tiny):
     _, ids = tiny
     eng = edgeact.load(folders["teal"], engine="native").engine

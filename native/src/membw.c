@@ -14,14 +14,21 @@
 #define EA_MEMBW_X86 1
 #endif
 
+#define EA_MEMBW_PREFETCH 4096 /* bytes, the kernels' distance (EA_QPREFETCH) */
+
 typedef struct { const uint64_t *buf; size_t n; int tasks; uint64_t out[256]; } read_job;
 
 #ifdef EA_MEMBW_X86
-/* 256-bit loads, four accumulators: the loop is bound by memory, not by issue. */
+/* 256-bit loads, four accumulators: the loop is bound by memory, not by issue.
+ * Software prefetch 4 KB ahead, as the kernels do: without it two cores keep
+ * too few lines in flight and the probe read 22-26 GB/s on a machine where
+ * prefetched streams (and the int4 GEMV) reach 30 and more. */
 __attribute__((target("avx2"))) static uint64_t sum_avx2(const uint64_t *p, size_t n) {
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
     size_t i = 0;
     for (; i + 16 <= n; i += 16) {
+        _mm_prefetch((const char *)(p + i) + EA_MEMBW_PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + i) + EA_MEMBW_PREFETCH + 64, _MM_HINT_T0);
         a0 = _mm256_add_epi64(a0, _mm256_loadu_si256((const __m256i *)(p + i)));
         a1 = _mm256_add_epi64(a1, _mm256_loadu_si256((const __m256i *)(p + i + 4)));
         a2 = _mm256_add_epi64(a2, _mm256_loadu_si256((const __m256i *)(p + i + 8)));
@@ -39,7 +46,10 @@ static uint64_t sum_plain(const uint64_t *p, size_t n) {
     /* Four independent sums keep several loads in flight (NEON: the compiler vectorizes this). */
     uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     size_t i = 0;
-    for (; i + 4 <= n; i += 4) { s0 += p[i]; s1 += p[i + 1]; s2 += p[i + 2]; s3 += p[i + 3]; }
+    for (; i + 4 <= n; i += 4) {
+        if ((i & 7) == 0) __builtin_prefetch((const char *)(p + i) + EA_MEMBW_PREFETCH, 0, 3);
+        s0 += p[i]; s1 += p[i + 1]; s2 += p[i + 2]; s3 += p[i + 3];
+    }
     for (; i < n; i++) s0 += p[i];
     return s0 + s1 + s2 + s3;
 }

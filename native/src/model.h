@@ -41,6 +41,15 @@ typedef enum {
     OP_MUL, OP_SIGMOID, OP_SILU_MUL, OP_STEER, OP_SPARSIFY, OP_NEURON_MASK, OP_NOP
 } op_kind;
 
+/* Sibling int4 matmuls reading one Sparsify output (q/k/v, gate/up): one channel-major copy
+ * stacked along N, so a decode step quantizes the active input once, wakes the pool once, and
+ * k/v (too narrow alone to pay) ride along with q. Member i's outputs are rows off[i].. of it. */
+#define EA_FUSE_MAX 4
+typedef struct fused_gemv {
+    ea_qweight_cm cm;
+    int n, step[EA_FUSE_MAX], off[EA_FUSE_MAX];
+} fused_gemv;
+
 typedef struct step {
     op_kind op;
     int node;             /* index into onnx nodes (the last one for fused steps) */
@@ -76,6 +85,7 @@ typedef struct step {
     int sparse_src;       /* MatMulNBits: 1 + the Sparsify step feeding it, 0 = dense input */
     ea_qweight_cm cm;
     int cm_ready;
+    int fuse, fuse_off;   /* 1 + the fused_gemv holding this step's channel-major rows (then no cm), its first row */
     /* NeuronMask (CoreInfer): default mask [width] (ones) and the token-wise top-k of its score;
      * `layer` indexes the session's masks. A MatMulNBits feeding it through SiLU-gate computes
      * only the rows the session's mask keeps (row_src = 1 + the NeuronMask step). */
@@ -98,6 +108,9 @@ struct ea_model {
     int ids_value, logits_value, logits_step;
     int n_gqa, n_steer, n_hidden;
     int n_nmask, nmask_width; /* NeuronMask nodes (CoreInfer) and their width */
+    int n_fused, max_fused_n;
+    int sparse_always;    /* EDGEACT_SPARSE_ALWAYS=1: never hand a sparse GEMV to the dense kernel (tests) */
+    fused_gemv *fused;
     int hidden, vocab, max_context, n_heads, n_kv_heads, head_dim;
     int max_act_width, max_q_width, max_kv_width;
     uint64_t bytes_mapped, bytes_copied, bytes_repacked;

@@ -795,21 +795,59 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
     }
     count_uses(m, uses);
     fuse_silu(m, uses);
-    /* int4 matmuls fed by a Sparsify get a channel-major copy for the input-sparse GEMV */
+    /* int4 matmuls fed by a Sparsify get a channel-major copy for the input-sparse GEMV;
+     * siblings reading the same input share one, stacked along N */
     for (int s = 0; s < m->n_steps; s++) {
         step *st = &m->steps[s];
-        if (st->op != OP_QMATMUL || st->qw.bits != 4 || st->f32act || st->in[0] < 0) continue;
+        if (st->op != OP_QMATMUL || st->qw.bits != 4 || st->f32act || st->in[0] < 0 || s == m->logits_step) continue;
         int p = m->values[st->in[0]].producer;
         if (p < 0 || p >= m->n_steps || (m->steps[p].op != OP_SPARSIFY && m->steps[p].op != OP_NEURON_MASK)) continue;
-        int krc = ea_qweight_cm_init(&st->cm, m->isa, &st->qw);
+        st->sparse_src = p + 1;
+    }
+    const char *always = getenv("EDGEACT_SPARSE_ALWAYS");
+    m->sparse_always = always && *always && strcmp(always, "0") != 0;
+    m->fused = calloc((size_t)m->n_steps / 2 + 1, sizeof *m->fused);
+    if (!m->fused) {
+        ea_fail(err, "out of memory");
+        rc = EA_ERR_NOMEM;
+        goto done;
+    }
+    for (int s = 0; s < m->n_steps; s++) {
+        step *st = &m->steps[s];
+        if (!st->sparse_src || st->cm_ready || st->fuse) continue;
+        const ea_qweight *ws[EA_FUSE_MAX] = {&st->qw};
+        int members[EA_FUSE_MAX] = {s}, nm = 1;
+        for (int t = s + 1; t < m->n_steps && nm < EA_FUSE_MAX; t++) {
+            const step *o = &m->steps[t];
+            if (o->sparse_src && !o->fuse && o->in[0] == st->in[0] && o->qw.K == st->qw.K &&
+                o->qw.block_size == st->qw.block_size && !o->qw.zero_points == !st->qw.zero_points) {
+                ws[nm] = &o->qw;
+                members[nm++] = t;
+            }
+        }
+        const char *what = nm > 1 ? "stacked channel-major repack" : "channel-major repack";
+        ea_qweight_cm *cm = nm > 1 ? &m->fused[m->n_fused].cm : &st->cm;
+        int krc = ea_qweight_cm_init_concat(cm, m->isa, ws, nm);
         if (krc) {
-            ea_fail(err, "node '%s': channel-major repack failed: %s", st->name, ea_kernels_strerror(krc));
+            ea_fail(err, "node '%s': %s failed: %s", st->name, what, ea_kernels_strerror(krc));
             goto done;
         }
-        st->cm_ready = 1;
-        st->sparse_src = p + 1;
-        if (st->qw.packed) ea_release_pages(m, st->qw.data, (size_t)st->qw.N * st->qw.n_blocks * st->qw.block_size / 2);
-        m->bytes_repacked += st->cm.bytes;
+        m->bytes_repacked += cm->bytes;
+        if (nm > 1) {
+            fused_gemv *g = &m->fused[m->n_fused++];
+            g->n = nm;
+            for (int i = 0, off = 0; i < nm; off += ws[i]->N, i++) {
+                g->step[i] = members[i];
+                g->off[i] = off;
+                m->steps[members[i]].fuse = m->n_fused;
+                m->steps[members[i]].fuse_off = off;
+            }
+            if (cm->N > m->max_fused_n) m->max_fused_n = cm->N;
+        } else {
+            st->cm_ready = 1;
+        }
+        for (int i = 0; i < nm; i++)
+            if (ws[i]->packed) ea_release_pages(m, ws[i]->data, (size_t)ws[i]->N * ws[i]->n_blocks * ws[i]->block_size / 2);
     }
     /* CoreInfer: gate/up feeding a NeuronMask through SiLU-gate compute only the kept rows */
     count_uses(m, uses);
@@ -867,6 +905,8 @@ void ea_model_destroy(ea_model *m) {
         if (m->steps[s].qw_ready) ea_qweight_release(&m->steps[s].qw);
         if (m->steps[s].cm_ready) ea_qweight_cm_release(&m->steps[s].cm);
     }
+    for (int g = 0; g < m->n_fused; g++) ea_qweight_cm_release(&m->fused[g].cm);
+    free(m->fused);
     free(m->steps);
     free(m->values);
     free(m->slot_width);

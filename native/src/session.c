@@ -138,6 +138,7 @@ static void neuron_mask(ea_session *ss, const step *st, int si, int e, const flo
 static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *logits, int last_only, ea_err *err) {
     ea_model *m = ss->m;
     ea_kctx *ctx = &ss->kctx;
+    ss->fused_owner = 0;
     for (int e = 0; e < ss->n_exec; e++) {
         const int si = ss->exec_steps[e];
         const step *st = &m->steps[si];
@@ -193,10 +194,28 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 bytes = (uint64_t)((double)st->weight_bytes * nr / (st->N ? st->N : 1));
                 break;
             }
+            if (st->fuse && rows == 1) {
+                /* a sibling of a stacked GEMV: the first to run computes all of them (the
+                 * input and its active list are the same), the others copy their rows */
+                const fused_gemv *g = &m->fused[st->fuse - 1];
+                const int src = st->sparse_src - 1, na = ss->n_active[src];
+                if (!m->sparse_always && ea_sparse_prefers_dense(&g->cm, na)) {
+                    rc = ea_masked_qgemv(ctx, &st->qw, a, ss->active[src], na, y);
+                } else {
+                    if (ss->fused_owner != st->fuse) {
+                        rc = ea_sparse_qgemv(ctx, &g->cm, NULL, a, ss->active[src], na, ss->fused_y);
+                        ss->fused_owner = rc ? 0 : st->fuse;
+                    }
+                    if (!rc) memcpy(y, ss->fused_y + st->fuse_off, sizeof(float) * (size_t)st->N);
+                    if (si == g->step[g->n - 1]) ss->fused_owner = 0;
+                }
+                bytes = (uint64_t)((double)st->weight_bytes * na / (st->K ? st->K : 1));
+                break;
+            }
             if (st->sparse_src && rows == 1) {
                 /* one row behind a Sparsify: read only the weights of its active channels */
                 const int src = st->sparse_src - 1, na = ss->n_active[src];
-                rc = ea_sparse_qgemv(ctx, &st->cm, &st->qw, a, ss->active[src], na, y);
+                rc = ea_sparse_qgemv(ctx, &st->cm, m->sparse_always ? NULL : &st->qw, a, ss->active[src], na, y);
                 bytes = (uint64_t)((double)st->weight_bytes * na / (st->K ? st->K : 1));
                 break;
             }
@@ -423,6 +442,7 @@ void ea_session_destroy(ea_session *ss) {
     free(ss->kept_src);
     free(ss->has_kept);
     free(ss->kept_y);
+    free(ss->fused_y);
     ea_kctx_release(&ss->kctx);
     if (ss->pool) ea_pool_destroy(ss->pool);
     free(ss);
@@ -476,8 +496,9 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     ss->kept_src = calloc((size_t)m->n_steps + 1, sizeof(uint8_t *));
     ss->has_kept = calloc((size_t)m->n_steps + 1, sizeof(int));
     ss->kept_y = malloc(sizeof(float) * nw);
+    ss->fused_y = malloc(sizeof(float) * ((size_t)m->max_fused_n + 1));
     if (!ss->nmask || !ss->nscore || !ss->sel || !ss->kept || !ss->kept_src ||
-        !ss->has_kept || !ss->kept_y)
+        !ss->has_kept || !ss->kept_y || !ss->fused_y)
         return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
     for (int L = 0; L < m->n_nmask; L++)
         if (!(ss->nscore[L] = calloc(nw, sizeof(float))))

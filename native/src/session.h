@@ -36,6 +36,8 @@ struct ea_session {
     uint8_t **kept_src;     /* the gathered rows; only their scales and zero points once repacked (SIMD) */
     int *has_kept;
     float *kept_y;          /* one row of kept outputs before the scatter */
+    float *fused_y;         /* one row of a fused_gemv's outputs, computed by the first member to run */
+    int fused_owner;        /* 1 + the fused_gemv fused_y holds this token, 0 = none */
 };
 
 int ea_physical_cores(void);

@@ -2,7 +2,7 @@
  * weights from DRAM. It cycles through enough distinct weight matrices to
  * exceed the last-level cache and reports us per call and weight GB/s
  * (packed data + scales, the bytes the kernel must read) for each ISA and
- * thread count, next to a plain read-bandwidth probe of the machine.
+ * thread count, next to the read-bandwidth probe `edgeact bench` uses.
  * Then the activation-sparse kernels against the dense GEMV on FFN shapes:
  * us per call, dense-equivalent GB/s (dense weight bytes / time) and the
  * speed-up over the dense kernel, over a sweep of active fractions (the
@@ -19,6 +19,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "../include/edgeact.h"
 #include "../src/kernels/kernels.h"
 #include "../src/threadpool.h"
 
@@ -35,40 +36,13 @@ static double now(void) {
 static uint32_t rng = 12345;
 static uint32_t rnd(void) { rng = rng * 1664525u + 1013904223u; return rng >> 8; }
 
-/* Read bandwidth: sum a large buffer split over the pool's threads. */
-typedef struct { const uint64_t *buf; size_t n; int tasks; uint64_t out[64]; } read_job;
-static void read_task(void *arg, int t, int thread) {
-    (void)thread;
-    read_job *j = arg;
-    size_t a = j->n * t / j->tasks, b = j->n * (t + 1) / j->tasks;
-    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    for (size_t i = a; i + 4 <= b; i += 4) { s0 += j->buf[i]; s1 += j->buf[i + 1]; s2 += j->buf[i + 2]; s3 += j->buf[i + 3]; }
-    j->out[t] = s0 + s1 + s2 + s3;
-}
-
-static double read_bandwidth(ea_pool *pool) {
-    const size_t bytes = 512u << 20, n = bytes / 8;
-    uint64_t *buf = malloc(bytes);
-    for (size_t i = 0; i < n; i++) buf[i] = i;
-    read_job j = {buf, n, ea_pool_size(pool), {0}};
-    ea_pool_run(pool, read_task, &j, j.tasks);
-    double best = 0;
-    for (int r = 0; r < 5; r++) {
-        double t0 = now();
-        ea_pool_run(pool, read_task, &j, j.tasks);
-        double gbs = bytes / (now() - t0) / 1e9;
-        if (gbs > best) best = gbs;
-    }
-    free(buf);
-    return best;
-}
-
 static void bench_gemv(int K, int N, double seconds, ea_pool *pools[3]) {
     const int bs = 32, nb = (K + bs - 1) / bs;
     const size_t dbytes = (size_t)N * nb * bs / 2, sbytes = sizeof(float) * (size_t)N * nb;
     const double wbytes = (double)(dbytes + sbytes);
     int copies = (int)(CACHE_BYTES / wbytes) + 1;
     if (copies < 2) copies = 2;
+    if (getenv("BENCH_HOT")) copies = 1;
     uint8_t *data = malloc(dbytes);
     float *scales = malloc(sbytes);
     for (size_t i = 0; i < dbytes; i++) data[i] = (uint8_t)rnd();
@@ -197,8 +171,9 @@ static void bench_sparse(int K, int N, int bs, double seconds, ea_pool *pool, ea
 int main(int argc, char **argv) {
     const double seconds = argc > 1 ? atof(argv[1]) : 0.5;
     ea_pool *pools[3] = {NULL, ea_pool_create(2), NULL};
-    printf("read bandwidth: %.2f GB/s (1 thread), %.2f GB/s (2 threads)\n", read_bandwidth(NULL),
-           read_bandwidth(pools[1]));
+    /* the probe `edgeact bench` reports decode against */
+    printf("read bandwidth: %.2f GB/s (1 thread), %.2f GB/s (2 threads)\n", ea_measure_read_bandwidth(1, 512u << 20, 5),
+           ea_measure_read_bandwidth(2, 512u << 20, 5));
     printf("pool dispatch (2 threads, back to back): %.2f us\n", dispatch_us(pools[1]));
     const int sparse_only = argc > 2 && strcmp(argv[2], "sparse") == 0;
     const int bs = argc > 3 ? atoi(argv[3]) : 32;

@@ -332,6 +332,68 @@ static void test_sparse(ea_isa isa, ea_pool *pool) {
     ea_kctx_release(&ctx);
 }
 
+/* Siblings stacked along N (q/k/v, gate/up): each one's rows equal its own dense result. */
+static void test_sparse_concat(ea_isa isa, ea_pool *pool) {
+    static const int Ns[3] = {37, 128, 100}; /* ragged, so members straddle 64-row tiles */
+    const int K = 300, bs = 32, total = 37 + 128 + 100;
+    for (int f16 = 0; f16 < 2; f16++) {
+        uint8_t *data[3], *zp[3];
+        float *scales[3];
+        ea_qweight ws[3], wv[3];
+        const ea_qweight *list[3];
+        ea_kctx sctx, vctx;
+        ea_kctx_init(&sctx, EA_ISA_SCALAR, NULL);
+        ea_kctx_init(&vctx, isa, pool);
+        for (int i = 0; i < 3; i++) {
+            fill_qweight(K, Ns[i], 4, bs, 1, &data[i], &scales[i], &zp[i]);
+            if (f16 || i != 1) /* without f16, member 1 keeps fp32 scales: the whole copy must */
+                for (int j = 0; j < Ns[i] * ((K + bs - 1) / bs); j++) scales[i][j] = ea_f16_to_f32(ea_f32_to_f16(scales[i][j]));
+            ea_qweight_init(&ws[i], EA_ISA_SCALAR, K, Ns[i], 4, bs, data[i], scales[i], zp[i]);
+            ea_qweight_init(&wv[i], isa, K, Ns[i], 4, bs, data[i], scales[i], zp[i]);
+            list[i] = &wv[i];
+        }
+        ea_qweight_cm cm;
+        CHECK(ea_qweight_cm_init_concat(&cm, isa, list, 3) == 0 && cm.N == total && cm.scales_f16 == f16,
+              "stacked cm init (fp16 %d)", f16);
+        float *x = malloc(sizeof(float) * K), *xm = calloc((size_t)K, sizeof(float));
+        float *y = malloc(sizeof(float) * total), *y_ref = malloc(sizeof(float) * total);
+        int32_t *active = malloc(sizeof(int32_t) * K);
+        int n_active = 0;
+        for (int k = 0; k < K; k++) {
+            x[k] = rndf();
+            if (rnd() % 2) { active[n_active++] = k; xm[k] = x[k]; }
+        }
+        for (int i = 0, off = 0; i < 3; off += Ns[i], i++) ea_qmatmul(&sctx, &ws[i], xm, 1, y_ref + off);
+        for (int c = 0; c < 2; c++) {
+            for (int i = 0; i < total; i++) y[i] = NAN;
+            const int rc = ea_sparse_qgemv(c ? &vctx : &sctx, &cm, NULL, x, active, n_active, y);
+            CHECK(rc == 0 && memcmp(y, y_ref, sizeof(float) * total) == 0, "stacked sparse %s threads=%d fp16 %d: rc %d",
+                  c ? ea_isa_name(isa) : "scalar", ea_pool_size(c ? pool : NULL), f16, rc);
+        }
+        CHECK(ea_masked_qgemv(&vctx, &wv[2], x, active, n_active, y) == 0 &&
+              memcmp(y, y_ref + 37 + 128, sizeof(float) * 100) == 0, "masked dense GEMV (%s)", ea_isa_name(isa));
+        CHECK(ea_sparse_prefers_dense(&cm, K) && !ea_sparse_prefers_dense(&cm, K / 10) == (total >= EA_SPARSE_MIN_N),
+              "crossover rule");
+        ea_qweight_cm bad;
+        ea_qweight w_other;
+        ea_qweight_init(&w_other, EA_ISA_SCALAR, K - 32, Ns[0], 4, bs, data[0], scales[0], zp[0]);
+        const ea_qweight *mixed_k[2] = {&ws[0], &w_other};
+        CHECK(ea_qweight_cm_init_concat(&bad, isa, mixed_k, 2) == EA_KERR_ARG, "stacking weights of different K");
+        ea_qweight_init(&w_other, EA_ISA_SCALAR, K, Ns[0], 4, bs, data[0], scales[0], NULL);
+        const ea_qweight *mixed_zp[2] = {&ws[0], &w_other};
+        CHECK(ea_qweight_cm_init_concat(&bad, isa, mixed_zp, 2) == EA_KERR_ARG, "stacking with and without zero points");
+        ea_qweight_cm_release(&cm);
+        for (int i = 0; i < 3; i++) {
+            ea_qweight_release(&ws[i]);
+            ea_qweight_release(&wv[i]);
+            free(data[i]); free(scales[i]); free(zp[i]);
+        }
+        ea_kctx_release(&sctx);
+        ea_kctx_release(&vctx);
+        free(x); free(xm); free(y); free(y_ref); free(active);
+    }
+}
+
 /* ---- float matmuls against a double reference ------------------------ */
 static void test_fmatmul(ea_isa isa, ea_pool *pool, int f16) {
     static const int shapes[][3] = {{1, 64, 48}, {1, 100, 37}, {3, 77, 50}, {5, 128, 160}, {4, 33, 16}, {9, 10, 3}};
@@ -691,6 +753,7 @@ int main(int argc, char **argv) {
         test_fmatmul(isa, pools[p], 1);
         test_attention(isa, pools[p]);
         test_sparse(isa, pools[p]);
+        test_sparse_concat(isa, pools[p]);
     }
     test_small_ops(isa);
     ea_pool_destroy(pool);

@@ -25,7 +25,9 @@
 /* Software prefetch distance (bytes) in the packed weight stream: one core
  * alone does not keep enough lines in flight to saturate DRAM with the
  * hardware prefetcher only (bench_kernels: 7.9 -> 12 GB/s on 1 core). */
-#define EA_QPREFETCH 2048
+#ifndef EA_QPREFETCH
+#define EA_QPREFETCH 4096
+#endif
 /* N is split across threads in multiples of this many rows (64-byte output lines). */
 #define EA_NCHUNK 16
 /* Tasks per pool thread for the matmuls (dynamic claiming balances preemption). */

@@ -185,6 +185,11 @@ typedef struct ea_qweight_cm {
 
 /* EA_KERR_ARG unless w is int4. */
 int ea_qweight_cm_init(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *w);
+/* One channel-major copy of the int4 weights ws[0..n_w) stacked along N (same
+ * K, block size and zero-point presence, else EA_KERR_ARG): sibling matmuls
+ * reading one sparse input (q/k/v, gate/up) run as one GEMV, whose outputs
+ * are theirs in order. Each row's result equals its own weight's. */
+int ea_qweight_cm_init_concat(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *const *ws, int n_w);
 void ea_qweight_cm_release(ea_qweight_cm *cm);
 
 /* y[N] = MatMulNBits(x masked to the channels in active[0..n_active)), M = 1.
@@ -195,6 +200,11 @@ void ea_qweight_cm_release(ea_qweight_cm *cm);
  * runs the dense kernel on the masked x instead (same result). */
 int ea_sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *dense, const float *x,
                     const int32_t *active, int n_active, float *y);
+/* 1 when the dense kernel beats the sparse one on cm for n_active channels
+ * (the crossover rule above). */
+int ea_sparse_prefers_dense(const ea_qweight_cm *cm, int n_active);
+/* The dense GEMV of w on x masked to active[0..n_active) (strictly increasing). */
+int ea_masked_qgemv(ea_kctx *ctx, const ea_qweight *w, const float *x, const int32_t *active, int n_active, float *y);
 
 /* Gated-FFN side: computes only the output rows rows[0..n_rows) (strictly
  * increasing) of MatMulNBits(x, w), M = 1, from the file row layout; other

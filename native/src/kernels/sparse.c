@@ -15,51 +15,75 @@
 #include "internal.h"
 
 int ea_qweight_cm_init(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *w) {
+    return ea_qweight_cm_init_concat(cm, isa, &w, 1);
+}
+
+int ea_qweight_cm_init_concat(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *const *ws, int n_w) {
     memset(cm, 0, sizeof *cm);
-    if (!w || !w->data || w->bits != 4) return EA_KERR_ARG;
+    if (!ws || n_w < 1) return EA_KERR_ARG;
+    long total = 0;
+    int f16 = 1;
+    for (int i = 0; i < n_w; i++) {
+        const ea_qweight *w = ws[i];
+        if (!w || !w->data || w->bits != 4 || w->K != ws[0]->K || w->block_size != ws[0]->block_size ||
+            !w->zero_points != !ws[0]->zero_points)
+            return EA_KERR_ARG;
+        total += w->N;
+        /* w's repack found its scales exact in fp16 (the scalar isa has no repack: it checks here) */
+        f16 &= w->packed ? w->packed_f16 : ea_scales_exact_in_f16(w->scales, (size_t)w->N * w->n_blocks);
+    }
+    if (total > (1L << 30)) return EA_KERR_ARG;
     if (!ea_isa_available(isa)) return EA_KERR_ISA_UNAVAILABLE;
-    const int np = (w->N + EA_CM_TILE - 1) / EA_CM_TILE * EA_CM_TILE, nb = w->n_blocks;
-    const size_t kp = (size_t)nb * w->block_size;
-    /* w's repack found its scales exact in fp16 (the scalar isa has no repack: it checks here) */
-    const int f16 = w->packed ? w->packed_f16 : ea_scales_exact_in_f16(w->scales, (size_t)w->N * nb);
+    const int N = (int)total, np = (N + EA_CM_TILE - 1) / EA_CM_TILE * EA_CM_TILE, nb = ws[0]->n_blocks;
+    const size_t kp = (size_t)nb * ws[0]->block_size;
     const size_t ssize = f16 ? sizeof(uint16_t) : sizeof(float);
     const size_t dbytes = kp * np / 2, sbytes = ssize * (size_t)nb * np;
-    const size_t zbytes = w->zero_points ? (size_t)nb * np : 0;
+    const size_t zbytes = ws[0]->zero_points ? (size_t)nb * np : 0;
     uint8_t *data = ea_alloc_weights(dbytes);
     uint8_t *scales = calloc((size_t)nb * np, ssize);
     uint8_t *zp = zbytes ? calloc(zbytes, 1) : NULL;
-    if (!data || !scales || (zbytes && !zp)) {
-        free(data); free(scales); free(zp);
+    int *src_w = malloc(sizeof(int) * (size_t)N), *src_r = malloc(sizeof(int) * (size_t)N);
+    if (!data || !scales || (zbytes && !zp) || !src_w || !src_r) {
+        free(data); free(scales); free(zp); free(src_w); free(src_r);
         return EA_KERR_NOMEM;
     }
+    for (int i = 0, n = 0; i < n_w; i++) /* output row n of the concatenation: row src_r[n] of ws[src_w[n]] */
+        for (int r = 0; r < ws[i]->N; r++, n++) {
+            src_w[n] = i;
+            src_r[n] = r;
+        }
     const size_t row_bytes = kp / 2;
     for (int t = 0; t < np / EA_CM_TILE; t++) {
         for (int lane = 0; lane < EA_CM_TILE; lane++) {
             /* nibbles stay in natural n order (n even low, odd high); only the
              * per-(block, n) scale and zero point follow the lane order */
             const int n = t * EA_CM_TILE + lane;
-            if (n < w->N) {
-                const uint8_t *src = w->data + (size_t)n * row_bytes;
+            if (n < N) {
+                const uint8_t *src = ws[src_w[n]]->data + (size_t)src_r[n] * row_bytes;
                 for (size_t k = 0; k < kp; k++) {
                     const int v = (k & 1) ? src[k / 2] >> 4 : src[k / 2] & 15;
                     data[k * (np / 2) + n / 2] |= (uint8_t)((n & 1) ? v << 4 : v);
                 }
             }
             const int ln = t * EA_CM_TILE + ea_cm_lane_n(isa, lane);
-            if (ln >= w->N) continue;
+            if (ln >= N) continue;
+            const ea_qweight *w = ws[src_w[ln]];
+            const int r = src_r[ln];
             for (int b = 0; b < nb; b++) {
                 const size_t i = (size_t)b * np + t * EA_CM_TILE + lane;
-                const float s = w->scales[(size_t)ln * nb + b];
+                const float s = w->scales[(size_t)r * nb + b];
                 if (f16) ((uint16_t *)scales)[i] = ea_f32_to_f16(s);
                 else ((float *)scales)[i] = s;
-                if (zp) zp[(size_t)b * np + t * EA_CM_TILE + lane] = (uint8_t)ea_qweight_zp(w, ln, b);
+                if (zp) zp[i] = (uint8_t)ea_qweight_zp(w, r, b);
             }
         }
     }
-    cm->K = w->K;
-    cm->N = w->N;
+    free(src_w);
+    free(src_r);
+    cm->K = ws[0]->K;
+    cm->N = N;
     cm->n_pad = np;
-    cm->block_size = w->block_size;
+    cm->block_size = ws[0]->block_size;
     cm->n_blocks = nb;
     cm->isa = isa;
     cm->data = data;
@@ -203,21 +227,28 @@ static int same_family(ea_isa a, ea_isa b) {
     return a == b;
 }
 
+int ea_sparse_prefers_dense(const ea_qweight_cm *cm, int n_active) {
+    const float crossover = cm->N < EA_SPARSE_LONG_N ? EA_SPARSE_SHORT_CROSSOVER : EA_SPARSE_DENSE_CROSSOVER;
+    return n_active > crossover * cm->K || cm->N < EA_SPARSE_MIN_N;
+}
+
+int ea_masked_qgemv(ea_kctx *ctx, const ea_qweight *w, const float *x, const int32_t *active, int n_active, float *y) {
+    if (!w || n_active < 0 || !strictly_increasing(active, n_active, w->K)) return EA_KERR_ARG;
+    float *xm = calloc((size_t)w->K, sizeof(float));
+    if (!xm) return EA_KERR_NOMEM;
+    for (int i = 0; i < n_active; i++) xm[active[i]] = x[active[i]];
+    const int rc = ea_qmatmul(ctx, w, xm, 1, y);
+    free(xm);
+    return rc;
+}
+
 int ea_sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *dense, const float *x,
                     const int32_t *active, int n_active, float *y) {
     if (!cm || !cm->data || n_active < 0 || !strictly_increasing(active, n_active, cm->K)) return EA_KERR_ARG;
     /* the scalar kernel reads any lane order; SIMD kernels need their own */
     const ea_isa isa = ctx->isa;
     if (isa != EA_ISA_SCALAR && !same_family(cm->isa, isa)) return EA_KERR_LAYOUT;
-    const float crossover = cm->N < EA_SPARSE_LONG_N ? EA_SPARSE_SHORT_CROSSOVER : EA_SPARSE_DENSE_CROSSOVER;
-    if (dense && (n_active > crossover * cm->K || cm->N < EA_SPARSE_MIN_N)) {
-        float *xm = calloc((size_t)cm->K, sizeof(float));
-        if (!xm) return EA_KERR_NOMEM;
-        for (int i = 0; i < n_active; i++) xm[active[i]] = x[active[i]];
-        const int rc = ea_qmatmul(ctx, dense, xm, 1, y);
-        free(xm);
-        return rc;
-    }
+    if (dense && ea_sparse_prefers_dense(cm, n_active)) return ea_masked_qgemv(ctx, dense, x, active, n_active, y);
     const int nb = cm->n_blocks;
     const size_t acc_bytes = 2 * sizeof(float) * (size_t)cm->n_pad; /* acc, dacc */
     const size_t max_quads = (size_t)n_active / 4 + nb + 1;
