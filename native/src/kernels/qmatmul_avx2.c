@@ -151,7 +151,7 @@ int ea_avx2_vnni(void) {
 }
 
 void ea_qmatmul_groups_avx2(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) {
-    if (a->M >= 2 && w->bits == 4 && ea_have_avx512_vnni()) ea_qmatmul_groups_avx512(w, a, y, g0, g1);
+    if (w->bits == 4 && ea_have_avx512_vnni()) ea_qmatmul_groups_avx512(w, a, y, g0, g1);
     else if (ea_avx2_vnni()) groups_vnni(w, a, y, g0, g1);
     else groups_plain(w, a, y, g0, g1);
 }

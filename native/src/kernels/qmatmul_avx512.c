@@ -1,12 +1,15 @@
-/* int4 MatMulNBits prefill (M >= 2) with AVX-512 VNNI on the AVX2 packed
+/* int4 MatMulNBits (decode and prefill) with AVX-512 VNNI on the AVX2 packed
  * layout (internal.h), for CPUs that have it; ea_qmatmul_groups_avx2 hands
  * over here. Prompt processing is compute-bound: a 64-byte vpdpbusd covers
  * four weight rows where the AVX2 kernel covers two, 32 registers hold four
  * rows of x per pass (the AVX2 kernel: two), and the per-block reduction of
  * eight rows is one unpack/shuffle/permute tree instead of three hadds.
  * The integers and the per-block fma order are those of the AVX2 and scalar
- * kernels, so results are bit-identical (tested). Decode (M = 1) stays on
- * the AVX2 kernel: it is bound by memory bandwidth, not by these ops. */
+ * kernels, so results are bit-identical (tested). Decode (M = 1) runs here
+ * too: it is bound by memory, but fewer ops per byte leave the core more
+ * time for the loads (bench_kernels, 2 threads: AVX2 19-21 GB/s per core
+ * hot, this 28), and it streams two groups at once (group_pair_m1): with
+ * both, 4096x11008 went from 25-26 to 28-29 GB/s. */
 #include "internal.h"
 
 #if EA_X86
@@ -85,7 +88,49 @@ AVX512 static inline __attribute__((always_inline)) void group_rows(const uint8_
     }
 }
 
-AVX512 static void store_rows(float *y, int N, int m0, int MT, int g, const __m256 acc[4]) {
+/* Decode (M = 1): two groups from far apart in the thread's range at once, so
+ * the core streams two sequences (more lines in flight than one prefetched
+ * stream keeps). Same integers and fma order per row as group_rows. */
+AVX512 static inline __attribute__((always_inline)) void group_pair_m1(const uint8_t *gA, const uint8_t *gB, size_t stride,
+                                                                       int nb, int has_zp, int f16, const ea_qact *a,
+                                                                       int BS, __m256 acc[2]) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const int bpb = BS / 2, subs = bpb / 16;
+    const __m256i zp_sym = _mm256_set1_epi32(8);
+    acc[0] = acc[1] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *ps[2] = {gA + (size_t)b * stride, gB + (size_t)b * stride};
+        for (int g = 0; g < 2; g++)
+            for (size_t o = 0; o < stride; o += 64) __builtin_prefetch(ps[g] + EA_QPREFETCH + o, 0, 3);
+        __m512i d[2][2];
+        for (int g = 0; g < 2; g++) d[g][0] = d[g][1] = _mm512_setzero_si512();
+        for (int j = 0; j < subs; j++) {
+            const int8_t *x = a->xq + b * BS + j * 32;
+            const __m512i xa = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x));
+            const __m512i xb = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(x + 16)));
+            for (int g = 0; g < 2; g++) {
+                const __m512i v0 = _mm512_loadu_si512((const void *)(ps[g] + (size_t)j * EA_QROWS * 16));
+                const __m512i v1 = _mm512_loadu_si512((const void *)(ps[g] + (size_t)j * EA_QROWS * 16 + 64));
+                const __m512i lo0 = _mm512_and_si512(v0, low4), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low4);
+                const __m512i lo1 = _mm512_and_si512(v1, low4), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low4);
+                d[g][0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(d[g][0], lo0, xa), hi0, xb);
+                d[g][1] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(d[g][1], lo1, xa), hi1, xb);
+            }
+        }
+        const __m256 sx = _mm256_set1_ps(a->sx[b]);
+        const __m256i sumx = _mm256_set1_epi32(a->sumx[b]);
+        for (int g = 0; g < 2; g++) {
+            const __m256 sw = ea_load8_scales(ps[g] + EA_QROWS * bpb, f16);
+            const __m256i zp = has_zp ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ps[g] + EA_QROWS * (bpb + ea_qpack_scale_size(f16)))))
+                                      : zp_sym;
+            const __m256i corr = _mm256_sub_epi32(_mm256_setzero_si256(), zp);
+            const __m256i idot = _mm256_add_epi32(reduce8(d[g][0], d[g][1]), _mm256_mullo_epi32(corr, sumx));
+            acc[g] = _mm256_fmadd_ps(_mm256_mul_ps(sx, sw), _mm256_cvtepi32_ps(idot), acc[g]);
+        }
+    }
+}
+
+AVX512 static void store_rows(float *y, int N, int m0, int MT, int g, const __m256 *acc) {
     for (int t = 0; t < MT; t++) {
         float tmp[EA_QROWS];
         _mm256_storeu_ps(tmp, acc[t]);
@@ -102,6 +147,17 @@ AVX512 static inline __attribute__((always_inline)) void groups_impl(const ea_qw
     const size_t stride = ea_qpack_block_stride(w);
     const int nb = w->n_blocks, has_zp = w->zero_points != NULL;
     __m256 acc[4];
+    if (a->M == 1) {
+        const int h = (g1 - g0) / 2;
+        for (int g = g0; g < g0 + h; g++) {
+            group_pair_m1((const uint8_t *)w->packed + (size_t)g * nb * stride,
+                          (const uint8_t *)w->packed + (size_t)(g + h) * nb * stride, stride, nb, has_zp, w->packed_f16, a,
+                          BS, acc);
+            store_rows(y, w->N, 0, 1, g, &acc[0]);
+            store_rows(y, w->N, 0, 1, g + h, &acc[1]);
+        }
+        g0 += 2 * h; /* an odd group left at the end */
+    }
     for (int g = g0; g < g1; g++) {
         const uint8_t *gp = (const uint8_t *)w->packed + (size_t)g * nb * stride;
         int m = 0;
