@@ -42,12 +42,13 @@ typedef enum {
 } op_kind;
 
 /* Sibling int4 matmuls reading one Sparsify output (q/k/v, gate/up): one channel-major copy
- * stacked along N, so a decode step quantizes the active input once, wakes the pool once, and
- * k/v (too narrow alone to pay) ride along with q. Member i's outputs are rows off[i].. of it. */
+ * stacked along N, so a sparse decode step quantizes the active input once, wakes the pool once,
+ * and k/v (too narrow alone to pay) ride along with q. Above the dense crossover each sibling
+ * runs its own dense GEMV. A member's outputs start at its step's fuse_off. */
 #define EA_FUSE_MAX 4
 typedef struct fused_gemv {
     ea_qweight_cm cm;
-    int n, step[EA_FUSE_MAX], off[EA_FUSE_MAX];
+    int n, step[EA_FUSE_MAX];
 } fused_gemv;
 
 typedef struct step {

@@ -799,7 +799,7 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
      * siblings reading the same input share one, stacked along N */
     for (int s = 0; s < m->n_steps; s++) {
         step *st = &m->steps[s];
-        if (st->op != OP_QMATMUL || st->qw.bits != 4 || st->f32act || st->in[0] < 0 || s == m->logits_step) continue;
+        if (st->op != OP_QMATMUL || st->qw.bits != 4 || st->f32act || st->in[0] < 0) continue;
         int p = m->values[st->in[0]].producer;
         if (p < 0 || p >= m->n_steps || (m->steps[p].op != OP_SPARSIFY && m->steps[p].op != OP_NEURON_MASK)) continue;
         st->sparse_src = p + 1;
@@ -829,6 +829,7 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
         ea_qweight_cm *cm = nm > 1 ? &m->fused[m->n_fused].cm : &st->cm;
         int krc = ea_qweight_cm_init_concat(cm, m->isa, ws, nm);
         if (krc) {
+            if (krc == EA_KERR_NOMEM) rc = EA_ERR_NOMEM;
             ea_fail(err, "node '%s': %s failed: %s", st->name, what, ea_kernels_strerror(krc));
             goto done;
         }
@@ -838,7 +839,6 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
             g->n = nm;
             for (int i = 0, off = 0; i < nm; off += ws[i]->N, i++) {
                 g->step[i] = members[i];
-                g->off[i] = off;
                 m->steps[members[i]].fuse = m->n_fused;
                 m->steps[members[i]].fuse_off = off;
             }

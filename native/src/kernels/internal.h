@@ -24,10 +24,9 @@
 #define EA_QROWS 8
 /* Software prefetch distance (bytes) in the packed weight stream: one core
  * alone does not keep enough lines in flight to saturate DRAM with the
- * hardware prefetcher only (bench_kernels: 7.9 -> 12 GB/s on 1 core). */
-#ifndef EA_QPREFETCH
+ * hardware prefetcher only (bench_kernels: 7.9 -> 12 GB/s on 1 core at 2 KB;
+ * 4 KB added ~6% with 2 threads). membw.c's probe uses the same distance. */
 #define EA_QPREFETCH 4096
-#endif
 /* N is split across threads in multiples of this many rows (64-byte output lines). */
 #define EA_NCHUNK 16
 /* Tasks per pool thread for the matmuls (dynamic claiming balances preemption). */
@@ -76,8 +75,8 @@ void ea_quantize_row_avx2(const float *x, int K, int bs, int8_t *xq, float *sx, 
                           int interleave);
 /* Groups [g0, g1) of EA_QROWS rows of the packed weight. */
 void ea_qmatmul_groups_avx2(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1);
-/* The int4 prefill variant for CPUs with AVX-512 VNNI (same packed layout and
- * results); ea_have_avx512_vnni is false when EDGEACT_NO_AVX512 is set. */
+/* The int4 variant (decode and prefill) for CPUs with AVX-512 VNNI (same packed
+ * layout and results); ea_have_avx512_vnni is false when EDGEACT_NO_AVX512 is set. */
 int ea_have_avx512_vnni(void);
 void ea_qmatmul_groups_avx512(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1);
 void ea_matmul_f32_avx2(const float *x, int M, int K, const float *W, int N, float *y, int n0, int n1);

@@ -88,7 +88,7 @@ AVX512 static inline __attribute__((always_inline)) void group_rows(const uint8_
     }
 }
 
-/* Decode (M = 1): two groups from far apart in the thread's range at once, so
+/* Decode (M = 1): two groups from far apart in the task's range at once, so
  * the core streams two sequences (more lines in flight than one prefetched
  * stream keeps). Same integers and fma order per row as group_rows. */
 AVX512 static inline __attribute__((always_inline)) void group_pair_m1(const uint8_t *gA, const uint8_t *gB, size_t stride,
