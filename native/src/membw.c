@@ -7,14 +7,13 @@
 #include <string.h>
 #include <time.h>
 
+#include "kernels/internal.h" /* EA_QPREFETCH: the probe streams like the kernels */
 #include "threadpool.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define EA_MEMBW_X86 1
 #endif
-
-#define EA_MEMBW_PREFETCH 4096 /* bytes, the kernels' distance (EA_QPREFETCH) */
 
 typedef struct { const uint64_t *buf; size_t n; int tasks; uint64_t out[256]; } read_job;
 
@@ -27,8 +26,8 @@ __attribute__((target("avx2"))) static uint64_t sum_avx2(const uint64_t *p, size
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
     size_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        _mm_prefetch((const char *)(p + i) + EA_MEMBW_PREFETCH, _MM_HINT_T0);
-        _mm_prefetch((const char *)(p + i) + EA_MEMBW_PREFETCH + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + i) + EA_QPREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + i) + EA_QPREFETCH + 64, _MM_HINT_T0);
         a0 = _mm256_add_epi64(a0, _mm256_loadu_si256((const __m256i *)(p + i)));
         a1 = _mm256_add_epi64(a1, _mm256_loadu_si256((const __m256i *)(p + i + 4)));
         a2 = _mm256_add_epi64(a2, _mm256_loadu_si256((const __m256i *)(p + i + 8)));
@@ -47,7 +46,7 @@ static uint64_t sum_plain(const uint64_t *p, size_t n) {
     uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     size_t i = 0;
     for (; i + 4 <= n; i += 4) {
-        if ((i & 7) == 0) __builtin_prefetch((const char *)(p + i) + EA_MEMBW_PREFETCH, 0, 3);
+        if ((i & 7) == 0) __builtin_prefetch((const char *)(p + i) + EA_QPREFETCH, 0, 3);
         s0 += p[i]; s1 += p[i + 1]; s2 += p[i + 2]; s3 += p[i + 3];
     }
     for (; i < n; i++) s0 += p[i];
