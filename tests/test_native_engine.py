@@ -341,6 +341,41 @@ def _rss_kib():
     raise RuntimeError("no VmRSS")
 
 
+def _recache_in_huge_folios(path):
+    """Drops `path` from the page cache and reads it back through a MADV_HUGEPAGE mapping, so the
+    cache holds it in 2 MiB folios: what a large model file read from disk ends up in (SmolLM2's
+    160 MB data file does; a small test file read plainly does not). Kernels without large
+    folios for files read it back in small pages."""
+    import mmap
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        for off in range(0, len(mm), 4096):
+            mm[off]
+        mm.close()
+    finally:
+        os.close(fd)
+
+
+def _mapped_resident(name):
+    """Bytes of this process's mappings of a file named `name` that are in its page tables."""
+    total, page = 0, os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb") as pm:
+        for line in maps:
+            if not line.rstrip().endswith("/" + name):
+                continue
+            a, b = (int(x, 16) for x in line.split()[0].split("-"))
+            pm.seek(a // page * 8)
+            entries = np.frombuffer(pm.read((b - a) // page * 8), dtype=np.uint64)
+            total += int((entries >> np.uint64(63)).sum()) * page
+    return total
+
+
 def test_2000_decode_steps_stay_within_the_kv_cache(long_ctx_dir):
     model = NativeModel(long_ctx_dir)
     sess = model.session(threads=2, n_ctx=2100)
@@ -370,11 +405,8 @@ def test_resident_memory_is_the_repack_not_the_file(tmp_path):
     meta = json.loads((folder / "edgeact.json").read_text())
     assert meta["external_data"]   # > 16 MiB: aligned external data, mapped in place
     file_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
-    for f in folder.glob("model.onnx*"):  # read back from disk as a user's load would (readahead, large folios)
-        fd = os.open(f, os.O_RDONLY)
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
+    for f in folder.glob("model.onnx*"):
+        _recache_in_huge_folios(f)
     before = _rss_kib()
     model = NativeModel(folder)
     sess = model.session(threads=2, n_ctx=200)
@@ -383,13 +415,18 @@ def test_resident_memory_is_the_repack_not_the_file(tmp_path):
         sess.forward([t])
     grown = (_rss_kib() - before) * 1024
     kv = model.n_layers * 2 * model.n_kv_heads * 200 * model.head_dim * 4
-    assert model.weight_bytes["copied"] == 0
+    # only vectors (norm weights, biases) are copied out of the mapping
+    assert model.weight_bytes["copied"] <= 64 * 1024, model.weight_bytes
     # the issue's bound: peak RSS <= 1.15 x (weights + KV); without the page release this is ~2x
     assert grown <= 1.15 * (file_bytes + kv), (grown, file_bytes, kv)
     # A prompt spread over the whole vocabulary leaves the 8 MB fp16 table out of the resident
     # set (a fault maps the large folio around a row; the gather hands the rows back). Measured
     # without that: +8 MB here, +58 MB for SmolLM2's table.
     table = 8000 * 512 * 2
+    # Of the mapped data file, only what is read in place stays resident (the rope tables here).
+    # A norm weight read in place used to map the 2 MiB folio around it (one PMD entry): 12 MB
+    # of the 20 MB file here, 64 MB of SmolLM2's int4 data and scales.
+    assert _mapped_resident("model.onnx.data") <= 4 << 20, _mapped_resident("model.onnx.data")
     sess.reset()
     at = _rss_kib()
     sess.forward(np.random.default_rng(11).permutation(8000)[:128], all_logits=False)

@@ -46,7 +46,7 @@ typedef struct ea_model_info {
     int mask_width;      /* their width (the FFN intermediate size) */
     const char *isa;     /* kernels in use: "scalar", "avx2", "neon", "neon-dotprod" */
     uint64_t weight_bytes_mapped;   /* initializer bytes used in place from the file maps */
-    uint64_t weight_bytes_copied;   /* copied for alignment */
+    uint64_t weight_bytes_copied;   /* copied: misaligned tensors and vectors (norms, biases) */
     uint64_t weight_bytes_repacked; /* owned SIMD repacks of quantized weights */
 } ea_model_info;
 

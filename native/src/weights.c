@@ -138,6 +138,17 @@ int ea_tensor_numel(const onnx_tensor *t, uint64_t *numel, ea_err *err) {
     return 0;
 }
 
+/* MatMulNBits scales and zero points are 1-D too, but the SIMD kernels repack them at load. */
+static int feeds_matmulnbits(const onnx_model *om, const char *name) {
+    for (int i = 0; i < om->n_nodes; i++) {
+        const onnx_node *nd = &om->nodes[i];
+        if (strcmp(nd->op_type, "MatMulNBits") || strcmp(nd->domain, "com.microsoft")) continue;
+        for (int k = 1; k < nd->n_inputs; k++)
+            if (!strcmp(nd->inputs[k], name)) return 1;
+    }
+    return 0;
+}
+
 int ea_resolve_tensors(ea_model *m, const char *dir, ea_err *err) {
     for (int i = 0; i < m->onnx.n_inits; i++) {
         onnx_tensor *t = &m->onnx.inits[i];
@@ -191,7 +202,15 @@ int ea_resolve_tensors(ea_model *m, const char *dir, ea_err *err) {
             /* the scan paged the whole tensor in; let use (e.g. a Gather's few rows) decide what stays */
             ea_release_pages(m, t->data, (size_t)want);
         }
-        if (want && ((uintptr_t)t->data % es)) { /* raw_data sits anywhere in the protobuf */
+        /* Vectors (norm weights, biases, steering vectors) are read on every token. Read in place,
+         * a fault on one maps the whole page-cache folio around it, and a large file sits in the
+         * cache in 2 MiB folios mapped by one PMD entry: SmolLM2's ~90 vectors between its layers
+         * made 64 MB of int4 data resident again that only the repack is read from (peak RSS
+         * 1.25x). A private copy costs their size (~0.2 MB there). */
+        const int vector = t->ndim <= 1 && (t->dtype == ONNX_FLOAT || t->dtype == ONNX_FLOAT16) && want &&
+                           want <= ((uint64_t)1 << 20) && in_mapping(m, t->data, (size_t)want) &&
+                           !feeds_matmulnbits(&m->onnx, t->name);
+        if (want && (vector || ((uintptr_t)t->data % es))) { /* raw_data sits anywhere in the protobuf */
             void *copy = malloc((size_t)want);
             if (!copy) return ea_fail(err, "out of memory copying initializer '%s'", t->name);
             memcpy(copy, t->data, (size_t)want);
