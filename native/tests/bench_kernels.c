@@ -147,9 +147,21 @@ static void bench_sparse(int K, int N, int bs, double seconds, ea_pool *pool, ea
     printf("sparse K=%d N=%d block %d %s threads=%d: dense %.1f us (%.2f GB/s of the file, %.2f of the repack)\n", K, N,
            bs, ea_isa_name(isa), ea_pool_size(pool), dense_us, wbytes / dense_us / 1e3,
            (double)w[0].packed_bytes / dense_us / 1e3);
-    static const double fracs[] = {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8};
-    for (size_t f = 0; f < sizeof fracs / sizeof fracs[0]; f++) {
-        for (int kind = 0; kind < 2; kind++) { /* 0: active input channels, 1: active output rows */
+    double fracs[16] = {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8};
+    size_t n_fracs = 8;
+    int kinds = 2;
+    if (getenv("BENCH_ACTIVE")) { /* e.g. "0.5,0.3": only these shares, input channels only */
+        n_fracs = 0;
+        for (const char *s = getenv("BENCH_ACTIVE"); *s && n_fracs < 16;) {
+            char *e;
+            fracs[n_fracs++] = strtod(s, &e);
+            s = *e == ',' ? e + 1 : e + (*e != 0);
+            if (e == s) break;
+        }
+        kinds = 1;
+    }
+    for (size_t f = 0; f < n_fracs; f++) {
+        for (int kind = 0; kind < kinds; kind++) { /* 0: active input channels, 1: active output rows */
             const int lim = kind ? N : K;
             b.n_idx = 0;
             for (int i = 0; i < lim; i++)
@@ -188,7 +200,7 @@ int main(int argc, char **argv) {
     const ea_isa best = ea_isa_detect();
     int sk = 0, sn = 0;
     if (getenv("BENCH_SHAPE")) sscanf(getenv("BENCH_SHAPE"), "%d,%d", &sk, &sn);
-    for (int p = 0; p < 2; p++) {
+    for (int p = getenv("BENCH_2T") ? 1 : 0; p < 2; p++) { /* BENCH_2T: the 2-thread pool only */
         if (sk) { bench_sparse(sk, sn, bs, seconds, pools[p], best); continue; }
         bench_sparse(2048, 5632, bs, seconds, pools[p], best); /* gate/up shape */
         bench_sparse(5632, 2048, bs, seconds, pools[p], best); /* down shape */
