@@ -198,7 +198,8 @@ class NativeSession:
             _check(lib.ea_session_profile_get(self._ptr, i, rec))
             out.append({"name": ffi.string(rec.name).decode(), "op_type": ffi.string(rec.op_type).decode(),
                         "calls": int(rec.calls), "ns": int(rec.ns), "weight_bytes": int(rec.weight_bytes),
-                        "active": int(rec.active), "total": int(rec.total)})
+                        "active": int(rec.active), "total": int(rec.total),
+                        "sparse_calls": int(rec.sparse_calls)})
         return out
 
 

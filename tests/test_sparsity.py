@@ -103,19 +103,34 @@ def test_native_matches_onnxruntime(folders, tiny, method):
 @pytest.mark.skipif(not native_available(), reason="native runtime not built")
 @pytest.mark.parametrize("method", METHODS)
 def test_sparse_kernels_equal_the_dense_fallback_bit_for_bit(folders, tiny, method, monkeypatch):
-    # The tiny model's widths sit below the sparse kernel's minimum, so decode runs the dense kernel
-    # on the masked input; EDGEACT_SPARSE_ALWAYS forces the input-sparse GEMV (q/k/v and gate/up
-    # stacked into one where they share a Sparsify), whose results must be the same bits.
+    # Three ways to run decode's GEMVs behind a Sparsify, which must give the same bits:
+    # EDGEACT_SPARSE_STATIC (the fixed crossover; the tiny model's widths sit below the sparse
+    # kernel's minimum, so the dense kernel on the masked input), EDGEACT_SPARSE_ALWAYS (the
+    # input-sparse GEMV, q/k/v and gate/up stacked into one where they share a Sparsify), and
+    # the default, which times both paths on the first calls and then mixes them.
     _, ids = tiny
 
     def decode():
         eng = edgeact.load(folders[method], engine="native").engine
         eng.forward(ids[:10])
-        return np.concatenate([eng.forward(ids[i:i + 1]) for i in range(10, 40)])
+        eng.session.profile(True)
+        out = np.concatenate([eng.forward(ids[i:i + 1]) for i in range(10, 40)])
+        recs = [r for r in eng.session.profile_records() if r["op_type"] == "MatMulNBits" and r["total"] == 0]
+        return out, {r["name"]: (r["sparse_calls"], r["calls"]) for r in recs}
 
-    ref = decode()
     monkeypatch.setenv("EDGEACT_SPARSE_ALWAYS", "1")
-    assert np.array_equal(decode(), ref)
+    ref, paths = decode()
+    sparse_steps = [n for n, (sp, calls) in paths.items() if sp == calls == 30]
+    assert sparse_steps, sorted(paths.items())
+    monkeypatch.delenv("EDGEACT_SPARSE_ALWAYS")
+    measured, paths = decode()
+    assert np.array_equal(measured, ref)
+    # the measured choice explores: each path ran at least 3 times (sparse_tune.h)
+    assert all(3 <= paths[n][0] <= 27 for n in sparse_steps), paths
+    monkeypatch.setenv("EDGEACT_SPARSE_STATIC", "1")
+    static, paths = decode()
+    assert np.array_equal(static, ref)
+    assert all(paths[n][0] == 0 for n in sparse_steps), paths
 
 
 @pytest.mark.skipif(not native_available(), reason="native runtime not built")

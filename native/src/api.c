@@ -302,6 +302,7 @@ int ea_session_profile_reset(ea_session *ss) {
     memset(ss->prof_bytes, 0, sizeof(uint64_t) * (size_t)ss->n_exec);
     memset(ss->prof_active, 0, sizeof(uint64_t) * (size_t)ss->n_exec);
     memset(ss->prof_total, 0, sizeof(uint64_t) * (size_t)ss->n_exec);
+    memset(ss->prof_sparse, 0, sizeof(uint64_t) * (size_t)ss->n_exec);
     return EA_OK;
 }
 
@@ -319,6 +320,7 @@ int ea_session_profile_get(const ea_session *ss, int index, ea_profile_record *o
     out->weight_bytes = ss->prof_bytes[index];
     out->active = ss->prof_active[index];
     out->total = ss->prof_total[index];
+    out->sparse_calls = ss->prof_sparse[index];
     return EA_OK;
 }
 

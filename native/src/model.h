@@ -111,6 +111,7 @@ struct ea_model {
     int n_nmask, nmask_width; /* NeuronMask nodes (CoreInfer) and their width */
     int n_fused, max_fused_n;
     int sparse_always;    /* EDGEACT_SPARSE_ALWAYS=1: never hand a sparse GEMV to the dense kernel (tests) */
+    int sparse_static;    /* EDGEACT_SPARSE_STATIC=1: the fixed crossover instead of the measured one */
     fused_gemv *fused;
     int hidden, vocab, max_context, n_heads, n_kv_heads, head_dim;
     int max_act_width, max_q_width, max_kv_width;

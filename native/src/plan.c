@@ -801,11 +801,21 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
         step *st = &m->steps[s];
         if (st->op != OP_QMATMUL || st->qw.bits != 4 || st->f32act || st->in[0] < 0) continue;
         int p = m->values[st->in[0]].producer;
+        /* CATS: down reads SiLU(gate), sparsified, times up; its zeros are the Sparsify's */
+        if (p >= 0 && p < m->n_steps && m->steps[p].op == OP_MUL)
+            for (int k = 0; k < 2; k++) {
+                const int v = m->steps[p].in[k], q = v >= 0 ? m->values[v].producer : -1;
+                if (q >= 0 && q < m->n_steps && m->steps[q].op == OP_SPARSIFY &&
+                    m->values[m->steps[q].out].width == m->values[st->in[0]].width)
+                    p = q;
+            }
         if (p < 0 || p >= m->n_steps || (m->steps[p].op != OP_SPARSIFY && m->steps[p].op != OP_NEURON_MASK)) continue;
         st->sparse_src = p + 1;
     }
     const char *always = getenv("EDGEACT_SPARSE_ALWAYS");
     m->sparse_always = always && *always && strcmp(always, "0") != 0;
+    const char *fixed = getenv("EDGEACT_SPARSE_STATIC");
+    m->sparse_static = fixed && *fixed && strcmp(fixed, "0") != 0;
     m->fused = calloc((size_t)m->n_steps / 2 + 1, sizeof *m->fused);
     if (!m->fused) {
         ea_fail(err, "out of memory");

@@ -133,12 +133,27 @@ static void neuron_mask(ea_session *ss, const step *st, int si, int e, const flo
     }
 }
 
+/* The path of a decode GEMV behind a Sparsify (sparse_tune.h): measured per unit, unless a
+ * setting fixes it. Both paths give the same bits. */
+static int pick_sparse(ea_session *ss, const ea_qweight_cm *cm, int unit, int n_active) {
+    const ea_model *m = ss->m;
+    if (m->sparse_always) return 1;
+    if (m->sparse_static) return !ea_sparse_prefers_dense(cm, n_active);
+    return ea_tune_pick(&ss->tune[unit], n_active);
+}
+
+static void tune_record(ea_session *ss, int unit, int sparse, int n_active, uint64_t ns) {
+    if (!ss->m->sparse_always && !ss->m->sparse_static) ea_tune_record(&ss->tune[unit], sparse, n_active, ns);
+}
+
 /* Runs S tokens at positions pos0.. ; logits rows go to `logits` (all rows, or the last one
  * when last_only; NULL skips the logits step). Returns an EA_ERR_* code. */
 static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *logits, int last_only, ea_err *err) {
     ea_model *m = ss->m;
     ea_kctx *ctx = &ss->kctx;
     ss->fused_owner = 0;
+    memset(ss->unit_sparse, -1, (size_t)m->n_fused + 1);
+    memset(ss->unit_ns, 0, sizeof(uint64_t) * ((size_t)m->n_fused + 1));
     for (int e = 0; e < ss->n_exec; e++) {
         const int si = ss->exec_steps[e];
         const step *st = &m->steps[si];
@@ -195,11 +210,16 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 break;
             }
             if (st->fuse && rows == 1) {
-                /* a sibling of a stacked GEMV: the first to run computes all of them (the
-                 * input and its active list are the same), the others copy their rows */
-                const fused_gemv *g = &m->fused[st->fuse - 1];
+                /* a sibling of a stacked GEMV: the first to run picks the path for the group and,
+                 * when sparse, computes all of them (the input and its active list are the same);
+                 * the others copy their rows. Dense, each runs its own GEMV on the masked input. */
+                const int gi = st->fuse - 1;
+                const fused_gemv *g = &m->fused[gi];
                 const int src = st->sparse_src - 1, na = ss->n_active[src];
-                if (!m->sparse_always && ea_sparse_prefers_dense(&g->cm, na)) {
+                const uint64_t u0 = now_ns();
+                if (ss->unit_sparse[gi] < 0) ss->unit_sparse[gi] = (int8_t)pick_sparse(ss, &g->cm, gi, na);
+                const int sparse = ss->unit_sparse[gi];
+                if (!sparse) {
                     rc = ea_masked_qgemv(ctx, &st->qw, a, ss->active[src], na, y);
                 } else {
                     if (ss->fused_owner != st->fuse) {
@@ -207,15 +227,28 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                         ss->fused_owner = rc ? 0 : st->fuse;
                     }
                     if (!rc) memcpy(y, ss->fused_y + st->fuse_off, sizeof(float) * (size_t)st->N);
-                    if (si == g->step[g->n - 1]) ss->fused_owner = 0;
                 }
+                ss->unit_ns[gi] += now_ns() - u0;
+                if (si == g->step[g->n - 1]) {
+                    tune_record(ss, gi, sparse, na, ss->unit_ns[gi]);
+                    ss->fused_owner = 0;
+                    ss->unit_sparse[gi] = -1;
+                    ss->unit_ns[gi] = 0;
+                }
+                if (__builtin_expect(ss->profile, 0)) ss->prof_sparse[e] += (uint64_t)sparse;
                 bytes = (uint64_t)((double)st->weight_bytes * na / (st->K ? st->K : 1));
                 break;
             }
             if (st->sparse_src && rows == 1) {
-                /* one row behind a Sparsify: read only the weights of its active channels */
-                const int src = st->sparse_src - 1, na = ss->n_active[src];
-                rc = ea_sparse_qgemv(ctx, &st->cm, m->sparse_always ? NULL : &st->qw, a, ss->active[src], na, y);
+                /* one row behind a Sparsify: read only the weights of its active channels, or
+                 * all of them on the masked input where that measured faster */
+                const int src = st->sparse_src - 1, na = ss->n_active[src], unit = m->n_fused + si;
+                const uint64_t u0 = now_ns();
+                const int sparse = pick_sparse(ss, &st->cm, unit, na);
+                rc = sparse ? ea_sparse_qgemv(ctx, &st->cm, NULL, a, ss->active[src], na, y)
+                            : ea_masked_qgemv(ctx, &st->qw, a, ss->active[src], na, y);
+                tune_record(ss, unit, sparse, na, now_ns() - u0);
+                if (__builtin_expect(ss->profile, 0)) ss->prof_sparse[e] += (uint64_t)sparse;
                 bytes = (uint64_t)((double)st->weight_bytes * na / (st->K ? st->K : 1));
                 break;
             }
@@ -426,6 +459,10 @@ void ea_session_destroy(ea_session *ss) {
     free(ss->prof_bytes);
     free(ss->prof_active);
     free(ss->prof_total);
+    free(ss->prof_sparse);
+    free(ss->tune);
+    free(ss->unit_sparse);
+    free(ss->unit_ns);
     if (ss->active)
         for (int s = 0; s < ss->m->n_steps; s++) free(ss->active[s]);
     free(ss->active);
@@ -480,9 +517,14 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     ss->prof_bytes = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
     ss->prof_active = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
     ss->prof_total = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
+    ss->prof_sparse = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
+    ss->tune = calloc((size_t)(m->n_fused + m->n_steps) + 1, sizeof(ea_sparse_tune));
+    ss->unit_sparse = malloc((size_t)m->n_fused + 1);
+    ss->unit_ns = calloc((size_t)m->n_fused + 1, sizeof(uint64_t));
     ss->active = calloc((size_t)m->n_steps + 1, sizeof(int32_t *));
     ss->n_active = calloc((size_t)m->n_steps + 1, sizeof(int));
-    if (!ss->prof_active || !ss->prof_total || !ss->active || !ss->n_active)
+    if (!ss->prof_active || !ss->prof_total || !ss->prof_sparse || !ss->tune || !ss->unit_sparse || !ss->unit_ns ||
+        !ss->active || !ss->n_active)
         return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
     for (int s = 0; s < m->n_steps; s++)
         if ((m->steps[s].op == OP_SPARSIFY || m->steps[s].op == OP_NEURON_MASK) &&

@@ -2,6 +2,7 @@
 #define EDGEACT_SESSION_H
 
 #include "model.h"
+#include "sparse_tune.h"
 
 struct ea_session {
     ea_model *m;
@@ -38,6 +39,12 @@ struct ea_session {
     float *kept_y;          /* one row of kept outputs before the scatter */
     float *fused_y;         /* one row of a fused_gemv's outputs, computed by the first member to run */
     int fused_owner;        /* 1 + the fused_gemv fused_y holds this token, 0 = none */
+    /* the measured sparse/dense choice of decode GEMVs behind a Sparsify, per unit: fused group g
+     * at g, a lone sparse step si at n_fused + si; a group's choice and time of this token */
+    ea_sparse_tune *tune;
+    int8_t *unit_sparse;    /* per fused group: -1 undecided this token, else the path taken */
+    uint64_t *unit_ns;      /* per fused group: its members' time so far this token */
+    uint64_t *prof_sparse;  /* per exec step: calls that ran the input-sparse GEMV */
 };
 
 int ea_physical_cores(void);

@@ -1,0 +1,31 @@
+/* The measured crossover between the sparse and the dense decode GEMV (sparse_tune.h). */
+#include "sparse_tune.h"
+
+static int predict_sparse(const ea_sparse_tune *t, int n_active) {
+    const double na = n_active > 1 ? (double)n_active : 1.0;
+    return t->sparse_ns_ch * na < t->dense_ns;
+}
+
+int ea_tune_pick(ea_sparse_tune *t, int n_active) {
+    if (t->n_sparse < EA_TUNE_SAMPLES || t->n_dense < EA_TUNE_SAMPLES)
+        return t->n_sparse <= t->n_dense; /* explore: alternate, sparse first */
+    const int pred = predict_sparse(t, n_active);
+    return ++t->calls % EA_TUNE_REFRESH == 0 ? !pred : pred;
+}
+
+/* The first sample of a path is warm-up (scratch growth, cold code); the next ones average,
+ * then a moving average follows the machine. A sample far above the estimate (the thread
+ * was preempted) moves it by at most 4x the estimate's weight. */
+static void fold(double *est, uint32_t *n, double x) {
+    const uint32_t k = (*n)++;
+    if (k == 0) return;
+    if (k == 1) { *est = x; return; }
+    if (x > 4.0 * *est) x = 4.0 * *est;
+    const double a = k < EA_TUNE_SAMPLES + 2 ? 1.0 / k : 0.2;
+    *est += a * (x - *est);
+}
+
+void ea_tune_record(ea_sparse_tune *t, int sparse, int n_active, uint64_t ns) {
+    if (sparse) fold(&t->sparse_ns_ch, &t->n_sparse, (double)ns / (n_active > 1 ? n_active : 1));
+    else fold(&t->dense_ns, &t->n_dense, (double)ns);
+}
