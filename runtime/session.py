@@ -199,7 +199,7 @@ class NativeSession:
             out.append({"name": ffi.string(rec.name).decode(), "op_type": ffi.string(rec.op_type).decode(),
                         "calls": int(rec.calls), "ns": int(rec.ns), "weight_bytes": int(rec.weight_bytes),
                         "active": int(rec.active), "total": int(rec.total),
-                        "sparse_calls": int(rec.sparse_calls)})
+                        "sparse_calls": int(rec.sparse_calls), "sparse_eligible": int(rec.sparse_eligible)})
         return out
 
 

@@ -159,9 +159,12 @@ def _time_engine(prefill, step, reset, pp: int, tg: int, reps: int, vocab: int) 
     return {"pp": pp_s, "tg": tg_s}
 
 
-def decode_sparsity(eng, tg: int, vocab: int) -> dict[str, float]:
+def decode_sparsity(eng, tg: int, vocab: int) -> tuple[dict[str, float], dict[str, float]]:
     """Share of zeroed inputs per sparse site type (attn_in, attn_out, ffn_in, ffn_out,
-    ffn_act) over `tg` decode steps, from the native profiler's Sparsify and NeuronMask records."""
+    ffn_act) over `tg` decode steps, from the native profiler's Sparsify and NeuronMask records;
+    and per projection behind them (q, k, v, o, gate, up, down), the share of decode calls that
+    ran the input-sparse GEMV rather than the dense one on the masked input (the runtime times
+    both and takes the faster)."""
     ids = np.random.default_rng(1).integers(3, vocab, size=tg + 1, dtype=np.int64)
     eng.reset()
     eng.forward(ids[:1])
@@ -175,7 +178,13 @@ def decode_sparsity(eng, tg: int, vocab: int) -> dict[str, float]:
         eng.profile(False)
         eng.reset()
     agg: dict[str, list[int]] = {}
+    paths: dict[str, list[int]] = {}
     for r in recs:
+        if r.get("sparse_eligible"):
+            kind = r["name"].rsplit(".", 1)[-1].removesuffix("_proj")
+            a = paths.setdefault(kind, [0, 0])
+            a[0] += r["sparse_calls"]
+            a[1] += r["sparse_eligible"]
         if r["op_type"] in ("Sparsify", "NeuronMask") and r["total"]:
             # a CoreInfer NeuronMask zeroes down_proj's input: the ffn_out site
             kind = ("ffn_out" if r["op_type"] == "NeuronMask"
@@ -183,7 +192,8 @@ def decode_sparsity(eng, tg: int, vocab: int) -> dict[str, float]:
             a = agg.setdefault(kind, [0, 0])
             a[0] += r["active"]
             a[1] += r["total"]
-    return {k: 1.0 - a / t for k, (a, t) in sorted(agg.items())}
+    return ({k: 1.0 - a / t for k, (a, t) in sorted(agg.items())},
+            {k: s / n for k, (s, n) in paths.items()})
 
 
 def worker(spec: dict) -> dict:
@@ -202,7 +212,7 @@ def worker(spec: dict) -> dict:
         prefill = (lambda x: last(x)) if last else eng.forward
         res = _time_engine(prefill, eng.forward, eng.reset, pp, tg, reps, vocab)
         if engine == "native" and facts["meta"].get("sparsity") and tg:
-            res["realized_sparsity"] = decode_sparsity(eng, tg, vocab)
+            res["realized_sparsity"], res["sparse_path_share"] = decode_sparsity(eng, tg, vocab)
         try:
             res["repacked_bytes"] = int(getattr(eng, "repacked_bytes", 0) or 0)
         except Exception:
@@ -352,6 +362,11 @@ def format_report(report: dict) -> str:
     if sparse:
         out += ["", "realized sparsity in native decode (share of zeroed linear inputs):"]
         out += [f"  {name}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sp.items()) for name, sp in sparse]
+    paths = [(Path(m["folder"]).name, m["engines"]["native"]["sparse_path_share"]) for m in report["models"]
+             if m["engines"].get("native", {}).get("sparse_path_share")]
+    if paths:
+        out += ["", "decode calls on the input-sparse GEMV (the rest: dense GEMV on the masked input, measured faster):"]
+        out += [f"  {name}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sp.items()) for name, sp in paths]
     return "\n".join(out)
 
 

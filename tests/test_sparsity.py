@@ -206,3 +206,19 @@ def test_realized_sparsity_with_external_data(tiny, tmp_path):
     r = realized_sparsity(folder, ids)
     assert len(r) == 8 and abs(np.mean(list(r.values())) - 0.5) <= 0.1, r
     assert sorted(p.name for p in (tmp_path / "ext").iterdir() if p.suffix == ".onnx") == ["model.onnx"]
+
+
+@pytest.mark.skipif(not native_available(), reason="native runtime not built")
+def test_bench_reports_realized_sparsity_and_the_sparse_path_share(folders):
+    from edgeact.bench import bench_models, format_report
+
+    report = bench_models([folders["dense"], folders["teal"]], engines=("native",), threads=2, pp=8, tg=24,
+                          reps=1, measure_bw=False, progress=lambda *_: None)
+    native = report["models"][1]["engines"]["native"]
+    assert set(native["realized_sparsity"]) == {"attn_in", "attn_out", "ffn_in", "ffn_out"}
+    assert all(0.05 <= v <= 0.95 for v in native["realized_sparsity"].values()), native["realized_sparsity"]
+    # every projection behind a Sparsify has the choice; which path wins is timing, not tested
+    assert set(native["sparse_path_share"]) == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert all(0.0 <= v <= 1.0 for v in native["sparse_path_share"].values())
+    text = format_report(report)
+    assert "realized sparsity in native decode" in text and "decode calls on the input-sparse GEMV" in text

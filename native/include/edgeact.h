@@ -57,8 +57,9 @@ typedef struct ea_profile_record {
     uint64_t ns;          /* wall time summed over calls */
     uint64_t weight_bytes; /* weight bytes read, summed over calls */
     uint64_t active, total; /* Sparsify: channels kept and channels seen (realized sparsity = 1 - active/total) */
-    uint64_t sparse_calls; /* MatMulNBits behind a Sparsify: decode calls that ran the input-sparse GEMV
-                            * (the others ran the dense GEMV on the masked input, measured faster) */
+    uint64_t sparse_calls; /* MatMulNBits behind a Sparsify: decode calls that ran the input-sparse GEMV */
+    uint64_t sparse_eligible; /* ... of its decode calls that could (the others ran the dense GEMV on the
+                               * masked input, measured faster) */
 } ea_profile_record;
 
 const char *ea_last_error(void);

@@ -303,6 +303,7 @@ int ea_session_profile_reset(ea_session *ss) {
     memset(ss->prof_active, 0, sizeof(uint64_t) * (size_t)ss->n_exec);
     memset(ss->prof_total, 0, sizeof(uint64_t) * (size_t)ss->n_exec);
     memset(ss->prof_sparse, 0, sizeof(uint64_t) * (size_t)ss->n_exec);
+    memset(ss->prof_eligible, 0, sizeof(uint64_t) * (size_t)ss->n_exec);
     return EA_OK;
 }
 
@@ -321,6 +322,7 @@ int ea_session_profile_get(const ea_session *ss, int index, ea_profile_record *o
     out->active = ss->prof_active[index];
     out->total = ss->prof_total[index];
     out->sparse_calls = ss->prof_sparse[index];
+    out->sparse_eligible = ss->prof_eligible[index];
     return EA_OK;
 }
 

@@ -235,7 +235,10 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                     ss->unit_sparse[gi] = -1;
                     ss->unit_ns[gi] = 0;
                 }
-                if (__builtin_expect(ss->profile, 0)) ss->prof_sparse[e] += (uint64_t)sparse;
+                if (__builtin_expect(ss->profile, 0)) {
+                    ss->prof_sparse[e] += (uint64_t)sparse;
+                    ss->prof_eligible[e]++;
+                }
                 bytes = (uint64_t)((double)st->weight_bytes * na / (st->K ? st->K : 1));
                 break;
             }
@@ -248,7 +251,10 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 rc = sparse ? ea_sparse_qgemv(ctx, &st->cm, NULL, a, ss->active[src], na, y)
                             : ea_masked_qgemv(ctx, &st->qw, a, ss->active[src], na, y);
                 tune_record(ss, unit, sparse, na, now_ns() - u0);
-                if (__builtin_expect(ss->profile, 0)) ss->prof_sparse[e] += (uint64_t)sparse;
+                if (__builtin_expect(ss->profile, 0)) {
+                    ss->prof_sparse[e] += (uint64_t)sparse;
+                    ss->prof_eligible[e]++;
+                }
                 bytes = (uint64_t)((double)st->weight_bytes * na / (st->K ? st->K : 1));
                 break;
             }
@@ -460,6 +466,7 @@ void ea_session_destroy(ea_session *ss) {
     free(ss->prof_active);
     free(ss->prof_total);
     free(ss->prof_sparse);
+    free(ss->prof_eligible);
     free(ss->tune);
     free(ss->unit_sparse);
     free(ss->unit_ns);
@@ -518,12 +525,13 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     ss->prof_active = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
     ss->prof_total = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
     ss->prof_sparse = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
+    ss->prof_eligible = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
     ss->tune = calloc((size_t)(m->n_fused + m->n_steps) + 1, sizeof(ea_sparse_tune));
     ss->unit_sparse = malloc((size_t)m->n_fused + 1);
     ss->unit_ns = calloc((size_t)m->n_fused + 1, sizeof(uint64_t));
     ss->active = calloc((size_t)m->n_steps + 1, sizeof(int32_t *));
     ss->n_active = calloc((size_t)m->n_steps + 1, sizeof(int));
-    if (!ss->prof_active || !ss->prof_total || !ss->prof_sparse || !ss->tune || !ss->unit_sparse || !ss->unit_ns ||
+    if (!ss->prof_active || !ss->prof_total || !ss->prof_sparse || !ss->prof_eligible || !ss->tune || !ss->unit_sparse || !ss->unit_ns ||
         !ss->active || !ss->n_active)
         return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
     for (int s = 0; s < m->n_steps; s++)

@@ -44,7 +44,8 @@ struct ea_session {
     ea_sparse_tune *tune;
     int8_t *unit_sparse;    /* per fused group: -1 undecided this token, else the path taken */
     uint64_t *unit_ns;      /* per fused group: its members' time so far this token */
-    uint64_t *prof_sparse;  /* per exec step: calls that ran the input-sparse GEMV */
+    uint64_t *prof_sparse, *prof_eligible; /* per exec step: decode calls on the input-sparse GEMV, and
+                                            * calls that had the choice */
 };
 
 int ea_physical_cores(void);
