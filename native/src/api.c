@@ -21,7 +21,7 @@ void ea_session_destroy(ea_session *ss);
 static _Thread_local ea_err last_err;
 
 const char *ea_last_error(void) { return last_err.msg; }
-const char *ea_version(void) { return "0.1.0"; }
+const char *ea_version(void) { return "0.2.0"; } /* 0.2: ea_profile_record gained sparse_calls, sparse_eligible */
 
 static int fail(int code, const char *fmt, const char *arg) {
     snprintf(last_err.msg, sizeof last_err.msg, fmt, arg);

@@ -803,8 +803,8 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
         int p = m->values[st->in[0]].producer;
         /* CATS: down reads SiLU(gate), sparsified, times up; its zeros are the Sparsify's */
         if (p >= 0 && p < m->n_steps && m->steps[p].op == OP_MUL)
-            for (int k = 0; k < 2; k++) {
-                const int v = m->steps[p].in[k], q = v >= 0 ? m->values[v].producer : -1;
+            for (int k = 0, mul = p; k < 2; k++) {
+                const int v = m->steps[mul].in[k], q = v >= 0 ? m->values[v].producer : -1;
                 if (q >= 0 && q < m->n_steps && m->steps[q].op == OP_SPARSIFY &&
                     m->values[m->steps[q].out].width == m->values[st->in[0]].width)
                     p = q;

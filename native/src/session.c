@@ -230,7 +230,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 }
                 ss->unit_ns[gi] += now_ns() - u0;
                 if (si == g->step[g->n - 1]) {
-                    tune_record(ss, gi, sparse, na, ss->unit_ns[gi]);
+                    if (!rc) tune_record(ss, gi, sparse, na, ss->unit_ns[gi]);
                     ss->fused_owner = 0;
                     ss->unit_sparse[gi] = -1;
                     ss->unit_ns[gi] = 0;
@@ -239,7 +239,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                     ss->prof_sparse[e] += (uint64_t)sparse;
                     ss->prof_eligible[e]++;
                 }
-                bytes = (uint64_t)((double)st->weight_bytes * na / (st->K ? st->K : 1));
+                if (sparse) bytes = (uint64_t)((double)st->weight_bytes * na / (st->K ? st->K : 1));
                 break;
             }
             if (st->sparse_src && rows == 1) {
@@ -250,12 +250,12 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 const int sparse = pick_sparse(ss, &st->cm, unit, na);
                 rc = sparse ? ea_sparse_qgemv(ctx, &st->cm, NULL, a, ss->active[src], na, y)
                             : ea_masked_qgemv(ctx, &st->qw, a, ss->active[src], na, y);
-                tune_record(ss, unit, sparse, na, now_ns() - u0);
+                if (!rc) tune_record(ss, unit, sparse, na, now_ns() - u0);
                 if (__builtin_expect(ss->profile, 0)) {
                     ss->prof_sparse[e] += (uint64_t)sparse;
                     ss->prof_eligible[e]++;
                 }
-                bytes = (uint64_t)((double)st->weight_bytes * na / (st->K ? st->K : 1));
+                if (sparse) bytes = (uint64_t)((double)st->weight_bytes * na / (st->K ? st->K : 1));
                 break;
             }
             rc = st->op == OP_QMATMUL ? (st->f32act ? ea_qmatmul_f32act : ea_qmatmul)(ctx, &st->qw, a, rows, y)

@@ -13,19 +13,23 @@ int ea_tune_pick(ea_sparse_tune *t, int n_active) {
     return ++t->calls % EA_TUNE_REFRESH == 0 ? !pred : pred;
 }
 
-/* The first sample of a path is warm-up (scratch growth, cold code); the next ones average,
- * then a moving average follows the machine. A sample far above the estimate (the thread
- * was preempted) moves it by at most 4x the estimate's weight. */
+/* The first sample of a path is warm-up (scratch growth, cold code); the estimate starts at
+ * the lower of the next two (one preempted sample cannot set it), then a moving average
+ * follows the machine. A sample far above the estimate (the thread was preempted) moves it by
+ * at most 4x the estimate's weight; the floor of 1 ns keeps a zero from sticking. */
 static void fold(double *est, uint32_t *n, double x) {
     const uint32_t k = (*n)++;
     if (k == 0) return;
+    if (x < 1.0) x = 1.0;
     if (k == 1) { *est = x; return; }
+    if (k == 2) { *est = x < *est ? x : *est; return; }
     if (x > 4.0 * *est) x = 4.0 * *est;
     const double a = k < EA_TUNE_SAMPLES + 2 ? 1.0 / k : 0.2;
     *est += a * (x - *est);
 }
 
 void ea_tune_record(ea_sparse_tune *t, int sparse, int n_active, uint64_t ns) {
-    if (sparse) fold(&t->sparse_ns_ch, &t->n_sparse, (double)ns / (n_active > 1 ? n_active : 1));
-    else fold(&t->dense_ns, &t->n_dense, (double)ns);
+    /* a call with no active channel costs only the fixed part: it says nothing per channel */
+    if (sparse && n_active > 0) fold(&t->sparse_ns_ch, &t->n_sparse, (double)ns / n_active);
+    else if (!sparse) fold(&t->dense_ns, &t->n_dense, (double)ns);
 }

@@ -14,7 +14,8 @@
 
 #include <stdint.h>
 
-#define EA_TUNE_SAMPLES 3   /* samples per path before predicting (the first one is warm-up) */
+#define EA_TUNE_SAMPLES 3   /* samples per path before predicting (the first one is warm-up, the
+                             * estimate starts at the lower of the other two) */
 #define EA_TUNE_REFRESH 64  /* one call in this many takes the path not predicted */
 
 typedef struct ea_sparse_tune {

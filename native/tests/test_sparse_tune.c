@@ -68,8 +68,23 @@ int main(void) {
     CHECK(t.sparse_ns_ch < 2000.0 / 100, "estimate after an outlier: %g ns per channel", t.sparse_ns_ch);
     CHECK(drive(&t, 8, 100, 10, 2000) == 8, "one outlier flipped the choice");
 
-    /* no active channel: the sparse path is free */
-    CHECK(ea_tune_pick(&t, 0) == 1, "0 channels should run sparse");
+    /* the estimate starts at the lower of the two samples after warm-up: a preempted one is
+     * not taken; a sparse call without active channels says nothing per channel */
+    memset(&t, 0, sizeof t);
+    ea_tune_record(&t, 1, 100, 500);    /* warm-up */
+    ea_tune_record(&t, 1, 100, 100000); /* preempted */
+    ea_tune_record(&t, 1, 100, 1000);
+    CHECK(t.sparse_ns_ch == 10.0, "seeded at %g ns per channel", t.sparse_ns_ch);
+    ea_tune_record(&t, 1, 0, 5000);
+    CHECK(t.n_sparse == 3 && t.sparse_ns_ch == 10.0, "a call without active channels was counted");
+    ea_tune_record(&t, 0, 100, 0);
+    ea_tune_record(&t, 0, 100, 0);
+    CHECK(t.dense_ns >= 1.0, "a zero sample stuck the estimate at %g", t.dense_ns);
+
+    /* no active channel: the sparse path is free, even where dense wins at 100 */
+    memset(&t, 0, sizeof t);
+    drive(&t, 2 * EA_TUNE_SAMPLES, 100, 40, 3000);
+    CHECK(ea_tune_pick(&t, 100) == 0 && ea_tune_pick(&t, 0) == 1, "0 channels should run sparse");
 
     printf("test_sparse_tune: %s: %d failure(s)\n", failures ? "FAILED" : "ok", failures);
     return failures ? 1 : 0;
