@@ -15,15 +15,18 @@ int ea_tune_pick(ea_sparse_tune *t, int n_active) {
 
 /* The first sample of a path is warm-up (scratch growth, cold code); the estimate starts at
  * the lower of the next two (one preempted sample cannot set it), then a moving average
- * follows the machine. A sample far above the estimate (the thread was preempted) moves it by
- * at most 4x the estimate's weight; the floor of 1 ns keeps a zero from sticking. */
+ * follows the machine. A sample above 1.5x the estimate counts as 1.5x: the path in use is
+ * sampled on every call and the other one only on re-checks, so one slow call (a preempted
+ * thread, the first decode step after a long prompt) must not flip the choice for 64 calls,
+ * as it did with a 4x cap (TinyLlama teal 0.5 after pp128: gate/up sparse on 32% of calls);
+ * a real slowdown still moves it 10% per call. The floor of 1 ns keeps a zero from sticking. */
 static void fold(double *est, uint32_t *n, double x) {
     const uint32_t k = (*n)++;
     if (k == 0) return;
     if (x < 1.0) x = 1.0;
     if (k == 1) { *est = x; return; }
     if (k == 2) { *est = x < *est ? x : *est; return; }
-    if (x > 4.0 * *est) x = 4.0 * *est;
+    if (x > 1.5 * *est) x = 1.5 * *est;
     const double a = k < EA_TUNE_SAMPLES + 2 ? 1.0 / k : 0.2;
     *est += a * (x - *est);
 }
