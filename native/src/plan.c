@@ -713,6 +713,12 @@ static int assign_slots(ea_model *m, ea_err *err) {
     return 0;
 }
 
+/* A switch in the environment: set, non-empty and not "0". */
+static int env_flag(const char *name) {
+    const char *v = getenv(name);
+    return v && *v && strcmp(v, "0") != 0;
+}
+
 int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
     onnx_model *om = &m->onnx;
     if (ea_resolve_tensors(m, dir, err)) return EA_ERR_FORMAT;
@@ -812,10 +818,8 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
         if (p < 0 || p >= m->n_steps || (m->steps[p].op != OP_SPARSIFY && m->steps[p].op != OP_NEURON_MASK)) continue;
         st->sparse_src = p + 1;
     }
-    const char *always = getenv("EDGEACT_SPARSE_ALWAYS");
-    m->sparse_always = always && *always && strcmp(always, "0") != 0;
-    const char *fixed = getenv("EDGEACT_SPARSE_STATIC");
-    m->sparse_static = fixed && *fixed && strcmp(fixed, "0") != 0;
+    m->sparse_always = env_flag("EDGEACT_SPARSE_ALWAYS");
+    m->sparse_static = env_flag("EDGEACT_SPARSE_STATIC");
     m->fused = calloc((size_t)m->n_steps / 2 + 1, sizeof *m->fused);
     if (!m->fused) {
         ea_fail(err, "out of memory");

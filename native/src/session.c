@@ -146,6 +146,16 @@ static void tune_record(ea_session *ss, int unit, int sparse, int n_active, uint
     if (!ss->m->sparse_always && !ss->m->sparse_static) ea_tune_record(&ss->tune[unit], sparse, n_active, ns);
 }
 
+/* After a decode GEMV behind a Sparsify (exec step e): the profile's path counts; returns the
+ * weight bytes it read (the active channels' share on the sparse path, all on the dense one). */
+static uint64_t gemv_path_done(ea_session *ss, int e, const step *st, int sparse, int n_active) {
+    if (__builtin_expect(ss->profile, 0)) {
+        ss->prof_sparse[e] += (uint64_t)sparse;
+        ss->prof_eligible[e]++;
+    }
+    return sparse ? (uint64_t)((double)st->weight_bytes * n_active / (st->K ? st->K : 1)) : st->weight_bytes;
+}
+
 /* Runs S tokens at positions pos0.. ; logits rows go to `logits` (all rows, or the last one
  * when last_only; NULL skips the logits step). Returns an EA_ERR_* code. */
 static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *logits, int last_only, ea_err *err) {
@@ -235,11 +245,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                     ss->unit_sparse[gi] = -1;
                     ss->unit_ns[gi] = 0;
                 }
-                if (__builtin_expect(ss->profile, 0)) {
-                    ss->prof_sparse[e] += (uint64_t)sparse;
-                    ss->prof_eligible[e]++;
-                }
-                if (sparse) bytes = (uint64_t)((double)st->weight_bytes * na / (st->K ? st->K : 1));
+                bytes = gemv_path_done(ss, e, st, sparse, na);
                 break;
             }
             if (st->sparse_src && rows == 1) {
@@ -251,11 +257,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 rc = sparse ? ea_sparse_qgemv(ctx, &st->cm, NULL, a, ss->active[src], na, y)
                             : ea_masked_qgemv(ctx, &st->qw, a, ss->active[src], na, y);
                 if (!rc) tune_record(ss, unit, sparse, na, now_ns() - u0);
-                if (__builtin_expect(ss->profile, 0)) {
-                    ss->prof_sparse[e] += (uint64_t)sparse;
-                    ss->prof_eligible[e]++;
-                }
-                if (sparse) bytes = (uint64_t)((double)st->weight_bytes * na / (st->K ? st->K : 1));
+                bytes = gemv_path_done(ss, e, st, sparse, na);
                 break;
             }
             rc = st->op == OP_QMATMUL ? (st->f32act ? ea_qmatmul_f32act : ea_qmatmul)(ctx, &st->qw, a, rows, y)
