@@ -11,16 +11,8 @@
 
 #include "../include/edgeact.h"
 
-static int failures = 0;
-#define CHECK(cond, ...)                                             \
-    do {                                                             \
-        if (!(cond)) {                                               \
-            failures++;                                              \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);     \
-            fprintf(stderr, __VA_ARGS__);                            \
-            fprintf(stderr, " [last error: %s]\n", ea_last_error()); \
-        }                                                            \
-    } while (0)
+#define CHECK_CONTEXT() fprintf(stderr, " [last error: %s]\n", ea_last_error())
+#include "check.h"
 
 static float max_abs_diff(const float *a, const float *b, size_t n) {
     float m = 0.0f;

@@ -6,16 +6,7 @@
 
 #include "../src/sparse_tune.h"
 
-static int failures = 0;
-#define CHECK(cond, ...)                                             \
-    do {                                                             \
-        if (!(cond)) {                                               \
-            failures++;                                              \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);     \
-            fprintf(stderr, __VA_ARGS__);                            \
-            fputc('\n', stderr);                                     \
-        }                                                            \
-    } while (0)
+#include "check.h"
 
 /* Runs calls with n_active channels where a sparse run costs sparse_ch ns per channel and a
  * dense run dense ns; returns how many of `calls` took the sparse path. */
