@@ -307,16 +307,8 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
             for (int r = 0; r < S; r++) {
                 const float *xr = a + (size_t)r * w;
                 float *yr = y + (size_t)r * w;
-                int32_t *act = ss->active[si];
-                na = 0;
-                for (int k = 0; k < w; k++) {
-                    /* same rule as the function body: keep when |x|·col_scale >= threshold;
-                     * branch-free (a data-dependent branch mispredicts half the time at 50%) */
-                    const int keep = fabsf(xr[k]) * st->colsc[k] >= st->thr[k];
-                    yr[k] = keep ? xr[k] : 0.0f;
-                    act[na] = k;
-                    na += keep;
-                }
+                /* same rule as the function body: keep when |x|·col_scale >= threshold */
+                na = ea_sparsify(ctx, xr, st->thr, st->colsc, w, yr, ss->active[si]);
                 if (__builtin_expect(ss->profile, 0)) {
                     ss->prof_active[e] += (uint64_t)na;
                     ss->prof_total[e] += (uint64_t)w;

@@ -602,6 +602,46 @@ static void probe_task(void *arg, int task, int thread) {
     atomic_fetch_add(&p->sum, task);
 }
 
+/* Sparsify against the scalar rule, bit for bit (y and the active list): lengths
+ * around the vector widths, ties |x|*c == thr, NaN, infinities and signed zeros. */
+static void test_sparsify(ea_isa isa) {
+    enum { NMAX = 2048 + 13 };
+    ea_kctx ctx;
+    ea_kctx_init(&ctx, isa, NULL);
+    float *x = malloc(sizeof(float) * NMAX), *thr = malloc(sizeof(float) * NMAX), *cs = malloc(sizeof(float) * NMAX);
+    float *y = malloc(sizeof(float) * NMAX), *yr = malloc(sizeof(float) * NMAX);
+    int32_t *act = malloc(sizeof(int32_t) * NMAX), *ar = malloc(sizeof(int32_t) * NMAX);
+    static const float edge[] = {NAN, -NAN, INFINITY, -INFINITY, 0.0f, -0.0f, 1e-40f, -1e-40f};
+    static const int lens[] = {0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 64, 577, NMAX};
+    for (size_t li = 0; li < sizeof lens / sizeof lens[0]; li++) {
+        const int n = lens[li];
+        for (int i = 0; i < n; i++) {
+            x[i] = rnd() % 13 == 0 ? edge[rnd() % 8] : rndf() * 4.0f;
+            cs[i] = rnd() % 7 == 0 ? 1.0f : fabsf(rndf()) * 2.0f;
+            /* every fourth threshold is the score itself: the tie keeps the channel */
+            thr[i] = i % 4 == 0 ? fabsf(x[i]) * cs[i] : fabsf(rndf());
+            if (i % 29 == 0) thr[i] = 0.0f;
+        }
+        const int nr = ea_sparsify_scalar(x, thr, cs, n, yr, ar);
+        memset(act, 0xff, sizeof(int32_t) * NMAX);
+        const int na = ea_sparsify(&ctx, x, thr, cs, n, y, act);
+        CHECK(na == nr, "sparsify %s n=%d: %d kept, scalar %d", ea_isa_name(isa), n, na, nr);
+        CHECK(!memcmp(y, yr, sizeof(float) * (size_t)n), "sparsify %s n=%d: y differs from scalar", ea_isa_name(isa), n);
+        CHECK(na != nr || !memcmp(act, ar, sizeof(int32_t) * (size_t)nr), "sparsify %s n=%d: active list differs",
+              ea_isa_name(isa), n);
+        int monotone = 1, kept_ok = 1;
+        for (int i = 0; i < nr; i++) monotone &= i == 0 || ar[i] > ar[i - 1];
+        for (int i = 0; i < n; i++) kept_ok &= (yr[i] == 0.0f && !signbit(yr[i])) || yr[i] == x[i];
+        CHECK(monotone && kept_ok, "sparsify scalar n=%d: list not increasing or y not x-or-zero", n);
+        /* in place (y aliases x) gives the same */
+        memcpy(y, x, sizeof(float) * (size_t)n);
+        const int ni = ea_sparsify(&ctx, y, thr, cs, n, y, act);
+        CHECK(ni == nr && !memcmp(y, yr, sizeof(float) * (size_t)n), "sparsify %s n=%d in place differs",
+              ea_isa_name(isa), n);
+    }
+    free(x); free(thr); free(cs); free(y); free(yr); free(act); free(ar);
+}
+
 static void test_pool(int n) {
     ea_pool *pool = ea_pool_create(n);
     CHECK(pool && ea_pool_size(pool) == n, "pool create %d", n);
@@ -747,6 +787,7 @@ int main(int argc, char **argv) {
         test_sparse_concat(isa, pools[p]);
     }
     test_small_ops(isa);
+    test_sparsify(isa);
     ea_pool_destroy(pool);
     printf("%s: %d failure(s)\n", failures ? "FAILED" : "ok", failures);
     return failures ? 1 : 0;

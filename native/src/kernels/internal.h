@@ -64,6 +64,16 @@ void ea_silu_mul_scalar(const float *g, const float *u, size_t n, float *y);
 void ea_silu_mul_avx2(const float *g, const float *u, size_t n, float *y);
 #endif
 
+/* ea_sparsify's rule (sparse.c); the SIMD versions in sparse_avx2.c / sparse_neon.c
+ * handle whole vectors and leave the tail to the scalar one. */
+int ea_sparsify_scalar(const float *x, const float *thr, const float *col_scale, int n, float *y, int32_t *active);
+#if EA_X86
+int ea_sparsify_avx2(const float *x, const float *thr, const float *col_scale, int n, float *y, int32_t *active);
+#endif
+#if EA_ARM64
+int ea_sparsify_neon(const float *x, const float *thr, const float *col_scale, int n, float *y, int32_t *active);
+#endif
+
 /* One query row of attention over L cached positions (transformer.c). */
 void ea_attention_row_scalar(const float *q, const float *kc, const float *vc, int hd, int L, float scale,
                              float *sc, float *out);

@@ -206,6 +206,12 @@ int ea_sparse_prefers_dense(const ea_qweight_cm *cm, int n_active);
 /* The dense GEMV of w on x masked to active[0..n_active) (strictly increasing). */
 int ea_masked_qgemv(ea_kctx *ctx, const ea_qweight *w, const float *x, const int32_t *active, int n_active, float *y);
 
+/* ai.edgeact.Sparsify on one row of n: y[k] = x[k] where |x[k]|*col_scale[k] >=
+ * thr[k], else 0 (NaN is dropped: the comparison is false); active gets the
+ * kept k ascending. Returns their count. y may alias x. */
+int ea_sparsify(const ea_kctx *ctx, const float *x, const float *thr, const float *col_scale, int n, float *y,
+                int32_t *active);
+
 /* Gated-FFN side: computes only the output rows rows[0..n_rows) (strictly
  * increasing) of MatMulNBits(x, w), M = 1, from the file row layout; other
  * entries of y are left untouched. Same values as ea_qmatmul's. */
