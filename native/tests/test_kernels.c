@@ -602,8 +602,29 @@ static void probe_task(void *arg, int task, int thread) {
     atomic_fetch_add(&p->sum, task);
 }
 
+/* Every 8-channel keep pattern once (pattern p at channels 8p..8p+7; kept lanes sit on
+ * their threshold exactly, dropped ones just above it), against the scalar rule. */
+static void test_sparsify_patterns(ea_kctx *ctx) {
+    enum { N = 256 * 8 + 5 };
+    float x[N], thr[N], cs[N], y[N], yr[N];
+    int32_t act[N], ar[N];
+    for (int k = 0; k < N; k++) {
+        const int keep = (k / 8 < 256) ? ((k / 8) >> (k % 8)) & 1 : k & 1;
+        x[k] = (k & 2 ? -1.0f : 1.0f) * (0.25f + (float)(k % 13));
+        cs[k] = 0.5f + (float)(k % 3);
+        thr[k] = fabsf(x[k]) * cs[k];
+        if (!keep) thr[k] = nextafterf(thr[k], INFINITY);
+    }
+    const int nr = ea_sparsify_scalar(x, thr, cs, N, yr, ar);
+    const int na = ea_sparsify(ctx, x, thr, cs, N, y, act);
+    CHECK(nr == 256 * 4 + 2, "sparsify patterns: scalar kept %d", nr);
+    CHECK(na == nr && !memcmp(y, yr, sizeof y) && !memcmp(act, ar, sizeof(int32_t) * (size_t)nr),
+          "sparsify %s: the 256 keep patterns differ from scalar (%d vs %d kept)", ea_isa_name(ctx->isa), na, nr);
+}
+
 /* Sparsify against the scalar rule, bit for bit (y and the active list): lengths
- * around the vector widths, ties |x|*c == thr, NaN, infinities and signed zeros. */
+ * around the vector widths, ties |x|*c == thr on random lanes, NaN, infinities and
+ * signed zeros. */
 static void test_sparsify(ea_isa isa) {
     enum { NMAX = 2048 + 13 };
     ea_kctx ctx;
@@ -618,8 +639,8 @@ static void test_sparsify(ea_isa isa) {
         for (int i = 0; i < n; i++) {
             x[i] = rnd() % 13 == 0 ? edge[rnd() % 8] : rndf() * 4.0f;
             cs[i] = rnd() % 7 == 0 ? 1.0f : fabsf(rndf()) * 2.0f;
-            /* every fourth threshold is the score itself: the tie keeps the channel */
-            thr[i] = i % 4 == 0 ? fabsf(x[i]) * cs[i] : fabsf(rndf());
+            /* a quarter of the thresholds are the score itself: the tie keeps the channel */
+            thr[i] = rnd() % 4 == 0 ? fabsf(x[i]) * cs[i] : fabsf(rndf());
             if (i % 29 == 0) thr[i] = 0.0f;
         }
         const int nr = ea_sparsify_scalar(x, thr, cs, n, yr, ar);
@@ -636,9 +657,10 @@ static void test_sparsify(ea_isa isa) {
         /* in place (y aliases x) gives the same */
         memcpy(y, x, sizeof(float) * (size_t)n);
         const int ni = ea_sparsify(&ctx, y, thr, cs, n, y, act);
-        CHECK(ni == nr && !memcmp(y, yr, sizeof(float) * (size_t)n), "sparsify %s n=%d in place differs",
-              ea_isa_name(isa), n);
+        CHECK(ni == nr && !memcmp(y, yr, sizeof(float) * (size_t)n) && !memcmp(act, ar, sizeof(int32_t) * (size_t)nr),
+              "sparsify %s n=%d in place differs", ea_isa_name(isa), n);
     }
+    test_sparsify_patterns(&ctx);
     free(x); free(thr); free(cs); free(y); free(yr); free(act); free(ar);
 }
 

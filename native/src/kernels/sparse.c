@@ -119,13 +119,19 @@ static int strictly_increasing(const int32_t *idx, int n, int limit) {
 /* Quantizes the active entries block by block with the arithmetic of
  * ea_quantize_row_scalar; blocks whose active entries are all zero are
  * dropped (they contribute exactly nothing). */
-/* nearbyintf for |v| < 2^22 in the default rounding mode (ties to even): adding 1.5 * 2^23
- * leaves no fraction bits. Baseline x86-64 has no rounding instruction, so nearbyintf and
- * fmaxf were libm calls per active channel, the largest part of this serial pass. */
+/* nearbyintf for |v| < 2^22 in the default rounding mode (ties to even). Baseline x86-64 has
+ * no rounding instruction, so nearbyintf was a libm call per active channel, the largest part
+ * of this serial pass; there, adding 1.5 * 2^23 leaves no fraction bits. Only there: with
+ * FMA the compiler may fuse the caller's multiply into the add (skipping its rounding), and
+ * x87 adds in extended precision; targets with a rounding instruction inline nearbyintf. */
+#if defined(__x86_64__) && !defined(__SSE4_1__) && !defined(__FMA__) && FLT_EVAL_METHOD == 0
 static inline float round_even_small(float v) {
     const float magic = 12582912.0f;
     return (v + magic) - magic;
 }
+#else
+static inline float round_even_small(float v) { return nearbyintf(v); }
+#endif
 
 static void quantize_active(const float *x, int bs, const int32_t *active, int n_active, ea_sparse_act *a) {
     a->n_blocks = 0;
