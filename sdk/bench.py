@@ -1,8 +1,10 @@
 """`edgeact bench`: llama-bench-style speed figures, ours against the baselines in one run.
 
-Every engine is measured in its own subprocess (`python -m edgeact.bench --worker`)
+Every engine is measured in its own subprocess (`python -m edgeact.bench --serve`)
 so that its peak RSS is its own and one engine's threads or caches do not slow
-another. Figures are tokens/s as median ± spread (half the inter-quartile range
+another. By default all of them stay loaded and take their repetitions in turn
+(interleaved), so a drift of the machine hits them alike; `--sequential` runs one
+engine at a time (`--worker`), which needs less memory at once. Figures are tokens/s as median ± spread (half the inter-quartile range
 is too fragile with 3–5 repetitions, so we report the standard deviation like
 llama-bench) over repetitions; speed claims are ratios against the baselines
 measured in the same run, because this kind of machine is noisy.
@@ -137,28 +139,6 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _time_engine(prefill, step, reset, pp: int, tg: int, reps: int, vocab: int) -> dict:
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, vocab, size=max(pp, tg) + 1, dtype=np.int64)
-    # Warm-up: page in weights, size buffers.
-    reset(); prefill(ids[:min(pp, 16)]); step(ids[:1]); reset()
-    pp_s, tg_s = [], []
-    for _ in range(reps):
-        if pp:
-            reset()
-            t0 = time.perf_counter()
-            prefill(ids[:pp])
-            pp_s.append(pp / (time.perf_counter() - t0))
-        if tg:
-            reset()
-            step(ids[:1])
-            t0 = time.perf_counter()
-            for t in ids[1:tg + 1]:
-                step(np.array([t]))
-            tg_s.append(tg / (time.perf_counter() - t0))
-    return {"pp": pp_s, "tg": tg_s}
-
-
 def decode_sparsity(eng, tg: int, vocab: int) -> tuple[dict[str, float], dict[str, float]]:
     """Share of zeroed inputs per sparse site type (attn_in, attn_out, ffn_in, ffn_out,
     ffn_act) over `tg` decode steps, from the native profiler's Sparsify and NeuronMask records;
@@ -196,68 +176,190 @@ def decode_sparsity(eng, tg: int, vocab: int) -> tuple[dict[str, float], dict[st
             {k: s / n for k, (s, n) in paths.items()})
 
 
+class Subject:
+    """One engine on one folder, inside a worker process: loaded and warmed up, then timed
+    one repetition at a time (pp then tg, as llama-bench), then finished with what needs the
+    engine itself (realized sparsity, repack size) and the process's peak RSS."""
+
+    def __init__(self, spec: dict):
+        engine, folder, threads = spec["engine"], Path(spec["folder"]), spec["threads"]
+        self.pp, self.tg = spec["pp"], spec["tg"]
+        self.facts = facts = folder_facts(folder)
+        self.vocab = facts["vocab_size"]
+        self.ids = np.random.default_rng(0).integers(3, self.vocab, size=max(self.pp, self.tg) + 1, dtype=np.int64)
+        self.extra = lambda: {}
+        n_ctx = self.pp + self.tg + 8
+        if engine in ("native", "ort"):
+            from edgeact.engines import make_engine
+
+            # The native KV cache is allocated up front: size it to the run, as llama.cpp's n_ctx is.
+            eng = make_engine(folder, engine, threads=threads, **({"n_ctx": n_ctx} if engine == "native" else {}))
+            last = getattr(eng, "logits_last", None)
+            # llama-bench's pp computes logits for the last prompt token only; do the same where we can.
+            self.prefill, self.step, self.reset = (last or eng.forward), eng.forward, eng.reset
+
+            def extra():
+                res = {}
+                if engine == "native" and facts["meta"].get("sparsity") and self.tg:
+                    res["realized_sparsity"], res["sparse_path_share"] = decode_sparsity(eng, self.tg, self.vocab)
+                try:
+                    res["repacked_bytes"] = int(getattr(eng, "repacked_bytes", 0) or 0)
+                except Exception:
+                    pass
+                return res
+
+            self.extra = extra
+        elif engine == "llama.cpp":
+            import llama_cpp
+
+            model = llama_cpp.Llama(spec["gguf"], n_ctx=n_ctx, n_batch=max(self.pp, 1), n_ubatch=max(self.pp, 1),
+                                    n_threads=threads, n_threads_batch=threads, verbose=False)
+            self.prefill = self.step = lambda x: model.eval(list(map(int, x)))
+            self.reset = model.reset
+        elif engine == "torch":
+            import torch
+
+            from edgeact.converters.torch_ref import build_torch_model
+
+            torch.set_num_threads(threads)
+            tm = build_torch_model(source_of(folder, facts["meta"]))
+            state = {}
+
+            @torch.no_grad()
+            def forward(x):
+                out = tm(torch.from_numpy(np.asarray(x, dtype=np.int64))[None], past_key_values=state.get("past"),
+                         use_cache=True)
+                state["past"] = out.past_key_values
+
+            self.prefill = self.step = forward
+            self.reset = state.clear
+        else:
+            raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+        # Warm-up: page in weights, size buffers.
+        self.reset(); self.prefill(self.ids[:min(self.pp, 16)]); self.step(self.ids[:1]); self.reset()
+
+    def rep(self) -> dict:
+        """One repetition: {'pp': t/s or None, 'tg': t/s or None, 'at': wall-clock start}."""
+        out = {"pp": None, "tg": None, "at": time.time()}
+        if self.pp:
+            self.reset()
+            t0 = time.perf_counter()
+            self.prefill(self.ids[:self.pp])
+            out["pp"] = self.pp / (time.perf_counter() - t0)
+        if self.tg:
+            self.reset()
+            self.step(self.ids[:1])
+            t0 = time.perf_counter()
+            for t in self.ids[1:self.tg + 1]:
+                self.step(np.array([t]))
+            out["tg"] = self.tg / (time.perf_counter() - t0)
+        return out
+
+    def finish(self) -> dict:
+        res = self.extra()
+        res["peak_rss"] = _peak_rss()
+        return res
+
+
+def _collect(reps: list[dict]) -> dict:
+    return {"pp": [r["pp"] for r in reps if r["pp"] is not None],
+            "tg": [r["tg"] for r in reps if r["tg"] is not None], "rep_at": [r["at"] for r in reps]}
+
+
 def worker(spec: dict) -> dict:
-    engine, folder, threads = spec["engine"], Path(spec["folder"]), spec["threads"]
-    pp, tg, reps = spec["pp"], spec["tg"], spec["reps"]
-    facts = folder_facts(folder)
-    vocab = facts["vocab_size"]
-    n_ctx = pp + tg + 8
-    if engine in ("native", "ort"):
-        from edgeact.engines import make_engine
+    """All repetitions of one engine back to back (--sequential)."""
+    s = Subject(spec)
+    reps = [s.rep() for _ in range(spec["reps"])]
+    return {**_collect(reps), **s.finish()}
 
-        # The native KV cache is allocated up front: size it to the run, as llama.cpp's n_ctx is.
-        eng = make_engine(folder, engine, threads=threads, **({"n_ctx": n_ctx} if engine == "native" else {}))
-        last = getattr(eng, "logits_last", None)
-        # llama-bench's pp computes logits for the last prompt token only; do the same where we can.
-        prefill = (lambda x: last(x)) if last else eng.forward
-        res = _time_engine(prefill, eng.forward, eng.reset, pp, tg, reps, vocab)
-        if engine == "native" and facts["meta"].get("sparsity") and tg:
-            res["realized_sparsity"], res["sparse_path_share"] = decode_sparsity(eng, tg, vocab)
-        try:
-            res["repacked_bytes"] = int(getattr(eng, "repacked_bytes", 0) or 0)
-        except Exception:
-            pass
-    elif engine == "llama.cpp":
-        import llama_cpp
 
-        model = llama_cpp.Llama(spec["gguf"], n_ctx=n_ctx, n_batch=max(pp, 1), n_ubatch=max(pp, 1),
-                                n_threads=threads, n_threads_batch=threads, verbose=False)
-        res = _time_engine(lambda x: model.eval(list(map(int, x))), lambda x: model.eval(list(map(int, x))),
-                           model.reset, pp, tg, reps, vocab)
-    elif engine == "torch":
-        import torch
+def serve(spec: dict, inp=sys.stdin, out=sys.stdout) -> None:
+    """Interleaved mode: load, say ready, then one repetition per 'rep' line until 'done'."""
+    s = Subject(spec)
+    print(json.dumps({"ready": True}), file=out, flush=True)
+    for line in inp:
+        cmd = line.strip()
+        if cmd == "rep":
+            print(json.dumps(s.rep()), file=out, flush=True)
+        elif cmd == "done":
+            print(json.dumps(s.finish()), file=out, flush=True)
+            return
 
-        from edgeact.converters.torch_ref import build_torch_model
 
-        torch.set_num_threads(threads)
-        tm = build_torch_model(source_of(folder, facts["meta"]))
-        state = {}
+def _worker_cmd(mode: str, spec: dict) -> list[str]:
+    return [sys.executable, "-m", "edgeact.bench", mode, json.dumps(spec)]
 
-        def reset():
-            state.clear()
 
-        @torch.no_grad()
-        def forward(x):
-            out = tm(torch.from_numpy(np.asarray(x, dtype=np.int64))[None], past_key_values=state.get("past"),
-                     use_cache=True)
-            state["past"] = out.past_key_values
-
-        res = _time_engine(forward, forward, reset, pp, tg, reps, vocab)
-    else:
-        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
-    res["peak_rss"] = _peak_rss()
-    return res
+def _last_error(text: str) -> str:
+    return (text.strip().splitlines() or ["worker failed"])[-1]
 
 
 def run_worker(spec: dict, timeout: float = 1800) -> dict:
     """One engine in a fresh interpreter; errors come back as {'error': ...}."""
-    proc = subprocess.run([sys.executable, "-m", "edgeact.bench", "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(_worker_cmd("--worker", spec), capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        err = (proc.stderr.strip().splitlines() or ["worker failed"])[-1]
-        return {"error": err}
+        return {"error": _last_error(proc.stderr)}
     return json.loads(lines[-1])
+
+
+class _Served:
+    """A --serve worker: one engine kept loaded in its own process, driven a repetition at a time."""
+
+    def __init__(self, spec: dict):
+        self.err = tempfile.TemporaryFile(mode="w+")   # a pipe left unread could fill and block it
+        self.proc = subprocess.Popen(_worker_cmd("--serve", spec), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.err, text=True)
+        self.reps: list[dict] = []
+        self.error = None
+        self._reply()
+
+    def _reply(self) -> dict | None:
+        if self.error is None:
+            for line in self.proc.stdout:
+                if line.startswith("{"):
+                    return json.loads(line)
+            self.proc.wait()
+            self.err.seek(0)
+            self.error = _last_error(self.err.read())
+        return None
+
+    def ask(self, cmd: str) -> dict | None:
+        if self.error is not None:
+            return None
+        try:
+            self.proc.stdin.write(cmd + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass   # it died; _reply reads why
+        return self._reply()
+
+    def result(self) -> dict:
+        fin = self.ask("done")
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+        self.err.close()
+        return {"error": self.error} if fin is None else {**_collect(self.reps), **fin}
+
+
+def run_interleaved(specs: list[dict], reps: int, progress=print) -> list[dict]:
+    """Every engine loaded at once, each in its own process, then repetition r of each in
+    turn: a drift of the machine (another tenant, the clock) hits every engine alike, so the
+    ratios between them hold better than with each engine's repetitions back to back."""
+    served = []
+    for spec in specs:
+        progress(f"{Path(spec['folder']).name}: {spec['engine']} (loading) ...")
+        served.append(_Served(spec))
+    for r in range(reps):
+        progress(f"repetition {r + 1}/{reps}")
+        for w in served:
+            out = w.ask("rep")
+            if out is not None:
+                w.reps.append(out)
+    return [w.result() for w in served]
 
 
 # ---------------------------------------------------------------- the report
@@ -278,19 +380,35 @@ def _stats(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _ratio(a: list[float], b: list[float], paired: bool) -> float:
+    """a over b: the median of the per-repetition ratios when the repetitions were taken in
+    turn (drift cancels within a round), else the ratio of the medians."""
+    if not a or not b:
+        return float("nan")
+    if paired and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b))
+    return statistics.median(a) / statistics.median(b)
+
+
 def bench_models(folders: list[Path], *, engines=("native", "ort", "llama.cpp"), threads: int | None = None,
-                 pp: int = 128, tg: int = 64, reps: int = 5, measure_bw: bool = True, progress=print) -> dict:
+                 pp: int = 128, tg: int = 64, reps: int = 5, measure_bw: bool = True, interleave: bool = True,
+                 progress=print) -> dict:
+    """interleave: all engines stay loaded (each in its own process) and take their
+    repetitions in turn; False runs each engine's repetitions back to back, one process at a
+    time (less memory at once, for small devices)."""
     threads = threads or physical_cores()
-    report = {"threads": threads, "pp": pp, "tg": tg, "reps": reps, "models": []}
+    report = {"threads": threads, "pp": pp, "tg": tg, "reps": reps, "interleaved": interleave, "models": []}
     if measure_bw:
         report["read_bandwidth_gbs"] = read_bandwidth(threads)
         progress(f"memory read bandwidth ({threads} threads): {report['read_bandwidth_gbs']:.1f} GB/s")
+    jobs = []   # (entry, engine, facts, spec)
     for folder in folders:
         folder = Path(folder)
         facts = folder_facts(folder)
         entry = {"folder": str(folder), "decode_weight_bytes": facts["decode_weight_bytes"],
                  "file_bytes": facts["file_bytes"], "kv_bytes_per_token": facts["kv_bytes_per_token"],
-                 "engines": {}}
+                 "engines": {}, "sparse": bool(facts["meta"].get("sparsity"))}
+        report["models"].append(entry)
         for engine in engines:
             spec = {"engine": engine, "folder": str(folder), "threads": threads, "pp": pp, "tg": tg, "reps": reps}
             if engine == "llama.cpp":
@@ -307,35 +425,44 @@ def bench_models(folders: list[Path], *, engines=("native", "ort", "llama.cpp"),
             if engine == "torch" and source_of(folder, facts["meta"]) is None:
                 entry["engines"][engine] = {"skipped": "source weights not found"}
                 continue
-            progress(f"{folder.name}: {engine} ...")
-            res = run_worker(spec)
-            if "error" not in res:
-                for t in ("pp", "tg"):
-                    res[f"{t}_median"], res[f"{t}_spread"] = _stats(res[t])
-                if res.get("tg"):
-                    res["decode_gbs"] = res["tg_median"] * facts["decode_weight_bytes"] / 1e9
-                    if report.get("read_bandwidth_gbs"):
-                        res["bandwidth_share"] = res["decode_gbs"] / report["read_bandwidth_gbs"]
-                kv = facts["kv_bytes_per_token"] * (pp + tg + 8)
-                res["rss_over_weights_kv"] = res["peak_rss"] / (facts["file_bytes"] + kv)
-            entry["engines"][engine] = res
-        entry["sparse"] = bool(facts["meta"].get("sparsity"))
+            jobs.append((entry, engine, facts, spec))
+    if interleave:
+        results = run_interleaved([j[3] for j in jobs], reps, progress)
+    else:
+        results = []
+        for _, engine, _, spec in jobs:
+            progress(f"{Path(spec['folder']).name}: {engine} ...")
+            results.append(run_worker(spec))
+    for (entry, engine, facts, _), res in zip(jobs, results):
+        if "error" not in res:
+            for t in ("pp", "tg"):
+                res[f"{t}_median"], res[f"{t}_spread"] = _stats(res[t])
+            if res.get("tg"):
+                res["decode_gbs"] = res["tg_median"] * facts["decode_weight_bytes"] / 1e9
+                if report.get("read_bandwidth_gbs"):
+                    res["bandwidth_share"] = res["decode_gbs"] / report["read_bandwidth_gbs"]
+            kv = facts["kv_bytes_per_token"] * (pp + tg + 8)
+            res["rss_over_weights_kv"] = res["peak_rss"] / (facts["file_bytes"] + kv)
+        entry["engines"][engine] = res
+    dense = None
+    for entry in report["models"]:
         base = entry["engines"]
-        dense = next((m for m in report["models"] if not m["sparse"]
-                      and "tg_median" in m["engines"].get("native", {})), None)
+        if not entry["sparse"] and dense is None and "tg_median" in base.get("native", {}):
+            dense = entry
         if entry["sparse"] and dense and "tg_median" in base.get("native", {}):
             entry["native_vs_dense"] = {"model": Path(dense["folder"]).name, **{
-                t: base["native"][f"{t}_median"] / dense["engines"]["native"][f"{t}_median"] for t in ("pp", "tg")}}
+                t: _ratio(base["native"][t], dense["engines"]["native"][t], interleave) for t in ("pp", "tg")}}
         for ref in ("ort", "llama.cpp"):
-            if "native" in base and "tg_median" in base.get("native", {}) and "tg_median" in base.get(ref, {}):
-                entry[f"native_vs_{ref}"] = {t: base["native"][f"{t}_median"] / base[ref][f"{t}_median"]
+            if "tg_median" in base.get("native", {}) and "tg_median" in base.get(ref, {}):
+                entry[f"native_vs_{ref}"] = {t: _ratio(base["native"][t], base[ref][t], interleave)
                                              for t in ("pp", "tg")}
-        report["models"].append(entry)
     return report
 
 
 def format_report(report: dict) -> str:
-    out = [f"threads={report['threads']}  pp={report['pp']}  tg={report['tg']}  reps={report['reps']}"]
+    order = "interleaved" if report.get("interleaved") else "each engine's back to back"
+    out = [f"threads={report['threads']}  pp={report['pp']}  tg={report['tg']}  reps={report['reps']} ({order}; "
+           "ratios: median of per-repetition ratios when interleaved)"]
     if report.get("read_bandwidth_gbs"):
         out.append(f"measured memory read bandwidth: {report['read_bandwidth_gbs']:.1f} GB/s")
     out.append("")
@@ -470,8 +597,10 @@ def format_kernels(report: dict) -> str:
     return "\n".join(out)
 
 
-if __name__ == "__main__":  # worker entry: python -m edgeact.bench --worker '{json}'
+if __name__ == "__main__":  # worker entry: python -m edgeact.bench --worker|--serve '{json}'
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         print(json.dumps(worker(json.loads(sys.argv[2]))))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--serve":
+        serve(json.loads(sys.argv[2]))
     else:
-        sys.exit("usage: python -m edgeact.bench --worker SPEC_JSON (use `edgeact bench` instead)")
+        sys.exit("usage: python -m edgeact.bench --worker|--serve SPEC_JSON (use `edgeact bench` instead)")

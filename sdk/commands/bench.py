@@ -10,7 +10,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="prompt processing and generation speed, ours vs onnxruntime/llama.cpp/torch",
                        description="llama-bench-style figures: prompt processing (pp) and token generation (tg) in "
                        "tokens/s, median ± stddev over repetitions, for each engine on the same weights in one run "
-                       "(each engine in its own process). Also the machine's memory read bandwidth, decode weight "
+                       "(each engine in its own process, all loaded at once and taking their repetitions in turn, so that "
+                       "a drift of the machine hits them alike; ratios are medians of per-repetition ratios; "
+                       "--sequential runs one engine at a time instead, for devices short of memory). "
+                       "Also the machine's memory read bandwidth, decode weight "
                        "GB/s as a share of it, and peak RSS. --shape makes a random-weight model of a named shape "
                        "(speed does not depend on weight values). --kernels times the int4 matmul alone against "
                        "onnxruntime's MatMulNBits.",
@@ -28,6 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--kernels", action="append", default=[], metavar="M,K,N",
                    help="time the int4 matmul for this shape instead of models (repeatable)")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the memory bandwidth measurement")
+    p.add_argument("--sequential", action="store_true",
+                   help="one engine loaded at a time, its repetitions back to back (less memory at once; "
+                        "ratios then come from separate stretches of time)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -74,6 +80,7 @@ def run(args) -> int:
         if not (f / "edgeact.json").exists():
             raise ValueError(f"{f} is not a model folder")
     rep = bench.bench_models(folders, engines=engines, threads=args.threads, pp=args.pp, tg=args.tg,
-                             reps=args.reps, measure_bw=not args.no_bandwidth, progress=log)
+                             reps=args.reps, measure_bw=not args.no_bandwidth, interleave=not args.sequential,
+                             progress=log)
     print(json.dumps(rep, indent=2) if args.json else bench.format_report(rep))
     return 0

@@ -1,0 +1,67 @@
+"""`edgeact bench`'s scheduling: interleaved repetitions (every engine loaded, one repetition
+of each in turn), the sequential fallback, ratios, and a failing worker reported, not hung on.
+Nothing here times anything: the repetitions' wall-clock start stamps give their order."""
+import math
+import shutil
+
+import pytest
+
+from edgeact.bench import _ratio, bench_models, format_report
+from edgeact.converters.convert import convert
+from edgeact.converters.random_model import random_source
+from edgeact.engines import native_available
+
+pytestmark = pytest.mark.skipif(not native_available(), reason="native runtime not built")
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    src = random_source("tiny", seed=3)
+    a = convert(src, root / "a", quant="int4", progress=False)
+    b = convert(src, root / "b", quant="int8", progress=False)
+    return a, b
+
+
+def _runs(report):
+    """(model, engine, [start stamps]) of every engine that ran."""
+    return [(m["folder"], e, r["rep_at"]) for m in report["models"] for e, r in m["engines"].items() if "rep_at" in r]
+
+
+def test_interleaved_repetitions_take_turns(tiny_folders):
+    report = bench_models(list(tiny_folders), engines=("native", "ort"), threads=1, pp=4, tg=4, reps=3,
+                          measure_bw=False, progress=lambda *_: None)
+    runs = _runs(report)
+    assert len(runs) == 4 and all(len(at) == 3 for _, _, at in runs)
+    for r in range(2):   # every engine's repetition r starts before any engine's r + 1
+        assert max(at[r] for _, _, at in runs) < min(at[r + 1] for _, _, at in runs)
+    for m in report["models"]:
+        for res in m["engines"].values():
+            assert len(res["tg"]) == 3 and len(res["pp"]) == 3 and res["peak_rss"] > 0
+    assert "interleaved" in format_report(report)
+
+
+def test_sequential_runs_each_engine_back_to_back(tiny_folders):
+    report = bench_models(list(tiny_folders), engines=("native",), threads=1, pp=4, tg=4, reps=2,
+                          measure_bw=False, interleave=False, progress=lambda *_: None)
+    (_, _, first), (_, _, second) = _runs(report)
+    assert max(first) < min(second)
+    assert "back to back" in format_report(report)
+
+
+def test_a_failing_worker_is_reported_and_the_others_still_run(tiny_folders, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_folders[0], bad)
+    (bad / "model.onnx").write_bytes(b"\x08\x07 not a protobuf model")
+    report = bench_models([tiny_folders[0], bad, tiny_folders[1]], engines=("native",), threads=1, pp=4, tg=4,
+                          reps=2, measure_bw=False, progress=lambda *_: None)
+    good0, broken, good1 = (m["engines"]["native"] for m in report["models"])
+    assert "error" in broken and broken["error"]
+    assert len(good0["tg"]) == 2 and len(good1["tg"]) == 2
+
+
+def test_ratio_pairs_repetitions_only_when_interleaved():
+    a, b = [2.0, 9.0, 3.0], [1.0, 3.0, 3.0]
+    assert _ratio(a, b, paired=True) == 2.0               # median of 2, 3, 1
+    assert _ratio(a, b, paired=False) == 3.0 / 3.0        # median over median
+    assert math.isnan(_ratio([], b, paired=True))
