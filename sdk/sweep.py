@@ -5,28 +5,9 @@ from __future__ import annotations
 
 import shutil
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
-
-
-def decode_speed(folder, engine: str = "native", tokens: int = 64, reps: int = 3, threads=None) -> float:
-    """Median tokens/s of single-token decode after a 16-token prompt."""
-    from edgeact.engines import make_engine
-
-    eng = make_engine(folder, engine, threads=threads)
-    ids = np.random.default_rng(0).integers(3, eng.vocab_size, tokens + 16)
-    step = getattr(eng, "logits_last", eng.forward)
-    runs = []
-    for _ in range(reps):
-        eng.reset()
-        step(ids[:16])
-        t0 = time.perf_counter()
-        for t in ids[16:]:
-            step(np.array([t]))
-        runs.append(tokens / (time.perf_counter() - t0))
-    return statistics.median(runs)
 
 
 def sweep(source, methods, sparsities, out_dir, *, quant="int4", group_size=32, quality=True, speed=True,
@@ -60,8 +41,6 @@ def sweep(source, methods, sparsities, out_dir, *, quant="int4", group_size=32, 
             else:
                 r = realized_sparsity(folder, ref.ids) if method != "dense" else {}
                 row["realized"] = float(np.mean(list(r.values()))) if r else 0.0
-        if speed:
-            row["tg"] = decode_speed(folder, engine)
         rows.append(row)
         progress(format_row(row))
 
@@ -77,11 +56,28 @@ def sweep(source, methods, sparsities, out_dir, *, quant="int4", group_size=32, 
             sp = calibrate(src, method, parse_targets(str(s), method), progress=False)
             convert(src, folder, quant=quant, group_size=group_size, progress=False, sparsity=sp)
             measure(folder, method, s)
-    base = rows[0].get("tg")
-    for r in rows:
-        if base and r.get("tg"):
-            r["speedup"] = r["tg"] / base
+    if speed:
+        decode_speeds(rows, engine, progress)
     return rows
+
+
+def decode_speeds(rows: list[dict], engine: str = "native", progress=print, reps: int = 5) -> None:
+    """tg64 after a 16-token prompt for every variant, all loaded at once and timed in turn
+    (edgeact bench's interleaving: a drift of the machine hits every variant alike); the
+    speed-up over dense (rows[0]) is the median of the per-repetition ratios."""
+    from edgeact.bench import _ratio, bench_models
+
+    progress(f"decode speed of {len(rows)} variants, {reps} interleaved repetitions ...")
+    report = bench_models([r["folder"] for r in rows], engines=(engine,), pp=16, tg=64, reps=reps,
+                          measure_bw=False, progress=lambda *_: None)
+    runs = [m["engines"].get(engine, {}) for m in report["models"]]
+    for r, res in zip(rows, runs):
+        if res.get("tg"):
+            r["tg"] = statistics.median(res["tg"])
+            if runs[0].get("tg"):
+                r["speedup"] = _ratio(res["tg"], runs[0]["tg"], paired=True)
+        elif "error" in res:
+            progress(f"{r['method']} {r['target']:.2f}: speed not measured ({res['error']})")
 
 
 def format_row(r: dict) -> str:

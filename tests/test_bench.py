@@ -65,3 +65,18 @@ def test_ratio_pairs_repetitions_only_when_interleaved():
     assert _ratio(a, b, paired=True) == 2.0               # median of 2, 3, 1
     assert _ratio(a, b, paired=False) == 3.0 / 3.0        # median over median
     assert math.isnan(_ratio([], b, paired=True))
+
+
+def test_sweep_reports_quality_and_interleaved_speed(tmp_path):
+    from edgeact.sweep import format_table, plot, sweep
+
+    rows = sweep(random_source("tiny", seed=3), ["teal"], [0.5], tmp_path / "sw", n_tokens=64,
+                 progress=lambda *_: None)
+    assert [(r["method"], r["target"]) for r in rows] == [("dense", 0.0), ("teal", 0.5)]
+    dense, teal = rows
+    assert dense["realized"] == 0.0 and 0.3 <= teal["realized"] <= 0.7, teal
+    assert teal["kl"] > dense["kl"] >= 0.0
+    assert all(r["tg"] > 0 for r in rows) and dense["speedup"] == 1.0 and teal["speedup"] > 0
+    assert "| teal | 0.50 |" in format_table(rows)
+    plot(rows, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 1000
