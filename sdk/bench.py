@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import resource
 import statistics
 import subprocess
@@ -273,16 +274,31 @@ def worker(spec: dict) -> dict:
     return {**_collect(reps), **s.finish()}
 
 
-def serve(spec: dict, inp=sys.stdin, out=sys.stdout) -> None:
-    """Interleaved mode: load, say ready, then one repetition per 'rep' line until 'done'."""
+REPLY_TAG = "\x1eedgeact-bench "   # marks the worker's replies; any other output is not one
+REPLY_TIMEOUT_S = 1800.0            # a worker silent this long is killed and reported
+SETTLE_S = 0.1                      # before each repetition: the previous engine's spinning threads settle
+
+
+def serve(spec: dict) -> None:
+    """Interleaved mode: load, say ready, then one repetition per 'rep' line until 'done'.
+    Replies go to a private copy of stdout; whatever else writes to fd 1 (a library, C stdio)
+    lands on stderr, so it cannot be taken for a reply nor hold one up."""
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def reply(obj):
+        out.write(REPLY_TAG + json.dumps(obj) + "\n")
+        out.flush()
+
     s = Subject(spec)
-    print(json.dumps({"ready": True}), file=out, flush=True)
-    for line in inp:
+    reply({"ready": True})
+    for line in sys.stdin:
         cmd = line.strip()
         if cmd == "rep":
-            print(json.dumps(s.rep()), file=out, flush=True)
+            reply(s.rep())
         elif cmd == "done":
-            print(json.dumps(s.finish()), file=out, flush=True)
+            reply(s.finish())
             return
 
 
@@ -312,16 +328,35 @@ class _Served:
                                      stderr=self.err, text=True)
         self.reps: list[dict] = []
         self.error = None
-        self._reply()
+        self.lines = queue.Queue()   # a reader thread, so a silent worker can time out
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self._reply()   # ready, or the error
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
 
     def _reply(self) -> dict | None:
-        if self.error is None:
-            for line in self.proc.stdout:
-                if line.startswith("{"):
-                    return json.loads(line)
-            self.proc.wait()
-            self.err.seek(0)
-            self.error = _last_error(self.err.read())
+        while self.error is None:
+            try:
+                line = self.lines.get(timeout=REPLY_TIMEOUT_S)
+            except queue.Empty:
+                self.proc.kill()
+                self.error = f"no reply in {REPLY_TIMEOUT_S:.0f} s"
+                break
+            if line is None:   # it exited: the last line of its stderr says why
+                self.proc.wait()
+                self.err.seek(0)
+                self.error = _last_error(self.err.read())
+                break
+            at = line.find(REPLY_TAG)
+            if at >= 0:
+                try:
+                    return json.loads(line[at + len(REPLY_TAG):])
+                except json.JSONDecodeError:
+                    pass
         return None
 
     def ask(self, cmd: str) -> dict | None:
@@ -330,18 +365,29 @@ class _Served:
         try:
             self.proc.stdin.write(cmd + "\n")
             self.proc.stdin.flush()
-        except BrokenPipeError:
+        except (BrokenPipeError, OSError):
             pass   # it died; _reply reads why
         return self._reply()
 
-    def result(self) -> dict:
-        fin = self.ask("done")
+    def close(self) -> None:
+        """Ends the process whatever its state (its stdin closed, it exits; killed if it does
+        not), then frees the pipes and the stderr file once the reader has seen the end."""
         try:
             self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
             self.proc.wait(timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
+        except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+        self.reader.join(timeout=10)
+        self.proc.stdout.close()
         self.err.close()
+
+    def result(self) -> dict:
+        fin = self.ask("done")
+        self.close()
         return {"error": self.error} if fin is None else {**_collect(self.reps), **fin}
 
 
@@ -350,16 +396,24 @@ def run_interleaved(specs: list[dict], reps: int, progress=print) -> list[dict]:
     turn: a drift of the machine (another tenant, the clock) hits every engine alike, so the
     ratios between them hold better than with each engine's repetitions back to back."""
     served = []
-    for spec in specs:
-        progress(f"{Path(spec['folder']).name}: {spec['engine']} (loading) ...")
-        served.append(_Served(spec))
-    for r in range(reps):
-        progress(f"repetition {r + 1}/{reps}")
+    try:
+        for spec in specs:
+            progress(f"{Path(spec['folder']).name}: {spec['engine']} (loading) ...")
+            served.append(_Served(spec))
+        for r in range(reps):
+            progress(f"repetition {r + 1}/{reps}")
+            for w in served:
+                time.sleep(SETTLE_S)
+                out = w.ask("rep")
+                if out is not None:
+                    w.reps.append(out)
+        return [w.result() for w in served]
+    finally:   # on an exception (or Ctrl-C) no loaded engine is left running
         for w in served:
-            out = w.ask("rep")
-            if out is not None:
-                w.reps.append(out)
-    return [w.result() for w in served]
+            if w.proc.poll() is None:
+                w.proc.kill()
+            if not w.err.closed:
+                w.close()
 
 
 # ---------------------------------------------------------------- the report
@@ -425,6 +479,7 @@ def bench_models(folders: list[Path], *, engines=("native", "ort", "llama.cpp"),
             if engine == "torch" and source_of(folder, facts["meta"]) is None:
                 entry["engines"][engine] = {"skipped": "source weights not found"}
                 continue
+            entry["engines"][engine] = {}   # keeps the table in the order of `engines`
             jobs.append((entry, engine, facts, spec))
     if interleave:
         results = run_interleaved([j[3] for j in jobs], reps, progress)

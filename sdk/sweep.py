@@ -11,7 +11,7 @@ import numpy as np
 
 
 def sweep(source, methods, sparsities, out_dir, *, quant="int4", group_size=32, quality=True, speed=True,
-          n_tokens=256, engine="native", progress=print) -> list[dict]:
+          n_tokens=256, engine="native", interleave=True, progress=print) -> list[dict]:
     from edgeact.converters.convert import convert
     from edgeact.converters.model import SourceModel
     from edgeact.converters.readers import read_source
@@ -57,25 +57,27 @@ def sweep(source, methods, sparsities, out_dir, *, quant="int4", group_size=32, 
             convert(src, folder, quant=quant, group_size=group_size, progress=False, sparsity=sp)
             measure(folder, method, s)
     if speed:
-        decode_speeds(rows, engine, progress)
+        decode_speeds(rows, engine, progress, interleave=interleave)
     return rows
 
 
-def decode_speeds(rows: list[dict], engine: str = "native", progress=print, reps: int = 5) -> None:
-    """tg64 after a 16-token prompt for every variant, all loaded at once and timed in turn
-    (edgeact bench's interleaving: a drift of the machine hits every variant alike); the
-    speed-up over dense (rows[0]) is the median of the per-repetition ratios."""
+def decode_speeds(rows: list[dict], engine: str = "native", progress=print, reps: int = 5,
+                  interleave: bool = True) -> None:
+    """tg64 (decode after one token) for every variant through edgeact bench (a pp16 pass is
+    timed too, not reported): by default all loaded at once and timed in turn, so a drift of
+    the machine hits every variant alike; the speed-up over dense (rows[0]) is then the median
+    of the per-repetition ratios."""
     from edgeact.bench import _ratio, bench_models
 
     progress(f"decode speed of {len(rows)} variants, {reps} interleaved repetitions ...")
     report = bench_models([r["folder"] for r in rows], engines=(engine,), pp=16, tg=64, reps=reps,
-                          measure_bw=False, progress=lambda *_: None)
+                          measure_bw=False, interleave=interleave, progress=lambda *_: None)
     runs = [m["engines"].get(engine, {}) for m in report["models"]]
     for r, res in zip(rows, runs):
         if res.get("tg"):
             r["tg"] = statistics.median(res["tg"])
             if runs[0].get("tg"):
-                r["speedup"] = _ratio(res["tg"], runs[0]["tg"], paired=True)
+                r["speedup"] = _ratio(res["tg"], runs[0]["tg"], paired=interleave)
         elif "error" in res:
             progress(f"{r['method']} {r['target']:.2f}: speed not measured ({res['error']})")
 

@@ -3,9 +3,11 @@ of each in turn), the sequential fallback, ratios, and a failing worker reported
 Nothing here times anything: the repetitions' wall-clock start stamps give their order."""
 import math
 import shutil
+import sys
 
 import pytest
 
+from edgeact import bench
 from edgeact.bench import _ratio, bench_models, format_report
 from edgeact.converters.convert import convert
 from edgeact.converters.random_model import random_source
@@ -38,7 +40,7 @@ def test_interleaved_repetitions_take_turns(tiny_folders):
     for m in report["models"]:
         for res in m["engines"].values():
             assert len(res["tg"]) == 3 and len(res["pp"]) == 3 and res["peak_rss"] > 0
-    assert "interleaved" in format_report(report)
+    assert "(interleaved;" in format_report(report)
 
 
 def test_sequential_runs_each_engine_back_to_back(tiny_folders):
@@ -80,3 +82,45 @@ def test_sweep_reports_quality_and_interleaved_speed(tmp_path):
     assert "| teal | 0.50 |" in format_table(rows)
     plot(rows, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+# A stand-in worker speaking the --serve protocol, with the faults a real one can have.
+_FAKE = """
+import json, sys, time
+TAG = %r
+def reply(o):
+    sys.stdout.write(TAG + json.dumps(o) + "\\n"); sys.stdout.flush()
+sys.stdout.write("chatter without a newline"); sys.stdout.write("{not json}\\n")
+sys.stdout.write('{"pp": 1}\\n')   # JSON, but not a tagged reply
+reply({"ready": True})
+mode = sys.argv[1]
+for line in sys.stdin:
+    if line.strip() == "rep":
+        if mode == "hang":
+            time.sleep(60)
+        if mode == "die":
+            sys.stderr.write("boom: the engine crashed\\n"); sys.exit(3)
+        print("more chatter", flush=True)
+        reply({"pp": 2.0, "tg": 3.0, "at": 0.0})
+    elif line.strip() == "done":
+        reply({"peak_rss": 5}); break
+"""
+
+
+@pytest.mark.parametrize("mode", ["ok", "hang", "die"])
+def test_served_worker_survives_stray_output_and_reports_faults(monkeypatch, mode):
+    monkeypatch.setattr(bench, "_worker_cmd", lambda *_: [sys.executable, "-c", _FAKE % bench.REPLY_TAG, mode])
+    monkeypatch.setattr(bench, "REPLY_TIMEOUT_S", 2.0)
+    w = bench._Served({})
+    assert w.error is None
+    out = w.ask("rep")
+    if out is not None:
+        w.reps.append(out)
+    res = w.result()
+    assert w.proc.poll() is not None and w.err.closed
+    if mode == "ok":
+        assert res == {"pp": [2.0], "tg": [3.0], "rep_at": [0.0], "peak_rss": 5}
+    elif mode == "hang":
+        assert res == {"error": "no reply in 2 s"}
+    else:
+        assert res == {"error": "boom: the engine crashed"}

@@ -18,6 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--no-quality", action="store_true", help="speed only (random-weight shapes)")
     p.add_argument("--no-speed", action="store_true", help="quality only")
+    p.add_argument("--sequential", action="store_true",
+                   help="time one variant at a time (less memory; by default all are loaded and timed in turn)")
     p.add_argument("--tokens", type=int, default=256, help="evaluation tokens")
     p.add_argument("--png", default=None, help="save the quality-vs-speed-up plot here")
     p.add_argument("--json", action="store_true")
@@ -42,7 +44,7 @@ def run(args) -> int:
         source = random_source(source.split(":", 1)[1])
     rows = sweep(source, methods, sparsities, args.output, group_size=args.group_size,
                  quality=not args.no_quality, speed=not args.no_speed, n_tokens=args.tokens,
-                 progress=(lambda *a: None) if args.json else print)
+                 interleave=not args.sequential, progress=(lambda *a: None) if args.json else print)
     if args.png and not args.no_quality:
         plot(rows, args.png)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
