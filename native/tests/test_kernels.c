@@ -615,7 +615,7 @@ static void test_sparsify_patterns(ea_kctx *ctx) {
         thr[k] = fabsf(x[k]) * cs[k];
         if (!keep) thr[k] = nextafterf(thr[k], INFINITY);
     }
-    const int nr = ea_sparsify_scalar(x, thr, cs, N, yr, ar);
+    const int nr = ea_sparsify_scalar(x, thr, cs, 0, N, yr, ar);
     const int na = ea_sparsify(ctx, x, thr, cs, N, y, act);
     CHECK(nr == 256 * 4 + 2, "sparsify patterns: scalar kept %d", nr);
     CHECK(na == nr && !memcmp(y, yr, sizeof y) && !memcmp(act, ar, sizeof(int32_t) * (size_t)nr),
@@ -643,7 +643,7 @@ static void test_sparsify(ea_isa isa) {
             thr[i] = rnd() % 4 == 0 ? fabsf(x[i]) * cs[i] : fabsf(rndf());
             if (i % 29 == 0) thr[i] = 0.0f;
         }
-        const int nr = ea_sparsify_scalar(x, thr, cs, n, yr, ar);
+        const int nr = ea_sparsify_scalar(x, thr, cs, 0, n, yr, ar);
         memset(act, 0xff, sizeof(int32_t) * NMAX);
         const int na = ea_sparsify(&ctx, x, thr, cs, n, y, act);
         CHECK(na == nr, "sparsify %s n=%d: %d kept, scalar %d", ea_isa_name(isa), n, na, nr);

@@ -116,9 +116,6 @@ static int strictly_increasing(const int32_t *idx, int n, int limit) {
     return 1;
 }
 
-/* Quantizes the active entries block by block with the arithmetic of
- * ea_quantize_row_scalar; blocks whose active entries are all zero are
- * dropped (they contribute exactly nothing). */
 /* nearbyintf for |v| < 2^22 in the default rounding mode (ties to even). Baseline x86-64 has
  * no rounding instruction, so nearbyintf was a libm call per active channel, the largest part
  * of this serial pass; there, adding 1.5 * 2^23 leaves no fraction bits. Only there: with
@@ -133,6 +130,9 @@ static inline float round_even_small(float v) {
 static inline float round_even_small(float v) { return nearbyintf(v); }
 #endif
 
+/* Quantizes the active entries block by block with the arithmetic of
+ * ea_quantize_row_scalar; blocks whose active entries are all zero are
+ * dropped (they contribute exactly nothing). */
 static void quantize_active(const float *x, int bs, const int32_t *active, int n_active, ea_sparse_act *a) {
     a->n_blocks = 0;
     int i = 0, out = 0;
@@ -251,9 +251,14 @@ static int same_family(ea_isa a, ea_isa b) {
     return a == b;
 }
 
-int ea_sparsify_scalar(const float *x, const float *thr, const float *col_scale, int n, float *y, int32_t *active) {
+const uint32_t ea_keep4_lanes[16] = {0x0, 0x0, 0x1, 0x100, 0x2, 0x200, 0x201, 0x20100,
+                                     0x3, 0x300, 0x301, 0x30100, 0x302, 0x30200, 0x30201, 0x3020100};
+const uint8_t ea_keep4_count[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
+
+int ea_sparsify_scalar(const float *x, const float *thr, const float *col_scale, int k0, int n, float *y,
+                       int32_t *active) {
     int na = 0;
-    for (int k = 0; k < n; k++) {
+    for (int k = k0; k < n; k++) {
         /* branch-free: a data-dependent branch mispredicts half the time at 50% */
         const int keep = fabsf(x[k]) * col_scale[k] >= thr[k];
         y[k] = keep ? x[k] : 0.0f;
@@ -273,7 +278,7 @@ int ea_sparsify(const ea_kctx *ctx, const float *x, const float *thr, const floa
     case EA_ISA_NEON:
     case EA_ISA_NEON_DOTPROD: return ea_sparsify_neon(x, thr, col_scale, n, y, active);
 #endif
-    default: return ea_sparsify_scalar(x, thr, col_scale, n, y, active);
+    default: return ea_sparsify_scalar(x, thr, col_scale, 0, n, y, active);
     }
 }
 

@@ -204,10 +204,6 @@ AVX2 void ea_rows_avx2(const ea_qweight *w, const ea_qact *a, const int32_t *row
  * front 4 at a time (the 4-bit keep mask picks a lane permutation) and stored
  * whole; na never passes k, so the 4 stored lanes stay inside active[0, n). */
 AVX2 int ea_sparsify_avx2(const float *x, const float *thr, const float *col_scale, int n, float *y, int32_t *active) {
-    /* lanes of the set bits of m, as bytes from the lowest; kept[m] counts them */
-    static const uint32_t pack4[16] = {0x0, 0x0, 0x1, 0x100, 0x2, 0x200, 0x201, 0x20100,
-                                       0x3, 0x300, 0x301, 0x30100, 0x302, 0x30200, 0x30201, 0x3020100};
-    static const uint8_t kept[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m128i lanes = _mm_setr_epi32(0, 1, 2, 3), four = _mm_set1_epi32(4);
     int na = 0, k = 0;
@@ -218,15 +214,13 @@ AVX2 int ea_sparsify_avx2(const float *x, const float *thr, const float *col_sca
         _mm256_storeu_ps(y + k, _mm256_and_ps(v, keep));
         const int m = _mm256_movemask_ps(keep);
         const __m128i lo = _mm_add_epi32(_mm_set1_epi32(k), lanes), hi = _mm_add_epi32(lo, four);
-        __m128i sel = _mm_cvtepu8_epi32(_mm_cvtsi32_si128((int)pack4[m & 15]));
+        __m128i sel = _mm_cvtepu8_epi32(_mm_cvtsi32_si128((int)ea_keep4_lanes[m & 15]));
         _mm_storeu_si128((__m128i *)(active + na), _mm_castps_si128(_mm_permutevar_ps(_mm_castsi128_ps(lo), sel)));
-        na += kept[m & 15];
-        sel = _mm_cvtepu8_epi32(_mm_cvtsi32_si128((int)pack4[m >> 4]));
+        na += ea_keep4_count[m & 15];
+        sel = _mm_cvtepu8_epi32(_mm_cvtsi32_si128((int)ea_keep4_lanes[m >> 4]));
         _mm_storeu_si128((__m128i *)(active + na), _mm_castps_si128(_mm_permutevar_ps(_mm_castsi128_ps(hi), sel)));
-        na += kept[m >> 4];
+        na += ea_keep4_count[m >> 4];
     }
-    const int nt = ea_sparsify_scalar(x + k, thr + k, col_scale + k, n - k, y + k, active + na);
-    for (int i = 0; i < nt; i++) active[na + i] += k;
-    return na + nt;
+    return na + ea_sparsify_scalar(x, thr, col_scale, k, n, y, active + na);
 }
 #endif

@@ -149,10 +149,6 @@ void ea_rows_neon(const ea_qweight *w, const ea_qact *a, const int32_t *rows, in
  * front by a table lookup on the 4-bit keep mask and stored whole (na never
  * passes k, so the stored lanes stay inside active[0, n)). */
 int ea_sparsify_neon(const float *x, const float *thr, const float *col_scale, int n, float *y, int32_t *active) {
-    /* lanes of the set bits of m, as bytes from the lowest (as in sparse_avx2.c); kept[m] counts them */
-    static const uint32_t pack4[16] = {0x0, 0x0, 0x1, 0x100, 0x2, 0x200, 0x201, 0x20100,
-                                       0x3, 0x300, 0x301, 0x30100, 0x302, 0x30200, 0x30201, 0x3020100};
-    static const uint8_t kept[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
     static const uint32_t bit_of_lane[4] = {1, 2, 4, 8}, lane_idx[4] = {0, 1, 2, 3};
     const uint32x4_t bits = vld1q_u32(bit_of_lane), lanes = vld1q_u32(lane_idx);
     const uint32x4_t byte_step = vdupq_n_u32(0x04040404u), byte_in_lane = vdupq_n_u32(0x03020100u);
@@ -163,14 +159,12 @@ int ea_sparsify_neon(const float *x, const float *thr, const float *col_scale, i
         vst1q_f32(y + k, vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(v), keep)));
         const uint32_t m = vaddvq_u32(vandq_u32(keep, bits));
         /* source lane j of output lane i -> bytes 4j..4j+3 */
-        const uint32x4_t src = vmovl_u16(vget_low_u16(vmovl_u8(vcreate_u8(pack4[m]))));
+        const uint32x4_t src = vmovl_u16(vget_low_u16(vmovl_u8(vcreate_u8(ea_keep4_lanes[m]))));
         const uint8x16_t shuf = vreinterpretq_u8_u32(vmlaq_u32(byte_in_lane, src, byte_step));
         const uint32x4_t idx = vaddq_u32(vdupq_n_u32((uint32_t)k), lanes);
         vst1q_s32(active + na, vreinterpretq_s32_u8(vqtbl1q_u8(vreinterpretq_u8_u32(idx), shuf)));
-        na += kept[m];
+        na += ea_keep4_count[m];
     }
-    const int nt = ea_sparsify_scalar(x + k, thr + k, col_scale + k, n - k, y + k, active + na);
-    for (int i = 0; i < nt; i++) active[na + i] += k;
-    return na + nt;
+    return na + ea_sparsify_scalar(x, thr, col_scale, k, n, y, active + na);
 }
 #endif
