@@ -4,10 +4,11 @@ Every engine is measured in its own subprocess (`python -m edgeact.bench --serve
 so that its peak RSS is its own and one engine's threads or caches do not slow
 another. By default all of them stay loaded and take their repetitions in turn
 (interleaved), so a drift of the machine hits them alike; `--sequential` runs one
-engine at a time (`--worker`), which needs less memory at once. Figures are tokens/s as median ± spread (half the inter-quartile range
-is too fragile with 3–5 repetitions, so we report the standard deviation like
-llama-bench) over repetitions; speed claims are ratios against the baselines
-measured in the same run, because this kind of machine is noisy.
+engine at a time (`--worker`), which needs less memory at once. Figures are
+tokens/s as median ± spread (half the inter-quartile range is too fragile with
+3–5 repetitions, so we report the standard deviation like llama-bench) over
+repetitions; speed claims are ratios against the baselines measured in the same
+run, because this kind of machine is noisy.
 """
 from __future__ import annotations
 
@@ -185,7 +186,7 @@ class Subject:
     def __init__(self, spec: dict):
         engine, folder, threads = spec["engine"], Path(spec["folder"]), spec["threads"]
         self.pp, self.tg = spec["pp"], spec["tg"]
-        self.facts = facts = folder_facts(folder)
+        facts = folder_facts(folder)
         self.vocab = facts["vocab_size"]
         self.ids = np.random.default_rng(0).integers(3, self.vocab, size=max(self.pp, self.tg) + 1, dtype=np.int64)
         self.extra = lambda: {}
@@ -279,6 +280,21 @@ REPLY_TIMEOUT_S = 1800.0            # a worker silent this long is killed and re
 SETTLE_S = 0.1                      # before each repetition: the previous engine's spinning threads settle
 
 
+def _reply_line(obj) -> str:
+    return REPLY_TAG + json.dumps(obj) + "\n"
+
+
+def _parse_reply(line: str) -> dict | None:
+    """The worker's reply in a line of its stdout, or None for any other output."""
+    at = line.find(REPLY_TAG)
+    if at >= 0:
+        try:
+            return json.loads(line[at + len(REPLY_TAG):])
+        except json.JSONDecodeError:
+            pass
+    return None
+
+
 def serve(spec: dict) -> None:
     """Interleaved mode: load, say ready, then one repetition per 'rep' line until 'done'.
     Replies go to a private copy of stdout; whatever else writes to fd 1 (a library, C stdio)
@@ -288,7 +304,7 @@ def serve(spec: dict) -> None:
     sys.stdout = sys.stderr
 
     def reply(obj):
-        out.write(REPLY_TAG + json.dumps(obj) + "\n")
+        out.write(_reply_line(obj))
         out.flush()
 
     s = Subject(spec)
@@ -313,10 +329,11 @@ def _last_error(text: str) -> str:
 def run_worker(spec: dict, timeout: float = 1800) -> dict:
     """One engine in a fresh interpreter; errors come back as {'error': ...}."""
     proc = subprocess.run(_worker_cmd("--worker", spec), capture_output=True, text=True, timeout=timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
+    # split on newlines only: str.splitlines would also cut at the tag's \x1e
+    replies = [r for r in map(_parse_reply, proc.stdout.split("\n")) if r is not None]
+    if proc.returncode != 0 or not replies:
         return {"error": _last_error(proc.stderr)}
-    return json.loads(lines[-1])
+    return replies[-1]
 
 
 class _Served:
@@ -351,12 +368,9 @@ class _Served:
                 self.err.seek(0)
                 self.error = _last_error(self.err.read())
                 break
-            at = line.find(REPLY_TAG)
-            if at >= 0:
-                try:
-                    return json.loads(line[at + len(REPLY_TAG):])
-                except json.JSONDecodeError:
-                    pass
+            reply = _parse_reply(line)
+            if reply is not None:
+                return reply
         return None
 
     def ask(self, cmd: str) -> dict | None:
@@ -654,7 +668,7 @@ def format_kernels(report: dict) -> str:
 
 if __name__ == "__main__":  # worker entry: python -m edgeact.bench --worker|--serve '{json}'
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(json.loads(sys.argv[2]))))
+        sys.stdout.write(_reply_line(worker(json.loads(sys.argv[2]))))
     elif len(sys.argv) == 3 and sys.argv[1] == "--serve":
         serve(json.loads(sys.argv[2]))
     else:

@@ -69,7 +69,7 @@ def decode_speeds(rows: list[dict], engine: str = "native", progress=print, reps
     of the per-repetition ratios."""
     from edgeact.bench import _ratio, bench_models
 
-    progress(f"decode speed of {len(rows)} variants, {reps} interleaved repetitions ...")
+    progress(f"decode speed of {len(rows)} variants, {reps} {'interleaved ' if interleave else ''}repetitions ...")
     report = bench_models([r["folder"] for r in rows], engines=(engine,), pp=16, tg=64, reps=reps,
                           measure_bw=False, interleave=interleave, progress=lambda *_: None)
     runs = [m["engines"].get(engine, {}) for m in report["models"]]
