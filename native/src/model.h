@@ -49,6 +49,7 @@ typedef enum {
 typedef struct fused_gemv {
     ea_qweight_cm cm;
     int n, step[EA_FUSE_MAX];
+    int direct; /* the first member to run writes every member's output (mark_direct_fused) */
 } fused_gemv;
 
 typedef struct step {

@@ -650,6 +650,25 @@ static void fuse_silu(ea_model *m, int *uses) {
     count_uses(m, uses);
 }
 
+/* A stacked GEMV may write all its members' outputs when the first one runs if nothing
+ * runs between them and their buffers are their own: consecutive steps reading one live
+ * input free no slot before the last, so each later member's slot is idle from the first
+ * on; distinct slots rule out an unused output whose slot the next member reuses. */
+static void mark_direct_fused(ea_model *m) {
+    for (int g = 0; g < m->n_fused; g++) {
+        fused_gemv *f = &m->fused[g];
+        int ok = 1;
+        for (int i = 0; i < f->n && ok; i++) {
+            const step *st = &m->steps[f->step[i]];
+            const value *o = st->out >= 0 ? &m->values[st->out] : NULL;
+            ok = f->step[i] == f->step[0] + i && o && o->kind == V_ACT && o->width == st->qw.N &&
+                 o->slot != m->values[st->in[0]].slot;
+            for (int k = 0; k < i && ok; k++) ok = o->slot != m->values[m->steps[f->step[k]].out].slot;
+        }
+        f->direct = ok;
+    }
+}
+
 static int assign_slots(ea_model *m, ea_err *err) {
     for (int s = 0; s < m->n_steps; s++) {
         step *st = &m->steps[s];
@@ -907,6 +926,7 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
             goto done;
         }
     if (assign_slots(m, err)) goto done;
+    mark_direct_fused(m);
     rc = EA_OK;
 done:
     free(uses);

@@ -221,8 +221,8 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
             }
             if (st->fuse && rows == 1) {
                 /* a sibling of a stacked GEMV: the first to run picks the path for the group and,
-                 * when sparse, computes all of them (the input and its active list are the same);
-                 * the others copy their rows. Dense, each runs its own GEMV on the masked input. */
+                 * when sparse, computes all of them (the input and its active list are the same)
+                 * into their outputs when g->direct, else the others copy their rows. Dense, each runs its own GEMV on the masked input. */
                 const int gi = st->fuse - 1;
                 const fused_gemv *g = &m->fused[gi];
                 const int src = st->sparse_src - 1, na = ss->n_active[src];
@@ -233,10 +233,21 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                     rc = ea_masked_qgemv(ctx, &st->qw, a, ss->active[src], na, y);
                 } else {
                     if (ss->fused_owner != st->fuse) {
-                        rc = ea_sparse_qgemv(ctx, &g->cm, NULL, a, ss->active[src], na, ss->fused_y);
+                        if (g->direct) {
+                            float *outs[EA_FUSE_MAX];
+                            int ns[EA_FUSE_MAX];
+                            for (int i = 0; i < g->n; i++) {
+                                const step *mi = &m->steps[g->step[i]];
+                                outs[i] = ss->slots[m->values[mi->out].slot];
+                                ns[i] = mi->N;
+                            }
+                            rc = ea_sparse_qgemv_split(ctx, &g->cm, a, ss->active[src], na, ss->fused_y, outs, ns, g->n);
+                        } else {
+                            rc = ea_sparse_qgemv(ctx, &g->cm, NULL, a, ss->active[src], na, ss->fused_y);
+                        }
                         ss->fused_owner = rc ? 0 : st->fuse;
                     }
-                    if (!rc) memcpy(y, ss->fused_y + st->fuse_off, sizeof(float) * (size_t)st->N);
+                    if (!rc && !g->direct) memcpy(y, ss->fused_y + st->fuse_off, sizeof(float) * (size_t)st->N);
                 }
                 ss->unit_ns[gi] += now_ns() - u0;
                 if (si == g->step[g->n - 1]) {

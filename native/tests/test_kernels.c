@@ -361,6 +361,31 @@ static void test_sparse_concat(ea_isa isa, ea_pool *pool) {
             CHECK(rc == 0 && memcmp(y, y_ref, sizeof(float) * total) == 0, "stacked sparse %s threads=%d fp16 %d: rc %d",
                   c ? ea_isa_name(isa) : "scalar", ea_pool_size(c ? pool : NULL), f16, rc);
         }
+        { /* each member's rows straight to its own output, from the thread that computed them */
+            float *outs[3], *scratch = malloc(sizeof(float) * cm.n_pad);
+            for (int i = 0; i < 3; i++) {
+                outs[i] = malloc(sizeof(float) * Ns[i]);
+                for (int n = 0; n < Ns[i]; n++) outs[i][n] = NAN;
+            }
+            for (int c = 0; c < 2; c++) {
+                const int rc = ea_sparse_qgemv_split(c ? &vctx : &sctx, &cm, x, active, n_active, scratch, outs, Ns, 3);
+                int same = rc == 0;
+                for (int i = 0, off = 0; i < 3; off += Ns[i], i++)
+                    same &= memcmp(outs[i], y_ref + off, sizeof(float) * Ns[i]) == 0;
+                CHECK(same, "split sparse %s threads=%d fp16 %d: rc %d", c ? ea_isa_name(isa) : "scalar",
+                      ea_pool_size(c ? pool : NULL), f16, rc);
+            }
+            const int short_ns[3] = {Ns[0], Ns[1], Ns[2] - 1};
+            CHECK(ea_sparse_qgemv_split(&vctx, &cm, x, active, n_active, scratch, outs, short_ns, 3) == EA_KERR_ARG,
+                  "split outputs not covering N");
+            float *const keep = outs[1];
+            outs[1] = NULL;
+            CHECK(ea_sparse_qgemv_split(&vctx, &cm, x, active, n_active, scratch, outs, Ns, 3) == EA_KERR_ARG,
+                  "split output NULL");
+            outs[1] = keep;
+            free(scratch);
+            for (int i = 0; i < 3; i++) free(outs[i]);
+        }
         CHECK(ea_masked_qgemv(&vctx, &wv[2], x, active, n_active, y) == 0 &&
               memcmp(y, y_ref + 37 + 128, sizeof(float) * 100) == 0, "masked dense GEMV (%s)", ea_isa_name(isa));
         CHECK(ea_sparse_prefers_dense(&cm, K) && !ea_sparse_prefers_dense(&cm, K / 10) == (total >= EA_SPARSE_MIN_N),

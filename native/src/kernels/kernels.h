@@ -200,6 +200,11 @@ void ea_qweight_cm_release(ea_qweight_cm *cm);
  * runs the dense kernel on the masked x instead (same result). */
 int ea_sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *dense, const float *x,
                     const int32_t *active, int n_active, float *y);
+/* ea_sparse_qgemv (sparse path only) on a stacked copy whose members' rows go to
+ * their own outputs: outs[i] gets ns[i] rows (sum of ns = cm->N, else EA_KERR_ARG),
+ * each row copied by the thread that computed it; scratch holds cm->n_pad floats. */
+int ea_sparse_qgemv_split(ea_kctx *ctx, const ea_qweight_cm *cm, const float *x, const int32_t *active,
+                          int n_active, float *scratch, float *const *outs, const int *ns, int n_outs);
 /* 1 when the dense kernel beats the sparse one on cm for n_active channels
  * (the crossover rule above). */
 int ea_sparse_prefers_dense(const ea_qweight_cm *cm, int n_active);

@@ -222,7 +222,18 @@ typedef struct {
     const ea_sparse_act *a;
     float *y;
     int tiles, n_tasks;
+    float *const *outs; /* ea_sparse_qgemv_split: the members' outputs, ns[i] rows each */
+    const int *ns;
+    int n_outs;
 } sjob;
+
+/* Rows [r0, r1) of y to the member outputs that hold them. */
+static void deliver_rows(const sjob *j, int r0, int r1) {
+    for (int i = 0, off = 0; i < j->n_outs && off < r1; off += j->ns[i], i++) {
+        const int lo = r0 > off ? r0 : off, hi = r1 < off + j->ns[i] ? r1 : off + j->ns[i];
+        if (lo < hi) memcpy(j->outs[i] + (lo - off), j->y + lo, sizeof(float) * (size_t)(hi - lo));
+    }
+}
 
 static void sparse_task(void *arg, int task, int thread) {
     (void)thread;
@@ -235,14 +246,17 @@ static void sparse_task(void *arg, int task, int thread) {
     if (t0 >= t1) return;
     switch (j->ctx->isa) {
 #if EA_X86
-    case EA_ISA_AVX2: ea_sparse_tiles_avx2(j->cm, j->a, j->y, t0, t1); return;
+    case EA_ISA_AVX2: ea_sparse_tiles_avx2(j->cm, j->a, j->y, t0, t1); break;
 #endif
 #if EA_ARM64
     case EA_ISA_NEON:
-    case EA_ISA_NEON_DOTPROD: ea_sparse_tiles_neon(j->cm, j->a, j->y, t0, t1); return;
+    case EA_ISA_NEON_DOTPROD: ea_sparse_tiles_neon(j->cm, j->a, j->y, t0, t1); break;
 #endif
     default: ea_sparse_tiles_scalar(j->cm, j->a, j->y, t0, t1);
     }
+    /* while the rows are still in this core's cache: copied later by the caller's thread,
+     * the other core's half crossed between cores (up_proj's copy was 2% of a sparse token) */
+    if (j->n_outs) deliver_rows(j, t0 * EA_CM_TILE, t1 * EA_CM_TILE < j->cm->N ? t1 * EA_CM_TILE : j->cm->N);
 }
 
 static int same_family(ea_isa a, ea_isa b) {
@@ -297,8 +311,8 @@ int ea_masked_qgemv(ea_kctx *ctx, const ea_qweight *w, const float *x, const int
     return rc;
 }
 
-int ea_sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *dense, const float *x,
-                    const int32_t *active, int n_active, float *y) {
+static int sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *dense, const float *x,
+                        const int32_t *active, int n_active, float *y, float *const *outs, const int *ns, int n_outs) {
     if (!cm || !cm->data || n_active < 0 || !strictly_increasing(active, n_active, cm->K)) return EA_KERR_ARG;
     /* the scalar kernel reads any lane order; SIMD kernels need their own */
     const ea_isa isa = ctx->isa;
@@ -329,9 +343,26 @@ int ea_sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *den
     const int tiles = cm->n_pad / EA_CM_TILE;
     int n_tasks = ea_pool_size(ctx->pool);
     if (n_tasks > (tiles + 1) / 2) n_tasks = (tiles + 1) / 2;
-    sjob j = {ctx, cm, &a, y, tiles, n_tasks};
+    sjob j = {ctx, cm, &a, y, tiles, n_tasks, outs, ns, n_outs};
     ea_pool_run(ctx->pool, sparse_task, &j, n_tasks);
     return EA_KOK;
+}
+
+int ea_sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight *dense, const float *x,
+                    const int32_t *active, int n_active, float *y) {
+    return sparse_qgemv(ctx, cm, dense, x, active, n_active, y, NULL, NULL, 0);
+}
+
+int ea_sparse_qgemv_split(ea_kctx *ctx, const ea_qweight_cm *cm, const float *x, const int32_t *active,
+                          int n_active, float *scratch, float *const *outs, const int *ns, int n_outs) {
+    if (!cm || !outs || !ns || n_outs < 1) return EA_KERR_ARG;
+    long total = 0;
+    for (int i = 0; i < n_outs; i++) {
+        if (!outs[i] || ns[i] < 0) return EA_KERR_ARG;
+        total += ns[i];
+    }
+    if (total != cm->N) return EA_KERR_ARG;
+    return sparse_qgemv(ctx, cm, NULL, x, active, n_active, scratch, outs, ns, n_outs);
 }
 
 /* ---- output-row subset (gated FFN) ---------------------------------------- */
