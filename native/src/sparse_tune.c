@@ -1,16 +1,13 @@
 /* The measured crossover between the sparse and the dense decode GEMV (sparse_tune.h). */
 #include "sparse_tune.h"
 
-static int predict_sparse(const ea_sparse_tune *t, int n_active) {
-    const double na = n_active > 1 ? (double)n_active : 1.0;
-    return t->sparse_ns_ch * na < t->dense_ns;
-}
-
 int ea_tune_pick(ea_sparse_tune *t, int n_active) {
     if (t->n_sparse < EA_TUNE_SAMPLES || t->n_dense < EA_TUNE_SAMPLES)
         return t->n_sparse <= t->n_dense; /* explore: alternate, sparse first */
-    const int pred = predict_sparse(t, n_active);
-    return ++t->calls % EA_TUNE_REFRESH == 0 ? !pred : pred;
+    const double sparse = t->sparse_ns_ch * (n_active > 1 ? (double)n_active : 1.0), dense = t->dense_ns;
+    const int pred = sparse < dense;
+    const int clear = pred ? dense >= EA_TUNE_CLEAR * sparse : sparse >= EA_TUNE_CLEAR * dense;
+    return ++t->calls % (clear ? EA_TUNE_REFRESH_CLEAR : EA_TUNE_REFRESH) == 0 ? !pred : pred;
 }
 
 /* The first sample of a path is warm-up (scratch growth, cold code); the estimate starts at

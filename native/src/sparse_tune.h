@@ -8,7 +8,8 @@
  * Per unit (a lone sparse MatMulNBits, or a group of stacked siblings): both
  * paths are timed a few times, then each call takes the one predicted faster
  * (sparse time taken as proportional to the active channels), and one call in
- * EA_TUNE_REFRESH runs the other path so a change of machine state is seen. */
+ * EA_TUNE_REFRESH runs the other path so a change of machine state is seen (one
+ * in EA_TUNE_REFRESH_CLEAR where the other path is predicted EA_TUNE_CLEAR x slower). */
 #ifndef EDGEACT_SPARSE_TUNE_H
 #define EDGEACT_SPARSE_TUNE_H
 
@@ -17,6 +18,9 @@
 #define EA_TUNE_SAMPLES 3   /* samples per path before predicting (the first one is warm-up, the
                              * estimate starts at the lower of the other two) */
 #define EA_TUNE_REFRESH 64  /* one call in this many takes the path not predicted */
+#define EA_TUNE_CLEAR 1.5   /* ... or in EA_TUNE_REFRESH_CLEAR when it is predicted this much slower: */
+#define EA_TUNE_REFRESH_CLEAR 256 /* a re-check costs the gap between the paths (gate/up dense at
+                             * TinyLlama 70% is 4x sparse: 2% of every token at one in 64) */
 
 typedef struct ea_sparse_tune {
     double dense_ns;     /* estimate of one dense run of the unit */

@@ -36,13 +36,18 @@ int main(void) {
     CHECK(ea_tune_pick(&t, 200) == 1, "200 channels should run sparse");
     CHECK(ea_tune_pick(&t, 400) == 0, "400 channels should run dense");
 
-    /* refresh: of EA_TUNE_REFRESH decisions where sparse clearly wins, exactly one runs dense */
+    /* refresh: of EA_TUNE_REFRESH decisions where sparse wins by less than EA_TUNE_CLEAR,
+     * exactly one runs dense; where it wins by more, one of EA_TUNE_REFRESH_CLEAR */
     memset(&t, 0, sizeof t);
     drive(&t, 2 * EA_TUNE_SAMPLES, 100, 10, 3000);
-    int s = drive(&t, 4 * EA_TUNE_REFRESH, 100, 10, 3000);
+    int s = drive(&t, 4 * EA_TUNE_REFRESH, 250, 10, 3000); /* 2500 vs 3000 ns */
     CHECK(s == 4 * EA_TUNE_REFRESH - 4, "sparse calls %d of %d", s, 4 * EA_TUNE_REFRESH);
-    s = drive(&t, 4 * EA_TUNE_REFRESH, 500, 10, 3000); /* dense wins at 500 channels */
+    s = drive(&t, 4 * EA_TUNE_REFRESH, 330, 10, 3000); /* dense wins at 330 channels, by 1.1x */
     CHECK(s == 4, "sparse calls %d of %d (refresh only)", s, 4 * EA_TUNE_REFRESH);
+    s = drive(&t, 4 * EA_TUNE_REFRESH_CLEAR, 100, 10, 3000); /* 1000 vs 3000 ns */
+    CHECK(s == 4 * EA_TUNE_REFRESH_CLEAR - 4, "sparse calls %d of %d (clear margin)", s, 4 * EA_TUNE_REFRESH_CLEAR);
+    s = drive(&t, 4 * EA_TUNE_REFRESH_CLEAR, 600, 10, 3000); /* dense wins by 2x */
+    CHECK(s == 4, "sparse calls %d of %d (clear margin, refresh only)", s, 4 * EA_TUNE_REFRESH_CLEAR);
 
     /* the machine changes (dense slows 3x): the refresh samples move the estimate and the choice */
     memset(&t, 0, sizeof t);
