@@ -83,7 +83,8 @@ typedef struct step {
     int def_R, def_add_zero, def_ablate_zero;
     /* Sparsify: threshold and column scale [K]; a MatMulNBits reading a Sparsify output keeps a
      * channel-major copy and, for one row, reads only the weights of the active channels */
-    const float *thr, *colsc;
+    const float *thr, *colsc; /* Sparsify: colsc NULL when all ones */
+    int thr_step;             /* 0: one threshold thr[0] for every channel */
     int sparse_src;       /* MatMulNBits: 1 + the Sparsify step feeding it, 0 = dense input */
     ea_qweight_cm cm;
     int cm_ready;

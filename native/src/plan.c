@@ -505,6 +505,12 @@ static int plan_node(builder *b, int ni, step *st) {
         st->op = OP_SPARSIFY;
         st->thr = (const float *)thr->data;
         st->colsc = (const float *)col->data;
+        /* TEAL's one threshold and unit scales: the kernel then reads x alone */
+        int uniform = width > 0, ones = 1;
+        for (int k = 1; k < width && uniform; k++) uniform = st->thr[k] == st->thr[0];
+        for (int k = 0; k < width && ones; k++) ones = st->colsc[k] == 1.0f;
+        st->thr_step = !uniform;
+        if (ones) st->colsc = NULL;
         st->out = add_output(b, nd, 0, V_ACT, ONNX_FLOAT, width, si);
         return st->out < 0 ? -1 : 0;
     }

@@ -319,7 +319,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 const float *xr = a + (size_t)r * w;
                 float *yr = y + (size_t)r * w;
                 /* same rule as the function body: keep when |x|·col_scale >= threshold */
-                na = ea_sparsify(ctx, xr, st->thr, st->colsc, w, yr, ss->active[si]);
+                na = ea_sparsify(ctx, xr, st->thr, st->thr_step, st->colsc, w, yr, ss->active[si]);
                 if (__builtin_expect(ss->profile, 0)) {
                     ss->prof_active[e] += (uint64_t)na;
                     ss->prof_total[e] += (uint64_t)w;

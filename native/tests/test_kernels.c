@@ -640,16 +640,17 @@ static void test_sparsify_patterns(ea_kctx *ctx) {
         thr[k] = fabsf(x[k]) * cs[k];
         if (!keep) thr[k] = nextafterf(thr[k], INFINITY);
     }
-    const int nr = ea_sparsify_scalar(x, thr, cs, 0, N, yr, ar);
-    const int na = ea_sparsify(ctx, x, thr, cs, N, y, act);
+    const int nr = ea_sparsify_scalar(x, thr, 1, cs, 0, N, yr, ar);
+    const int na = ea_sparsify(ctx, x, thr, 1, cs, N, y, act);
     CHECK(nr == 256 * 4 + 2, "sparsify patterns: scalar kept %d", nr);
     CHECK(na == nr && !memcmp(y, yr, sizeof y) && !memcmp(act, ar, sizeof(int32_t) * (size_t)nr),
           "sparsify %s: the 256 keep patterns differ from scalar (%d vs %d kept)", ea_isa_name(ctx->isa), na, nr);
 }
 
-/* Sparsify against the scalar rule, bit for bit (y and the active list): lengths
- * around the vector widths, ties |x|*c == thr on random lanes, NaN, infinities and
- * signed zeros. */
+/* Sparsify against the scalar rule on per-channel arrays, bit for bit (y and the active
+ * list): lengths around the vector widths, ties |x|*c == thr on random lanes, NaN,
+ * infinities and signed zeros; with one threshold (thr_step 0) and without col_scale
+ * (NULL: ones) as well, which must equal the arrays filled with that threshold and ones. */
 static void test_sparsify(ea_isa isa) {
     enum { NMAX = 2048 + 13 };
     ea_kctx ctx;
@@ -659,31 +660,39 @@ static void test_sparsify(ea_isa isa) {
     int32_t *act = malloc(sizeof(int32_t) * NMAX), *ar = malloc(sizeof(int32_t) * NMAX);
     static const float edge[] = {NAN, -NAN, INFINITY, -INFINITY, 0.0f, -0.0f, 1e-40f, -1e-40f};
     static const int lens[] = {0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 64, 577, NMAX};
-    for (size_t li = 0; li < sizeof lens / sizeof lens[0]; li++) {
-        const int n = lens[li];
-        for (int i = 0; i < n; i++) {
-            x[i] = rnd() % 13 == 0 ? edge[rnd() % 8] : rndf() * 4.0f;
-            cs[i] = rnd() % 7 == 0 ? 1.0f : fabsf(rndf()) * 2.0f;
-            /* a quarter of the thresholds are the score itself: the tie keeps the channel */
-            thr[i] = rnd() % 4 == 0 ? fabsf(x[i]) * cs[i] : fabsf(rndf());
-            if (i % 29 == 0) thr[i] = 0.0f;
+    for (int mode = 0; mode < 4; mode++) {
+        const int uthr = mode & 1, ones = mode >> 1;
+        for (size_t li = 0; li < sizeof lens / sizeof lens[0]; li++) {
+            const int n = lens[li];
+            for (int i = 0; i < n; i++) {
+                x[i] = rnd() % 13 == 0 ? edge[rnd() % 8] : rndf() * 4.0f;
+                cs[i] = ones || rnd() % 7 == 0 ? 1.0f : fabsf(rndf()) * 2.0f;
+                /* a quarter of the thresholds are the score itself: the tie keeps the channel */
+                thr[i] = rnd() % 4 == 0 ? fabsf(x[i]) * cs[i] : fabsf(rndf());
+                if (i % 29 == 0) thr[i] = 0.0f;
+            }
+            if (uthr) { /* one threshold: the score of a middle channel, so ties occur */
+                const float t = n > 1 ? fabsf(x[n / 2]) * cs[n / 2] : thr[0];
+                for (int i = 0; i < n; i++) thr[i] = t;
+            }
+            const int nr = ea_sparsify_scalar(x, thr, 1, cs, 0, n, yr, ar);
+            memset(act, 0xff, sizeof(int32_t) * NMAX);
+            const int na = ea_sparsify(&ctx, x, thr, !uthr, ones ? NULL : cs, n, y, act);
+            CHECK(na == nr, "sparsify %s mode %d n=%d: %d kept, scalar %d", ea_isa_name(isa), mode, n, na, nr);
+            CHECK(!memcmp(y, yr, sizeof(float) * (size_t)n), "sparsify %s mode %d n=%d: y differs from scalar",
+                  ea_isa_name(isa), mode, n);
+            CHECK(na != nr || !memcmp(act, ar, sizeof(int32_t) * (size_t)nr), "sparsify %s mode %d n=%d: active list differs",
+                  ea_isa_name(isa), mode, n);
+            int monotone = 1, kept_ok = 1;
+            for (int i = 0; i < nr; i++) monotone &= i == 0 || ar[i] > ar[i - 1];
+            for (int i = 0; i < n; i++) kept_ok &= (yr[i] == 0.0f && !signbit(yr[i])) || yr[i] == x[i];
+            CHECK(monotone && kept_ok, "sparsify scalar n=%d: list not increasing or y not x-or-zero", n);
+            /* in place (y aliases x) gives the same */
+            memcpy(y, x, sizeof(float) * (size_t)n);
+            const int ni = ea_sparsify(&ctx, y, thr, !uthr, ones ? NULL : cs, n, y, act);
+            CHECK(ni == nr && !memcmp(y, yr, sizeof(float) * (size_t)n) && !memcmp(act, ar, sizeof(int32_t) * (size_t)nr),
+                  "sparsify %s mode %d n=%d in place differs", ea_isa_name(isa), mode, n);
         }
-        const int nr = ea_sparsify_scalar(x, thr, cs, 0, n, yr, ar);
-        memset(act, 0xff, sizeof(int32_t) * NMAX);
-        const int na = ea_sparsify(&ctx, x, thr, cs, n, y, act);
-        CHECK(na == nr, "sparsify %s n=%d: %d kept, scalar %d", ea_isa_name(isa), n, na, nr);
-        CHECK(!memcmp(y, yr, sizeof(float) * (size_t)n), "sparsify %s n=%d: y differs from scalar", ea_isa_name(isa), n);
-        CHECK(na != nr || !memcmp(act, ar, sizeof(int32_t) * (size_t)nr), "sparsify %s n=%d: active list differs",
-              ea_isa_name(isa), n);
-        int monotone = 1, kept_ok = 1;
-        for (int i = 0; i < nr; i++) monotone &= i == 0 || ar[i] > ar[i - 1];
-        for (int i = 0; i < n; i++) kept_ok &= (yr[i] == 0.0f && !signbit(yr[i])) || yr[i] == x[i];
-        CHECK(monotone && kept_ok, "sparsify scalar n=%d: list not increasing or y not x-or-zero", n);
-        /* in place (y aliases x) gives the same */
-        memcpy(y, x, sizeof(float) * (size_t)n);
-        const int ni = ea_sparsify(&ctx, y, thr, cs, n, y, act);
-        CHECK(ni == nr && !memcmp(y, yr, sizeof(float) * (size_t)n) && !memcmp(act, ar, sizeof(int32_t) * (size_t)nr),
-              "sparsify %s n=%d in place differs", ea_isa_name(isa), n);
     }
     test_sparsify_patterns(&ctx);
     free(x); free(thr); free(cs); free(y); free(yr); free(act); free(ar);

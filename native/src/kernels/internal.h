@@ -67,17 +67,19 @@ void ea_silu_mul_avx2(const float *g, const float *u, size_t n, float *y);
 /* ea_sparsify's rule (sparse.c) over channels [k0, n): the kept k go to active[0..);
  * returns their count. The SIMD versions in sparse_avx2.c / sparse_neon.c handle whole
  * vectors and leave the tail to it. */
-int ea_sparsify_scalar(const float *x, const float *thr, const float *col_scale, int k0, int n, float *y,
-                       int32_t *active);
+int ea_sparsify_scalar(const float *x, const float *thr, int thr_step, const float *col_scale, int k0, int n,
+                       float *y, int32_t *active);
 /* For packing the kept indices of 4 lanes to the front: for a 4-bit keep mask m, the kept
  * lanes as bytes from the lowest (ea_keep4_lanes[m]) and their count (ea_keep4_count[m]). */
 extern const uint32_t ea_keep4_lanes[16];
 extern const uint8_t ea_keep4_count[16];
 #if EA_X86
-int ea_sparsify_avx2(const float *x, const float *thr, const float *col_scale, int n, float *y, int32_t *active);
+int ea_sparsify_avx2(const float *x, const float *thr, int thr_step, const float *col_scale, int n, float *y,
+                     int32_t *active);
 #endif
 #if EA_ARM64
-int ea_sparsify_neon(const float *x, const float *thr, const float *col_scale, int n, float *y, int32_t *active);
+int ea_sparsify_neon(const float *x, const float *thr, int thr_step, const float *col_scale, int n, float *y,
+                     int32_t *active);
 #endif
 
 /* One query row of attention over L cached positions (transformer.c). */

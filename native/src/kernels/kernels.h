@@ -213,9 +213,11 @@ int ea_masked_qgemv(ea_kctx *ctx, const ea_qweight *w, const float *x, const int
 
 /* ai.edgeact.Sparsify on one row of n: y[k] = x[k] where |x[k]|*col_scale[k] >=
  * thr[k], else 0 (NaN is dropped: the comparison is false); active gets the
- * kept k ascending. Returns their count. y may alias x. */
-int ea_sparsify(const ea_kctx *ctx, const float *x, const float *thr, const float *col_scale, int n, float *y,
-                int32_t *active);
+ * kept k ascending. Returns their count. y may alias x. thr_step 0: one
+ * threshold thr[0] for all k; col_scale NULL: all ones (TEAL reads only x,
+ * where two per-channel arrays streamed from memory were most of the time). */
+int ea_sparsify(const ea_kctx *ctx, const float *x, const float *thr, int thr_step, const float *col_scale, int n,
+                float *y, int32_t *active);
 
 /* Gated-FFN side: computes only the output rows rows[0..n_rows) (strictly
  * increasing) of MatMulNBits(x, w), M = 1, from the file row layout; other

@@ -269,12 +269,12 @@ const uint32_t ea_keep4_lanes[16] = {0x0, 0x0, 0x1, 0x100, 0x2, 0x200, 0x201, 0x
                                      0x3, 0x300, 0x301, 0x30100, 0x302, 0x30200, 0x30201, 0x3020100};
 const uint8_t ea_keep4_count[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
 
-int ea_sparsify_scalar(const float *x, const float *thr, const float *col_scale, int k0, int n, float *y,
-                       int32_t *active) {
+int ea_sparsify_scalar(const float *x, const float *thr, int thr_step, const float *col_scale, int k0, int n,
+                       float *y, int32_t *active) {
     int na = 0;
     for (int k = k0; k < n; k++) {
         /* branch-free: a data-dependent branch mispredicts half the time at 50% */
-        const int keep = fabsf(x[k]) * col_scale[k] >= thr[k];
+        const int keep = fabsf(x[k]) * (col_scale ? col_scale[k] : 1.0f) >= thr[(size_t)k * thr_step];
         y[k] = keep ? x[k] : 0.0f;
         active[na] = k;
         na += keep;
@@ -282,17 +282,18 @@ int ea_sparsify_scalar(const float *x, const float *thr, const float *col_scale,
     return na;
 }
 
-int ea_sparsify(const ea_kctx *ctx, const float *x, const float *thr, const float *col_scale, int n, float *y,
-                int32_t *active) {
+int ea_sparsify(const ea_kctx *ctx, const float *x, const float *thr, int thr_step, const float *col_scale, int n,
+                float *y, int32_t *active) {
+    thr_step = thr_step != 0;
     switch (ctx->isa) {
 #if EA_X86
-    case EA_ISA_AVX2: return ea_sparsify_avx2(x, thr, col_scale, n, y, active);
+    case EA_ISA_AVX2: return ea_sparsify_avx2(x, thr, thr_step, col_scale, n, y, active);
 #endif
 #if EA_ARM64
     case EA_ISA_NEON:
-    case EA_ISA_NEON_DOTPROD: return ea_sparsify_neon(x, thr, col_scale, n, y, active);
+    case EA_ISA_NEON_DOTPROD: return ea_sparsify_neon(x, thr, thr_step, col_scale, n, y, active);
 #endif
-    default: return ea_sparsify_scalar(x, thr, col_scale, 0, n, y, active);
+    default: return ea_sparsify_scalar(x, thr, thr_step, col_scale, 0, n, y, active);
     }
 }
 

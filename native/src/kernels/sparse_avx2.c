@@ -203,14 +203,18 @@ AVX2 void ea_rows_avx2(const ea_qweight *w, const ea_qact *a, const int32_t *row
 /* ea_sparsify, 8 channels a step: the kept ones' indices are packed to the
  * front 4 at a time (the 4-bit keep mask picks a lane permutation) and stored
  * whole; na never passes k, so the 4 stored lanes stay inside active[0, n). */
-AVX2 int ea_sparsify_avx2(const float *x, const float *thr, const float *col_scale, int n, float *y, int32_t *active) {
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+/* The loop with the threshold (uthr: one for all) and column-scale (ones: none) loads the
+ * caller's arrays need, specialized by the constant flags of each call below. */
+AVX2 static inline __attribute__((always_inline)) int sparsify_body(const float *x, const float *thr, const float *col_scale,
+                                                                   int n, float *y, int32_t *active, int uthr, int ones) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), t1 = _mm256_set1_ps(uthr && n > 0 ? thr[0] : 0.0f);
     const __m128i lanes = _mm_setr_epi32(0, 1, 2, 3), four = _mm_set1_epi32(4);
     int na = 0, k = 0;
     for (; k + 8 <= n; k += 8) {
         const __m256 v = _mm256_loadu_ps(x + k);
-        const __m256 score = _mm256_mul_ps(_mm256_and_ps(v, absmask), _mm256_loadu_ps(col_scale + k));
-        const __m256 keep = _mm256_cmp_ps(score, _mm256_loadu_ps(thr + k), _CMP_GE_OQ); /* false for NaN */
+        __m256 score = _mm256_and_ps(v, absmask);
+        if (!ones) score = _mm256_mul_ps(score, _mm256_loadu_ps(col_scale + k));
+        const __m256 keep = _mm256_cmp_ps(score, uthr ? t1 : _mm256_loadu_ps(thr + k), _CMP_GE_OQ); /* false for NaN */
         _mm256_storeu_ps(y + k, _mm256_and_ps(v, keep));
         const int m = _mm256_movemask_ps(keep);
         const __m128i lo = _mm_add_epi32(_mm_set1_epi32(k), lanes), hi = _mm_add_epi32(lo, four);
@@ -221,6 +225,12 @@ AVX2 int ea_sparsify_avx2(const float *x, const float *thr, const float *col_sca
         _mm_storeu_si128((__m128i *)(active + na), _mm_castps_si128(_mm_permutevar_ps(_mm_castsi128_ps(hi), sel)));
         na += ea_keep4_count[m >> 4];
     }
-    return na + ea_sparsify_scalar(x, thr, col_scale, k, n, y, active + na);
+    return na + ea_sparsify_scalar(x, thr, !uthr, col_scale, k, n, y, active + na);
+}
+
+AVX2 int ea_sparsify_avx2(const float *x, const float *thr, int thr_step, const float *col_scale, int n, float *y,
+                          int32_t *active) {
+    if (!col_scale) return thr_step ? sparsify_body(x, thr, NULL, n, y, active, 0, 1) : sparsify_body(x, thr, NULL, n, y, active, 1, 1);
+    return thr_step ? sparsify_body(x, thr, col_scale, n, y, active, 0, 0) : sparsify_body(x, thr, col_scale, n, y, active, 1, 0);
 }
 #endif

@@ -147,15 +147,20 @@ void ea_rows_neon(const ea_qweight *w, const ea_qact *a, const int32_t *rows, in
 
 /* ea_sparsify, 4 channels a step: the kept ones' indices are packed to the
  * front by a table lookup on the 4-bit keep mask and stored whole (na never
- * passes k, so the stored lanes stay inside active[0, n)). */
-int ea_sparsify_neon(const float *x, const float *thr, const float *col_scale, int n, float *y, int32_t *active) {
+ * passes k, so the stored lanes stay inside active[0, n)). uthr / ones as in
+ * sparse_avx2.c: constant per call, so each variant loads only what it needs. */
+static inline __attribute__((always_inline)) int sparsify_body(const float *x, const float *thr, const float *col_scale,
+                                                              int n, float *y, int32_t *active, int uthr, int ones) {
     static const uint32_t bit_of_lane[4] = {1, 2, 4, 8}, lane_idx[4] = {0, 1, 2, 3};
     const uint32x4_t bits = vld1q_u32(bit_of_lane), lanes = vld1q_u32(lane_idx);
     const uint32x4_t byte_step = vdupq_n_u32(0x04040404u), byte_in_lane = vdupq_n_u32(0x03020100u);
+    const float32x4_t t1 = vdupq_n_f32(uthr && n > 0 ? thr[0] : 0.0f);
     int na = 0, k = 0;
     for (; k + 4 <= n; k += 4) {
         const float32x4_t v = vld1q_f32(x + k);
-        const uint32x4_t keep = vcgeq_f32(vmulq_f32(vabsq_f32(v), vld1q_f32(col_scale + k)), vld1q_f32(thr + k));
+        float32x4_t score = vabsq_f32(v);
+        if (!ones) score = vmulq_f32(score, vld1q_f32(col_scale + k));
+        const uint32x4_t keep = vcgeq_f32(score, uthr ? t1 : vld1q_f32(thr + k));
         vst1q_f32(y + k, vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(v), keep)));
         const uint32_t m = vaddvq_u32(vandq_u32(keep, bits));
         /* source lane j of output lane i -> bytes 4j..4j+3 */
@@ -165,6 +170,12 @@ int ea_sparsify_neon(const float *x, const float *thr, const float *col_scale, i
         vst1q_s32(active + na, vreinterpretq_s32_u8(vqtbl1q_u8(vreinterpretq_u8_u32(idx), shuf)));
         na += ea_keep4_count[m];
     }
-    return na + ea_sparsify_scalar(x, thr, col_scale, k, n, y, active + na);
+    return na + ea_sparsify_scalar(x, thr, !uthr, col_scale, k, n, y, active + na);
+}
+
+int ea_sparsify_neon(const float *x, const float *thr, int thr_step, const float *col_scale, int n, float *y,
+                     int32_t *active) {
+    if (!col_scale) return thr_step ? sparsify_body(x, thr, NULL, n, y, active, 0, 1) : sparsify_body(x, thr, NULL, n, y, active, 1, 1);
+    return thr_step ? sparsify_body(x, thr, col_scale, n, y, active, 0, 0) : sparsify_body(x, thr, col_scale, n, y, active, 1, 0);
 }
 #endif
