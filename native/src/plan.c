@@ -667,7 +667,8 @@ static void mark_direct_fused(ea_model *m) {
         for (int i = 0; i < f->n && ok; i++) {
             const step *st = &m->steps[f->step[i]];
             const value *o = st->out >= 0 ? &m->values[st->out] : NULL;
-            ok = f->step[i] == f->step[0] + i && o && o->kind == V_ACT && o->width == st->qw.N &&
+            /* no CoreInfer kept-rows member: that branch would write its own output */
+            ok = f->step[i] == f->step[0] + i && !st->row_src && o && o->kind == V_ACT && o->width == st->qw.N &&
                  o->slot != m->values[st->in[0]].slot;
             for (int k = 0; k < i && ok; k++) ok = o->slot != m->values[m->steps[f->step[k]].out].slot;
         }
