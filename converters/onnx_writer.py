@@ -253,9 +253,15 @@ class GraphBuilder:
         h1 = self.node("Add", [h, o], f"{p}.attn.residual")
         x2 = self.sparsify(self.rms_norm(h1, f"{hf}.post_attention_layernorm.weight", f"{p}.ffn_norm"), f"{p}.ffn_in")
         g = self.linear(x2, f"{hf}.mlp.gate_proj.weight", f"{p}.mlp.gate_proj")
-        u = self.linear(x2, f"{hf}.mlp.up_proj.weight", f"{p}.mlp.up_proj")
+        # CATS: up_proj comes after the gate activation's Sparsify, so the native runtime
+        # (which runs nodes in file order) knows the dropped channels and skips their up rows
+        cats = f"{p}.ffn_act" in self.sparse_sites
+        u = None if cats else self.linear(x2, f"{hf}.mlp.up_proj.weight", f"{p}.mlp.up_proj")
         silu = self.node("Mul", [g, self.node("Sigmoid", [g], f"{p}.mlp.sigmoid")], f"{p}.mlp.silu")
-        m = self.node("Mul", [self.sparsify(silu, f"{p}.ffn_act"), u], f"{p}.mlp.gate_mul")
+        act = self.sparsify(silu, f"{p}.ffn_act")
+        if cats:
+            u = self.linear(x2, f"{hf}.mlp.up_proj.weight", f"{p}.mlp.up_proj")
+        m = self.node("Mul", [act, u], f"{p}.mlp.gate_mul")
         if self.coreinfer:
             m = self.node("NeuronMask", [m, f"ffn_mask.{i}", "coreinfer.token_k"], f"{p}.mlp.neuron_mask",
                           outputs=[f"{p}.mlp.neuron_mask", f"ffn_score.{i}"], domain="ai.edgeact")

@@ -122,6 +122,8 @@ def test_sparse_kernels_equal_the_dense_fallback_bit_for_bit(folders, tiny, meth
     ref, paths = decode()
     sparse_steps = [n for n, (sp, calls) in paths.items() if sp == calls == 30]
     assert sparse_steps, sorted(paths.items())
+    if method == "cats":  # up_proj computes only the rows whose gate activation is kept
+        assert {n.rsplit(".", 1)[-1] for n in sparse_steps} == {"up_proj", "down_proj"}, sparse_steps
     monkeypatch.delenv("EDGEACT_SPARSE_ALWAYS")
     measured, paths = decode()
     assert np.array_equal(measured, ref)

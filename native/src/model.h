@@ -94,6 +94,12 @@ typedef struct step {
      * only the rows the session's mask keeps (row_src = 1 + the NeuronMask step). */
     const float *def_mask;
     int token_k, row_src;
+    /* CATS: a MatMulNBits (up_proj) whose one reader multiplies it by an earlier Sparsify's
+     * output (the gate activation) computes in decode only the rows that Sparsify keeps,
+     * the others set to 0 (rowsel_src = 1 + that Sparsify step) */
+    int rowsel_src;
+    ea_qweight rows_qw; /* its file layout, copied to rows_buf for that kernel */
+    void *rows_buf;
 } step;
 
 struct ea_model {

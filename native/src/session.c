@@ -135,11 +135,16 @@ static void neuron_mask(ea_session *ss, const step *st, int si, int e, const flo
 
 /* The path of a decode GEMV behind a Sparsify (sparse_tune.h): measured per unit, unless a
  * setting fixes it. Both paths give the same bits. */
-static int pick_sparse(ea_session *ss, const ea_qweight_cm *cm, int unit, int n_active) {
+/* static_sparse: the fixed rule's answer, for EDGEACT_SPARSE_STATIC */
+static int pick_path(ea_session *ss, int unit, int n_active, int static_sparse) {
     const ea_model *m = ss->m;
     if (m->sparse_always) return 1;
-    if (m->sparse_static) return !ea_sparse_prefers_dense(cm, n_active);
+    if (m->sparse_static) return static_sparse;
     return ea_tune_pick(&ss->tune[unit], n_active);
+}
+
+static int pick_sparse(ea_session *ss, const ea_qweight_cm *cm, int unit, int n_active) {
+    return pick_path(ss, unit, n_active, !ea_sparse_prefers_dense(cm, n_active));
 }
 
 static void tune_record(ea_session *ss, int unit, int sparse, int n_active, uint64_t ns) {
@@ -269,6 +274,27 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                             : ea_masked_qgemv(ctx, &st->qw, a, ss->active[src], na, y);
                 if (!rc) tune_record(ss, unit, sparse, na, now_ns() - u0);
                 bytes = gemv_path_done(ss, e, st, sparse, na);
+                break;
+            }
+            if (st->rowsel_src && rows == 1) {
+                /* CATS: the rows whose gate activation the Sparsify dropped are multiplied by 0;
+                 * compute only the kept ones from a copy of the file layout (the rest 0), or all
+                 * with the dense kernel where that measured faster. Same values either way. */
+                const int src = st->rowsel_src - 1, na = ss->n_active[src], unit = m->n_fused + si;
+                const uint64_t u0 = now_ns();
+                const int sparse = pick_path(ss, unit, na, st->N >= EA_SPARSE_MIN_N && na < EA_ROWS_STATIC_SHARE * st->N);
+                if (sparse) {
+                    memset(y, 0, sizeof(float) * (size_t)st->N);
+                    rc = ea_qgemv_rows(ctx, &st->rows_qw, a, ss->active[src], na, y);
+                } else {
+                    rc = ea_qmatmul(ctx, &st->qw, a, 1, y);
+                }
+                if (!rc) tune_record(ss, unit, sparse, na, now_ns() - u0);
+                if (__builtin_expect(ss->profile, 0)) {
+                    ss->prof_sparse[e] += (uint64_t)sparse;
+                    ss->prof_eligible[e]++;
+                }
+                if (sparse) bytes = (uint64_t)((double)st->weight_bytes * na / (st->N ? st->N : 1));
                 break;
             }
             rc = st->op == OP_QMATMUL ? (st->f32act ? ea_qmatmul_f32act : ea_qmatmul)(ctx, &st->qw, a, rows, y)

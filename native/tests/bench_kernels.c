@@ -135,8 +135,12 @@ static void bench_sparse(int K, int N, int bs, double seconds, ea_pool *pool, ea
     const size_t zbytes = (size_t)N * ((nb + 1) / 2);
     uint8_t *zp = getenv("BENCH_SYM") ? NULL : malloc(zbytes);
     for (size_t i = 0; zp && i < zbytes; i++) zp[i] = (uint8_t)(0x77 + (rnd() % 3) * 0x11);
+    /* the output-row kernel reads the file layout: a copy each, or it is read from the cache */
+    uint8_t **cdata = malloc(sizeof *cdata * (size_t)copies);
     for (int c = 0; c < copies; c++) {
-        ea_qweight_init(&w[c], isa, K, N, 4, bs, data, scales, zp);
+        cdata[c] = c ? malloc(dbytes) : data;
+        if (c) memcpy(cdata[c], data, dbytes);
+        ea_qweight_init(&w[c], isa, K, N, 4, bs, cdata[c], scales, zp);
         ea_qweight_cm_init(&cm[c], isa, &w[c]);
     }
     ea_kctx ctx;
@@ -175,7 +179,9 @@ static void bench_sparse(int K, int N, int bs, double seconds, ea_pool *pool, ea
     for (int c = 0; c < copies; c++) {
         ea_qweight_release(&w[c]);
         ea_qweight_cm_release(&cm[c]);
+        if (c) free(cdata[c]);
     }
+    free(cdata);
     ea_kctx_release(&ctx);
     free(w); free(cm); free(idx); free(data); free(scales); free(zp); free(x); free(y);
 }

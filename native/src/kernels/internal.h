@@ -37,9 +37,6 @@ int ea_scales_exact_in_f16(const float *s, size_t n);
 
 /* Scratch from the ctx, grown on demand; NULL when out of memory. */
 void *ea_scratch(ea_kctx *ctx, size_t bytes);
-/* Zeroed, 64-byte aligned memory for a weight repack (huge pages where the
- * OS offers them: isa.c); free() releases it. */
-void *ea_alloc_weights(size_t bytes);
 
 /* The quantized activations of M rows, laid out for the kernels. */
 typedef struct {
@@ -63,6 +60,12 @@ void ea_silu_mul_scalar(const float *g, const float *u, size_t n, float *y);
 #if EA_X86
 void ea_silu_mul_avx2(const float *g, const float *u, size_t n, float *y);
 #endif
+
+/* Row r of the quad of listed rows after the one at i (its first row past a short end, the
+ * quad at i's first when none follows): what the output-row kernels prefetch. */
+static inline int ea_next_quad_row(const int32_t *rows, int n_rows, int i, int r) {
+    return rows[i + 4 + r < n_rows ? i + 4 + r : i + 4 < n_rows ? i + 4 : i];
+}
 
 /* ea_sparsify's rule (sparse.c) over channels [k0, n): the kept k go to active[0..);
  * returns their count. The SIMD versions in sparse_avx2.c / sparse_neon.c handle whole

@@ -165,6 +165,9 @@ int ea_embed_f16(const ea_kctx *ctx, const uint16_t *table, int vocab, int dim,
  * with a few 64-row tiles per thread the per-block work dominates (TinyLlama
  * k/v_proj, N=256, 2 threads, 50% active: 0.66 ms sparse vs 0.40 ms dense). */
 #define EA_SPARSE_MIN_N 512
+/* EDGEACT_SPARSE_STATIC's rule for ea_qgemv_rows (CATS up_proj): below this share of the
+ * rows it beats the dense GEMV (bench_kernels, "output rows"), given N >= EA_SPARSE_MIN_N */
+#define EA_ROWS_STATIC_SHARE 0.5f
 /* Fraction of output rows above which ea_qgemv_rows is slower than the
  * dense GEMV (same benchmark: break-even at ~55-60% of rows); the caller
  * chooses, since the dense kernel also writes the unlisted rows. */
@@ -182,6 +185,10 @@ typedef struct ea_qweight_cm {
     uint8_t *zero_points; /* [n_blocks, n_pad], NULL when symmetric (8) */
     size_t bytes;
 } ea_qweight_cm;
+
+/* Zeroed, 64-byte aligned memory for a weight repack or copy (huge pages where the
+ * OS offers them: isa.c); free() releases it. */
+void *ea_alloc_weights(size_t bytes);
 
 /* EA_KERR_ARG unless w is int4. */
 int ea_qweight_cm_init(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *w);

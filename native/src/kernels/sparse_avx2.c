@@ -166,8 +166,15 @@ AVX2 void ea_rows_avx2(const ea_qweight *w, const ea_qact *a, const int32_t *row
             n[r] = rows[i + r < n_rows ? i + r : i]; /* a short last quad repeats a row */
             rp[r] = w->data + (size_t)n[r] * nb * bpb;
         }
+        /* the next quad's rows, one block ahead of use per row: listed rows are scattered, so
+         * no hardware prefetcher follows them (from memory this kernel ran at a third of the
+         * dense GEMV's byte rate without it) */
+        const uint8_t *np[4];
+        for (int r = 0; r < 4; r++) np[r] = w->data + (size_t)ea_next_quad_row(rows, n_rows, i, r) * nb * bpb;
         __m128 acc = _mm_setzero_ps();
         for (int b = 0; b < nb; b++) {
+            for (int r = 0; r < 4; r++)
+                for (int o = 0; o < bpb; o += 64) _mm_prefetch((const char *)(np[r] + (size_t)b * bpb + o), _MM_HINT_T0);
             __m256i d[4];
             for (int r = 0; r < 4; r++) d[r] = _mm256_setzero_si256();
             for (int c = 0; c < bs / 32; c++) {

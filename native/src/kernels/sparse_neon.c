@@ -99,8 +99,12 @@ rows_impl(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows
             n[r] = rows[i + r < n_rows ? i + r : i]; /* a short last quad repeats a row */
             rp[r] = w->data + (size_t)n[r] * nb * bpb;
         }
+        const uint8_t *np[4]; /* the next quad's rows, a block ahead of use (as in sparse_avx2.c) */
+        for (int r = 0; r < 4; r++) np[r] = w->data + (size_t)ea_next_quad_row(rows, n_rows, i, r) * nb * bpb;
         float32x4_t acc = vdupq_n_f32(0.0f);
         for (int b = 0; b < nb; b++) {
+            for (int r = 0; r < 4; r++)
+                for (int o = 0; o < bpb; o += 64) __builtin_prefetch(np[r] + (size_t)b * bpb + o);
             int32x4_t d[4];
             for (int r = 0; r < 4; r++) d[r] = vdupq_n_s32(0);
             for (int c = 0; c < bs / 32; c++) {
