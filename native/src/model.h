@@ -98,7 +98,7 @@ typedef struct step {
      * output (the gate activation) computes in decode only the rows that Sparsify keeps,
      * the others set to 0 (rowsel_src = 1 + that Sparsify step) */
     int rowsel_src;
-    ea_qweight rows_qw; /* its file layout, copied to rows_buf for that kernel */
+    ea_qweight rows_qw; /* its file layout, copied to rows_buf for that kernel (none: qw is it) */
     void *rows_buf;
 } step;
 

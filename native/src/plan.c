@@ -680,8 +680,9 @@ static void mark_direct_fused(ea_model *m) {
  * output-row kernel: the file's pages were released after the repack, and read back at
  * random through 4 KB pages of the mapping the rows kernel ran at half the dense GEMV's
  * speed (TLB misses, page faults) where the copy runs 1.4x faster at half the rows. */
-static int rows_copy(step *st) {
+static int rows_copy(ea_model *m, step *st) {
     const ea_qweight *w = &st->qw;
+    if (!w->packed) return 0; /* no repack (scalar isa): the kernels read the file layout anyway */
     const size_t sb = sizeof(float) * (size_t)w->N * w->n_blocks;
     const size_t db = (size_t)w->N * w->n_blocks * w->block_size * w->bits / 8;
     const size_t zb = w->zero_points ? (size_t)w->N * (w->bits == 4 ? (w->n_blocks + 1) / 2 : w->n_blocks) : 0;
@@ -696,6 +697,11 @@ static int rows_copy(step *st) {
         return -1;
     }
     st->rows_buf = buf;
+    m->bytes_repacked += sb + db + zb;
+    /* reading them for the copy mapped the file's pages back in */
+    ea_release_pages(m, w->data, db);
+    ea_release_pages(m, w->scales, sb);
+    if (zb) ea_release_pages(m, w->zero_points, zb);
     return 0;
 }
 
@@ -936,7 +942,7 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
             const int other = mul->in[0] == st->out ? mul->in[1] : mul->in[0];
             const int q = other >= 0 && other != st->out ? m->values[other].producer : -1;
             if (q >= 0 && q < s && m->steps[q].op == OP_SPARSIFY && m->values[other].width == st->N &&
-                rows_copy(st) == 0)
+                rows_copy(m, st) == 0)
                 st->rowsel_src = q + 1;
             break;
         }

@@ -285,7 +285,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 const int sparse = pick_path(ss, unit, na, st->N >= EA_SPARSE_MIN_N && na < EA_ROWS_STATIC_SHARE * st->N);
                 if (sparse) {
                     memset(y, 0, sizeof(float) * (size_t)st->N);
-                    rc = ea_qgemv_rows(ctx, &st->rows_qw, a, ss->active[src], na, y);
+                    rc = ea_qgemv_rows(ctx, st->rows_buf ? &st->rows_qw : &st->qw, a, ss->active[src], na, y);
                 } else {
                     rc = ea_qmatmul(ctx, &st->qw, a, 1, y);
                 }

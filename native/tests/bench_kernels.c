@@ -137,8 +137,13 @@ static void bench_sparse(int K, int N, int bs, double seconds, ea_pool *pool, ea
     for (size_t i = 0; zp && i < zbytes; i++) zp[i] = (uint8_t)(0x77 + (rnd() % 3) * 0x11);
     /* the output-row kernel reads the file layout: a copy each, or it is read from the cache */
     uint8_t **cdata = malloc(sizeof *cdata * (size_t)copies);
+    if (!cdata) exit(1);
     for (int c = 0; c < copies; c++) {
         cdata[c] = c ? malloc(dbytes) : data;
+        if (!cdata[c]) {
+            fprintf(stderr, "out of memory for %d copies of the weights\n", copies);
+            exit(1);
+        }
         if (c) memcpy(cdata[c], data, dbytes);
         ea_qweight_init(&w[c], isa, K, N, 4, bs, cdata[c], scales, zp);
         ea_qweight_cm_init(&cm[c], isa, &w[c]);
