@@ -136,6 +136,35 @@ def test_sparse_kernels_equal_the_dense_fallback_bit_for_bit(folders, tiny, meth
 
 
 @pytest.mark.skipif(not native_available(), reason="native runtime not built")
+def test_cats_up_rows_static_rule(tmp_path, monkeypatch):
+    # CATS with an FFN wide enough (1024 >= EA_SPARSE_MIN_N) for EDGEACT_SPARSE_STATIC's rows
+    # rule: at 70% sparsity up_proj computes only the kept rows on every decode call, and the
+    # logits equal those of the always-sparse and the measured runs bit for bit.
+    src = random_source("tiny", seed=3, intermediate_size=1024)
+    ids = calibration_ids(src, n_tokens=48, seed=98)[0]
+    sp = calibrate(src, "cats", parse_targets("0.7", "cats"), calib_tokens=256, progress=False)
+    folder = convert(src, tmp_path / "cats", quant="int4", progress=False, sparsity=sp)
+
+    def decode():
+        eng = edgeact.load(folder, engine="native").engine
+        eng.forward(ids[:8])
+        eng.session.profile(True)
+        out = np.concatenate([eng.forward(ids[i:i + 1]) for i in range(8, 40)])
+        recs = eng.session.profile_records()
+        up = [(r["sparse_calls"], r["calls"]) for r in recs if r["name"].endswith("up_proj")]
+        return out, up
+
+    monkeypatch.setenv("EDGEACT_SPARSE_STATIC", "1")
+    static, up = decode()
+    assert up and all(sp == calls == 32 for sp, calls in up), up
+    monkeypatch.delenv("EDGEACT_SPARSE_STATIC")
+    measured, _ = decode()
+    monkeypatch.setenv("EDGEACT_SPARSE_ALWAYS", "1")
+    always, _ = decode()
+    assert np.array_equal(static, always) and np.array_equal(measured, always)
+
+
+@pytest.mark.skipif(not native_available(), reason="native runtime not built")
 def test_native_reports_realized_sparsity(folders, tiny):
     _, ids = tiny
     eng = edgeact.load(folders["teal"], engine="native").engine
