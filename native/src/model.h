@@ -38,7 +38,7 @@ typedef struct value {
 
 typedef enum {
     OP_GATHER, OP_CAST, OP_RMSNORM, OP_MATMUL, OP_QMATMUL, OP_GQA, OP_ADD, OP_ADD_BIAS,
-    OP_MUL, OP_SIGMOID, OP_SILU_MUL, OP_STEER, OP_SPARSIFY, OP_NEURON_MASK, OP_NOP
+    OP_MUL, OP_SIGMOID, OP_SILU_MUL, OP_SILU, OP_STEER, OP_SPARSIFY, OP_NEURON_MASK, OP_NOP
 } op_kind;
 
 /* Sibling int4 matmuls reading one Sparsify output (q/k/v, gate/up): one channel-major copy

@@ -653,6 +653,24 @@ static void fuse_silu(ea_model *m, int *uses) {
         sg->op = OP_NOP;
         m->steps[m1].op = OP_NOP;
     }
+    /* Sigmoid(g) → Mul(g, sig) left over: SiLU alone (CATS sparsifies it before the gate·up
+     * Mul; as a scalar expf loop it was 2% of a TinyLlama-shape token) */
+    for (int s = 0; s < m->n_steps; s++) {
+        step *sg = &m->steps[s];
+        if (sg->op != OP_SIGMOID || uses[sg->out] != 1) continue;
+        for (int j = s + 1; j < m->n_steps; j++) {
+            step *t = &m->steps[j];
+            if (t->op != OP_MUL || (t->in[0] != sg->out && t->in[1] != sg->out)) continue;
+            if ((t->in[0] == sg->in[0] && t->in[1] == sg->out) || (t->in[1] == sg->in[0] && t->in[0] == sg->out)) {
+                t->op = OP_SILU;
+                t->op_type = "Silu";
+                t->in[0] = sg->in[0];
+                t->in[1] = -1;
+                sg->op = OP_NOP;
+            }
+            break;
+        }
+    }
     count_uses(m, uses);
 }
 
@@ -727,7 +745,8 @@ static int assign_slots(ea_model *m, ea_err *err) {
         value *o = &m->values[st->out];
         value *a = st->in[0] >= 0 ? &m->values[st->in[0]] : NULL;
         int inplace_ok = st->op == OP_CAST || st->op == OP_RMSNORM || st->op == OP_ADD || st->op == OP_ADD_BIAS ||
-                         st->op == OP_MUL || st->op == OP_SIGMOID || st->op == OP_SILU_MUL || st->op == OP_STEER;
+                         st->op == OP_MUL || st->op == OP_SIGMOID || st->op == OP_SILU_MUL || st->op == OP_SILU ||
+                         st->op == OP_STEER;
         if (inplace_ok && a && a->kind == V_ACT && a->last_use == s && !a->is_graph_output && a->width == o->width &&
             st->in[1] != st->in[0]) {
             o->slot = a->slot;

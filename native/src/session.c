@@ -334,6 +334,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
             for (size_t i = 0; i < n; i++) y[i] = 1.0f / (1.0f + expf(-a[i]));
             break;
         case OP_SILU_MUL: ea_silu_mul(ctx, a, bb, n, y); break;
+        case OP_SILU: ea_silu_mul(ctx, a, NULL, n, y); break;
         case OP_STEER:
             if (!st->inplace) memcpy(y, a, n * sizeof(float));
             if (ss->steer_add[st->layer] || ss->steer_ablate[st->layer] || !st->def_add_zero || !st->def_ablate_zero)

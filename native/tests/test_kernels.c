@@ -543,6 +543,14 @@ static void test_wide_elementwise(ea_isa isa) {
     }
     CHECK(bad < 0, "silu %s wide: i=%d g=%g got %.9g", ea_isa_name(isa), bad, bad < 0 ? 0.0 : g[bad],
           bad < 0 ? 0.0 : o[bad]);
+    ea_silu_mul(&ctx, g, NULL, N, o); /* SiLU alone */
+    bad = -1;
+    for (int i = 0; i < N && bad < 0; i++) {
+        const double ref = g[i] / (1.0 + exp(-(double)g[i]));
+        if (!(fabs(o[i] - ref) <= 1e-6 * fabs(g[i]) + 1e-37)) bad = i;
+    }
+    CHECK(bad < 0, "silu alone %s wide: i=%d g=%g got %.9g", ea_isa_name(isa), bad, bad < 0 ? 0.0 : g[bad],
+          bad < 0 ? 0.0 : o[bad]);
     float *x = malloc(sizeof(float) * R * DIM), *w = malloc(sizeof(float) * DIM), *y = malloc(sizeof(float) * R * DIM);
     for (int i = 0; i < R * DIM; i++) x[i] = rndf() * (i % 97 == 0 ? 50.0f : 1.0f);
     for (int i = 0; i < DIM; i++) w[i] = rndf();

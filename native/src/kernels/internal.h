@@ -55,7 +55,7 @@ void ea_quantize_row_scalar(const float *x, int K, int bs, int8_t *xq, float *sx
 /* Rows [n0, n1) of y (row stride N) for all M rows. */
 void ea_qmatmul_rows_scalar(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1);
 
-/* y = SiLU(g) * u (transformer.c; the AVX2 version in elementwise_avx2.c). */
+/* y = SiLU(g) * u, u NULL: SiLU(g) (transformer.c; the AVX2 version in elementwise_avx2.c). */
 void ea_silu_mul_scalar(const float *g, const float *u, size_t n, float *y);
 #if EA_X86
 void ea_silu_mul_avx2(const float *g, const float *u, size_t n, float *y);

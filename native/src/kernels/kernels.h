@@ -134,7 +134,7 @@ int ea_attention(ea_kctx *ctx, const float *q, int S, int H, int hd,
                  const float *k_cache, const float *v_cache, int kv_heads, int capacity,
                  int pos0, float scale, float *out);
 
-/* y = silu(g) * u = g * sigmoid(g) * u (y may alias g or u). */
+/* y = silu(g) * u = g * sigmoid(g) * u (y may alias g or u); u NULL: y = silu(g). */
 void ea_silu_mul(const ea_kctx *ctx, const float *g, const float *u, size_t n, float *y);
 /* y = a + b elementwise, same length (y may alias a or b). */
 void ea_add(const ea_kctx *ctx, const float *a, const float *b, size_t n, float *y);

@@ -148,7 +148,7 @@ int ea_attention(ea_kctx *ctx, const float *q, int S, int H, int hd, const float
 }
 
 void ea_silu_mul_scalar(const float *g, const float *u, size_t n, float *y) {
-    for (size_t i = 0; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    for (size_t i = 0; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * (u ? u[i] : 1.0f);
 }
 
 static void silu_span(ea_isa isa, const float *g, const float *u, size_t n, float *y) {
@@ -166,7 +166,7 @@ static void silu_task(void *arg, int task, int thread) {
     (void)thread;
     const ew_job *j = arg;
     const size_t a = j->n * task / j->n_tasks, b = j->n * (task + 1) / j->n_tasks;
-    silu_span(j->isa, j->x + a, j->u + a, b - a, j->y + a);
+    silu_span(j->isa, j->x + a, j->u ? j->u + a : NULL, b - a, j->y + a);
 }
 
 void ea_silu_mul(const ea_kctx *ctx, const float *g, const float *u, size_t n, float *y) {
