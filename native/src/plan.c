@@ -626,7 +626,10 @@ static void count_uses(ea_model *m, int *uses) {
     for (int i = 0; i < m->n_values; i++) uses[i] += m->values[i].is_graph_output;
 }
 
-/* Sigmoid(g) → Mul(g, sig) → Mul(·, u) becomes one SiluMul(g, u) when the intermediates have no other use. */
+/* Sigmoid(g) → Mul(g, sig) → Mul(·, u) becomes one SiluMul(g, u) when the intermediates have
+ * no other use; a Sigmoid(g) → Mul(g, sig) that does not feed one becomes SiLU alone (CATS
+ * sparsifies it before the gate·up Mul; as a scalar expf loop it was 2% of a TinyLlama-shape
+ * token). */
 static void fuse_silu(ea_model *m, int *uses) {
     for (int s = 0; s < m->n_steps; s++) {
         step *sg = &m->steps[s];
@@ -637,39 +640,27 @@ static void fuse_silu(ea_model *m, int *uses) {
             if (t->op == OP_MUL && ((t->in[0] == g && t->in[1] == sg->out) || (t->in[1] == g && t->in[0] == sg->out)))
                 m1 = j;
         }
-        if (m1 < 0 || uses[m->steps[m1].out] != 1) continue;
-        for (int j = m1 + 1; j < m->n_steps && m2 < 0; j++) {
+        if (m1 < 0) continue;
+        step *s1 = &m->steps[m1];
+        for (int j = m1 + 1; j < m->n_steps && m2 < 0 && uses[s1->out] == 1; j++) {
             step *t = &m->steps[j];
-            if (t->op == OP_MUL && (t->in[0] == m->steps[m1].out || t->in[1] == m->steps[m1].out)) m2 = j;
+            if (t->op == OP_MUL && (t->in[0] == s1->out || t->in[1] == s1->out)) m2 = j;
         }
-        if (m2 < 0) continue;
-        step *t = &m->steps[m2];
-        int u = t->in[0] == m->steps[m1].out ? t->in[1] : t->in[0];
-        if (u == m->steps[m1].out) continue;
-        t->op = OP_SILU_MUL;
-        t->op_type = "SiluMul";
-        t->in[0] = g;
-        t->in[1] = u;
+        step *t = m2 >= 0 ? &m->steps[m2] : NULL;
+        const int u = t ? (t->in[0] == s1->out ? t->in[1] : t->in[0]) : -1;
+        if (t && u != s1->out) {
+            t->op = OP_SILU_MUL;
+            t->op_type = "SiluMul";
+            t->in[0] = g;
+            t->in[1] = u;
+            s1->op = OP_NOP;
+        } else {
+            s1->op = OP_SILU;
+            s1->op_type = "Silu";
+            s1->in[0] = g;
+            s1->in[1] = -1;
+        }
         sg->op = OP_NOP;
-        m->steps[m1].op = OP_NOP;
-    }
-    /* Sigmoid(g) → Mul(g, sig) left over: SiLU alone (CATS sparsifies it before the gate·up
-     * Mul; as a scalar expf loop it was 2% of a TinyLlama-shape token) */
-    for (int s = 0; s < m->n_steps; s++) {
-        step *sg = &m->steps[s];
-        if (sg->op != OP_SIGMOID || uses[sg->out] != 1) continue;
-        for (int j = s + 1; j < m->n_steps; j++) {
-            step *t = &m->steps[j];
-            if (t->op != OP_MUL || (t->in[0] != sg->out && t->in[1] != sg->out)) continue;
-            if ((t->in[0] == sg->in[0] && t->in[1] == sg->out) || (t->in[1] == sg->in[0] && t->in[0] == sg->out)) {
-                t->op = OP_SILU;
-                t->op_type = "Silu";
-                t->in[0] = sg->in[0];
-                t->in[1] = -1;
-                sg->op = OP_NOP;
-            }
-            break;
-        }
     }
     count_uses(m, uses);
 }

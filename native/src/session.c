@@ -134,8 +134,8 @@ static void neuron_mask(ea_session *ss, const step *st, int si, int e, const flo
 }
 
 /* The path of a decode GEMV behind a Sparsify (sparse_tune.h): measured per unit, unless a
- * setting fixes it. Both paths give the same bits. */
-/* static_sparse: the fixed rule's answer, for EDGEACT_SPARSE_STATIC */
+ * setting fixes it (static_sparse: the fixed rule's answer, for EDGEACT_SPARSE_STATIC). Both
+ * paths give the same bits. */
 static int pick_path(ea_session *ss, int unit, int n_active, int static_sparse) {
     const ea_model *m = ss->m;
     if (m->sparse_always) return 1;
@@ -152,13 +152,14 @@ static void tune_record(ea_session *ss, int unit, int sparse, int n_active, uint
 }
 
 /* After a decode GEMV behind a Sparsify (exec step e): the profile's path counts; returns the
- * weight bytes it read (the active channels' share on the sparse path, all on the dense one). */
-static uint64_t gemv_path_done(ea_session *ss, int e, const step *st, int sparse, int n_active) {
+ * weight bytes it read (on the sparse path the share n_active of `of`, the input channels or the
+ * output rows it skips along; all on the dense one). */
+static uint64_t gemv_path_done(ea_session *ss, int e, const step *st, int sparse, int n_active, int of) {
     if (__builtin_expect(ss->profile, 0)) {
         ss->prof_sparse[e] += (uint64_t)sparse;
         ss->prof_eligible[e]++;
     }
-    return sparse ? (uint64_t)((double)st->weight_bytes * n_active / (st->K ? st->K : 1)) : st->weight_bytes;
+    return sparse ? (uint64_t)((double)st->weight_bytes * n_active / (of ? of : 1)) : st->weight_bytes;
 }
 
 /* Runs S tokens at positions pos0.. ; logits rows go to `logits` (all rows, or the last one
@@ -227,7 +228,8 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
             if (st->fuse && rows == 1) {
                 /* a sibling of a stacked GEMV: the first to run picks the path for the group and,
                  * when sparse, computes all of them (the input and its active list are the same)
-                 * into their outputs when g->direct, else the others copy their rows. Dense, each runs its own GEMV on the masked input. */
+                 * into their outputs when g->direct, else the others copy their rows. Dense, each
+                 * runs its own GEMV on the masked input. */
                 const int gi = st->fuse - 1;
                 const fused_gemv *g = &m->fused[gi];
                 const int src = st->sparse_src - 1, na = ss->n_active[src];
@@ -261,7 +263,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                     ss->unit_sparse[gi] = -1;
                     ss->unit_ns[gi] = 0;
                 }
-                bytes = gemv_path_done(ss, e, st, sparse, na);
+                bytes = gemv_path_done(ss, e, st, sparse, na, st->K);
                 break;
             }
             if (st->sparse_src && rows == 1) {
@@ -273,7 +275,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 rc = sparse ? ea_sparse_qgemv(ctx, &st->cm, NULL, a, ss->active[src], na, y)
                             : ea_masked_qgemv(ctx, &st->qw, a, ss->active[src], na, y);
                 if (!rc) tune_record(ss, unit, sparse, na, now_ns() - u0);
-                bytes = gemv_path_done(ss, e, st, sparse, na);
+                bytes = gemv_path_done(ss, e, st, sparse, na, st->K);
                 break;
             }
             if (st->rowsel_src && rows == 1) {
@@ -290,11 +292,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                     rc = ea_qmatmul(ctx, &st->qw, a, 1, y);
                 }
                 if (!rc) tune_record(ss, unit, sparse, na, now_ns() - u0);
-                if (__builtin_expect(ss->profile, 0)) {
-                    ss->prof_sparse[e] += (uint64_t)sparse;
-                    ss->prof_eligible[e]++;
-                }
-                if (sparse) bytes = (uint64_t)((double)st->weight_bytes * na / (st->N ? st->N : 1));
+                bytes = gemv_path_done(ss, e, st, sparse, na, st->N);
                 break;
             }
             rc = st->op == OP_QMATMUL ? (st->f32act ? ea_qmatmul_f32act : ea_qmatmul)(ctx, &st->qw, a, rows, y)
