@@ -296,9 +296,10 @@ static void test_sparse_case(ea_isa isa, ea_pool *pool, int K, int N, int bs, in
 
 static void test_sparse(ea_isa isa, ea_pool *pool) {
     static const double fracs[] = {0.0, 0.05, 0.3, 0.7, 1.0};
-    /* N = 300 and 330: five and six 64-row tiles, so threads get tile pairs and an odd last tile */
+    /* N = 300 and 330: five and six 64-row tiles, so threads get tile pairs and an odd last tile;
+     * N = 2600: more tiles per thread than the prefetch distance */
     static const int shapes[][4] = {{100, 37, 32, 1}, {256, 64, 32, 0}, {300, 70, 64, 1}, {520, 45, 128, 0}, {1030, 100, 32, 1},
-                                    {128, 300, 32, 1}, {200, 330, 128, 0}};
+                                    {128, 300, 32, 1}, {200, 330, 128, 0}, {260, 2600, 128, 1}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (size_t f = 0; f < sizeof fracs / sizeof fracs[0]; f++)
             test_sparse_case(isa, pool, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], fracs[f], 0,
@@ -321,6 +322,44 @@ static void test_sparse(ea_isa isa, ea_pool *pool) {
     ea_qweight_cm_release(&cm);
     ea_qweight_release(&w);
     ea_kctx_release(&ctx);
+}
+
+/* ea_sparse_pf_at's schedule, walked as the AVX-512 kernel walks it (blocks, their chunks,
+ * the thread's tile pairs): every line a chunk reads was prefetched exactly min(distance,
+ * range) tiles of work earlier, from inside the thread's range, except the first chunk's
+ * first tiles (nothing runs before them). */
+static void test_sparse_pf(void) {
+    static const int quads[] = {7, 1, 0, 13, 3, 2}; /* per block; a block of zeros has none */
+    enum { NB = sizeof quads / sizeof quads[0], NQ = 26, TMAX = 64 };
+    int qstart[NB + 1] = {0};
+    for (int b = 0; b < NB; b++) qstart[b + 1] = qstart[b] + quads[b];
+    static const int ranges[][2] = {{0, 4}, {0, 16}, {6, 22}, {0, 18}, {10, 54}, {2, 64}};
+    for (size_t r = 0; r < sizeof ranges / sizeof ranges[0]; r++) {
+        const int t0 = ranges[r][0], t1 = ranges[r][1];
+        const int lead = (EA_SPARSE_PF_TILES < t1 - t0 ? EA_SPARSE_PF_TILES : t1 - t0) / 2;
+        long when[NQ][TMAX], step = 0;
+        for (int q = 0; q < NQ; q++)
+            for (int t = 0; t < TMAX; t++) when[q][t] = -1;
+        int bad = 0, first_chunk = 1;
+        for (int ab = 0; ab < NB; ab++) {
+            const int q0 = qstart[ab], q1 = qstart[ab + 1], qn = ab + 1 < NB ? qstart[ab + 2] : q1;
+            for (int c0 = q0;; c0 += EA_SPARSE_CHUNK_QUADS) {
+                const ea_sparse_chunk ch = ea_sparse_chunk_at(q0, q1, qn, c0);
+                for (int t = t0; t < t1; t += 2, step++) {
+                    const ea_sparse_pf pf = ea_sparse_pf_at(ch, c0, t, t0, t1);
+                    bad += pf.t < t0 || pf.t >= t1 || (pf.t - t0) % 2 != 0;
+                    for (int q = pf.q0; q < pf.q1 && pf.t >= 0 && pf.t < TMAX; q++) when[q][pf.t] = step;
+                    for (int q = c0; q < ch.c1; q++) {
+                        const int cold = first_chunk && t < t0 + 2 * lead;
+                        bad += cold ? when[q][t] != -1 && when[q][t] != step : when[q][t] != step - lead;
+                    }
+                }
+                first_chunk = 0;
+                if (ch.last) break;
+            }
+        }
+        CHECK(!bad, "prefetch schedule over tiles [%d, %d): %d lines early, late or outside", t0, t1, bad);
+    }
 }
 
 /* Siblings stacked along N (q/k/v, gate/up): each one's rows equal its own dense result. */
@@ -849,6 +888,7 @@ int main(int argc, char **argv) {
         test_sparse(isa, pools[p]);
         test_sparse_concat(isa, pools[p]);
     }
+    test_sparse_pf();
     test_small_ops(isa);
     test_sparsify(isa);
     ea_pool_destroy(pool);

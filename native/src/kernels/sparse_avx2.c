@@ -12,9 +12,10 @@
  * unpacks, ands and dots. Blocks are the outer loop: the active channels'
  * rows of one block stream front to back across the thread's tiles (tiles
  * outer, touching every active row per tile, thrashed the TLB and ran 2x
- * slower) while the float accumulators stay in L1/L2, and the next block's
- * rows are prefetched one line per two tiles. The 32-row tiles of the first
- * version spent twice the unpacks per weight and ran 10-20% slower. */
+ * slower) while the float accumulators stay in L1/L2, and the rows are
+ * prefetched a fixed number of tiles ahead (ea_sparse_pf_at), one line per
+ * two tiles. The 32-row tiles of the first version spent twice the unpacks
+ * per weight and ran 10-20% slower. */
 #include "internal.h"
 
 #if EA_X86
@@ -52,13 +53,15 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
         const __m256 sx = _mm256_set1_ps(a->sx[ab]);
         for (int c0 = q0;; c0 += EA_SPARSE_CHUNK_QUADS) {
             const ea_sparse_chunk ch = ea_sparse_chunk_at(q0, q1, qn, c0);
-            const int c1 = ch.c1, first = ch.first, last = ch.last, p0 = ch.p0, p1 = ch.p1;
+            const int c1 = ch.c1, first = ch.first, last = ch.last;
             for (int t = t0; t < t1; t++) {
                 const uint8_t *base = cm->data + (size_t)t * (EA_CM_TILE / 2);
-                /* once per cache line: the next chunk's rows at this tile */
-                if ((t & 1) == 0 || t == t0)
-                    for (int q = p0; q < p1; q++)
-                        for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(base + a->qoff[4 * (size_t)q + c]), _MM_HINT_T0);
+                if ((t & 1) == 0 || t == t0) { /* once per cache line (two tiles) */
+                    const ea_sparse_pf pf = ea_sparse_pf_at(ch, c0, t, t0, t1);
+                    const uint8_t *pbase = cm->data + (size_t)pf.t * (EA_CM_TILE / 2);
+                    for (int q = pf.q0; q < pf.q1; q++)
+                        for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(pbase + a->qoff[4 * (size_t)q + c]), _MM_HINT_T0);
+                }
                 if (last && ab + 1 < a->n_blocks) { /* and the next block's scales and zero points: a few KB per block, too short for the hardware */
                     const size_t nsb = (size_t)a->blk[ab + 1] * cm->n_pad + (size_t)t * EA_CM_TILE;
                     const char *ns = (const char *)cm->scales + nsb * ssize;

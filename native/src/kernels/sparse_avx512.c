@@ -46,11 +46,13 @@ AVX512 static void sparse_pairs(const ea_qweight_cm *cm, const ea_sparse_act *a,
         const __m512 sx = _mm512_set1_ps(a->sx[ab]);
         for (int c0 = q0;; c0 += EA_SPARSE_CHUNK_QUADS) {
             const ea_sparse_chunk ch = ea_sparse_chunk_at(q0, q1, qn, c0);
-            const int c1 = ch.c1, first = ch.first, last = ch.last, p0 = ch.p0, p1 = ch.p1;
+            const int c1 = ch.c1, first = ch.first, last = ch.last;
             for (int t = t0; t < t1; t += 2) {
                 const uint8_t *base = cm->data + (size_t)t * (EA_CM_TILE / 2);
-                for (int q = p0; q < p1; q++) /* the next chunk's line at this pair */
-                    for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(base + a->qoff[4 * (size_t)q + c]), _MM_HINT_T0);
+                const ea_sparse_pf pf = ea_sparse_pf_at(ch, c0, t, t0, t1); /* one line per row: a tile pair */
+                const uint8_t *pbase = cm->data + (size_t)pf.t * (EA_CM_TILE / 2);
+                for (int q = pf.q0; q < pf.q1; q++)
+                    for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(pbase + a->qoff[4 * (size_t)q + c]), _MM_HINT_T0);
                 if (last && ab + 1 < a->n_blocks) {
                     const size_t nsb = (size_t)a->blk[ab + 1] * cm->n_pad + (size_t)t * EA_CM_TILE;
                     const char *ns = (const char *)cm->scales + nsb * ssize;
