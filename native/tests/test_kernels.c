@@ -426,6 +426,17 @@ static void test_sparse_concat(ea_isa isa, ea_pool *pool) {
         }
         CHECK(ea_masked_qgemv(&vctx, &wv[2], x, active, n_active, y) == 0 &&
               memcmp(y, y_ref + 37 + 128, sizeof(float) * 100) == 0, "masked dense GEMV (%s)", ea_isa_name(isa));
+        { /* the masked copy of x is kept between calls: a call with half the channels must not see the others */
+            int32_t *half = malloc(sizeof(int32_t) * (size_t)(n_active + 1));
+            float *xm = calloc((size_t)K, sizeof(float)), *r = malloc(sizeof(float) * 100);
+            int nh = 0;
+            for (int i = 0; i < n_active; i += 2) half[nh++] = active[i];
+            for (int i = 0; i < nh; i++) xm[half[i]] = x[half[i]];
+            const int rc = ea_qmatmul(&vctx, &wv[2], xm, 1, r);
+            CHECK(!rc && ea_masked_qgemv(&vctx, &wv[2], x, half, nh, y) == 0 && memcmp(y, r, sizeof(float) * 100) == 0,
+                  "masked dense GEMV after a call with more channels (%s)", ea_isa_name(isa));
+            free(half); free(xm); free(r);
+        }
         CHECK(ea_sparse_prefers_dense(&cm, K) && !ea_sparse_prefers_dense(&cm, K / 10) == (total >= EA_SPARSE_MIN_N),
               "crossover rule");
         ea_qweight_cm bad;

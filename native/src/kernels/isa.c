@@ -96,8 +96,11 @@ int ea_kctx_init(ea_kctx *ctx, ea_isa isa, ea_pool *pool) {
 
 void ea_kctx_release(ea_kctx *ctx) {
     free(ctx->scratch);
+    free(ctx->masked);
     ctx->scratch = NULL;
     ctx->scratch_cap = 0;
+    ctx->masked = NULL;
+    ctx->masked_cap = 0;
 }
 
 /* Weight repacks are read once per token from end to end: with 4 KiB pages

@@ -58,6 +58,8 @@ typedef struct ea_kctx {
     ea_pool *pool;      /* borrowed; NULL runs everything on the caller */
     void *scratch;      /* owned, grown on demand (quantized activations, scores) */
     size_t scratch_cap;
+    float *masked;      /* owned: ea_masked_qgemv's copy of x, all zeros between calls */
+    size_t masked_cap;
 } ea_kctx;
 
 /* Fails with EA_KERR_ISA_UNAVAILABLE if isa cannot run here. */

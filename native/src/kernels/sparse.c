@@ -304,11 +304,19 @@ int ea_sparse_prefers_dense(const ea_qweight_cm *cm, int n_active) {
 
 int ea_masked_qgemv(ea_kctx *ctx, const ea_qweight *w, const float *x, const int32_t *active, int n_active, float *y) {
     if (!w || n_active < 0 || !strictly_increasing(active, n_active, w->K)) return EA_KERR_ARG;
-    float *xm = calloc((size_t)w->K, sizeof(float));
-    if (!xm) return EA_KERR_NOMEM;
+    /* the buffer stays zero between calls: only the active entries are written and cleared
+     * (a calloc and a K-wide clear per call on the measured choice's dense path before) */
+    if (ctx->masked_cap < (size_t)w->K) {
+        float *p = calloc((size_t)w->K, sizeof(float));
+        if (!p) return EA_KERR_NOMEM;
+        free(ctx->masked);
+        ctx->masked = p;
+        ctx->masked_cap = (size_t)w->K;
+    }
+    float *xm = ctx->masked;
     for (int i = 0; i < n_active; i++) xm[active[i]] = x[active[i]];
     const int rc = ea_qmatmul(ctx, w, xm, 1, y);
-    free(xm);
+    for (int i = 0; i < n_active; i++) xm[active[i]] = 0.0f;
     return rc;
 }
 
