@@ -324,6 +324,74 @@ static void test_sparse(ea_isa isa, ea_pool *pool) {
     ea_kctx_release(&ctx);
 }
 
+/* The AVX2 sparse prep gives the scalar one's arrays: entries that round to 0 dropped,
+ * blocks with none left dropped, non-finite blocks kept with a nan scale and no entries,
+ * short quads padded; every block size, tails of 1..7 entries per block. */
+#if EA_X86
+typedef struct {
+    ea_sparse_act a;
+    void *mem[11];
+} prep_bufs;
+
+static void prep_alloc(prep_bufs *b, int n, int nb) {
+    const size_t mq = (size_t)n / 4 + nb + 1;
+    memset(b, 0, sizeof *b);
+    b->a.blk = b->mem[0] = calloc((size_t)nb + 1, 4);
+    b->a.start = b->mem[1] = calloc((size_t)nb + 1, 4);
+    b->a.sx = b->mem[2] = calloc((size_t)nb + 1, 4);
+    b->a.sumx = b->mem[3] = calloc((size_t)nb + 1, 4);
+    b->a.ch = b->mem[4] = calloc((size_t)n + 1, 4);
+    b->a.q = b->mem[5] = calloc((size_t)n + 4, 1);
+    b->a.qstart = b->mem[6] = calloc((size_t)nb + 1, 4);
+    b->a.qoff = b->mem[7] = calloc(4 * mq, sizeof(size_t));
+    b->a.qx = b->mem[8] = calloc(mq, 4);
+}
+
+static void test_sparse_prep(void) {
+    if (!ea_isa_available(EA_ISA_AVX2)) return;
+    static const int block_sizes[] = {16, 32, 64, 128, 256};
+    for (size_t bi = 0; bi < sizeof block_sizes / sizeof block_sizes[0]; bi++)
+        for (int round = 0; round < 6; round++) {
+            const int bs = block_sizes[bi], K = bs * 9 + 5, nb = (K + bs - 1) / bs;
+            float *x = malloc(sizeof(float) * K);
+            int32_t *active = malloc(sizeof(int32_t) * K);
+            int n = 0;
+            const int keep = 1 + round * 17 % 97; /* per mille-ish shares from 1% to all */
+            for (int k = 0; k < K; k++) {
+                x[k] = rndf() * (k % 7 == 0 ? 50.0f : 1.0f);
+                if (k % 13 == 5) x[k] = 0.0f;
+                if (k % 29 == 3) x[k] *= 1e-4f; /* rounds to 0 next to a large entry */
+                if (k / bs == 2) x[k] = 0.0f;       /* a block with nothing left */
+                if (round == 3 && k == 4 * bs + 1) x[k] = NAN;
+                if (round == 4 && k == 6 * bs + 2) x[k] = -INFINITY;
+                if (round == 5 || (int)(rnd() % 100) < keep) active[n++] = k;
+            }
+            prep_bufs r, v;
+            prep_alloc(&r, n, nb);
+            prep_alloc(&v, n, nb);
+            const size_t row_bytes = 4160;
+            ea_sparse_prep_scalar(x, bs, active, n, row_bytes, 1, &r.a);
+            ea_sparse_prep_avx2(x, bs, active, n, row_bytes, &v.a);
+            int ok = r.a.n_blocks == v.a.n_blocks;
+            const int nbk = r.a.n_blocks, nq = ok ? r.a.qstart[nbk] : 0, ne = ok ? r.a.start[nbk] : 0;
+            ok = ok && memcmp(r.a.blk, v.a.blk, 4 * (size_t)nbk) == 0 && memcmp(r.a.sx, v.a.sx, 4 * (size_t)nbk) == 0 &&
+                 memcmp(r.a.sumx, v.a.sumx, 4 * (size_t)nbk) == 0 &&
+                 memcmp(r.a.start, v.a.start, 4 * ((size_t)nbk + 1)) == 0 &&
+                 memcmp(r.a.qstart, v.a.qstart, 4 * ((size_t)nbk + 1)) == 0 &&
+                 memcmp(r.a.ch, v.a.ch, 4 * (size_t)ne) == 0 && memcmp(r.a.q, v.a.q, (size_t)ne) == 0 &&
+                 memcmp(r.a.qoff, v.a.qoff, 4 * sizeof(size_t) * (size_t)nq) == 0 &&
+                 memcmp(r.a.qx, v.a.qx, 4 * (size_t)nq) == 0;
+            CHECK(ok, "sparse prep avx2 vs scalar: bs %d round %d, %d active, %d/%d blocks", bs, round, n,
+                  v.a.n_blocks, r.a.n_blocks);
+            CHECK(round == 5 ? nbk == nb - 1 : nbk < nb, "prep drops the empty block (bs %d round %d: %d of %d)", bs,
+                  round, nbk, nb);
+            for (int i = 0; i < 11; i++) { free(r.mem[i]); free(v.mem[i]); }
+            free(x);
+            free(active);
+        }
+}
+#endif
+
 /* ea_sparse_pf_at's schedule, walked as the AVX-512 kernel walks it (blocks, their chunks,
  * the thread's tile pairs): every line a chunk reads was prefetched exactly min(distance,
  * range) tiles of work earlier, from inside the thread's range, except the first chunk's
@@ -900,6 +968,9 @@ int main(int argc, char **argv) {
         test_sparse_concat(isa, pools[p]);
     }
     test_sparse_pf();
+#if EA_X86
+    test_sparse_prep();
+#endif
     test_small_ops(isa);
     test_sparsify(isa);
     ea_pool_destroy(pool);

@@ -226,6 +226,19 @@ typedef struct {
     int32_t *qx;     /* [per quad] the four int8 values, first channel in the low byte */
 } ea_sparse_act;
 
+/* The serial step of every sparse GEMV: the active entries of x quantized block by block
+ * (a->n_blocks, blk, start, sx, sumx, ch, q: ea_quantize_row_scalar's arithmetic, entries
+ * that round to 0 and blocks with none left dropped, a non-finite block kept with a nan
+ * scale and no entries) and, with quads, grouped for the x86 kernels (qstart, qoff as
+ * offsets of rows row_bytes long, qx). The AVX2 version (quads always) gives the same
+ * arrays; ea_sparse_act's arrays hold n_active entries (q 3 bytes more). */
+void ea_sparse_prep_scalar(const float *x, int bs, const int32_t *active, int n_active, size_t row_bytes, int quads,
+                           ea_sparse_act *a);
+#if EA_X86
+void ea_sparse_prep_avx2(const float *x, int bs, const int32_t *active, int n_active, size_t row_bytes,
+                         ea_sparse_act *a);
+#endif
+
 /* Scale i of a channel-major weight. */
 static inline float ea_cm_scale(const ea_qweight_cm *cm, size_t i) {
     return cm->scales_f16 ? ea_f16_to_f32(((const uint16_t *)cm->scales)[i]) : ((const float *)cm->scales)[i];

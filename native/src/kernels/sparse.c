@@ -171,7 +171,7 @@ static void quantize_active(const float *x, int bs, const int32_t *active, int n
     a->start[a->n_blocks] = out;
 }
 
-/* Groups each block's entries in quads for the AVX2 kernel; a short last
+/* Groups each block's entries in quads for the x86 kernels; a short last
  * quad repeats its first channel with value 0 (adds nothing). */
 static void make_quads(const ea_sparse_act *a, size_t row_bytes, ea_sparse_act *out) {
     int nq = 0;
@@ -188,6 +188,12 @@ static void make_quads(const ea_sparse_act *a, size_t row_bytes, ea_sparse_act *
         }
     }
     out->qstart[a->n_blocks] = nq;
+}
+
+void ea_sparse_prep_scalar(const float *x, int bs, const int32_t *active, int n_active, size_t row_bytes, int quads,
+                           ea_sparse_act *a) {
+    quantize_active(x, bs, active, n_active, a);
+    if (quads) make_quads(a, row_bytes, a);
 }
 
 void ea_sparse_tiles_scalar(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
@@ -347,8 +353,11 @@ static int sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight 
     a.sumx = a.start + nb + 1;
     a.sx = (float *)(a.sumx + nb + 1);
     a.q = (int8_t *)(a.sx + nb + 1);
-    quantize_active(x, cm->block_size, active, n_active, &a);
-    if (isa == EA_ISA_AVX2) make_quads(&a, (size_t)cm->n_pad / 2, &a);
+#if EA_X86
+    if (isa == EA_ISA_AVX2) ea_sparse_prep_avx2(x, cm->block_size, active, n_active, (size_t)cm->n_pad / 2, &a);
+    else
+#endif
+        ea_sparse_prep_scalar(x, cm->block_size, active, n_active, (size_t)cm->n_pad / 2, 0, &a);
     const int tiles = cm->n_pad / EA_CM_TILE;
     int n_tasks = ea_pool_size(ctx->pool);
     if (n_tasks > (tiles + 1) / 2) n_tasks = (tiles + 1) / 2;
