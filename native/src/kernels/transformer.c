@@ -109,10 +109,12 @@ typedef struct {
     ea_isa isa;
 } attn_job;
 
-static void attention_head(void *arg, int h, int thread) {
+static void attention_head(void *arg, int task, int thread) {
     const attn_job *j = arg;
     float *sc = j->scores + (size_t)thread * j->capacity;
-    const int kvh = h / (j->H / j->kv_heads);
+    /* tasks go round the kv heads (head kvh * group + task / kv_heads): threads starting
+     * together read different caches from memory, not the same one at once */
+    const int group = j->H / j->kv_heads, kvh = task % j->kv_heads, h = kvh * group + task / j->kv_heads;
     const float *kc = j->k + (size_t)kvh * j->capacity * j->hd;
     const float *vc = j->v + (size_t)kvh * j->capacity * j->hd;
     for (int s = 0; s < j->S; s++) {
