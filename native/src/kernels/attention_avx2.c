@@ -40,7 +40,7 @@ AVX2 void ea_attention_row_avx2(const float *q, const float *kc, const float *vc
     if (hv == hd) /* eight positions: eight independent chains cover the fma latency (four left it half idle) */
         for (; t + 8 <= L; t += 8) {
             const float *k0 = kc + (size_t)t * hd;
-            if (t + 24 <= L) /* two steps ahead: a cold cache (the weights streamed since) came at a third of the bandwidth */
+            if (t + 24 <= L) /* two steps ahead: in decode the cache is cold (the weights streamed through since) */
                 for (int i = 0; i < 8 * hd; i += 16) _mm_prefetch((const char *)(k0 + 16 * (size_t)hd + i), _MM_HINT_T0);
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
             for (int i = 0; i < hd; i += 8) { /* named: an array of them went to the stack */
