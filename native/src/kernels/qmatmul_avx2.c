@@ -175,10 +175,7 @@ AVX2 void ea_quantize_row_avx2(const float *x, int K, int bs, int8_t *xq, float 
             big = _mm256_or_si256(big, _mm256_cmpgt_epi32(_mm256_castps_si256(a), _mm256_set1_epi32(0x7f7fffff)));
             mx = _mm256_max_ps(mx, a);
         }
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-        const float amax = _mm_cvtss_f32(m4);
+        const float amax = ea_hmax8_ps(mx);
         const int finite = _mm256_testz_si256(big, big);
         const float scale = finite ? amax / 127.0f : NAN;
         float invs = finite && amax != 0.0f ? 127.0f / amax : 0.0f;
@@ -213,11 +210,8 @@ AVX2 void ea_quantize_row_avx2(const float *x, int K, int bs, int8_t *xq, float 
             }
             _mm256_storeu_si256((__m256i *)(xq + k0 + c), p8);
         }
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-        s4 = _mm_hadd_epi32(s4, s4);
-        s4 = _mm_hadd_epi32(s4, s4);
         sx[b] = scale;
-        sumx[b] = _mm_cvtsi128_si32(s4);
+        sumx[b] = ea_hsum8_epi32(sum);
     }
 }
 

@@ -13,6 +13,20 @@ AVX2 static inline __m256 ea_load8_scales(const uint8_t *p, int f16) {
     return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)) : _mm256_loadu_ps((const float *)p);
 }
 
+/* The largest of eight floats (for finite lanes; a NaN lane's result is the caller's to discard). */
+AVX2 static inline float ea_hmax8_ps(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+/* The sum of eight int32 lanes. */
+AVX2 static inline int32_t ea_hsum8_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
 /* e^x for x <= 0: x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor polynomial
  * of e^r (relative error ~2e-7), times 2^n; x is clamped at -87, where
  * e^x ~ 1.6e-38 is nothing next to the 1 it is added to (softmax sums,
