@@ -12,7 +12,9 @@
  *   (defaults 0.5 all 32; "sparse" skips the dense GEMV part; block applies to the sparse part)
  *   BENCH_SHAPE=K,N   the sparse part on that one shape instead of the FFN shapes
  *   BENCH_HOT=1       one matrix instead of enough to exceed the cache: compute, not memory
- *   BENCH_SYM=1       no zero points (the converters write them by default) */
+ *   BENCH_SYM=1       no zero points (the converters write them by default)
+ *   BENCH_CONTIG=1    the active channels are the first ones, not a random set: the channel-major
+ *                     layout's best case (one run of rows), against the scattered rows of decode */
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
@@ -174,7 +176,7 @@ static void bench_sparse(int K, int N, int bs, double seconds, ea_pool *pool, ea
             const int lim = kind ? N : K;
             b.n_idx = 0;
             for (int i = 0; i < lim; i++)
-                if ((rnd() % 10000) < fracs[f] * 10000) idx[b.n_idx++] = i;
+                if (getenv("BENCH_CONTIG") ? i < fracs[f] * lim : (rnd() % 10000) < fracs[f] * 10000) idx[b.n_idx++] = i;
             const double us = time_calls(kind ? run_rows : run_sparse_in, &b, copies, seconds);
             printf("  %-13s active %3.0f%% (sparsity %3.0f%%): %8.1f us  %6.2f GB/s dense-equivalent  speed-up %.2fx\n",
                    kind ? "output rows" : "input chans", fracs[f] * 100, 100 - fracs[f] * 100, us,

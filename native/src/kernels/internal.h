@@ -149,7 +149,9 @@ static inline int ea_qweight_zp(const ea_qweight *w, int n, int b) {
 
 /* ---- sparse kernels ---- */
 /* Quads of active channels the AVX2 and AVX-512 kernels stream at once. */
+#ifndef EA_SPARSE_CHUNK_QUADS
 #define EA_SPARSE_CHUNK_QUADS 3
+#endif
 /* A block's quads [q0, q1) go in chunks whose rows stream together (a
  * 128-channel block at 50% would otherwise be 64 rows at once); qn ends the
  * next block's quads. The chunk from c0 ends at c1; [p0, p1) is the chunk
