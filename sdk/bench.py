@@ -73,6 +73,25 @@ def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 5) -> float:
     return best
 
 
+# The input-sparse GEMV reads whole channel rows of N/2 bytes (int4), here a TinyLlama-shape
+# down_proj's (N = 2048) at 50% active: the narrowest rows a sparse decode streams from memory.
+ROWS_PROBE = {"row_bytes": 1024, "active": 0.5}
+
+
+def rows_read_bandwidth(threads: int, gib: float = 1.0, reps: int = 5) -> float | None:
+    """GB/s over a random half of 1 KB rows, read whole (native probe; None without the
+    runtime). Runs that short are over before the hardware prefetchers pick them up, so this
+    is well below the sequential rate on some CPUs (about half on an AMD EPYC VM), and input
+    sparsity saves less there."""
+    try:
+        from edgeact.runtime import available, measure_rows_read_bandwidth
+    except ImportError:
+        return None
+    if not available():
+        return None
+    return measure_rows_read_bandwidth(threads, int(gib * (1 << 30)), ROWS_PROBE["row_bytes"], ROWS_PROBE["active"], reps)
+
+
 # ---------------------------------------------------------------- model facts
 
 def folder_facts(folder: Path) -> dict:
@@ -495,6 +514,11 @@ def bench_models(folders: list[Path], *, engines=("native", "ort", "llama.cpp"),
                 continue
             entry["engines"][engine] = {}   # keeps the table in the order of `engines`
             jobs.append((entry, engine, facts, spec))
+    if measure_bw and any(m["sparse"] for m in report["models"]):  # beside the sequential probe, before the runs
+        gbs = rows_read_bandwidth(threads)
+        if gbs:
+            report["rows_read"] = {**ROWS_PROBE, "gbs": gbs}
+            progress(f"scattered-row read bandwidth: {gbs:.1f} GB/s")
     if interleave:
         results = run_interleaved([j[3] for j in jobs], reps, progress)
     else:
@@ -534,6 +558,13 @@ def format_report(report: dict) -> str:
            "ratios: median of per-repetition ratios when interleaved)"]
     if report.get("read_bandwidth_gbs"):
         out.append(f"measured memory read bandwidth: {report['read_bandwidth_gbs']:.1f} GB/s")
+    rows = report.get("rows_read")
+    if rows and report.get("read_bandwidth_gbs"):
+        share = rows["gbs"] / report["read_bandwidth_gbs"]
+        out.append(f"scattered reads, a random {100 * rows['active']:.0f}% of {rows['row_bytes']}-byte rows read whole (the "
+                   f"input-sparse GEMV's reads of a matrix with {2 * rows['row_bytes']} int4 outputs): {rows['gbs']:.1f} GB/s, "
+                   f"{100 * share:.0f}% of the sequential rate; reading that share this way takes "
+                   f"{rows['active'] / share:.2f}× the time of reading every row in order")
     out.append("")
     out.append(f"| model | engine | pp{report['pp']} t/s | tg{report['tg']} t/s | decode GB/s (share of bw) | peak RSS MB (÷ weights+KV) |")
     out.append("|---|---|---|---|---|---|")

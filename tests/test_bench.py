@@ -124,3 +124,38 @@ def test_served_worker_survives_stray_output_and_reports_faults(monkeypatch, mod
         assert res == {"error": "no reply in 2 s"}
     else:
         assert res == {"error": "boom: the engine crashed"}
+
+
+def test_rows_probe_reads_rows_and_rejects_bad_settings():
+    from edgeact.runtime import measure_rows_read_bandwidth
+    from edgeact.runtime.session import lib
+
+    for active in (0.5, 1.0):
+        gbs = measure_rows_read_bandwidth(1, 16 << 20, 1024, active, 1)
+        assert math.isfinite(gbs) and gbs > 0
+    for kw in ({"row_bytes": 100}, {"row_bytes": 0}, {"active": 0.0}, {"active": 1.5}, {"threads": 0},
+               {"nbytes": 1000}, {"row_bytes": 2 << 20, "nbytes": 16 << 20}):
+        with pytest.raises(ValueError):
+            measure_rows_read_bandwidth(**{"threads": 1, "nbytes": 16 << 20, "reps": 1, **kw})
+    # the native probe checks on its own too (it is public C API)
+    assert lib.ea_measure_rows_read_bandwidth(1, 16 << 20, 100, 0.5, 1) < 0
+    assert lib.ea_measure_rows_read_bandwidth(1, 16 << 20, 1024, float("nan"), 1) < 0
+    assert lib.ea_measure_rows_read_bandwidth(0, 16 << 20, 1024, 0.5, 1) < 0
+
+
+def test_sparse_folders_get_the_scattered_row_probe(tiny_folders, tmp_path, monkeypatch):
+    from edgeact.converters.sparsity import calibrate, parse_targets
+
+    src = random_source("tiny", seed=3)
+    sp = calibrate(src, "teal", parse_targets("0.5", "teal"), calib_tokens=64, progress=False)
+    sparse = convert(src, tmp_path / "teal", quant="int4", sparsity=sp, progress=False)
+    monkeypatch.setattr(bench, "read_bandwidth", lambda threads: 30.0)
+    monkeypatch.setattr(bench, "rows_read_bandwidth", lambda threads: 12.0)
+    kw = dict(engines=("native",), threads=1, pp=4, tg=4, reps=1, progress=lambda *_: None)
+    dense_only = bench_models([tiny_folders[0]], **kw)
+    assert "rows_read" not in dense_only and "scattered" not in format_report(dense_only)
+    report = bench_models([tiny_folders[0], sparse], **kw)
+    assert report["rows_read"] == {"row_bytes": 1024, "active": 0.5, "gbs": 12.0}
+    text = format_report(report)
+    assert "12.0 GB/s, 40% of the sequential rate" in text and "takes 1.25× the time of reading every row" in text
+    assert "rows_read" not in bench_models([tiny_folders[0], sparse], **kw, measure_bw=False)

@@ -128,6 +128,9 @@ size_t ea_bench_qmatmul_bytes(const ea_bench_qmatmul *bench);
 void ea_bench_qmatmul_free(ea_bench_qmatmul *bench);
 /* Memory read bandwidth in GB/s over a buffer of `bytes` (best of reps), the yardstick for decode speed. */
 double ea_measure_read_bandwidth(int threads, size_t bytes, int reps);
+/* The same over a random `active` share of `row_bytes`-byte rows (a multiple of 64), read whole
+ * in ascending order: the input-sparse GEMV's reads, and the bound on what it saves. */
+double ea_measure_rows_read_bandwidth(int threads, size_t bytes, size_t row_bytes, double active, int reps);
 /* cdef-end */
 
 #ifdef __cplusplus

@@ -63,6 +63,15 @@ int main(int argc, char **argv) {
            (unsigned long long)info.weight_bytes_repacked);
     const int V = info.vocab, H = info.hidden;
 
+    /* the bandwidth probes `edgeact bench` prints (under ASan in CI: the row walk stays inside) */
+    CHECK(ea_measure_read_bandwidth(2, 4u << 20, 1) > 0, "sequential probe");
+    CHECK(ea_measure_rows_read_bandwidth(2, 4u << 20, 1024, 0.5, 1) > 0, "rows probe, half the rows");
+    CHECK(ea_measure_rows_read_bandwidth(1, (4u << 20) + 100, 192, 1.0, 1) > 0, "rows probe, every row");
+    CHECK(ea_measure_rows_read_bandwidth(2, 4u << 20, 4096, 0.001, 1) > 0, "rows probe, almost no row");
+    CHECK(ea_measure_rows_read_bandwidth(2, 4u << 20, 100, 0.5, 1) < 0, "rows of 100 bytes accepted");
+    CHECK(ea_measure_rows_read_bandwidth(2, 4u << 20, 1024, 0.0, 1) < 0, "no active share accepted");
+    CHECK(ea_measure_rows_read_bandwidth(2, 4u << 20, 1u << 20, 0.5, 1) < 0, "4 rows accepted");
+
     int64_t ids[T];
     for (int i = 0; i < T; i++) ids[i] = 3 + (i * 7) % (V - 3);
     float *full = malloc(sizeof(float) * T * V), *inc = malloc(sizeof(float) * T * V), *last = malloc(sizeof(float) * V);

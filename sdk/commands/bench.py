@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
                        "(each engine in its own process, all loaded at once and taking their repetitions in turn, so that "
                        "a drift of the machine hits them alike; ratios are medians of per-repetition ratios; "
                        "--sequential runs one engine at a time instead, for devices short of memory). "
-                       "Also the machine's memory read bandwidth, decode weight "
+                       "Also the machine's memory read bandwidth (for sparse folders also the rate of the scattered "
+                       "row reads input sparsity makes, which on some CPUs is half the sequential one), decode weight "
                        "GB/s as a share of it, and peak RSS. --shape makes a random-weight model of a named shape "
                        "(speed does not depend on weight values). --kernels times the int4 matmul alone against "
                        "onnxruntime's MatMulNBits.",
