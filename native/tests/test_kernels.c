@@ -297,9 +297,11 @@ static void test_sparse_case(ea_isa isa, ea_pool *pool, int K, int N, int bs, in
 static void test_sparse(ea_isa isa, ea_pool *pool) {
     static const double fracs[] = {0.0, 0.05, 0.3, 0.7, 1.0};
     /* N = 300 and 330: five and six 64-row tiles, so threads get tile pairs and an odd last tile;
-     * N = 2600: more tiles per thread than the prefetch distance */
+     * N = 2600: more tiles per thread than the prefetch distance; N = 256, 640 and 2048: even
+     * tile counts, the decode shapes' case */
     static const int shapes[][4] = {{100, 37, 32, 1}, {256, 64, 32, 0}, {300, 70, 64, 1}, {520, 45, 128, 0}, {1030, 100, 32, 1},
-                                    {128, 300, 32, 1}, {200, 330, 128, 0}, {260, 2600, 128, 1}};
+                                    {128, 300, 32, 1}, {200, 330, 128, 0}, {260, 2600, 128, 1}, {520, 256, 128, 1},
+                                    {300, 640, 64, 0}, {1030, 2048, 32, 1}, {130, 256, 128, 0}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (size_t f = 0; f < sizeof fracs / sizeof fracs[0]; f++)
             test_sparse_case(isa, pool, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], fracs[f], 0,
@@ -431,9 +433,9 @@ static void test_sparse_pf(void) {
 }
 
 /* Siblings stacked along N (q/k/v, gate/up): each one's rows equal its own dense result. */
-static void test_sparse_concat(ea_isa isa, ea_pool *pool) {
-    static const int Ns[3] = {37, 128, 100}; /* ragged, so members straddle 64-row tiles */
-    const int K = 300, bs = 32, total = 37 + 128 + 100;
+static void test_sparse_concat(ea_isa isa, ea_pool *pool, const int Ns[3]) {
+    /* ragged, so members straddle 64-row tiles */
+    const int K = 300, bs = 32, total = Ns[0] + Ns[1] + Ns[2];
     for (int f16 = 0; f16 < 2; f16++) {
         uint8_t *data[3], *zp[3];
         float *scales[3];
@@ -493,15 +495,15 @@ static void test_sparse_concat(ea_isa isa, ea_pool *pool) {
             for (int i = 0; i < 3; i++) free(outs[i]);
         }
         CHECK(ea_masked_qgemv(&vctx, &wv[2], x, active, n_active, y) == 0 &&
-              memcmp(y, y_ref + 37 + 128, sizeof(float) * 100) == 0, "masked dense GEMV (%s)", ea_isa_name(isa));
+              memcmp(y, y_ref + Ns[0] + Ns[1], sizeof(float) * Ns[2]) == 0, "masked dense GEMV (%s)", ea_isa_name(isa));
         { /* the masked copy of x is kept between calls: a call with half the channels must not see the others */
             int32_t *half = malloc(sizeof(int32_t) * (size_t)(n_active + 1));
-            float *xm = calloc((size_t)K, sizeof(float)), *r = malloc(sizeof(float) * 100);
+            float *xm = calloc((size_t)K, sizeof(float)), *r = malloc(sizeof(float) * Ns[2]);
             int nh = 0;
             for (int i = 0; i < n_active; i += 2) half[nh++] = active[i];
             for (int i = 0; i < nh; i++) xm[half[i]] = x[half[i]];
             const int rc = ea_qmatmul(&vctx, &wv[2], xm, 1, r);
-            CHECK(!rc && ea_masked_qgemv(&vctx, &wv[2], x, half, nh, y) == 0 && memcmp(y, r, sizeof(float) * 100) == 0,
+            CHECK(!rc && ea_masked_qgemv(&vctx, &wv[2], x, half, nh, y) == 0 && memcmp(y, r, sizeof(float) * Ns[2]) == 0,
                   "masked dense GEMV after a call with more channels (%s)", ea_isa_name(isa));
             free(half); free(xm); free(r);
         }
@@ -965,7 +967,9 @@ int main(int argc, char **argv) {
         test_fmatmul(isa, pools[p], 1);
         test_attention(isa, pools[p]);
         test_sparse(isa, pools[p]);
-        test_sparse_concat(isa, pools[p]);
+        static const int ragged[3] = {37, 128, 100}, even[3] = {40, 150, 66}; /* 265 rows, 256 */
+        test_sparse_concat(isa, pools[p], ragged);
+        test_sparse_concat(isa, pools[p], even);
     }
     test_sparse_pf();
 #if EA_X86
