@@ -51,7 +51,11 @@ def test_run_on_token_ids(converted, capsys):
     assert len(ids) == 6 and all(0 <= i < 300 for i in ids)
     import edgeact
 
-    assert ids == edgeact.load(converted, engine="ort").generate([1, 5, 7], max_new_tokens=6).ids
+    # the CLI's default repetition penalty is 1.1 (small greedy models loop without one); 1 turns it off
+    model = edgeact.load(converted, engine="ort")
+    assert ids == model.generate([1, 5, 7], max_new_tokens=6, repetition_penalty=1.1).ids
+    assert main(["run", str(converted), "-p", "1,5,7", "-n", "6", "--engine", "ort", "--repetition-penalty", "1"]) == 0
+    assert [int(t) for t in capsys.readouterr().out.split()] == model.generate([1, 5, 7], max_new_tokens=6).ids
 
 
 def test_info(converted, capsys):

@@ -20,12 +20,18 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.1,
+                   help="logits of tokens already in the prompt or the reply are divided by this (multiplied when "
+                        "negative); 1 = off. Small models decoded greedily fall into loops without it: SmolLM2-135M "
+                        "on the README's haiku prompt repeats one line to the token limit at 1.0 and answers in one "
+                        "sentence at 1.1 (edgeact.load(...).generate keeps 1.0, the library default)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template")
-    mode.add_argument("--raw", dest="chat", action="store_false", help="feed the prompt as is")
+    mode.add_argument("--chat", dest="chat", action="store_true", default=argparse.SUPPRESS,
+                      help="apply the chat template (the default when the model has one)")
+    mode.add_argument("--raw", dest="chat", action="store_false", default=argparse.SUPPRESS,
+                      help="feed the prompt as is (the default when the model has no chat template)")
     p.add_argument("--ids", action="store_true", help="the prompt is token ids (for folders without a tokenizer)")
     p.add_argument("--stats", action="store_true", help="print prefill/decode speed to stderr")
     from edgeact.steering import add_steering_args
@@ -45,7 +51,9 @@ def run(args) -> int:
         except ValueError:
             raise ValueError(f"{model.folder} has no tokenizer: give the prompt as token ids, e.g. -p '1,42,7'") from None
     else:
-        chat = args.chat if args.chat is not None else bool(model.tokenizer.chat_template)
+        chat = getattr(args, "chat", None)
+        if chat is None:
+            chat = bool(model.tokenizer.chat_template)
         prompt = args.prompt
         if chat:
             text = model.apply_chat_template([{"role": "user", "content": args.prompt}])
