@@ -138,18 +138,42 @@ int ea_tensor_numel(const onnx_tensor *t, uint64_t *numel, ea_err *err) {
     return 0;
 }
 
-/* MatMulNBits scales and zero points are 1-D too, but the SIMD kernels repack them at load. */
-static int feeds_matmulnbits(const onnx_model *om, const char *name) {
+/* MatMulNBits scales and zero points are 1-D too, but the SIMD kernels repack them at load.
+ * Their names, sorted once: a lookup per vector initializer was a scan of every node's
+ * inputs, initializers x nodes string compares for a file (untrusted) with many of both. */
+static int cmp_name(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
+
+static const char **matmulnbits_inputs(const onnx_model *om, size_t *n_out) {
+    size_t n = 0;
+    for (int i = 0; i < om->n_nodes; i++)
+        if (!strcmp(om->nodes[i].op_type, "MatMulNBits") && !strcmp(om->nodes[i].domain, "com.microsoft") &&
+            om->nodes[i].n_inputs > 1)
+            n += (size_t)om->nodes[i].n_inputs - 1;
+    const char **names = malloc(sizeof *names * (n ? n : 1));
+    if (!names) return NULL;
+    n = 0;
     for (int i = 0; i < om->n_nodes; i++) {
         const onnx_node *nd = &om->nodes[i];
         if (strcmp(nd->op_type, "MatMulNBits") || strcmp(nd->domain, "com.microsoft")) continue;
-        for (int k = 1; k < nd->n_inputs; k++)
-            if (!strcmp(nd->inputs[k], name)) return 1;
+        for (int k = 1; k < nd->n_inputs; k++) names[n++] = nd->inputs[k];
     }
-    return 0;
+    qsort(names, n, sizeof *names, cmp_name);
+    *n_out = n;
+    return names;
 }
 
+static int resolve_each(ea_model *m, const char *dir, const char **mm, size_t n_mm, ea_err *err);
+
 int ea_resolve_tensors(ea_model *m, const char *dir, ea_err *err) {
+    size_t n_mm = 0;
+    const char **mm = matmulnbits_inputs(&m->onnx, &n_mm);
+    if (!mm) return ea_fail(err, "%s", "out of memory indexing MatMulNBits inputs");
+    const int rc = resolve_each(m, dir, mm, n_mm, err);
+    free(mm);
+    return rc;
+}
+
+static int resolve_each(ea_model *m, const char *dir, const char **mm, size_t n_mm, ea_err *err) {
     for (int i = 0; i < m->onnx.n_inits; i++) {
         onnx_tensor *t = &m->onnx.inits[i];
         size_t es = onnx_dtype_size(t->dtype);
@@ -209,7 +233,7 @@ int ea_resolve_tensors(ea_model *m, const char *dir, ea_err *err) {
          * 1.25x). A private copy costs their size (~0.2 MB there). */
         const int vector = t->ndim <= 1 && (t->dtype == ONNX_FLOAT || t->dtype == ONNX_FLOAT16) && want &&
                            want <= ((uint64_t)1 << 20) && in_mapping(m, t->data, (size_t)want) &&
-                           !feeds_matmulnbits(&m->onnx, t->name);
+                           !bsearch(&t->name, mm, n_mm, sizeof *mm, cmp_name);
         if (want && (vector || ((uintptr_t)t->data % es))) { /* raw_data sits anywhere in the protobuf */
             void *copy = malloc((size_t)want);
             if (!copy) return ea_fail(err, "out of memory copying initializer '%s'", t->name);
