@@ -394,18 +394,17 @@ int ea_bench_qmatmul_create(int K, int N, int bits, int block_size, const uint8_
     if (rc) return fail(EA_ERR_KERNEL, "EDGEACT_ISA: %s", ea_kernels_strerror(rc));
     ea_bench_qmatmul *b = calloc(1, sizeof *b);
     if (!b) return fail(EA_ERR_NOMEM, "%s", "out of memory");
-    const size_t nb = (size_t)(K + block_size - 1) / block_size;
-    const size_t nB = (size_t)N * nb * (size_t)(block_size * bits / 8);
-    const size_t nz = bits == 4 ? (size_t)N * ((nb + 1) / 2) : (size_t)N * nb;
+    const ea_qbytes fb = ea_qweight_file_bytes((size_t)N, (size_t)(K + block_size - 1) / block_size, block_size, bits);
+    const size_t nB = fb.data, nz = fb.zero_points;
     b->B = malloc(nB);
-    b->scales = malloc(sizeof(float) * (size_t)N * nb);
+    b->scales = malloc(fb.scales);
     b->zp = zero_points ? malloc(nz) : NULL;
     if (!b->B || !b->scales || (zero_points && !b->zp)) {
         ea_bench_qmatmul_free(b);
         return fail(EA_ERR_NOMEM, "%s", "out of memory");
     }
     memcpy(b->B, B, nB);
-    memcpy(b->scales, scales, sizeof(float) * (size_t)N * nb);
+    memcpy(b->scales, scales, fb.scales);
     if (b->zp) memcpy(b->zp, zero_points, nz);
     int threads = n_threads > 0 ? n_threads : ea_physical_cores();
     if (threads > 1 && !(b->pool = shared_pool_get(threads))) {
@@ -418,7 +417,7 @@ int ea_bench_qmatmul_create(int K, int N, int bits, int block_size, const uint8_
         return fail(EA_ERR_KERNEL, "%s", ea_kernels_strerror(rc));
     }
     /* SIMD reads only its repack, the scalar path the file layout */
-    b->bytes = b->w.packed ? b->w.packed_bytes : nB + sizeof(float) * (size_t)N * nb + (b->zp ? nz : 0);
+    b->bytes = b->w.packed ? b->w.packed_bytes : nB + fb.scales + (b->zp ? nz : 0);
     *out = b;
     return EA_OK;
 }

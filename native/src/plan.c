@@ -339,7 +339,7 @@ static int plan_node(builder *b, int ni, step *st) {
         if (zpv >= 0) {
             const onnx_tensor *Z = need_const(b, nd, 3, zpv, ONNX_UINT8, -1);
             if (!Z) return -1;
-            int64_t want = bits == 4 ? N * ((nb + 1) / 2) : N * nb;
+            const int64_t want = (int64_t)ea_qweight_file_bytes((size_t)N, (size_t)nb, (int)bs, (int)bits).zero_points;
             if (numel_of(Z) != want)
                 NODE_FAIL("zero_points '%s' has %d elements, expected %lld", Z->name, numel_of(Z), (long long)want);
             zp = Z->data;
@@ -692,9 +692,8 @@ static void mark_direct_fused(ea_model *m) {
 static int rows_copy(ea_model *m, step *st) {
     const ea_qweight *w = &st->qw;
     if (!w->packed) return 0; /* no repack (scalar isa): the kernels read the file layout anyway */
-    const size_t sb = sizeof(float) * (size_t)w->N * w->n_blocks;
-    const size_t db = (size_t)w->N * w->n_blocks * w->block_size * w->bits / 8;
-    const size_t zb = w->zero_points ? (size_t)w->N * (w->bits == 4 ? (w->n_blocks + 1) / 2 : w->n_blocks) : 0;
+    const ea_qbytes fb = ea_qweight_file_bytes((size_t)w->N, (size_t)w->n_blocks, w->block_size, w->bits);
+    const size_t sb = fb.scales, db = fb.data, zb = w->zero_points ? fb.zero_points : 0;
     uint8_t *buf = ea_alloc_weights(sb + db + zb);
     if (!buf) return -1;
     memcpy(buf, w->scales, sb);
@@ -926,7 +925,9 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
             st->cm_ready = 1;
         }
         for (int i = 0; i < nm; i++)
-            if (ws[i]->packed) ea_release_pages(m, ws[i]->data, (size_t)ws[i]->N * ws[i]->n_blocks * ws[i]->block_size / 2);
+            if (ws[i]->packed)
+                ea_release_pages(m, ws[i]->data,
+                                 ea_qweight_file_bytes((size_t)ws[i]->N, (size_t)ws[i]->n_blocks, ws[i]->block_size, ws[i]->bits).data);
     }
     /* CoreInfer: gate/up feeding a NeuronMask through SiLU-gate compute only the kept rows */
     count_uses(m, uses);

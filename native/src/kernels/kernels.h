@@ -82,6 +82,18 @@ typedef struct ea_qweight {
     int packed_f16;      /* the repack holds the scales as fp16 (every one is exact in fp16) */
 } ea_qweight;
 
+/* Bytes of a MatMulNBits weight in the file layout: B [N, blocks, block_size * bits / 8],
+ * fp32 scales [N, blocks], zero points (int4: two blocks a byte, each row padded to a whole
+ * byte; int8: one a block). The one place for these formulas (loader, copies, benchmark). */
+typedef struct { size_t data, scales, zero_points; } ea_qbytes;
+static inline ea_qbytes ea_qweight_file_bytes(size_t N, size_t n_blocks, int block_size, int bits) {
+    ea_qbytes b;
+    b.data = N * n_blocks * (size_t)(block_size * bits / 8);
+    b.scales = sizeof(float) * N * n_blocks;
+    b.zero_points = N * (bits == 4 ? (n_blocks + 1) / 2 : n_blocks);
+    return b;
+}
+
 /* Validates the arguments (bits 4|8, block_size 32|64|128, K,N > 0) and, for a
  * SIMD isa, repacks the weight once into an owned buffer. The borrowed
  * pointers must outlive the ea_qweight (the scalar path reads them). */
