@@ -126,6 +126,18 @@ def test_served_worker_survives_stray_output_and_reports_faults(monkeypatch, mod
         assert res == {"error": "boom: the engine crashed"}
 
 
+def test_bandwidth_probes_default_to_one_thread_per_core_and_reject_bad_settings():
+    from edgeact.runtime import measure_read_bandwidth
+    from edgeact.runtime.session import lib
+
+    # threads 0 (the default) was passed on as is and the probe answered -1.0
+    assert measure_read_bandwidth(nbytes=16 << 20, reps=1) > 0
+    assert lib.ea_measure_read_bandwidth(0, 16 << 20, 1) > 0
+    for kw in ({"threads": -1}, {"nbytes": 1000}, {"reps": 0}):
+        with pytest.raises(ValueError):
+            measure_read_bandwidth(**{"nbytes": 16 << 20, "reps": 1, **kw})
+
+
 def test_rows_probe_reads_rows_and_rejects_bad_settings():
     from edgeact.runtime import measure_rows_read_bandwidth
     from edgeact.runtime.session import lib
@@ -133,14 +145,15 @@ def test_rows_probe_reads_rows_and_rejects_bad_settings():
     for active in (0.5, 1.0):
         gbs = measure_rows_read_bandwidth(1, 16 << 20, 1024, active, 1)
         assert math.isfinite(gbs) and gbs > 0
-    for kw in ({"row_bytes": 100}, {"row_bytes": 0}, {"active": 0.0}, {"active": 1.5}, {"threads": 0},
+    assert measure_rows_read_bandwidth(0, 16 << 20, 1024, 0.5, 1) > 0
+    for kw in ({"row_bytes": 100}, {"row_bytes": 0}, {"active": 0.0}, {"active": 1.5}, {"threads": -1},
                {"nbytes": 1000}, {"row_bytes": 2 << 20, "nbytes": 16 << 20}):
         with pytest.raises(ValueError):
             measure_rows_read_bandwidth(**{"threads": 1, "nbytes": 16 << 20, "reps": 1, **kw})
     # the native probe checks on its own too (it is public C API)
     assert lib.ea_measure_rows_read_bandwidth(1, 16 << 20, 100, 0.5, 1) < 0
     assert lib.ea_measure_rows_read_bandwidth(1, 16 << 20, 1024, float("nan"), 1) < 0
-    assert lib.ea_measure_rows_read_bandwidth(0, 16 << 20, 1024, 0.5, 1) < 0
+    assert lib.ea_measure_rows_read_bandwidth(-1, 16 << 20, 1024, 0.5, 1) < 0
 
 
 def test_sparse_folders_get_the_scattered_row_probe(tiny_folders, tmp_path, monkeypatch):

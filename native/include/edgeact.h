@@ -126,7 +126,8 @@ int ea_bench_qmatmul_run(ea_bench_qmatmul *bench, const float *x, int M, float *
 /* Weight bytes one call reads (the SIMD repack, or the file layout on the scalar path). */
 size_t ea_bench_qmatmul_bytes(const ea_bench_qmatmul *bench);
 void ea_bench_qmatmul_free(ea_bench_qmatmul *bench);
-/* Memory read bandwidth in GB/s over a buffer of `bytes` (best of reps), the yardstick for decode speed. */
+/* Memory read bandwidth in GB/s over a buffer of `bytes` (best of reps), the yardstick for decode speed;
+ * threads 0: one per physical core. Negative on bad arguments (-1) or no memory (-2). */
 double ea_measure_read_bandwidth(int threads, size_t bytes, int reps);
 /* The same over a random `active` share of `row_bytes`-byte rows (a multiple of 64), read whole
  * in ascending order: the input-sparse GEMV's reads, and the bound on what it saves. */

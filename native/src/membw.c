@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "kernels/internal.h" /* EA_QPREFETCH: the probe streams like the kernels */
+#include "session.h" /* ea_physical_cores: threads 0 means one per core, as for sessions */
 #include "threadpool.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -69,8 +70,10 @@ static double now_s(void) {
     return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
 }
 
-/* GB/s read with `threads` threads over `bytes` bytes; < 0 on bad arguments or no memory. */
+/* GB/s read with `threads` threads (0: one per core) over `bytes` bytes; < 0 on bad arguments
+ * or no memory. */
 double ea_measure_read_bandwidth(int threads, size_t bytes, int reps) {
+    if (threads == 0) threads = ea_physical_cores();
     if (threads < 1 || threads > 256 || bytes < (1u << 20) || reps < 1) return -1.0;
     size_t n = bytes / 8;
     uint64_t *buf = malloc(n * 8);
@@ -131,6 +134,7 @@ static void rows_task(void *arg, int t, int thread) {
 
 /* GB/s of the active rows' bytes; < 0 on bad arguments or no memory. */
 double ea_measure_rows_read_bandwidth(int threads, size_t bytes, size_t row_bytes, double active, int reps) {
+    if (threads == 0) threads = ea_physical_cores();
     if (threads < 1 || threads > 256 || bytes < (1u << 20) || reps < 1 || row_bytes < 64 || row_bytes % 64 ||
         row_bytes > bytes / 16 || !(active > 0.0 && active <= 1.0) || bytes / row_bytes > UINT32_MAX)
         return -1.0;
