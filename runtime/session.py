@@ -258,6 +258,11 @@ class QMatMul:
         return out
 
 
+def _check_probe_args(threads: int, nbytes: int, reps: int) -> None:
+    if threads < 0 or threads > 256 or nbytes < (1 << 20) or reps < 1:
+        raise ValueError(f"need 0 <= threads <= 256, nbytes >= 1 MiB, reps >= 1 (got {threads}, {nbytes}, {reps})")
+
+
 def _probe_result(gbs: float, nbytes: int) -> float:
     if gbs == -2.0:
         raise MemoryError(f"no memory for a {nbytes}-byte probe buffer")
@@ -268,8 +273,7 @@ def _probe_result(gbs: float, nbytes: int) -> float:
 
 def measure_read_bandwidth(threads: int = 0, nbytes: int = 1 << 30, reps: int = 3) -> float:
     """Machine memory read bandwidth in GB/s (native probe; threads 0: one per physical core)."""
-    if threads < 0 or threads > 256 or nbytes < (1 << 20) or reps < 1:
-        raise ValueError(f"need 0 <= threads <= 256, nbytes >= 1 MiB, reps >= 1 (got {threads}, {nbytes}, {reps})")
+    _check_probe_args(threads, nbytes, reps)
     return _probe_result(float(lib.ea_measure_read_bandwidth(int(threads), int(nbytes), int(reps))), nbytes)
 
 
@@ -277,10 +281,9 @@ def measure_rows_read_bandwidth(threads: int = 0, nbytes: int = 1 << 30, row_byt
                                 active: float = 0.5, reps: int = 3) -> float:
     """GB/s over a random `active` share of `row_bytes`-byte rows of an `nbytes` buffer, each row
     read whole in ascending order (native probe; threads 0: one per physical core): what the
-    input-sparse GEMV asks of memory. Next
-    to measure_read_bandwidth it bounds what input sparsity can save on this machine."""
-    if threads < 0 or threads > 256 or nbytes < (1 << 20) or reps < 1:
-        raise ValueError(f"need 0 <= threads <= 256, nbytes >= 1 MiB, reps >= 1 (got {threads}, {nbytes}, {reps})")
+    input-sparse GEMV asks of memory. Beside measure_read_bandwidth it shows how much of the
+    skipped bytes' time input sparsity can save on this machine (for rows this short)."""
+    _check_probe_args(threads, nbytes, reps)
     if row_bytes < 64 or row_bytes % 64 or row_bytes > nbytes // 16:
         raise ValueError(f"row_bytes must be a multiple of 64 in [64, nbytes/16], not {row_bytes}")
     if not 0.0 < active <= 1.0:

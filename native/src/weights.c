@@ -143,20 +143,20 @@ int ea_tensor_numel(const onnx_tensor *t, uint64_t *numel, ea_err *err) {
  * inputs, initializers x nodes string compares for a file (untrusted) with many of both. */
 static int cmp_name(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
 
+static int is_matmulnbits(const onnx_node *nd) {
+    return !strcmp(nd->op_type, "MatMulNBits") && !strcmp(nd->domain, "com.microsoft");
+}
+
 static const char **matmulnbits_inputs(const onnx_model *om, size_t *n_out) {
     size_t n = 0;
     for (int i = 0; i < om->n_nodes; i++)
-        if (!strcmp(om->nodes[i].op_type, "MatMulNBits") && !strcmp(om->nodes[i].domain, "com.microsoft") &&
-            om->nodes[i].n_inputs > 1)
-            n += (size_t)om->nodes[i].n_inputs - 1;
+        if (is_matmulnbits(&om->nodes[i]) && om->nodes[i].n_inputs > 1) n += (size_t)om->nodes[i].n_inputs - 1;
     const char **names = malloc(sizeof *names * (n ? n : 1));
     if (!names) return NULL;
     n = 0;
-    for (int i = 0; i < om->n_nodes; i++) {
-        const onnx_node *nd = &om->nodes[i];
-        if (strcmp(nd->op_type, "MatMulNBits") || strcmp(nd->domain, "com.microsoft")) continue;
-        for (int k = 1; k < nd->n_inputs; k++) names[n++] = nd->inputs[k];
-    }
+    for (int i = 0; i < om->n_nodes; i++)
+        if (is_matmulnbits(&om->nodes[i]))
+            for (int k = 1; k < om->nodes[i].n_inputs; k++) names[n++] = om->nodes[i].inputs[k];
     qsort(names, n, sizeof *names, cmp_name);
     *n_out = n;
     return names;
