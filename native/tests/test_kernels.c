@@ -602,25 +602,30 @@ static void test_f16(void) {
 
 /* ---- transformer pieces against double references ---------------------- */
 static void test_attention(ea_isa isa, ea_pool *pool) {
-    static const int cases[][6] = {/* S, H, kvh, hd, pos0, capacity */
-                                   {1, 4, 2, 16, 0, 8}, {1, 6, 2, 32, 9, 16}, {5, 4, 4, 8, 3, 10}, {7, 8, 1, 64, 0, 7},
+    static const int cases[][7] = {/* S, H, kvh, hd, pos0, capacity, q scale */
+                                   {1, 4, 2, 16, 0, 8, 2}, {1, 6, 2, 32, 9, 16, 2}, {5, 4, 4, 8, 3, 10, 2}, {7, 8, 1, 64, 0, 7, 2},
                                    /* long cache (threaded, 8-wide exp + tail), hd not a multiple of 8 */
-                                   {1, 9, 3, 64, 300, 320}, {3, 4, 2, 12, 37, 48}, {2, 2, 1, 128, 61, 70}};
+                                   {1, 9, 3, 64, 300, 320, 2}, {3, 4, 2, 12, 37, 48, 2}, {2, 2, 1, 128, 61, 70, 2},
+                                   /* decode shapes (TinyLlama, SmolLM2 heads), a cache longer than 2048, and
+                                    * scores spread wide enough that most exps underflow */
+                                   {1, 32, 4, 64, 200, 256, 2}, {1, 4, 2, 12, 130, 140, 2}, {1, 2, 1, 16, 2500, 2600, 2},
+                                   {1, 9, 3, 64, 499, 512, 24}};
     ea_kctx ctx;
     ea_kctx_init(&ctx, isa, pool);
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         const int S = cases[c][0], H = cases[c][1], kvh = cases[c][2], hd = cases[c][3], pos0 = cases[c][4],
-                  cap = cases[c][5];
+                  cap = cases[c][5], qs = cases[c][6];
         float *q = malloc(sizeof(float) * S * H * hd), *out = malloc(sizeof(float) * S * H * hd);
         float *kc = malloc(sizeof(float) * kvh * cap * hd), *vc = malloc(sizeof(float) * kvh * cap * hd);
-        for (int i = 0; i < S * H * hd; i++) q[i] = rndf() * 2;
+        for (int i = 0; i < S * H * hd; i++) q[i] = rndf() * (float)qs;
         for (int i = 0; i < kvh * cap * hd; i++) { kc[i] = rndf() * 2; vc[i] = rndf(); }
+        double *sc = malloc(sizeof(double) * cap);
         const float scale = 1.0f / sqrtf((float)hd);
         CHECK(ea_attention(&ctx, q, S, H, hd, kc, vc, kvh, cap, pos0, scale, out) == 0, "attention rc");
         for (int s = 0; s < S; s++)
             for (int h = 0; h < H; h++) {
                 const int g = h / (H / kvh), L = pos0 + s + 1;
-                double sc[512], mx = -1e300, sum = 0;
+                double mx = -1e300, sum = 0;
                 for (int t = 0; t < L; t++) {
                     double d = 0;
                     for (int i = 0; i < hd; i++) d += (double)q[(s * H + h) * hd + i] * kc[(g * cap + t) * hd + i];
@@ -635,7 +640,7 @@ static void test_attention(ea_isa isa, ea_pool *pool) {
                           c, s, h, i, out[(s * H + h) * hd + i], o);
                 }
             }
-        free(q); free(out); free(kc); free(vc);
+        free(q); free(out); free(kc); free(vc); free(sc);
     }
     CHECK(ea_attention(&ctx, NULL, 2, 6, 8, NULL, NULL, 4, 8, 0, 1.0f, NULL) == EA_KERR_ARG, "H %% kv_heads");
     CHECK(ea_attention(&ctx, NULL, 2, 4, 8, NULL, NULL, 2, 8, 7, 1.0f, NULL) == EA_KERR_ARG, "capacity");
