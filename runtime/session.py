@@ -55,12 +55,16 @@ def _f32(a, shape_tail: int | None = None) -> np.ndarray:
 class NativeModel:
     """A model folder loaded by the C runtime (immutable; sessions share it)."""
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, low_memory: bool = False):
+        """low_memory: matmuls behind a Sparsify keep only the channel-major copy their sparse
+        decode reads (no dense repack): about the memory of a dense folder, but prefill runs the
+        input-sparse GEMV row by row (docs/sparsity.md, "Low memory")."""
         self.folder = Path(folder)
         if not (self.folder / "model.onnx").is_file():
             raise FileNotFoundError(f"{self.folder} has no model.onnx")
         out = ffi.new("ea_model **")
-        _check(lib.ea_model_load(os.fsencode(self.folder), out))
+        flags = lib.EA_LOAD_SPARSE_LOWMEM if low_memory else 0
+        _check(lib.ea_model_load_opts(os.fsencode(self.folder), flags, out))
         self._ptr = ffi.gc(out[0], lib.ea_model_free)
         self._read_info()
 

@@ -7,10 +7,11 @@
 __version__ = "0.1.0"
 
 
-def load(path=None, engine: str = "auto", threads=None):
+def load(path=None, engine: str = "auto", threads=None, low_memory: bool = False):
+    """See edgeact.api.load (imported lazily: `import edgeact` stays light)."""
     from edgeact.api import load as _load
 
-    return _load(path, engine=engine, threads=threads)
+    return _load(path, engine=engine, threads=threads, low_memory=low_memory)
 
 
 __all__ = ["load", "__version__"]

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINES = ("native", "ort", "llama.cpp", "torch")
+# native-lowmem: the native runtime loaded with low_memory (activation-sparse folders keep only the
+# channel-major copy: memory against prefill speed)
+ENGINES = ("native", "native-lowmem", "ort", "llama.cpp", "torch")
 CACHE = Path(os.environ.get("EDGEACT_HOME", Path.home() / ".cache" / "edgeact")) / "bench"
 
 
@@ -210,11 +212,13 @@ class Subject:
         self.ids = np.random.default_rng(0).integers(3, self.vocab, size=max(self.pp, self.tg) + 1, dtype=np.int64)
         self.extra = lambda: {}
         n_ctx = self.pp + self.tg + 8
-        if engine in ("native", "ort"):
+        if engine in ("native", "native-lowmem", "ort"):
             from edgeact.engines import make_engine
 
             # The native KV cache is allocated up front: size it to the run, as llama.cpp's n_ctx is.
-            eng = make_engine(folder, engine, threads=threads, **({"n_ctx": n_ctx} if engine == "native" else {}))
+            native = {"n_ctx": n_ctx, "low_memory": engine == "native-lowmem"}
+            eng = make_engine(folder, "ort" if engine == "ort" else "native", threads=threads,
+                              **(native if engine != "ort" else {}))
             last = getattr(eng, "logits_last", None)
             # llama-bench's pp computes logits for the last prompt token only; do the same where we can.
             self.prefill, self.step, self.reset = (last or eng.forward), eng.forward, eng.reset
@@ -549,6 +553,9 @@ def bench_models(folders: list[Path], *, engines=("native", "ort", "llama.cpp"),
             if "tg_median" in base.get("native", {}) and "tg_median" in base.get(ref, {}):
                 entry[f"native_vs_{ref}"] = {t: _ratio(base["native"][t], base[ref][t], interleave)
                                              for t in ("pp", "tg")}
+        if entry["sparse"] and "tg_median" in base.get("native", {}) and "tg_median" in base.get("native-lowmem", {}):
+            entry["lowmem_vs_native"] = {t: _ratio(base["native-lowmem"][t], base["native"][t], interleave)
+                                         for t in ("pp", "tg")}
     return report
 
 
@@ -584,6 +591,10 @@ def format_report(report: dict) -> str:
                 v = m[f"native_vs_{ref}"]
                 label = f"native ÷ {v['model']} (dense)" if ref == "dense" else f"native ÷ {ref}"
                 out.append(f"| {name} | {label} | {v['pp']:.2f}× | {v['tg']:.2f}× | | |")
+        if "lowmem_vs_native" in m:
+            v, lo, na = m["lowmem_vs_native"], m["engines"]["native-lowmem"], m["engines"]["native"]
+            out.append(f"| {name} | native-lowmem ÷ native | {v['pp']:.2f}× | {v['tg']:.2f}× | | "
+                       f"{lo['peak_rss'] / na['peak_rss']:.2f}× |")
     sparse = [(Path(m["folder"]).name, m["engines"]["native"]["realized_sparsity"]) for m in report["models"]
               if "realized_sparsity" in m["engines"].get("native", {})]
     if sparse:

@@ -172,3 +172,19 @@ def test_sparse_folders_get_the_scattered_row_probe(tiny_folders, tmp_path, monk
     text = format_report(report)
     assert "12.0 GB/s, 40% of the sequential rate" in text and "takes 1.25× the time of reading every row" in text
     assert "rows_read" not in bench_models([tiny_folders[0], sparse], **kw, measure_bw=False)
+
+
+def test_native_lowmem_engine_is_compared_with_native_on_sparse_folders(tiny_folders, tmp_path):
+    from edgeact.converters.sparsity import calibrate, parse_targets
+
+    src = random_source("tiny", seed=3)
+    sp = calibrate(src, "teal", parse_targets("0.5", "teal"), calib_tokens=64, progress=False)
+    sparse = convert(src, tmp_path / "teal", quant="int4", sparsity=sp, progress=False)
+    report = bench_models([tiny_folders[0], sparse], engines=("native", "native-lowmem"), threads=1, pp=4, tg=4,
+                          reps=2, measure_bw=False, progress=lambda *_: None)
+    dense, teal = report["models"]
+    # the low-memory load frees the dense repack of the sparse matmuls only
+    assert dense["engines"]["native-lowmem"]["repacked_bytes"] == dense["engines"]["native"]["repacked_bytes"]
+    assert teal["engines"]["native-lowmem"]["repacked_bytes"] < teal["engines"]["native"]["repacked_bytes"]
+    assert "lowmem_vs_native" in teal and "lowmem_vs_native" not in dense
+    assert "| teal | native-lowmem ÷ native |" in format_report(report)

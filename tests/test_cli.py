@@ -110,3 +110,22 @@ def test_help_on_every_command():
     for cmd in ("convert", "run", "eval", "info", "bench", "steer"):
         proc = run_cli(cmd, "--help")
         assert proc.returncode == 0 and "usage: edgeact " + cmd in proc.stdout
+
+
+def test_run_low_memory(hf_dir, tmp_path, capsys):
+    from edgeact.engines import native_available
+
+    if not native_available():
+        pytest.skip("native runtime not built")
+    out = tmp_path / "teal"
+    assert main(["convert", str(hf_dir), "-o", str(out), "--quant", "int4", "--sparsity", "0.5",
+                 "--sparsity-method", "teal", "--calib-tokens", "64", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(out), "-p", "1,5,7", "-n", "6", "--low-memory"]) == 0
+    ids = [int(t) for t in capsys.readouterr().out.split()]
+    import edgeact
+
+    model = edgeact.load(out, engine="native", low_memory=True)
+    assert ids == model.generate([1, 5, 7], max_new_tokens=6, repetition_penalty=1.1).ids
+    res = run_cli("run", out, "-p", "1,5,7", "-n", "2", "--engine", "ort", "--low-memory")
+    assert res.returncode == 2 and "native engine" in res.stderr and not res.stdout

@@ -2,6 +2,7 @@
 (under qemu-user) and a short loader fuzz run, each in its own build directory."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,11 +12,11 @@ import pytest
 NATIVE = Path(__file__).resolve().parents[1] / "native"
 
 
-def _make(tmp_path, *args, timeout=900):
+def _make(tmp_path, *args, timeout=900, env=None):
     if shutil.which("make") is None or shutil.which("gcc") is None:
         pytest.skip("make or gcc not installed")
     res = subprocess.run(["make", "-j2", "-C", str(NATIVE), f"BUILD={tmp_path / 'build'}", *args],
-                         capture_output=True, text=True, timeout=timeout)
+                         capture_output=True, text=True, timeout=timeout, env=env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     return res.stdout
 
@@ -25,8 +26,21 @@ def test_make_test(tmp_path):
     assert "test_runtime:" in out and "ok: 0 failure(s)" in out
 
 
+def _sparse_env(tmp_path):
+    """test_runtime also runs a small activation-sparse folder loaded with low memory (prefill
+    rows on the channel-major copy), so that path runs under the sanitizers and on NEON too."""
+    from edgeact.converters.convert import convert
+    from edgeact.converters.random_model import random_source
+    from edgeact.converters.sparsity import calibrate, parse_targets
+
+    src = random_source("tiny", seed=2)
+    sp = calibrate(src, "teal", parse_targets("0.5", "teal"), calib_tokens=64, progress=False)
+    folder = convert(src, tmp_path / "teal", quant="int4", progress=False, sparsity=sp)
+    return {**os.environ, "EA_TEST_SPARSE_DIR": str(folder)}
+
+
 def test_make_test_asan(tmp_path):
-    out = _make(tmp_path, "test-asan")
+    out = _make(tmp_path, "test-asan", env=_sparse_env(tmp_path))
     assert out.count("ok: 0 failure(s)") >= 2
 
 
@@ -34,7 +48,7 @@ def test_make_test_asan(tmp_path):
 def test_make_test_aarch64(tmp_path):
     if shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None:
         pytest.skip("aarch64-linux-gnu-gcc or qemu-aarch64 not installed")
-    out = _make(tmp_path, "test-aarch64", timeout=1500)
+    out = _make(tmp_path, "test-aarch64", timeout=1500, env=_sparse_env(tmp_path))
     assert out.count("test_runtime: ") == 2 and "FAILED" not in out
 
 

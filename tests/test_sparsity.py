@@ -253,3 +253,45 @@ def test_bench_reports_realized_sparsity_and_the_sparse_path_share(folders):
     assert all(0.0 <= v <= 1.0 for v in native["sparse_path_share"].values())
     text = format_report(report)
     assert "realized sparsity in native decode" in text and "decode calls on the input-sparse GEMV" in text
+
+
+@pytest.mark.skipif(not native_available(), reason="native runtime not built")
+@pytest.mark.parametrize("method", METHODS)
+def test_low_memory_runs_every_row_on_the_channel_major_copy(folders, tiny, method, monkeypatch):
+    # low_memory (or EDGEACT_SPARSE_LOWMEM=1) frees the dense repack of every matmul behind a Sparsify: decode is
+    # the always-sparse decode bit for bit, prefill rows run the input-sparse GEMV and match the
+    # default prefill (dense GEMM on the masked input) and onnxruntime.
+    _, ids = tiny
+
+    def run(env, low_memory=False):
+        for k in ("EDGEACT_SPARSE_ALWAYS", "EDGEACT_SPARSE_LOWMEM"):
+            monkeypatch.delenv(k, raising=False)
+        if env:
+            monkeypatch.setenv(env, "1")
+        eng = edgeact.load(folders[method], engine="native", low_memory=low_memory).engine
+        repacked = eng.session.model.weight_bytes["repacked"]
+        prefill = eng.forward(ids[:40])
+        eng.reset()
+        eng.session.profile(True)
+        steps = np.concatenate([eng.forward(ids[i:i + 1]) for i in range(30)])
+        recs = [r for r in eng.session.profile_records() if r["op_type"] == "MatMulNBits"]
+        return repacked, prefill, steps, {r["name"]: (r["sparse_calls"], r["calls"]) for r in recs}
+
+    repacked, prefill, _, _ = run(None)
+    _, _, always, paths = run("EDGEACT_SPARSE_ALWAYS")
+    low_repacked, low_prefill, low_steps, low_paths = run(None, low_memory=True)
+    assert run("EDGEACT_SPARSE_LOWMEM")[0] == low_repacked   # the environment variable does the same
+    # (CATS's up_proj, which skips output rows, keeps its dense repack and its measured choice)
+    sparse_steps = [n for n, (sp, calls) in paths.items() if sp == calls == 30 and not n.endswith("up_proj")]
+    assert sparse_steps and all(low_paths[n] == (30, 30) for n in sparse_steps), low_paths
+    assert low_repacked < repacked, (low_repacked, repacked)
+    assert np.array_equal(low_steps, always)
+    assert np.abs(low_prefill - prefill).max() <= 1e-4
+    ref = edgeact.load(folders[method], engine="ort").forward(ids[:40])
+    q = compare_logits(low_prefill, ref, ids[:40])
+    assert q.kl <= 2e-3 and q.top1 >= 0.95, (q.kl, q.top1)
+
+
+def test_low_memory_is_a_native_option(folders):
+    with pytest.raises(ValueError, match="native engine"):
+        edgeact.load(folders["teal"], engine="ort", low_memory=True)

@@ -67,6 +67,15 @@ const char *ea_version(void);
 
 /* Loads DIR/model.onnx (external data resolved only inside DIR). */
 int ea_model_load(const char *dir, ea_model **out);
+/* Load options (flags of ea_model_load_opts). */
+enum {
+    /* Matmuls behind a Sparsify keep only their channel-major copy (no dense repack): every row,
+     * prefill included, runs the input-sparse GEMV. Less memory, slower prefill. Also set by the
+     * environment variable EDGEACT_SPARSE_LOWMEM=1. */
+    EA_LOAD_SPARSE_LOWMEM = 1
+};
+/* ea_model_load with EA_LOAD_* flags (unknown bits: EA_ERR_ARG). */
+int ea_model_load_opts(const char *dir, unsigned flags, ea_model **out);
 /* Loads a model from memory (the buffer is copied); external data, if any, is resolved in dir
  * (NULL: external data is an error). For tests and fuzzing. */
 int ea_model_load_buffer(const void *data, size_t n, const char *dir, ea_model **out);

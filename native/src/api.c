@@ -51,14 +51,20 @@ static int load_common(ea_model *m, const char *dir, ea_model **out) {
 }
 
 int ea_model_load(const char *dir, ea_model **out) {
+    return ea_model_load_opts(dir, 0, out);
+}
+
+int ea_model_load_opts(const char *dir, unsigned flags, ea_model **out) {
     CHECK_PTR(dir, "dir");
     CHECK_PTR(out, "out");
     *out = NULL;
+    if (flags & ~(unsigned)EA_LOAD_SPARSE_LOWMEM) return fail(EA_ERR_ARG, "%s", "unknown load flags (only EA_LOAD_* bits)");
     char path[PATH_MAX];
     if ((size_t)snprintf(path, sizeof path, "%s/model.onnx", dir) >= sizeof path)
         return fail(EA_ERR_ARG, "model folder path too long: %s", dir);
     ea_model *m = calloc(1, sizeof *m);
     if (!m) return fail(EA_ERR_NOMEM, "%s", "out of memory");
+    m->sparse_lowmem = (flags & EA_LOAD_SPARSE_LOWMEM) != 0;
     ea_err err = {{0}};
     if (ea_map_file(path, &m->map, &m->map_len, &err)) {
         free(m);

@@ -89,6 +89,7 @@ typedef struct step {
     ea_qweight_cm cm;
     int cm_ready;
     int fuse, fuse_off;   /* 1 + the fused_gemv holding this step's channel-major rows (then no cm), its first row */
+    int dense_dropped;    /* EDGEACT_SPARSE_LOWMEM: qw's repack freed; every row runs on the channel-major copy */
     /* NeuronMask (CoreInfer): default mask [width] (ones) and the token-wise top-k of its score;
      * `layer` indexes the session's masks. A MatMulNBits feeding it through SiLU-gate computes
      * only the rows the session's mask keeps (row_src = 1 + the NeuronMask step). */
@@ -120,6 +121,8 @@ struct ea_model {
     int n_fused, max_fused_n;
     int sparse_always;    /* EDGEACT_SPARSE_ALWAYS=1: never hand a sparse GEMV to the dense kernel (tests) */
     int sparse_static;    /* EDGEACT_SPARSE_STATIC=1: the fixed crossover instead of the measured one */
+    int sparse_lowmem;    /* EA_LOAD_SPARSE_LOWMEM or EDGEACT_SPARSE_LOWMEM=1: sparse matmuls keep only their
+                           * channel-major copy */
     fused_gemv *fused;
     int hidden, vocab, max_context, n_heads, n_kv_heads, head_dim;
     int max_act_width, max_q_width, max_kv_width;

@@ -884,6 +884,7 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
     }
     m->sparse_always = env_flag("EDGEACT_SPARSE_ALWAYS");
     m->sparse_static = env_flag("EDGEACT_SPARSE_STATIC");
+    m->sparse_lowmem = m->sparse_lowmem || env_flag("EDGEACT_SPARSE_LOWMEM");
     m->fused = calloc((size_t)m->n_steps / 2 + 1, sizeof *m->fused);
     if (!m->fused) {
         ea_fail(err, "out of memory");
@@ -924,10 +925,19 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
         } else {
             st->cm_ready = 1;
         }
-        for (int i = 0; i < nm; i++)
-            if (ws[i]->packed)
-                ea_release_pages(m, ws[i]->data,
-                                 ea_qweight_file_bytes((size_t)ws[i]->N, (size_t)ws[i]->n_blocks, ws[i]->block_size, ws[i]->bits).data);
+        for (int i = 0; i < nm; i++) {
+            step *mi = &m->steps[members[i]];
+            if (!mi->qw.packed) continue;
+            ea_release_pages(m, mi->qw.data,
+                             ea_qweight_file_bytes((size_t)mi->qw.N, (size_t)mi->qw.n_blocks, mi->qw.block_size, mi->qw.bits).data);
+            /* low memory: the repack goes; decode and prefill rows all run the input-sparse GEMV
+             * (scalar weights have no repack and keep their dense path on the file layout) */
+            if (m->sparse_lowmem) {
+                m->bytes_repacked -= mi->qw.packed_bytes;
+                ea_qweight_release(&mi->qw);
+                mi->dense_dropped = 1;
+            }
+        }
     }
     /* CoreInfer: gate/up feeding a NeuronMask through SiLU-gate compute only the kept rows */
     count_uses(m, uses);

@@ -162,6 +162,48 @@ static uint64_t gemv_path_done(ea_session *ss, int e, const step *st, int sparse
     return sparse ? (uint64_t)((double)st->weight_bytes * n_active / (of ? of : 1)) : st->weight_bytes;
 }
 
+/* Low memory (the dense repack dropped): `rows` rows of a sparse matmul, each on the input-sparse
+ * GEMV over its own nonzero channels (the input is the Sparsify's masked output, so those are
+ * the channels it kept; the result is the dense product's on that input). A stacked group's
+ * first member computes every member's rows when they have outputs of their own (g->direct),
+ * else each member computes the group's row and keeps its slice. *read: weight bytes read. */
+static int sparse_rows(ea_session *ss, const step *st, int si, const float *a, int rows, float *y, uint64_t *read) {
+    ea_model *m = ss->m;
+    ea_kctx *ctx = &ss->kctx;
+    const fused_gemv *g = st->fuse ? &m->fused[st->fuse - 1] : NULL;
+    const ea_qweight_cm *cm = g ? &g->cm : &st->cm;
+    const int K = cm->K;
+    int rc = EA_KOK;
+    *read = 0;
+    if (g && g->direct && si != g->step[0]) return EA_KOK; /* the first member wrote these rows */
+    uint64_t active = 0;
+    for (int r = 0; r < rows && !rc; r++) {
+        const float *x = a + (size_t)r * K;
+        int na = 0;
+        for (int k = 0; k < K; k++)
+            if (x[k] != 0.0f) ss->rows_active[na++] = k;
+        active += (uint64_t)na;
+        if (!g) {
+            rc = ea_sparse_qgemv(ctx, cm, NULL, x, ss->rows_active, na, y + (size_t)r * st->N);
+        } else if (g->direct) {
+            float *outs[EA_FUSE_MAX];
+            int ns[EA_FUSE_MAX];
+            for (int i = 0; i < g->n; i++) {
+                const step *mi = &m->steps[g->step[i]];
+                outs[i] = ss->slots[m->values[mi->out].slot] + (size_t)r * mi->N;
+                ns[i] = mi->N;
+            }
+            rc = ea_sparse_qgemv_split(ctx, cm, x, ss->rows_active, na, ss->fused_y, outs, ns, g->n);
+        } else {
+            rc = ea_sparse_qgemv(ctx, cm, NULL, x, ss->rows_active, na, ss->fused_y);
+            if (!rc) memcpy(y + (size_t)r * st->N, ss->fused_y + st->fuse_off, sizeof(float) * (size_t)st->N);
+        }
+    }
+    /* the bytes of the channel rows read, charged to the step that read them */
+    *read = (uint64_t)((double)cm->bytes * (double)active / (double)K);
+    return rc;
+}
+
 /* Runs S tokens at positions pos0.. ; logits rows go to `logits` (all rows, or the last one
  * when last_only; NULL skips the logits step). Returns an EA_ERR_* code. */
 static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *logits, int last_only, ea_err *err) {
@@ -234,7 +276,8 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 const fused_gemv *g = &m->fused[gi];
                 const int src = st->sparse_src - 1, na = ss->n_active[src];
                 const uint64_t u0 = now_ns();
-                if (ss->unit_sparse[gi] < 0) ss->unit_sparse[gi] = (int8_t)pick_sparse(ss, &g->cm, gi, na);
+                if (ss->unit_sparse[gi] < 0)
+                    ss->unit_sparse[gi] = (int8_t)(st->dense_dropped || pick_sparse(ss, &g->cm, gi, na));
                 const int sparse = ss->unit_sparse[gi];
                 if (!sparse) {
                     rc = ea_masked_qgemv(ctx, &st->qw, a, ss->active[src], na, y);
@@ -271,7 +314,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                  * all of them on the masked input where that measured faster */
                 const int src = st->sparse_src - 1, na = ss->n_active[src], unit = m->n_fused + si;
                 const uint64_t u0 = now_ns();
-                const int sparse = pick_sparse(ss, &st->cm, unit, na);
+                const int sparse = st->dense_dropped || pick_sparse(ss, &st->cm, unit, na);
                 rc = sparse ? ea_sparse_qgemv(ctx, &st->cm, NULL, a, ss->active[src], na, y)
                             : ea_masked_qgemv(ctx, &st->qw, a, ss->active[src], na, y);
                 if (!rc) tune_record(ss, unit, sparse, na, now_ns() - u0);
@@ -293,6 +336,12 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 }
                 if (!rc) tune_record(ss, unit, sparse, na, now_ns() - u0);
                 bytes = gemv_path_done(ss, e, st, sparse, na, st->N);
+                break;
+            }
+            if (st->dense_dropped) {
+                uint64_t read = 0;
+                rc = sparse_rows(ss, st, si, a, rows, y, &read);
+                bytes = read;
                 break;
             }
             rc = st->op == OP_QMATMUL ? (st->f32act ? ea_qmatmul_f32act : ea_qmatmul)(ctx, &st->qw, a, rows, y)
@@ -517,6 +566,7 @@ void ea_session_destroy(ea_session *ss) {
     free(ss->has_kept);
     free(ss->kept_y);
     free(ss->fused_y);
+    free(ss->rows_active);
     ea_kctx_release(&ss->kctx);
     if (ss->pool) ea_pool_destroy(ss->pool);
     free(ss);
@@ -577,8 +627,9 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     ss->has_kept = calloc((size_t)m->n_steps + 1, sizeof(int));
     ss->kept_y = malloc(sizeof(float) * nw);
     ss->fused_y = malloc(sizeof(float) * ((size_t)m->max_fused_n + 1));
+    ss->rows_active = malloc(sizeof(int32_t) * ((size_t)m->max_act_width + 1));
     if (!ss->nmask || !ss->nscore || !ss->sel || !ss->kept || !ss->kept_src ||
-        !ss->has_kept || !ss->kept_y || !ss->fused_y)
+        !ss->has_kept || !ss->kept_y || !ss->fused_y || !ss->rows_active)
         return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
     for (int L = 0; L < m->n_nmask; L++)
         if (!(ss->nscore[L] = calloc(nw, sizeof(float))))

@@ -38,6 +38,7 @@ struct ea_session {
     int *has_kept;
     float *kept_y;          /* one row of kept outputs before the scatter */
     float *fused_y;         /* one row of a fused_gemv's outputs, computed by the first member to run */
+    int32_t *rows_active;   /* low memory: the nonzero channels of one prefill row (max_act_width) */
     int fused_owner;        /* 1 + the fused_gemv fused_y holds this token, 0 = none */
     /* the measured sparse/dense choice of decode GEMVs behind a Sparsify, per unit: fused group g
      * at g, a lone sparse step si at n_fused + si; a group's choice and time of this token */

@@ -41,6 +41,49 @@ static unsigned char *read_file(const char *path, size_t *n) {
 
 enum { T = 12 };
 
+/* A sparse folder (EA_TEST_SPARSE_DIR, written by the pytest that runs this under ASan):
+ * loaded with EA_LOAD_SPARSE_LOWMEM, token-by-token decode equals the default load's
+ * always-sparse decode bit for bit, and a prompt's rows, run one by one on the channel-major
+ * copy, match the default's GEMM prefill. */
+static void check_sparse_lowmem(const char *dir) {
+    ea_model *def = NULL, *low = NULL;
+    setenv("EDGEACT_SPARSE_ALWAYS", "1", 1);
+    CHECK(ea_model_load(dir, &def) == EA_OK, "load %s", dir);
+    unsetenv("EDGEACT_SPARSE_ALWAYS");
+    CHECK(ea_model_load_opts(dir, EA_LOAD_SPARSE_LOWMEM, &low) == EA_OK, "load %s, low memory", dir);
+    if (!def || !low) goto out;
+    ea_model_info di, li;
+    ea_model_get_info(def, &di);
+    ea_model_get_info(low, &li);
+    CHECK(li.weight_bytes_repacked < di.weight_bytes_repacked, "low memory repacked %llu of %llu bytes",
+          (unsigned long long)li.weight_bytes_repacked, (unsigned long long)di.weight_bytes_repacked);
+    enum { N = 24 };
+    const int V = di.vocab;
+    int64_t ids[N];
+    for (int i = 0; i < N; i++) ids[i] = 3 + (i * 11) % (V - 3);
+    float *a = malloc(sizeof(float) * N * V), *b = malloc(sizeof(float) * N * V);
+    ea_session *sa = NULL, *sb = NULL;
+    CHECK(ea_session_create(def, 2, N, 0, &sa) == EA_OK && ea_session_create(low, 2, N, 0, &sb) == EA_OK, "sessions");
+    if (!a || !b || !sa || !sb) goto done;
+    for (int i = 0; i < N; i++) {
+        CHECK(ea_session_forward(sa, ids + i, 1, a + (size_t)i * V, 0) == EA_OK, "decode %d", i);
+        CHECK(ea_session_forward(sb, ids + i, 1, b + (size_t)i * V, 0) == EA_OK, "decode %d, low memory", i);
+    }
+    CHECK(memcmp(a, b, sizeof(float) * N * V) == 0, "low-memory decode differs from the always-sparse decode");
+    ea_session_reset(sa);
+    ea_session_reset(sb);
+    CHECK(ea_session_forward(sa, ids, N, a, 1) == EA_OK && ea_session_forward(sb, ids, N, b, 1) == EA_OK, "prefill");
+    CHECK(max_abs_diff(a, b, (size_t)N * V) <= 1e-4f, "low-memory prefill off by %g", max_abs_diff(a, b, (size_t)N * V));
+done:
+    ea_session_free(sa);
+    ea_session_free(sb);
+    free(a);
+    free(b);
+out:
+    ea_model_free(def);
+    ea_model_free(low);
+}
+
 int main(int argc, char **argv) {
     const char *data = argc > 1 ? argv[1] : "tests/data";
     char dir[1024], path[1100];
@@ -184,6 +227,9 @@ int main(int argc, char **argv) {
     ea_model_free(m);
     free(buf);
     CHECK(ea_model_load("/nonexistent-edgeact", &m) == EA_ERR_IO && strstr(ea_last_error(), "cannot open"), "missing");
+    CHECK(ea_model_load_opts("/nonexistent-edgeact", 2u, &m) == EA_ERR_ARG && !m && strstr(ea_last_error(), "load flags"),
+          "unknown load flag");
+    CHECK(ea_model_load_opts("/nonexistent-edgeact", EA_LOAD_SPARSE_LOWMEM, &m) == EA_ERR_IO, "known flag, missing folder");
 
     /* benchmark entry: int4 block 32, symmetric, against a float reference */
     enum { BK = 64, BN = 8 };
@@ -208,6 +254,8 @@ int main(int argc, char **argv) {
     }
     ea_bench_qmatmul_free(q);
     CHECK(ea_bench_qmatmul_create(BK, BN, 3, 32, B, sc, NULL, 1, &q) == EA_ERR_ARG, "bench bad bits");
+
+    if (getenv("EA_TEST_SPARSE_DIR")) check_sparse_lowmem(getenv("EA_TEST_SPARSE_DIR"));
 
     free(full);
     free(inc);

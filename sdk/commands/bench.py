@@ -24,7 +24,9 @@ def add_parser(sub) -> None:
                    help="random-weight model of this shape (tiny, smollm2-135m, tinyllama-1.1b, llama-7b), cached")
     p.add_argument("--quant", default="int4", help="quantization for --shape models")
     p.add_argument("--group-size", type=int, default=32, help="group size for --shape models")
-    p.add_argument("--engines", default="native,ort,llama.cpp", help="comma list of native, ort, llama.cpp, torch")
+    p.add_argument("--engines", default="native,ort,llama.cpp",
+                   help="comma list of native, native-lowmem (the native runtime with low_memory: sparse folders "
+                        "keep one weight copy, prefill runs the sparse kernel row by row), ort, llama.cpp, torch")
     p.add_argument("-p", "--pp", type=int, default=128, help="prompt tokens")
     p.add_argument("-n", "--tg", type=int, default=64, help="generated tokens")
     p.add_argument("-r", "--reps", type=int, default=5, help="repetitions")

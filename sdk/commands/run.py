@@ -17,6 +17,9 @@ def add_parser(sub) -> None:
     p.add_argument("--engine", choices=("auto", "native", "ort"), default="auto",
                    help="native C runtime, onnxruntime, or auto (native when built)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="native engine, activation-sparse folders: keep only the weight copy sparse decode reads "
+                        "(about a dense folder's memory instead of ~1.6x; the prompt pass is slower)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -43,7 +46,7 @@ def run(args) -> int:
     import edgeact
     from edgeact.steering import apply_steering_args
 
-    model = edgeact.load(args.model, engine=args.engine, threads=args.threads)
+    model = edgeact.load(args.model, engine=args.engine, threads=args.threads, low_memory=args.low_memory)
     apply_steering_args(model, args)
     if args.ids or model.tokenizer is None:
         try:

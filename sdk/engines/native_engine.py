@@ -9,11 +9,12 @@ from .base import Engine
 class NativeEngine(Engine):
     name = "native"
 
-    def __init__(self, folder, threads: int | None = None, n_ctx: int | None = None, max_chunk: int | None = None):
+    def __init__(self, folder, threads: int | None = None, n_ctx: int | None = None, max_chunk: int | None = None,
+                 low_memory: bool = False):
         super().__init__(folder)
         from edgeact.runtime import NativeModel
 
-        self.model = NativeModel(self.folder)
+        self.model = NativeModel(self.folder, low_memory=low_memory)
         if self.model.vocab != self.vocab_size or self.model.n_layers != self.num_layers:
             raise ValueError(f"{self.folder}: model.onnx (vocab {self.model.vocab}, {self.model.n_layers} layers) "
                              f"does not match edgeact.json (vocab {self.vocab_size}, {self.num_layers} layers)")
