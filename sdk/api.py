@@ -192,6 +192,10 @@ def load(path=None, engine: str = "auto", threads: int | None = None, low_memory
     read_meta(path)  # a clear error for a wrong path before any engine is built
     if not low_memory:
         return Model(make_engine(Path(path), engine=engine, threads=threads))
-    if engine == "ort" or (engine == "auto" and not native_available()):
+    if engine == "ort":
         raise ValueError("low_memory is an option of the native engine (onnxruntime manages its own memory)")
-    return Model(make_engine(Path(path), engine="native", threads=threads, low_memory=True))
+    if engine == "auto" and not native_available():
+        raise ValueError("low_memory needs the native runtime, which is not built in this install "
+                         "(pip install . compiles it; a C compiler is needed)")
+    return Model(make_engine(Path(path), engine="native" if engine == "auto" else engine, threads=threads,
+                             low_memory=True))

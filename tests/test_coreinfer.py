@@ -188,3 +188,18 @@ def test_cli_convert_records_coreinfer(tmp_path, tiny_hf_dir):
                  "--quiet"]) == 0
     meta = json.loads((out / "edgeact.json").read_text())["sparsity"]
     assert meta["method"] == "coreinfer" and meta["keep"] == 40 and meta["targets"] == {"ffn": 0.6}
+
+
+@needs_native
+def test_low_memory_load_runs_the_same_model(folders):
+    # down_proj reads the NeuronMask output: low memory frees its dense repack; the prompt's rows run
+    # the input-sparse GEMV over their nonzero channels, decode over the kept neurons
+    prompt, cont = _ids(24, 1), _ids(12, 2)
+    d = make_engine(folders["int4"], "native")
+    lo = make_engine(folders["int4"], "native", low_memory=True)
+    assert lo.repacked_bytes < d.repacked_bytes
+    assert np.abs(d.forward(prompt) - lo.forward(prompt)).max() <= 1e-4
+    assert np.array_equal(d.core_masks, lo.core_masks)
+    a = np.concatenate([d.forward([t]) for t in cont])
+    b = np.concatenate([lo.forward([t]) for t in cont])
+    assert np.abs(a - b).max() <= 1e-4

@@ -295,3 +295,25 @@ def test_low_memory_runs_every_row_on_the_channel_major_copy(folders, tiny, meth
 def test_low_memory_is_a_native_option(folders):
     with pytest.raises(ValueError, match="native engine"):
         edgeact.load(folders["teal"], engine="ort", low_memory=True)
+
+
+@pytest.mark.skipif(not native_available(), reason="native runtime not built")
+def test_low_memory_with_interleaved_siblings(tmp_path):
+    # With attention biases the writer puts an Add after each of q/k/v_proj, so the stacked group's
+    # outputs are not written in place: its first member computes the prompt rows of all three
+    # once and each copies its slice
+    src = random_source("tiny", seed=4, arch="qwen2", attention_bias=True)
+    ids = calibration_ids(src, n_tokens=40, seed=97)[0]
+    sp = calibrate(src, "teal", parse_targets("0.5", "teal"), calib_tokens=128, progress=False)
+    folder = convert(src, tmp_path / "teal-bias", quant="int4", progress=False, sparsity=sp)
+    default = edgeact.load(folder, engine="native").forward(ids)
+    low = edgeact.load(folder, engine="native", low_memory=True)
+    assert np.abs(low.forward(ids) - default).max() <= 1e-4
+    eng = low.engine
+    eng.reset()
+    eng.session.profile(True)
+    eng.forward(ids)
+    reads = {r["name"].rsplit(".", 1)[-1]: r["weight_bytes"] for r in eng.session.profile_records()
+             if r["name"].startswith("layers.0.attn.") and r["op_type"] == "MatMulNBits"}
+    # q_proj read the stacked rows for all three; k and v only copied theirs
+    assert reads["q_proj"] > 0 and reads["k_proj"] == reads["v_proj"] == 0, reads

@@ -165,42 +165,57 @@ static uint64_t gemv_path_done(ea_session *ss, int e, const step *st, int sparse
 /* Low memory (the dense repack dropped): `rows` rows of a sparse matmul, each on the input-sparse
  * GEMV over its own nonzero channels (the input is the Sparsify's masked output, so those are
  * the channels it kept; the result is the dense product's on that input). A stacked group's
- * first member computes every member's rows when they have outputs of their own (g->direct),
- * else each member computes the group's row and keeps its slice. *read: weight bytes read. */
-static int sparse_rows(ea_session *ss, const step *st, int si, const float *a, int rows, float *y, uint64_t *read) {
+ * first member to run computes every member's rows, into their outputs when they have their own
+ * (g->direct), else into rows_fused, from which each member copies its slice; a member that is
+ * not first reads nothing. *read: weight bytes read. */
+static int sparse_rows(ea_session *ss, const step *st, const float *a, int rows, float *y, uint64_t *read) {
     ea_model *m = ss->m;
     ea_kctx *ctx = &ss->kctx;
     const fused_gemv *g = st->fuse ? &m->fused[st->fuse - 1] : NULL;
     const ea_qweight_cm *cm = g ? &g->cm : &st->cm;
     const int K = cm->K;
-    int rc = EA_KOK;
     *read = 0;
-    if (g && g->direct && si != g->step[0]) return EA_KOK; /* the first member wrote these rows */
-    uint64_t active = 0;
-    for (int r = 0; r < rows && !rc; r++) {
-        const float *x = a + (size_t)r * K;
-        int na = 0;
-        for (int k = 0; k < K; k++)
-            if (x[k] != 0.0f) ss->rows_active[na++] = k;
-        active += (uint64_t)na;
-        if (!g) {
-            rc = ea_sparse_qgemv(ctx, cm, NULL, x, ss->rows_active, na, y + (size_t)r * st->N);
-        } else if (g->direct) {
-            float *outs[EA_FUSE_MAX];
-            int ns[EA_FUSE_MAX];
-            for (int i = 0; i < g->n; i++) {
-                const step *mi = &m->steps[g->step[i]];
-                outs[i] = ss->slots[m->values[mi->out].slot] + (size_t)r * mi->N;
-                ns[i] = mi->N;
-            }
-            rc = ea_sparse_qgemv_split(ctx, cm, x, ss->rows_active, na, ss->fused_y, outs, ns, g->n);
-        } else {
-            rc = ea_sparse_qgemv(ctx, cm, NULL, x, ss->rows_active, na, ss->fused_y);
-            if (!rc) memcpy(y + (size_t)r * st->N, ss->fused_y + st->fuse_off, sizeof(float) * (size_t)st->N);
+    if (g && !g->direct) {
+        const size_t need = (size_t)rows * (size_t)cm->N;
+        if (need > ss->rows_fused_cap) {
+            float *p = realloc(ss->rows_fused, sizeof(float) * need);
+            if (!p) return EA_KERR_NOMEM;
+            ss->rows_fused = p;
+            ss->rows_fused_cap = need;
+            ss->rows_owner = 0;
         }
     }
-    /* the bytes of the channel rows read, charged to the step that read them */
-    *read = (uint64_t)((double)cm->bytes * (double)active / (double)K);
+    int rc = EA_KOK;
+    if (!g || ss->rows_owner != st->fuse) {
+        uint64_t active = 0;
+        for (int r = 0; r < rows && !rc; r++) {
+            const float *x = a + (size_t)r * K;
+            int na = 0;
+            for (int k = 0; k < K; k++)
+                if (x[k] != 0.0f) ss->rows_active[na++] = k;
+            active += (uint64_t)na;
+            if (!g) {
+                rc = ea_sparse_qgemv(ctx, cm, NULL, x, ss->rows_active, na, y + (size_t)r * st->N);
+            } else if (g->direct) {
+                float *outs[EA_FUSE_MAX];
+                int ns[EA_FUSE_MAX];
+                for (int i = 0; i < g->n; i++) {
+                    const step *mi = &m->steps[g->step[i]];
+                    outs[i] = ss->slots[m->values[mi->out].slot] + (size_t)r * mi->N;
+                    ns[i] = mi->N;
+                }
+                rc = ea_sparse_qgemv_split(ctx, cm, x, ss->rows_active, na, ss->fused_y, outs, ns, g->n);
+            } else {
+                rc = ea_sparse_qgemv(ctx, cm, NULL, x, ss->rows_active, na, ss->rows_fused + (size_t)r * cm->N);
+            }
+        }
+        if (g) ss->rows_owner = rc ? 0 : st->fuse;
+        /* the bytes of the channel rows read, charged to the step that read them */
+        *read = (uint64_t)((double)cm->bytes * (double)active / (double)K);
+    }
+    if (!rc && g && !g->direct)
+        for (int r = 0; r < rows; r++)
+            memcpy(y + (size_t)r * st->N, ss->rows_fused + (size_t)r * cm->N + st->fuse_off, sizeof(float) * (size_t)st->N);
     return rc;
 }
 
@@ -210,6 +225,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
     ea_model *m = ss->m;
     ea_kctx *ctx = &ss->kctx;
     ss->fused_owner = 0;
+    ss->rows_owner = 0;
     memset(ss->unit_sparse, -1, (size_t)m->n_fused + 1);
     memset(ss->unit_ns, 0, sizeof(uint64_t) * ((size_t)m->n_fused + 1));
     for (int e = 0; e < ss->n_exec; e++) {
@@ -340,7 +356,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
             }
             if (st->dense_dropped) {
                 uint64_t read = 0;
-                rc = sparse_rows(ss, st, si, a, rows, y, &read);
+                rc = sparse_rows(ss, st, a, rows, y, &read);
                 bytes = read;
                 break;
             }
@@ -567,6 +583,7 @@ void ea_session_destroy(ea_session *ss) {
     free(ss->kept_y);
     free(ss->fused_y);
     free(ss->rows_active);
+    free(ss->rows_fused);
     ea_kctx_release(&ss->kctx);
     if (ss->pool) ea_pool_destroy(ss->pool);
     free(ss);

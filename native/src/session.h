@@ -39,6 +39,9 @@ struct ea_session {
     float *kept_y;          /* one row of kept outputs before the scatter */
     float *fused_y;         /* one row of a fused_gemv's outputs, computed by the first member to run */
     int32_t *rows_active;   /* low memory: the nonzero channels of one prefill row (max_act_width) */
+    float *rows_fused;      /* low memory: a stacked group's prompt rows when its members share outputs */
+    size_t rows_fused_cap;  /* floats */
+    int rows_owner;         /* 1 + the fused_gemv whose prompt rows this chunk are computed, 0 = none */
     int fused_owner;        /* 1 + the fused_gemv fused_y holds this token, 0 = none */
     /* the measured sparse/dense choice of decode GEMVs behind a Sparsify, per unit: fused group g
      * at g, a lone sparse step si at n_fused + si; a group's choice and time of this token */

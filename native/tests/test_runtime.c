@@ -47,10 +47,19 @@ enum { T = 12 };
  * copy, match the default's GEMM prefill. */
 static void check_sparse_lowmem(const char *dir) {
     ea_model *def = NULL, *low = NULL;
+    /* the default load with the sparse kernel always (the environment as the caller gave it after) */
+    char *always = getenv("EDGEACT_SPARSE_ALWAYS"), *lowmem = getenv("EDGEACT_SPARSE_LOWMEM");
+    always = always ? strdup(always) : NULL;
+    lowmem = lowmem ? strdup(lowmem) : NULL;
     setenv("EDGEACT_SPARSE_ALWAYS", "1", 1);
+    unsetenv("EDGEACT_SPARSE_LOWMEM");
     CHECK(ea_model_load(dir, &def) == EA_OK, "load %s", dir);
     unsetenv("EDGEACT_SPARSE_ALWAYS");
     CHECK(ea_model_load_opts(dir, EA_LOAD_SPARSE_LOWMEM, &low) == EA_OK, "load %s, low memory", dir);
+    if (always) setenv("EDGEACT_SPARSE_ALWAYS", always, 1);
+    if (lowmem) setenv("EDGEACT_SPARSE_LOWMEM", lowmem, 1);
+    free(always);
+    free(lowmem);
     if (!def || !low) goto out;
     ea_model_info di, li;
     ea_model_get_info(def, &di);
