@@ -287,6 +287,9 @@ def test_low_memory_runs_every_row_on_the_channel_major_copy(folders, tiny, meth
     assert low_repacked < repacked, (low_repacked, repacked)
     assert np.array_equal(low_steps, always)
     assert np.abs(low_prefill - prefill).max() <= 1e-4
+    # two threads take whole prompt rows each, one thread splits every row's outputs: same bits
+    one = edgeact.load(folders[method], engine="native", threads=1, low_memory=True).forward(ids[:40])
+    assert np.array_equal(one, low_prefill)
     ref = edgeact.load(folders[method], engine="ort").forward(ids[:40])
     q = compare_logits(low_prefill, ref, ids[:40])
     assert q.kl <= 2e-3 and q.top1 >= 0.95, (q.kl, q.top1)

@@ -162,18 +162,67 @@ static uint64_t gemv_path_done(ea_session *ss, int e, const step *st, int sparse
     return sparse ? (uint64_t)((double)st->weight_bytes * n_active / (of ? of : 1)) : st->weight_bytes;
 }
 
-/* Low memory (the dense repack dropped): `rows` rows of a sparse matmul, each on the input-sparse
- * GEMV over its own nonzero channels (the input is the Sparsify's masked output, so those are
- * the channels it kept; the result is the dense product's on that input). A stacked group's
- * first member to run computes every member's rows, into their outputs when they have their own
- * (g->direct), else into rows_fused, from which each member copies its slice; a member that is
- * not first reads nothing. *read: weight bytes read. */
+/* Low memory (the dense repack dropped): a prompt's rows of a sparse matmul, each on the
+ * input-sparse GEMV over its own nonzero channels (the input is the Sparsify's masked output,
+ * so those are the channels it kept; the result is the dense product's on that input). With
+ * enough rows each thread takes whole rows, one kernel call each on its own context: the
+ * weights of one matmul sit in the last-level cache after the first row, and splitting every
+ * row's outputs between the threads (as decode does) cost a pool dispatch and a wait per row
+ * per matmul, and left the nonzero scan serial (TinyLlama shape, teal 0.5: pp128 131 t/s that
+ * way on 2 threads, 98 on one). A stacked group writes every member's rows, into their
+ * outputs when they have their own (g->direct), else into rows_fused. */
+typedef struct {
+    ea_session *ss;
+    const fused_gemv *g;
+    const ea_qweight_cm *cm;
+    const float *a;
+    float *y; /* lone matmul: its output; group: rows_fused when not direct */
+    int rows, n_tasks, N;
+    int rc[EA_ROW_THREADS_MAX];
+    uint64_t active[EA_ROW_THREADS_MAX];
+} sparse_rows_job;
+
+static void sparse_rows_task(void *arg, int task, int thread) {
+    sparse_rows_job *j = arg;
+    ea_session *ss = j->ss;
+    ea_model *m = ss->m;
+    /* one context per pool thread (no pool: the kernel runs on this thread); the caller's own
+     * context when the rows run unsplit */
+    ea_kctx *ctx = j->n_tasks > 1 ? &ss->row_ctx[thread] : &ss->kctx;
+    int32_t *act = ss->rows_active + (size_t)thread * ((size_t)m->max_act_width + 1);
+    float *scratch = ss->fused_y + (size_t)thread * ((size_t)m->max_fused_n + 1);
+    const int K = j->cm->K, r0 = (int)((long)task * j->rows / j->n_tasks), r1 = (int)((long)(task + 1) * j->rows / j->n_tasks);
+    int rc = EA_KOK;
+    uint64_t active = 0;
+    for (int r = r0; r < r1 && !rc; r++) {
+        const float *x = j->a + (size_t)r * K;
+        int na = 0;
+        for (int k = 0; k < K; k++)
+            if (x[k] != 0.0f) act[na++] = k;
+        active += (uint64_t)na;
+        if (j->g && j->g->direct) {
+            float *outs[EA_FUSE_MAX];
+            int ns[EA_FUSE_MAX];
+            for (int i = 0; i < j->g->n; i++) {
+                const step *mi = &m->steps[j->g->step[i]];
+                outs[i] = ss->slots[m->values[mi->out].slot] + (size_t)r * mi->N;
+                ns[i] = mi->N;
+            }
+            rc = ea_sparse_qgemv_split(ctx, j->cm, x, act, na, scratch, outs, ns, j->g->n);
+        } else {
+            rc = ea_sparse_qgemv(ctx, j->cm, NULL, x, act, na, j->y + (size_t)r * j->N);
+        }
+    }
+    j->rc[task] = rc;
+    j->active[task] = active;
+}
+
+/* *read: the weight bytes read (the active channels' rows). A stacked group's first member to
+ * run computes every member's rows; the others only copy their slice when not direct. */
 static int sparse_rows(ea_session *ss, const step *st, const float *a, int rows, float *y, uint64_t *read) {
     ea_model *m = ss->m;
-    ea_kctx *ctx = &ss->kctx;
     const fused_gemv *g = st->fuse ? &m->fused[st->fuse - 1] : NULL;
     const ea_qweight_cm *cm = g ? &g->cm : &st->cm;
-    const int K = cm->K;
     *read = 0;
     if (g && !g->direct) {
         const size_t need = (size_t)rows * (size_t)cm->N;
@@ -187,31 +236,19 @@ static int sparse_rows(ea_session *ss, const step *st, const float *a, int rows,
     }
     int rc = EA_KOK;
     if (!g || ss->rows_owner != st->fuse) {
+        const int threads = ss->row_ctx ? ea_pool_size(ss->pool) : 1;
+        sparse_rows_job j = {ss, g, cm, a, g ? ss->rows_fused : y, rows, rows >= 2 * threads ? threads : 1,
+                             g ? cm->N : st->N, {0}, {0}};
+        if (j.n_tasks > 1) ea_pool_run(ss->pool, sparse_rows_task, &j, j.n_tasks);
+        else sparse_rows_task(&j, 0, 0);
         uint64_t active = 0;
-        for (int r = 0; r < rows && !rc; r++) {
-            const float *x = a + (size_t)r * K;
-            int na = 0;
-            for (int k = 0; k < K; k++)
-                if (x[k] != 0.0f) ss->rows_active[na++] = k;
-            active += (uint64_t)na;
-            if (!g) {
-                rc = ea_sparse_qgemv(ctx, cm, NULL, x, ss->rows_active, na, y + (size_t)r * st->N);
-            } else if (g->direct) {
-                float *outs[EA_FUSE_MAX];
-                int ns[EA_FUSE_MAX];
-                for (int i = 0; i < g->n; i++) {
-                    const step *mi = &m->steps[g->step[i]];
-                    outs[i] = ss->slots[m->values[mi->out].slot] + (size_t)r * mi->N;
-                    ns[i] = mi->N;
-                }
-                rc = ea_sparse_qgemv_split(ctx, cm, x, ss->rows_active, na, ss->fused_y, outs, ns, g->n);
-            } else {
-                rc = ea_sparse_qgemv(ctx, cm, NULL, x, ss->rows_active, na, ss->rows_fused + (size_t)r * cm->N);
-            }
+        for (int t = 0; t < j.n_tasks; t++) {
+            if (j.rc[t] && !rc) rc = j.rc[t];
+            active += j.active[t];
         }
         if (g) ss->rows_owner = rc ? 0 : st->fuse;
         /* the bytes of the channel rows read, charged to the step that read them */
-        *read = (uint64_t)((double)cm->bytes * (double)active / (double)K);
+        *read = (uint64_t)((double)cm->bytes * (double)active / (double)cm->K);
     }
     if (!rc && g && !g->direct)
         for (int r = 0; r < rows; r++)
@@ -584,6 +621,9 @@ void ea_session_destroy(ea_session *ss) {
     free(ss->fused_y);
     free(ss->rows_active);
     free(ss->rows_fused);
+    if (ss->row_ctx)
+        for (int t = 0; t < ss->n_threads; t++) ea_kctx_release(&ss->row_ctx[t]);
+    free(ss->row_ctx);
     ea_kctx_release(&ss->kctx);
     if (ss->pool) ea_pool_destroy(ss->pool);
     free(ss);
@@ -594,7 +634,7 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     ss->n_threads = n_threads > 0 ? n_threads : ea_physical_cores();
     ss->n_ctx = n_ctx > 0 ? n_ctx : (m->max_context < 4096 ? m->max_context : 4096);
     ss->max_chunk = max_chunk > 0 ? max_chunk : 64;
-    if (ss->n_threads > 256) return ea_fail(err, "n_threads %d is too large", n_threads), EA_ERR_ARG;
+    if (ss->n_threads > EA_ROW_THREADS_MAX) return ea_fail(err, "n_threads %d is too large", n_threads), EA_ERR_ARG;
     if (ss->n_ctx > m->max_context)
         return ea_fail(err, "n_ctx %d exceeds the model's max_context %d", ss->n_ctx, m->max_context), EA_ERR_ARG;
     if (ss->max_chunk > 4096) return ea_fail(err, "max_chunk %d is too large (at most 4096)", max_chunk), EA_ERR_ARG;
@@ -605,6 +645,13 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     }
     int rc = ea_kctx_init(&ss->kctx, m->isa, ss->pool);
     if (rc) return ea_fail(err, "kernel context: %s", ea_kernels_strerror(rc)), EA_ERR_KERNEL;
+    if (m->sparse_lowmem && ss->pool) {
+        if (!(ss->row_ctx = calloc((size_t)ss->n_threads, sizeof(ea_kctx))))
+            return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
+        for (int t = 0; t < ss->n_threads; t++)
+            if ((rc = ea_kctx_init(&ss->row_ctx[t], m->isa, NULL)))
+                return ea_fail(err, "kernel context: %s", ea_kernels_strerror(rc)), EA_ERR_KERNEL;
+    }
     const size_t C = (size_t)ss->max_chunk;
     ss->slots = calloc((size_t)m->n_slots + 1, sizeof(float *));
     ss->k_cache = calloc((size_t)m->n_gqa, sizeof(float *));
@@ -643,8 +690,10 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     ss->kept_src = calloc((size_t)m->n_steps + 1, sizeof(uint8_t *));
     ss->has_kept = calloc((size_t)m->n_steps + 1, sizeof(int));
     ss->kept_y = malloc(sizeof(float) * nw);
-    ss->fused_y = malloc(sizeof(float) * ((size_t)m->max_fused_n + 1));
-    ss->rows_active = malloc(sizeof(int32_t) * ((size_t)m->max_act_width + 1));
+    /* per pool thread for low memory's row-parallel prompt (sparse_rows); decode uses the first */
+    const size_t row_threads = m->sparse_lowmem && ss->pool ? (size_t)ss->n_threads : 1;
+    ss->fused_y = malloc(sizeof(float) * ((size_t)m->max_fused_n + 1) * row_threads);
+    ss->rows_active = malloc(sizeof(int32_t) * ((size_t)m->max_act_width + 1) * row_threads);
     if (!ss->nmask || !ss->nscore || !ss->sel || !ss->kept || !ss->kept_src ||
         !ss->has_kept || !ss->kept_y || !ss->fused_y || !ss->rows_active)
         return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;

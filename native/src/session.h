@@ -42,6 +42,7 @@ struct ea_session {
     float *rows_fused;      /* low memory: a stacked group's prompt rows when its members share outputs */
     size_t rows_fused_cap;  /* floats */
     int rows_owner;         /* 1 + the fused_gemv whose prompt rows this chunk are computed, 0 = none */
+    ea_kctx *row_ctx;       /* low memory with a pool: one poolless kernel context per thread */
     int fused_owner;        /* 1 + the fused_gemv fused_y holds this token, 0 = none */
     /* the measured sparse/dense choice of decode GEMVs behind a Sparsify, per unit: fused group g
      * at g, a lone sparse step si at n_fused + si; a group's choice and time of this token */
