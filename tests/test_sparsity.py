@@ -259,8 +259,8 @@ def test_bench_reports_realized_sparsity_and_the_sparse_path_share(folders):
 @pytest.mark.parametrize("method", METHODS)
 def test_low_memory_runs_every_row_on_the_channel_major_copy(folders, tiny, method, monkeypatch):
     # low_memory (or EDGEACT_SPARSE_LOWMEM=1) frees the dense repack of every matmul behind a Sparsify: decode is
-    # the always-sparse decode bit for bit, prefill rows run the input-sparse GEMV and match the
-    # default prefill (dense GEMM on the masked input) and onnxruntime.
+    # the always-sparse decode bit for bit, prefill rows run the input-sparse GEMV and give the
+    # default prefill's bits (the dense GEMM on the masked input), close to onnxruntime's.
     _, ids = tiny
 
     def run(env, low_memory=False):
@@ -286,7 +286,7 @@ def test_low_memory_runs_every_row_on_the_channel_major_copy(folders, tiny, meth
     assert sparse_steps and all(low_paths[n] == (30, 30) for n in sparse_steps), low_paths
     assert low_repacked < repacked, (low_repacked, repacked)
     assert np.array_equal(low_steps, always)
-    assert np.abs(low_prefill - prefill).max() <= 1e-4
+    assert np.array_equal(low_prefill, prefill)
     # two threads take whole prompt rows each, one thread splits every row's outputs: same bits
     one = edgeact.load(folders[method], engine="native", threads=1, low_memory=True).forward(ids[:40])
     assert np.array_equal(one, low_prefill)
@@ -311,7 +311,7 @@ def test_low_memory_with_interleaved_siblings(tmp_path):
     folder = convert(src, tmp_path / "teal-bias", quant="int4", progress=False, sparsity=sp)
     default = edgeact.load(folder, engine="native").forward(ids)
     low = edgeact.load(folder, engine="native", low_memory=True)
-    assert np.abs(low.forward(ids) - default).max() <= 1e-4
+    assert np.array_equal(low.forward(ids), default)
     eng = low.engine
     eng.reset()
     eng.session.profile(True)
