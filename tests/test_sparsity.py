@@ -320,3 +320,36 @@ def test_low_memory_with_interleaved_siblings(tmp_path):
              if r["name"].startswith("layers.0.attn.") and r["op_type"] == "MatMulNBits"}
     # q_proj read the stacked rows for all three; k and v only copied theirs
     assert reads["q_proj"] > 0 and reads["k_proj"] == reads["v_proj"] == 0, reads
+
+
+@pytest.mark.skipif(not native_available(), reason="native runtime not built")
+def test_prefill_rows_on_the_channel_major_copy_are_measured(folders, tiny, monkeypatch):
+    # A prompt chunk behind a Sparsify runs the dense GEMM or, each thread taking whole rows, the
+    # input-sparse GEMV on the channel-major copy: the same bits, so the default measures which
+    # is faster (EDGEACT_SPARSE_STATIC: the GEMM; EDGEACT_SPARSE_ALWAYS: the rows). The rows show
+    # in the profile: q_proj computes k_proj's and v_proj's rows, which then read nothing.
+    _, ids = tiny
+
+    def prefills(n):
+        eng = edgeact.load(folders["teal"], engine="native", threads=2).engine
+        eng.session.profile(True)
+        outs, rows = [], []
+        for _ in range(n):
+            eng.reset()
+            eng.session.profile_reset()
+            outs.append(eng.forward(ids[:40]))
+            recs = {r["name"]: r for r in eng.session.profile_records()}
+            rows.append(recs["layers.0.attn.k_proj"]["weight_bytes"] == 0)
+        return outs, rows
+
+    monkeypatch.setenv("EDGEACT_SPARSE_STATIC", "1")
+    (ref,), rows = prefills(1)
+    assert rows == [False]
+    monkeypatch.delenv("EDGEACT_SPARSE_STATIC")
+    monkeypatch.setenv("EDGEACT_SPARSE_ALWAYS", "1")
+    outs, rows = prefills(2)
+    assert rows == [True, True] and all(np.array_equal(o, ref) for o in outs)
+    monkeypatch.delenv("EDGEACT_SPARSE_ALWAYS")
+    outs, rows = prefills(8)
+    assert all(np.array_equal(o, ref) for o in outs)
+    assert rows.count(True) >= 3 and rows.count(False) >= 3, rows   # the exploration ran both

@@ -151,6 +151,24 @@ static void tune_record(ea_session *ss, int unit, int sparse, int n_active, uint
     if (!ss->m->sparse_always && !ss->m->sparse_static) ea_tune_record(&ss->tune[unit], sparse, n_active, ns);
 }
 
+/* A prompt chunk's rows of a matmul behind a Sparsify, with both copies loaded: the dense GEMM,
+ * or each thread taking whole rows on the channel-major copy (sparse_rows), which gives the same
+ * bits. Where one matmul's active rows stay in the last-level cache from row to row the rows
+ * win at high sparsity (TinyLlama shape, 32 MB L3, teal 0.7: pp128 1.5x); where they do not,
+ * each row reads them from memory. So it is measured, per unit, as decode's choice is, on the
+ * time per row (ea_sparse_tune with one "channel"); chunks with fewer than two rows per thread
+ * run the GEMM. EDGEACT_SPARSE_STATIC: always the GEMM; EDGEACT_SPARSE_ALWAYS: always rows. */
+static int prefill_rows_eligible(const ea_session *ss, const step *st, int rows) {
+    return ss->row_ctx && st->sparse_src && !st->dense_dropped && (st->cm_ready || st->fuse) &&
+           rows >= 2 * ss->n_threads;
+}
+
+static int prefill_pick(ea_session *ss, int unit) {
+    if (ss->m->sparse_always) return 1;
+    if (ss->m->sparse_static) return 0;
+    return ea_tune_pick(&ss->ptune[unit], 1);
+}
+
 /* After a decode GEMV behind a Sparsify (exec step e): the profile's path counts; returns the
  * weight bytes it read (on the sparse path the share n_active of `of`, the input channels or the
  * output rows it skips along; all on the dense one). */
@@ -263,6 +281,8 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
     ea_kctx *ctx = &ss->kctx;
     ss->fused_owner = 0;
     ss->rows_owner = 0;
+    memset(ss->punit_path, -1, (size_t)m->n_fused + 1);
+    memset(ss->punit_ns, 0, sizeof(uint64_t) * ((size_t)m->n_fused + 1));
     memset(ss->unit_sparse, -1, (size_t)m->n_fused + 1);
     memset(ss->unit_ns, 0, sizeof(uint64_t) * ((size_t)m->n_fused + 1));
     for (int e = 0; e < ss->n_exec; e++) {
@@ -394,6 +414,26 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
             if (st->dense_dropped) {
                 uint64_t read = 0;
                 rc = sparse_rows(ss, st, a, rows, y, &read);
+                bytes = read;
+                break;
+            }
+            if (prefill_rows_eligible(ss, st, rows)) {
+                /* a group decides at its first member to run and is timed over all of them */
+                const int gi = st->fuse ? st->fuse - 1 : -1, unit = gi >= 0 ? gi : m->n_fused + si;
+                int sparse;
+                if (gi < 0) sparse = prefill_pick(ss, unit);
+                else {
+                    if (ss->punit_path[gi] < 0) ss->punit_path[gi] = (int8_t)prefill_pick(ss, unit);
+                    sparse = ss->punit_path[gi];
+                }
+                const uint64_t u0 = now_ns();
+                uint64_t read = st->weight_bytes;
+                rc = sparse ? sparse_rows(ss, st, a, rows, y, &read) : ea_qmatmul(ctx, &st->qw, a, rows, y);
+                const uint64_t ns = now_ns() - u0;
+                if (gi >= 0) ss->punit_ns[gi] += ns;
+                const int last = gi < 0 || si == m->fused[gi].step[m->fused[gi].n - 1];
+                if (!rc && last && !m->sparse_always && !m->sparse_static)
+                    ea_tune_record(&ss->ptune[unit], sparse, 1, (gi >= 0 ? ss->punit_ns[gi] : ns) / (uint64_t)rows);
                 bytes = read;
                 break;
             }
@@ -600,6 +640,9 @@ void ea_session_destroy(ea_session *ss) {
     free(ss->prof_sparse);
     free(ss->prof_eligible);
     free(ss->tune);
+    free(ss->ptune);
+    free(ss->punit_path);
+    free(ss->punit_ns);
     free(ss->unit_sparse);
     free(ss->unit_ns);
     if (ss->active)
@@ -645,7 +688,9 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     }
     int rc = ea_kctx_init(&ss->kctx, m->isa, ss->pool);
     if (rc) return ea_fail(err, "kernel context: %s", ea_kernels_strerror(rc)), EA_ERR_KERNEL;
-    if (m->sparse_lowmem && ss->pool) {
+    int has_cm = m->n_fused > 0;
+    for (int s = 0; s < m->n_steps && !has_cm; s++) has_cm = m->steps[s].cm_ready;
+    if (has_cm && ss->pool) {
         if (!(ss->row_ctx = calloc((size_t)ss->n_threads, sizeof(ea_kctx))))
             return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
         for (int t = 0; t < ss->n_threads; t++)
@@ -671,12 +716,15 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     ss->prof_sparse = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
     ss->prof_eligible = calloc((size_t)m->n_steps + 1, sizeof(uint64_t));
     ss->tune = calloc((size_t)(m->n_fused + m->n_steps) + 1, sizeof(ea_sparse_tune));
+    ss->ptune = calloc((size_t)(m->n_fused + m->n_steps) + 1, sizeof(ea_sparse_tune));
+    ss->punit_path = malloc((size_t)m->n_fused + 1);
+    ss->punit_ns = calloc((size_t)m->n_fused + 1, sizeof(uint64_t));
     ss->unit_sparse = malloc((size_t)m->n_fused + 1);
     ss->unit_ns = calloc((size_t)m->n_fused + 1, sizeof(uint64_t));
     ss->active = calloc((size_t)m->n_steps + 1, sizeof(int32_t *));
     ss->n_active = calloc((size_t)m->n_steps + 1, sizeof(int));
-    if (!ss->prof_active || !ss->prof_total || !ss->prof_sparse || !ss->prof_eligible || !ss->tune || !ss->unit_sparse || !ss->unit_ns ||
-        !ss->active || !ss->n_active)
+    if (!ss->prof_active || !ss->prof_total || !ss->prof_sparse || !ss->prof_eligible || !ss->tune || !ss->ptune ||
+        !ss->punit_path || !ss->punit_ns || !ss->unit_sparse || !ss->unit_ns || !ss->active || !ss->n_active)
         return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
     for (int s = 0; s < m->n_steps; s++)
         if ((m->steps[s].op == OP_SPARSIFY || m->steps[s].op == OP_NEURON_MASK) &&
@@ -691,7 +739,7 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     ss->has_kept = calloc((size_t)m->n_steps + 1, sizeof(int));
     ss->kept_y = malloc(sizeof(float) * nw);
     /* per pool thread for low memory's row-parallel prompt (sparse_rows); decode uses the first */
-    const size_t row_threads = m->sparse_lowmem && ss->pool ? (size_t)ss->n_threads : 1;
+    const size_t row_threads = ss->row_ctx ? (size_t)ss->n_threads : 1;
     ss->fused_y = malloc(sizeof(float) * ((size_t)m->max_fused_n + 1) * row_threads);
     ss->rows_active = malloc(sizeof(int32_t) * ((size_t)m->max_act_width + 1) * row_threads);
     if (!ss->nmask || !ss->nscore || !ss->sel || !ss->kept || !ss->kept_src ||

@@ -42,7 +42,13 @@ struct ea_session {
     float *rows_fused;      /* low memory: a stacked group's prompt rows when its members share outputs */
     size_t rows_fused_cap;  /* floats */
     int rows_owner;         /* 1 + the fused_gemv whose prompt rows this chunk are computed, 0 = none */
-    ea_kctx *row_ctx;       /* low memory with a pool: one poolless kernel context per thread */
+    ea_kctx *row_ctx;       /* with a pool and channel-major copies: one poolless kernel context per
+                             * thread, for prompt rows on the channel-major copy (sparse_rows) */
+    /* the measured choice of prompt chunks behind a Sparsify (the dense GEMM or sparse_rows), per
+     * unit as tune; a group's choice and time this chunk */
+    ea_sparse_tune *ptune;
+    int8_t *punit_path;
+    uint64_t *punit_ns;
     int fused_owner;        /* 1 + the fused_gemv fused_y holds this token, 0 = none */
     /* the measured sparse/dense choice of decode GEMVs behind a Sparsify, per unit: fused group g
      * at g, a lone sparse step si at n_fused + si; a group's choice and time of this token */
