@@ -156,11 +156,15 @@ static void tune_record(ea_session *ss, int unit, int sparse, int n_active, uint
  * bits. Where one matmul's active rows stay in the last-level cache from row to row the rows
  * win at high sparsity (TinyLlama shape, 32 MB L3, teal 0.7: pp128 1.5x); where they do not,
  * each row reads them from memory. So it is measured, per unit, as decode's choice is, on the
- * time per row (ea_sparse_tune with one "channel"); chunks with fewer than two rows per thread
- * run the GEMM. EDGEACT_SPARSE_STATIC: always the GEMM; EDGEACT_SPARSE_ALWAYS: always rows. */
+ * time per row (ea_sparse_tune with one "channel"). Chunks shorter than EA_PREFILL_ROWS_MIN
+ * rows or two rows per thread run the GEMM and are not timed: the GEMM's time per row grows as
+ * chunks shrink (it reads the weights once per chunk), and a prompt's short tail chunk would
+ * otherwise skew the average of the full ones. Among the eligible chunks EDGEACT_SPARSE_STATIC
+ * keeps the GEMM, EDGEACT_SPARSE_ALWAYS takes the rows. */
+#define EA_PREFILL_ROWS_MIN 16
 static int prefill_rows_eligible(const ea_session *ss, const step *st, int rows) {
     return ss->row_ctx && st->sparse_src && !st->dense_dropped && (st->cm_ready || st->fuse) &&
-           rows >= 2 * ss->n_threads;
+           rows >= 2 * ss->n_threads && rows >= EA_PREFILL_ROWS_MIN;
 }
 
 static int prefill_pick(ea_session *ss, int unit) {
@@ -180,9 +184,10 @@ static uint64_t gemv_path_done(ea_session *ss, int e, const step *st, int sparse
     return sparse ? (uint64_t)((double)st->weight_bytes * n_active / (of ? of : 1)) : st->weight_bytes;
 }
 
-/* Low memory (the dense repack dropped): a prompt's rows of a sparse matmul, each on the
- * input-sparse GEMV over its own nonzero channels (the input is the Sparsify's masked output,
- * so those are the channels it kept; the result is the dense product's on that input). With
+/* A prompt's rows of a sparse matmul on the channel-major copy (low memory, whose dense repack
+ * is gone, or the measured prefill choice), each on the input-sparse GEMV over its own nonzero
+ * channels (the input is the Sparsify's masked output, so those are the channels it kept; the
+ * result is the dense GEMM's on that input, bit for bit). With
  * enough rows each thread takes whole rows, one kernel call each on its own context: the
  * weights of one matmul sit in the last-level cache after the first row, and splitting every
  * row's outputs between the threads (as decode does) cost a pool dispatch and a wait per row

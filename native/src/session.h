@@ -37,8 +37,10 @@ struct ea_session {
     uint8_t **kept_src;     /* the gathered rows; only their scales and zero points once repacked (SIMD) */
     int *has_kept;
     float *kept_y;          /* one row of kept outputs before the scatter */
-    float *fused_y;         /* one row of a fused_gemv's outputs, computed by the first member to run */
-    int32_t *rows_active;   /* low memory: the nonzero channels of one prefill row (max_act_width) */
+    float *fused_y;         /* one row of a fused_gemv's outputs, computed by the first member to run;
+                             * with row_ctx one such row per thread (sparse_rows' scratch) */
+    int32_t *rows_active;   /* the nonzero channels of one prompt row (max_act_width + 1), one per
+                             * thread with row_ctx (sparse_rows) */
     float *rows_fused;      /* low memory: a stacked group's prompt rows when its members share outputs */
     size_t rows_fused_cap;  /* floats */
     int rows_owner;         /* 1 + the fused_gemv whose prompt rows this chunk are computed, 0 = none */
