@@ -163,8 +163,24 @@ static void tune_record(ea_session *ss, int unit, int sparse, int n_active, uint
  * keeps the GEMM, EDGEACT_SPARSE_ALWAYS takes the rows. */
 #define EA_PREFILL_ROWS_MIN 16
 static int prefill_rows_eligible(const ea_session *ss, const step *st, int rows) {
-    return ss->row_ctx && st->sparse_src && !st->dense_dropped && (st->cm_ready || st->fuse) &&
-           rows >= 2 * ss->n_threads && rows >= EA_PREFILL_ROWS_MIN;
+    if (!ss->row_ctx || !st->sparse_src || st->dense_dropped || !(st->cm_ready || st->fuse) ||
+        rows < 2 * ss->n_threads || rows < EA_PREFILL_ROWS_MIN)
+        return 0;
+    /* only a copy that can stay in the last-level cache: elsewhere each explored chunk would read
+     * it from memory once per row (on a small-cache board, seconds for a TinyLlama-sized layer) */
+    const ea_qweight_cm *cm = st->fuse ? &ss->m->fused[st->fuse - 1].cm : &st->cm;
+    return cm->bytes <= ss->llc_bytes / 2;
+}
+
+/* The last-level cache's size as the C library reports it (glibc: sysconf), else 1 MiB: an
+ * unknown cache keeps the rows path to small matmuls. */
+static size_t llc_bytes(void) {
+    long b = -1;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    b = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (b <= 0) b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return b > 0 ? (size_t)b : (size_t)1 << 20;
 }
 
 static int prefill_pick(ea_session *ss, int unit) {
@@ -693,6 +709,7 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     }
     int rc = ea_kctx_init(&ss->kctx, m->isa, ss->pool);
     if (rc) return ea_fail(err, "kernel context: %s", ea_kernels_strerror(rc)), EA_ERR_KERNEL;
+    ss->llc_bytes = llc_bytes();
     int has_cm = m->n_fused > 0;
     for (int s = 0; s < m->n_steps && !has_cm; s++) has_cm = m->steps[s].cm_ready;
     if (has_cm && ss->pool) {

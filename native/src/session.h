@@ -49,6 +49,7 @@ struct ea_session {
     /* the measured choice of prompt chunks behind a Sparsify (the dense GEMM or sparse_rows), per
      * unit as tune; a group's choice and time this chunk */
     ea_sparse_tune *ptune;
+    size_t llc_bytes;       /* last-level cache (llc_bytes in session.c): the rows path's bound */
     int8_t *punit_path;
     uint64_t *punit_ns;
     int fused_owner;        /* 1 + the fused_gemv fused_y holds this token, 0 = none */
