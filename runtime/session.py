@@ -57,7 +57,7 @@ class NativeModel:
 
     def __init__(self, folder: str | os.PathLike, low_memory: bool = False):
         """low_memory: matmuls behind a Sparsify keep only the channel-major copy their sparse
-        decode reads (no dense repack): about the memory of a dense folder, but prefill runs the
+        decode reads (no dense repack): about the memory of a dense folder; prefill always runs the
         input-sparse GEMV row by row (docs/sparsity.md, "Low memory")."""
         self.folder = Path(folder)
         if not (self.folder / "model.onnx").is_file():

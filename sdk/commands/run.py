@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
     p.add_argument("--low-memory", action="store_true",
                    help="native engine, activation-sparse folders: keep only the weight copy sparse decode reads "
-                        "(about a dense folder's memory instead of ~1.6x; the prompt pass is slower)")
+                        "(about a dense folder's memory instead of ~1.6x; the prompt pass always runs the sparse "
+                        "kernel, slower on CPUs whose last-level cache cannot hold one matmul)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0)
