@@ -4,7 +4,7 @@
     m = edgeact.load("smollm2-int4/")          # engine="auto": native runtime, else onnxruntime
     print(m.chat("Write a haiku about rain.").text)
 """
-__version__ = "0.1.0"
+from edgeact.contract import VERSION as __version__  # the one version (edgeact/contract)
 
 
 def load(path=None, engine: str = "auto", threads=None, low_memory: bool = False):
