@@ -144,6 +144,15 @@ class NativeSession:
     def reset(self) -> None:
         _check(lib.ea_session_reset(self._ptr))
 
+    def truncate(self, n_past: int) -> None:
+        """Keep the first n_past cached tokens (at most the current n_past)."""
+        _check(lib.ea_session_truncate(self._ptr, int(n_past)))
+
+    @property
+    def memory_bytes(self) -> int:
+        """KV cache (sized for n_ctx) and activation buffers this session owns; weights are the model's."""
+        return int(lib.ea_session_memory_bytes(self._ptr))
+
     def forward(self, ids, all_logits: bool = False, out: np.ndarray | None = None) -> np.ndarray:
         """Append tokens; return logits [n, vocab] (all_logits) or [vocab] for the last token."""
         ids = np.ascontiguousarray(np.asarray(ids).reshape(-1), dtype=np.int64)

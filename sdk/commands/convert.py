@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 
+from edgeact.commands import COMMANDS
+
 QUANTS = ("fp32", "fp16", "int8", "int4")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert a checkpoint (GGUF, HF folder, llama2.c .bin) to a model folder",
+    p = sub.add_parser("convert", help=COMMANDS["convert"],
                        description="Read a llama-family checkpoint and write an ONNX model folder (model.onnx, "
                        "tokenizer.json, edgeact.json) with 4-bit/8-bit blockwise weights (MatMulNBits), a KV cache "
                        "and steering points. Supported sources: GGUF files of llama models, Hugging Face folders "

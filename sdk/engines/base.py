@@ -14,9 +14,12 @@ from edgeact.contract import check_meta
 def read_meta(folder) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
-        if folder.exists() and folder.suffix in (".gguf", ".bin") or (folder / "config.json").exists():
+        if folder.exists() and folder.suffix in (".gguf", ".bin", ".safetensors"):
             raise ValueError(f"{folder} is a source checkpoint, not a model folder: convert it first with "
                              f"`edgeact convert {folder} -o OUT_DIR`")
+        if folder.exists():
+            raise ValueError(f"{folder} is a file, not a model folder (a folder with edgeact.json and model.onnx "
+                             f"that `edgeact convert` writes)")
         raise ValueError(f"model folder not found: {folder}")
     meta_path = folder / "edgeact.json"
     if not meta_path.is_file():
