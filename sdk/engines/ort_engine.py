@@ -88,6 +88,22 @@ class OrtEngine(Engine):
         self._past = [(empty, empty) for _ in range(self.num_layers)]
         self.n_past = 0
 
+    def _truncate(self, n_past: int) -> None:
+        self._past = [(k[:, :, :n_past], v[:, :, :n_past]) for k, v in self._past]
+
+    def fork(self) -> "OrtEngine":
+        import copy
+
+        twin = copy.copy(self)  # shares the InferenceSession (its run() is thread-safe)
+        twin._steer, twin.extra_inputs = {}, {}
+        twin.core_masks = None
+        twin._reset()
+        return twin
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self._past)
+
     def _forward(self, ids, *, output_hidden: bool = False):
         S, P = ids.size, self.n_past
         feed = {"input_ids": ids[None], "seqlens_k": np.array([P + S - 1], dtype=np.int32),
