@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgeact.converters.model import ModelConfig
+from edgeact.contract import ModelConfig
 from edgeact.engines import Engine, make_engine, native_available
 from edgeact.generation import GenerationConfig, choose
 from edgeact.steering import SteeringMixin

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeact.contract import check_meta
+
 
 def read_meta(folder) -> dict:
     folder = Path(folder)
@@ -29,8 +31,7 @@ def read_meta(folder) -> dict:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
-    if meta.get("format") != "edgeact-model":
-        raise ValueError(f"{meta_path} is not an edgeact model description")
+    check_meta(meta, str(meta_path))
     return meta
 
 
