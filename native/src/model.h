@@ -36,9 +36,12 @@ typedef struct value {
     int cast_f16;      /* V_CONST: Cast(to=FLOAT) of an fp16 tensor (the matmul reads fp16) */
 } value;
 
+/* One kind per line of ops/list.h. */
 typedef enum {
-    OP_GATHER, OP_CAST, OP_RMSNORM, OP_MATMUL, OP_QMATMUL, OP_GQA, OP_ADD, OP_ADD_BIAS,
-    OP_MUL, OP_SIGMOID, OP_SILU_MUL, OP_SILU, OP_STEER, OP_SPARSIFY, OP_NEURON_MASK, OP_NOP
+#define EA_OP(KIND, name) OP_##KIND,
+#include "ops/list.h"
+#undef EA_OP
+    OP_COUNT
 } op_kind;
 
 /* Sibling int4 matmuls reading one Sparsify output (q/k/v, gate/up): one channel-major copy
