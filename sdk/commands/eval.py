@@ -5,9 +5,11 @@ import argparse
 import json
 from pathlib import Path
 
+from edgeact.commands import COMMANDS
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="KL divergence, top-1 agreement and perplexity against the fp32 source",
+    p = sub.add_parser("eval", help=COMMANDS["eval"],
                        description="Compare converted model folders with their fp32 source on the same tokens: mean "
                        "KL(ref‖model) of next-token distributions (nats/token), top-1 agreement, perplexity of both. "
                        "Tokens come from --text, or are sampled from the fp32 reference with a fixed seed.",

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 
+from edgeact.commands import COMMANDS
 from edgeact.control_vector import control_vector_info, save_control_vector
 from edgeact.steering import (METHODS, POSITIONS, compute_vectors, hidden_source, iter_prompts, parse_layers,
                               word_logprob_shift)
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("steer", help="compute, inspect and measure steering vectors (llama.cpp control vectors)")
+    p = subparsers.add_parser("steer", help=COMMANDS["steer"])
     sub = p.add_subparsers(dest="steer_command", required=True)
 
     c = sub.add_parser("compute", help="a control vector from positive vs negative prompts")

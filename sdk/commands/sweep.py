@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from edgeact.commands import COMMANDS
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("sweep", help="activation sparsity: quality and decode speed over methods and targets",
+    p = sub.add_parser("sweep", help=COMMANDS["sweep"],
                        description="Convert SRC at each sparsity method × target (plus dense), measure KL, top-1 "
                        "and perplexity against the fp32 source on held-out sampled text, realized sparsity, and "
                        "native decode tokens/s with its speed-up over dense int4; print one table, save a plot.",
