@@ -58,19 +58,35 @@ class TextTokenizer:
 
 
 class StreamDecoder:
-    """Incremental detokenization: yields only text that is final, so a UTF-8
-    character split over several byte-fallback tokens comes out whole."""
+    """Incremental detokenization: yields only text that is final, so a UTF-8 character split over
+    several byte-fallback tokens comes out whole.
 
-    def __init__(self, tokenizer: TextTokenizer, prefix_ids=()):
+    Each push decodes a short window, not the whole sequence: the tokens already shown that
+    precede the pending ones (the context a decoder needs for spaces and merges) plus the pending
+    ones. The new text is the window's text minus the text of its shown part."""
+
+    def __init__(self, tokenizer: TextTokenizer):
         self.tok = tokenizer
-        self.ids: list[int] = []
-        self.emitted = ""
+        self.ids: list[int] = []   # the window: ids[:shown] already emitted, the rest pending
+        self.shown = 0
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
         text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # incomplete multi-byte sequence: wait for more tokens
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more tokens
             return ""
-        new = text[len(self.emitted):] if text.startswith(self.emitted) else text
-        self.emitted = text
+        before = self.tok.decode(self.ids[:self.shown]) if self.shown else ""
+        new = text[len(before):] if text.startswith(before) else ""
+        # the next window starts at the pending tokens just emitted, which give it its context
+        self.ids = self.ids[self.shown:]
+        self.shown = len(self.ids)
         return new
+
+    def finish(self) -> str:
+        """Text of tokens still pending at the end (an incomplete character shows as U+FFFD, as in a full decode)."""
+        if len(self.ids) == self.shown:
+            return ""
+        text = self.tok.decode(self.ids)
+        before = self.tok.decode(self.ids[:self.shown]) if self.shown else ""
+        self.ids, self.shown = [], 0
+        return text[len(before):] if text.startswith(before) else ""

@@ -18,7 +18,9 @@ class OrtEngine(Engine):
 
     def __init__(self, folder, threads: int | None = None):
         super().__init__(folder)
-        import onnxruntime as ort
+        from edgeact.extras import require
+
+        ort = require("onnxruntime", "the onnxruntime engine (engine='ort')")
 
         self._ort = ort
         self.threads = threads or default_threads()
@@ -50,7 +52,9 @@ class OrtEngine(Engine):
     def _hidden(self):
         """A second session whose outputs include every layer's `hidden.{i}`."""
         if self._hidden_session is None:
-            import onnx
+            from edgeact.extras import require
+
+            onnx = require("onnx", "hidden states on the onnxruntime engine")
 
             model = onnx.load(str(self.folder / "model.onnx"), load_external_data=False)
             have = {o.name for o in model.graph.output}
