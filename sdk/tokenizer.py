@@ -4,6 +4,21 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def checked_text(text) -> str:
+    """`text`, or a ValueError naming the first character no UTF-8 tokenizer can take: a lone
+    surrogate, which is how Python carries bytes that were not valid UTF-8 (surrogateescape:
+    command-line arguments, os.fsdecode)."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = text[e.start]
+        what = f"byte 0x{ord(ch) - 0xdc00:02x}" if "\udc80" <= ch <= "\udcff" else f"lone surrogate U+{ord(ch):04X}"
+        raise ValueError(f"text is not valid UTF-8: {what} at character {e.start}") from None
+    return text
+
+
 class TextTokenizer:
     """tokenizer.json plus the special-token facts edgeact.json records.
 
@@ -23,10 +38,10 @@ class TextTokenizer:
 
     # tokenizers.Tokenizer's Encoding-returning API is what steering's helpers expect
     def encode(self, text: str, add_special_tokens: bool = True):
-        return self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return self._tok.encode(checked_text(text), add_special_tokens=add_special_tokens)
 
     def encode_ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
