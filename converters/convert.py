@@ -10,25 +10,22 @@ import os
 import shutil
 from pathlib import Path
 
-from .. import __version__   # the package __init__ only (edgeact/__init__.py), not SDK modules
+from ..contract import ENGINES, FORMAT, FORMAT_VERSION, VERSION, check_block_size
 from .model import SUPPORTED_ARCHITECTURES, ConversionError, SourceModel
 from .onnx_writer import EMBEDDING_KINDS, QUANT_KINDS, default_embedding, default_lm_head, write_onnx
-from .quantize import BLOCK_SIZES
-
-FORMAT = "edgeact-model"
-FORMAT_VERSION = 1
 
 
-def validate_options(quant: str, group_size: int, lm_head: str | None, embedding: str | None) -> None:
+def validate_options(quant: str, group_size: int, lm_head: str | None, embedding: str | None,
+                     engines=ENGINES) -> None:
     if quant not in QUANT_KINDS:
         raise ConversionError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_KINDS)}")
     if lm_head is not None and lm_head not in QUANT_KINDS:
         raise ConversionError(f"unknown lm_head type {lm_head!r}; choose one of {', '.join(QUANT_KINDS)}")
     if embedding is not None and embedding not in EMBEDDING_KINDS:
         raise ConversionError(f"unknown embedding type {embedding!r}; choose one of {', '.join(EMBEDDING_KINDS)}")
-    if group_size not in BLOCK_SIZES:
-        raise ConversionError(f"group size {group_size} not supported; choose one of "
-                              f"{', '.join(map(str, BLOCK_SIZES))}")
+    why = check_block_size(group_size, engines)   # a folder must load on every engine it is written for
+    if why:
+        raise ConversionError(why)
 
 
 def model_card(src: SourceModel, facts: dict, has_tokenizer: bool) -> dict:
@@ -36,7 +33,7 @@ def model_card(src: SourceModel, facts: dict, has_tokenizer: bool) -> dict:
     cfg = src.config
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "converter_version": __version__,
+        "converter_version": VERSION,
         "config": cfg.to_dict(),
         "max_context": facts["max_context"],
         "quantization": facts["quantization"],

@@ -13,13 +13,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .. import contract
 from .model import SUPPORTED_ARCHITECTURES, ConversionError, SourceModel
 from .quantize import BLOCK_SIZES, QuantizedWeight, quantize_blockwise
 from .rope_cache import cos_sin_cache
 
 QUANT_KINDS = ("fp32", "fp16", "int8", "int4")
 EMBEDDING_KINDS = ("fp32", "fp16")
-OPSET = [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("ai.edgeact", 1)]
+OPSET = [helper.make_opsetid(domain, v) for domain, v in contract.OPSET.items()]
 IR_VERSION = 10
 DATA_FILE = "model.onnx.data"
 ALIGN = 64

