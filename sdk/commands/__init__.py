@@ -10,4 +10,5 @@ COMMANDS = {
     "bench": "prompt processing and generation speed, ours vs onnxruntime/llama.cpp/torch",
     "steer": "compute, inspect and measure steering vectors (llama.cpp control vectors)",
     "sweep": "activation sparsity: quality and decode speed over methods and targets",
+    "serve": "an OpenAI-compatible HTTP server with per-request steering and JSON-schema output",
 }
