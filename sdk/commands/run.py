@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
     mode.add_argument("--raw", dest="chat", action="store_false", default=argparse.SUPPRESS,
                       help="feed the prompt as is (the default when the model has no chat template)")
     p.add_argument("--ids", action="store_true", help="the prompt is token ids (for folders without a tokenizer)")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="reply with JSON matching this JSON schema (the token mask of a grammar engine, llguidance, "
+                        "keeps every step valid; needs the serve extra)")
     p.add_argument("--stats", action="store_true", help="print prefill/decode speed to stderr")
     from edgeact.steering import add_steering_args
 
@@ -126,6 +129,10 @@ def run(args) -> int:
 
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                top_p=args.top_p, seed=args.seed, stop=stops, repetition_penalty=args.repetition_penalty)
+    if args.json_schema:
+        from edgeact.grammar import read_schema_file
+
+        gen["json_schema"] = read_schema_file(args.json_schema)
     if model.tokenizer is None or args.ids:
         res = model.generate(prompt, **gen)
         out.write(" ".join(map(str, res.ids)))
