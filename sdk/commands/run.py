@@ -63,13 +63,14 @@ def add_parser(sub) -> None:
 
 
 def utf8_arg(value: str, option: str) -> str:
-    """Text from the command line, which Python decodes with surrogateescape: bytes that are not
-    valid UTF-8 arrive as lone surrogates, which no tokenizer can take."""
-    for i, ch in enumerate(value):
-        if "\udc80" <= ch <= "\udcff":
-            raise ValueError(f"{option} is not valid UTF-8: byte 0x{ord(ch) - 0xdc00:02x} at character {i} "
-                             f"(give the text in UTF-8)")
-    return value
+    """Command-line text (Python decodes argv with surrogateescape): a one-line error naming the
+    first byte that is not UTF-8, in the option's words."""
+    from edgeact.tokenizer import checked_text
+
+    try:
+        return checked_text(value)
+    except ValueError as e:
+        raise ValueError(str(e).replace("text", option, 1) + " (give the text in UTF-8)") from None
 
 
 def parse_ids(text: str) -> list[int]:
