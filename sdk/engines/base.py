@@ -62,6 +62,32 @@ class Engine(abc.ABC):
             self.core_masks = None
             self.set_neuron_masks(None)
 
+    def truncate(self, n_past: int) -> None:
+        """Keep the first n_past cached tokens: a conversation whose prefix diverged continues from
+        the common part. With CoreInfer the neuron set belongs to the whole prompt, so only 0 is kept."""
+        if not 0 <= n_past <= self.n_past:
+            raise ValueError(f"truncate to {n_past}: the cache holds {self.n_past} tokens")
+        if n_past == 0:
+            self.reset()
+        elif n_past < self.n_past:
+            if self.core_keep is not None:
+                raise ValueError("a CoreInfer folder's cache cannot be truncated (its neuron set comes from "
+                                 "the whole prompt): reset instead")
+            self._truncate(n_past)
+            self.n_past = n_past
+
+    def _truncate(self, n_past: int) -> None:
+        raise NotImplementedError
+
+    def fork(self) -> "Engine":
+        """A second engine on the same loaded weights with its own KV cache and steering."""
+        raise NotImplementedError(f"the {self.name} engine cannot share its weights with another session")
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes this engine's cache and buffers hold beyond the shared weights."""
+        raise NotImplementedError
+
     def forward(self, ids: np.ndarray, *, output_hidden: bool = False):
         """Run `ids` (int64 [S]) at positions n_past..n_past+S-1. Returns logits float32 [S, vocab],
         and with output_hidden also hidden [num_layers, S, hidden] (each layer's Steer output).

@@ -18,7 +18,9 @@ class OrtEngine(Engine):
 
     def __init__(self, folder, threads: int | None = None):
         super().__init__(folder)
-        import onnxruntime as ort
+        from edgeact.extras import require
+
+        ort = require("onnxruntime", "the onnxruntime engine (engine='ort')")
 
         self._ort = ort
         self.threads = threads or default_threads()
@@ -55,7 +57,9 @@ class OrtEngine(Engine):
 
     def session_with_outputs(self, names):
         """A session on the same graph whose outputs also include the intermediate tensors `names`."""
-        import onnx
+        from edgeact.extras import require
+
+        onnx = require("onnx", "intermediate tensors on the onnxruntime engine")
 
         model = onnx.load(str(self.folder / "model.onnx"), load_external_data=False)
         have = {o.name for o in model.graph.output}
@@ -87,6 +91,22 @@ class OrtEngine(Engine):
         empty = np.zeros((1, self.kv_heads, 0, self.kv_dim), dtype=np.float32)
         self._past = [(empty, empty) for _ in range(self.num_layers)]
         self.n_past = 0
+
+    def _truncate(self, n_past: int) -> None:
+        self._past = [(k[:, :, :n_past], v[:, :, :n_past]) for k, v in self._past]
+
+    def fork(self) -> "OrtEngine":
+        import copy
+
+        twin = copy.copy(self)  # shares the InferenceSession (its run() is thread-safe)
+        twin._steer, twin.extra_inputs = {}, {}
+        twin.core_masks = None
+        twin._reset()
+        return twin
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self._past)
 
     def _forward(self, ids, *, output_hidden: bool = False):
         S, P = ids.size, self.n_past
