@@ -111,6 +111,8 @@ def run(args) -> int:
         chat = getattr(args, "chat", None)
         if chat is None:
             chat = bool(model.tokenizer.chat_template)
+        elif chat and not model.tokenizer.chat_template:
+            raise ValueError(f"--chat: {model.folder} has no chat template (drop --chat, or give --raw)")
         if chat:
             text = model.apply_chat_template([{"role": "user", "content": prompt_text}])
             prompt = model.tokenizer.encode_ids(text, add_special_tokens=False)
