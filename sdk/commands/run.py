@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from edgeact import DEFAULT_N_CTX
@@ -49,6 +50,12 @@ def add_parser(sub) -> None:
     mode.add_argument("--raw", dest="chat", action="store_false", default=argparse.SUPPRESS,
                       help="feed the prompt as is (the default when the model has no chat template)")
     p.add_argument("--ids", action="store_true", help="the prompt is token ids (for folders without a tokenizer)")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="reply with JSON matching this JSON schema (the token mask of a grammar engine, llguidance, "
+                        "keeps every step valid; needs the serve extra)")
+    p.add_argument("--trace", metavar="OUT.json", default=None,
+                   help="native engine: write a Chrome/Perfetto trace of every op of every forward call "
+                        "(open it in ui.perfetto.dev or chrome://tracing)")
     p.add_argument("--stats", action="store_true", help="print prefill/decode speed to stderr")
     from edgeact.steering import add_steering_args
 
@@ -134,11 +141,16 @@ def run(args) -> int:
 
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                top_p=args.top_p, seed=args.seed, stop=stops, repetition_penalty=args.repetition_penalty)
-    if model.tokenizer is None or args.ids:
-        res = model.generate(prompt, **gen)
-        out.write(" ".join(map(str, res.ids)))
-    else:
-        res = model.generate(prompt, on_text=show, **gen)
+    if args.json_schema:
+        from edgeact.grammar import read_schema_file
+
+        gen["json_schema"] = read_schema_file(args.json_schema)
+    with _tracing(model, args.trace):
+        if model.tokenizer is None or args.ids:
+            res = model.generate(prompt, **gen)
+            out.write(" ".join(map(str, res.ids)))
+        else:
+            res = model.generate(prompt, on_text=show, **gen)
     out.write("\n")
     out.flush()
     if res.finish_reason == "context":
@@ -167,3 +179,19 @@ def interactive_chat(model, args, stops) -> int:
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                top_p=args.top_p, seed=args.seed, stop=stops, repetition_penalty=args.repetition_penalty)
     return chat_loop(model, gen, steer_layers=args.steer_layers, setup=lambda s: apply_steering_args(s, args))
+
+
+@contextlib.contextmanager
+def _tracing(model, path):
+    """run --trace: record the generation's ops, then write the Chrome trace."""
+    if not path:
+        yield
+        return
+    from edgeact.trace import Tracer
+
+    tracer = Tracer(model)
+    with tracer.recording():
+        yield
+    tracer.save(path)
+    print(f"edgeact: trace of {len(tracer.steps)} forward calls ({len(tracer.events)} events) in {path}",
+          file=sys.stderr)
