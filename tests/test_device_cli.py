@@ -86,6 +86,16 @@ def test_device_install_runs_and_steers_a_folder(smollm2_int4_dir, vector, block
     proc = cli("run", smollm2_int4_dir, "-p", "Say hi", "-n", "12", "--steer", f"{vector}:6", blocker=blocker)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == steered + "\n"
+    pos, neg = vector.parent / "pos.txt", vector.parent / "neg.txt"
+    pos.write_text("I love this, it is wonderful!\nWhat a happy day.\n")
+    neg.write_text("I hate this, it is awful.\nWhat a sad day.\n")
+    out = vector.parent / "happy.gguf"
+    proc = cli("steer", "compute", smollm2_int4_dir, "--pos", pos, "--neg", neg, "-o", out, "--layers", "3-9",
+               blocker=blocker)
+    assert proc.returncode == 0, proc.stderr
+    from edgeact.control_vector import load_control_vector
+
+    assert list(load_control_vector(out, hidden_size=576)) == list(range(3, 10))
     proc = cli("steer", "info", vector, blocker=blocker)
     assert proc.returncode == 0 and "n_embd 576" in proc.stdout and "layer  10" in proc.stdout, proc.stderr
     # no heavy module was imported on the way (the blocker would have failed it, but say it plainly)
