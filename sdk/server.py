@@ -47,8 +47,8 @@ class ApiError(Exception):
 class SessionPool:
     """Sessions over one model; acquire() prefers the longest cached prefix. Event-loop side only."""
 
-    def __init__(self, model, n: int, max_queue: int):
-        self.sessions = [model.session() for _ in range(n)]
+    def __init__(self, sessions: list, max_queue: int):
+        self.sessions = list(sessions)
         self.idle = list(self.sessions)
         self.waiters: collections.deque = collections.deque()
         self.max_queue = max_queue
@@ -484,7 +484,11 @@ def create_app(server: Server):
     @asynccontextmanager
     async def lifespan(app):
         if server.pool is None:
-            server.pool = SessionPool(server.model, server.n_sessions, server.max_queue)
+            from edgeact.session import Session
+
+            model = server.model  # the first session runs on the model's own engine, idle otherwise
+            sessions = [Session(model, engine=model.engine)] + [model.session() for _ in range(server.n_sessions - 1)]
+            server.pool = SessionPool(sessions, server.max_queue)
         yield
 
     app = FastAPI(title="edgeact", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -22,9 +22,11 @@ from edgeact.steering import Steering, SteeringEntry
 class Session:
     """One conversation's cache. Not for two threads at once; make one Session per concurrent user."""
 
-    def __init__(self, model):
+    def __init__(self, model, engine=None):
+        """engine: run on this engine instead of a fork of the model's (the server gives its first
+        session the model's own, which it never uses otherwise: one KV cache fewer)."""
         self.model = model
-        self.engine = model.engine.fork()
+        self.engine = engine if engine is not None else model.engine.fork()
         self.ids: list[int] = []       # the tokens whose keys and values the cache holds, in order
         self._keys: list[str] = []     # per cached token: the steering it was computed under
         self._steering = Steering(model.config.num_layers, model.config.hidden_size)
@@ -53,6 +55,11 @@ class Session:
 
     def clear_steering(self) -> None:
         self._steering.entries.clear()
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n cached tokens (e.g. to undo a turn)."""
+        self.engine.truncate(min(int(n), self.engine.n_past))
+        del self.ids[self.engine.n_past:], self._keys[self.engine.n_past:]
 
     def common_prefix(self, ids) -> int:
         """How many leading tokens of `ids` the cache holds (for choosing among sessions)."""
@@ -161,16 +168,17 @@ class Session:
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop=None, repetition_penalty: float = 1.0,
-                 on_text=None, steering=None, json_schema=None):
+                 on_text=None, steering=None, json_schema=None, ignore_eos: bool = False):
         """Model.generate on this session's cache. `steering`: a list of {vector, scale, layers,
         mode, apply_to} dicts (vector: an array, {layer: array}, [layers, hidden] or a control-vector
-        path) for this call only. `json_schema`: a JSON schema (dict or string) the reply must match."""
+        path) for this call only. `json_schema`: a JSON schema (dict or string) the reply must match.
+        `ignore_eos`: never end at an end-of-sequence token (fixed-length replies for benchmarks)."""
         from edgeact.api import GenerationResult
 
         cfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
                                [stop] if isinstance(stop, str) else list(stop or []))
         result: dict = {}
-        for piece in self._stream(prompt, cfg, result, steering, json_schema):
+        for piece in self._stream(prompt, cfg, result, steering, json_schema, ignore_eos):
             if on_text is not None and isinstance(piece, str):
                 on_text(piece)
         result["stats"] = dict(self.last, memory_bytes=self.memory_bytes)

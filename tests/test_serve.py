@@ -279,15 +279,8 @@ def test_session_pool_queue_is_bounded_and_fair():
         def common_prefix(self, ids):
             return next((i for i, (a, b) in enumerate(zip(self.ids, ids)) if a != b), min(len(self.ids), len(ids)))
 
-    class FakeModel:
-        n = 0
-
-        def session(self):
-            FakeModel.n += 1
-            return Fake([1, 2, 3] if FakeModel.n == 1 else [7, 8])
-
     async def scenario():
-        pool = SessionPool(FakeModel(), 2, max_queue=1)
+        pool = SessionPool([Fake([1, 2, 3]), Fake([7, 8])], max_queue=1)
         a = await pool.acquire([7, 8, 9])
         assert a.ids == [7, 8]  # the longest cached prefix
         b = await pool.acquire([7, 8, 9])
