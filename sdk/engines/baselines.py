@@ -92,6 +92,7 @@ class LlamaCppEngine(_Baseline):
         except ImportError:
             raise ValueError("the llama.cpp engine needs llama-cpp-python: pip install llama-cpp-python "
                              "(it compiles llama.cpp, about 15 minutes on 2 cores)") from None
+        self._llama_cpp = llama_cpp
         threads = threads or _default_threads()
         # one batch holds a whole prompt, as llama-bench's pp test
         self.llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
@@ -110,9 +111,13 @@ class LlamaCppEngine(_Baseline):
             raise ValueError("this llama.cpp engine was loaded without logits_all: ask for logits='last'")
         self.llm.eval(ids.tolist())
         self.n_past = self.llm.n_tokens
-        rows = ids.size if (self.logits_all and not last) else 1
         self.logit_rows += ids.size if self.logits_all else 1
-        return np.asarray(self.llm.scores[self.n_past - rows:self.n_past], dtype=np.float32)
+        if self.logits_all:
+            rows = 1 if last else ids.size
+            return np.asarray(self.llm.scores[self.n_past - rows:self.n_past], dtype=np.float32)
+        # without logits_all the binding keeps no copy: read llama.cpp's last row in place
+        ptr = self._llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))[None].copy()
 
 
 def _default_threads() -> int:
