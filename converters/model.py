@@ -35,6 +35,9 @@ class SourceModel:
     chat_template: str | None = None      # jinja2 template, if the source has one
     add_bos_token: bool = False
     provenance: dict = field(default_factory=dict)  # source path, format, source dtype...
+    # name → loader of the tensor's own quantized blocks as a MatMulNBits weight (readers/gguf_blocks.py
+    # Imported), for sources stored quantized: converting with quant="source" keeps them unrounded
+    quantized: Mapping[str, Callable[[], object]] = field(default_factory=dict)
 
     def load(self, name: str) -> np.ndarray:
         return np.ascontiguousarray(self.tensors[name](), dtype=np.float32)

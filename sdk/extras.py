@@ -9,6 +9,7 @@ import importlib.util
 
 EXTRA_OF = {m: "convert" for m in ("torch", "transformers", "accelerate", "safetensors", "gguf", "onnx",
                                     "onnxruntime", "sentencepiece", "matplotlib")}
+EXTRA_OF.update({m: "serve" for m in ("fastapi", "uvicorn", "llguidance")})
 
 
 class MissingExtra(ModuleNotFoundError):

@@ -17,7 +17,9 @@ _LOCK = threading.Lock()
 
 def _ll_tokenizer(model):
     """llguidance's view of the model's tokenizer (built once per model: about a second for 50k tokens)."""
-    import llguidance
+    from edgeact.extras import require
+
+    llguidance = require("llguidance", "JSON-schema output")
 
     key = id(model)
     with _LOCK:
@@ -48,15 +50,29 @@ def check_schema(schema) -> dict:
     return schema
 
 
+def read_schema_file(path) -> dict:
+    """A JSON schema from a file (for --json-schema), with a one-line error."""
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the JSON schema {path}: {e}") from None
+    try:
+        return check_schema(text)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 class JsonSchemaConstraint:
     """Token masks that keep generation inside a JSON schema (one per generation)."""
 
     def __init__(self, model, schema):
+        schema = check_schema(schema)
+        tok = _ll_tokenizer(model)
         import llguidance
         from llguidance.numpy import allocate_token_bitmask
 
-        schema = check_schema(schema)
-        tok = _ll_tokenizer(model)
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
         except (ValueError, TypeError) as e:

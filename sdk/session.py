@@ -91,8 +91,9 @@ class Session:
         return logits
 
     def tokens(self, prompt_ids: list[int], cfg: GenerationConfig, timing: dict, steering=None,
-               constraint=None) -> Iterator[int]:
-        """New token ids after `prompt_ids` (Model._stream's token source)."""
+               constraint=None, ignore_eos: bool = False) -> Iterator[int]:
+        """New token ids after `prompt_ids` (Model._stream's token source). ignore_eos: never pick an
+        end-of-sequence token (fixed-length replies for benchmarks)."""
         cfg.validate()
         if len(prompt_ids) > self.engine.max_context:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens, more than the context "
@@ -102,6 +103,7 @@ class Session:
         rng = np.random.default_rng(cfg.seed)
         eng = self.engine
         eos = self.model.eos_token_ids
+        no_eos = np.array(sorted(eos), dtype=np.int64) if ignore_eos and eos else None
         state.apply(eng, generated=False)
         try:
             t0 = time.perf_counter()
@@ -113,6 +115,9 @@ class Session:
             for step in range(cfg.max_new_tokens):
                 if constraint is not None:
                     logits = constraint.mask(logits)
+                if no_eos is not None:
+                    logits = np.array(logits, dtype=np.float32, copy=True)
+                    logits[no_eos] = -np.inf
                 tok = choose(logits, cfg, rng, history)
                 if constraint is not None:
                     constraint.accept(tok)
@@ -139,14 +144,15 @@ class Session:
             del self.ids[eng.n_past:], self._keys[eng.n_past:]
             eng.clear_steering()
 
-    def _stream(self, prompt, cfg: GenerationConfig, result: dict, steering=None, json_schema=None):
-        constraint = None
-        if json_schema is not None:
-            from edgeact.grammar import JsonSchemaConstraint
+    def _stream(self, prompt, cfg: GenerationConfig, result: dict, steering=None, json_schema=None,
+                ignore_eos: bool = False):
+        from edgeact.grammar import JsonSchemaConstraint
 
+        constraint = json_schema
+        if json_schema is not None and not isinstance(json_schema, JsonSchemaConstraint):
             constraint = JsonSchemaConstraint(self.model, json_schema)
         return self.model._stream(prompt, cfg, result, tokens=lambda ids, c, timing: self.tokens(
-            ids, c, timing, steering=steering, constraint=constraint))
+            ids, c, timing, steering=steering, constraint=constraint, ignore_eos=ignore_eos))
 
     def stream(self, prompt, max_new_tokens: int = 128, steering=None, json_schema=None, **kw) -> Iterator[str]:
         """Text pieces as they become final (token ids for a folder without a tokenizer)."""

@@ -18,7 +18,9 @@ class OrtEngine(Engine):
 
     def __init__(self, folder, threads: int | None = None):
         super().__init__(folder)
-        import onnxruntime as ort
+        from edgeact.extras import require
+
+        ort = require("onnxruntime", "the onnxruntime engine (engine='ort')")
 
         self._ort = ort
         self.threads = threads or default_threads()
@@ -55,7 +57,9 @@ class OrtEngine(Engine):
 
     def session_with_outputs(self, names):
         """A session on the same graph whose outputs also include the intermediate tensors `names`."""
-        import onnx
+        from edgeact.extras import require
+
+        onnx = require("onnx", "intermediate tensors on the onnxruntime engine")
 
         model = onnx.load(str(self.folder / "model.onnx"), load_external_data=False)
         have = {o.name for o in model.graph.output}
