@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
-        print("edgeact: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        print("\nedgeact: interrupted", file=sys.stderr)  # on its own line after streamed text
         return 130
     except BrokenPipeError:
         return 0

@@ -92,7 +92,7 @@ class Session:
         eng.truncate(n)
         del self.ids[n:], self._keys[n:]
         self.last = {"cached_tokens": n, "prefilled_tokens": len(ids) - n}
-        logits = eng.forward(np.asarray(ids[n:], dtype=np.int64))[-1]
+        logits = eng.forward(np.asarray(ids[n:], dtype=np.int64), logits="last")[-1]
         self.ids += ids[n:]
         self._keys += [key] * (len(ids) - n)
         return logits
@@ -148,7 +148,7 @@ class Session:
                     if state.phase_dependent:
                         state.apply(eng, generated=True)
                     t1 = time.perf_counter()
-                logits = eng.forward(np.array([tok], dtype=np.int64))[-1]
+                logits = eng.forward(np.array([tok], dtype=np.int64), logits="last")[-1]
                 self.ids.append(tok)
                 self._keys.append(keys[True])
         finally:

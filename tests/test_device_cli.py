@@ -175,6 +175,15 @@ def test_misleading_messages(tmp_path, smollm2_int4_dir):
     one_line_error(cli("run", smollm2_int4_dir, "-p", "1,x", "--ids"), "'x' is not an integer")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--threads", "-3"), "--threads")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "-n", "-1"), "--max-new-tokens")
+    one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--top-p", "0"), "--top-p must be in (0, 1]")
+    one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--temperature", "-1"), "--temperature must be >= 0")
+    # an existing output: the CLI names its flag, the API its argument
+    one_line_error(cli("convert", "whatever.gguf", "-o", tmp_path), "already exists; add --overwrite")
+    from edgeact.converters.convert import convert
+    from edgeact.converters.model import ConversionError
+
+    with pytest.raises(ConversionError, match=r"pass overwrite=True to replace it$"):
+        convert("whatever.gguf", tmp_path)
 
 
 def test_non_utf8_prompt_names_the_byte(smollm2_int4_dir):
