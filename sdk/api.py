@@ -99,7 +99,7 @@ class Model(SteeringMixin):
         self.steering_phase(False)
         try:
             t0 = time.perf_counter()
-            logits = eng.forward(np.asarray(prompt_ids, dtype=np.int64))[-1]
+            logits = eng.forward(np.asarray(prompt_ids, dtype=np.int64), logits="last")[-1]
             timing["prefill_s"] = time.perf_counter() - t0
             history = list(prompt_ids)
             t1 = time.perf_counter()
@@ -123,7 +123,7 @@ class Model(SteeringMixin):
                 if step == 0:
                     self.steering_phase(True)
                     t1 = time.perf_counter()
-                logits = eng.forward(np.array([tok], dtype=np.int64))[-1]
+                logits = eng.forward(np.array([tok], dtype=np.int64), logits="last")[-1]
         finally:
             # generated-only vectors must not leak into a later forward()
             self.steering_phase(False)
