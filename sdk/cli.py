@@ -119,10 +119,9 @@ def main(argv=None) -> int:
         if os.environ.get("EDGEACT_DEBUG"):
             raise
         if is_optional(e):
-            from edgeact.extras import missing_message
+            from edgeact.extras import MissingExtra, missing_message
 
-            return _error(str(e) if type(e).__name__ == "MissingExtra"
-                          else missing_message(e.name, f"edgeact {args.command}"))
+            return _error(str(e) if isinstance(e, MissingExtra) else missing_message(e.name, f"edgeact {args.command}"))
         from edgeact.converters.model import ConversionError
 
         known = (ConversionError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
