@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--text", default=None, help="evaluation text file (default: text sampled from the reference)")
     p.add_argument("--tokens", type=int, default=256, help="number of tokens evaluated")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled text")
-    p.add_argument("--engine", choices=("ort", "native", "auto"), default="ort")
+    p.add_argument("--engine", choices=("ort", "native", "auto"), default="ort",
+                   help="engine that runs the model folders (onnxruntime: the reference)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--against-llama-cpp", default=None, metavar="TYPES",
                    help="also quantize the --ref GGUF with llama.cpp's own API to these types (comma-separated, "
