@@ -188,6 +188,9 @@ def test_misleading_messages(tmp_path, smollm2_int4_dir):
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "-n", "-1"), "--max-new-tokens")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--top-p", "0"), "--top-p must be in (0, 1]")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--temperature", "-1"), "--temperature must be >= 0")
+    one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--seed", "-1"), "--seed must be >= 0")
+    one_line_error(cli("steer", "compute", smollm2_int4_dir, "--pos", notes, "--neg", notes, "-o",
+                       tmp_path / "missing" / "v.gguf"), "folder", "does not exist")
     # an existing output: the CLI names its flag, the API its argument
     one_line_error(cli("convert", "whatever.gguf", "-o", tmp_path), "already exists; add --overwrite")
     from edgeact.converters.convert import convert
