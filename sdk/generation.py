@@ -17,6 +17,16 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        for name in ("max_new_tokens", "top_k", "temperature", "top_p", "repetition_penalty"):
+            v = getattr(self, name)
+            integral = name in ("max_new_tokens", "top_k")
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer) if integral else (int, float, np.number)):
+                raise ValueError(f"{name} must be {'an integer' if integral else 'a number'}, got {v!r}")
+            if not integral and not np.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v!r}")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:

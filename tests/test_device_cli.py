@@ -238,3 +238,21 @@ def test_context_length(smollm2_int4_dir):
         "edgeact: stopped at the end of the context (24 tokens); raise it with --ctx-size (up to 8192, the model's)")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--ctx-size", "9000"),
                    "--ctx-size 9000 is more than this model's context (8192 tokens)")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.generate(None), "prompt must be text"),
+    (lambda m: m.generate(b"hi"), "prompt must be text"),
+    (lambda m: m.generate([1.5, 2]), "prompt must be text"),
+    (lambda m: m.generate(""), "empty prompt"),
+    (lambda m: m.generate("hi", max_new_tokens="5"), "max_new_tokens must be an integer"),
+    (lambda m: m.generate("hi", temperature="0.7"), "temperature must be a number"),
+    (lambda m: list(m.stream("hi", stop=123)), "stop must be a string or a list of strings"),
+    (lambda m: m.generate("hi", seed=-2), "seed must be a non-negative integer"),
+    (lambda m: m.tokenize(5), "text must be a str"),
+])
+def test_api_mistakes_are_value_errors(smollm2_int4_dir, call, message):
+    import edgeact
+
+    with pytest.raises(ValueError, match=message):
+        call(edgeact.load(smollm2_int4_dir))
