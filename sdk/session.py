@@ -98,9 +98,12 @@ class Session:
         return logits
 
     def tokens(self, prompt_ids: list[int], cfg: GenerationConfig, timing: dict, steering=None,
-               constraint=None, ignore_eos: bool = False) -> Iterator[int]:
+               constraint=None, ignore_eos: bool = False, logprobs: list | None = None,
+               top_logprobs: int = 0) -> Iterator[int]:
         """New token ids after `prompt_ids` (Model._stream's token source). ignore_eos: never pick an
-        end-of-sequence token (fixed-length replies for benchmarks)."""
+        end-of-sequence token (fixed-length replies for benchmarks). logprobs: a list that receives,
+        per token, {"id", "logprob", "top": [(id, logprob)] * top_logprobs} (after any mask, before
+        temperature)."""
         cfg.validate()
         if len(prompt_ids) > self.engine.max_context:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens, more than the context "
@@ -128,6 +131,8 @@ class Session:
                 tok = choose(logits, cfg, rng, history)
                 if constraint is not None:
                     constraint.accept(tok)
+                if logprobs is not None:
+                    logprobs.append(token_logprobs(logits, tok, top_logprobs))
                 history.append(tok)
                 timing["decode_s"] = time.perf_counter() - t1
                 yield tok
@@ -152,14 +157,15 @@ class Session:
             eng.clear_steering()
 
     def _stream(self, prompt, cfg: GenerationConfig, result: dict, steering=None, json_schema=None,
-                ignore_eos: bool = False):
+                ignore_eos: bool = False, logprobs: list | None = None, top_logprobs: int = 0):
         from edgeact.grammar import JsonSchemaConstraint
 
         constraint = json_schema
         if json_schema is not None and not isinstance(json_schema, JsonSchemaConstraint):
             constraint = JsonSchemaConstraint(self.model, json_schema)
         return self.model._stream(prompt, cfg, result, tokens=lambda ids, c, timing: self.tokens(
-            ids, c, timing, steering=steering, constraint=constraint, ignore_eos=ignore_eos))
+            ids, c, timing, steering=steering, constraint=constraint, ignore_eos=ignore_eos, logprobs=logprobs,
+            top_logprobs=top_logprobs))
 
     def stream(self, prompt, max_new_tokens: int = 128, steering=None, json_schema=None, **kw) -> Iterator[str]:
         """Text pieces as they become final (token ids for a folder without a tokenizer)."""
@@ -196,6 +202,19 @@ class Session:
         self.ids += ids
         self._keys += [""] * len(ids)
         return out
+
+
+def token_logprobs(logits, tok: int, top: int = 0) -> dict:
+    """log softmax of the chosen token (and the `top` best) from one step's logits."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    out = {"id": int(tok), "logprob": float(x[tok] - lse), "top": []}
+    if top:
+        best = np.argpartition(-x, top - 1)[:top]
+        best = best[np.argsort(-x[best], kind="stable")]
+        out["top"] = [(int(i), float(x[i] - lse)) for i in best if np.isfinite(x[i])]
+    return out
 
 
 def parse_steering(state: Steering, steering) -> list[SteeringEntry]:

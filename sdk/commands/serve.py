@@ -62,6 +62,7 @@ def run(args) -> int:
         sock.bind((args.host, args.port))
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+    sock.listen(2048)  # connections wait in the backlog while the sessions are made
     port = sock.getsockname()[1]
     vectors = f", {len(server.store.vectors)} steering vectors" if server.store.vectors else ""
     print(f"edgeact serve: {server.model_id} on http://{args.host}:{port}/v1 ({args.sessions} sessions, "
