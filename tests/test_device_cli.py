@@ -170,6 +170,7 @@ def test_every_option_explains_itself_once():
     (["run", "m", "-p", "hi", "--engine", "gpu"], ["invalid choice: 'gpu'"]),
     (["run", "m"], ["give a prompt"]),
     (["run", "m", "-p", "hi", "--bogus"], ["unrecognized arguments: --bogus", "edgeact run --help"]),
+    (["run", "m", "--chat", "How do you feel?"], ["unrecognized arguments: How do you feel?", "goes after -p"]),
     (["nosuchcommand"], ["invalid choice: 'nosuchcommand'"]),
     (["steer", "compute", "m"], ["required"]),
 ])
