@@ -48,7 +48,13 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.k_proj.bias"] = (cfg.num_kv_heads * hd,)
             shapes[p + "self_attn.v_proj.bias"] = (cfg.num_kv_heads * hd,)
         shapes[p + "self_attn.o_proj.weight"] = (h, cfg.num_heads * hd)
+        if cfg.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (hd,)
+            shapes[p + "self_attn.k_norm.weight"] = (hd,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if cfg.sandwich_norms:
+            shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
+            shapes[p + "post_feedforward_layernorm.weight"] = (h,)
         shapes[p + "mlp.gate_proj.weight"] = (cfg.intermediate_size, h)
         shapes[p + "mlp.up_proj.weight"] = (cfg.intermediate_size, h)
         shapes[p + "mlp.down_proj.weight"] = (h, cfg.intermediate_size)
@@ -58,12 +64,12 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _loader(name: str, shape: tuple[int, ...], seed: int):
+def _loader(name: str, shape: tuple[int, ...], seed: int, norm_offset: float):
     def load() -> np.ndarray:
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         x = rng.standard_normal(shape, dtype=np.float32)
-        if name.endswith("norm.weight"):
-            return 1.0 + 0.1 * x
+        if name.endswith("norm.weight"):   # the effective scale sits near 1 (Gemma stores it minus 1)
+            return np.float32(1.0 - norm_offset) + 0.1 * x
         if name.endswith(".bias"):
             return 0.1 * x
         return x * np.float32(1.0 / np.sqrt(shape[-1]))
@@ -82,7 +88,7 @@ def random_source(config_or_shape: str | ModelConfig, seed: int = 0, **overrides
         label = "config"
     else:
         raise ConversionError(f"random_source takes a shape name or a ModelConfig, got {type(config_or_shape).__name__}")
-    tensors = {n: _loader(n, s, seed) for n, s in tensor_shapes(cfg).items()}
+    tensors = {n: _loader(n, s, seed, cfg.norm_offset) for n, s in tensor_shapes(cfg).items()}
     return SourceModel(config=cfg, tensors=tensors,
                        provenance={"path": f"random:{label}", "format": "random", "seed": seed,
                                    "dtypes": {"F32": len(tensors)}})
