@@ -66,6 +66,10 @@ def _config(cfg: dict, folder: Path) -> ModelConfig:
         for key in _SOFTCAP_KEYS:   # a soft-cap only Gemma 2 has: refuse it elsewhere rather than drop it
             if cfg.get(key):
                 raise ConversionError(f"{folder}: {key}={cfg[key]} on a {arch} model is not supported")
+    if arch == "gemma3" and cfg.get("attn_logit_softcapping"):
+        # transformers' Gemma 3 never applies it (nor does llama.cpp): refuse rather than guess
+        raise ConversionError(f"{folder}: attn_logit_softcapping={cfg['attn_logit_softcapping']} on a gemma3 model "
+                              "is not supported (Gemma 3 attention has no soft-cap)")
     if cfg.get("use_sliding_window") and arch in ("qwen2", "qwen3"):
         raise ConversionError(f"{folder}: use_sliding_window=true on {arch} is not supported")
     rope_scaling = cfg.get("rope_scaling")
