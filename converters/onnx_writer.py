@@ -18,7 +18,7 @@ from .quantize import BLOCK_SIZES, QuantizedWeight, quantize_blockwise
 from .rope_cache import cos_sin_cache, local_config, rotary_dim
 
 QUANT_KINDS = ("fp32", "fp16", "int8", "int4")
-EMBEDDING_KINDS = ("fp32", "fp16")
+EMBEDDING_KINDS = ("fp32", "fp16", "shared")   # shared: a tied model's one quantized table, read by lm_head too
 OPSET = [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("ai.edgeact", 1)]
 IR_VERSION = 10
 DATA_FILE = "model.onnx.data"
@@ -137,7 +137,8 @@ def estimate_bytes(src: SourceModel, quant: str, group_size: int, lm_head: str, 
     per_layer = h * c.num_heads * c.head_dim * 2 + h * kv * 2 + 3 * h * c.intermediate_size
     total = c.num_layers * _weight_bytes(per_layer, quant, group_size)
     total += _weight_bytes(c.vocab_size * h, lm_head, group_size)
-    total += _weight_bytes(c.vocab_size * h, embedding, group_size)
+    if embedding != "shared":
+        total += _weight_bytes(c.vocab_size * h, embedding, group_size)
     total += 4.0 * (max_context * c.head_dim + c.num_layers * 4 * h + h)
     return total
 
@@ -166,6 +167,7 @@ class GraphBuilder:
         self.coreinfer = coreinfer   # {"keep", "token_k"}: NeuronMask before down_proj (converters/coreinfer.py)
         self.head_dim = graph_head_dim(self.cfg.head_dim)
         self.row_order = rotary_row_order(self.cfg)
+        self.shared_table = None   # (QuantizedWeight, initializer names) once the shared embedding is written
         self.nodes: list[onnx.NodeProto] = []
         self._on_tensor = on_tensor or (lambda name: None)
 
@@ -215,6 +217,10 @@ class GraphBuilder:
     def linear(self, x: str, weight: str, name: str) -> str:
         """Emit y = x @ W^T for the source weight `weight` ([N, K], HF name); return y's value name."""
         kind = self.kind_of(weight)
+        if weight == "lm_head.weight" and self.shared_table is not None:   # the embedding's table, stored once
+            qw, names = self.shared_table
+            return self.node("MatMulNBits", [x, *names], name, domain="com.microsoft", K=qw.K, N=qw.N,
+                             bits=qw.bits, block_size=qw.block_size, accuracy_level=self.accuracy_level)
         if weight in self.linear_override or kind in ("int4", "int8"):
             qw = self.quantized(weight)
             inputs = [x, self.init(weight + ".B", qw.B), self.init(weight + ".scales", qw.scales)]
@@ -269,6 +275,8 @@ class GraphBuilder:
         return y
 
     def embed(self) -> str:
+        if self.embedding_kind == "shared":
+            return self.scale_embedding(self.shared_lookup())
         table = self.weight("model.embed_tokens.weight")
         if self.embedding_kind == "fp16":
             t = self.init("model.embed_tokens.weight", table.astype(np.float16))
@@ -277,6 +285,32 @@ class GraphBuilder:
         else:
             h = self.node("Gather", [self.init("model.embed_tokens.weight", table), "input_ids"], "embed")
         return self.scale_embedding(h)
+
+    def shared_lookup(self) -> str:
+        """The embedding lookup of a tied model from lm_head's MatMulNBits table (stored once).
+
+        com.microsoft.GatherBlockQuantized takes the table as [N, K/2] (4-bit) or [N, K] (8-bit) and the
+        scales as [N, blocks]: Reshape views of lm_head's B [N, blocks, blob] and scales [N*blocks]; the
+        zero points already have its shape. Rows padded to the block come back padded: sliced to hidden.
+        """
+        qw = self.quantized("lm_head.weight")
+        names = [self.init("lm_head.weight.B", qw.B), self.init("lm_head.weight.scales", qw.scales)]
+        if qw.zero_points is not None:
+            names.append(self.init("lm_head.weight.zero_points", qw.zero_points))
+        self.shared_table = (qw, names)
+        blocks = qw.B.shape[1]
+        shape2 = self.init("embed.table_shape", np.array([qw.N, blocks * qw.B.shape[2]], np.int64))
+        shape_s = self.init("embed.scales_shape", np.array([qw.N, blocks], np.int64))
+        table = self.node("Reshape", [names[0], shape2], "embed.table")
+        scales = self.node("Reshape", [names[1], shape_s], "embed.scales")
+        h = self.node("GatherBlockQuantized", [table, "input_ids", scales, *names[2:]], "embed", domain="com.microsoft",
+                      bits=qw.bits, block_size=qw.block_size, gather_axis=0, quantize_axis=1)
+        padded = blocks * qw.block_size
+        if padded != qw.K:
+            h = self.node("Slice", [h, self.init("embed.slice_starts", np.array([0], np.int64)),
+                                    self.init("embed.slice_ends", np.array([qw.K], np.int64)),
+                                    self.init("embed.slice_axes", np.array([-1], np.int64))], "embed.slice")
+        return h
 
     def scale_embedding(self, h: str) -> str:
         """Gemma multiplies the looked-up rows by sqrt(hidden) (in the model's dtype, float32 here)."""
@@ -364,9 +398,9 @@ def check_family(cfg) -> None:
             raise ConversionError(f"{label} must be positive, got {cap}")
 
 
-def _tensor_names(src: SourceModel) -> list[str]:
+def _tensor_names(src: SourceModel, embedding: str) -> list[str]:
     names = list(src.tensors)
-    if src.config.tie_word_embeddings and "lm_head.weight" not in src.tensors:
+    if src.config.tie_word_embeddings and "lm_head.weight" not in src.tensors and embedding != "shared":
         names.append("lm_head.weight")   # the quantized copy is a separate write
     return names
 
@@ -394,6 +428,10 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
             raise ConversionError(f"unknown {label} type {value!r}; choose one of {', '.join(allowed)}")
     if group_size not in BLOCK_SIZES:
         raise ConversionError(f"group size {group_size} not supported; choose one of {', '.join(map(str, BLOCK_SIZES))}")
+    if embedding == "shared" and not (cfg.tie_word_embeddings and lm_head in ("int4", "int8")):
+        raise ConversionError("embedding 'shared' needs a tied model (tie_word_embeddings) and an int4 or int8 lm_head")
+    if embedding == "shared" and "lm_head.weight" in (linear_override or {}):
+        raise ConversionError("embedding 'shared' cannot take a pre-quantized lm_head (its columns are rescaled)")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ConversionError(f"accuracy_level must be 0..4, got {accuracy_level}")
     if cfg.num_heads % cfg.num_kv_heads:
@@ -417,7 +455,7 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
 
     from tqdm import tqdm
 
-    names = _tensor_names(src)
+    names = _tensor_names(src, embedding)
     bar = tqdm(total=len(names), desc="writing", unit="tensor", disable=not progress)
     seen: set[str] = set()
 

@@ -263,3 +263,46 @@ def test_unhandled_config_fields_are_refused(tmp_path, fields, message):
     with pytest.raises(ConversionError, match=message):
         src = read_source(folder)
         write_onnx(src, tmp_path / "out", quant="fp32", progress=False)
+
+
+# ---------------------------------------------------------------- the tied embedding stored once
+
+@pytest.mark.parametrize("lm_head,hidden", [("int4", 48), ("int8", 64), ("int4", 64)])
+def test_tied_table_stored_once(tmp_path, lm_head, hidden):
+    """One quantized table: GatherBlockQuantized looks rows up in lm_head's MatMulNBits initializers; the
+    logits equal transformers' with that dequantized table as both embedding and lm_head."""
+    import onnx
+
+    from edgeact.converters.model import SourceModel
+    from edgeact.converters.quantize import dequantize, quantize_blockwise
+    from edgeact.converters.random_model import random_source
+    from edgeact.converters.torch_ref import build_torch_model
+
+    # hidden 48: rows padded to the block of 32 come back sliced
+    src = random_source("tiny", seed=4, tie_word_embeddings=True, hidden_size=hidden)
+    write_onnx(src, tmp_path, quant="fp32", lm_head=lm_head, embedding="shared", accuracy_level=1, progress=False)
+    m = onnx.load(str(tmp_path / "model.onnx"))
+    vocab = src.config.vocab_size
+    tables = [i.name for i in m.graph.initializer if i.dims and i.dims[0] == vocab]
+    assert sorted(tables) == sorted(n for n in ("lm_head.weight.B", "lm_head.weight.scales", "lm_head.weight.zero_points")
+                                    if n in tables) and "lm_head.weight.B" in tables
+    assert not any(i.name.startswith("model.embed_tokens") for i in m.graph.initializer)
+    nodes = {n.name: n for n in m.graph.node}
+    gbq, head = nodes["embed"], nodes["lm_head"]
+    assert gbq.op_type == "GatherBlockQuantized" and head.op_type == "MatMulNBits"
+    assert [nodes[gbq.input[0]].input[0], nodes[gbq.input[2]].input[0], *gbq.input[3:]] == list(head.input[1:])
+
+    qw = quantize_blockwise(src.load("model.embed_tokens.weight"), 4 if lm_head == "int4" else 8, 32, False)
+    table = dequantize(qw)
+    ref = SourceModel(config=src.config, tensors={**src.tensors, "model.embed_tokens.weight": lambda: table})
+    check_against_torch(tmp_path, build_torch_model(ref), _prompt(vocab=vocab), steps=8, tol=TOL)
+
+
+def test_shared_table_needs_a_tied_quantized_head(tmp_path):
+    from edgeact.converters.random_model import random_source
+
+    with pytest.raises(ConversionError, match="needs a tied model"):
+        write_onnx(random_source("tiny"), tmp_path, quant="int4", embedding="shared", progress=False)
+    with pytest.raises(ConversionError, match="needs a tied model"):
+        write_onnx(random_source("tiny", tie_word_embeddings=True), tmp_path, quant="fp32", embedding="shared",
+                   progress=False)
