@@ -181,6 +181,8 @@ def add_convert_args(parser) -> None:
 def convert_kwargs(args, source, kw):
     if getattr(args, "method", "rtn") == "rtn":
         return source, kw
+    if kw["quant"] == "source":   # the default: calibrated methods quantize to int4 themselves
+        kw["quant"] = "int4"
     if kw["quant"] not in ("int4", "int8"):
         raise ConversionError(f"--method {args.method} needs --quant int4 or int8, not {kw['quant']}")
     from .readers import ensure_source

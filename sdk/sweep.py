@@ -15,7 +15,7 @@ def sweep(source, methods, sparsities, out_dir, *, quant="int4", group_size=32, 
     from edgeact.converters.convert import convert
     from edgeact.converters.model import SourceModel
     from edgeact.converters.readers import read_source
-    from edgeact.converters.sparsity import calibrate, parse_targets, realized_sparsity
+    from edgeact.converters.sparsity import calibrate, parse_targets
     from edgeact.engines import native_available
 
     src = source if isinstance(source, SourceModel) else read_source(source)
@@ -59,6 +59,20 @@ def sweep(source, methods, sparsities, out_dir, *, quant="int4", group_size=32, 
     if speed:
         decode_speeds(rows, engine, progress, interleave=interleave)
     return rows
+
+
+def realized_sparsity(folder, ids) -> dict[str, float]:
+    """Share of zeros at every Sparsify output when onnxruntime runs `ids` (a fresh sequence),
+    by site ("layers.{i}.attn_in", ...)."""
+    import onnx
+
+    from edgeact.engines.ort_engine import OrtEngine
+
+    eng = OrtEngine(folder)
+    model = onnx.load(str(eng.folder / "model.onnx"), load_external_data=False)
+    names = [n.output[0] for n in model.graph.node if n.op_type == "Sparsify"]
+    outs = eng.probe(ids, names)
+    return {n.rsplit(".sparsify", 1)[0]: float((o == 0).mean()) for n, o in outs.items()}
 
 
 def decode_speeds(rows: list[dict], engine: str = "native", progress=print, reps: int = 5,

@@ -1,14 +1,19 @@
-"""llama.cpp control-vector GGUF files: round trip, format details, and llama.cpp itself applying ours."""
+"""llama.cpp control-vector GGUF files: round trip, format details checked with the `gguf` package,
+damaged files, and llama.cpp itself applying ours."""
 from __future__ import annotations
 
 import ctypes
+import struct
 
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
-
 from edgeact.control_vector import control_vector_info, load_control_vector, save_control_vector
+
+
+@pytest.fixture
+def gguf():
+    return pytest.importorskip("gguf")
 
 
 def _directions(rng, layers=(1, 2, 5), width=16):
@@ -25,7 +30,7 @@ def test_round_trip_is_bit_exact(tmp_path):
         np.testing.assert_array_equal(back[layer], d[layer])
 
 
-def test_file_has_the_names_and_types_llama_cpp_reads(tmp_path):
+def test_file_has_the_names_and_types_llama_cpp_reads(tmp_path, gguf):
     d = _directions(np.random.default_rng(1), layers=(3, 1))
     path = save_control_vector(tmp_path / "v.gguf", d, model_hint="qwen2")
     r = gguf.GGUFReader(str(path))
@@ -75,6 +80,9 @@ def test_load_rejects_bad_files_with_one_line_reasons(tmp_path):
     junk.write_bytes(b"this is not a gguf file at all")
     with pytest.raises(ValueError, match="not a readable GGUF"):
         load_control_vector(junk)
+
+
+def test_load_names_a_model_gguf_and_direction_0(tmp_path, gguf):
     # A model GGUF passed by mistake names what it is.
     w = gguf.GGUFWriter(str(tmp_path / "model.gguf"), arch="llama")
     w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
@@ -86,6 +94,86 @@ def test_load_rejects_bad_files_with_one_line_reasons(tmp_path):
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     with pytest.raises(ValueError, match="direction.0"):
         load_control_vector(tmp_path / "zero.gguf")
+
+
+def test_reads_what_the_gguf_package_writes(tmp_path, gguf):
+    """Keys of every value type (arrays included) are parsed past."""
+    rng = np.random.default_rng(3)
+    a, b = (rng.standard_normal(24).astype(np.float32) for _ in range(2))
+    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), arch="controlvector")
+    w.add_string("controlvector.model_hint", "llama")
+    w.add_int32("controlvector.layer_count", 2)
+    w.add_array("some.strings", ["x", "yz", ""])
+    w.add_array("some.floats", [1.5, -2.0])
+    w.add_uint64("some.u64", 1 << 40)
+    w.add_bool("some.flag", True)
+    w.add_float64("some.f64", 0.25)
+    w.add_tensor("direction.2", a)
+    w.add_tensor("direction.7", b)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    back = load_control_vector(tmp_path / "v.gguf", hidden_size=24, num_layers=8)
+    assert list(back) == [2, 7]
+    np.testing.assert_array_equal(back[2], a)
+    np.testing.assert_array_equal(back[7], b)
+    from edgeact.control_vector import read_gguf
+
+    g = read_gguf(save_control_vector(tmp_path / "ours.gguf", {2: a}))
+    assert g.version == 3 and g.fields["controlvector.layer_count"] == 1 and g.tensors[0].shape == (24,)
+
+
+def _header(n_tensors=0, n_kv=0, version=3):
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
+
+
+def _s(text):
+    return struct.pack("<Q", len(text)) + text
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"GG", "does not start with"),
+    (_header(version=1), "version 1"),
+    (_header(n_tensors=1 << 60), "do not fit"),
+    (_header(n_kv=1) + struct.pack("<Q", 1 << 62), "past the end"),
+    (_header(n_kv=1) + _s(b"k") + struct.pack("<I", 99), "unknown value type 99"),
+    (_header(n_kv=1) + _s(b"k") + struct.pack("<IIQ", 9, 4, 1 << 61), "past the end"),
+    (_header(n_kv=1) + _s(b"k") + struct.pack("<IIQ", 9, 8, 1 << 40), "claims"),
+    (_header(n_kv=1) + _s(b"k") + struct.pack("<I", 8) + _s(b"\xff\xfe"), "not UTF-8"),
+    (_header(n_kv=1) + _s(b"general.alignment") + struct.pack("<II", 4, 3), "power of two"),
+    (_header(n_tensors=1) + _s(b"direction.1") + struct.pack("<I", 5), "5 dimensions"),
+    (_header(n_tensors=1) + _s(b"direction.1") + struct.pack("<IQIQ", 1, 1 << 50, 0, 0), "within the file"),
+    (_header(n_tensors=1) + _s(b"direction.1") + struct.pack("<IQIQ", 1, 4, 0, 3) + b"\0" * 64, "within the file"),
+    (_header(n_tensors=1) + _s(b"direction.1") + struct.pack("<IQIQ", 1, 4, 1, 0) + b"\0" * 64, r"not F32 \(type F16\)"),
+    (_header(n_tensors=1) + _s(b"direction.1") + struct.pack("<IQQIQ", 2, 2, 2, 0, 0) + b"\0" * 64, "not 1-D"),
+    (_header(n_tensors=2) + (_s(b"direction.1") + struct.pack("<IQIQ", 1, 4, 0, 0)) * 2 + b"\0" * 64, "twice"),
+    (_header(n_tensors=1) + _s(b"token_embd") + struct.pack("<IQIQ", 1, 4, 0, 0) + b"\0" * 64, "unexpected tensor"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_damaged_files_name_the_problem(tmp_path, data, message):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=message):
+        load_control_vector(path)
+
+
+def test_truncated_and_corrupted_files_are_value_errors(tmp_path):
+    """Every prefix of a valid file and 400 seeded byte corruptions: a clean result or a ValueError."""
+    good = save_control_vector(tmp_path / "v.gguf", _directions(np.random.default_rng(4), layers=(1, 3)))
+    data = good.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    for n in range(len(data)):
+        bad.write_bytes(data[:n])
+        with pytest.raises(ValueError):
+            load_control_vector(bad)
+    rng = np.random.default_rng(5)
+    for _ in range(400):
+        buf = bytearray(data)
+        for i in rng.integers(0, len(buf), size=rng.integers(1, 4)):
+            buf[i] = rng.integers(0, 256)
+        bad.write_bytes(bytes(buf))
+        try:
+            out = load_control_vector(bad)
+        except ValueError:
+            continue
+        assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in out.values())
 
 
 @pytest.mark.slow

@@ -11,9 +11,10 @@ from edgeact.converters.calibration import calibration_ids
 from edgeact.converters.convert import convert
 from edgeact.converters.model import ConversionError
 from edgeact.converters.random_model import random_source
-from edgeact.converters.sparsity import calibrate, parse_targets, realized_sparsity, sparsify_function
+from edgeact.converters.sparsity import calibrate, parse_targets, sparsify_function
 from edgeact.engines import native_available
 from edgeact.evaluate import compare_logits
+from edgeact.sweep import realized_sparsity
 
 METHODS = ("teal", "chess", "wina", "cats")
 

@@ -110,6 +110,10 @@ def test_file_vectors_and_run_options(tmp_path):
 
     assert parse_steer_spec("a/b.gguf:4.5") == ("a/b.gguf", 4.5)
     assert parse_steer_spec("C:/dir/v.gguf") == ("C:/dir/v.gguf", 1.0)
+    with pytest.raises(ValueError, match="scale after ':' must be a number, not 'abc'"):
+        parse_steer_spec("cheerful.gguf:abc")
+    with pytest.raises(ValueError, match="finite"):
+        parse_steer_spec("cheerful.gguf:nan")
 
     import argparse
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..model import ConversionError, ModelConfig, SourceModel
+from .gguf_blocks import FLOAT_TYPES, import_weight
 from .rotary_order import interleaved_to_half
 
 _GLOBAL_NAMES = {
@@ -230,6 +231,15 @@ def _split_phi3(tensors: dict, cfg: ModelConfig, names: set[str]) -> dict:
     return _split_fused(out, cfg)
 
 
+def _blocks_loader(tensor, n_heads_for_rows: int | None):
+    def load():
+        N, K = (int(d) for d in reversed(tensor.shape))
+        order = interleaved_to_half(np.arange(N), n_heads_for_rows) if n_heads_for_rows else None
+        return import_weight(tensor.data, tensor.tensor_type, (N, K), row_order=order)
+
+    return load
+
+
 def read_gguf(path: str | Path) -> SourceModel:
     """A lazily dequantizing SourceModel for a GGUF file of one of SUPPORTED_GGUF."""
     path = Path(path)
@@ -240,7 +250,7 @@ def read_gguf(path: str | Path) -> SourceModel:
         raise ConversionError(f"{path}: GGUF per-frequency rope factors (rope_freqs, Llama 3.1 style) are not supported")
 
     arch = cfg.arch
-    tensors = {}
+    tensors, quantized = {}, {}
     for t in reader.tensors:
         if arch == "phi3" and t.name.startswith("rope_factors_"):
             continue   # read into rope_scaling
@@ -254,6 +264,13 @@ def read_gguf(path: str | Path) -> SourceModel:
         tensors[hf] = _loader(t, rows_heads, offset)
     if arch == "phi3":
         tensors = _split_phi3(tensors, cfg, names)
+
+
+            raise ConversionError(f"{path}: unexpected GGUF tensor {t.name!r} for a llama model")
+        rows_heads = cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads if ".attn_k." in t.name else None
+        tensors[hf] = _loader(t, rows_heads)
+        if len(t.shape) == 2 and t.tensor_type.name not in FLOAT_TYPES:
+            quantized[hf] = _blocks_loader(t, rows_heads)
 
     add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
     if add_bos is None:  # llama.cpp's default: SentencePiece vocabularies add BOS, BPE ones do not
@@ -271,5 +288,6 @@ def read_gguf(path: str | Path) -> SourceModel:
         chat_template=_field(reader, "tokenizer.chat_template"), add_bos_token=bool(add_bos),
         provenance={"path": str(path), "format": "gguf",
                     "dtypes": dict(Counter(t.tensor_type.name for t in reader.tensors))},
+        quantized=quantized,
     )
 

@@ -94,6 +94,12 @@ int ea_session_n_past(const ea_session *session);
 int ea_session_n_threads(const ea_session *session);
 /* Forgets the cache (n_past = 0); steering, capture and profiling settings stay. */
 int ea_session_reset(ea_session *session);
+/* Keeps the first n_past cached tokens (0 <= n_past <= the current n_past), so that a conversation
+ * whose prefix diverged continues from their common part. */
+int ea_session_truncate(ea_session *session, int n_past);
+/* Bytes the session owns for its KV cache (sized for n_ctx) and activation buffers (the weights are
+ * the model's, shared by its sessions). */
+uint64_t ea_session_memory_bytes(const ea_session *session);
 /* Appends n tokens at positions n_past .. n_past+n-1. all_logits: logits [n, vocab];
  * otherwise [vocab] for the last token only. On error the session is unchanged. */
 int ea_session_forward(ea_session *session, const int64_t *ids, int n, float *logits, int all_logits);

@@ -162,6 +162,27 @@ int ea_session_reset(ea_session *ss) {
     return EA_OK;
 }
 
+int ea_session_truncate(ea_session *ss, int n_past) {
+    CHECK_PTR(ss, "session");
+    if (n_past < 0 || n_past > ss->n_past) {
+        snprintf(last_err.msg, sizeof last_err.msg, "truncate to %d: the cache holds %d tokens", n_past, ss->n_past);
+        return EA_ERR_ARG;
+    }
+    ss->n_past = n_past; /* rows at and past n_past are overwritten by the next forward */
+    return EA_OK;
+}
+
+uint64_t ea_session_memory_bytes(const ea_session *ss) {
+    if (!ss) return 0;
+    const ea_model *m = ss->m;
+    uint64_t b = 0, C = (uint64_t)ss->max_chunk;
+    for (int s = 0; s < m->n_steps; s++)
+        if (m->steps[s].op == OP_GQA) b += 2 * sizeof(float) * (uint64_t)m->steps[s].KVH * ss->n_ctx * m->steps[s].D;
+    for (int i = 0; i < m->n_slots; i++) b += sizeof(float) * C * (uint64_t)m->slot_width[i];
+    b += sizeof(float) * C * ((uint64_t)m->max_q_width + m->max_kv_width);
+    return b;
+}
+
 int ea_session_forward(ea_session *ss, const int64_t *ids, int n, float *logits, int all_logits) {
     CHECK_PTR(ss, "session");
     ea_err err = {{0}};

@@ -1,2 +1,14 @@
-"""One module per `edgeact` subcommand, each with add_parser(subparsers) and run(args) -> int."""
-COMMANDS = ("convert", "run", "eval", "info", "bench", "steer", "sweep")
+"""One module per `edgeact` subcommand, each with add_parser(subparsers) and run(args) -> int.
+
+COMMANDS holds each command's one-line help so `edgeact --help` can list them without
+importing any command module (some pull in torch or onnx to declare their options)."""
+COMMANDS = {
+    "convert": "convert a checkpoint (GGUF, HF folder, llama2.c .bin) to a model folder",
+    "run": "generate text with a model folder (default: SmolLM2-135M-Instruct int4)",
+    "eval": "KL divergence, top-1 agreement and perplexity against the fp32 source",
+    "info": "architecture, dims, quantization, sparsity and size of a model folder",
+    "bench": "prompt processing and generation speed, ours vs onnxruntime/llama.cpp/torch",
+    "steer": "compute, inspect and measure steering vectors (llama.cpp control vectors)",
+    "sweep": "activation sparsity: quality and decode speed over methods and targets",
+    "serve": "an OpenAI-compatible HTTP server with per-request steering and JSON-schema output",
+}

@@ -5,9 +5,11 @@ import argparse
 import json
 from pathlib import Path
 
+from edgeact.commands import COMMANDS
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="prompt processing and generation speed, ours vs onnxruntime/llama.cpp/torch",
+    p = sub.add_parser("bench", help=COMMANDS["bench"],
                        description="llama-bench-style figures: prompt processing (pp) and token generation (tg) in "
                        "tokens/s, median ± stddev over repetitions, for each engine on the same weights in one run "
                        "(each engine in its own process, all loaded at once and taking their repetitions in turn, so that "

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 
+from edgeact.commands import COMMANDS
+
 QUANTS = ("fp32", "fp16", "int8", "int4")
+QUANT_DEFAULT = "source"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert a checkpoint (GGUF, HF folder, llama2.c .bin) to a model folder",
+    p = sub.add_parser("convert", help=COMMANDS["convert"],
                        description="Read a checkpoint and write an ONNX model folder (model.onnx, "
                        "tokenizer.json, edgeact.json) with 4-bit/8-bit blockwise weights (MatMulNBits), a KV cache "
                        "and steering points. Supported sources: GGUF files (llama, qwen2, qwen3, phi3, gemma3), "
@@ -16,8 +19,11 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="checkpoint: a .gguf file, a Hugging Face folder, or a llama2.c .bin")
     p.add_argument("-o", "--output", required=True, help="output model folder (written atomically)")
-    p.add_argument("--quant", choices=QUANTS, default="int4", help="weight precision of the linear layers")
-    p.add_argument("--group-size", type=int, default=32, help="quantization block along K (32, 64, 128; 16)")
+    p.add_argument("--quant", choices=QUANTS + (QUANT_DEFAULT,), default=QUANT_DEFAULT,
+                   help="weight precision of the linear layers; source: a quantized GGUF's own blocks, imported "
+                   "without rounding them again where MatMulNBits holds their grid (edgeact.json lists what was "
+                   "re-rounded), int4 for a float source")
+    p.add_argument("--group-size", type=int, default=32, help="quantization block along K (32, 64 or 128: sizes every engine runs)")
     p.add_argument("--symmetric", action="store_true", help="no zero points (symmetric int4/int8)")
     p.add_argument("--lm-head", choices=QUANTS, default=None, help="lm_head precision (default int8 for int4/int8)")
     p.add_argument("--embedding", choices=("fp32", "fp16", "shared"), default=None,

@@ -5,9 +5,11 @@ import argparse
 import json
 from pathlib import Path
 
+from edgeact.commands import COMMANDS
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="KL divergence, top-1 agreement and perplexity against the fp32 source",
+    p = sub.add_parser("eval", help=COMMANDS["eval"],
                        description="Compare converted model folders with their fp32 source on the same tokens: mean "
                        "KL(ref‖model) of next-token distributions (nats/token), top-1 agreement, perplexity of both. "
                        "Tokens come from --text, or are sampled from the fp32 reference with a fixed seed.",
@@ -17,7 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--text", default=None, help="evaluation text file (default: text sampled from the reference)")
     p.add_argument("--tokens", type=int, default=256, help="number of tokens evaluated")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled text")
-    p.add_argument("--engine", choices=("ort", "native", "auto"), default="ort")
+    p.add_argument("--engine", choices=("ort", "native", "auto"), default="ort",
+                   help="engine that runs the model folders (onnxruntime: the reference)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 

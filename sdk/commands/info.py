@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edgeact.commands import COMMANDS
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("info", help="architecture, dims, quantization, sparsity and size of a model folder",
+    p = sub.add_parser("info", help=COMMANDS["info"],
                        description="Describe a model folder: architecture and dims, quantization, sparsity, "
                        "steering points, tokenizer, source provenance, and size on disk per file.")
     p.add_argument("model", help="model folder")

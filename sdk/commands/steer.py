@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 
+from edgeact.commands import COMMANDS
 from edgeact.control_vector import control_vector_info, save_control_vector
 from edgeact.steering import (METHODS, POSITIONS, compute_vectors, hidden_source, iter_prompts, parse_layers,
                               word_logprob_shift)
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("steer", help="compute, inspect and measure steering vectors (llama.cpp control vectors)")
+    p = subparsers.add_parser("steer", help=COMMANDS["steer"])
     sub = p.add_subparsers(dest="steer_command", required=True)
 
     c = sub.add_parser("compute", help="a control vector from positive vs negative prompts")
@@ -24,7 +25,9 @@ def add_parser(subparsers) -> None:
     c.add_argument("--pos", required=True, help="positive prompts, one per line")
     c.add_argument("--neg", required=True, help="negative prompts, one per line")
     c.add_argument("-o", "--output", required=True, help="output control vector (.gguf, llama.cpp format)")
-    c.add_argument("--method", choices=METHODS, default="mean-diff")
+    c.add_argument("--method", choices=METHODS, default="mean-diff",
+                   help="difference of the two sides' mean hidden states, or the first principal component "
+                        "of the paired differences")
     c.add_argument("--layers", default=None, metavar="A-B",
                    help="0-based layers to compute (default 1..last: llama.cpp cannot hold layer 0)")
     c.add_argument("--position", choices=POSITIONS, default="last",
@@ -33,7 +36,7 @@ def add_parser(subparsers) -> None:
     c.add_argument("--engine", choices=("auto", "native", "ort"), default="auto", help="engine for a model folder")
 
     i = sub.add_parser("info", help="metadata and per-layer norms of a control vector")
-    i.add_argument("vector")
+    i.add_argument("vector", help="control vector (.gguf, llama.cpp format)")
     i.add_argument("--json", action="store_true", help="print JSON")
 
     s = sub.add_parser("sweep", help="next-token log-probability shift of two word lists at several scales")
@@ -46,7 +49,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--layers", default=None, metavar="A-B", help="only these layers of the vector")
     s.add_argument("--ablate", action="store_true", help="also measure with the direction projected out")
     s.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
-    s.add_argument("--engine", choices=("auto", "native", "ort"), default="auto")
+    s.add_argument("--engine", choices=("auto", "native", "ort"), default="auto",
+                   help="native C runtime, onnxruntime, or auto (native when built)")
 
 
 def run(args) -> int:

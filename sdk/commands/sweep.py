@@ -4,25 +4,27 @@ from __future__ import annotations
 import argparse
 import json
 
+from edgeact.commands import COMMANDS
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("sweep", help="activation sparsity: quality and decode speed over methods and targets",
+    p = sub.add_parser("sweep", help=COMMANDS["sweep"],
                        description="Convert SRC at each sparsity method × target (plus dense), measure KL, top-1 "
                        "and perplexity against the fp32 source on held-out sampled text, realized sparsity, and "
                        "native decode tokens/s with its speed-up over dense int4; print one table, save a plot.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="checkpoint (GGUF, HF folder, llama2.c .bin), or random:SHAPE for speed work")
     p.add_argument("-o", "--output", required=True, help="folder for the converted variants")
-    p.add_argument("--methods", default="teal,chess,wina,cats")
-    p.add_argument("--sparsities", default="0.25,0.4,0.5,0.7")
-    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--methods", default="teal,chess,wina,cats", help="comma-separated sparsity methods")
+    p.add_argument("--sparsities", default="0.25,0.4,0.5,0.7", help="comma-separated sparsity targets")
+    p.add_argument("--group-size", type=int, default=32, help="int4 quantization block along K")
     p.add_argument("--no-quality", action="store_true", help="speed only (random-weight shapes)")
     p.add_argument("--no-speed", action="store_true", help="quality only")
     p.add_argument("--sequential", action="store_true",
                    help="time one variant at a time (less memory; by default all are loaded and timed in turn)")
     p.add_argument("--tokens", type=int, default=256, help="evaluation tokens")
     p.add_argument("--png", default=None, help="save the quality-vs-speed-up plot here")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def run(args) -> int:

@@ -8,13 +8,18 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeact.contract import check_meta
+
 
 def read_meta(folder) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
-        if folder.exists() and folder.suffix in (".gguf", ".bin") or (folder / "config.json").exists():
+        if folder.exists() and folder.suffix in (".gguf", ".bin", ".safetensors"):
             raise ValueError(f"{folder} is a source checkpoint, not a model folder: convert it first with "
                              f"`edgeact convert {folder} -o OUT_DIR`")
+        if folder.exists():
+            raise ValueError(f"{folder} is a file, not a model folder (a folder with edgeact.json and model.onnx "
+                             f"that `edgeact convert` writes)")
         raise ValueError(f"model folder not found: {folder}")
     meta_path = folder / "edgeact.json"
     if not meta_path.is_file():
@@ -26,8 +31,7 @@ def read_meta(folder) -> dict:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
-    if meta.get("format") != "edgeact-model":
-        raise ValueError(f"{meta_path} is not an edgeact model description")
+    check_meta(meta, str(meta_path))
     return meta
 
 
@@ -57,6 +61,32 @@ class Engine(abc.ABC):
         if self.core_keep is not None:
             self.core_masks = None
             self.set_neuron_masks(None)
+
+    def truncate(self, n_past: int) -> None:
+        """Keep the first n_past cached tokens: a conversation whose prefix diverged continues from
+        the common part. With CoreInfer the neuron set belongs to the whole prompt, so only 0 is kept."""
+        if not 0 <= n_past <= self.n_past:
+            raise ValueError(f"truncate to {n_past}: the cache holds {self.n_past} tokens")
+        if n_past == 0:
+            self.reset()
+        elif n_past < self.n_past:
+            if self.core_keep is not None:
+                raise ValueError("a CoreInfer folder's cache cannot be truncated (its neuron set comes from "
+                                 "the whole prompt): reset instead")
+            self._truncate(n_past)
+            self.n_past = n_past
+
+    def _truncate(self, n_past: int) -> None:
+        raise NotImplementedError
+
+    def fork(self) -> "Engine":
+        """A second engine on the same loaded weights with its own KV cache and steering."""
+        raise NotImplementedError(f"the {self.name} engine cannot share its weights with another session")
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes this engine's cache and buffers hold beyond the shared weights."""
+        raise NotImplementedError
 
     def forward(self, ids: np.ndarray, *, output_hidden: bool = False):
         """Run `ids` (int64 [S]) at positions n_past..n_past+S-1. Returns logits float32 [S, vocab],

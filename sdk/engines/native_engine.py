@@ -18,7 +18,8 @@ class NativeEngine(Engine):
         if self.model.vocab != self.vocab_size or self.model.n_layers != self.num_layers:
             raise ValueError(f"{self.folder}: model.onnx (vocab {self.model.vocab}, {self.model.n_layers} layers) "
                              f"does not match edgeact.json (vocab {self.vocab_size}, {self.num_layers} layers)")
-        self.session = self.model.session(threads=threads or 0, n_ctx=n_ctx or 0, max_chunk=max_chunk or 0)
+        self._session_args = dict(threads=threads or 0, n_ctx=n_ctx or 0, max_chunk=max_chunk or 0)
+        self.session = self.model.session(**self._session_args)
         self.threads = self.session.threads
         # the cache is sized once; check_ids in the base class guards against overflow with this bound
         self.max_context = self.session.n_ctx
@@ -32,6 +33,23 @@ class NativeEngine(Engine):
     def _reset(self) -> None:
         self.session.reset()
         self.n_past = 0
+
+    def _truncate(self, n_past: int) -> None:
+        self.session.truncate(n_past)
+
+    def fork(self) -> "NativeEngine":
+        import copy
+
+        twin = copy.copy(self)  # shares self.model, the loaded weights
+        twin.session = self.model.session(**self._session_args)
+        twin._capturing = False
+        twin.n_past = 0
+        twin.core_masks = None
+        return twin
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.session.memory_bytes
 
     def _forward(self, ids, *, output_hidden: bool = False):
         if output_hidden != self._capturing:
