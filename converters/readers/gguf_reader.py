@@ -262,15 +262,13 @@ def read_gguf(path: str | Path) -> SourceModel:
                       else None) if permute else None
         offset = cfg.norm_offset if t.name.endswith("norm.weight") else 0.0
         tensors[hf] = _loader(t, rows_heads, offset)
+        # Phi-3's fused tensors are split from floats (their blocks do not split along rows cleanly)
+        fused = arch == "phi3" and (".attn_qkv." in t.name or (
+            ".ffn_up." in t.name and t.name.replace("ffn_up", "ffn_gate") not in names))
+        if len(t.shape) == 2 and t.tensor_type.name not in FLOAT_TYPES and not fused:
+            quantized[hf] = _blocks_loader(t, rows_heads)
     if arch == "phi3":
         tensors = _split_phi3(tensors, cfg, names)
-
-
-            raise ConversionError(f"{path}: unexpected GGUF tensor {t.name!r} for a llama model")
-        rows_heads = cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads if ".attn_k." in t.name else None
-        tensors[hf] = _loader(t, rows_heads)
-        if len(t.shape) == 2 and t.tensor_type.name not in FLOAT_TYPES:
-            quantized[hf] = _blocks_loader(t, rows_heads)
 
     add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
     if add_bos is None:  # llama.cpp's default: SentencePiece vocabularies add BOS, BPE ones do not
