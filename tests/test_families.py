@@ -306,3 +306,29 @@ def test_shared_table_needs_a_tied_quantized_head(tmp_path):
     with pytest.raises(ConversionError, match="needs a tied model"):
         write_onnx(random_source("tiny", tie_word_embeddings=True), tmp_path, quant="fp32", embedding="shared",
                    progress=False)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_gguf_export_round_trip(tmp_path, arch):
+    """The llama.cpp baseline's GGUF (converters/gguf_export.py) reads back as the same model."""
+    from edgeact.converters.gguf_export import write_gguf
+    from edgeact.converters.random_model import random_source
+
+    src = random_source(f"{arch}-tiny", seed=2)
+    back = read_source(write_gguf(src, tmp_path / "m.gguf", dtype="f32"))
+    for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "qk_norm", "sandwich_norms",
+                  "layer_types", "sliding_window", "norm_offset", "attention_scale", "rope_local_theta"):
+        assert getattr(back.config, field) == getattr(src.config, field), field
+    for name in src.tensors:
+        np.testing.assert_allclose(back.load(name), src.load(name), atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("shape", ["gemma3-tiny", "qwen3-tiny"])
+def test_random_family_shapes_match_transformers(tmp_path, shape):
+    """The random shapes `edgeact bench` builds for the families run through torch_ref's transformers model."""
+    from edgeact.converters.random_model import random_source
+    from edgeact.converters.torch_ref import build_torch_model
+
+    src = random_source(shape, seed=1)
+    write_onnx(src, tmp_path, quant="fp32", progress=False)
+    check_against_torch(tmp_path, build_torch_model(src), _prompt(), steps=8, tol=TOL)

@@ -111,6 +111,8 @@ def run(args) -> int:
         chat = getattr(args, "chat", None)
         if chat is None:
             chat = bool(model.tokenizer.chat_template)
+            if not chat:   # a base model (e.g. Gemma 3 270M): say why the prompt is not a user turn
+                print(f"{model.folder} has no chat template: running the prompt as raw text", file=sys.stderr)
         if chat:
             text = model.apply_chat_template([{"role": "user", "content": prompt_text}])
             prompt = model.tokenizer.encode_ids(text, add_special_tokens=False)
