@@ -332,3 +332,19 @@ def test_random_family_shapes_match_transformers(tmp_path, shape):
     src = random_source(shape, seed=1)
     write_onnx(src, tmp_path, quant="fp32", progress=False)
     check_against_torch(tmp_path, build_torch_model(src), _prompt(), steps=8, tol=TOL)
+
+
+def test_awq_folds_into_gemma_norms(tmp_path):
+    """AWQ's scales fold into Gemma's (1 + w) norms and its pre-FFN norm: the fp32 function is unchanged."""
+    from edgeact.converters.awq import awq_transform
+    from edgeact.converters.random_model import random_source
+    from test_writer import OrtDecoder
+
+    src = random_source("gemma3-tiny", seed=1)
+    new, _ = awq_transform(src, group_size=32, calib_tokens=128, clip=False, progress=False)
+    write_onnx(src, tmp_path / "a", quant="fp32", progress=False)
+    write_onnx(new, tmp_path / "b", quant="fp32", progress=False)
+    ids = _prompt()
+    la = OrtDecoder(tmp_path / "a" / "model.onnx").step(ids)["logits"]
+    lb = OrtDecoder(tmp_path / "b" / "model.onnx").step(ids)["logits"]
+    assert np.abs(la - lb).max() <= 1e-3
