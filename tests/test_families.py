@@ -348,3 +348,39 @@ def test_awq_folds_into_gemma_norms(tmp_path):
     la = OrtDecoder(tmp_path / "a" / "model.onnx").step(ids)["logits"]
     lb = OrtDecoder(tmp_path / "b" / "model.onnx").step(ids)["logits"]
     assert np.abs(la - lb).max() <= 1e-3
+
+
+def test_gemma3_gguf_stop_tokens_and_tokenizer(tmp_path):
+    """A Gemma GGUF's <end_of_turn> joins its stop tokens; its vocabulary becomes a BPE tokenizer.json that
+    equals sentencepiece on the same pieces (whole pieces by score, whitespace runs, byte fallback)."""
+    import sentencepiece
+    from tokenizers import Tokenizer
+
+    from edgeact.converters.readers.tokenizer_convert import gguf_sentencepiece_proto
+
+    cfg = gemma3_config(num_hidden_layers=6, layer_types=None, rope_local_base_freq=10000.0, query_pre_attn_scalar=32)
+    model = random_hf_model(cfg)
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n", "  ", "   "]
+    types = [3, 3, 3, 2, 3, 3, 4, 4, 4]
+    pieces += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256
+    words = ["▁", "a", "b", "c", "h", "e", "l", "o", "▁h", "he", "ll", "lo", "▁he", "▁hel", "llo", "▁hello", "ab",
+             "▁ab", "abc", "▁abc"]
+    pieces += words
+    types += [1] * len(words)
+    pieces += [f"<unused{i}>" for i in range(cfg.vocab_size - len(pieces))]
+    types += [3] * (cfg.vocab_size - len(types))
+    scores = [0.0] * 265 + [-float(i) for i in range(len(words))] + [0.0] * (cfg.vocab_size - 265 - len(words))
+    path = _write_gguf(tmp_path / "g.gguf", "gemma3", model, {
+        "add_sliding_window": cfg.sliding_window, "add_tokenizer_model": "llama", "add_token_list": (pieces,),
+        "add_token_scores": (scores,), "add_token_types": (types,), "add_bos_token_id": 2, "add_eos_token_id": 1,
+        "add_unk_token_id": 3, "add_pad_token_id": 0, "add_add_bos_token": True, "add_add_space_prefix": False})
+    src = read_source(path)
+    assert src.config.eos_token_ids == [1, 5] and src.add_bos_token and src.chat_template is None
+    tok = Tokenizer.from_str(src.tokenizer_json)
+    (tmp_path / "t.model").write_bytes(gguf_sentencepiece_proto(path, escape_space_pieces=True))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "t.model"))
+    for text in ["hello abc", "  hello   abc\n", "héllo 🙂", "abcabc hello", ""]:
+        assert tok.encode(text).ids == [2] + sp.encode(text), text
+    # turn markers are matched as special tokens in text (chat templates write them)
+    assert tok.encode("<start_of_turn>hello<end_of_turn>").ids == [2, 4] + tok.encode("hello").ids[1:] + [5]
