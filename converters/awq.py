@@ -208,10 +208,11 @@ def _awq(src: SourceModel, *, bits: int = 4, group_size: int = 128, symmetric: b
     for i in (tqdm(it, desc="AWQ", unit="layer") if progress else it):
         acts = layers.capture(i)
         p = f"model.layers.{i}."
+        ffn_norm = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"   # Gemma
         plans = [("attn_in", [p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"],
                   ("norm", p + "input_layernorm.weight")),
                  ("ffn_in", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
-                  ("norm", p + "post_attention_layernorm.weight")),
+                  ("norm", f"{p}{ffn_norm}.weight")),
                  ("ffn_out", [p + "mlp.down_proj.weight"], ("rows", p + "mlp.up_proj.weight"))]
         if fold_v_o:
             plans.append(("attn_out", [p + "self_attn.o_proj.weight"], ("rows", p + "self_attn.v_proj.weight")))
@@ -226,8 +227,8 @@ def _awq(src: SourceModel, *, bits: int = 4, group_size: int = 128, symmetric: b
             report["loss_awq"] += err1
             for n in names:
                 t[n] = t[n] * s
-            if kind == "norm":
-                t[prev] = t[prev] / s
+            if kind == "norm":   # the norm scales by (norm_offset + w): Gemma keeps w = scale - 1
+                t[prev] = (t[prev] + cfg.norm_offset) / s - cfg.norm_offset
             else:
                 t[prev] = t[prev] / s[:, None]
                 bias = prev.replace(".weight", ".bias")
