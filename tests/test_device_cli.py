@@ -188,6 +188,9 @@ def test_misleading_messages(tmp_path, smollm2_int4_dir):
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "-n", "-1"), "--max-new-tokens")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--top-p", "0"), "--top-p must be in (0, 1]")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--temperature", "-1"), "--temperature must be >= 0")
+    one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--seed", "-1"), "--seed must be >= 0")
+    one_line_error(cli("steer", "compute", smollm2_int4_dir, "--pos", notes, "--neg", notes, "-o",
+                       tmp_path / "missing" / "v.gguf"), "folder", "does not exist")
     # an existing output: the CLI names its flag, the API its argument
     one_line_error(cli("convert", "whatever.gguf", "-o", tmp_path), "already exists; add --overwrite")
     from edgeact.converters.convert import convert
@@ -235,3 +238,21 @@ def test_context_length(smollm2_int4_dir):
         "edgeact: stopped at the end of the context (24 tokens); raise it with --ctx-size (up to 8192, the model's)")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--ctx-size", "9000"),
                    "--ctx-size 9000 is more than this model's context (8192 tokens)")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.generate(None), "prompt must be text"),
+    (lambda m: m.generate(b"hi"), "prompt must be text"),
+    (lambda m: m.generate([1.5, 2]), "prompt must be text"),
+    (lambda m: m.generate(""), "empty prompt"),
+    (lambda m: m.generate("hi", max_new_tokens="5"), "max_new_tokens must be an integer"),
+    (lambda m: m.generate("hi", temperature="0.7"), "temperature must be a number"),
+    (lambda m: list(m.stream("hi", stop=123)), "stop must be a string or a list of strings"),
+    (lambda m: m.generate("hi", seed=-2), "seed must be a non-negative integer"),
+    (lambda m: m.tokenize(5), "text must be a str"),
+])
+def test_api_mistakes_are_value_errors(smollm2_int4_dir, call, message):
+    import edgeact
+
+    with pytest.raises(ValueError, match=message):
+        call(edgeact.load(smollm2_int4_dir))

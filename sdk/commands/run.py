@@ -96,7 +96,8 @@ def run(args) -> int:
                      (args.temperature < 0, f"--temperature must be >= 0 (0 = greedy), not {args.temperature}"),
                      (args.top_k < 0, f"--top-k must be >= 0 (0 = off), not {args.top_k}"),
                      (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], not {args.top_p}"),
-                     (not args.repetition_penalty > 0, f"--repetition-penalty must be > 0, not {args.repetition_penalty}")):
+                     (not args.repetition_penalty > 0, f"--repetition-penalty must be > 0, not {args.repetition_penalty}"),
+                     (args.seed is not None and args.seed < 0, f"--seed must be >= 0, not {args.seed}")):
         if bad:
             raise ValueError(msg)
     if args.threads is not None and args.threads < 1:
@@ -111,6 +112,8 @@ def run(args) -> int:
     if args.prompt is None:
         return interactive_chat(model, args, stops)
     apply_steering_args(model, args)
+    if getattr(args, "chat", False) and model.tokenizer is None:
+        raise ValueError(f"--chat: {model.folder} has no tokenizer, so no chat template (it runs on token ids)")
     if args.ids or model.tokenizer is None:
         try:
             prompt = parse_ids(prompt_text)
