@@ -104,3 +104,23 @@ def test_ties_at_the_edge_stay_together():
     assert set(np.flatnonzero(np.isfinite(filter_logits(x, top_p=0.4)))) == {0}
     # greedy takes the first of equal logits, like argmax in transformers
     assert choose(np.array([1.0, 3.0, 3.0]), GenerationConfig(), np.random.default_rng(0)) == 1
+
+
+def test_choose_draws_what_rng_choice_over_probabilities_draws():
+    """choose() samples among the tokens top-k/top-p left only; from the same seed it must pick the
+    token numpy's choice over the full distribution picks (ties and constraints included)."""
+    from edgeact.generation import GenerationConfig, choose, probabilities
+
+    gen = np.random.default_rng(5)
+    for _ in range(120):
+        x = (gen.standard_normal(3000) * gen.uniform(0.5, 4)).astype(np.float32)
+        x[gen.integers(0, 3000, 5)] = x.max()            # ties at the top
+        x[gen.integers(0, 3000, 50)] = -np.inf           # tokens a constraint forbids
+        cfg = GenerationConfig(temperature=float(gen.uniform(0.3, 1.5)), top_k=int(gen.choice([0, 5, 40])),
+                               top_p=float(gen.choice([1.0, 0.9, 0.5])), repetition_penalty=1.1)
+        hist = list(gen.integers(0, 3000, 30))
+        seed = int(gen.integers(1 << 30))
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        for _ in range(4):
+            p = probabilities(x, cfg, hist)
+            assert choose(x, cfg, a, hist) == int(b.choice(p.size, p=p))
