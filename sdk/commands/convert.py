@@ -52,7 +52,12 @@ def _extensions():
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from edgeact.converters.convert import convert
+
+    if Path(args.output).exists() and not args.overwrite:
+        raise ValueError(f"output {args.output} already exists; add --overwrite to replace it")
 
     kw = dict(quant=args.quant, group_size=args.group_size, symmetric=args.symmetric, lm_head=args.lm_head,
               embedding=args.embedding, accuracy_level=args.accuracy_level, tokenizer=args.tokenizer,

@@ -92,8 +92,13 @@ def run(args) -> int:
         raise ValueError("give a prompt with -p TEXT, or --chat for an interactive chat")
     prompt_text = utf8_arg(args.prompt, "--prompt") if args.prompt is not None else None
     stops = [utf8_arg(s, "--stop") for s in args.stop]
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
+    for bad, msg in ((args.max_new_tokens < 0, f"--max-new-tokens must be >= 0, not {args.max_new_tokens}"),
+                     (args.temperature < 0, f"--temperature must be >= 0 (0 = greedy), not {args.temperature}"),
+                     (args.top_k < 0, f"--top-k must be >= 0 (0 = off), not {args.top_k}"),
+                     (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], not {args.top_p}"),
+                     (not args.repetition_penalty > 0, f"--repetition-penalty must be > 0, not {args.repetition_penalty}")):
+        if bad:
+            raise ValueError(msg)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive number of threads, not {args.threads}")
     if args.ctx_size is not None and args.ctx_size < 1:
@@ -118,6 +123,8 @@ def run(args) -> int:
         chat = getattr(args, "chat", None)
         if chat is None:
             chat = bool(model.tokenizer.chat_template)
+        elif chat and not model.tokenizer.chat_template:
+            raise ValueError(f"--chat: {model.folder} has no chat template (drop --chat, or give --raw)")
         if chat:
             text = model.apply_chat_template([{"role": "user", "content": prompt_text}])
             prompt = model.tokenizer.encode_ids(text, add_special_tokens=False)
