@@ -313,3 +313,9 @@ def test_native_lowmem_engine_is_compared_with_native_on_sparse_folders(tiny_fol
     assert teal["engines"]["native-lowmem"]["repacked_bytes"] < teal["engines"]["native"]["repacked_bytes"]
     assert "lowmem_vs_native" in teal and "lowmem_vs_native" not in dense
     assert "| teal | native-lowmem ÷ native |" in format_report(report)
+
+
+def test_llama_bench_is_built_from_the_llama_cpp_python_ci_installs():
+    """The baseline and the interop tests must be the same llama.cpp: one pinned release."""
+    ci = (Path(__file__).parents[1] / ".ci" / "run").read_text()
+    assert f'"llama-cpp-python=={llamabench.LLAMA_CPP_PYTHON}"' in ci
