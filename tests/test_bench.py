@@ -244,7 +244,18 @@ def test_llama_bench_row_comes_from_its_json(monkeypatch, tiny_folders, tmp_path
     calls = argv_log.read_text().splitlines()
     assert len(calls) == 2 and all(c.split() == ["-m", str(gguf), "-t", "2", "-p", "8", "-n", "8", "-r", "1", "-o", "json"]
                                    for c in calls)
+    assert row["peak_rss"] > 0   # the child's own, from wait4
     assert "| llama.cpp (llama-bench) |" in format_report(report)
+
+
+def test_llama_bench_that_hangs_or_fails_is_reported(monkeypatch, tmp_path):
+    fake = tmp_path / "llama-bench"
+    spec = {"llama_bench": str(fake), "gguf": "m.gguf", "threads": 1, "pp": 8, "tg": 8, "reps": 1}
+    fake.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(30)\n")
+    fake.chmod(0o755)
+    assert protocol.run_llama_bench(spec, timeout=1) == {"error": "llama-bench gave no result in 1 s"}
+    fake.write_text(f"#!{sys.executable}\nimport sys\nsys.exit('error: failed to load model')\n")
+    assert protocol.run_llama_bench(spec) == {"error": "llama-bench: error: failed to load model"}
 
 
 @needs_native
