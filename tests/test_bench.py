@@ -214,7 +214,7 @@ def test_llama_bench_json_is_parsed_per_repetition():
     assert len(got["tg"]) == len(tg["samples_ns"]) and got["tg_n"] == tg["n_gen"]
     # our per-repetition tokens/s agree with llama-bench's own
     for ours, theirs in ((got["pp"], pp["samples_ts"]), (got["tg"], tg["samples_ts"])):
-        assert ours == pytest.approx(theirs, rel=1e-6)
+        assert ours == pytest.approx(theirs, rel=1e-5)
     assert got["info"]["n_threads"] == pp["n_threads"] and got["info"]["build_commit"]
     for bad in ("", "no json here", "[]", "[{\"n_prompt\": 8, \"n_gen\": 8, \"samples_ns\": [1]}]",
                 "[{\"n_prompt\": 8, \"n_gen\": 0}]", "[{\"n_prompt\": 8, \"n_gen\": 0, \"samples_ns\": [1]"):
