@@ -42,7 +42,9 @@ def test_repetition_penalty_demotes_seen_tokens():
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_k=-1), dict(top_p=1.5), dict(max_new_tokens=-2),
-                                dict(repetition_penalty=0)])
+                                dict(repetition_penalty=0), dict(seed=-1), dict(seed=1.5), dict(max_new_tokens="5"),
+                                dict(temperature="0.7"), dict(top_p=float("nan")), dict(top_k=2.0), dict(stop=123),
+                                dict(stop=["a", 1])])
 def test_bad_settings(kw):
     with pytest.raises(ValueError):
         GenerationConfig(**kw).validate()

@@ -17,6 +17,7 @@ from edgeact.evaluate import compare_logits
 from edgeact.sweep import realized_sparsity
 
 METHODS = ("teal", "chess", "wina", "cats")
+KL_NATIVE_VS_ORT = {"teal": 1e-10, "chess": 1e-10, "wina": 1e-7, "cats": 1e-10}   # see test_native_matches_onnxruntime
 
 
 def test_sparsify_function_matches_numpy():
@@ -131,9 +132,11 @@ def test_native_matches_onnxruntime(folders, tiny, method):
     ref = edgeact.load(folders[method], engine="ort").forward(ids)
     nat = edgeact.load(folders[method], engine="native")
     q = compare_logits(nat.forward(ids), ref, ids)
-    # A channel whose score sits at the threshold can flip between engines (int8 activation
-    # rounding differs in the last bit); per-tensor thresholds (teal) put more channels there.
-    assert q.kl <= 2e-3 and q.top1 >= 0.95, (q.kl, q.top1)
+    # Measured KL: teal, chess, cats 3e-14 (the engines' fp32 summation order), wina 9.4e-9 (a channel
+    # whose score sits at its threshold flips between engines). Bound: 10x the measured value, at
+    # least 1e-10, which stays 1000x below what one flipped int8 activation code costs (~1e-7);
+    # top-1 measured 1.0 over 256 tokens, at most 2 may differ.
+    assert q.kl <= KL_NATIVE_VS_ORT[method] and q.top1 >= 0.99, (q.kl, q.top1)
     # decode runs the input-sparse GEMV; it must equal the prefill (dense on masked x) rows
     eng = nat.engine
     eng.reset()
@@ -337,7 +340,8 @@ def test_low_memory_runs_every_row_on_the_channel_major_copy(folders, tiny, meth
     assert np.array_equal(one, low_prefill)
     ref = edgeact.load(folders[method], engine="ort").forward(ids[:40])
     q = compare_logits(low_prefill, ref, ids[:40])
-    assert q.kl <= 2e-3 and q.top1 >= 0.95, (q.kl, q.top1)
+    # measured 2.4e-14 to 3.3e-14 (summation order): the bound of test_native_matches_onnxruntime
+    assert q.kl <= KL_NATIVE_VS_ORT[method] and q.top1 >= 0.99, (q.kl, q.top1)
 
 
 def test_low_memory_is_a_native_option(folders):
