@@ -285,6 +285,12 @@ class Server:
             elif not isinstance(vec, list):
                 raise ApiError(400, f"steering[{i}].vector must be a name, an array or {{layer: array}}",
                                code="invalid_steering", param="steering")
+            if isinstance(item.get("scale"), dict):  # JSON object keys are strings; layers are numbers
+                try:
+                    item["scale"] = {int(k): v for k, v in item["scale"].items()}
+                except ValueError:
+                    raise ApiError(400, f"steering[{i}]: scale keys must be layer numbers", code="invalid_steering",
+                                   param="steering") from None
             items.append(item)
         cfg = self.model.config
         try:
@@ -372,7 +378,10 @@ class Server:
         ignore_eos = bool(body.get("ignore_eos", False))
         want_lp, top_lp = self.logprobs(body, chat)
         stream = bool(body.get("stream", False))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise ApiError(400, "stream_options must be an object", code="invalid_value", param="stream_options")
+        include_usage = bool(options.get("include_usage")) if stream else False
         self.pool.stats["requests"] += 1
         session = await self.pool.acquire(ids)
         job = Job(self, session, ids, cfg, steering, constraint, ignore_eos, want_lp, top_lp)

@@ -219,6 +219,9 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, model):
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}})),
         "bad temperature": (400, dict(body={**ok, "temperature": -1})),
         "bad messages": (400, dict(body={**ok, "messages": "hi"})),
+        "bad stream_options": (400, dict(body={**ok, "stream": True, "stream_options": 3})),
+        "scale for a layer the vector lacks": (400, dict(body={**ok, "steering": [
+            {"vector": "cheerful", "scale": {"2": 1.0}}]})),
     }
     for what, (status, kw) in cases.items():
         r = _post(server, **kw)

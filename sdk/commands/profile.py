@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
                        description="Generate with the native runtime's profiler on, print the per-op-type table of a "
                        "decode token (ms, share, weight bytes per second and the share of the machine's read "
                        "bandwidth that reaches) and save it as a PNG bar chart. Decode reads every weight once per "
-                       "token, so a matmul near 100%% of the roofline cannot get faster without reading fewer bytes.")
+                       "token, so a matmul near 100% of the roofline cannot get faster without reading fewer bytes.")
     p.add_argument("model", nargs="?", default=None, help="model folder (default: SmolLM2-135M-Instruct int4)")
     p.add_argument("-p", "--prompt", default="Write a short story about a lighthouse keeper.",
                    help="prompt (as a user turn when the model has a chat template; token ids such as '1,42,7' "
