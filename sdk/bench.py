@@ -34,18 +34,11 @@ CACHE = Path(os.environ.get("EDGEACT_HOME", Path.home() / ".cache" / "edgeact"))
 
 
 def physical_cores() -> int:
-    """Cores, not hyper-threads: two matmul threads on one core only fight for its SIMD units."""
-    try:
-        pairs, phys = set(), None
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = (s.strip() for s in line.partition(":"))
-            if key == "physical id":
-                phys = val
-            elif key == "core id":
-                pairs.add((phys, val))
-        return len(pairs) or os.cpu_count() or 1
-    except OSError:
-        return os.cpu_count() or 1
+    """Cores, not hyper-threads (two matmul threads on one core only fight for its SIMD units),
+    counted by the native runtime; os.cpu_count() without it."""
+    from edgeact import runtime
+
+    return runtime.physical_cores() if runtime.available() else os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------- machine facts
@@ -489,6 +482,10 @@ def bench_models(folders: list[Path], *, engines=("native", "ort", "llama.cpp"),
     time (less memory at once, for small devices)."""
     threads = threads or physical_cores()
     report = {"threads": threads, "pp": pp, "tg": tg, "reps": reps, "interleaved": interleave, "models": []}
+    from edgeact import runtime
+
+    if runtime.available():
+        report["isa"] = runtime.default_isa()   # the native kernel variant the workers load with
     if measure_bw:
         report["read_bandwidth_gbs"] = read_bandwidth(threads)
         progress(f"memory read bandwidth ({threads} threads): {report['read_bandwidth_gbs']:.1f} GB/s")
@@ -563,6 +560,8 @@ def format_report(report: dict) -> str:
     order = "interleaved" if report.get("interleaved") else "each engine's back to back"
     out = [f"threads={report['threads']}  pp={report['pp']}  tg={report['tg']}  reps={report['reps']} ({order}; "
            "ratios: median of per-repetition ratios when interleaved)"]
+    if report.get("isa"):
+        out.append(f"native kernels: {report['isa']}")
     if report.get("read_bandwidth_gbs"):
         out.append(f"measured memory read bandwidth: {report['read_bandwidth_gbs']:.1f} GB/s")
     rows = report.get("rows_read")

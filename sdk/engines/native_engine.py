@@ -97,7 +97,7 @@ class NativeEngine(Engine):
     def profile_table(self) -> str:
         from edgeact.runtime import format_profile
 
-        return format_profile(self.profile_records())
+        return format_profile(self.profile_records(), isa=self.isa)
 
     def logits_last(self, ids) -> np.ndarray:
         """Decode fast path: logits of the last token only (skips the other rows of the vocabulary projection)."""

@@ -1,12 +1,10 @@
 /* Which path a decode-step sparse GEMV takes: the input-sparse kernel, or the
  * dense kernel on the masked input. Both give the same bits, so the choice is
  * only about time, and it is measured rather than assumed: where the sparse
- * kernel pays depends on the matrix shape, on the CPU (at 50% active channels
- * down_proj of the TinyLlama shape runs 1.3x dense on a Xeon VM, 0.6-1.0x on
- * an AMD EPYC one, in bench_kernels) and on where the
- * weights sit (a model that fits the last-level cache makes the dense kernel
- * relatively faster than one streamed from memory), which a fixed crossover
- * cannot know.
+ * kernel pays depends on the matrix shape, on the CPU and on where the weights
+ * sit (a model that fits the last-level cache makes the dense kernel relatively
+ * faster than one streamed from memory), which a fixed crossover cannot know
+ * (docs/performance.md, "why the choice is measured").
  *
  * Per unit (a lone sparse MatMulNBits, or a group of stacked siblings): both
  * paths are timed a few times, then each call takes the one predicted faster
