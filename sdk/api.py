@@ -72,7 +72,11 @@ class Model(SteeringMixin):
         if isinstance(prompt, str):
             ids = self.tokenize(prompt)
         else:
-            ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
+            arr = np.asarray(prompt) if isinstance(prompt, (list, tuple, np.ndarray)) else None
+            if arr is None or (arr.size and arr.dtype.kind not in "iu"):
+                raise ValueError(f"prompt must be text (str) or token ids (a list of ints), "
+                                 f"not {type(prompt).__name__}")
+            ids = [int(t) for t in arr.reshape(-1)]
         if not ids:
             raise ValueError("empty prompt")
         return ids
@@ -88,7 +92,7 @@ class Model(SteeringMixin):
             return self.engine.forward(ids)
         return np.concatenate([self.engine.forward(ids[:prompt_len]), self.engine.forward(ids[prompt_len:])])
 
-    def _tokens(self, prompt_ids: list[int], cfg: GenerationConfig, timing: dict) -> Iterator[int]:
+    def _tokens(self, prompt_ids: list[int], cfg: GenerationConfig, timing: dict, constraint=None) -> Iterator[int]:
         cfg.validate()
         rng = np.random.default_rng(cfg.seed)
         eng = self.engine
@@ -99,16 +103,23 @@ class Model(SteeringMixin):
         self.steering_phase(False)
         try:
             t0 = time.perf_counter()
-            logits = eng.forward(np.asarray(prompt_ids, dtype=np.int64))[-1]
+            logits = eng.forward(np.asarray(prompt_ids, dtype=np.int64), logits="last")[-1]
             timing["prefill_s"] = time.perf_counter() - t0
             history = list(prompt_ids)
             t1 = time.perf_counter()
             for step in range(cfg.max_new_tokens):
+                if constraint is not None:
+                    logits = constraint.mask(logits)
                 tok = choose(logits, cfg, rng, history)
+                if constraint is not None:
+                    constraint.accept(tok)
                 history.append(tok)
                 timing["decode_s"] = time.perf_counter() - t1
                 yield tok
                 if tok in self.eos_token_ids or step == cfg.max_new_tokens - 1:
+                    return
+                if constraint is not None and constraint.done:
+                    timing["constraint_done"] = True
                     return
                 if eng.n_past >= eng.max_context:
                     timing["context"] = True
@@ -116,7 +127,7 @@ class Model(SteeringMixin):
                 if step == 0:
                     self.steering_phase(True)
                     t1 = time.perf_counter()
-                logits = eng.forward(np.array([tok], dtype=np.int64))[-1]
+                logits = eng.forward(np.array([tok], dtype=np.int64), logits="last")[-1]
         finally:
             # generated-only vectors must not leak into a later forward()
             self.steering_phase(False)
@@ -127,6 +138,7 @@ class Model(SteeringMixin):
         yield from self._stream(prompt, GenerationConfig(max_new_tokens=max_new_tokens, **kw), result)
 
     def _stream(self, prompt, cfg: GenerationConfig, result: dict, tokens=None):
+        cfg.validate()
         prompt_ids = self._prompt_ids(prompt)
         stops = [s for s in ([cfg.stop] if isinstance(cfg.stop, str) else list(cfg.stop or [])) if s]
         timing: dict = {}
@@ -181,13 +193,20 @@ class Model(SteeringMixin):
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop=None, repetition_penalty: float = 1.0,
-                 on_text=None) -> GenerationResult:
+                 on_text=None, json_schema=None) -> GenerationResult:
         """Greedy when temperature is 0. `prompt` is text or token ids; `stop` strings end the text
-        (not included). `on_text(piece)` receives text as it streams."""
+        (not included). `on_text(piece)` receives text as it streams. `json_schema` (a dict or a JSON
+        string): the reply is a JSON value matching it (tokens outside the grammar are masked)."""
         cfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                               [stop] if isinstance(stop, str) else list(stop or []))
+                               [stop] if isinstance(stop, str) else [] if stop is None else stop)
         result: dict = {}
-        for piece in self._stream(prompt, cfg, result):
+        tokens = None
+        if json_schema is not None:
+            from edgeact.grammar import JsonSchemaConstraint
+
+            constraint = JsonSchemaConstraint(self, json_schema)
+            tokens = lambda ids, c, timing: self._tokens(ids, c, timing, constraint)  # noqa: E731
+        for piece in self._stream(prompt, cfg, result, tokens):
             if on_text is not None and isinstance(piece, str):
                 on_text(piece)
         return GenerationResult(**result)

@@ -17,6 +17,16 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        for name in ("max_new_tokens", "top_k", "temperature", "top_p", "repetition_penalty"):
+            v = getattr(self, name)
+            integral = name in ("max_new_tokens", "top_k")
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer) if integral else (int, float, np.number)):
+                raise ValueError(f"{name} must be {'an integer' if integral else 'a number'}, got {v!r}")
+            if not integral and not np.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v!r}")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -27,6 +37,9 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
 
 
 def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:

@@ -50,6 +50,20 @@ def check_schema(schema) -> dict:
     return schema
 
 
+def read_schema_file(path) -> dict:
+    """A JSON schema from a file (for --json-schema), with a one-line error."""
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the JSON schema {path}: {e}") from None
+    try:
+        return check_schema(text)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 class JsonSchemaConstraint:
     """Token masks that keep generation inside a JSON schema (one per generation)."""
 

@@ -12,8 +12,10 @@ import asyncio
 import base64
 import collections
 import hmac
+import importlib.util
 import json
 import math
+import sys
 import tempfile
 import threading
 import time
@@ -47,8 +49,8 @@ class ApiError(Exception):
 class SessionPool:
     """Sessions over one model; acquire() prefers the longest cached prefix. Event-loop side only."""
 
-    def __init__(self, model, n: int, max_queue: int):
-        self.sessions = [model.session() for _ in range(n)]
+    def __init__(self, sessions: list, max_queue: int):
+        self.sessions = list(sessions)
         self.idle = list(self.sessions)
         self.waiters: collections.deque = collections.deque()
         self.max_queue = max_queue
@@ -210,6 +212,43 @@ class Server:
             raise ApiError(400, str(e), code="invalid_value") from None
         return cfg
 
+    def logprobs(self, body: dict, chat: bool) -> tuple[bool, int]:
+        """(logprobs wanted, how many top alternatives): chat's logprobs + top_logprobs (0-20),
+        completions' logprobs (0-5)."""
+        if chat:
+            want = body.get("logprobs")
+            if want not in (None, True, False):
+                raise ApiError(400, "logprobs must be true or false", code="invalid_value", param="logprobs")
+            top = body.get("top_logprobs") or 0
+            if want and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+                raise ApiError(400, "top_logprobs must be an integer in 0..20", code="invalid_value",
+                               param="top_logprobs")
+            return bool(want), int(top) if want else 0
+        top = body.get("logprobs")
+        if top is None:
+            return False, 0
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 5:
+            raise ApiError(400, "logprobs must be an integer in 0..5", code="invalid_value", param="logprobs")
+        return True, top
+
+    def _token_text(self, i: int) -> str:
+        tok = self.model.tokenizer
+        return tok.decode([i], skip_special_tokens=False) if tok is not None else str(i)
+
+    def format_logprobs(self, entries: list[dict], chat: bool) -> dict:
+        if chat:
+            def one(i, lp):
+                text = self._token_text(i)
+                return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+            return {"content": [dict(one(e["id"], e["logprob"]), top_logprobs=[one(i, lp) for i, lp in e["top"]])
+                                for e in entries]}
+        tokens = [self._token_text(e["id"]) for e in entries]
+        offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist() if tokens else []
+        return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{self._token_text(i): lp for i, lp in e["top"]} for e in entries],
+                "text_offset": offsets}
+
     def check_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise ApiError(400, "the prompt is empty", code="invalid_value")
@@ -246,6 +285,12 @@ class Server:
             elif not isinstance(vec, list):
                 raise ApiError(400, f"steering[{i}].vector must be a name, an array or {{layer: array}}",
                                code="invalid_steering", param="steering")
+            if isinstance(item.get("scale"), dict):  # JSON object keys are strings; layers are numbers
+                try:
+                    item["scale"] = {int(k): v for k, v in item["scale"].items()}
+                except ValueError:
+                    raise ApiError(400, f"steering[{i}]: scale keys must be layer numbers", code="invalid_steering",
+                                   param="steering") from None
             items.append(item)
         cfg = self.model.config
         try:
@@ -331,20 +376,23 @@ class Server:
         steering = self.steering(body)
         constraint = self.constraint(body)
         ignore_eos = bool(body.get("ignore_eos", False))
+        want_lp, top_lp = self.logprobs(body, chat)
         stream = bool(body.get("stream", False))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise ApiError(400, "stream_options must be an object", code="invalid_value", param="stream_options")
+        include_usage = bool(options.get("include_usage")) if stream else False
         self.pool.stats["requests"] += 1
         session = await self.pool.acquire(ids)
-        job = Job(self, session, ids, cfg, steering, constraint, ignore_eos)
+        job = Job(self, session, ids, cfg, steering, constraint, ignore_eos, want_lp, top_lp)
         job.start()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if not stream:
             try:
                 text = []
-                async for kind, value in job.events():
-                    if kind == "piece":
-                        text.append(value)
+                async for kind, value, entries in job.events():
+                    text.append(value)
             except asyncio.CancelledError:
                 job.cancel()
                 raise
@@ -353,21 +401,24 @@ class Server:
             res = job.result
             reply = "".join(text)
             finish = _finish(res["finish_reason"])
-            choice = ({"index": 0, "message": {"role": "assistant", "content": reply}, "logprobs": None,
+            eos = self.model.eos_token_ids
+            lp = self.format_logprobs([e for e in job.lp if e["id"] not in eos], chat) if want_lp else None
+            choice = ({"index": 0, "message": {"role": "assistant", "content": reply}, "logprobs": lp,
                        "finish_reason": finish} if chat else
-                      {"index": 0, "text": reply, "logprobs": None, "finish_reason": finish})
+                      {"index": 0, "text": reply, "logprobs": lp, "finish_reason": finish})
             return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                                  "created": created, "model": self.model_id, "choices": [choice],
                                  "usage": job.usage(), "system_fingerprint": None})
 
-        def chunk(delta=None, finish=None, usage=None, empty=False):
+        def chunk(delta=None, finish=None, usage=None, empty=False, entries=None):
+            lp = self.format_logprobs(entries, chat) if want_lp and entries else None
             if chat:
-                choices = [] if empty else [{"index": 0, "delta": delta or {}, "logprobs": None,
+                choices = [] if empty else [{"index": 0, "delta": delta or {}, "logprobs": lp,
                                              "finish_reason": finish}]
                 obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
                        "choices": choices}
             else:
-                choices = [] if empty else [{"index": 0, "text": (delta or {}).get("content", ""), "logprobs": None,
+                choices = [] if empty else [{"index": 0, "text": (delta or {}).get("content", ""), "logprobs": lp,
                                              "finish_reason": finish}]
                 obj = {"id": rid, "object": "text_completion", "created": created, "model": self.model_id,
                        "choices": choices}
@@ -379,9 +430,8 @@ class Server:
             try:
                 if chat:
                     yield chunk({"role": "assistant", "content": ""})
-                async for kind, value in job.events():
-                    if kind == "piece":
-                        yield chunk({"content": value})
+                async for kind, value, entries in job.events():
+                    yield chunk({"content": value}, entries=entries)
                 if job.error is not None:
                     yield f"data: {json.dumps(job.api_error().body())}\n\n"
                 else:
@@ -407,9 +457,12 @@ def _reject_constant(name):
 class Job:
     """One generation on a worker thread; pieces cross to the event loop through a queue."""
 
-    def __init__(self, server: Server, session, ids, cfg, steering, constraint, ignore_eos):
+    def __init__(self, server: Server, session, ids, cfg, steering, constraint, ignore_eos, logprobs=False,
+                 top_logprobs=0):
         self.server, self.session, self.ids, self.cfg = server, session, ids, cfg
         self.steering, self.constraint, self.ignore_eos = steering, constraint, ignore_eos
+        self.lp = [] if logprobs else None
+        self.top_lp = top_logprobs
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -431,7 +484,8 @@ class Job:
         outcome = "completed"
         try:
             gen = self.session._stream(self.ids, self.cfg, self.result, self.steering, self.constraint,
-                                       self.ignore_eos)
+                                       self.ignore_eos, self.lp, self.top_lp)
+            sent = 0
             while True:
                 if self.cancelled.is_set():
                     outcome = "cancelled"
@@ -440,7 +494,9 @@ class Job:
                     piece = next(gen)
                 except StopIteration:
                     break
-                self._put(("piece", piece if isinstance(piece, str) else str(piece)))
+                entries = self.lp[sent:] if self.lp is not None else []
+                sent += len(entries)
+                self._put(("piece", piece if isinstance(piece, str) else str(piece), entries))
         except Exception as e:  # noqa: BLE001 - reported to the client as a JSON error
             self.error, outcome = e, "failed"
         finally:
@@ -451,14 +507,15 @@ class Job:
     def _finish(self, outcome: str) -> None:
         self.server.pool.stats[outcome] += 1
         self.server.pool.release(self.session)
-        self.queue.put_nowait(("end", None))
+        self.queue.put_nowait(("end", None, None))
 
     async def events(self):
+        """(kind, text piece, logprob entries of the tokens that made it) until the job ends."""
         while True:
-            kind, value = await self.queue.get()
+            kind, value, entries = await self.queue.get()
             if kind == "end":
                 return
-            yield kind, value
+            yield kind, value, entries
 
     def api_error(self) -> ApiError:
         if isinstance(self.error, ValueError):  # e.g. a bad token id in the prompt
@@ -484,7 +541,18 @@ def create_app(server: Server):
     @asynccontextmanager
     async def lifespan(app):
         if server.pool is None:
-            server.pool = SessionPool(server.model, server.n_sessions, server.max_queue)
+            from edgeact.session import Session
+
+            model = server.model  # the first session runs on the model's own engine, idle otherwise
+            sessions = [Session(model, engine=model.engine)] + [model.session() for _ in range(server.n_sessions - 1)]
+            server.pool = SessionPool(sessions, server.max_queue)
+            mib = [f"{x.memory_bytes / 2**20:.0f}" for x in sessions]
+            print(f"edgeact serve: session memory {', '.join(mib)} MiB (the weights are shared)", file=sys.stderr,
+                  flush=True)
+            if model.tokenizer is not None and importlib.util.find_spec("llguidance") is not None:
+                from edgeact.grammar import _ll_tokenizer
+
+                await asyncio.to_thread(_ll_tokenizer, model)  # once, not in a request's time
         yield
 
     app = FastAPI(title="edgeact", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -22,9 +22,11 @@ from edgeact.steering import Steering, SteeringEntry
 class Session:
     """One conversation's cache. Not for two threads at once; make one Session per concurrent user."""
 
-    def __init__(self, model):
+    def __init__(self, model, engine=None):
+        """engine: run on this engine instead of a fork of the model's (the server gives its first
+        session the model's own, which it never uses otherwise: one KV cache fewer)."""
         self.model = model
-        self.engine = model.engine.fork()
+        self.engine = engine if engine is not None else model.engine.fork()
         self.ids: list[int] = []       # the tokens whose keys and values the cache holds, in order
         self._keys: list[str] = []     # per cached token: the steering it was computed under
         self._steering = Steering(model.config.num_layers, model.config.hidden_size)
@@ -53,6 +55,11 @@ class Session:
 
     def clear_steering(self) -> None:
         self._steering.entries.clear()
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n cached tokens (e.g. to undo a turn)."""
+        self.engine.truncate(min(int(n), self.engine.n_past))
+        del self.ids[self.engine.n_past:], self._keys[self.engine.n_past:]
 
     def common_prefix(self, ids) -> int:
         """How many leading tokens of `ids` the cache holds (for choosing among sessions)."""
@@ -85,15 +92,18 @@ class Session:
         eng.truncate(n)
         del self.ids[n:], self._keys[n:]
         self.last = {"cached_tokens": n, "prefilled_tokens": len(ids) - n}
-        logits = eng.forward(np.asarray(ids[n:], dtype=np.int64))[-1]
+        logits = eng.forward(np.asarray(ids[n:], dtype=np.int64), logits="last")[-1]
         self.ids += ids[n:]
         self._keys += [key] * (len(ids) - n)
         return logits
 
     def tokens(self, prompt_ids: list[int], cfg: GenerationConfig, timing: dict, steering=None,
-               constraint=None, ignore_eos: bool = False) -> Iterator[int]:
+               constraint=None, ignore_eos: bool = False, logprobs: list | None = None,
+               top_logprobs: int = 0) -> Iterator[int]:
         """New token ids after `prompt_ids` (Model._stream's token source). ignore_eos: never pick an
-        end-of-sequence token (fixed-length replies for benchmarks)."""
+        end-of-sequence token (fixed-length replies for benchmarks). logprobs: a list that receives,
+        per token, {"id", "logprob", "top": [(id, logprob)] * top_logprobs} (after any mask, before
+        temperature)."""
         cfg.validate()
         if len(prompt_ids) > self.engine.max_context:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens, more than the context "
@@ -121,6 +131,8 @@ class Session:
                 tok = choose(logits, cfg, rng, history)
                 if constraint is not None:
                     constraint.accept(tok)
+                if logprobs is not None:
+                    logprobs.append(token_logprobs(logits, tok, top_logprobs))
                 history.append(tok)
                 timing["decode_s"] = time.perf_counter() - t1
                 yield tok
@@ -136,7 +148,7 @@ class Session:
                     if state.phase_dependent:
                         state.apply(eng, generated=True)
                     t1 = time.perf_counter()
-                logits = eng.forward(np.array([tok], dtype=np.int64))[-1]
+                logits = eng.forward(np.array([tok], dtype=np.int64), logits="last")[-1]
                 self.ids.append(tok)
                 self._keys.append(keys[True])
         finally:
@@ -145,14 +157,15 @@ class Session:
             eng.clear_steering()
 
     def _stream(self, prompt, cfg: GenerationConfig, result: dict, steering=None, json_schema=None,
-                ignore_eos: bool = False):
+                ignore_eos: bool = False, logprobs: list | None = None, top_logprobs: int = 0):
         from edgeact.grammar import JsonSchemaConstraint
 
         constraint = json_schema
         if json_schema is not None and not isinstance(json_schema, JsonSchemaConstraint):
             constraint = JsonSchemaConstraint(self.model, json_schema)
         return self.model._stream(prompt, cfg, result, tokens=lambda ids, c, timing: self.tokens(
-            ids, c, timing, steering=steering, constraint=constraint, ignore_eos=ignore_eos))
+            ids, c, timing, steering=steering, constraint=constraint, ignore_eos=ignore_eos, logprobs=logprobs,
+            top_logprobs=top_logprobs))
 
     def stream(self, prompt, max_new_tokens: int = 128, steering=None, json_schema=None, **kw) -> Iterator[str]:
         """Text pieces as they become final (token ids for a folder without a tokenizer)."""
@@ -161,16 +174,17 @@ class Session:
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop=None, repetition_penalty: float = 1.0,
-                 on_text=None, steering=None, json_schema=None):
+                 on_text=None, steering=None, json_schema=None, ignore_eos: bool = False):
         """Model.generate on this session's cache. `steering`: a list of {vector, scale, layers,
         mode, apply_to} dicts (vector: an array, {layer: array}, [layers, hidden] or a control-vector
-        path) for this call only. `json_schema`: a JSON schema (dict or string) the reply must match."""
+        path) for this call only. `json_schema`: a JSON schema (dict or string) the reply must match.
+        `ignore_eos`: never end at an end-of-sequence token (fixed-length replies for benchmarks)."""
         from edgeact.api import GenerationResult
 
         cfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                               [stop] if isinstance(stop, str) else list(stop or []))
+                               [stop] if isinstance(stop, str) else [] if stop is None else stop)
         result: dict = {}
-        for piece in self._stream(prompt, cfg, result, steering, json_schema):
+        for piece in self._stream(prompt, cfg, result, steering, json_schema, ignore_eos):
             if on_text is not None and isinstance(piece, str):
                 on_text(piece)
         result["stats"] = dict(self.last, memory_bytes=self.memory_bytes)
@@ -188,6 +202,19 @@ class Session:
         self.ids += ids
         self._keys += [""] * len(ids)
         return out
+
+
+def token_logprobs(logits, tok: int, top: int = 0) -> dict:
+    """log softmax of the chosen token (and the `top` best) from one step's logits."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    out = {"id": int(tok), "logprob": float(x[tok] - lse), "top": []}
+    if top:
+        best = np.argpartition(-x, top - 1)[:top]
+        best = best[np.argsort(-x[best], kind="stable")]
+        out["top"] = [(int(i), float(x[i] - lse)) for i in best if np.isfinite(x[i])]
+    return out
 
 
 def parse_steering(state: Steering, steering) -> list[SteeringEntry]:

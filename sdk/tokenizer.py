@@ -54,7 +54,7 @@ class TextTokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
-            raise ValueError("this model has no chat template: use a raw prompt (--raw)")
+            raise ValueError("this model has no chat template: give the prompt as plain text")
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 

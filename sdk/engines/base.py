@@ -53,6 +53,9 @@ class Engine(abc.ABC):
         # CoreInfer: `keep` FFN neurons per layer, chosen from the prompt (converters/coreinfer.py)
         self.core_keep: int | None = sp.get("keep") if sp.get("method") == "coreinfer" else None
         self.core_masks: np.ndarray | None = None   # the neuron set in force, [layers, FFN width]
+        # logit rows the engine computed (the vocabulary projection is the widest matmul): what
+        # logits="last" saves is visible here, and a test holds the prompt pass to one row
+        self.logit_rows = 0
 
     # ---- the interface
     def reset(self) -> None:
@@ -88,12 +91,17 @@ class Engine(abc.ABC):
         """Bytes this engine's cache and buffers hold beyond the shared weights."""
         raise NotImplementedError
 
-    def forward(self, ids: np.ndarray, *, output_hidden: bool = False):
-        """Run `ids` (int64 [S]) at positions n_past..n_past+S-1. Returns logits float32 [S, vocab],
-        and with output_hidden also hidden [num_layers, S, hidden] (each layer's Steer output).
-        With CoreInfer the first call after a reset is the prompt: it runs every neuron and then
-        fixes each layer's `keep` most-used ones for the calls that follow."""
-        return self.run_prompt_aware(lambda x: self._forward(x, output_hidden=output_hidden), ids)
+    def forward(self, ids: np.ndarray, *, logits: str = "all", output_hidden: bool = False):
+        """Run `ids` (int64 [S]) at positions n_past..n_past+S-1. Returns logits float32 [S, vocab]
+        (logits="all") or [1, vocab] for the last position only (logits="last": what a prompt pass
+        before generation needs; an engine that can skips the other rows of the vocabulary
+        projection). With output_hidden also hidden [num_layers, S, hidden] (each layer's Steer
+        output). With CoreInfer the first call after a reset is the prompt: it runs every neuron
+        and then fixes each layer's `keep` most-used ones for the calls that follow."""
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', not {logits!r}")
+        last = logits == "last"
+        return self.run_prompt_aware(lambda x: self._forward(x, output_hidden=output_hidden, last=last), ids)
 
     def run_prompt_aware(self, run, ids):
         """run(checked ids); with CoreInfer, the first call after a reset then fixes the neuron set."""
@@ -114,8 +122,8 @@ class Engine(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def _forward(self, ids: np.ndarray, *, output_hidden: bool = False):
-        ...
+    def _forward(self, ids: np.ndarray, *, output_hidden: bool = False, last: bool = False):
+        """logits [S, vocab], or [1, vocab] when `last`; adds the rows computed to logit_rows."""
 
     def neuron_scores(self) -> np.ndarray:
         """CoreInfer: ffn_score.{i} of the last forward, [layers, FFN width]."""

@@ -51,11 +51,15 @@ class NativeEngine(Engine):
     def memory_bytes(self) -> int:
         return self.session.memory_bytes
 
-    def _forward(self, ids, *, output_hidden: bool = False):
+    def _forward(self, ids, *, output_hidden: bool = False, last: bool = False):
         if output_hidden != self._capturing:
             self.session.capture_hidden(output_hidden)
             self._capturing = output_hidden
-        logits = self.session.forward(ids, all_logits=True)
+        # all_logits=False: the runtime runs the vocabulary projection on the last row only
+        logits = self.session.forward(ids, all_logits=not last)
+        self.logit_rows += 1 if last else ids.size
+        if last:
+            logits = logits[None]
         self.n_past = self.session.n_past
         if output_hidden:
             return logits, self.session.hidden_states()
@@ -98,12 +102,3 @@ class NativeEngine(Engine):
         from edgeact.runtime import format_profile
 
         return format_profile(self.profile_records(), isa=self.isa)
-
-    def logits_last(self, ids) -> np.ndarray:
-        """Decode fast path: logits of the last token only (skips the other rows of the vocabulary projection)."""
-        def last(x):
-            out = self.session.forward(x, all_logits=False)
-            self.n_past = self.session.n_past
-            return out
-
-        return self.run_prompt_aware(last, ids)

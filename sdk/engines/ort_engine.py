@@ -108,7 +108,7 @@ class OrtEngine(Engine):
     def memory_bytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self._past)
 
-    def _forward(self, ids, *, output_hidden: bool = False):
+    def _forward(self, ids, *, output_hidden: bool = False, last: bool = False):
         S, P = ids.size, self.n_past
         feed = {"input_ids": ids[None], "seqlens_k": np.array([P + S - 1], dtype=np.int32),
                 "total_sequence_length": np.array(P + S, dtype=np.int32)}
@@ -128,7 +128,9 @@ class OrtEngine(Engine):
             self._scores, out = np.stack(out[-self.num_layers:]), out[:-self.num_layers]
         self._past = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.num_layers)]
         self.n_past = P + S
-        logits = out[0][0]
+        # the graph's logits output covers every row: onnxruntime computes them all
+        self.logit_rows += S
+        logits = out[0][0][-1:] if last else out[0][0]
         if output_hidden:
             return logits, np.stack([h[0] for h in out[1 + 2 * self.num_layers:]])
         return logits
