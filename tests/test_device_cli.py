@@ -252,9 +252,29 @@ def test_context_length(smollm2_int4_dir):
     (lambda m: list(m.stream("hi", stop=123)), "stop must be a string or a list of strings"),
     (lambda m: m.generate("hi", seed=-2), "seed must be a non-negative integer"),
     (lambda m: m.tokenize(5), "text must be a str"),
+    (lambda m: m.chat([{"role": "user"}]), "message 0 must be a dict with 'role' and 'content'"),
+    (lambda m: m.chat(["hi"]), "message 0 must be a dict"),
+    (lambda m: m.chat("caf\udce9"), r"message 0 \(user\): text is not valid UTF-8: byte 0xe9 at character 3"),
 ])
 def test_api_mistakes_are_value_errors(smollm2_int4_dir, call, message):
     import edgeact
 
     with pytest.raises(ValueError, match=message):
         call(edgeact.load(smollm2_int4_dir))
+
+
+def test_native_session_context_default_and_bad_values(smollm2_int4_dir):
+    from edgeact.engines import native_available
+
+    if not native_available():
+        pytest.skip("native runtime not built")
+    import edgeact
+    from edgeact.runtime import NativeModel
+
+    m = NativeModel(smollm2_int4_dir)
+    assert m.max_context == 8192 and m.session().n_ctx == edgeact.DEFAULT_N_CTX   # the C default, the same figure
+    for kw in (dict(n_ctx=-1), dict(threads=-3), dict(max_chunk=-2)):
+        with pytest.raises(ValueError, match=">= 0"):
+            m.session(**kw)
+    with pytest.raises(ValueError, match="exceeds the model's max_context 8192"):
+        m.session(n_ctx=9000)
