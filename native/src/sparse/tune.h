@@ -32,8 +32,9 @@
                              * estimate starts at the lower of the other two) */
 #define EA_TUNE_REFRESH 32  /* one call in this many takes the path not predicted */
 #define EA_TUNE_CLEAR 1.5   /* ... or in EA_TUNE_REFRESH_CLEAR when it is predicted this much slower: */
-#define EA_TUNE_REFRESH_CLEAR 256 /* a re-check costs the gap between the paths (gate/up dense at
-                             * TinyLlama 70% is 4x sparse: 2% of every token at one in 64) */
+#define EA_TUNE_REFRESH_CLEAR 256 /* a re-check costs the gap between the paths, which at high
+                             * sparsity is several times the sparse path (docs/performance.md,
+                             * "re-check interval") */
 #define EA_TUNE_FIRST_RECHECK 4
 #define EA_TUNE_RECHECK_WEIGHT 0.5 /* a re-check's share in the ratio: re-checks are rare, and a
                              * slow outlier among them only argues for the path in use */

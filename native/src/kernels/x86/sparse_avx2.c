@@ -11,11 +11,11 @@
  * accumulators start at the zero-point term, so the inner loop is loads,
  * unpacks, ands and dots. Blocks are the outer loop: the active channels'
  * rows of one block stream front to back across the thread's tiles (tiles
- * outer, touching every active row per tile, thrashed the TLB and ran 2x
- * slower) while the float accumulators stay in L1/L2, and the rows are
- * prefetched a fixed number of tiles ahead (ea_sparse_pf_at), one line per
- * two tiles. The 32-row tiles of the first version spent twice the unpacks
- * per weight and ran 10-20% slower. */
+ * outer, touching every active row per tile, thrashes the TLB) while the
+ * float accumulators stay in L1/L2, and the rows are prefetched a fixed
+ * number of tiles ahead (ea_sparse_pf_at), one line per two tiles; 64-row
+ * tiles halve the unpacks per weight of 32-row ones (docs/performance.md,
+ * "sparse tile layout"). */
 #include <float.h>
 #include <math.h>
 #include <string.h>
