@@ -170,6 +170,7 @@ def test_every_option_explains_itself_once():
     (["run", "m", "-p", "hi", "--engine", "gpu"], ["invalid choice: 'gpu'"]),
     (["run", "m"], ["give a prompt"]),
     (["run", "m", "-p", "hi", "--bogus"], ["unrecognized arguments: --bogus", "edgeact run --help"]),
+    (["run", "m", "--chat", "How do you feel?"], ["unrecognized arguments: How do you feel?", "goes after -p"]),
     (["nosuchcommand"], ["invalid choice: 'nosuchcommand'"]),
     (["steer", "compute", "m"], ["required"]),
 ])
@@ -231,8 +232,9 @@ def test_context_length(smollm2_int4_dir):
         edgeact.load(smollm2_int4_dir, n_ctx=0)
     with pytest.raises(ValueError, match="the prompt has 30 tokens and the context holds 24"):
         small.generate(list(range(1, 31)), max_new_tokens=1)
-    ort = edgeact.load(smollm2_int4_dir, engine="ort", n_ctx=24)
-    assert ort.generate(ids, max_new_tokens=100).ids == res.ids
+    ort = edgeact.load(smollm2_int4_dir, engine="ort", n_ctx=24)   # held to the same context
+    res = ort.generate(ids, max_new_tokens=100)
+    assert res.finish_reason == "context" and len(ids) + len(res.ids) == 25
     proc = cli("run", smollm2_int4_dir, "-p", "Once upon a time", "--raw", "-c", "24")
     assert proc.returncode == 0 and proc.stderr.strip() == (
         "edgeact: stopped at the end of the context (24 tokens); raise it with --ctx-size (up to 8192, the model's)")
@@ -250,9 +252,29 @@ def test_context_length(smollm2_int4_dir):
     (lambda m: list(m.stream("hi", stop=123)), "stop must be a string or a list of strings"),
     (lambda m: m.generate("hi", seed=-2), "seed must be a non-negative integer"),
     (lambda m: m.tokenize(5), "text must be a str"),
+    (lambda m: m.chat([{"role": "user"}]), "message 0 must be a dict with 'role' and 'content'"),
+    (lambda m: m.chat(["hi"]), "message 0 must be a dict"),
+    (lambda m: m.chat("caf\udce9"), r"message 0 \(user\): text is not valid UTF-8: byte 0xe9 at character 3"),
 ])
 def test_api_mistakes_are_value_errors(smollm2_int4_dir, call, message):
     import edgeact
 
     with pytest.raises(ValueError, match=message):
         call(edgeact.load(smollm2_int4_dir))
+
+
+def test_native_session_context_default_and_bad_values(smollm2_int4_dir):
+    from edgeact.engines import native_available
+
+    if not native_available():
+        pytest.skip("native runtime not built")
+    import edgeact
+    from edgeact.runtime import NativeModel
+
+    m = NativeModel(smollm2_int4_dir)
+    assert m.max_context == 8192 and m.session().n_ctx == edgeact.DEFAULT_N_CTX   # the C default, the same figure
+    for kw in (dict(n_ctx=-1), dict(threads=-3), dict(max_chunk=-2)):
+        with pytest.raises(ValueError, match=">= 0"):
+            m.session(**kw)
+    with pytest.raises(ValueError, match="exceeds the model's max_context 8192"):
+        m.session(n_ctx=9000)

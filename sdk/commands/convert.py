@@ -11,10 +11,11 @@ QUANT_DEFAULT = "source"
 
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help=COMMANDS["convert"],
-                       description="Read a llama-family checkpoint and write an ONNX model folder (model.onnx, "
+                       description="Read a checkpoint and write an ONNX model folder (model.onnx, "
                        "tokenizer.json, edgeact.json) with 4-bit/8-bit blockwise weights (MatMulNBits), a KV cache "
-                       "and steering points. Supported sources: GGUF files of llama models, Hugging Face folders "
-                       "(LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM), llama2.c checkpoints (.bin).",
+                       "and steering points. Supported sources: GGUF files (llama, qwen2, qwen3, phi3, gemma3), "
+                       "Hugging Face folders (Llama, Mistral, Qwen2, Qwen3, Phi3, Gemma2, Gemma3 ...ForCausalLM), "
+                       "llama2.c checkpoints (.bin).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="checkpoint: a .gguf file, a Hugging Face folder, or a llama2.c .bin")
     p.add_argument("-o", "--output", required=True, help="output model folder (written atomically)")
@@ -25,7 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--group-size", type=int, default=32, help="quantization block along K (32, 64 or 128: sizes every engine runs)")
     p.add_argument("--symmetric", action="store_true", help="no zero points (symmetric int4/int8)")
     p.add_argument("--lm-head", choices=QUANTS, default=None, help="lm_head precision (default int8 for int4/int8)")
-    p.add_argument("--embedding", choices=("fp32", "fp16"), default=None, help="embedding table precision")
+    p.add_argument("--embedding", choices=("fp32", "fp16", "shared"), default=None,
+                   help="embedding table precision; shared: a tied model's one quantized table, read by lm_head too")
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
                    help="MatMulNBits accuracy_level: 4 quantizes activations to int8 per block (fast path)")
     p.add_argument("--tokenizer", default=None, help="llama2.c tokenizer.bin (default: one beside the checkpoint)")
@@ -41,7 +43,7 @@ def add_parser(sub) -> None:
 def _extensions():
     """Converter options contributed by other modules (AWQ/GPTQ, activation sparsity)."""
     mods = []
-    for name in ("edgeact.converters.awq", "edgeact.converters.sparsity"):
+    for name in ("edgeact.converters.awq", "edgeact.converters.mixed", "edgeact.converters.sparsity"):
         try:
             mod = __import__(name, fromlist=["_"])
         except ImportError:

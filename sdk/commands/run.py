@@ -126,6 +126,8 @@ def run(args) -> int:
         chat = getattr(args, "chat", None)
         if chat is None:
             chat = bool(model.tokenizer.chat_template)
+            if not chat:   # a base model (e.g. Gemma 3 270M): say why the prompt is not a user turn
+                print(f"{model.folder} has no chat template: running the prompt as raw text", file=sys.stderr)
         elif chat and not model.tokenizer.chat_template:
             raise ValueError(f"--chat: {model.folder} has no chat template (drop --chat, or give --raw)")
         if chat:
