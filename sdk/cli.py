@@ -63,6 +63,8 @@ class Parser(argparse.ArgumentParser):
     help_hint = None  # the top-level parser points at the chosen command's help
 
     def error(self, message):
+        if message.startswith("unrecognized arguments") and self.help_hint in ("edgeact run", "edgeact profile"):
+            message += " (the prompt goes after -p, quoted)"
         self.exit(2, f"edgeact: error: {message} (see `{self.help_hint or self.prog} --help`)\n")
 
 

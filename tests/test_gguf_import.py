@@ -212,3 +212,36 @@ def helper_attr(attr):
     from onnx import helper
 
     return helper.get_attribute_value(attr)
+
+
+@pytest.mark.parametrize("isa", ["scalar", None])
+def test_native_float_zero_points(tmp_path, monkeypatch, isa):
+    """The native runtime runs float zero points: the integer kernels take the codes with zero
+    point 0 (their bit-exact tests cover it) and the op adds each block's minimum times the
+    block's input sum in one C loop, the same on every ISA. Against onnxruntime (float
+    activations for float zero points, where native rounds them to int8 per block) the KL
+    stays small on the scalar reference and the best ISA; a folder whose minimums are
+    dropped is ~1000x further off."""
+    import edgeact
+    from edgeact.converters.convert import convert
+    from edgeact.converters.random_model import random_source
+    from edgeact.evaluate import compare_logits
+
+    pytest.importorskip("edgeact.runtime")
+    types = {"q_proj": "Q4_1", "k_proj": "Q4_1", "v_proj": "Q4_0", "o_proj": "Q4_1", "gate_proj": "Q4_1",
+             "up_proj": "Q8_0", "down_proj": "Q4_1"}
+    base = random_source("tiny", seed=5, hidden_size=96, intermediate_size=160, num_heads=3, num_kv_heads=1,
+                         head_dim=32, tie_word_embeddings=True)
+    _write_quantized_gguf(tmp_path / "m.gguf", base, types)
+    out = convert(tmp_path / "m.gguf", tmp_path / "out", quant="source", progress=False)
+    ids = [1, 7, 42, 5, 99, 3, 250, 17, 8, 64, 2, 11]
+    for k in ("EDGEACT_ISA", "EDGEACT_NO_AVX512", "EDGEACT_NO_VNNI"):
+        monkeypatch.delenv(k, raising=False)
+    if isa:
+        monkeypatch.setenv("EDGEACT_ISA", isa)
+    got = edgeact.load(out, engine="native").forward(ids)
+    ort_logits = edgeact.load(out, engine="ort").forward(ids)
+    q = compare_logits(got, ort_logits, ids)
+    assert q.kl < 0.005 and q.top1 >= 0.9, q
+    # one token alone (decode) gives the prefill's first row
+    np.testing.assert_allclose(edgeact.load(out, engine="native").forward(ids[:1])[0], got[0], rtol=0, atol=1e-5)

@@ -80,6 +80,11 @@ typedef struct step {
     ea_qweight qw;
     int qw_ready;
     int f32act;           /* accuracy_level 0..3: float activations, file layout (no repack) */
+    /* float zero points (4-bit): the kernels run the codes with zero point 0 and run() adds
+     * each block's minimum times the block's input sum; qmin is [n_blocks][N] (block-major,
+     * so the add runs along N), qzero the zero-filled integer zero points */
+    float *qmin;
+    uint8_t *qzero;
     /* ops/gqa.c */
     int H, KVH, D, rotary;
     float scale;

@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
 def _extensions():
     """Converter options contributed by other modules (AWQ/GPTQ, activation sparsity)."""
     mods = []
-    for name in ("edgeact.converters.awq", "edgeact.converters.sparsity"):
+    for name in ("edgeact.converters.awq", "edgeact.converters.mixed", "edgeact.converters.sparsity"):
         try:
             mod = __import__(name, fromlist=["_"])
         except ImportError:
