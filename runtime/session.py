@@ -130,6 +130,11 @@ class NativeSession:
     """One decoding stream: KV cache, steering, capture and profiler state."""
 
     def __init__(self, model: NativeModel, threads: int = 0, n_ctx: int = 0, max_chunk: int = 0):
+        """threads 0: one per physical core; n_ctx 0: min(the model's max_context, 4096), the C
+        runtime's default, since the KV cache for the whole context is allocated here."""
+        for name, v in (("threads", threads), ("n_ctx", n_ctx), ("max_chunk", max_chunk)):
+            if int(v) < 0:  # the C API reads <= 0 as "default": a negative value is a mistake, not that
+                raise ValueError(f"{name} must be >= 0 (0: the default), not {v}")
         self.model = model   # keeps the model alive while the session exists
         out = ffi.new("ea_session **")
         _check(lib.ea_session_create(model._ptr, int(threads), int(n_ctx), int(max_chunk), out))

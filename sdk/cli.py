@@ -29,7 +29,7 @@ EPILOG = """examples:
 
 # Commands that cannot do anything without the converter packages (checked before their
 # parser is built, since the converter options themselves come from modules that import them).
-NEEDS_CONVERT = {"convert": ("numpy", "onnx", "torch"), "eval": ("onnx", "onnxruntime", "torch"),
+NEEDS_CONVERT = {"convert": ("onnx", "torch"), "eval": ("onnx", "onnxruntime", "torch"),
                  "sweep": ("onnx", "onnxruntime", "torch")}
 
 

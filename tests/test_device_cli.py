@@ -258,3 +258,20 @@ def test_api_mistakes_are_value_errors(smollm2_int4_dir, call, message):
 
     with pytest.raises(ValueError, match=message):
         call(edgeact.load(smollm2_int4_dir))
+
+
+def test_native_session_context_default_and_bad_values(smollm2_int4_dir):
+    from edgeact.engines import native_available
+
+    if not native_available():
+        pytest.skip("native runtime not built")
+    import edgeact
+    from edgeact.runtime import NativeModel
+
+    m = NativeModel(smollm2_int4_dir)
+    assert m.max_context == 8192 and m.session().n_ctx == edgeact.DEFAULT_N_CTX   # the C default, the same figure
+    for kw in (dict(n_ctx=-1), dict(threads=-3), dict(max_chunk=-2)):
+        with pytest.raises(ValueError, match=">= 0"):
+            m.session(**kw)
+    with pytest.raises(ValueError, match="exceeds the model's max_context 8192"):
+        m.session(n_ctx=9000)
