@@ -330,3 +330,15 @@ def test_llama_bench_is_built_from_the_llama_cpp_python_ci_installs():
     """The baseline and the interop tests must be the same llama.cpp: one pinned release."""
     ci = (Path(__file__).parents[1] / ".ci" / "run").read_text()
     assert f'"llama-cpp-python=={llamabench.LLAMA_CPP_PYTHON}"' in ci
+
+
+@needs_native
+def test_generate_row_times_the_users_path_beside_the_raw_step(tiny_folders):
+    report = bench_models([tiny_folders[0]], engines=("native", "generate"), threads=1, pp=6, tg=5, reps=2,
+                          measure_bw=False, progress=lambda *_: None)
+    m = report["models"][0]
+    gen, raw = m["engines"]["generate"], m["engines"]["native"]
+    assert len(gen["pp"]) == len(gen["tg"]) == 2 and all(v > 0 for v in gen["pp"] + gen["tg"])
+    assert gen["isa"] == raw["isa"] == report["machine"]["isa"]
+    assert set(m["generate_vs_native"]) == {"pp", "tg"}
+    assert "| generate ÷ native step |" in format_report(report)
