@@ -50,7 +50,7 @@ struct ea_session {
     /* the measured choice of prompt chunks behind a Sparsify (the dense GEMM or sparse_rows), per
      * unit as tune; a group's choice and time this chunk */
     ea_sparse_tune *ptune;
-    size_t llc_bytes;       /* last-level cache (llc_bytes in session.c): the rows path's bound */
+    size_t llc_bytes;       /* last-level cache (platform.h): the prompt-rows path's bound */
     int8_t *punit_path;
     uint64_t *punit_ns;
     int fused_owner;        /* 1 + the fused_gemv fused_y holds this token, 0 = none */
@@ -63,10 +63,9 @@ struct ea_session {
                                             * calls that had the choice */
 };
 
-int ea_physical_cores(void);
 /* Rows of a GroupQueryAttention step's cache for a session of n_ctx (ops/gqa.c). */
 int ea_gqa_capacity(const step *st, int n_ctx);
-/* CoreInfer: rebuild / drop the kept-row copies of gate/up for a NeuronMask layer (session.c). */
+/* CoreInfer: rebuild / drop the kept-row copies of gate/up for a NeuronMask layer (sparse/kept.c). */
 int ea_session_prepare_kept(ea_session *ss, int layer);
 void ea_session_drop_kept(ea_session *ss, int si);
 
