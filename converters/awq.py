@@ -25,7 +25,7 @@ from .quantize import FP16_MAX, FP16_NORMAL_MIN
 
 ALPHAS = np.linspace(0.0, 1.0, 21)[:-1]      # 0, 0.05, ..., 0.95 (α=0 is plain RTN)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
-METHODS = ("rtn", "awq")
+METHODS = ("rtn", "awq", "imatrix")
 
 
 def fp16_exact(scale: torch.Tensor) -> torch.Tensor:
@@ -259,7 +259,9 @@ def _awq(src: SourceModel, *, bits: int = 4, group_size: int = 128, symmetric: b
 def add_convert_args(parser) -> None:
     g = parser.add_argument_group("quantization method")
     g.add_argument("--method", choices=METHODS, default="rtn",
-                   help="rtn: round to nearest; awq: activation-aware scaling (+ clipping) on calibration text")
+                   help="rtn: round to nearest; awq: activation-aware scaling (+ clipping) on calibration text; "
+                   "imatrix: int4 with float zero points, each block's scale and minimum searched for the lowest "
+                   "error weighted by the input's mean square on calibration text")
     if "--calib" not in parser._option_string_actions:
         g.add_argument("--calib", default=None, metavar="FILE",
                        help="calibration text (default: text the fp32 model samples itself, fixed seed)")
@@ -277,6 +279,18 @@ def convert_kwargs(args, source, kw):
     from .readers import ensure_source
 
     src = ensure_source(source, kw)
+    if args.method == "imatrix":
+        if kw["quant"] != "int4" or kw["symmetric"]:
+            raise ConversionError("--method imatrix writes int4 with float zero points: not with --quant int8 "
+                                  "or --symmetric")
+        from .imatrix import imatrix_override
+
+        override, report = imatrix_override(src, group_size=kw["group_size"], calib_file=args.calib,
+                                            calib_tokens=args.calib_tokens, progress=kw.get("progress", True))
+        kw["linear_override"] = {**override, **(kw.get("linear_override") or {})}
+        kw["method"] = "imatrix"
+        kw["calibration"] = report
+        return src, kw
     new, report = awq_transform(src, bits=4 if kw["quant"] == "int4" else 8, group_size=kw["group_size"],
                                 symmetric=kw["symmetric"], calib_file=args.calib, calib_tokens=args.calib_tokens,
                                 clip=args.awq_clip, progress=kw.get("progress", True))

@@ -252,6 +252,9 @@ def test_context_length(smollm2_int4_dir):
     (lambda m: list(m.stream("hi", stop=123)), "stop must be a string or a list of strings"),
     (lambda m: m.generate("hi", seed=-2), "seed must be a non-negative integer"),
     (lambda m: m.tokenize(5), "text must be a str"),
+    (lambda m: m.chat([{"role": "user"}]), "message 0 must be a dict with 'role' and 'content'"),
+    (lambda m: m.chat(["hi"]), "message 0 must be a dict"),
+    (lambda m: m.chat("caf\udce9"), r"message 0 \(user\): text is not valid UTF-8: byte 0xe9 at character 3"),
 ])
 def test_api_mistakes_are_value_errors(smollm2_int4_dir, call, message):
     import edgeact

@@ -245,3 +245,26 @@ def test_native_float_zero_points(tmp_path, monkeypatch, isa):
     assert q.kl < 0.005 and q.top1 >= 0.9, q
     # one token alone (decode) gives the prefill's first row
     np.testing.assert_allclose(edgeact.load(out, engine="native").forward(ids[:1])[0], got[0], rtol=0, atol=1e-5)
+
+
+def test_gemma3_tensors_import(gemma3_gguf):
+    """The real Gemma 3 270M Q4_K_M file: every Q4_K, Q5_0 and Q8_0 tensor bit for bit as gguf
+    dequantizes it; Q6_K within half an 8-bit step of each 32-block's range, with a note."""
+    N_CHECK = {"Q4_K": 3, "Q5_0": 3, "Q8_0": 2, "Q6_K": 2}
+    reader = gguf.GGUFReader(str(gemma3_gguf))
+    for t in reader.tensors:
+        name = t.tensor_type.name
+        if len(t.shape) != 2 or not N_CHECK.get(name) or t.name.startswith("token_embd"):
+            continue
+        N_CHECK[name] -= 1
+        N, K = (int(d) for d in reversed(t.shape))
+        im = import_weight(t.data, t.tensor_type, (N, K))
+        ref = gguf_dequantize(t.data, t.tensor_type).reshape(N, K)
+        got = dequantize(im.qw)
+        if name == "Q6_K":
+            assert not im.exact and "re-rounded" in im.note
+            step = np.abs(ref).reshape(N, -1, 32).max(-1, keepdims=True) / 127
+            assert np.all(np.abs(got - ref).reshape(N, -1, 32) <= step * 0.5 * (1 + 1e-5) + 1e-12)
+        else:
+            assert im.exact and np.array_equal(got, ref), (t.name, im.note)
+    assert not any(N_CHECK.values()), N_CHECK
