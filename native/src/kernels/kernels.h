@@ -1,6 +1,6 @@
 /* edgeact compute kernels: the one header the executor uses.
  *
- * API notes for native-core (keep in sync with the report):
+ * Conventions:
  *  - Every kernel takes an ea_kctx (ISA + optional thread pool + scratch).
  *    One ea_kctx must not be used by two threads at once.
  *  - Functions returning int return EA_KOK (0) or a negative EA_KERR_*;
