@@ -131,3 +131,20 @@ def test_aarch64_cli_under_qemu(tmp_path, shape, kw):
     got = _tokens(["qemu-aarch64", "-cpu", "max", str(tmp_path / "edgeact-cli-aarch64"), str(folder), "-n", "30",
                    "1", "5", "7"])
     assert got == want
+
+
+def test_chat_session_starts_over_when_the_window_is_gone(tmp_path):
+    """A conversation whose prefix diverges further back than a sliding cache holds prefills again
+    from the start (the native engine refuses that truncation) and gives onnxruntime's logits."""
+    import edgeact
+
+    src = random_source("gemma3-tiny", seed=1, max_position_embeddings=512)
+    folder = convert(src, tmp_path / "g", quant="fp32", progress=False)
+    native, ref = edgeact.load(folder, engine="native"), OrtRef(folder)
+    sess = native.session()
+    ids = _ids(300, 120, seed=8).tolist()
+    sess.prefill(ids)
+    other = ids[:40] + _ids(300, 20, seed=9).tolist()
+    got = sess.prefill(other)
+    assert sess.last["cached_tokens"] == 0
+    assert np.abs(got - ref.forward(np.array(other))[-1]).max() <= 1e-3
