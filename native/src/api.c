@@ -10,7 +10,9 @@
 #include <sys/mman.h>
 
 #include "../include/edgeact.h"
+#include "../include/edgeact_tools.h"
 #include "model.h"
+#include "platform.h"
 #include "session.h"
 #include "weights.h"
 
@@ -21,6 +23,13 @@ void ea_session_destroy(ea_session *ss);
 static _Thread_local ea_err last_err;
 
 const char *ea_last_error(void) { return last_err.msg; }
+const char *ea_default_isa(void) {
+    ea_settings set;
+    ea_settings_read(&set);
+    ea_isa isa;
+    return ea_isa_choose(set.isa, set.no_avx512, set.no_vnni, &isa) ? NULL : ea_isa_name(isa);
+}
+
 const char *ea_version(void) { return "0.2.0"; } /* 0.2: ea_profile_record gained sparse_calls, sparse_eligible */
 
 static int fail(int code, const char *fmt, const char *arg) {
@@ -32,7 +41,12 @@ static int fail(int code, const char *fmt, const char *arg) {
 
 static int load_common(ea_model *m, const char *dir, ea_model **out) {
     ea_err err = {{0}};
-    int rc = ea_isa_select(&m->isa);
+    ea_settings set;
+    ea_settings_read(&set);
+    m->sparse_always = set.sparse_always;
+    m->sparse_static = set.sparse_static;
+    m->sparse_lowmem = m->sparse_lowmem || set.sparse_lowmem;
+    int rc = ea_isa_choose(set.isa, set.no_avx512, set.no_vnni, &m->isa);
     if (rc) {
         snprintf(last_err.msg, sizeof last_err.msg, "EDGEACT_ISA: %s", ea_kernels_strerror(rc));
         rc = EA_ERR_KERNEL;
@@ -433,7 +447,7 @@ int ea_bench_qmatmul_create(int K, int N, int bits, int block_size, const uint8_
     memcpy(b->B, B, nB);
     memcpy(b->scales, scales, fb.scales);
     if (b->zp) memcpy(b->zp, zero_points, nz);
-    int threads = n_threads > 0 ? n_threads : ea_physical_cores();
+    int threads = n_threads > 0 ? n_threads : ea_platform()->physical_cores;
     if (threads > 1 && !(b->pool = shared_pool_get(threads))) {
         ea_bench_qmatmul_free(b);
         return fail(EA_ERR_NOMEM, "%s", "cannot start threads");

@@ -26,8 +26,7 @@ static void count_uses(ea_model *m, int *uses) {
 
 /* Sigmoid(g) → Mul(g, sig) → Mul(·, u) becomes one SiluMul(g, u) when the intermediates have
  * no other use; a Sigmoid(g) → Mul(g, sig) that does not feed one becomes SiLU alone (CATS
- * sparsifies it before the gate·up Mul; as a scalar expf loop it was 2% of a TinyLlama-shape
- * token). */
+ * sparsifies it before the gate·up Mul; docs/performance.md, "SiLU"). */
 static void fuse_silu(ea_model *m, int *uses) {
     for (int s = 0; s < m->n_steps; s++) {
         step *sg = &m->steps[s];
@@ -86,7 +85,7 @@ static void mark_direct_fused(ea_model *m) {
 /* The file layout of st's weight (rows contiguous) in one allocation of its own, for the
  * output-row kernel: the file's pages were released after the repack, and read back at
  * random through 4 KB pages of the mapping the rows kernel ran at half the dense GEMV's
- * speed (TLB misses, page faults) where the copy runs 1.4x faster at half the rows. */
+ * speed (TLB misses, page faults); docs/performance.md, "CATS row copy". */
 static int rows_copy(ea_model *m, step *st) {
     const ea_qweight *w = &st->qw;
     if (!w->packed) return 0; /* no repack (scalar isa): the kernels read the file layout anyway */

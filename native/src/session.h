@@ -49,7 +49,7 @@ struct ea_session {
     /* the measured choice of prompt chunks behind a Sparsify (the dense GEMM or sparse_rows), per
      * unit as tune; a group's choice and time this chunk */
     ea_sparse_tune *ptune;
-    size_t llc_bytes;       /* last-level cache (llc_bytes in session.c): the rows path's bound */
+    size_t llc_bytes;       /* last-level cache (platform.h): the prompt-rows path's bound */
     int8_t *punit_path;
     uint64_t *punit_ns;
     int fused_owner;        /* 1 + the fused_gemv fused_y holds this token, 0 = none */
@@ -62,8 +62,7 @@ struct ea_session {
                                             * calls that had the choice */
 };
 
-int ea_physical_cores(void);
-/* CoreInfer: rebuild / drop the kept-row copies of gate/up for a NeuronMask layer (session.c). */
+/* CoreInfer: rebuild / drop the kept-row copies of gate/up for a NeuronMask layer (sparse/kept.c). */
 int ea_session_prepare_kept(ea_session *ss, int layer);
 void ea_session_drop_kept(ea_session *ss, int si);
 
