@@ -27,6 +27,7 @@ ALIGN = 64
 # Above this, weights go to model.onnx.data: protobuf raw_data is unaligned, so the native runtime
 # would have to copy every tensor it reads in place (the fp16 embedding, fp32 weights).
 _EXTERNAL_MIN = 16 * 1024**2
+DEFAULT_MAX_CONTEXT = 8192   # positions the rope caches cover unless --max-context says more
 GQA_HEAD_MULTIPLE = 16   # onnxruntime's CPU GroupQueryAttention rejects other head sizes
 
 
@@ -440,7 +441,9 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
         raise ConversionError(f"accuracy_level must be 0..4, got {accuracy_level}")
     if cfg.num_heads % cfg.num_kv_heads:
         raise ConversionError(f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}")
-    max_context = int(max_context or cfg.max_position_embeddings)
+    # by default at most DEFAULT_MAX_CONTEXT: the rope caches take 4 * head_dim bytes per position
+    # (twice with sliding layers' own), 67 MB of Gemma 3 270M's folder at its 32768 positions
+    max_context = int(max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT))
     if max_context < 1:
         raise ConversionError(f"max_context must be positive, got {max_context}")
     check_family(cfg)

@@ -89,7 +89,11 @@ class Session:
         n = min(n, len(ids) - 1)  # the last token always runs: its logits start the reply
         if eng.core_keep is not None:
             n = 0  # CoreInfer chooses its neuron set from the whole prompt
-        eng.truncate(n)
+        try:
+            eng.truncate(n)
+        except ValueError:  # a sliding-window cache no longer holds the positions before n: start over
+            n = 0
+            eng.reset()
         del self.ids[n:], self._keys[n:]
         self.last = {"cached_tokens": n, "prefilled_tokens": len(ids) - n}
         logits = eng.forward(np.asarray(ids[n:], dtype=np.int64), logits="last")[-1]

@@ -182,6 +182,18 @@ int ea_session_truncate(ea_session *ss, int n_past) {
         snprintf(last_err.msg, sizeof last_err.msg, "truncate to %d: the cache holds %d tokens", n_past, ss->n_past);
         return EA_ERR_ARG;
     }
+    /* a sliding layer's cache holds positions kv_base.. only: the next query needs its window */
+    for (int s = 0; s < ss->m->n_steps; s++) {
+        const step *st = &ss->m->steps[s];
+        if (st->op != OP_GQA || !st->window || n_past == 0) continue;
+        const int need = n_past - st->window + 1 > 0 ? n_past - st->window + 1 : 0;
+        if (ss->kv_base[st->layer] > need) {
+            snprintf(last_err.msg, sizeof last_err.msg,
+                     "truncate to %d: a sliding-window layer keeps only positions %d.. of its %d-token window "
+                     "(reset instead)", n_past, ss->kv_base[st->layer], st->window);
+            return EA_ERR_ARG;
+        }
+    }
     ss->n_past = n_past; /* rows at and past n_past are overwritten by the next forward */
     return EA_OK;
 }
@@ -191,7 +203,8 @@ uint64_t ea_session_memory_bytes(const ea_session *ss) {
     const ea_model *m = ss->m;
     uint64_t b = 0, C = (uint64_t)ss->max_chunk;
     for (int s = 0; s < m->n_steps; s++)
-        if (m->steps[s].op == OP_GQA) b += 2 * sizeof(float) * (uint64_t)m->steps[s].KVH * ss->n_ctx * m->steps[s].D;
+        if (m->steps[s].op == OP_GQA)
+            b += 2 * sizeof(float) * (uint64_t)m->steps[s].KVH * ea_gqa_capacity(&m->steps[s], ss->n_ctx) * m->steps[s].D;
     for (int i = 0; i < m->n_slots; i++) b += sizeof(float) * C * (uint64_t)m->slot_width[i];
     b += sizeof(float) * C * ((uint64_t)m->max_q_width + m->max_kv_width);
     return b;

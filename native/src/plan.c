@@ -332,6 +332,9 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
     }
     for (int s = 0; s < m->n_steps; s++)
         if (m->steps[s].op == OP_GATHER && !m->hidden) m->hidden = m->steps[s].N;
+    /* a lookup in a block-quantized table gives rows padded to whole blocks: the first norm reads the hidden state */
+    for (int s = 0; s < m->n_steps && !m->hidden; s++)
+        if (m->steps[s].op == OP_RMSNORM) m->hidden = m->values[m->steps[s].in[0]].width;
     if (m->n_steer && m->n_hidden == 0) {
         ea_fail(err, "Steer nodes present but no hidden.{i} outputs");
         goto done;

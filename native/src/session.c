@@ -107,6 +107,7 @@ void ea_session_destroy(ea_session *ss) {
     free(ss->slots);
     free(ss->k_cache);
     free(ss->v_cache);
+    free(ss->kv_base);
     free(ss->steer_add);
     free(ss->steer_ablate);
     free(ss->steer_R);
@@ -185,6 +186,7 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     const size_t C = (size_t)ss->max_chunk;
     ss->slots = calloc((size_t)m->n_slots + 1, sizeof(float *));
     ss->k_cache = calloc((size_t)m->n_gqa, sizeof(float *));
+    ss->kv_base = calloc((size_t)m->n_gqa + 1, sizeof(int));
     ss->v_cache = calloc((size_t)m->n_gqa, sizeof(float *));
     ss->steer_add = calloc((size_t)m->n_steer + 1, sizeof(float *));
     ss->steer_ablate = calloc((size_t)m->n_steer + 1, sizeof(float *));
@@ -242,7 +244,7 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     for (int s = 0; s < m->n_steps; s++)
         if (m->steps[s].op == OP_STEER && m->steps[s].def_R > max_R) max_R = m->steps[s].def_R;
     ss->coef = malloc(sizeof(float) * (size_t)(max_R > m->hidden ? max_R : m->hidden + 1));
-    if (!ss->slots || !ss->k_cache || !ss->v_cache || !ss->steer_add || !ss->steer_ablate || !ss->steer_R ||
+    if (!ss->slots || !ss->k_cache || !ss->v_cache || !ss->kv_base || !ss->steer_add || !ss->steer_ablate || !ss->steer_R ||
         !ss->ids || !ss->qbuf || !ss->kbuf || !ss->exec_steps || !ss->prof_ns || !ss->prof_calls || !ss->prof_bytes ||
         !ss->coef)
         return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
@@ -253,7 +255,7 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
         const step *st = &m->steps[s];
         if (st->op != OP_NOP) ss->exec_steps[ss->n_exec++] = s;
         if (st->op != OP_GQA) continue;
-        size_t kvn = (size_t)st->KVH * (size_t)ss->n_ctx * (size_t)st->D;
+        size_t kvn = (size_t)st->KVH * (size_t)ea_gqa_capacity(st, ss->n_ctx) * (size_t)st->D;
         ss->k_cache[st->layer] = calloc(kvn, sizeof(float));
         ss->v_cache[st->layer] = calloc(kvn, sizeof(float));
         if (!ss->k_cache[st->layer] || !ss->v_cache[st->layer])

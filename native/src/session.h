@@ -12,7 +12,8 @@ struct ea_session {
     float **slots;          /* [n_slots][max_chunk * slot_width] */
     int64_t *ids;           /* one chunk of token ids */
     float *qbuf, *kbuf;     /* rotated queries / keys of one chunk */
-    float **k_cache, **v_cache; /* per GQA node: [kv_heads, n_ctx, head_dim] */
+    float **k_cache, **v_cache; /* per GQA node: [kv_heads, ea_gqa_capacity rows, head_dim] */
+    int *kv_base;           /* per GQA node: the position its cache row 0 holds (sliding layers move it) */
     float **steer_add, **steer_ablate; /* per steering layer, NULL when unset */
     int *steer_R;
     float *coef;            /* ablation coefficients of one row */
@@ -62,6 +63,8 @@ struct ea_session {
                                             * calls that had the choice */
 };
 
+/* Rows of a GroupQueryAttention step's cache for a session of n_ctx (ops/gqa.c). */
+int ea_gqa_capacity(const step *st, int n_ctx);
 /* CoreInfer: rebuild / drop the kept-row copies of gate/up for a NeuronMask layer (sparse/kept.c). */
 int ea_session_prepare_kept(ea_session *ss, int layer);
 void ea_session_drop_kept(ea_session *ss, int si);

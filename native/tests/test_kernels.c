@@ -950,6 +950,36 @@ static int run_sparse_file(const char *in, const char *out) {
     return 0;
 }
 
+/* GELU, tanh form: each ISA's variant (and its split over a pool) against float64 math and the
+ * scalar reference; exp_neg's ~2e-7 relative error gives ~1e-6 of |x| at most. */
+static void test_gelu(ea_isa isa) {
+    enum { N = 40000 + 13 };
+    ea_pool *pool = ea_pool_create(2);
+    ea_kctx ctx;
+    ea_kctx_init(&ctx, isa, pool);
+    float *x = malloc(sizeof(float) * N), *y = malloc(sizeof(float) * N), *r = malloc(sizeof(float) * N);
+    static const float edge[] = {0.0f, -0.0f, 1e-30f, -1e-30f, 1e-4f, -1e-4f, 3.0f, -3.0f, 10.0f, -10.0f, 50.0f, -50.0f,
+                                 1e10f, -1e10f};
+    const int n_edge = (int)(sizeof edge / sizeof edge[0]);
+    for (int i = 0; i < N; i++) x[i] = i < n_edge ? edge[i] : rndf() * (i % 7 ? 4.0f : 20.0f);
+    ea_gelu_tanh(&ctx, x, N, y);
+    ea_gelu_tanh_scalar(x, N, r);
+    int bad = -1;
+    for (int i = 0; i < N && bad < 0; i++) {
+        const double v = x[i], ref = 0.5 * v * (1.0 + tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+        const double tol = 1e-6 * (1.0 + fabs(v));
+        if (!(fabs(y[i] - ref) <= tol && fabs(r[i] - ref) <= tol)) bad = i;
+    }
+    CHECK(bad < 0, "gelu %s: i=%d x=%g got %.9g scalar %.9g", ea_isa_name(isa), bad, bad < 0 ? 0.0 : x[bad],
+          bad < 0 ? 0.0 : y[bad], bad < 0 ? 0.0 : r[bad]);
+    x[0] = NAN;
+    ea_gelu_tanh(&ctx, x, 9, y); /* a vector and a tail */
+    CHECK(isnan(y[0]), "gelu %s: NaN in, NaN out", ea_isa_name(isa));
+    free(x); free(y); free(r);
+    ea_kctx_release(&ctx);
+    ea_pool_destroy(pool);
+}
+
 int main(int argc, char **argv) {
     if (argc == 4 && strcmp(argv[1], "--qmatmul") == 0) return run_qmatmul_file(argv[2], argv[3]);
     if (argc == 4 && strcmp(argv[1], "--sparse") == 0) return run_sparse_file(argv[2], argv[3]);
@@ -1000,6 +1030,7 @@ int main(int argc, char **argv) {
             test_sparse_concat(isa, pools[p], even);
         }
         test_small_ops(isa);
+        test_gelu(isa);
         test_sparsify(isa);
     }
     ea_pool_destroy(pool);

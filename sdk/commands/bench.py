@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
                         "llama-cpp-python release (cmake from PyPI, native CPU flags, 2 jobs, about ten minutes), "
                         "cached under ~/.cache/edgeact, then exit")
     p.add_argument("--shape", action="append", default=[],
-                   help="random-weight model of this shape (tiny, smollm2-135m, tinyllama-1.1b, llama-7b), cached")
+                   help="random-weight model of this shape (tiny, smollm2-135m, tinyllama-1.1b, llama-7b, gemma3-270m, "
+                        "qwen3-0.6b, llama3.2-1b), cached")
     p.add_argument("--quant", default="int4", help="quantization for --shape models")
     p.add_argument("--group-size", type=int, default=32, help="group size for --shape models")
     p.add_argument("--engines", default="native,generate,ort,llama.cpp",

@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
                    help="MatMulNBits accuracy_level: 4 quantizes activations to int8 per block (fast path)")
     p.add_argument("--tokenizer", default=None, help="llama2.c tokenizer.bin (default: one beside the checkpoint)")
-    p.add_argument("--max-context", type=int, default=None, help="context length the rope caches cover")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="context length the rope caches cover (default: the model's, at most 8192)")
     p.add_argument("--external-data", action="store_true", help="weights in model.onnx.data, 64-byte aligned (automatic above 16 MiB)")
     p.add_argument("--no-steering", action="store_true", help="omit the steering points")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

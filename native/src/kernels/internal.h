@@ -182,7 +182,7 @@ static inline int ea_is_simd(ea_isa isa) { return isa != EA_ISA_SCALAR; }
  * ea_kctx_init binds it): the drivers (qmatmul.c, sparse.c, fmatmul.c, qmatmul_f32act.c,
  * transformer.c) split the work over threads and call these, never an ISA's function by
  * name. Every entry of every variant gives the bits of the scalar reference (ref/), except
- * the float kernels (matmul, attention, silu, dot), which hold a stated tolerance. */
+ * the float kernels (matmul, attention, silu, gelu, dot), which hold a stated tolerance. */
 typedef struct ea_kernel_table {
     ea_isa isa;
     int (*available)(void); /* this CPU runs it (CPUID, HWCAP) */
@@ -202,6 +202,7 @@ typedef struct ea_kernel_table {
     void (*attention_row)(const float *q, const float *kc, const float *vc, int hd, int L, float scale, float *sc,
                           float *out);
     void (*silu_mul)(const float *g, const float *u, size_t n, float *y); /* u NULL: SiLU alone */
+    void (*gelu_tanh)(const float *x, size_t n, float *y);                /* Gelu(approximate="tanh") */
     /* activation sparsity: Sparsify's rule on one row; the active entries quantized (and, for
      * the x86 kernels, grouped in quads); tiles [t0, t1) of the input-sparse GEMV; listed
      * output rows of the dense product from the file layout */
@@ -266,6 +267,7 @@ void ea_f16_row_avx2(const uint16_t *src, float *dst, size_t n);
 void ea_attention_row_avx2(const float *q, const float *kc, const float *vc, int hd, int L, float scale, float *sc,
                            float *out);
 void ea_silu_mul_avx2(const float *g, const float *u, size_t n, float *y);
+void ea_gelu_tanh_avx2(const float *x, size_t n, float *y);
 int ea_sparsify_avx2(const float *x, const float *thr, int thr_step, const float *col_scale, int n, float *y,
                      int32_t *active);
 void ea_sparse_prep_avx2(const float *x, int bs, const int32_t *active, int n_active, size_t row_bytes,

@@ -1,6 +1,6 @@
 /* edgeact compute kernels: the one header the executor uses.
  *
- * API notes for native-core (keep in sync with the report):
+ * Conventions:
  *  - Every kernel takes an ea_kctx (ISA + optional thread pool + scratch).
  *    One ea_kctx must not be used by two threads at once.
  *  - Functions returning int return EA_KOK (0) or a negative EA_KERR_*;
@@ -166,6 +166,10 @@ int ea_attention(ea_kctx *ctx, const float *q, int S, int H, int hd,
                  const float *k_cache, const float *v_cache, int kv_heads, int capacity,
                  int pos0, float scale, float *out);
 
+/* y = GELU(x), tanh form (Gelu approximate="tanh"); y may alias x. ea_gelu_tanh_scalar is the
+ * reference every ISA's variant holds within 1e-6 (absolute, plus 1e-6 relative). */
+void ea_gelu_tanh(const ea_kctx *ctx, const float *x, size_t n, float *y);
+void ea_gelu_tanh_scalar(const float *x, size_t n, float *y);
 /* y = silu(g) * u = g * sigmoid(g) * u (y may alias g or u); u NULL: y = silu(g). */
 void ea_silu_mul(const ea_kctx *ctx, const float *g, const float *u, size_t n, float *y);
 /* y = a + b elementwise, same length (y may alias a or b). */

@@ -129,6 +129,22 @@ void ea_silu_mul(const ea_kctx *ctx, const float *g, const float *u, size_t n, f
     ea_pool_run(ctx->pool, silu_task, &j, j.n_tasks);
 }
 
+static void gelu_task(void *arg, int task, int thread) {
+    (void)thread;
+    const ew_job *j = arg;
+    const size_t a = j->n * task / j->n_tasks, b = j->n * (task + 1) / j->n_tasks;
+    j->k->gelu_tanh(j->x + a, b - a, j->y + a);
+}
+
+void ea_gelu_tanh(const ea_kctx *ctx, const float *x, size_t n, float *y) {
+    if (n < EA_ELEMWISE_PARALLEL) {
+        ctx->k->gelu_tanh(x, n, y);
+        return;
+    }
+    ew_job j = {x, NULL, NULL, y, 0, 0, 0.0f, n, ctx->k, 8};
+    ea_pool_run(ctx->pool, gelu_task, &j, j.n_tasks);
+}
+
 void ea_add(const ea_kctx *ctx, const float *a, const float *b, size_t n, float *y) {
     (void)ctx;
     for (size_t i = 0; i < n; i++) y[i] = a[i] + b[i];

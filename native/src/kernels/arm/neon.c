@@ -23,6 +23,7 @@ const ea_kernel_table ea_kernels_neon = {
     .f16_row = ea_f16_row_neon,
     .attention_row = ea_attention_row_scalar,
     .silu_mul = ea_silu_mul_scalar,
+    .gelu_tanh = ea_gelu_tanh_scalar,
     .sparsify = ea_sparsify_neon,
     .sparse_prep = sparse_prep,
     .sparse_tiles = ea_sparse_tiles_neon,

@@ -107,6 +107,14 @@ void ea_attention_row_scalar(const float *q, const float *kc, const float *vc, i
     for (int i = 0; i < hd; i++) out[i] *= inv;
 }
 
+/* GELU, tanh form (Gemma's gelu_pytorch_tanh), with libm's tanhf. */
+void ea_gelu_tanh_scalar(const float *x, size_t n, float *y) {
+    for (size_t i = 0; i < n; i++) {
+        const float v = x[i];
+        y[i] = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    }
+}
+
 void ea_silu_mul_scalar(const float *g, const float *u, size_t n, float *y) {
     for (size_t i = 0; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * (u ? u[i] : 1.0f);
 }

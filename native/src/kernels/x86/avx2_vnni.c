@@ -17,6 +17,7 @@ const ea_kernel_table ea_kernels_avx2_vnni = {
     .f16_row = ea_f16_row_avx2,
     .attention_row = ea_attention_row_avx2,
     .silu_mul = ea_silu_mul_avx2,
+    .gelu_tanh = ea_gelu_tanh_avx2,
     .sparsify = ea_sparsify_avx2,
     .sparse_prep = ea_sparse_prep_avx2,
     .sparse_tiles = ea_sparse_tiles_avx2_vnni,

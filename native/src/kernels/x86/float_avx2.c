@@ -179,6 +179,23 @@ AVX2 void ea_silu_mul_avx2(const float *g, const float *u, size_t n, float *y) {
     else silu_body(g, NULL, n, y, 0);
 }
 
+/* ---- GELU, tanh form ---- */
+/* tanh(z) = sign(z) (1 - e) / (1 + e) with e = exp(-2|z|), exp_neg's domain. */
+AVX2 void ea_gelu_tanh_avx2(const float *x, size_t n, float *y) {
+    const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f), sign = _mm256_set1_ps(-0.0f);
+    const __m256 c = _mm256_set1_ps(0.7978845608028654f), k = _mm256_set1_ps(0.044715f), m2 = _mm256_set1_ps(-2.0f);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m256 z = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k, v), _mm256_mul_ps(v, v), v));
+        const __m256 e = exp_neg(_mm256_mul_ps(m2, _mm256_andnot_ps(sign, z)));
+        const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+        const __m256 tz = _mm256_or_ps(t, _mm256_and_ps(sign, z)); /* tanh(|z|) with z's sign */
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, tz)));
+    }
+    ea_gelu_tanh_scalar(x + i, n - i, y + i);
+}
+
 /* ---- float MatMul and fp16 rows ---- */
 __attribute__((target("avx2,fma,f16c"))) void ea_f16_row_avx2(const uint16_t *s, float *d, size_t n) {
     size_t i = 0;
