@@ -180,16 +180,16 @@ def mixed_plan(src: SourceModel, *, target_bpw: float | None = None, max_bytes: 
         w = src.load(key)
         N, K = w.shape
         imp = moments[_input_of(name)].astype(np.float64)
-        points = []
+        points = []   # the source's own blocks first: kept over a format that ties with them
+        if key in src.quantized:
+            im = src.quantized[key]()
+            err = 0.0 if im.exact else float(((dequantize(im.qw) - w) ** 2 @ imp).sum())
+            points.append((SOURCE_FORMAT, im.qw.nbytes, err))
         for label in formats:
             if shared_embedding and name == "lm_head.weight" and FORMATS[label][2] == "float":
                 continue   # the lookup (GatherBlockQuantized) takes integer zero points only
             err = float(((dequantize(quantize_as(w, label)) - w) ** 2 @ imp).sum())
             points.append((label, format_bytes(label, N, K), err))
-        if key in src.quantized:
-            im = src.quantized[key]()
-            err = 0.0 if im.exact else float(((dequantize(im.qw) - w) ** 2 @ imp).sum())
-            points.append((SOURCE_FORMAT, im.qw.nbytes, err))
         choices.append(Choice(name, N, K, _hull(points)))
     n_weights = sum(c.N * c.K for c in choices)
     budget = int(target_bpw * n_weights / 8) if target_bpw is not None else int(max_bytes) - int(fixed_bytes)
@@ -245,7 +245,7 @@ def convert_kwargs(args, source, kw):
         # a shared embedding is lm_head's table, priced with the linears
         fixed = int((0 if emb == "shared" else _weight_bytes(c.vocab_size * c.hidden_size, emb, 32))
                     + 4.0 * (ctx * c.head_dim + c.num_layers * 4 * c.hidden_size + c.hidden_size)
-                    + 2048 * (c.num_layers + 1) + 16384)   # the graph itself: nodes, names, attributes
+                    + 8192 * (c.num_layers + 1) + 65536)   # the graph itself, alignment padding
     override, report = mixed_plan(src, target_bpw=target, shared_embedding=kw.get("embedding") == "shared", max_bytes=None if max_mb is None else int(max_mb * 1e6),
                                   fixed_bytes=fixed, calib_file=getattr(args, "calib", None),
                                   calib_tokens=min(getattr(args, "calib_tokens", 512) or 512, 1024),
