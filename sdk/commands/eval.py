@@ -19,21 +19,46 @@ def add_parser(sub) -> None:
     p.add_argument("--text", default=None, help="evaluation text file (default: text sampled from the reference)")
     p.add_argument("--tokens", type=int, default=256, help="number of tokens evaluated")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled text")
-    p.add_argument("--engine", choices=("ort", "native", "auto"), default="ort")
+    p.add_argument("--engine", choices=("ort", "native", "auto"), default="ort",
+                   help="engine that runs the folders: ort (onnxruntime, the reference), native, or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def read_text(path, what: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} {p} not found" if not p.exists() else f"{what} {p} is not a file")
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {p} is not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}") from None
+
+
 def run(args) -> int:
+    from edgeact.engines.base import read_meta
+
+    if args.tokens < 2:
+        raise ValueError(f"--tokens must be at least 2, not {args.tokens}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, not {args.seed}")
+    metas = [read_meta(folder) for folder in args.models]   # a wrong folder fails before the reference is built
+    text = read_text(args.text, "evaluation text") if args.text else None
+    from tqdm import tqdm
+
     from edgeact.evaluate import Reference
 
-    text = Path(args.text).read_text() if args.text else None
-    ref = Reference(args.ref, text=text, n_tokens=args.tokens, seed=args.seed)
+    progress = not (args.quiet or args.json)
+    ref = Reference(args.ref, text=text, n_tokens=args.tokens, seed=args.seed, progress=progress)
     rows = []
-    for folder in args.models:
+    bar = tqdm(list(zip(args.models, metas)), desc="evaluating", unit="folder", disable=not progress)
+    for folder, meta in bar:
+        bar.set_postfix_str(Path(folder).name)
         q = ref.compare(folder, engine=args.engine)
-        meta = json.loads((Path(folder) / "edgeact.json").read_text())
         rows.append({"model": folder, "quantization": meta.get("quantization"), "sparsity": meta.get("sparsity"),
                      **q.to_dict()})
+    bar.close()
     if args.json:
         print(json.dumps({"reference": args.ref, "engine": args.engine,
                           "tokens": "text" if text else f"sampled (seed {args.seed})", "results": rows}, indent=2))

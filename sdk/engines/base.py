@@ -29,7 +29,7 @@ def read_meta(folder) -> dict:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
-    if meta.get("format") != "edgeact-model":
+    if not isinstance(meta, dict) or meta.get("format") != "edgeact-model":
         raise ValueError(f"{meta_path} is not an edgeact model description")
     return meta
 
