@@ -164,4 +164,3 @@ def awq_transform(src: SourceModel, *, bits: int = 4, group_size: int = 128, sym
     new = SourceModel(cfg, out, tokenizer_json=src.tokenizer_json, chat_template=src.chat_template,
                       add_bos_token=src.add_bos_token, provenance=dict(src.provenance))
     return new, report
-

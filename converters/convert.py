@@ -18,25 +18,25 @@ import os
 import shutil
 from pathlib import Path
 
-from .. import __version__   # the package __init__ only (edgeact/__init__.py), not SDK modules
+from ..contract import ENGINES, FORMAT, FORMAT_VERSION, VERSION, check_block_size
 from .model import SUPPORTED_ARCHITECTURES, ConversionError, SourceModel
 from .onnx_writer import EMBEDDING_KINDS, QUANT_KINDS, default_embedding, default_lm_head, write_onnx
-from .quantize import BLOCK_SIZES
-
-FORMAT = "edgeact-model"
-FORMAT_VERSION = 1
 
 
-def validate_options(quant: str, group_size: int, lm_head: str | None, embedding: str | None) -> None:
-    if quant not in QUANT_KINDS:
-        raise ConversionError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_KINDS)}")
+SOURCE = "source"   # keep a quantized source's own blocks (readers/gguf_blocks.py)
+
+
+def validate_options(quant: str, group_size: int, lm_head: str | None, embedding: str | None,
+                     engines=ENGINES) -> None:
+    if quant not in QUANT_KINDS + (SOURCE,):
+        raise ConversionError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_KINDS + (SOURCE,))}")
     if lm_head is not None and lm_head not in QUANT_KINDS:
         raise ConversionError(f"unknown lm_head type {lm_head!r}; choose one of {', '.join(QUANT_KINDS)}")
     if embedding is not None and embedding not in EMBEDDING_KINDS:
         raise ConversionError(f"unknown embedding type {embedding!r}; choose one of {', '.join(EMBEDDING_KINDS)}")
-    if group_size not in BLOCK_SIZES:
-        raise ConversionError(f"group size {group_size} not supported; choose one of "
-                              f"{', '.join(map(str, BLOCK_SIZES))}")
+    why = check_block_size(group_size, engines)   # a folder must load on every engine it is written for
+    if why:
+        raise ConversionError(why)
 
 
 def model_card(src: SourceModel, facts: dict, has_tokenizer: bool) -> dict:
@@ -44,7 +44,7 @@ def model_card(src: SourceModel, facts: dict, has_tokenizer: bool) -> dict:
     cfg = src.config
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "converter_version": __version__,
+        "converter_version": VERSION,
         "config": cfg.to_dict(),
         "max_context": facts["max_context"],
         "quantization": facts["quantization"],
@@ -63,6 +63,41 @@ def model_card(src: SourceModel, facts: dict, has_tokenizer: bool) -> dict:
     }
 
 
+def source_precision(src: SourceModel, linear_override: dict | None):
+    """quant="source": every linear stored quantized in the source is imported as it is
+    (gguf_blocks); linears stored as floats stay fp16. Returns the writer's base quant, the
+    override loaders and the edgeact.json report, which fills in as the loaders run."""
+    from collections import Counter
+
+    if not src.quantized:
+        return "int4", linear_override, {"weights": "int4", "note": "the source is not quantized: int4 RTN"}
+    report = {"weights": SOURCE, "imported": Counter(), "re_rounded": []}
+    override = dict(linear_override or {})
+
+    def lazy(name: str, key: str):
+        def load():
+            im = src.quantized[key]()
+            zp = "float zero points" if im.qw.float_zero_points else "symmetric" if im.qw.zero_points is None else "zp"
+            report["imported"][f"{im.source_type} -> int{im.qw.bits} g{im.qw.block_size} {zp}"] += 1
+            if im.note:
+                report["re_rounded"].append(f"{name}: {im.note}")
+            return im.qw
+        return load
+
+    for name in src.quantized:
+        if name != "model.embed_tokens.weight" and name not in override:
+            override[name] = lazy(name, name)
+    tied = src.config.tie_word_embeddings and "lm_head.weight" not in src.tensors
+    if tied and "model.embed_tokens.weight" in src.quantized and "lm_head.weight" not in override:
+        override["lm_head.weight"] = lazy("lm_head.weight", "model.embed_tokens.weight")
+    if "lm_head.weight" in override:
+        report["lm_head"] = SOURCE
+    if "model.embed_tokens.weight" in src.quantized:
+        report["re_rounded"].append("model.embed_tokens.weight: the source's quantized values rounded to the "
+                                    "embedding table's float type")
+    return "fp16", override, report
+
+
 def convert(src_path, out_dir, *, quant: str = "int4", group_size: int = 32, symmetric: bool = False,
             lm_head: str | None = None, embedding: str | None = None, accuracy_level: int = 4,
             tokenizer=None, max_context: int | None = None, progress: bool = True, overwrite: bool = False,
@@ -77,7 +112,7 @@ def convert(src_path, out_dir, *, quant: str = "int4", group_size: int = 32, sym
     validate_options(quant, group_size, lm_head, embedding)
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise ConversionError(f"output {out} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise ConversionError(f"output {out} already exists; pass overwrite=True to replace it")
     if isinstance(src_path, SourceModel):
         if tokenizer is not None:
             raise ConversionError("tokenizer= applies to a source path, not to an already-read SourceModel")
@@ -90,6 +125,13 @@ def convert(src_path, out_dir, *, quant: str = "int4", group_size: int = 32, sym
         raise ConversionError(f"unsupported architecture {src.config.arch!r}; "
                               f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
+    source_report = None
+    if quant == SOURCE:
+        quant, writer_kw["linear_override"], source_report = source_precision(src, writer_kw.get("linear_override"))
+        writer_kw.setdefault("method", SOURCE if source_report["weights"] == SOURCE else "rtn")
+        if source_report["weights"] == SOURCE:
+            lm_head = lm_head or "fp16"   # used only when the source's lm_head is a float tensor
+
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -100,6 +142,8 @@ def convert(src_path, out_dir, *, quant: str = "int4", group_size: int = 32, sym
                            accuracy_level=accuracy_level, max_context=max_context, progress=progress, **writer_kw)
         if calibration is not None:
             facts["calibration"] = calibration
+        if source_report is not None:
+            facts["quantization"].update({**source_report, "imported": dict(source_report.get("imported", {}))})
         if src.tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
         card = model_card(src, facts, src.tokenizer_json is not None)

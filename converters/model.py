@@ -17,40 +17,14 @@ formats such as GGUF and llama2.c undo the permutation).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
 
+from ..contract import ModelConfig  # noqa: F401  (edgeact.json's config: part of the folder contract)
+
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None      # as in HF config.json (e.g. llama3, linear)
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False          # qwen2 has q/k/v biases
-    arch: str = "llama"
-    bos_token_id: int | None = None
-    eos_token_ids: list[int] = field(default_factory=list)
-    pad_token_id: int | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 @dataclass
@@ -61,6 +35,9 @@ class SourceModel:
     chat_template: str | None = None      # jinja2 template, if the source has one
     add_bos_token: bool = False
     provenance: dict = field(default_factory=dict)  # source path, format, source dtype...
+    # name → loader of the tensor's own quantized blocks as a MatMulNBits weight (readers/gguf_blocks.py
+    # Imported), for sources stored quantized: converting with quant="source" keeps them unrounded
+    quantized: Mapping[str, Callable[[], object]] = field(default_factory=dict)
 
     def load(self, name: str) -> np.ndarray:
         return np.ascontiguousarray(self.tensors[name](), dtype=np.float32)

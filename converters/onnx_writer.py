@@ -13,13 +13,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .. import contract
 from .model import SUPPORTED_ARCHITECTURES, ConversionError, SourceModel
 from .quantize import BLOCK_SIZES, QuantizedWeight, quantize_blockwise
 from .rope_cache import cos_sin_cache
 
 QUANT_KINDS = ("fp32", "fp16", "int8", "int4")
 EMBEDDING_KINDS = ("fp32", "fp16")
-OPSET = [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("ai.edgeact", 1)]
+OPSET = [helper.make_opsetid(domain, v) for domain, v in contract.OPSET.items()]
 IR_VERSION = 10
 DATA_FILE = "model.onnx.data"
 ALIGN = 64
@@ -139,7 +140,7 @@ class GraphBuilder:
 
     def __init__(self, src: SourceModel, inits: _Initializers, *, quant: str, group_size: int, symmetric: bool,
                  lm_head: str, embedding: str, accuracy_level: int,
-                 linear_override: dict[str, QuantizedWeight] | None, steering: bool = True, on_tensor=None,
+                 linear_override: dict | None, steering: bool = True, on_tensor=None,
                  sparse_sites: dict | None = None, coreinfer: dict | None = None):
         self.src, self.cfg, self.inits = src, src.config, inits
         self.quant, self.group_size, self.symmetric = quant, group_size, symmetric
@@ -186,7 +187,8 @@ class GraphBuilder:
                 raise ConversionError(f"cannot take a pre-quantized {weight}: head_dim {self.cfg.head_dim} "
                                       f"is padded to {self.head_dim} in the graph")
             self._on_tensor(weight)
-            return self.linear_override[weight]
+            qw = self.linear_override[weight]
+            return qw() if callable(qw) else qw   # a loader: imported or searched per tensor, one at a time
         bits = 4 if self.kind_of(weight) == "int4" else 8
         return quantize_blockwise(self.weight(weight), bits, self.group_size, self.symmetric)
 
@@ -298,13 +300,14 @@ def _tensor_names(src: SourceModel) -> list[str]:
 def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: int = 32, symmetric: bool = False,
                lm_head: str | None = None, embedding: str | None = None, accuracy_level: int = 4,
                max_context: int | None = None, external_data: bool | None = None, steering: bool = True,
-               progress: bool = True, linear_override: dict[str, QuantizedWeight] | None = None,
+               progress: bool = True, linear_override: dict | None = None,
                method: str = "rtn", sparsity: dict | None = None) -> dict:
     """Write out_dir/model.onnx (+ model.onnx.data); return the facts edgeact.json records.
 
     external_data: None = when the weights exceed 16 MiB (always above protobuf's 2 GB); True/False force it.
     steering=False leaves the Steer nodes out (hidden.{i} is then the layer's residual output).
-    method names the quantizer in edgeact.json ("awq", "gptq" when linear_override carries its weights).
+    linear_override: weight name → QuantizedWeight, or a zero-argument function returning one (called once,
+    when the weight is written). method names the quantizer in edgeact.json ("awq", "gptq", "source").
     sparsity: {"sites": {site: (threshold, col_scale)}, "meta": {...}} from converters/sparsity.py.
     """
     cfg = src.config

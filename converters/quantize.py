@@ -3,6 +3,15 @@
 The layout (docs/model-folder.md, "Linear"): a weight W [N, K] is cut along K
 into blocks of `block_size`; each (row, block) has one float32 scale and, when
 asymmetric, one zero point. Dequantized: W[n, k] = (q[n, k] - zp[n, blk]) * scale[n, blk].
+
+Zero points are integers (uint8, packed like the codes) or floats (float32,
+one per block, MatMulNBits' zero points of the scales' type). A float zero
+point places the grid anywhere: it holds llama.cpp's Q4_1/Q4_K blocks
+(d*q + m) exactly. edgeact reads such a block as q*scale + minimum with
+minimum = -zp*scale (the value of code 0), rounded to 11 (fp16) or 17 significant
+bits when every minimum of the weight lies within one float32 ulp of such a value
+(block_minimums): quantizers store minimums of that precision, and a float32
+zero point can always come within an ulp of one but only sometimes hit it.
 """
 from __future__ import annotations
 
@@ -17,7 +26,8 @@ BLOCK_SIZES = (16, 32, 64, 128)
 class QuantizedWeight:
     B: np.ndarray                  # uint8 [N, blocks, block_size * bits / 8]
     scales: np.ndarray             # float32 [N * blocks]
-    zero_points: np.ndarray | None  # uint8 [N, ceil(blocks/2)] (4-bit) or [N, blocks] (8-bit); None = symmetric
+    zero_points: np.ndarray | None  # uint8 [N, ceil(blocks/2)] (4-bit) or [N, blocks] (8-bit); None = symmetric;
+    #                                 or float32 [N * blocks] (float zero points)
     K: int
     N: int
     bits: int
@@ -26,6 +36,10 @@ class QuantizedWeight:
     @property
     def blocks(self) -> int:
         return -(-self.K // self.block_size)
+
+    @property
+    def float_zero_points(self) -> bool:
+        return self.zero_points is not None and self.zero_points.dtype == np.float32
 
     @property
     def nbytes(self) -> int:
@@ -56,9 +70,41 @@ def fp16_exact(scale: np.ndarray) -> np.ndarray:
     return np.where(ok, h.astype(np.float32), scale).astype(np.float32)
 
 
-def quantize_blockwise(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False) -> QuantizedWeight:
-    """Quantize W [N, K] (float) to `bits` per weight, one scale (and zero point) per block of K."""
+def fp16_nearest(x: np.ndarray) -> np.ndarray:
+    """x rounded to the nearest fp16 value (kept as float32)."""
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+
+
+def zero_points_for(minimum: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Float32 zero points zp with -zp*scale (float32) as close to `minimum` as float32 allows:
+    equal where some float32 zp hits it, else one ulp away (block_minimums rounds it back
+    when the minimums are fp16 values). zp = 0 where the scale is 0 (the block is all zero)."""
+    minimum = np.asarray(minimum, np.float32)
+    scale = np.asarray(scale, np.float32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        zp = np.where(scale != 0, -minimum / scale, 0).astype(np.float32)
+        best, err = zp, np.abs((zp * scale).astype(np.float64) + minimum)
+        for direction in (np.inf, -np.inf):
+            c = zp
+            for _ in range(3):
+                c = np.nextafter(c, np.float32(direction)).astype(np.float32)
+                e = np.abs((c * scale).astype(np.float64) + minimum)
+                better = (e < err) & (scale != 0)
+                best, err = np.where(better, c, best), np.where(better, e, err)
+    return best.astype(np.float32)
+
+
+def quantize_blockwise(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False,
+                       float_zero_points: bool = False) -> QuantizedWeight:
+    """Quantize W [N, K] (float) to `bits` per weight, one scale (and zero point) per block of K.
+
+    float_zero_points: the grid spans each block's [min, max] exactly (fp16 scale and minimum,
+    float32 zero point) instead of an integer zero point's range widened to include 0."""
     _check(bits, block_size)
+    if float_zero_points and symmetric:
+        raise ValueError("float zero points are for asymmetric weights; symmetric has none")
+    if float_zero_points and bits != 4:
+        raise ValueError("float zero points are for 4-bit weights (onnxruntime's CPU MatMulNBits has no 8-bit ones)")
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight [N, K], got shape {w.shape}")
@@ -70,6 +116,11 @@ def quantize_blockwise(w: np.ndarray, bits: int = 4, block_size: int = 32, symme
     wb = w.reshape(N, blocks, block_size)
     qmax = (1 << bits) - 1
 
+    if float_zero_points:
+        minimum = fp16_nearest(wb.min(axis=2))
+        scale = fp16_exact((wb.max(axis=2) - minimum) / qmax)
+        q = np.clip(np.rint((wb - minimum[..., None]) / np.where(scale > 0, scale, 1)[..., None]), 0, qmax)
+        return pack_codes(q.astype(np.uint8), scale, minimum, bits, block_size, K)
     if symmetric:
         # Zero point is implied (8 / 128); use ±(2^(bits-1) - 1) so both signs round within scale/2.
         mid = 1 << (bits - 1)
@@ -100,6 +151,55 @@ def quantize_blockwise(w: np.ndarray, bits: int = 4, block_size: int = 32, symme
     return QuantizedWeight(np.ascontiguousarray(B), scale.reshape(-1), zero_points, K, N, bits, block_size)
 
 
+def pack_codes(q: np.ndarray, scale: np.ndarray, minimum: np.ndarray | None, bits: int, block_size: int,
+               K: int) -> QuantizedWeight:
+    """A QuantizedWeight from codes q [N, blocks, block_size] (uint8, 0..2^bits-1) and per-block
+    float scales [N, blocks]: W = q*scale + minimum with float zero points, or, when minimum is
+    None, symmetric (W = (q - 2^(bits-1))*scale). Codes past K should hold the block's zero."""
+    _check(bits, block_size)
+    q = np.asarray(q, np.uint8)
+    N, blocks, _ = q.shape
+    B = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else q
+    scale = np.asarray(scale, np.float32).reshape(N, blocks)
+    zp = None
+    if minimum is not None and bits != 4:
+        raise ValueError("float zero points are for 4-bit weights (onnxruntime's CPU MatMulNBits has no 8-bit ones)")
+    if minimum is not None:
+        minimum = np.asarray(minimum, np.float32).reshape(N, blocks)
+        # a constant block (scale 0, minimum m): codes 0 on a step of |m| place it exactly (zp = -sign m)
+        const = (scale == 0) & (minimum != 0)
+        if const.any():
+            q = np.where(const[..., None], 0, q).astype(np.uint8)
+            B = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else q
+            scale = np.where(const, np.abs(minimum), scale)
+        zp = zero_points_for(minimum, scale).reshape(-1)
+    return QuantizedWeight(np.ascontiguousarray(B), scale.reshape(-1).copy(), zp, K, N, bits, block_size)
+
+
+MINIMUM_BITS = (11, 17)   # fp16's significand; a K-quant's fp16 dmin times a 6-bit multiplier
+
+
+def round_significand(x: np.ndarray, bits: int) -> np.ndarray:
+    """float32 x rounded (half away from zero) to `bits` significant bits."""
+    drop = 24 - bits
+    u = np.asarray(x, np.float32).view(np.uint32)
+    return ((u + np.uint32(1 << (drop - 1))) & np.uint32(~((1 << drop) - 1) & 0xFFFFFFFF)).view(np.float32)
+
+
+def block_minimums(qw: QuantizedWeight) -> np.ndarray:
+    """Float zero points' block minimums [N, blocks] as edgeact (numpy and the native runtime) applies
+    them: m = -zp*scale in float32, then, for the first b in MINIMUM_BITS with every m of the weight
+    within one float32 ulp of its b-bit rounding, that rounding (the minimums a quantizer stored;
+    see the module docstring)."""
+    m = -(qw.zero_points.reshape(qw.N, qw.blocks) * qw.scales.reshape(qw.N, qw.blocks))
+    ulp = np.spacing(np.abs(m))
+    for bits in MINIMUM_BITS:
+        r = round_significand(m, bits)
+        if np.all(np.abs(r - m) <= ulp):
+            return r
+    return m.astype(np.float32)
+
+
 def unpack_codes(qw: QuantizedWeight) -> np.ndarray:
     """The integer codes q [N, blocks, block_size] (uint8)."""
     if qw.bits == 4:
@@ -114,6 +214,8 @@ def zero_point_values(qw: QuantizedWeight) -> np.ndarray:
     """Zero points as float32 [N, blocks] (implied ones for symmetric weights)."""
     if qw.zero_points is None:
         return np.full((qw.N, qw.blocks), 1 << (qw.bits - 1), dtype=np.float32)
+    if qw.float_zero_points:
+        return qw.zero_points.reshape(qw.N, qw.blocks)
     if qw.bits == 4:
         z = np.empty((qw.N, qw.zero_points.shape[1] * 2), dtype=np.uint8)
         z[:, 0::2] = qw.zero_points & 0x0F
@@ -126,5 +228,8 @@ def dequantize(qw: QuantizedWeight) -> np.ndarray:
     """The numpy reference: W [N, K] float32 as MatMulNBits sees it."""
     q = unpack_codes(qw).astype(np.float32)
     scales = qw.scales.reshape(qw.N, qw.blocks)
-    w = (q - zero_point_values(qw)[..., None]) * scales[..., None]
+    if qw.float_zero_points:
+        w = q * scales[..., None] + block_minimums(qw)[..., None]
+    else:
+        w = (q - zero_point_values(qw)[..., None]) * scales[..., None]
     return w.reshape(qw.N, -1)[:, : qw.K]

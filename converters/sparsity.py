@@ -210,36 +210,3 @@ def _capture_gate_act(model, ids, layers) -> dict[int, torch.Tensor]:
         for h in hooks:
             h.remove()
     return {i: torch.cat(v) for i, v in got.items()}
-
-
-def realized_sparsity(folder, ids) -> dict[str, float]:
-    """Share of zeros at every Sparsify output when onnxruntime runs `ids` (a fresh sequence)."""
-    import onnxruntime as ort
-
-    from edgeact.engines.ort_engine import OrtEngine
-
-    model = onnx.load(str(folder) + "/model.onnx", load_external_data=False)
-    names = [n.output[0] for n in model.graph.node if n.op_type == "Sparsify"]
-    for n in names:
-        model.graph.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    eng = OrtEngine(folder)
-    so = eng._options()
-    # saved next to model.onnx so relative external-data paths resolve (a model loaded from
-    # bytes may not reference external files)
-    import os
-    import tempfile
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=str(folder))
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        sess = ort.InferenceSession(tmp, so, providers=["CPUExecutionProvider"])
-    finally:
-        os.unlink(tmp)
-    eng.reset()
-    feed = {"input_ids": np.asarray(ids, np.int64)[None], "seqlens_k": np.array([len(ids) - 1], np.int32),
-            "total_sequence_length": np.array(len(ids), np.int32)}
-    for i, (k, v) in enumerate(eng._past):
-        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k, v
-    outs = sess.run(names, feed)
-    return {n.rsplit(".sparsify", 1)[0]: float((o == 0).mean()) for n, o in zip(names, outs)}
-

@@ -30,7 +30,9 @@ def _require_compiler() -> None:
 
 
 def _sources(absolute: bool) -> list[str]:
-    srcs = sorted(NATIVE.glob("src/*.c")) + sorted(NATIVE.glob("src/kernels/*.c"))
+    """native/sources.txt: the one list of runtime sources (also read by native/Makefile and android-demo)."""
+    lines = (NATIVE / "sources.txt").read_text(encoding="utf-8").splitlines()
+    srcs = [NATIVE / ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
     # setuptools wants paths relative to setup.py; a direct build compiles from a temporary directory
     return [str(p) if absolute else str(p.relative_to(ROOT)) for p in srcs]
 
@@ -42,7 +44,7 @@ ffibuilder.set_source(
     '#include "edgeact.h"\n',
     sources=_sources(__name__ == "__main__"),
     include_dirs=[str(NATIVE / "include")],
-    extra_compile_args=["-O2", "-std=c11", "-pthread"],
+    extra_compile_args=["-O2", *(NATIVE / "cflags.txt").read_text(encoding="utf-8").split()],
     extra_link_args=["-pthread", "-lm"],
 )
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract import META_FILE, MODEL_FILE, check_meta
 from ._native import ffi, lib
 
 # Error codes of edgeact.h
@@ -52,6 +53,11 @@ def _f32(a, shape_tail: int | None = None) -> np.ndarray:
     return a
 
 
+def version() -> str:
+    """ea_version() of the loaded C library (equal to edgeact.contract.VERSION: tests/test_layers.py)."""
+    return ffi.string(lib.ea_version()).decode()
+
+
 class NativeModel:
     """A model folder loaded by the C runtime (immutable; sessions share it)."""
 
@@ -60,8 +66,17 @@ class NativeModel:
         decode reads (no dense repack): about the memory of a dense folder; prefill always runs the
         input-sparse GEMV row by row (docs/sparsity.md, "Low memory")."""
         self.folder = Path(folder)
-        if not (self.folder / "model.onnx").is_file():
-            raise FileNotFoundError(f"{self.folder} has no model.onnx")
+        if not (self.folder / MODEL_FILE).is_file():
+            raise FileNotFoundError(f"{self.folder} has no {MODEL_FILE}")
+        if (self.folder / META_FILE).is_file():   # a bare model.onnx loads too (tests, tools)
+            import json
+
+            try:
+                check_meta(json.loads((self.folder / META_FILE).read_text()), str(self.folder / META_FILE))
+            except json.JSONDecodeError as e:
+                raise ModelFormatError(f"{self.folder / META_FILE} is not valid JSON: {e}") from None
+            except ValueError as e:
+                raise ModelFormatError(str(e)) from None
         out = ffi.new("ea_model **")
         flags = lib.EA_LOAD_SPARSE_LOWMEM if low_memory else 0
         _check(lib.ea_model_load_opts(os.fsencode(self.folder), flags, out))

@@ -4,7 +4,7 @@
     m = edgeact.load("smollm2-int4/")          # engine="auto": native runtime, else onnxruntime
     print(m.chat("Write a haiku about rain.").text)
 """
-__version__ = "0.1.0"
+from edgeact.contract import VERSION as __version__  # the one version (edgeact/contract)
 
 # The context a model gets when load() is not told otherwise: the model's own, at most this many
 # tokens. The native engine reserves the KV cache (fp32 K and V of every layer) for the whole context

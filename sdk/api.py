@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgeact.converters.model import ModelConfig
+from edgeact.contract import ModelConfig
 from edgeact.engines import Engine, make_engine, native_available
 from edgeact.generation import GenerationConfig, choose
 from edgeact.steering import SteeringMixin
@@ -88,7 +88,7 @@ class Model(SteeringMixin):
             return self.engine.forward(ids)
         return np.concatenate([self.engine.forward(ids[:prompt_len]), self.engine.forward(ids[prompt_len:])])
 
-    def _tokens(self, prompt_ids: list[int], cfg: GenerationConfig, timing: dict) -> Iterator[int]:
+    def _tokens(self, prompt_ids: list[int], cfg: GenerationConfig, timing: dict, constraint=None) -> Iterator[int]:
         cfg.validate()
         rng = np.random.default_rng(cfg.seed)
         eng = self.engine
@@ -99,16 +99,23 @@ class Model(SteeringMixin):
         self.steering_phase(False)
         try:
             t0 = time.perf_counter()
-            logits = eng.forward(np.asarray(prompt_ids, dtype=np.int64))[-1]
+            logits = eng.forward(np.asarray(prompt_ids, dtype=np.int64), logits="last")[-1]
             timing["prefill_s"] = time.perf_counter() - t0
             history = list(prompt_ids)
             t1 = time.perf_counter()
             for step in range(cfg.max_new_tokens):
+                if constraint is not None:
+                    logits = constraint.mask(logits)
                 tok = choose(logits, cfg, rng, history)
+                if constraint is not None:
+                    constraint.accept(tok)
                 history.append(tok)
                 timing["decode_s"] = time.perf_counter() - t1
                 yield tok
                 if tok in self.eos_token_ids or step == cfg.max_new_tokens - 1:
+                    return
+                if constraint is not None and constraint.done:
+                    timing["constraint_done"] = True
                     return
                 if eng.n_past >= eng.max_context:
                     timing["context"] = True
@@ -116,7 +123,7 @@ class Model(SteeringMixin):
                 if step == 0:
                     self.steering_phase(True)
                     t1 = time.perf_counter()
-                logits = eng.forward(np.array([tok], dtype=np.int64))[-1]
+                logits = eng.forward(np.array([tok], dtype=np.int64), logits="last")[-1]
         finally:
             # generated-only vectors must not leak into a later forward()
             self.steering_phase(False)
@@ -126,15 +133,29 @@ class Model(SteeringMixin):
         result = {}
         yield from self._stream(prompt, GenerationConfig(max_new_tokens=max_new_tokens, **kw), result)
 
-    def _stream(self, prompt, cfg: GenerationConfig, result: dict):
+    def _stream(self, prompt, cfg: GenerationConfig, result: dict, tokens=None):
         prompt_ids = self._prompt_ids(prompt)
-        stops = [cfg.stop] if isinstance(cfg.stop, str) else list(cfg.stop or [])
+        stops = [s for s in ([cfg.stop] if isinstance(cfg.stop, str) else list(cfg.stop or [])) if s]
         timing: dict = {}
         dec = StreamDecoder(self.tokenizer) if self.tokenizer else None
         ids: list[int] = []
-        text = ""
+        shown: list[str] = []
+        held = ""  # decoded text that may be the start of a stop string: shown once it cannot be
         reason = "length"
-        for tok in self._tokens(prompt_ids, cfg, timing):
+
+        def release(final: bool):
+            """(text that can be shown now, whether a stop string was found) for the held text."""
+            nonlocal held
+            hits = [i for i in (held.find(s) for s in stops) if i >= 0]
+            if hits:
+                out, held = held[:min(hits)], ""
+                return out, True
+            keep = 0 if final else max((k for s in stops for k in range(1, len(s))
+                                        if held.endswith(s[:k])), default=0)
+            out, held = held[:len(held) - keep], held[len(held) - keep:]
+            return out, False
+
+        for tok in (tokens or self._tokens)(prompt_ids, cfg, timing):
             ids.append(tok)
             if tok in self.eos_token_ids:
                 reason = "eos"
@@ -142,50 +163,66 @@ class Model(SteeringMixin):
             if dec is None:
                 yield tok
                 continue
-            piece = dec.push(tok)
-            if not piece:
-                continue
-            hit = None
-            if stops:
-                window = text + piece
-                found = [(window.find(s, max(0, len(text) - len(s) + 1)), s) for s in stops]
-                found = [(i, s) for i, s in found if i >= 0]
-                if found:
-                    hit = min(found)[0]
-            if hit is not None:
-                piece = (text + piece)[len(text):hit] if hit >= len(text) else ""
-                text = text[:hit] if hit < len(text) else text + piece
-                if piece:
-                    yield piece
+            held += dec.push(tok)
+            out, stopped = release(False)
+            if out:
+                shown.append(out)
+                yield out
+            if stopped:
                 reason = "stop"
                 break
-            text += piece
-            yield piece
-        if timing.get("context"):
+        if dec is not None and reason != "stop":
+            held += dec.finish()
+            out, stopped = release(True)
+            if out:
+                shown.append(out)
+                yield out
+            if stopped:
+                reason = "stop"
+        if timing.get("context") and reason != "stop":
             reason = "context"
-        result.update(text=text if dec else None, ids=ids, prompt_ids=prompt_ids, finish_reason=reason,
+        elif timing.get("constraint_done") and reason == "length":
+            reason = "eos"  # the JSON value is complete
+        result.update(text="".join(shown) if dec else None, ids=ids, prompt_ids=prompt_ids, finish_reason=reason,
                       prefill_s=timing.get("prefill_s", 0.0), decode_s=timing.get("decode_s", 0.0))
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop=None, repetition_penalty: float = 1.0,
-                 on_text=None) -> GenerationResult:
+                 on_text=None, json_schema=None) -> GenerationResult:
         """Greedy when temperature is 0. `prompt` is text or token ids; `stop` strings end the text
-        (not included). `on_text(piece)` receives text as it streams."""
+        (not included). `on_text(piece)` receives text as it streams. `json_schema` (a dict or a JSON
+        string): the reply is a JSON value matching it (tokens outside the grammar are masked)."""
         cfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
                                [stop] if isinstance(stop, str) else list(stop or []))
         result: dict = {}
-        for piece in self._stream(prompt, cfg, result):
+        tokens = None
+        if json_schema is not None:
+            from edgeact.grammar import JsonSchemaConstraint
+
+            constraint = JsonSchemaConstraint(self, json_schema)
+            tokens = lambda ids, c, timing: self._tokens(ids, c, timing, constraint)  # noqa: E731
+        for piece in self._stream(prompt, cfg, result, tokens):
             if on_text is not None and isinstance(piece, str):
                 on_text(piece)
         return GenerationResult(**result)
 
-    def chat(self, messages, **gen) -> GenerationResult:
-        """One assistant turn after `messages` ([{role, content}] or a single user string)."""
+    def chat_ids(self, messages) -> list[int]:
+        """The prompt tokens of an assistant turn after `messages` ([{role, content}] or a user string)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         text = self.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode_ids(text, add_special_tokens=False)
-        return self.generate(ids, **gen)
+        return self.tokenizer.encode_ids(text, add_special_tokens=False)
+
+    def chat(self, messages, **gen) -> GenerationResult:
+        """One assistant turn after `messages` ([{role, content}] or a single user string)."""
+        return self.generate(self.chat_ids(messages), **gen)
+
+    def session(self):
+        """A Session: a KV cache kept across calls (a chat's next turn prefills only its new tokens),
+        with its own steering, over this model's weights (shared, not copied)."""
+        from edgeact.session import Session
+
+        return Session(self)
 
 
 def load(path=None, engine: str = "auto", threads: int | None = None, low_memory: bool = False,
@@ -229,6 +266,13 @@ def load(path=None, engine: str = "auto", threads: int | None = None, low_memory
         engine = "native"
     if engine == "auto":
         engine = "native" if native_available() else "ort"
+        if engine == "ort":
+            from edgeact.extras import MissingExtra, first_missing, install_hint
+            from edgeact.runtime import unavailable_reason
+
+            if first_missing(("onnxruntime",)):
+                raise MissingExtra(f"{unavailable_reason()}; the other engine, onnxruntime, is not installed "
+                                   f"either: {install_hint('onnxruntime')}", name="onnxruntime")
     kw = {"n_ctx": ctx, "low_memory": True} if low_memory else {"n_ctx": ctx} if engine == "native" else {}
     eng = make_engine(Path(path), engine=engine, threads=threads, **kw)
     # onnxruntime grows its cache as tokens come: the base class's overflow check holds it to n_ctx

@@ -22,6 +22,9 @@ EPILOG = """examples:
   edgeact info model-int4/
   edgeact bench model-int4/ --engines native,ort,llama.cpp
   edgeact steer compute model-int4/ --pos pos.txt --neg neg.txt -o vec.gguf
+  edgeact run model-int4/ --chat                          # interactive chat; the cache carries the turns
+  edgeact serve model-int4/ --vectors vecs/               # OpenAI-compatible server on 127.0.0.1:8080
+  edgeact profile model-int4/ -o profile.png              # where a token's time goes, per op
 """
 
 # Commands that cannot do anything without the converter packages (checked before their
@@ -115,7 +118,8 @@ def main(argv=None) -> int:
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
-        print("edgeact: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        print("\nedgeact: interrupted", file=sys.stderr)  # on its own line after streamed text
         return 130
     except BrokenPipeError:
         return 0
@@ -123,10 +127,9 @@ def main(argv=None) -> int:
         if os.environ.get("EDGEACT_DEBUG"):
             raise
         if is_optional(e):
-            from edgeact.extras import missing_message
+            from edgeact.extras import MissingExtra, missing_message
 
-            return _error(str(e) if type(e).__name__ == "MissingExtra"
-                          else missing_message(e.name, f"edgeact {args.command}"))
+            return _error(str(e) if isinstance(e, MissingExtra) else missing_message(e.name, f"edgeact {args.command}"))
         from edgeact.converters.model import ConversionError
 
         known = (ConversionError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError)

@@ -37,9 +37,17 @@ def default_model_dir(quant: str = "int4", group_size: int = 32, progress: bool 
     out = cache_dir() / f"smollm2-135m-instruct-{quant}-g{group_size}-f{CACHE_FORMAT}"
     if (out / "edgeact.json").exists():
         return out
-    from edgeact.converters.convert import convert  # needs the [convert] extra the first time
+    from edgeact.extras import MissingExtra, first_missing, install_hint
 
+    missing = first_missing(("onnx", "torch", "gguf", "transformers"))
+    if missing:
+        raise MissingExtra(f"no model folder given, and the default model is not in {out} yet: converting it "
+                           f"once needs the converter packages ({install_hint(missing)}, then {INSTALL_HINT}); "
+                           f"or give a folder converted on another machine", name=missing)
+    from edgeact.converters.convert import convert
+
+    gguf = default_gguf()
     if progress:
         print(f"edgeact: converting the default model (SmolLM2-135M-Instruct) to {quant} in {out} (once)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return convert(default_gguf(), out, quant=quant, group_size=group_size, progress=progress)
+    return convert(gguf, out, quant=quant, group_size=group_size, progress=progress)

@@ -1,14 +1,17 @@
 """Optional dependencies: which pip extra brings which module, and the one-line error when one is missing.
 
 The device install (`pip install edgeact`) runs a converted folder on the native runtime, with
-steering; converting, evaluating, the onnxruntime engine and sweeps need the `convert` extra."""
+steering; converting, evaluating, the onnxruntime engine and sweeps need the `convert` extra,
+the HTTP server and JSON-schema output the `serve` extra."""
 from __future__ import annotations
 
 import importlib
 import importlib.util
 
-EXTRA_OF = {m: "convert" for m in ("torch", "transformers", "accelerate", "safetensors", "gguf", "onnx",
-                                    "onnxruntime", "sentencepiece", "matplotlib")}
+EXTRA_OF = {**{m: "convert" for m in ("torch", "transformers", "accelerate", "safetensors", "gguf", "onnx",
+                                       "onnxruntime", "sentencepiece", "matplotlib")},
+            **{m: "serve" for m in ("fastapi", "uvicorn", "llguidance")}}
+EXTRA_OF.update({m: "serve" for m in ("fastapi", "uvicorn", "llguidance")})
 
 
 class MissingExtra(ModuleNotFoundError):

@@ -441,7 +441,7 @@ def torch_source(src, progress: bool | None = False) -> HiddenSource:
         def encode(text, chat):
             if chat:
                 if not src.chat_template:
-                    raise ValueError("--chat: this model has no chat template")
+                    raise ValueError("this model has no chat template (chat=False feeds the prompts as they are)")
                 text = render_chat(src.chat_template, text, tok, cfg)
                 return tok.encode(text, add_special_tokens=False).ids
             ids = tok.encode(text, add_special_tokens=False).ids

@@ -21,7 +21,7 @@ def sweep(source, methods, sparsities, out_dir, *, quant="int4", group_size=32, 
     from edgeact.converters.convert import convert
     from edgeact.converters.model import SourceModel
     from edgeact.converters.readers import read_source
-    from edgeact.converters.sparsity import calibrate, parse_targets, realized_sparsity
+    from edgeact.converters.sparsity import calibrate, parse_targets
     from edgeact.engines import native_available
     from edgeact.verify import verify_folder
 
@@ -88,17 +88,31 @@ def sweep(source, methods, sparsities, out_dir, *, quant="int4", group_size=32, 
     return rows
 
 
+def realized_sparsity(folder, ids) -> dict[str, float]:
+    """Share of zeros at every Sparsify output when onnxruntime runs `ids` (a fresh sequence),
+    by site ("layers.{i}.attn_in", ...)."""
+    import onnx
+
+    from edgeact.engines.ort_engine import OrtEngine
+
+    eng = OrtEngine(folder)
+    model = onnx.load(str(eng.folder / "model.onnx"), load_external_data=False)
+    names = [n.output[0] for n in model.graph.node if n.op_type == "Sparsify"]
+    outs = eng.probe(ids, names)
+    return {n.rsplit(".sparsify", 1)[0]: float((o == 0).mean()) for n, o in outs.items()}
+
+
 def decode_speeds(rows: list[dict], engine: str = "native", progress=print, reps: int = 5,
                   interleave: bool = True) -> None:
     """tg64 (decode after one token) for every variant through edgeact bench (a pp16 pass is
     timed too, not reported): by default all loaded at once and timed in turn, so a drift of
     the machine hits every variant alike; the speed-up over dense (rows[0]) is then the median
     of the per-repetition ratios."""
-    from edgeact.bench import _ratio, bench_models
+    from edgeact.bench import bench_models, ratio as _ratio
 
     progress(f"decode speed of {len(rows)} variants, {reps} {'interleaved ' if interleave else ''}repetitions ...")
     report = bench_models([r["folder"] for r in rows], engines=(engine,), pp=16, tg=64, reps=reps,
-                          measure_bw=False, interleave=interleave, progress=lambda *_: None)
+                          measure_bw=False, interleave=interleave, allow_contended=True, progress=lambda *_: None)
     runs = [m["engines"].get(engine, {}) for m in report["models"]]
     for r, res in zip(rows, runs):
         if res.get("tg"):

@@ -4,6 +4,21 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def checked_text(text) -> str:
+    """`text`, or a ValueError naming the first character no UTF-8 tokenizer can take: a lone
+    surrogate, which is how Python carries bytes that were not valid UTF-8 (surrogateescape:
+    command-line arguments, os.fsdecode)."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = text[e.start]
+        what = f"byte 0x{ord(ch) - 0xdc00:02x}" if "\udc80" <= ch <= "\udcff" else f"lone surrogate U+{ord(ch):04X}"
+        raise ValueError(f"text is not valid UTF-8: {what} at character {e.start}") from None
+    return text
+
+
 class TextTokenizer:
     """tokenizer.json plus the special-token facts edgeact.json records.
 
@@ -23,10 +38,10 @@ class TextTokenizer:
 
     # tokenizers.Tokenizer's Encoding-returning API is what steering's helpers expect
     def encode(self, text: str, add_special_tokens: bool = True):
-        return self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return self._tok.encode(checked_text(text), add_special_tokens=add_special_tokens)
 
     def encode_ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -39,7 +54,7 @@ class TextTokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
-            raise ValueError("this model has no chat template: use a raw prompt (--raw)")
+            raise ValueError("this model has no chat template: give the prompt as plain text")
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -58,19 +73,35 @@ class TextTokenizer:
 
 
 class StreamDecoder:
-    """Incremental detokenization: yields only text that is final, so a UTF-8
-    character split over several byte-fallback tokens comes out whole."""
+    """Incremental detokenization: yields only text that is final, so a UTF-8 character split over
+    several byte-fallback tokens comes out whole.
 
-    def __init__(self, tokenizer: TextTokenizer, prefix_ids=()):
+    Each push decodes a short window, not the whole sequence: the tokens already shown that
+    precede the pending ones (the context a decoder needs for spaces and merges) plus the pending
+    ones. The new text is the window's text minus the text of its shown part."""
+
+    def __init__(self, tokenizer: TextTokenizer):
         self.tok = tokenizer
-        self.ids: list[int] = []
-        self.emitted = ""
+        self.ids: list[int] = []   # the window: ids[:shown] already emitted, the rest pending
+        self.shown = 0
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
         text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # incomplete multi-byte sequence: wait for more tokens
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more tokens
             return ""
-        new = text[len(self.emitted):] if text.startswith(self.emitted) else text
-        self.emitted = text
+        before = self.tok.decode(self.ids[:self.shown]) if self.shown else ""
+        new = text[len(before):] if text.startswith(before) else ""
+        # the next window starts at the pending tokens just emitted, which give it its context
+        self.ids = self.ids[self.shown:]
+        self.shown = len(self.ids)
         return new
+
+    def finish(self) -> str:
+        """Text of tokens still pending at the end (an incomplete character shows as U+FFFD, as in a full decode)."""
+        if len(self.ids) == self.shown:
+            return ""
+        text = self.tok.decode(self.ids)
+        before = self.tok.decode(self.ids[:self.shown]) if self.shown else ""
+        self.ids, self.shown = [], 0
+        return text[len(before):] if text.startswith(before) else ""

@@ -116,14 +116,15 @@ def test_native_equals_onnxruntime_with_the_same_masks(folders):
     assert np.array_equal(o.core_masks, n.core_masks)
     for t in cont[:16]:
         assert np.abs(o.forward([t]) - n.forward([t])).max() <= 1e-4
-    # int8 activations: the sparse-path tolerance of tests/test_sparsity.py (int8 ties can flip)
+    # int8 activations: measured KL 2.7e-14 (summation order), top-1 1.0; bound 1e-10, as in
+    # tests/test_sparsity.py: 1000x below the cost of one flipped int8 code (~1e-7)
     o, n = make_engine(folders["int4"], "ort"), make_engine(folders["int4"], "native")
     o.forward(prompt), n.forward(prompt)
     assert np.array_equal(o.core_masks, n.core_masks)
     lo = np.concatenate([o.forward([t]) for t in cont])
     ln = np.concatenate([n.forward([t]) for t in cont])
     q = compare_logits(ln, lo, np.append(cont, 0))
-    assert q.kl <= 2e-3 and q.top1 >= 0.95, (q.kl, q.top1)
+    assert q.kl <= 1e-10 and q.top1 >= 0.97, (q.kl, q.top1)
 
 
 @needs_native

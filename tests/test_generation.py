@@ -46,3 +46,80 @@ def test_repetition_penalty_demotes_seen_tokens():
 def test_bad_settings(kw):
     with pytest.raises(ValueError):
         GenerationConfig(**kw).validate()
+
+
+def _hf_probabilities(logits, history, temperature, top_k, top_p, penalty):
+    torch = pytest.importorskip("torch")
+    lp = pytest.importorskip("transformers.generation.logits_process")
+    procs = lp.LogitsProcessorList()
+    if penalty != 1.0:
+        procs.append(lp.RepetitionPenaltyLogitsProcessor(penalty))
+    procs.append(lp.TemperatureLogitsWarper(temperature))
+    if top_k:
+        procs.append(lp.TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        procs.append(lp.TopPLogitsWarper(top_p))
+    scores = procs(torch.tensor([history]), torch.tensor(logits, dtype=torch.float64)[None])
+    return torch.softmax(scores, -1)[0].numpy()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, penalty", [
+    (1.0, 0, 1.0, 1.0), (0.7, 0, 0.9, 1.0), (0.7, 0, 0.9, 1.1), (1.3, 40, 1.0, 1.0), (0.7, 40, 0.9, 1.3),
+    (0.5, 5, 0.5, 1.1), (2.0, 0, 0.99, 1.0), (0.7, 1, 1.0, 1.0), (1.0, 0, 0.05, 1.0),
+])
+def test_distribution_equals_transformers_logits_processors(temperature, top_k, top_p, penalty):
+    """The distribution sampled from on a fixed logits vector (vocabulary 2000, logits spread like a
+    small LM's, some seen tokens with negative logits) equals transformers' warpers in its order."""
+    from edgeact.generation import probabilities
+
+    rng = np.random.default_rng(11)
+    logits = (rng.standard_normal(2000) * 3).astype(np.float32)
+    history = [int(i) for i in np.argsort(-logits)[:3]] + [int(i) for i in np.argsort(logits)[:3]] + [7, 7]
+    ours = probabilities(logits, GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                  repetition_penalty=penalty), history)
+    ref = _hf_probabilities(logits.astype(np.float64), history, temperature, top_k, top_p, penalty)
+    assert np.array_equal(ours > 0, ref > 0)   # the same candidate set
+    np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_sampled_frequencies_follow_the_filtered_distribution():
+    """200 000 draws of `choose` at temperature 0.7, top-p 0.9: only nucleus tokens, at their rates."""
+    from edgeact.generation import probabilities
+
+    rng = np.random.default_rng(0)
+    logits = (np.random.default_rng(12).standard_normal(50) * 2).astype(np.float32)
+    cfg = GenerationConfig(temperature=0.7, top_p=0.9, seed=3)
+    p = probabilities(logits, cfg)
+    n = 200_000
+    counts = np.bincount([choose(logits, cfg, rng) for _ in range(n)], minlength=logits.size)
+    assert np.all(counts[p == 0] == 0)
+    assert np.all(np.abs(counts / n - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-12)
+
+
+def test_ties_at_the_edge_stay_together():
+    x = np.log(np.array([0.4, 0.2, 0.2, 0.1, 0.1]))
+    # top-k 2 and a nucleus of 0.5 both end inside the tied pair: both members stay
+    assert set(np.flatnonzero(np.isfinite(filter_logits(x, top_k=2)))) == {0, 1, 2}
+    assert set(np.flatnonzero(np.isfinite(filter_logits(x, top_p=0.5)))) == {0, 1, 2}
+    assert set(np.flatnonzero(np.isfinite(filter_logits(x, top_p=0.4)))) == {0}
+    # greedy takes the first of equal logits, like argmax in transformers
+    assert choose(np.array([1.0, 3.0, 3.0]), GenerationConfig(), np.random.default_rng(0)) == 1
+
+
+def test_sampled_tokens_of_a_real_model_lie_in_the_transformers_nucleus(smollm2_int4_dir):
+    """SmolLM2 sampled at temperature 0.7, top-p 0.9, seed 3 (a setting once reported as gibberish):
+    every token lies in the nucleus transformers' processors draw from, given the logits of the
+    whole sequence run afresh and the repetition penalty over prompt + reply."""
+    import edgeact
+
+    model = edgeact.load(smollm2_int4_dir)
+    text = model.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea"}])
+    prompt = model.tokenizer.encode_ids(text, add_special_tokens=False)
+    res = model.generate(prompt, max_new_tokens=40, temperature=0.7, top_p=0.9, seed=3, repetition_penalty=1.1)
+    logits = model.forward(prompt + res.ids)[len(prompt) - 1:-1]
+    for step, tok in enumerate(res.ids):
+        history = prompt + res.ids[:step]
+        # top-p 0.92 for the reference: cached and fresh logits differ in the last bits, which may move
+        # a token at the very edge of the 0.9 nucleus; a token from outside it altogether still fails
+        p = _hf_probabilities(logits[step].astype(np.float64), history, 0.7, 0, 0.92, 1.1)
+        assert p[tok] > 0, f"step {step}: token {tok} is outside the nucleus"

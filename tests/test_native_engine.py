@@ -162,9 +162,16 @@ def _assert_spec_bound(folder, ids):
     assert kl <= 1e-3 and top1 >= 0.99, (kl, top1)
 
 
+# Tiny models, measured KL: int4 1.4e-7 (an int8 activation tie flips between the engines), int8
+# 3e-14, int4 on float activations 2.6e-13 (summation order). Bound: 10x the measured value, at
+# least 1e-10 (1000x below one flipped code); the spec bound (1e-3) would hide a real kernel error.
+TINY_KL = {"int4": 1.4e-6, "int8": 1e-10, "int4-acc1": 1e-10}
+
+
 @pytest.mark.parametrize("quant", ["int4", "int8", "int4-acc1"])
 def test_quantized_tiny_matches_onnxruntime(tiny_dirs, quant):
-    _assert_spec_bound(tiny_dirs[quant], _ids(300, 256))
+    (kl, top1), _ = _quant_agreement(tiny_dirs[quant], _ids(300, 256))
+    assert kl <= TINY_KL[quant] and top1 >= 0.99, (kl, top1)
 
 
 def _matmulnbits_nodes_match_onnxruntime(folder, ids):

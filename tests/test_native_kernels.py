@@ -207,11 +207,10 @@ def _tie_heavy_rows(rng, M, K, bs):
     return x
 
 
-@pytest.mark.parametrize("rows", ["gaussian", "ties"])
-def test_qmatmul_matches_onnxruntime(native_bin, tmp_path, rows):
-    """The reference the runtime is judged by: com.microsoft.MatMulNBits, accuracy_level 4."""
+def _ort_case(rows):
+    """x, the weight and onnxruntime's com.microsoft.MatMulNBits (accuracy_level 4) on them."""
     ort = pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
     M, K, N, bits, bs = 3, 320, 48, 4, 32
@@ -220,7 +219,11 @@ def test_qmatmul_matches_onnxruntime(native_bin, tmp_path, rows):
     x = rng.standard_normal((M, K)).astype(np.float32) if rows == "gaussian" else _tie_heavy_rows(rng, M, K, bs)
     if rows == "ties":   # the two ways of computing the inverse scale really disagree on these rows
         amax = np.float32(254 * np.float32(0.0937))
-        assert np.any(np.rint(x * (np.float32(127) / amax)) != np.rint(x * (np.float32(1) / (amax / np.float32(127)))))
+        inv = np.float32(127) / amax
+        assert np.any(np.rint(x * inv) != np.rint(x * (np.float32(1) / (amax / np.float32(127)))))
+        # ... and many products are exact halves, where ties-to-even and ties-away differ
+        t = x * inv
+        assert np.count_nonzero((t - np.floor(t) == 0.5) & (np.floor(t) % 2 == 0)) >= 10
     nb = -(-K // bs)
     node = helper.make_node("MatMulNBits", ["x", "B", "scales", "zp"], ["y"], domain="com.microsoft",
                             K=K, N=N, bits=bits, block_size=bs, accuracy_level=4)
@@ -234,13 +237,42 @@ def test_qmatmul_matches_onnxruntime(native_bin, tmp_path, rows):
                                                     helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    y_ort = sess.run(None, {"x": x})[0]
-    y, _ = _run_qmatmul(native_bin, tmp_path, x, K, N, bits, bs, packed, scales, zp_file, 2)
-    # Same int8 activations and integer dots; onnxruntime accumulates blocks in
-    # its own fp32 order and adds the zero-point term in float (block sums).
-    scale_of_sum = np.abs(x) @ np.abs(((q.astype(np.float32) - np.repeat(zp, bs, 1)) *
-                                       np.repeat(scales, bs, 1))[:, :K]).T
-    assert np.all(np.abs(y - y_ort) <= 1e-5 * scale_of_sum + 1e-6), np.max(np.abs(y - y_ort))
+    return dict(x=x, K=K, N=N, bits=bits, bs=bs, q=q, packed=packed, scales=scales, zp=zp, zp_file=zp_file,
+                y_ort=sess.run(None, {"x": x})[0])
+
+
+def _check_against_ort(y, c):
+    # Same int8 activations and integer dots; onnxruntime accumulates blocks in its own fp32 order
+    # and adds the zero-point term in float (block sums). One activation code off moves an output
+    # by about scale_x*|w| (~3e-2 here), 20x this bound (1e-5 of the sum of |terms|, ~1.6e-3).
+    q, zp, scales, bs, K = c["q"], c["zp"], c["scales"], c["bs"], c["K"]
+    scale_of_sum = np.abs(c["x"]) @ np.abs(((q.astype(np.float32) - np.repeat(zp, bs, 1)) *
+                                            np.repeat(scales, bs, 1))[:, :K]).T
+    err = np.abs(y - c["y_ort"])
+    assert np.all(err <= 1e-5 * scale_of_sum + 1e-6), (np.max(err), int(np.count_nonzero(err > 1e-5 * scale_of_sum)))
+
+
+# isa None: the best this CPU has (its own quantizer); "scalar": the C reference quantizer
+# (nearbyintf), which is the production quantizer on NEON.
+@pytest.mark.parametrize("isa", [None, "scalar"])
+@pytest.mark.parametrize("rows", ["gaussian", "ties"])
+def test_qmatmul_matches_onnxruntime(native_bin, tmp_path, rows, isa):
+    """The reference the runtime is judged by: com.microsoft.MatMulNBits, accuracy_level 4."""
+    c = _ort_case(rows)
+    y, _ = _run_qmatmul(native_bin, tmp_path, c["x"], c["K"], c["N"], c["bits"], c["bs"], c["packed"],
+                        c["scales"], c["zp_file"], 2, isa)
+    _check_against_ort(y, c)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("cpu", ["max", "cortex-a57"])   # NEON dotprod, plain NEON
+def test_qmatmul_matches_onnxruntime_aarch64(arm_bin, tmp_path, cpu):
+    """The tie rule on aarch64, where the scalar quantizer feeds the NEON kernels: onnxruntime's
+    x86 result is the reference (its quantizer rounds ties to even on every platform)."""
+    c = _ort_case("ties")
+    y, _ = _run_qmatmul(["qemu-aarch64", "-cpu", cpu, arm_bin], tmp_path, c["x"], c["K"], c["N"], c["bits"],
+                        c["bs"], c["packed"], c["scales"], c["zp_file"], 2)
+    _check_against_ort(y, c)
 
 
 # ---- activation-sparse GEMV through the file mode ---------------------------

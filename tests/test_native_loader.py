@@ -203,6 +203,16 @@ def test_initializer_without_raw_data_layout(base, tmp_path):
         vals = onnx.numpy_helper.to_array(t)
         t.ClearField("raw_data")
         t.data_type = TensorProto.FLOAT
-        t.float_data.extend(vals.tolist())   # packed float_data: accepted, same bytes
+        t.float_data.extend((vals * 1.5).tolist())   # packed float_data, other values than raw_data had
     m = NativeModel(_edit(base["fp32"], tmp_path, edit))
     assert m.vocab == 300
+    # the values are read, not only the shape: the same logits as the raw_data file with those values
+    def scaled(mp):
+        t = _init(mp, "model.norm.weight")
+        t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * 1.5, t.name))
+    ref = NativeModel(_edit(base["fp32"], tmp_path, scaled, name="ref"))
+    orig = NativeModel(base["fp32"])
+    ids = np.array([1, 5, 9, 200, 3], np.int64)
+    got = m.session(threads=1).forward(ids, all_logits=True)
+    assert np.array_equal(got, ref.session(threads=1).forward(ids, all_logits=True))
+    assert not np.allclose(got, orig.session(threads=1).forward(ids, all_logits=True))

@@ -55,8 +55,8 @@ def _ort_matmulnbits(x, qw):
              helper.make_tensor("scales", TensorProto.FLOAT, qw.scales.shape, qw.scales.tobytes(), raw=True)]
     names = ["x", "B", "scales"]
     if qw.zero_points is not None:
-        inits.append(helper.make_tensor("zp", TensorProto.UINT8, qw.zero_points.shape, qw.zero_points.tobytes(),
-                                        raw=True))
+        zp_type = TensorProto.FLOAT if qw.zero_points.dtype == np.float32 else TensorProto.UINT8
+        inits.append(helper.make_tensor("zp", zp_type, qw.zero_points.shape, qw.zero_points.tobytes(), raw=True))
         names.append("zp")
     node = helper.make_node("MatMulNBits", names, ["y"], domain="com.microsoft", K=qw.K, N=qw.N, bits=qw.bits,
                             block_size=qw.block_size, accuracy_level=0)
@@ -77,6 +77,16 @@ def test_layout_matches_onnxruntime_matmulnbits(n, k, bits, bs, sym):
     ref = x @ dequantize(qw).T
     got = _ort_matmulnbits(x, qw)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("n,k", [(64, 128), (37, 100)])
+@pytest.mark.parametrize("bits,bs", [(4, 32), (4, 64), (4, 128)])
+def test_float_zero_points_match_onnxruntime(n, k, bits, bs):
+    w = _weight(n, k, seed=n + k)
+    x = np.random.default_rng(1).standard_normal((3, k)).astype(np.float32)
+    qw = quantize_blockwise(w, bits, bs, float_zero_points=True)
+    ref = x @ dequantize(qw).T
+    np.testing.assert_allclose(_ort_matmulnbits(x, qw), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 def test_block_16_accepted_by_onnxruntime():

@@ -361,3 +361,61 @@ def test_steer_cli_info_and_errors(tmp_path, tiny_dir, capsys):
     assert "no tokenizer" in capsys.readouterr().err
     assert main(["steer", "info", str(tmp_path / "missing.gguf")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def baked_dir(tiny_dir, tmp_path_factory):
+    """tiny_dir with non-zero steering defaults written into the file: steer.1.add = v and
+    steer.0.ablate = [d] (a folder someone shipped pre-steered)."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    out = tmp_path_factory.mktemp("baked") / "tiny-baked"
+    shutil.copytree(tiny_dir, out)
+    m = onnx.load(str(out / "model.onnx"))
+    H_ = next(numpy_helper.to_array(t) for t in m.graph.initializer if t.name == "steer.1.add").shape[0]
+    rng = np.random.default_rng(11)
+    vecs = {"steer.1.add": (2.0 * rng.standard_normal(H_)).astype(np.float32),
+            "steer.0.ablate": (rng.standard_normal((1, H_)) / np.sqrt(H_)).astype(np.float32)}
+    vecs["steer.0.ablate"] /= np.linalg.norm(vecs["steer.0.ablate"])
+    for t in m.graph.initializer:
+        if t.name in vecs:
+            t.CopyFrom(numpy_helper.from_array(vecs[t.name], t.name))
+    onnx.save(m, str(out / "model.onnx"))
+    return out, vecs["steer.1.add"], vecs["steer.0.ablate"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_baked_steering_defaults_act_on_both_engines(tiny_dir, baked_dir, engine):
+    """A non-zero steer.{i}.add / steer.{i}.ablate initializer is the folder's default steering:
+    it acts with nothing set at run time, exactly as the same vectors set on the plain folder;
+    a run-time vector replaces it and clearing returns to it."""
+    folder, v, a = baked_dir
+    plain = _load(tiny_dir, engine)
+    base = _forward(plain)[0]
+    plain.engine.set_steering(1, add=v)
+    plain.engine.set_steering(0, ablate=a)
+    want = _forward(plain)[0]
+    assert np.abs(want - base).max() > 0.1   # the vectors do act on this model
+    baked = _load(folder, engine)
+    got = _forward(baked)[0]
+    # Same engine, same graph, same vectors (the default and the override feed the same Steer node).
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    zero = np.zeros_like(v)
+    baked.engine.set_steering(1, add=zero, ablate=np.zeros_like(a))
+    baked.engine.set_steering(0, add=zero, ablate=np.zeros_like(a))
+    np.testing.assert_allclose(_forward(baked)[0], base, rtol=0, atol=1e-5 * np.abs(base).max())
+    baked.engine.clear_steering()
+    np.testing.assert_allclose(_forward(baked)[0], want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_baked_steering_defaults_agree_across_engines(baked_dir):
+    if not _native_available():
+        pytest.skip("native engine not available (runtime not built or no native_engine)")
+    folder, _, _ = baked_dir
+    ort_l, nat_l = (_forward(_load(folder, e))[0] for e in ("ort", "native"))
+    # fp32 folder: the engines differ only in summation order (measured 4e-7 of the logits' range;
+    # 10x that, since the order depends on the ISA and thread count)
+    np.testing.assert_allclose(nat_l, ort_l, rtol=0, atol=4e-6 * np.abs(ort_l).max())

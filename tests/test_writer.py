@@ -6,6 +6,7 @@ import onnx
 import pytest
 import torch
 
+from edgeact import contract
 from edgeact.converters.model import ConversionError, ModelConfig
 from edgeact.converters.onnx_writer import ALIGN, DATA_FILE, write_onnx
 from edgeact.converters.quantize import dequantize, quantize_blockwise
@@ -15,9 +16,7 @@ from edgeact.converters.torch_ref import build_torch_model, hf_config
 
 ort = pytest.importorskip("onnxruntime")
 
-NATIVE_OPS = {("", "Gather"), ("", "Cast"), ("", "RMSNormalization"), ("", "MatMul"), ("", "Add"), ("", "Mul"),
-              ("", "Sigmoid"), ("com.microsoft", "MatMulNBits"), ("com.microsoft", "GroupQueryAttention"),
-              ("ai.edgeact", "Steer")}
+NATIVE_OPS = contract.OPS   # the op names a folder may use (edgeact.contract)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
 

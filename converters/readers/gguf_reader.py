@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..model import ConversionError, ModelConfig, SourceModel
+from .gguf_blocks import FLOAT_TYPES, import_weight
 from .rotary_order import interleaved_to_half
 
 _GLOBAL_NAMES = {
@@ -136,6 +137,15 @@ def _loader(tensor, n_heads_for_rows: int | None):
     return load
 
 
+def _blocks_loader(tensor, n_heads_for_rows: int | None):
+    def load():
+        N, K = (int(d) for d in reversed(tensor.shape))
+        order = interleaved_to_half(np.arange(N), n_heads_for_rows) if n_heads_for_rows else None
+        return import_weight(tensor.data, tensor.tensor_type, (N, K), row_order=order)
+
+    return load
+
+
 def read_gguf(path: str | Path) -> SourceModel:
     """A lazily dequantizing SourceModel for a llama-architecture GGUF file."""
     path = Path(path)
@@ -145,13 +155,15 @@ def read_gguf(path: str | Path) -> SourceModel:
     if "rope_freqs.weight" in names:
         raise ConversionError(f"{path}: GGUF per-frequency rope factors (rope_freqs, Llama 3.1 style) are not supported")
 
-    tensors = {}
+    tensors, quantized = {}, {}
     for t in reader.tensors:
         hf = _hf_name(t.name)
         if hf is None:
             raise ConversionError(f"{path}: unexpected GGUF tensor {t.name!r} for a llama model")
         rows_heads = cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads if ".attn_k." in t.name else None
         tensors[hf] = _loader(t, rows_heads)
+        if len(t.shape) == 2 and t.tensor_type.name not in FLOAT_TYPES:
+            quantized[hf] = _blocks_loader(t, rows_heads)
 
     add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
     if add_bos is None:  # llama.cpp's default: SentencePiece vocabularies add BOS, BPE ones do not
@@ -166,5 +178,6 @@ def read_gguf(path: str | Path) -> SourceModel:
         chat_template=_field(reader, "tokenizer.chat_template"), add_bos_token=bool(add_bos),
         provenance={"path": str(path), "format": "gguf",
                     "dtypes": dict(Counter(t.tensor_type.name for t in reader.tensors))},
+        quantized=quantized,
     )
 

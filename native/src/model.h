@@ -36,9 +36,12 @@ typedef struct value {
     int cast_f16;      /* V_CONST: Cast(to=FLOAT) of an fp16 tensor (the matmul reads fp16) */
 } value;
 
+/* One kind per line of ops/list.h. */
 typedef enum {
-    OP_GATHER, OP_CAST, OP_RMSNORM, OP_MATMUL, OP_QMATMUL, OP_GQA, OP_ADD, OP_ADD_BIAS,
-    OP_MUL, OP_SIGMOID, OP_SILU_MUL, OP_SILU, OP_STEER, OP_SPARSIFY, OP_NEURON_MASK, OP_NOP
+#define EA_OP(KIND, name) OP_##KIND,
+#include "ops/list.h"
+#undef EA_OP
+    OP_COUNT
 } op_kind;
 
 /* Sibling int4 matmuls reading one Sparsify output (q/k/v, gate/up): one channel-major copy
@@ -53,54 +56,64 @@ typedef struct fused_gemv {
     int direct; /* the first member to run writes every member's output (mark_direct_fused) */
 } fused_gemv;
 
+/* One executed node. The first block is common; each op's plan (ops/) fills its own block,
+ * and the passes (passes.c) the links between steps. Links to another step or group are
+ * stored as 1 + its index, so that 0 (calloc) means none. */
 typedef struct step {
     op_kind op;
     int node;             /* index into onnx nodes (the last one for fused steps) */
     const char *name, *op_type;
     int in[3], out;       /* value indexes (-1 unused) */
-    int inplace;          /* out shares in[0]'s slot */
-    uint64_t weight_bytes;
-    /* Gather */
+    int inplace;          /* out shares in[0]'s slot (assign_slots, where the op allows) */
+    uint64_t weight_bytes; /* bytes one call reads (profile) */
+    int layer;            /* GroupQueryAttention: cache index; Steer, NeuronMask: their layer */
+    int K, N;             /* MatMul, MatMulNBits: shape; Gather: N = the embedding width */
+    const float *w;       /* RMSNormalization: scale; Add of a bias: the bias */
+    float eps;
+    /* ops/gather.c */
     const void *table;
     int table_f16, vocab;
-    /* RMSNorm / bias */
-    const float *w;
-    float eps;
-    /* MatMul / MatMulNBits */
-    int K, N;
+    /* ops/matmul.c */
     const float *Wf;
     const uint16_t *Wh;
+    /* ops/matmul_nbits.c */
     ea_qweight qw;
     int qw_ready;
-    int f32act;           /* MatMulNBits accuracy_level 0..3: float activations, file layout (no repack) */
-    /* GQA */
-    int layer;            /* GQA: cache index; Steer: steering layer */
+    int f32act;           /* accuracy_level 0..3: float activations, file layout (no repack) */
+    /* ops/gqa.c */
     int H, KVH, D, rotary;
     float scale;
     const float *cos, *sin;
     int max_pos;
-    /* Steer defaults (initializers), used when the session sets nothing */
+    /* ops/steer.c: defaults (initializers), used when the session sets nothing */
     const float *def_add, *def_ablate;
     int def_R, def_add_zero, def_ablate_zero;
-    /* Sparsify: threshold and column scale [K]; a MatMulNBits reading a Sparsify output keeps a
-     * channel-major copy and, for one row, reads only the weights of the active channels */
-    const float *thr, *colsc; /* Sparsify: colsc NULL when all ones */
-    int thr_step;             /* 0: one threshold thr[0] for every channel */
-    int sparse_src;       /* MatMulNBits: 1 + the Sparsify step feeding it, 0 = dense input */
+    /* ops/sparsify.c: threshold and column scale [K] (colsc NULL when all ones) */
+    const float *thr, *colsc;
+    int thr_step;         /* 0: one threshold thr[0] for every channel */
+    /* ops/neuron_mask.c (CoreInfer): default mask [width] (ones) and the token-wise top-k of
+     * its score */
+    const float *def_mask;
+    int token_k;
+    /* passes.c, on MatMulNBits steps (read by sparse/):
+     *  sparse_src  the Sparsify or NeuronMask feeding the input: its active channels are the
+     *              input's nonzeros; a channel-major copy (cm, or the group's) serves them
+     *  fuse        the stacked group holding this step's channel-major rows (then no cm), its
+     *              rows from fuse_off
+     *  dense_dropped  low memory: qw's repack freed; every row runs on the channel-major copy
+     *  row_src     CoreInfer: the NeuronMask this gate/up feeds through SiLU-gate; with a mask
+     *              set only the kept rows are computed
+     *  rowsel_src  CATS: the Sparsify whose output multiplies this up_proj's; in decode only
+     *              the rows it keeps are computed, from rows_qw (the file layout, copied to
+     *              rows_buf; none: qw is it) */
+    int sparse_src;
     ea_qweight_cm cm;
     int cm_ready;
-    int fuse, fuse_off;   /* 1 + the fused_gemv holding this step's channel-major rows (then no cm), its first row */
-    int dense_dropped;    /* low memory (sparse_lowmem): qw's repack freed; every row runs on the channel-major copy */
-    /* NeuronMask (CoreInfer): default mask [width] (ones) and the token-wise top-k of its score;
-     * `layer` indexes the session's masks. A MatMulNBits feeding it through SiLU-gate computes
-     * only the rows the session's mask keeps (row_src = 1 + the NeuronMask step). */
-    const float *def_mask;
-    int token_k, row_src;
-    /* CATS: a MatMulNBits (up_proj) whose one reader multiplies it by an earlier Sparsify's
-     * output (the gate activation) computes in decode only the rows that Sparsify keeps,
-     * the others set to 0 (rowsel_src = 1 + that Sparsify step) */
+    int fuse, fuse_off;
+    int dense_dropped;
+    int row_src;
     int rowsel_src;
-    ea_qweight rows_qw; /* its file layout, copied to rows_buf for that kernel (none: qw is it) */
+    ea_qweight rows_qw;
     void *rows_buf;
 } step;
 

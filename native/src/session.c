@@ -2,7 +2,9 @@
  * steering, hidden-state capture and the profiler living in the session.
  * All buffers are sized at session creation, so decoding does not allocate. */
 #define _GNU_SOURCE
+#include "ops/ops.h"
 #include "session.h"
+#include "sparse/sparse.h"
 #include "weights.h"
 
 #include <math.h>
@@ -39,137 +41,10 @@ int ea_physical_cores(void) {
     return n > 0 ? n : (int)online;
 }
 
-static uint64_t now_ns(void) {
+uint64_t ea_now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static void steer_rows(const ea_session *ss, const step *st, float *h, int S, int width) {
-    const float *add = ss->steer_add[st->layer], *abl = ss->steer_ablate[st->layer];
-    int R = ss->steer_R[st->layer];
-    if (!add && !st->def_add_zero) add = st->def_add;
-    if (!abl && !st->def_ablate_zero) abl = st->def_ablate, R = st->def_R;
-    for (int s = 0; s < S; s++) {
-        float *x = h + (size_t)s * width;
-        if (abl) { /* y = h - (h A^T) A: coefficients from the unmodified row */
-            for (int r = 0; r < R; r++) {
-                const float *a = abl + (size_t)r * width;
-                float c = 0.0f;
-                for (int k = 0; k < width; k++) c += x[k] * a[k];
-                ss->coef[r] = c;
-            }
-            for (int r = 0; r < R; r++) {
-                const float *a = abl + (size_t)r * width;
-                const float c = ss->coef[r];
-                for (int k = 0; k < width; k++) x[k] -= c * a[k];
-            }
-        }
-        if (add)
-            for (int k = 0; k < width; k++) x[k] += add[k];
-    }
-}
-
-/* The k-th largest of x[0..n) (1 <= k <= n, x >= 0), using tmp[n]. Non-negative floats order
- * like their bit patterns: one histogram of the top 12 bits (sign, exponent, 3 mantissa bits)
- * finds the bin holding the answer, and only that bin's few values go through a quickselect,
- * whose data-dependent branches over all n values cost ~4x as much. */
-static float kth_largest(const float *x, int n, int k, float *tmp) {
-    uint32_t hist[4096] = {0};
-    for (int i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &x[i], sizeof u);
-        hist[u >> 20]++;
-    }
-    int b = 4095;
-    while (b > 0 && (int)hist[b] < k) k -= (int)hist[b--];
-    int m = 0;
-    for (int i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &x[i], sizeof u);
-        if ((int)(u >> 20) == b) tmp[m++] = x[i];
-    }
-    int lo = 0, hi = m - 1; /* quickselect for the k-th largest of tmp[0..m) */
-    const int want = k - 1;
-    while (lo < hi) {
-        const float pivot = tmp[lo + (hi - lo) / 2];
-        int a = lo, c = hi;
-        while (a <= c) {
-            while (tmp[a] > pivot) a++;
-            while (tmp[c] < pivot) c--;
-            if (a <= c) {
-                const float t = tmp[a];
-                tmp[a++] = tmp[c];
-                tmp[c--] = t;
-            }
-        }
-        if (want <= c) hi = c;
-        else if (want >= a) lo = a;
-        else break;
-    }
-    return tmp[want];
-}
-
-/* y = h * mask. While the caller has not fixed a mask (the prompt), count per channel the rows
- * where |h| reaches the row's token_k-th largest: the same rule as the function body. */
-static void neuron_mask(ea_session *ss, const step *st, int si, int e, const float *a, float *y, int S, int w) {
-    const int L = st->layer;
-    const float *mask = ss->nmask[L] ? ss->nmask[L] : st->def_mask;
-    for (int r = 0; r < S; r++) {
-        const float *hr = a + (size_t)r * w;
-        float *yr = y + (size_t)r * w;
-        for (int k = 0; k < w; k++) yr[k] = hr[k] * mask[k];
-        if (ss->nmask[L]) continue;
-        float *ah = ss->sel, *tmp = ss->sel + w;
-        for (int k = 0; k < w; k++) ah[k] = fabsf(hr[k]);
-        const float kth = kth_largest(ah, w, st->token_k, tmp);
-        float *score = ss->nscore[L];
-        for (int k = 0; k < w; k++) score[k] += ah[k] >= kth ? 1.0f : 0.0f;
-    }
-    /* active[si] holds the kept channels (set with the mask), which down_proj's input-sparse GEMV reads */
-    if (__builtin_expect(ss->profile, 0)) {
-        ss->prof_active[e] += (uint64_t)S * (uint64_t)ss->n_active[si];
-        ss->prof_total[e] += (uint64_t)S * (uint64_t)w;
-    }
-}
-
-/* The path of a decode GEMV behind a Sparsify (sparse_tune.h): measured per unit, unless a
- * setting fixes it (static_sparse: the fixed rule's answer, for EDGEACT_SPARSE_STATIC). Both
- * paths give the same bits. */
-static int pick_path(const ea_session *ss, ea_sparse_tune *t, int n_active, int static_sparse) {
-    const ea_model *m = ss->m;
-    if (m->sparse_always) return 1;
-    if (m->sparse_static) return static_sparse;
-    return ea_tune_pick(t, n_active);
-}
-
-static int pick_sparse(ea_session *ss, const ea_qweight_cm *cm, int unit, int n_active) {
-    return pick_path(ss, &ss->tune[unit], n_active, !ea_sparse_prefers_dense(cm, n_active));
-}
-
-static void tune_record(const ea_session *ss, ea_sparse_tune *t, int sparse, int n_active, uint64_t ns) {
-    if (!ss->m->sparse_always && !ss->m->sparse_static) ea_tune_record(t, sparse, n_active, ns);
-}
-
-/* A prompt chunk's rows of a matmul behind a Sparsify, with both copies loaded: the dense GEMM,
- * or each thread taking whole rows on the channel-major copy (sparse_rows), which gives the same
- * bits. Where one matmul's active rows stay in the last-level cache from row to row the rows
- * win at high sparsity (TinyLlama shape, 32 MB L3, teal 0.7: pp128 1.5x); where they do not,
- * each row reads them from memory. So it is measured, per unit, as decode's choice is, on the
- * time per row (ea_sparse_tune with one "channel"). Chunks shorter than EA_PREFILL_ROWS_MIN
- * rows or two rows per thread run the GEMM and are not timed: the GEMM's time per row grows as
- * chunks shrink (it reads the weights once per chunk), and a prompt's short tail chunk would
- * otherwise skew the average of the full ones. Among the eligible chunks EDGEACT_SPARSE_STATIC
- * keeps the GEMM, EDGEACT_SPARSE_ALWAYS takes the rows (pick_path). */
-#define EA_PREFILL_ROWS_MIN 16
-static int prefill_rows_eligible(const ea_session *ss, const step *st, int rows) {
-    if (!ss->row_ctx || !st->sparse_src || st->dense_dropped || !(st->cm_ready || st->fuse) ||
-        rows < 2 * ss->n_threads || rows < EA_PREFILL_ROWS_MIN)
-        return 0;
-    /* only a copy that can stay in the last-level cache: elsewhere each explored chunk would read
-     * it from memory once per row (on a small-cache board, seconds for a TinyLlama-sized layer) */
-    const ea_qweight_cm *cm = st->fuse ? &ss->m->fused[st->fuse - 1].cm : &st->cm;
-    return cm->bytes <= ss->llc_bytes / 2;
 }
 
 /* The last-level cache's size as the C library reports it (glibc: sysconf), else 1 MiB: an
@@ -183,353 +58,37 @@ static size_t llc_bytes(void) {
     return b > 0 ? (size_t)b : (size_t)1 << 20;
 }
 
-/* After a decode GEMV behind a Sparsify (exec step e): the profile's path counts; returns the
- * weight bytes it read (on the sparse path the share n_active of `of`, the input channels or the
- * output rows it skips along; all on the dense one). */
-static uint64_t gemv_path_done(ea_session *ss, int e, const step *st, int sparse, int n_active, int of) {
-    if (__builtin_expect(ss->profile, 0)) {
-        ss->prof_sparse[e] += (uint64_t)sparse;
-        ss->prof_eligible[e]++;
-    }
-    return sparse ? (uint64_t)((double)st->weight_bytes * n_active / (of ? of : 1)) : st->weight_bytes;
-}
-
-/* A prompt's rows of a sparse matmul on the channel-major copy (low memory, whose dense repack
- * is gone, or the measured prefill choice), each on the input-sparse GEMV over its own nonzero
- * channels (the input is the Sparsify's masked output, so those are the channels it kept; the
- * result is the dense GEMM's on that input, bit for bit). With
- * enough rows each thread takes whole rows, one kernel call each on its own context: the
- * weights of one matmul sit in the last-level cache after the first row, and splitting every
- * row's outputs between the threads (as decode does) cost a pool dispatch and a wait per row
- * per matmul, and left the nonzero scan serial (TinyLlama shape, teal 0.5: pp128 131 t/s that
- * way on 2 threads, 98 on one). A stacked group writes every member's rows, into their
- * outputs when they have their own (g->direct), else into rows_fused. */
-/* Row r of each member's own output, for a stacked group written in place (g->direct). */
-static void group_outputs(const ea_session *ss, const fused_gemv *g, int r, float **outs, int *ns) {
-    const ea_model *m = ss->m;
-    for (int i = 0; i < g->n; i++) {
-        const step *mi = &m->steps[g->step[i]];
-        outs[i] = ss->slots[m->values[mi->out].slot] + (size_t)r * mi->N;
-        ns[i] = mi->N;
-    }
-}
-
-typedef struct {
-    ea_session *ss;
-    const fused_gemv *g;
-    const ea_qweight_cm *cm;
-    const float *a;
-    float *y; /* lone matmul: its output; group: rows_fused when not direct */
-    int rows, n_tasks, N;
-    int rc[EA_ROW_THREADS_MAX];
-    uint64_t active[EA_ROW_THREADS_MAX];
-} sparse_rows_job;
-
-static void sparse_rows_task(void *arg, int task, int thread) {
-    sparse_rows_job *j = arg;
-    ea_session *ss = j->ss;
-    ea_model *m = ss->m;
-    /* one context per pool thread (no pool: the kernel runs on this thread); the caller's own
-     * context when the rows run unsplit */
-    ea_kctx *ctx = j->n_tasks > 1 ? &ss->row_ctx[thread] : &ss->kctx;
-    int32_t *act = ss->rows_active + (size_t)thread * ((size_t)m->max_act_width + 1);
-    float *scratch = ss->fused_y + (size_t)thread * ((size_t)m->max_fused_n + 1);
-    const int K = j->cm->K, r0 = (int)((long)task * j->rows / j->n_tasks), r1 = (int)((long)(task + 1) * j->rows / j->n_tasks);
-    int rc = EA_KOK;
-    uint64_t active = 0;
-    for (int r = r0; r < r1 && !rc; r++) {
-        const float *x = j->a + (size_t)r * K;
-        int na = 0;
-        for (int k = 0; k < K; k++)
-            if (x[k] != 0.0f) act[na++] = k;
-        active += (uint64_t)na;
-        if (j->g && j->g->direct) {
-            float *outs[EA_FUSE_MAX];
-            int ns[EA_FUSE_MAX];
-            group_outputs(ss, j->g, r, outs, ns);
-            rc = ea_sparse_qgemv_split(ctx, j->cm, x, act, na, scratch, outs, ns, j->g->n);
-        } else {
-            rc = ea_sparse_qgemv(ctx, j->cm, NULL, x, act, na, j->y + (size_t)r * j->N);
-        }
-    }
-    j->rc[task] = rc;
-    j->active[task] = active;
-}
-
-/* *read: the weight bytes read (the active channels' rows). A stacked group's first member to
- * run computes every member's rows; the others only copy their slice when not direct. */
-static int sparse_rows(ea_session *ss, const step *st, const float *a, int rows, float *y, uint64_t *read) {
-    ea_model *m = ss->m;
-    const fused_gemv *g = st->fuse ? &m->fused[st->fuse - 1] : NULL;
-    const ea_qweight_cm *cm = g ? &g->cm : &st->cm;
-    *read = 0;
-    if (g && !g->direct) {
-        const size_t need = (size_t)rows * (size_t)cm->N;
-        if (need > ss->rows_fused_cap) {
-            float *p = realloc(ss->rows_fused, sizeof(float) * need);
-            if (!p) return EA_KERR_NOMEM;
-            ss->rows_fused = p;
-            ss->rows_fused_cap = need;
-            ss->rows_owner = 0;
-        }
-    }
-    int rc = EA_KOK;
-    if (!g || ss->rows_owner != st->fuse) {
-        const int threads = ss->row_ctx ? ss->n_threads : 1;
-        sparse_rows_job j = {ss, g, cm, a, g ? ss->rows_fused : y, rows, rows >= 2 * threads ? threads : 1,
-                             g ? cm->N : st->N, {0}, {0}};
-        if (j.n_tasks > 1) ea_pool_run(ss->pool, sparse_rows_task, &j, j.n_tasks);
-        else sparse_rows_task(&j, 0, 0);
-        uint64_t active = 0;
-        for (int t = 0; t < j.n_tasks; t++) {
-            if (j.rc[t] && !rc) rc = j.rc[t];
-            active += j.active[t];
-        }
-        if (g) ss->rows_owner = rc ? 0 : st->fuse;
-        /* the bytes of the channel rows read, charged to the step that read them */
-        *read = (uint64_t)((double)cm->bytes * (double)active / (double)cm->K);
-    }
-    if (!rc && g && !g->direct)
-        for (int r = 0; r < rows; r++)
-            memcpy(y + (size_t)r * st->N, ss->rows_fused + (size_t)r * cm->N + st->fuse_off, sizeof(float) * (size_t)st->N);
-    return rc;
+/* Value v's rows when it is an activation, else NULL. */
+static float *act(const ea_session *ss, int v) {
+    return v >= 0 && ss->m->values[v].kind == V_ACT ? ss->slots[ss->m->values[v].slot] : NULL;
 }
 
 /* Runs S tokens at positions pos0.. ; logits rows go to `logits` (all rows, or the last one
  * when last_only; NULL skips the logits step). Returns an EA_ERR_* code. */
 static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *logits, int last_only, ea_err *err) {
-    ea_model *m = ss->m;
-    ea_kctx *ctx = &ss->kctx;
-    ss->fused_owner = 0;
-    ss->rows_owner = 0;
-    memset(ss->punit_path, -1, (size_t)m->n_fused + 1);
-    memset(ss->punit_ns, 0, sizeof(uint64_t) * ((size_t)m->n_fused + 1));
-    memset(ss->unit_sparse, -1, (size_t)m->n_fused + 1);
-    memset(ss->unit_ns, 0, sizeof(uint64_t) * ((size_t)m->n_fused + 1));
+    const ea_model *m = ss->m;
+    ea_sparse_chunk_begin(ss);
     for (int e = 0; e < ss->n_exec; e++) {
         const int si = ss->exec_steps[e];
         const step *st = &m->steps[si];
         if (si == m->logits_step && !logits) continue;
-        uint64_t t0 = 0;
-        if (__builtin_expect(ss->profile, 0)) t0 = now_ns();
+        const uint64_t t0 = __builtin_expect(ss->profile, 0) ? ea_now_ns() : 0;
         const value *ov = st->out >= 0 ? &m->values[st->out] : NULL;
-        float *y = ov && ov->kind == V_ACT ? ss->slots[ov->slot] : NULL;
-        const float *a = st->in[0] >= 0 && m->values[st->in[0]].kind == V_ACT ? ss->slots[m->values[st->in[0]].slot] : NULL;
-        const float *bb = st->in[1] >= 0 && m->values[st->in[1]].kind == V_ACT ? ss->slots[m->values[st->in[1]].slot] : NULL;
-        const int w = ov ? ov->width : 0;
-        const size_t n = (size_t)S * (size_t)w;
-        int rows = S;
-        uint64_t bytes = st->weight_bytes;
-        int rc = EA_KOK;
-        switch (st->op) {
-        case OP_GATHER: {
-            /* Row by row, handing each row's pages back: a fault in a file mapping maps the
-             * whole large folio around the row, so a 128-token prompt made 58 MB of SmolLM2's
-             * 56 MB fp16 table resident (peak RSS 1.21x). The window released is the aligned
-             * 2 MiB (the largest folio) around the row, clipped to the table. */
-            const size_t es = st->table_f16 ? 2 : 4, row = (size_t)st->N * es, tbytes = (size_t)st->vocab * row;
-            const uintptr_t t0 = (uintptr_t)st->table, t1 = t0 + tbytes, win = (uintptr_t)2 << 20;
-            for (int r = 0; r < S; r++) {
-                rc = st->table_f16 ? ea_embed_f16(ctx, st->table, st->vocab, st->N, ss->ids + r, 1, y + (size_t)r * st->N)
-                                   : ea_embed_f32(ctx, st->table, st->vocab, st->N, ss->ids + r, 1, y + (size_t)r * st->N);
-                if (rc) break;
-                const uintptr_t at = (t0 + (uintptr_t)ss->ids[r] * row) & ~(win - 1);
-                const uintptr_t lo = at > t0 ? at : t0, hi = at + win < t1 ? at + win : t1;
-                ea_release_pages(m, (const void *)lo, hi - lo);
-            }
-            bytes = (uint64_t)S * row;
-            break;
-        }
-        case OP_CAST:
-            if (!st->inplace) memcpy(y, a, n * sizeof(float));
-            break;
-        case OP_RMSNORM: ea_rmsnorm(ctx, a, st->w, S, w, st->eps, y); break;
-        case OP_MATMUL:
-        case OP_QMATMUL:
-            if (si == m->logits_step && last_only) { /* decode needs one row of the vocabulary projection */
-                a += (size_t)(S - 1) * st->K;
-                rows = 1;
-            }
-            if (st->row_src && rows == 1 && ss->has_kept[si]) {
-                /* CoreInfer's fixed neurons: the dense GEMV over the kept rows of gate/up, scattered
-                 * (the other rows are 0 and masked later) */
-                const int nr = ss->n_active[st->row_src - 1];
-                const int32_t *idx = ss->active[st->row_src - 1];
-                memset(y, 0, sizeof(float) * (size_t)st->N);
-                rc = nr ? ea_qmatmul(ctx, &ss->kept[si], a, 1, ss->kept_y) : EA_KOK;
-                for (int r = 0; r < nr && !rc; r++) y[idx[r]] = ss->kept_y[r];
-                bytes = (uint64_t)((double)st->weight_bytes * nr / (st->N ? st->N : 1));
-                break;
-            }
-            if (st->fuse && rows == 1) {
-                /* a sibling of a stacked GEMV: the first to run picks the path for the group and,
-                 * when sparse, computes all of them (the input and its active list are the same)
-                 * into their outputs when g->direct, else the others copy their rows. Dense, each
-                 * runs its own GEMV on the masked input. */
-                const int gi = st->fuse - 1;
-                const fused_gemv *g = &m->fused[gi];
-                const int src = st->sparse_src - 1, na = ss->n_active[src];
-                const uint64_t u0 = now_ns();
-                if (ss->unit_sparse[gi] < 0)
-                    ss->unit_sparse[gi] = (int8_t)(st->dense_dropped || pick_sparse(ss, &g->cm, gi, na));
-                const int sparse = ss->unit_sparse[gi];
-                if (!sparse) {
-                    rc = ea_masked_qgemv(ctx, &st->qw, a, ss->active[src], na, y);
-                } else {
-                    if (ss->fused_owner != st->fuse) {
-                        if (g->direct) {
-                            float *outs[EA_FUSE_MAX];
-                            int ns[EA_FUSE_MAX];
-                            group_outputs(ss, g, 0, outs, ns);
-                            rc = ea_sparse_qgemv_split(ctx, &g->cm, a, ss->active[src], na, ss->fused_y, outs, ns, g->n);
-                        } else {
-                            rc = ea_sparse_qgemv(ctx, &g->cm, NULL, a, ss->active[src], na, ss->fused_y);
-                        }
-                        ss->fused_owner = rc ? 0 : st->fuse;
-                    }
-                    if (!rc && !g->direct) memcpy(y, ss->fused_y + st->fuse_off, sizeof(float) * (size_t)st->N);
-                }
-                ss->unit_ns[gi] += now_ns() - u0;
-                if (si == g->step[g->n - 1]) {
-                    if (!rc) tune_record(ss, &ss->tune[gi], sparse, na, ss->unit_ns[gi]);
-                    ss->fused_owner = 0;
-                    ss->unit_sparse[gi] = -1;
-                    ss->unit_ns[gi] = 0;
-                }
-                bytes = gemv_path_done(ss, e, st, sparse, na, st->K);
-                break;
-            }
-            if (st->sparse_src && rows == 1) {
-                /* one row behind a Sparsify: read only the weights of its active channels, or
-                 * all of them on the masked input where that measured faster */
-                const int src = st->sparse_src - 1, na = ss->n_active[src], unit = m->n_fused + si;
-                const uint64_t u0 = now_ns();
-                const int sparse = st->dense_dropped || pick_sparse(ss, &st->cm, unit, na);
-                rc = sparse ? ea_sparse_qgemv(ctx, &st->cm, NULL, a, ss->active[src], na, y)
-                            : ea_masked_qgemv(ctx, &st->qw, a, ss->active[src], na, y);
-                if (!rc) tune_record(ss, &ss->tune[unit], sparse, na, now_ns() - u0);
-                bytes = gemv_path_done(ss, e, st, sparse, na, st->K);
-                break;
-            }
-            if (st->rowsel_src && rows == 1) {
-                /* CATS: the rows whose gate activation the Sparsify dropped are multiplied by 0;
-                 * compute only the kept ones from a copy of the file layout (the rest 0), or all
-                 * with the dense kernel where that measured faster. Same values either way. */
-                const int src = st->rowsel_src - 1, na = ss->n_active[src], unit = m->n_fused + si;
-                const uint64_t u0 = now_ns();
-                const int sparse = pick_path(ss, &ss->tune[unit], na, st->N >= EA_SPARSE_MIN_N && na < EA_ROWS_STATIC_SHARE * st->N);
-                if (sparse) {
-                    memset(y, 0, sizeof(float) * (size_t)st->N);
-                    rc = ea_qgemv_rows(ctx, st->rows_buf ? &st->rows_qw : &st->qw, a, ss->active[src], na, y);
-                } else {
-                    rc = ea_qmatmul(ctx, &st->qw, a, 1, y);
-                }
-                if (!rc) tune_record(ss, &ss->tune[unit], sparse, na, now_ns() - u0);
-                bytes = gemv_path_done(ss, e, st, sparse, na, st->N);
-                break;
-            }
-            if (st->dense_dropped) {
-                uint64_t read = 0;
-                rc = sparse_rows(ss, st, a, rows, y, &read);
-                bytes = read;
-                break;
-            }
-            if (prefill_rows_eligible(ss, st, rows)) {
-                /* a group decides at its first member to run and is timed over all of them */
-                const int gi = st->fuse ? st->fuse - 1 : -1, unit = gi >= 0 ? gi : m->n_fused + si;
-                int sparse;
-                if (gi < 0) sparse = pick_path(ss, &ss->ptune[unit], 1, 0);
-                else {
-                    if (ss->punit_path[gi] < 0) ss->punit_path[gi] = (int8_t)pick_path(ss, &ss->ptune[unit], 1, 0);
-                    sparse = ss->punit_path[gi];
-                }
-                const uint64_t u0 = now_ns();
-                uint64_t read = st->weight_bytes;
-                rc = sparse ? sparse_rows(ss, st, a, rows, y, &read) : ea_qmatmul(ctx, &st->qw, a, rows, y);
-                const uint64_t ns = now_ns() - u0;
-                if (gi >= 0) ss->punit_ns[gi] += ns;
-                const int last = gi < 0 || si == m->fused[gi].step[m->fused[gi].n - 1];
-                if (!rc && last)
-                    tune_record(ss, &ss->ptune[unit], sparse, 1, (gi >= 0 ? ss->punit_ns[gi] : ns) / (uint64_t)rows);
-                bytes = read;
-                break;
-            }
-            rc = st->op == OP_QMATMUL ? (st->f32act ? ea_qmatmul_f32act : ea_qmatmul)(ctx, &st->qw, a, rows, y)
-                 : st->Wh ? ea_matmul_f16(ctx, a, rows, st->K, st->Wh, st->N, y)
-                          : ea_matmul_f32(ctx, a, rows, st->K, st->Wf, st->N, y);
-            break;
-        case OP_GQA: {
-            const float *k = ss->slots[m->values[st->in[1]].slot], *v = ss->slots[m->values[st->in[2]].slot];
-            const int qw = st->H * st->D, kw = st->KVH * st->D;
-            float *kc = ss->k_cache[st->layer], *vc = ss->v_cache[st->layer];
-            memcpy(ss->qbuf, a, sizeof(float) * (size_t)S * qw);
-            memcpy(ss->kbuf, k, sizeof(float) * (size_t)S * kw);
-            if (st->rotary) {
-                rc = ea_rope(ctx, ss->qbuf, S, st->H, st->D, st->cos, st->sin, st->max_pos, pos0);
-                if (!rc) rc = ea_rope(ctx, ss->kbuf, S, st->KVH, st->D, st->cos, st->sin, st->max_pos, pos0);
-            }
-            if (rc) break;
-            for (int s = 0; s < S; s++)
-                for (int h = 0; h < st->KVH; h++) {
-                    size_t dst = ((size_t)h * ss->n_ctx + (size_t)(pos0 + s)) * st->D;
-                    memcpy(kc + dst, ss->kbuf + (size_t)s * kw + (size_t)h * st->D, sizeof(float) * st->D);
-                    memcpy(vc + dst, v + (size_t)s * kw + (size_t)h * st->D, sizeof(float) * st->D);
-                }
-            rc = ea_attention(ctx, ss->qbuf, S, st->H, st->D, kc, vc, st->KVH, ss->n_ctx, pos0, st->scale, y);
-            bytes = (uint64_t)(pos0 + S) * kw * 2 * sizeof(float);
-            break;
-        }
-        case OP_ADD: ea_add(ctx, a, bb, n, y); break;
-        case OP_ADD_BIAS:
-            for (int s = 0; s < S; s++)
-                for (int k = 0; k < w; k++) y[(size_t)s * w + k] = a[(size_t)s * w + k] + st->w[k];
-            break;
-        case OP_MUL:
-            for (size_t i = 0; i < n; i++) y[i] = a[i] * bb[i];
-            break;
-        case OP_SIGMOID:
-            for (size_t i = 0; i < n; i++) y[i] = 1.0f / (1.0f + expf(-a[i]));
-            break;
-        case OP_SILU_MUL: ea_silu_mul(ctx, a, bb, n, y); break;
-        case OP_SILU: ea_silu_mul(ctx, a, NULL, n, y); break;
-        case OP_STEER:
-            if (!st->inplace) memcpy(y, a, n * sizeof(float));
-            if (ss->steer_add[st->layer] || ss->steer_ablate[st->layer] || !st->def_add_zero || !st->def_ablate_zero)
-                steer_rows(ss, st, y, S, w);
-            break;
-        case OP_SPARSIFY: {
-            int na = 0;
-            for (int r = 0; r < S; r++) {
-                const float *xr = a + (size_t)r * w;
-                float *yr = y + (size_t)r * w;
-                /* same rule as the function body: keep when |x|·col_scale >= threshold */
-                na = ea_sparsify(ctx, xr, st->thr, st->thr_step, st->colsc, w, yr, ss->active[si]);
-                if (__builtin_expect(ss->profile, 0)) {
-                    ss->prof_active[e] += (uint64_t)na;
-                    ss->prof_total[e] += (uint64_t)w;
-                }
-            }
-            ss->n_active[si] = na;
-            break;
-        }
-        case OP_NEURON_MASK: neuron_mask(ss, st, si, e, a, y, S, w); break;
-        case OP_NOP: break;
-        }
-        if (rc) {
-            ea_fail(err, "node '%s' (%s): kernel error: %s", st->name, st->op_type, ea_kernels_strerror(rc));
-            return EA_ERR_KERNEL;
-        }
+        ea_exec x = {ss, st, si, e, S, pos0, si == m->logits_step && last_only, act(ss, st->in[0]), act(ss, st->in[1]),
+                     ov && ov->kind == V_ACT ? ss->slots[ov->slot] : NULL, ov ? ov->width : 0, 0, S, st->weight_bytes};
+        x.n = (size_t)S * (size_t)x.w;
+        const int rc = ea_ops[st->op]->run(&x);
+        if (rc) return ea_fail(err, "node '%s' (%s): kernel error: %s", st->name, st->op_type, ea_kernels_strerror(rc)),
+                      EA_ERR_KERNEL;
         if (ov && ov->hidden_layer >= 0 && ss->capture && ov->hidden_layer < m->n_hidden)
-            memcpy(ss->hidden_buf + ((size_t)ov->hidden_layer * ss->hidden_tokens + tok_offset) * w, y,
-                   n * sizeof(float));
-        if (si == m->logits_step) {
-            if (last_only) memcpy(logits, y + (size_t)(rows - 1) * w, sizeof(float) * w);
-            else memcpy(logits, y, sizeof(float) * n);
-        }
+            memcpy(ss->hidden_buf + ((size_t)ov->hidden_layer * ss->hidden_tokens + tok_offset) * x.w, x.y,
+                   x.n * sizeof(float));
+        if (si == m->logits_step) memcpy(logits, last_only ? x.y + (size_t)(x.rows - 1) * x.w : x.y,
+                                         sizeof(float) * (last_only ? (size_t)x.w : x.n));
         if (__builtin_expect(ss->profile, 0)) {
-            ss->prof_ns[e] += now_ns() - t0;
+            ss->prof_ns[e] += ea_now_ns() - t0;
             ss->prof_calls[e]++;
-            ss->prof_bytes[e] += bytes;
+            ss->prof_bytes[e] += x.bytes;
         }
     }
     return EA_OK;
@@ -570,61 +129,6 @@ int ea_session_run(ea_session *ss, const int64_t *ids, int n, float *logits, int
             return rc;
         }
         ss->n_past += S;
-    }
-    return EA_OK;
-}
-
-void ea_session_drop_kept(ea_session *ss, int si) {
-    if (!ss->has_kept[si]) return;
-    ea_qweight_release(&ss->kept[si]);
-    free(ss->kept_src[si]);
-    ss->kept_src[si] = NULL;
-    ss->has_kept[si] = 0;
-}
-
-/* After a NeuronMask layer's mask changed: a copy of each gate/up weight holding only the kept rows
- * (file layout gathered, then prepared like any weight), or none when too many rows are kept to
- * pay. Returns an EA_ERR_* code. */
-int ea_session_prepare_kept(ea_session *ss, int layer) {
-    ea_model *m = ss->m;
-    for (int si = 0; si < m->n_steps; si++) {
-        const step *st = &m->steps[si];
-        if (!st->row_src || m->steps[st->row_src - 1].layer != layer) continue;
-        const int nr = ss->n_active[st->row_src - 1];
-        const int32_t *idx = ss->active[st->row_src - 1];
-        ea_session_drop_kept(ss, si);
-        /* the GEMV on the kept rows costs in proportion to them: it pays unless nearly all are kept */
-        if (!ss->nmask[layer] || nr > 0.9 * st->N || nr == 0) continue;
-        const ea_qweight *w = &st->qw;
-        const size_t row = (size_t)w->n_blocks * w->block_size * w->bits / 8, sc = (size_t)w->n_blocks;
-        const size_t zrow = w->zero_points ? (w->bits == 4 ? (sc + 1) / 2 : sc) : 0;
-        uint8_t *src = malloc((size_t)nr * (row + sc * sizeof(float) + zrow) + 64);
-        if (!src) return EA_ERR_NOMEM;
-        float *scales = (float *)(src + (((size_t)nr * row + 15) & ~(size_t)15));
-        uint8_t *zp = zrow ? (uint8_t *)(scales + (size_t)nr * sc) : NULL;
-        for (int r = 0; r < nr; r++) {
-            memcpy(src + (size_t)r * row, w->data + (size_t)idx[r] * row, row);
-            memcpy(scales + (size_t)r * sc, w->scales + (size_t)idx[r] * sc, sc * sizeof(float));
-            if (zp) memcpy(zp + (size_t)r * zrow, w->zero_points + (size_t)idx[r] * zrow, zrow);
-        }
-        if (ea_qweight_init(&ss->kept[si], m->isa, w->K, nr, w->bits, w->block_size, src, scales, zp)) {
-            free(src);
-            return EA_ERR_NOMEM;
-        }
-        if (ss->kept[si].packed) { /* the SIMD kernels read only the repack: keep scales and zero points */
-            const size_t tail = (size_t)nr * (sc * sizeof(float) + zrow);
-            uint8_t *small = malloc(tail);
-            if (small) {
-                memcpy(small, scales, tail);
-                free(src);
-                src = small;
-                ss->kept[si].data = NULL;
-                ss->kept[si].scales = (const float *)small;
-                ss->kept[si].zero_points = zrow ? small + (size_t)nr * sc * sizeof(float) : NULL;
-            }
-        }
-        ss->kept_src[si] = src;
-        ss->has_kept[si] = 1;
     }
     return EA_OK;
 }

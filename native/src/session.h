@@ -2,7 +2,7 @@
 #define EDGEACT_SESSION_H
 
 #include "model.h"
-#include "sparse_tune.h"
+#include "sparse/tune.h"
 
 struct ea_session {
     ea_model *m;

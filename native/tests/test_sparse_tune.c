@@ -5,7 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "../src/sparse_tune.h"
+#include "../src/sparse/tune.h"
 
 #include "check.h"
 

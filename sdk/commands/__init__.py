@@ -10,4 +10,6 @@ COMMANDS = {
     "bench": "prompt processing and generation speed, ours vs onnxruntime/llama.cpp/torch",
     "steer": "compute, inspect and measure steering vectors (llama.cpp control vectors)",
     "sweep": "activation sparsity: quality and decode speed over methods and targets",
+    "serve": "an OpenAI-compatible HTTP server with per-request steering and JSON-schema output",
+    "profile": "where a generated token's time goes, per op, next to the memory-bandwidth roofline",
 }

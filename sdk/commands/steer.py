@@ -25,7 +25,9 @@ def add_parser(subparsers) -> None:
     c.add_argument("--pos", required=True, help="positive prompts, one per line")
     c.add_argument("--neg", required=True, help="negative prompts, one per line")
     c.add_argument("-o", "--output", required=True, help="output control vector (.gguf, llama.cpp format)")
-    c.add_argument("--method", choices=METHODS, default="mean-diff")
+    c.add_argument("--method", choices=METHODS, default="mean-diff",
+                   help="difference of the two sides' mean hidden states, or the first principal component "
+                        "of the paired differences")
     c.add_argument("--layers", default=None, metavar="A-B",
                    help="0-based layers to compute (default 1..last: llama.cpp cannot hold layer 0)")
     c.add_argument("--position", choices=POSITIONS, default="last",
@@ -34,7 +36,7 @@ def add_parser(subparsers) -> None:
     c.add_argument("--engine", choices=("auto", "native", "ort"), default="auto", help="engine for a model folder")
 
     i = sub.add_parser("info", help="metadata and per-layer norms of a control vector")
-    i.add_argument("vector")
+    i.add_argument("vector", help="control vector (.gguf, llama.cpp format)")
     i.add_argument("--json", action="store_true", help="print JSON")
 
     s = sub.add_parser("sweep", help="next-token log-probability shift of two word lists at several scales")
@@ -47,7 +49,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--layers", default=None, metavar="A-B", help="only these layers of the vector")
     s.add_argument("--ablate", action="store_true", help="also measure with the direction projected out")
     s.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
-    s.add_argument("--engine", choices=("auto", "native", "ort"), default="auto")
+    s.add_argument("--engine", choices=("auto", "native", "ort"), default="auto",
+                   help="native C runtime, onnxruntime, or auto (native when built)")
 
 
 def run(args) -> int:

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", default="teal,chess,wina,cats",
                    help="comma-separated sparsity methods: teal, chess, wina, cats, coreinfer")
     p.add_argument("--sparsities", default="0.25,0.4,0.5,0.7", help="comma-separated targets in [0, 1)")
-    p.add_argument("--group-size", type=int, default=32, help="int4 quantization block along K (16, 32, 64, 128)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 quantization block along K (32, 64, 128)")
     p.add_argument("--no-quality", action="store_true", help="speed only (random-weight shapes)")
     p.add_argument("--no-speed", action="store_true", help="quality only")
     p.add_argument("--sequential", action="store_true",

@@ -1,4 +1,5 @@
-"""Engines run a model folder: `ort` (onnxruntime, the reference) and `native` (the C runtime)."""
+"""Engines run a model folder: `native` (the C runtime), `ort` (onnxruntime, the reference), and
+the baselines `torch` and `llama.cpp-py` (llama-cpp-python on a GGUF of the same weights)."""
 from .base import Engine, read_meta
 
 __all__ = ["Engine", "read_meta", "make_engine", "native_available"]
@@ -29,4 +30,12 @@ def make_engine(folder, engine: str = "auto", threads: int | None = None, **kw) 
         from .native_engine import NativeEngine
 
         return NativeEngine(folder, threads=threads, **kw)
-    raise ValueError(f"unknown engine {engine!r}; choose auto, native or ort")
+    if engine == "torch":
+        from .baselines import TorchEngine
+
+        return TorchEngine(folder, threads=threads, **kw)
+    if engine == "llama.cpp-py":
+        from .baselines import LlamaCppEngine
+
+        return LlamaCppEngine(folder, threads=threads, **kw)
+    raise ValueError(f"unknown engine {engine!r}; choose auto, native, ort, torch or llama.cpp-py")

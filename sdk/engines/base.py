@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeact.contract import check_meta
+
 
 def read_meta(folder) -> dict:
     folder = Path(folder)
@@ -29,8 +31,7 @@ def read_meta(folder) -> dict:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != "edgeact-model":
-        raise ValueError(f"{meta_path} is not an edgeact model description")
+    check_meta(meta, str(meta_path))
     return meta
 
 
@@ -52,6 +53,9 @@ class Engine(abc.ABC):
         # CoreInfer: `keep` FFN neurons per layer, chosen from the prompt (converters/coreinfer.py)
         self.core_keep: int | None = sp.get("keep") if sp.get("method") == "coreinfer" else None
         self.core_masks: np.ndarray | None = None   # the neuron set in force, [layers, FFN width]
+        # logit rows the engine computed (the vocabulary projection is the widest matmul): what
+        # logits="last" saves is visible here, and a test holds the prompt pass to one row
+        self.logit_rows = 0
 
     # ---- the interface
     def reset(self) -> None:
@@ -61,12 +65,43 @@ class Engine(abc.ABC):
             self.core_masks = None
             self.set_neuron_masks(None)
 
-    def forward(self, ids: np.ndarray, *, output_hidden: bool = False):
-        """Run `ids` (int64 [S]) at positions n_past..n_past+S-1. Returns logits float32 [S, vocab],
-        and with output_hidden also hidden [num_layers, S, hidden] (each layer's Steer output).
-        With CoreInfer the first call after a reset is the prompt: it runs every neuron and then
-        fixes each layer's `keep` most-used ones for the calls that follow."""
-        return self.run_prompt_aware(lambda x: self._forward(x, output_hidden=output_hidden), ids)
+    def truncate(self, n_past: int) -> None:
+        """Keep the first n_past cached tokens: a conversation whose prefix diverged continues from
+        the common part. With CoreInfer the neuron set belongs to the whole prompt, so only 0 is kept."""
+        if not 0 <= n_past <= self.n_past:
+            raise ValueError(f"truncate to {n_past}: the cache holds {self.n_past} tokens")
+        if n_past == 0:
+            self.reset()
+        elif n_past < self.n_past:
+            if self.core_keep is not None:
+                raise ValueError("a CoreInfer folder's cache cannot be truncated (its neuron set comes from "
+                                 "the whole prompt): reset instead")
+            self._truncate(n_past)
+            self.n_past = n_past
+
+    def _truncate(self, n_past: int) -> None:
+        raise NotImplementedError
+
+    def fork(self) -> "Engine":
+        """A second engine on the same loaded weights with its own KV cache and steering."""
+        raise NotImplementedError(f"the {self.name} engine cannot share its weights with another session")
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes this engine's cache and buffers hold beyond the shared weights."""
+        raise NotImplementedError
+
+    def forward(self, ids: np.ndarray, *, logits: str = "all", output_hidden: bool = False):
+        """Run `ids` (int64 [S]) at positions n_past..n_past+S-1. Returns logits float32 [S, vocab]
+        (logits="all") or [1, vocab] for the last position only (logits="last": what a prompt pass
+        before generation needs; an engine that can skips the other rows of the vocabulary
+        projection). With output_hidden also hidden [num_layers, S, hidden] (each layer's Steer
+        output). With CoreInfer the first call after a reset is the prompt: it runs every neuron
+        and then fixes each layer's `keep` most-used ones for the calls that follow."""
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', not {logits!r}")
+        last = logits == "last"
+        return self.run_prompt_aware(lambda x: self._forward(x, output_hidden=output_hidden, last=last), ids)
 
     def run_prompt_aware(self, run, ids):
         """run(checked ids); with CoreInfer, the first call after a reset then fixes the neuron set."""
@@ -87,8 +122,8 @@ class Engine(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def _forward(self, ids: np.ndarray, *, output_hidden: bool = False):
-        ...
+    def _forward(self, ids: np.ndarray, *, output_hidden: bool = False, last: bool = False):
+        """logits [S, vocab], or [1, vocab] when `last`; adds the rows computed to logit_rows."""
 
     def neuron_scores(self) -> np.ndarray:
         """CoreInfer: ffn_score.{i} of the last forward, [layers, FFN width]."""

@@ -18,7 +18,8 @@ class NativeEngine(Engine):
         if self.model.vocab != self.vocab_size or self.model.n_layers != self.num_layers:
             raise ValueError(f"{self.folder}: model.onnx (vocab {self.model.vocab}, {self.model.n_layers} layers) "
                              f"does not match edgeact.json (vocab {self.vocab_size}, {self.num_layers} layers)")
-        self.session = self.model.session(threads=threads or 0, n_ctx=n_ctx or 0, max_chunk=max_chunk or 0)
+        self._session_args = dict(threads=threads or 0, n_ctx=n_ctx or 0, max_chunk=max_chunk or 0)
+        self.session = self.model.session(**self._session_args)
         self.threads = self.session.threads
         # the cache is sized once; check_ids in the base class guards against overflow with this bound
         self.max_context = self.session.n_ctx
@@ -33,11 +34,32 @@ class NativeEngine(Engine):
         self.session.reset()
         self.n_past = 0
 
-    def _forward(self, ids, *, output_hidden: bool = False):
+    def _truncate(self, n_past: int) -> None:
+        self.session.truncate(n_past)
+
+    def fork(self) -> "NativeEngine":
+        import copy
+
+        twin = copy.copy(self)  # shares self.model, the loaded weights
+        twin.session = self.model.session(**self._session_args)
+        twin._capturing = False
+        twin.n_past = 0
+        twin.core_masks = None
+        return twin
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.session.memory_bytes
+
+    def _forward(self, ids, *, output_hidden: bool = False, last: bool = False):
         if output_hidden != self._capturing:
             self.session.capture_hidden(output_hidden)
             self._capturing = output_hidden
-        logits = self.session.forward(ids, all_logits=True)
+        # all_logits=False: the runtime runs the vocabulary projection on the last row only
+        logits = self.session.forward(ids, all_logits=not last)
+        self.logit_rows += 1 if last else ids.size
+        if last:
+            logits = logits[None]
         self.n_past = self.session.n_past
         if output_hidden:
             return logits, self.session.hidden_states()
@@ -80,12 +102,3 @@ class NativeEngine(Engine):
         from edgeact.runtime import format_profile
 
         return format_profile(self.profile_records())
-
-    def logits_last(self, ids) -> np.ndarray:
-        """Decode fast path: logits of the last token only (skips the other rows of the vocabulary projection)."""
-        def last(x):
-            out = self.session.forward(x, all_logits=False)
-            self.n_past = self.session.n_past
-            return out
-
-        return self.run_prompt_aware(last, ids)

@@ -18,7 +18,9 @@ class OrtEngine(Engine):
 
     def __init__(self, folder, threads: int | None = None):
         super().__init__(folder)
-        import onnxruntime as ort
+        from edgeact.extras import require
+
+        ort = require("onnxruntime", "the onnxruntime engine (engine='ort')")
 
         self._ort = ort
         self.threads = threads or default_threads()
@@ -50,31 +52,63 @@ class OrtEngine(Engine):
     def _hidden(self):
         """A second session whose outputs include every layer's `hidden.{i}`."""
         if self._hidden_session is None:
-            import onnx
-
-            model = onnx.load(str(self.folder / "model.onnx"), load_external_data=False)
-            have = {o.name for o in model.graph.output}
-            for i in range(self.num_layers):
-                if f"hidden.{i}" not in have:
-                    model.graph.output.append(onnx.helper.make_tensor_value_info(f"hidden.{i}", onnx.TensorProto.FLOAT, None))
-            if self.meta.get("external_data"):
-                # External data resolves relative to the file: save the edited graph beside it.
-                import tempfile
-
-                with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".onnx", delete=True) as f:
-                    onnx.save_model(model, f.name)
-                    self._hidden_session = self._ort.InferenceSession(f.name, self._options(),
-                                                                      providers=["CPUExecutionProvider"])
-            else:
-                self._hidden_session = self._make_session(model.SerializeToString())
+            self._hidden_session = self.session_with_outputs([f"hidden.{i}" for i in range(self.num_layers)])
         return self._hidden_session
+
+    def session_with_outputs(self, names):
+        """A session on the same graph whose outputs also include the intermediate tensors `names`."""
+        from edgeact.extras import require
+
+        onnx = require("onnx", "intermediate tensors on the onnxruntime engine")
+
+        model = onnx.load(str(self.folder / "model.onnx"), load_external_data=False)
+        have = {o.name for o in model.graph.output}
+        for n in names:
+            if n not in have:
+                model.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+        if not self.meta.get("external_data"):
+            return self._make_session(model.SerializeToString())
+        # External data resolves relative to the file: save the edited graph beside it.
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".onnx", delete=True) as f:
+            onnx.save_model(model, f.name)
+            return self._ort.InferenceSession(f.name, self._options(), providers=["CPUExecutionProvider"])
+
+    def probe(self, ids, names) -> dict:
+        """The tensors `names` when `ids` run as a fresh sequence (the KV cache is left reset)."""
+        ids = self.check_ids(ids)
+        self.reset()
+        feed = {"input_ids": ids[None], "seqlens_k": np.array([ids.size - 1], np.int32),
+                "total_sequence_length": np.array(ids.size, np.int32)}
+        for i, (k, v) in enumerate(self._past):
+            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k, v
+        feed.update(self._steer)
+        feed.update({k: v for k, v in self.extra_inputs.items() if k in self._inputs})
+        return dict(zip(names, self.session_with_outputs(names).run(list(names), feed)))
 
     def _reset(self) -> None:
         empty = np.zeros((1, self.kv_heads, 0, self.kv_dim), dtype=np.float32)
         self._past = [(empty, empty) for _ in range(self.num_layers)]
         self.n_past = 0
 
-    def _forward(self, ids, *, output_hidden: bool = False):
+    def _truncate(self, n_past: int) -> None:
+        self._past = [(k[:, :, :n_past], v[:, :, :n_past]) for k, v in self._past]
+
+    def fork(self) -> "OrtEngine":
+        import copy
+
+        twin = copy.copy(self)  # shares the InferenceSession (its run() is thread-safe)
+        twin._steer, twin.extra_inputs = {}, {}
+        twin.core_masks = None
+        twin._reset()
+        return twin
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self._past)
+
+    def _forward(self, ids, *, output_hidden: bool = False, last: bool = False):
         S, P = ids.size, self.n_past
         feed = {"input_ids": ids[None], "seqlens_k": np.array([P + S - 1], dtype=np.int32),
                 "total_sequence_length": np.array(P + S, dtype=np.int32)}
@@ -94,7 +128,9 @@ class OrtEngine(Engine):
             self._scores, out = np.stack(out[-self.num_layers:]), out[:-self.num_layers]
         self._past = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.num_layers)]
         self.n_past = P + S
-        logits = out[0][0]
+        # the graph's logits output covers every row: onnxruntime computes them all
+        self.logit_rows += S
+        logits = out[0][0][-1:] if last else out[0][0]
         if output_hidden:
             return logits, np.stack([h[0] for h in out[1 + 2 * self.num_layers:]])
         return logits

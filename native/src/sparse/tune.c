@@ -1,5 +1,5 @@
-/* The measured crossover between the sparse and the dense decode GEMV (sparse_tune.h). */
-#include "sparse_tune.h"
+/* The measured crossover between the sparse and the dense decode GEMV (tune.h). */
+#include "tune.h"
 
 #include <math.h>
 

@@ -1,0 +1,214 @@
+"""Quantized GGUF sources imported without a second rounding: for every block type whose grid
+MatMulNBits holds (with float zero points where the block has a minimum), our dequantized
+weights equal the gguf package's dequantization bit for bit; the rest is re-rounded with a
+note. Also: float zero points as onnxruntime's MatMulNBits reads them, and `convert
+--quant source` end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T  # noqa: E402
+from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize  # noqa: E402
+
+from edgeact.converters.quantize import (block_minimums, dequantize, quantize_blockwise,  # noqa: E402
+                                         unpack_codes)
+from edgeact.converters.readers.gguf_blocks import import_weight  # noqa: E402
+
+# byte offsets of each type's fp16 fields (d, and dmin/m), which random bytes must keep finite
+F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
+              "Q5_K": [0, 2], "Q6_K": [208], "Q3_K": [108], "IQ4_XS": [0]}
+EXACT = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K")
+
+
+def random_blocks(name: str, N: int, K: int, seed: int = 0) -> np.ndarray:
+    """Any bytes are a valid block except the fp16 fields, set to small positive scales."""
+    rng = np.random.default_rng(seed)
+    per, nbytes = GGML_QUANT_SIZES[T[name]]
+    b = rng.integers(0, 256, (N, K // per, nbytes), dtype=np.uint8)
+    for o in F16_FIELDS[name]:
+        b[..., o:o + 2] = (rng.random((N, K // per, 1)) * 0.01 + 1e-4).astype(np.float16).view(np.uint8)
+    b[0, 0, 4:8] = 0   # K-quants: a sub-block with scale 0 (and for others, codes 0)
+    return b.reshape(N, -1)
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_exact_types_bit_for_bit(name):
+    N, K = 12, 512
+    data = random_blocks(name, N, K, seed=len(name))
+    im = import_weight(data, T[name], (N, K))
+    ref = gguf_dequantize(data, T[name]).reshape(N, K)
+    got = dequantize(im.qw)
+    assert im.exact and im.note is None, im.note
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+    assert im.qw.block_size == 32 and im.qw.bits == (4 if name in ("Q4_0", "Q4_1", "Q4_K") else 8)
+    assert im.qw.float_zero_points == (name in ("Q4_1", "Q4_K"))
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q8_0"])
+def test_gguf_quantized_weights_bit_for_bit(name):
+    """Blocks from gguf's own quantizer (real scales, minimums and codes), with a row order applied."""
+    w = (np.random.default_rng(3).standard_normal((24, 256)) * 0.05).astype(np.float32)
+    w[5] += 0.03   # all-positive-ish rows: minimums of both signs
+    data = gguf_quantize(w, T[name])
+    order = np.random.default_rng(4).permutation(24)
+    im = import_weight(data, T[name], w.shape, row_order=order)
+    ref = gguf_dequantize(data, T[name]).reshape(w.shape)[order]
+    assert im.exact and np.array_equal(dequantize(im.qw), ref)
+
+
+def test_q6_k_exact_blocks_and_note():
+    N, K = 8, 512
+    data = random_blocks("Q6_K", N, K, seed=5)
+    blocks = data.reshape(N, K // 256, -1)
+    blocks[:4, :, 192:208] = np.int8(3).view(np.uint8)   # equal sub-scales: exactly an 8-bit grid
+    data = blocks.reshape(N, -1)
+    im = import_weight(data, T["Q6_K"], (N, K))
+    ref = gguf_dequantize(data, T["Q6_K"]).reshape(N, K)
+    got = dequantize(im.qw)
+    assert np.array_equal(got[:4], ref[:4])
+    assert not im.exact and "re-rounded" in im.note
+    # re-rounded blocks: within half an 8-bit step of their own range
+    step = np.abs(ref[4:]).reshape(4, -1, 32).max(-1) / 127
+    assert np.all(np.abs(got[4:] - ref[4:]).reshape(4, -1, 32) <= step[..., None] * 0.5 * (1 + 1e-5) + 1e-12)
+
+
+@pytest.mark.parametrize("name", ["Q3_K", "IQ4_XS", "Q5_1", "Q5_K"])
+def test_other_types_re_rounded_with_note(name):
+    N, K = 4, 256
+    data = random_blocks(name, N, K, seed=9)
+    im = import_weight(data, T[name], (N, K))
+    ref = gguf_dequantize(data, T[name]).reshape(N, K)
+    assert not im.exact and name in im.note and im.qw.bits == (8 if name.startswith("Q5") else 4)
+    step = im.qw.scales.reshape(N, -1)
+    assert np.all(np.abs(dequantize(im.qw) - ref).reshape(N, -1, 32) <= step[..., None] * 0.5 * (1 + 1e-4) + 1e-9)
+
+
+def test_float_zero_points_rtn():
+    w = (np.random.default_rng(0).standard_normal((37, 100)) * 0.05).astype(np.float32)
+    w[1, :40] = 0.0
+    w[2, :32] = 0.25                     # a constant block: scale 0, minimum 0.25
+    qw = quantize_blockwise(w, 4, 32, float_zero_points=True)
+    assert qw.zero_points.dtype == np.float32 and qw.zero_points.shape == (37 * 4,)
+    err = np.abs(dequantize(qw) - w)
+    scale = np.repeat(qw.scales.reshape(37, -1), 32, axis=1)[:, :100]
+    assert np.all(err <= scale / 2 * (1 + 1e-5) + 1e-4 * np.abs(w))   # + the fp16 minimum's rounding
+    assert np.all(dequantize(qw)[2, :32] == np.float32(0.25))
+    m = block_minimums(qw)
+    assert np.array_equal(m, m.astype(np.float16).astype(np.float32))  # fp16 minimums, recovered exactly
+
+
+def test_float_zero_points_match_onnxruntime():
+    from test_quantize import _ort_matmulnbits
+
+    for name in ("Q4_1", "Q4_K"):
+        N, K = 16, 256
+        im = import_weight(random_blocks(name, N, K, seed=1), T[name], (N, K))
+        x = np.random.default_rng(2).standard_normal((3, K)).astype(np.float32)
+        ref = x @ dequantize(im.qw).T
+        np.testing.assert_allclose(_ort_matmulnbits(x, im.qw), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_smollm2_tensors_import_exactly(smollm2_gguf):
+    from edgeact.converters.readers import read_source
+
+    src = read_source(smollm2_gguf)
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+             "model.layers.0.self_attn.k_proj.weight", "model.layers.7.mlp.down_proj.weight",
+             "model.layers.29.mlp.up_proj.weight"]
+    for name in names:
+        im = src.quantized[name]()
+        assert im.exact, (name, im.note)
+        assert np.array_equal(dequantize(im.qw), src.load(name)), name   # rows permuted like the float loader
+
+
+def _write_quantized_gguf(path, src, types: dict[str, str]):
+    """A llama GGUF of `src` whose linears are quantized by gguf's own quantizer (types by HF suffix)."""
+    from edgeact.converters.gguf_export import _LAYER_NAMES, _to_interleaved
+
+    cfg = src.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("context_length", 256), ("embedding_length", cfg.hidden_size),
+                       ("block_count", cfg.num_layers), ("feed_forward_length", cfg.intermediate_size),
+                       ("head_count", cfg.num_heads), ("head_count_kv", cfg.num_kv_heads)):
+        getattr(w, f"add_{key}")(value)
+    w.add_rope_freq_base(float(cfg.rope_theta))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("none")
+
+    def add(name, arr, qtype):
+        if qtype == "F32":
+            w.add_tensor(name, arr.astype(np.float32))
+        else:
+            w.add_tensor(name, gguf_quantize(arr, T[qtype]), raw_dtype=T[qtype])
+
+    add("token_embd.weight", src.load("model.embed_tokens.weight"), "Q8_0")
+    for i in range(cfg.num_layers):
+        for hf, gg in _LAYER_NAMES.items():
+            arr = src.load(f"model.layers.{i}.{hf}")
+            if "q_proj" in hf:
+                arr = _to_interleaved(arr, cfg.num_heads)
+            elif "k_proj" in hf:
+                arr = _to_interleaved(arr, cfg.num_kv_heads)
+            add(f"blk.{i}.{gg}", arr, "F32" if arr.ndim == 1 else types[hf.split(".")[1]])
+    add("output_norm.weight", src.load("model.norm.weight"), "F32")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_convert_source_keeps_blocks(tmp_path):
+    """convert(quant="source"): every linear in the folder holds the GGUF's values bit for bit, and
+    onnxruntime runs the folder close to the fp32 reference on the same (dequantized) weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    import edgeact
+    from edgeact.converters.convert import convert
+    from edgeact.converters.quantize import QuantizedWeight
+    from edgeact.converters.random_model import random_source
+    from edgeact.converters.readers import read_source
+    from edgeact.evaluate import Reference
+
+    types = {"q_proj": "Q4_1", "k_proj": "Q4_0", "v_proj": "Q8_0", "o_proj": "Q5_0", "gate_proj": "Q4_1",
+             "up_proj": "Q5_1", "down_proj": "Q4_1"}   # Q5_1: re-rounded, the rest exact
+    base = random_source("tiny", seed=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
+                         head_dim=16, tie_word_embeddings=True)
+    _write_quantized_gguf(tmp_path / "m.gguf", base, types)
+    src = read_source(tmp_path / "m.gguf")
+    out = convert(tmp_path / "m.gguf", tmp_path / "out", quant="source", progress=False)
+    meta = json.loads((out / "edgeact.json").read_text())["quantization"]
+    assert meta["weights"] == "source" and meta["lm_head"] == "source"
+    assert meta["imported"]["Q4_1 -> int4 g32 float zero points"] == 3 * base.config.num_layers
+    assert any("embed_tokens" in line for line in meta["re_rounded"])
+
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t, base_dir=str(out)) for t in model.graph.initializer}
+    nodes = {n.input[1][: -len(".B")]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert len(nodes) == 7 * base.config.num_layers + 1
+    for name, node in nodes.items():
+        a = {x.name: helper_attr(x) for x in node.attribute}
+        zp = inits.get(name + ".zero_points")
+        qw = QuantizedWeight(inits[name + ".B"], inits[name + ".scales"], zp, a["K"], a["N"], a["bits"],
+                             a["block_size"])
+        want = src.load("model.embed_tokens.weight" if name == "lm_head.weight" else name)
+        if "up_proj" in name:
+            assert any(line.startswith(name) and "Q5_1" in line for line in meta["re_rounded"])
+            assert np.abs(dequantize(qw) - want).max() <= qw.scales.max() / 2 * (1 + 1e-5)
+        else:
+            assert np.array_equal(dequantize(qw), want), name
+
+    ref = Reference(src, n_tokens=48, seed=3)
+    q = ref.compare(edgeact.load(out, engine="ort"))
+    assert q.top1 >= 0.9 and q.kl < 0.02, q
+
+
+def helper_attr(attr):
+    from onnx import helper
+
+    return helper.get_attribute_value(attr)
