@@ -325,7 +325,7 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
         raise ConversionError(f"accuracy_level must be 0..4, got {accuracy_level}")
     if cfg.num_heads % cfg.num_kv_heads:
         raise ConversionError(f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}")
-    max_context = int(max_context or cfg.max_position_embeddings)
+    max_context = int(cfg.max_position_embeddings if max_context is None else max_context)   # 0 is an error
     if max_context < 1:
         raise ConversionError(f"max_context must be positive, got {max_context}")
     cos, sin = cos_sin_cache(cfg, max_context)   # validates rope_scaling before any file is written

@@ -70,6 +70,8 @@ def parse_targets(spec, method: str) -> dict[str, float]:
         if not 0.0 <= v < 1.0:
             raise ConversionError(f"sparsity {k}={v} outside [0, 1)")
     if method in FFN_ONLY:
+        if "=" in spec and "ffn" not in out:
+            raise ConversionError(f"{method} sparsifies the FFN only: give ffn=S (or one number), not {spec!r}")
         out = {"ffn": out.get("ffn", 0.0)}
     return out
 

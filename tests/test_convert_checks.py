@@ -148,6 +148,7 @@ def _one_line_error(capsys, argv, *fragments):
     (["--max-context", "0"], "--max-context must be a positive"),
     (["--method", "awq", "--calib-tokens", "1"], "--calib-tokens must be at least 2"),
     (["--sparsity", "1.2"], "outside [0, 1)"),
+    (["--sparsity", "attn=0.5", "--sparsity-method", "cats"], "cats sparsifies the FFN only"),
     (["--sparsity", "0.5", "--sparsity-method", "foo"], "invalid choice: 'foo'"),
 ])
 def test_convert_settings_that_would_be_ignored_are_errors(capsys, tmp_path, extra, fragment):
@@ -312,7 +313,7 @@ def test_eval_shows_progress(awq_sparse, tiny_hf_dir, capsys):
     (["--methods", ","], "--methods names no method"),
     (["--no-quality", "--png", "p.png"], "--png plots quality"),
     (["--tokens", "0"], "--tokens must be at least 2"),
-    (["--group-size", "48"], "group size 48 not supported"),
+    (["--group-size", "48"], "group size 48 is not supported"),
 ])
 def test_sweep_bad_settings_are_one_line(capsys, tmp_path, extra, fragment):
     _one_line_error(capsys, ["sweep", "random:tiny", "-o", str(tmp_path / "sw")] + extra, fragment)
@@ -337,3 +338,16 @@ def test_steer_compute_shows_progress(tiny_hf_dir, capsys):
     assert "loading the fp32 reference" in err and "hidden states of the prompts" in err and "6/6" in err
     compute_vectors(str(tiny_hf_dir), pos, neg, progress=False)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("method", ["cats", "coreinfer"])
+def test_ffn_only_methods_refuse_an_attention_target(method):
+    with pytest.raises(ConversionError, match=f"{method} sparsifies the FFN only"):
+        parse_targets("attn=0.5", method)
+    assert parse_targets("attn=0.3,ffn=0.5", method) == {"ffn": 0.5}
+
+
+def test_max_context_zero_is_an_error_not_the_default(tmp_path):
+    with pytest.raises(ConversionError, match="max_context must be positive"):
+        convert(random_source("tiny", seed=2), tmp_path / "m", progress=False, max_context=0)
+    assert not (tmp_path / "m").exists()
