@@ -81,6 +81,8 @@ def check_block_size(block_size: int, engines=ENGINES) -> str | None:
 
 # ---- edgeact.json
 
+HIDDEN_ACTS = ("silu", "gelu_tanh")
+
 
 @dataclass
 class ModelConfig:
@@ -102,6 +104,22 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
+    # Family details (defaults: the Llama block); docs/model-folder.md shows each in the graph
+    hidden_act: str = "silu"                    # FFN gate activation: silu | gelu_tanh (Gemma)
+    norm_offset: float = 0.0                    # RMSNorm scales by (norm_offset + w): 1 for Gemma
+    embedding_multiplier: float = 1.0           # embedding rows scaled by this (Gemma: sqrt(hidden))
+    sandwich_norms: bool = False                # norms after attention and after the FFN too (Gemma)
+    qk_norm: bool = False                       # per-head RMSNorm of q and k before rotary (Gemma 3, Qwen3)
+    attention_scale: float | None = None        # softmax scale; None = 1/sqrt(head_dim)
+    sliding_window: int | None = None           # tokens a sliding layer sees, itself included
+    layer_types: list[str] | None = None        # per layer: "full_attention" | "sliding_attention"
+    rope_local_theta: float | None = None       # rope base of sliding layers (Gemma 3), unscaled
+    partial_rotary_factor: float = 1.0          # fraction of head_dim that rotates (Phi)
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.sliding_window and self.layer_types and self.layer_types[layer] == "sliding_attention")
 
     def to_dict(self) -> dict:
         return asdict(self)

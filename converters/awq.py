@@ -14,10 +14,12 @@ quantizes it into the same MatMulNBits format, so every engine runs it unchanged
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
-from .calibration import calibration_ids, capture_inputs
+from .calibration import INPUT_GROUPS, calibration_ids
 from .model import SourceModel
 from .quantize import FP16_MAX, FP16_NORMAL_MIN
 
@@ -53,23 +55,40 @@ def fake_quant(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch
     return ((q - zp[..., None]) * scale[..., None]).reshape(N, -1)[:, :K]
 
 
-def _group_error(x: torch.Tensor, ws: list[torch.Tensor], s: torch.Tensor, bits, group, sym) -> float:
+class _Inputs:
+    """A linear input x [T, K] for output-error sums: with more tokens than channels the error
+    sum_t (x_t dW^T)^2 is read off the Gram matrix x^T x (the same objective, K/T of the work)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.T = x, x.shape[0]
+        self.gram = x.T @ x if x.shape[0] > x.shape[1] else None
+
+    def row_errors(self, dw: torch.Tensor) -> torch.Tensor:
+        """Per output row n, the mean over tokens of (x_t . dw_n)^2."""
+        if self.gram is None:
+            return ((self.x @ dw.T) ** 2).mean(0)
+        return ((dw @ self.gram) * dw).sum(1) / self.T
+
+
+def _group_error(x, ws: list[torch.Tensor], s: torch.Tensor, bits, group, sym) -> float:
+    inputs = x if isinstance(x, _Inputs) else _Inputs(x)
     err = 0.0
     for w in ws:
         wq = fake_quant(w * s, bits, group, sym) / s
-        err += float(((x @ (wq - w).T) ** 2).mean())
+        err += float(inputs.row_errors(wq - w).mean())
     return err
 
 
 def search_scale(x: torch.Tensor, ws: list[torch.Tensor], bits: int, group: int, symmetric: bool):
     """Best s = s_x^α over the α grid for linears `ws` that all read input x [T, K]."""
     s_x = x.abs().mean(0).clamp(min=1e-8)
+    inputs = _Inputs(x)
     best = (float("inf"), None, None)
     base = None
     for a in ALPHAS:
         s = s_x.pow(float(a))
         s = s / (s.max() * s.min()).sqrt()
-        err = _group_error(x, ws, s, bits, group, symmetric)
+        err = _group_error(inputs, ws, s, bits, group, symmetric)
         if a == 0:
             base = err
         if err < best[0]:
@@ -81,6 +100,7 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group: int, symmetr
     """Per output row, the clipping ratio of the weight range with the lowest output error."""
     best_err = torch.full((w.shape[0],), float("inf"))
     best_w = w.clone()
+    inputs = _Inputs(x)
     for r in CLIP_RATIOS:
         N, K = w.shape
         blocks = -(-K // group)
@@ -88,24 +108,89 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group: int, symmetr
         hi = wp.amax(-1, keepdim=True) * r
         lo = wp.amin(-1, keepdim=True) * r
         wc = torch.maximum(torch.minimum(wp, hi), lo).reshape(N, -1)[:, :K]
-        err = ((x @ (fake_quant(wc, bits, group, symmetric) - w).T) ** 2).mean(0)
+        err = inputs.row_errors(fake_quant(wc, bits, group, symmetric) - w)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_w[better] = wc[better]
     return best_w
 
 
-def awq_transform(src: SourceModel, *, bits: int = 4, group_size: int = 128, symmetric: bool = False,
-                  calib_ids: np.ndarray | None = None, calib_file=None, calib_tokens: int = 1024, clip: bool = True,
-                  progress: bool = True, model=None) -> tuple[SourceModel, dict]:
-    """AWQ-scaled (and clipped) fp32 weights of `src`, with a report for edgeact.json.
-    `model`: src's transformers model when the caller built it already (clipping changes it)."""
+class _Stop(Exception):
+    pass
+
+
+class _LayerInputs:
+    """The decoder layers' inputs on the calibration ids, carried forward one layer at a time: each
+    layer runs once per sequence (capturing its linears' inputs), not the whole model once per layer.
+    What a layer sees is what a full forward pass would give it with the layers before it as they
+    stand, so the results equal capture_inputs' on the same model; memory is one layer's activations."""
+
+    def __init__(self, model, ids: np.ndarray):
+        self.model, self.states = model, []
+
+        def grab(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            self.states.append([hidden, tuple(args[1:]), kwargs])
+            raise _Stop
+
+        hook = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for row in np.atleast_2d(ids):
+                    try:
+                        model(torch.from_numpy(np.asarray(row, dtype=np.int64))[None], use_cache=False)
+                    except _Stop:
+                        pass
+        finally:
+            hook.remove()
+
+    @torch.no_grad()
+    def capture(self, i: int) -> dict[tuple[int, str], torch.Tensor]:
+        block = self.model.model.layers[i]
+        out: dict[tuple[int, str], list[torch.Tensor]] = {}
+        hooks = []
+        for g, mods in INPUT_GROUPS.items():
+            def hook(m, args, g=g):
+                out.setdefault((i, g), []).append(args[0].reshape(-1, args[0].shape[-1]).detach().float().clone())
+            hooks.append(block.get_submodule(mods[0]).register_forward_pre_hook(hook))
+        try:
+            for hidden, args, kwargs in self.states:
+                block(hidden, *args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    @torch.no_grad()
+    def advance(self, i: int) -> None:
+        block = self.model.model.layers[i]
+        for st in self.states:
+            y = block(st[0], *st[1], **st[2])
+            st[0] = y[0] if isinstance(y, tuple) else y
+
+
+def awq_transform(src: SourceModel, **kw) -> tuple[SourceModel, dict]:
+    """AWQ-scaled (and clipped) fp32 weights of `src`, with a report for edgeact.json (keywords: _awq's).
+    torch runs on every core this process may use, as a conversion has the machine to itself."""
+    threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores))
+    try:
+        return _awq(src, **kw)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _awq(src: SourceModel, *, bits: int = 4, group_size: int = 128, symmetric: bool = False,
+         calib_ids: np.ndarray | None = None, calib_file=None, calib_tokens: int = 1024, clip: bool = True,
+         progress: bool = True, model=None) -> tuple[SourceModel, dict]:
     from tqdm import tqdm
 
     from .torch_ref import build_torch_model
 
     cfg = src.config
-    if model is None:
+    if model is None:   # the caller's model, when it built one (clipping changes it)
         model = build_torch_model(src, progress=progress)
     if calib_ids is None:
         calib_ids = calibration_ids(src, model, text_file=calib_file, n_tokens=calib_tokens, progress=progress)
@@ -118,14 +203,16 @@ def awq_transform(src: SourceModel, *, bits: int = 4, group_size: int = 128, sym
                               "source": str(calib_file) if calib_file else "sampled from the fp32 model"},
               "not_folded": [] if fold_v_o else
               [f"model.layers.*.self_attn.o_proj (GQA: {cfg.num_heads} heads share {cfg.num_kv_heads} v heads)"]}
+    layers = _LayerInputs(model, calib_ids)
     it = range(cfg.num_layers)
     for i in (tqdm(it, desc="AWQ", unit="layer") if progress else it):
-        acts = capture_inputs(model, calib_ids, layers=[i])
+        acts = layers.capture(i)
         p = f"model.layers.{i}."
+        ffn_norm = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"   # Gemma
         plans = [("attn_in", [p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"],
                   ("norm", p + "input_layernorm.weight")),
                  ("ffn_in", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
-                  ("norm", p + "post_attention_layernorm.weight")),
+                  ("norm", f"{p}{ffn_norm}.weight")),
                  ("ffn_out", [p + "mlp.down_proj.weight"], ("rows", p + "mlp.up_proj.weight"))]
         if fold_v_o:
             plans.append(("attn_out", [p + "self_attn.o_proj.weight"], ("rows", p + "self_attn.v_proj.weight")))
@@ -140,8 +227,8 @@ def awq_transform(src: SourceModel, *, bits: int = 4, group_size: int = 128, sym
             report["loss_awq"] += err1
             for n in names:
                 t[n] = t[n] * s
-            if kind == "norm":
-                t[prev] = t[prev] / s
+            if kind == "norm":   # the norm scales by (norm_offset + w): Gemma keeps w = scale - 1
+                t[prev] = (t[prev] + cfg.norm_offset) / s - cfg.norm_offset
             else:
                 t[prev] = t[prev] / s[:, None]
                 bias = prev.replace(".weight", ".bias")
@@ -160,7 +247,9 @@ def awq_transform(src: SourceModel, *, bits: int = 4, group_size: int = 128, sym
                 for n, tensor in t.items():
                     if n.startswith(p):
                         block.get_parameter(n[len(p):]).copy_(tensor)
+        layers.advance(i)
     out = {k: (lambda v=v: v.numpy()) for k, v in t.items()}
     new = SourceModel(cfg, out, tokenizer_json=src.tokenizer_json, chat_template=src.chat_template,
                       add_bos_token=src.add_bos_token, provenance=dict(src.provenance))
     return new, report
+

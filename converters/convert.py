@@ -101,7 +101,7 @@ def source_precision(src: SourceModel, linear_override: dict | None):
 def convert(src_path, out_dir, *, quant: str = "int4", group_size: int = 32, symmetric: bool = False,
             lm_head: str | None = None, embedding: str | None = None, accuracy_level: int = 4,
             tokenizer=None, max_context: int | None = None, progress: bool = True, overwrite: bool = False,
-            calibration: dict | None = None, verify=None, **writer_kw) -> Path:
+            calibration: dict | None = None, mixed: dict | None = None, verify=None, **writer_kw) -> Path:
     """Convert `src_path` (a path read_source understands, or an already-read SourceModel) into `out_dir`.
 
     Raises ConversionError (one line) for bad input; on any failure no folder is left behind.
@@ -142,6 +142,8 @@ def convert(src_path, out_dir, *, quant: str = "int4", group_size: int = 32, sym
                            accuracy_level=accuracy_level, max_context=max_context, progress=progress, **writer_kw)
         if calibration is not None:
             facts["calibration"] = calibration
+        if mixed is not None:   # converters/mixed.py's per-tensor formats (in linear_override)
+            facts["quantization"].update(mixed)
         if source_report is not None:
             facts["quantization"].update({**source_report, "imported": dict(source_report.get("imported", {}))})
         if src.tokenizer_json is not None:

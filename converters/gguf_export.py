@@ -1,9 +1,11 @@
-"""SourceModel → llama.cpp GGUF (llama architecture), for the llama.cpp baseline
-of `edgeact bench`: llama.cpp gets exactly the weights our converter reads.
+"""SourceModel → llama.cpp GGUF (llama, qwen3 and gemma3 architectures), for the llama.cpp
+baseline of `edgeact bench`: llama.cpp gets exactly the weights our converter reads.
 
 The file carries no vocabulary (tokenizer model "none"): the benchmark feeds
 token ids. q/k rows are permuted back into llama.cpp's interleaved-rotary order
-(the inverse of what our readers undo).
+(the inverse of what our readers undo); Gemma's norms are stored as 1 + w, as llama.cpp's
+converter does. Gemma 3 files carry only what llama.cpp reads for it: the settings it fixes
+itself (every 6th layer global, local rope base 1e4) must be the model's.
 """
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ import numpy as np
 
 from .model import ConversionError, SourceModel
 
+_QK_NORMS = {"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
+_GEMMA_NORMS = {"post_attention_layernorm.weight": "post_attention_norm.weight",
+                "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -37,13 +43,19 @@ def write_gguf(src: SourceModel, path: str | Path, *, dtype: str = "f16", contex
     import gguf
 
     cfg = src.config
-    if cfg.arch != "llama" or cfg.attention_bias:
-        raise ConversionError(f"GGUF export covers the llama architecture without biases, not {cfg.arch!r}")
+    if cfg.arch not in ("llama", "qwen3", "gemma3") or cfg.attention_bias:
+        raise ConversionError(f"GGUF export covers the llama, qwen3 and gemma3 architectures without biases, "
+                              f"not {cfg.arch!r}")
+    if cfg.arch == "gemma3":
+        fixed = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(cfg.num_layers)]
+        if cfg.layer_types != fixed or cfg.rope_local_theta != 10000.0 or cfg.final_logit_softcapping \
+                or abs(cfg.attention_scale - cfg.head_dim ** -0.5) > 1e-12:
+            raise ConversionError("this Gemma 3 differs from the settings llama.cpp fixes for gemma3 GGUFs")
     if dtype not in ("f16", "f32"):
         raise ConversionError(f"GGUF export dtype must be f16 or f32, not {dtype!r}")
     np_dtype = np.float16 if dtype == "f16" else np.float32
     path = Path(path)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), cfg.arch)
     w.add_context_length(context_length or cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_layers)
@@ -56,6 +68,8 @@ def write_gguf(src: SourceModel, path: str | Path, *, dtype: str = "f16", contex
     w.add_rope_freq_base(float(cfg.rope_theta))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(cfg.vocab_size)
+    if cfg.sliding_window:
+        w.add_sliding_window(int(cfg.sliding_window))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("none")
 
@@ -63,18 +77,29 @@ def write_gguf(src: SourceModel, path: str | Path, *, dtype: str = "f16", contex
         # llama.cpp keeps 1-D norms in f32 whatever the file type.
         w.add_tensor(name, arr.astype(np_dtype if arr.ndim > 1 else np.float32))
 
-    add("token_embd.weight", src.load("model.embed_tokens.weight"))
+    names = dict(_LAYER_NAMES)
+    if cfg.qk_norm:
+        names.update(_QK_NORMS)
+    if cfg.sandwich_norms:
+        del names["post_attention_layernorm.weight"]
+        names.update(_GEMMA_NORMS)
+
+    def load(name: str) -> np.ndarray:
+        arr = src.load(name)
+        return arr + np.float32(cfg.norm_offset) if cfg.norm_offset and name.endswith("norm.weight") else arr
+
+    add("token_embd.weight", load("model.embed_tokens.weight"))
     for i in range(cfg.num_layers):
-        for hf, gg in _LAYER_NAMES.items():
-            arr = src.load(f"model.layers.{i}.{hf}")
-            if hf.startswith("self_attn.q_proj"):
+        for hf, gg in names.items():
+            arr = load(f"model.layers.{i}.{hf}")
+            if cfg.arch == "llama" and hf.startswith("self_attn.q_proj"):   # the others rotate halves
                 arr = _to_interleaved(arr, cfg.num_heads)
-            elif hf.startswith("self_attn.k_proj"):
+            elif cfg.arch == "llama" and hf.startswith("self_attn.k_proj"):
                 arr = _to_interleaved(arr, cfg.num_kv_heads)
             add(f"blk.{i}.{gg}", arr)
-    add("output_norm.weight", src.load("model.norm.weight"))
+    add("output_norm.weight", load("model.norm.weight"))
     if not cfg.tie_word_embeddings:
-        add("output.weight", src.load("lm_head.weight"))
+        add("output.weight", load("lm_head.weight"))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -12,6 +12,13 @@ Tensor names and layouts (Hugging Face LlamaForCausalLM convention, [out, in]):
   model.layers.{i}.mlp.{gate,up,down}_proj.weight
   model.norm.weight                            [hidden]
   lm_head.weight                               [vocab, hidden]  (absent when tied)
+Per-family extras, under their transformers names:
+  model.layers.{i}.self_attn.{q,k}_norm.weight [head_dim]  (qk_norm: Gemma 3, Qwen3)
+  model.layers.{i}.{pre,post}_feedforward_layernorm.weight (sandwich_norms: Gemma; there
+      post_attention_layernorm is the norm after attention, pre_feedforward_layernorm the FFN's input norm)
+Fused source tensors (Phi-3's qkv_proj, gate_up_proj) are split by the readers.
+Norm weights keep the source convention: Gemma stores w and scales by (1 + w)
+(norm_offset = 1); readers of files that store 1 + w (GGUF) subtract the 1.
 q/k rows are in Hugging Face "rotate_half" order (readers of interleaved
 formats such as GGUF and llama2.c undo the permutation).
 """
@@ -22,9 +29,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ..contract import ModelConfig  # noqa: F401  (edgeact.json's config: part of the folder contract)
+from ..contract import HIDDEN_ACTS, ModelConfig  # noqa: F401  (edgeact.json's config: part of the folder contract)
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 
 
 @dataclass

@@ -14,12 +14,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import contract
-from .model import SUPPORTED_ARCHITECTURES, ConversionError, SourceModel
+from .model import HIDDEN_ACTS, SUPPORTED_ARCHITECTURES, ConversionError, SourceModel
 from .quantize import BLOCK_SIZES, QuantizedWeight, quantize_blockwise
-from .rope_cache import cos_sin_cache
+from .rope_cache import cos_sin_cache, local_config, rotary_dim
 
 QUANT_KINDS = ("fp32", "fp16", "int8", "int4")
-EMBEDDING_KINDS = ("fp32", "fp16")
+EMBEDDING_KINDS = ("fp32", "fp16", "shared")   # shared: a tied model's one quantized table, read by lm_head too
 OPSET = [helper.make_opsetid(domain, v) for domain, v in contract.OPSET.items()]
 IR_VERSION = 10
 DATA_FILE = "model.onnx.data"
@@ -27,6 +27,7 @@ ALIGN = 64
 # Above this, weights go to model.onnx.data: protobuf raw_data is unaligned, so the native runtime
 # would have to copy every tensor it reads in place (the fp16 embedding, fp32 weights).
 _EXTERNAL_MIN = 16 * 1024**2
+DEFAULT_MAX_CONTEXT = 8192   # positions the rope caches cover unless --max-context says more
 GQA_HEAD_MULTIPLE = 16   # onnxruntime's CPU GroupQueryAttention rejects other head sizes
 
 
@@ -48,6 +49,21 @@ def pad_heads(w: np.ndarray, n_heads: int, d: int, D: int, axis: int) -> np.ndar
     out[:, :half] = heads[:, :half]
     out[:, D // 2: D // 2 + half] = heads[:, half:]
     return np.moveaxis(out.reshape(n_heads * D, *w.shape[1:]), 0, axis)
+
+
+def rotary_row_order(cfg) -> np.ndarray | None:
+    """With partial rotary, the order of a q/k head's rows that puts its rotary_dim/2 pairs (j, j + r/2) and its
+    pass-through entries into rotate_half pairs (j, j + head_dim/2) of the full head; None when all rotate.
+
+    The cos/sin caches then hold cos=1, sin=0 in the pass-through pairs (rope_cache.cos_sin_cache), and
+    q.k is unchanged because q and k are reordered alike.
+    """
+    d, r = cfg.head_dim, rotary_dim(cfg)
+    if r == d:
+        return None
+    half_pass = (d - r) // 2
+    return np.concatenate([np.arange(0, r // 2), np.arange(r, r + half_pass),
+                           np.arange(r // 2, r), np.arange(r + half_pass, d)])
 
 
 def default_lm_head(quant: str) -> str:
@@ -123,7 +139,8 @@ def estimate_bytes(src: SourceModel, quant: str, group_size: int, lm_head: str, 
     per_layer = h * c.num_heads * c.head_dim * 2 + h * kv * 2 + 3 * h * c.intermediate_size
     total = c.num_layers * _weight_bytes(per_layer, quant, group_size)
     total += _weight_bytes(c.vocab_size * h, lm_head, group_size)
-    total += _weight_bytes(c.vocab_size * h, embedding, group_size)
+    if embedding != "shared":
+        total += _weight_bytes(c.vocab_size * h, embedding, group_size)
     total += 4.0 * (max_context * c.head_dim + c.num_layers * 4 * h + h)
     return total
 
@@ -151,6 +168,8 @@ class GraphBuilder:
         self.sparse_sites = dict(sparse_sites or {})   # site → (threshold [K], col_scale [K]); see converters/sparsity.py
         self.coreinfer = coreinfer   # {"keep", "token_k"}: NeuronMask before down_proj (converters/coreinfer.py)
         self.head_dim = graph_head_dim(self.cfg.head_dim)
+        self.row_order = rotary_row_order(self.cfg)
+        self.shared_table = None   # (QuantizedWeight, initializer names) once the shared embedding is written
         self.nodes: list[onnx.NodeProto] = []
         self._on_tensor = on_tensor or (lambda name: None)
 
@@ -165,16 +184,21 @@ class GraphBuilder:
         return self.inits.add(name, array)
 
     def weight(self, name: str) -> np.ndarray:
-        """The source tensor under `name` (lm_head.weight falls back to the embedding when tied)."""
+        """The source tensor under `name` (lm_head.weight falls back to the embedding when tied), in graph layout:
+        q/k rows (and q/k norm weights) in rotary_row_order, heads padded to the graph's head size."""
         if name == "lm_head.weight" and self.cfg.tie_word_embeddings and not self.src.has(name):
             name = "model.embed_tokens.weight"
         if not self.src.has(name):
             raise ConversionError(f"source is missing tensor {name}")
         self._on_tensor(name)
         w = self.src.load(name)
-        if self.head_dim != self.cfg.head_dim and ".self_attn." in name:
-            c, proj = self.cfg, name.split(".")[-2]
-            heads = c.num_heads if proj in ("q_proj", "o_proj") else c.num_kv_heads
+        if ".self_attn." not in name:
+            return w
+        c, proj = self.cfg, name.split(".")[-2]
+        heads = 1 if proj in ("q_norm", "k_norm") else c.num_heads if proj in ("q_proj", "o_proj") else c.num_kv_heads
+        if self.row_order is not None and proj in ("q_proj", "k_proj", "q_norm", "k_norm"):
+            w = w.reshape(heads, c.head_dim, *w.shape[1:])[:, self.row_order].reshape(w.shape)
+        if self.head_dim != c.head_dim:
             w = pad_heads(w, heads, c.head_dim, self.head_dim, axis=1 if proj == "o_proj" else 0)
         return w
 
@@ -183,6 +207,9 @@ class GraphBuilder:
 
     def quantized(self, weight: str) -> QuantizedWeight:
         if weight in self.linear_override:
+            if self.row_order is not None and weight.split(".")[-2] in ("q_proj", "k_proj"):
+                raise ConversionError(f"cannot take a pre-quantized {weight}: its rows are reordered for the "
+                                      "partial rotary")
             if self.head_dim != self.cfg.head_dim and ".self_attn." in weight:
                 raise ConversionError(f"cannot take a pre-quantized {weight}: head_dim {self.cfg.head_dim} "
                                       f"is padded to {self.head_dim} in the graph")
@@ -196,6 +223,10 @@ class GraphBuilder:
     def linear(self, x: str, weight: str, name: str) -> str:
         """Emit y = x @ W^T for the source weight `weight` ([N, K], HF name); return y's value name."""
         kind = self.kind_of(weight)
+        if weight == "lm_head.weight" and self.shared_table is not None:   # the embedding's table, stored once
+            qw, names = self.shared_table
+            return self.node("MatMulNBits", [x, *names], name, domain="com.microsoft", K=qw.K, N=qw.N,
+                             bits=qw.bits, block_size=qw.block_size, accuracy_level=self.accuracy_level)
         if weight in self.linear_override or kind in ("int4", "int8"):
             qw = self.quantized(weight)
             inputs = [x, self.init(weight + ".B", qw.B), self.init(weight + ".scales", qw.scales)]
@@ -235,8 +266,27 @@ class GraphBuilder:
         return self.node("Sparsify", [x, t, cs], f"{site}.sparsify", domain="ai.edgeact")
 
     def rms_norm(self, x: str, weight: str, name: str) -> str:
-        return self.node("RMSNormalization", [x, self.init(weight, self.weight(weight))], name,
+        w = self.weight(weight)
+        if self.cfg.norm_offset:   # Gemma's (1 + w)
+            w = w + np.float32(self.cfg.norm_offset)
+        return self.node("RMSNormalization", [x, self.init(weight, w)], name,
                          axis=-1, epsilon=float(self.cfg.rms_norm_eps))
+
+    def head_norm(self, x: str, weight: str, name: str) -> str:
+        """ai.edgeact.HeadRMSNorm of each head of x (q or k) by the norm weight `weight` (converters/graph_ops.py).
+
+        Padded heads: the norm then averages over D slots instead of d, which a weight scaled by sqrt(d/D)
+        and an epsilon scaled by d/D undo exactly (the extra slots are zero).
+        """
+        c = self.cfg
+        w = self.weight(weight)
+        if c.norm_offset:
+            w = w + np.float32(c.norm_offset)
+        ratio = c.head_dim / self.head_dim
+        if ratio != 1.0:
+            w = (w * np.float32(math.sqrt(ratio))).astype(np.float32)
+        return self.node("HeadRMSNorm", [x, self.init(weight, w)], name, domain="ai.edgeact",
+                         epsilon=float(c.rms_norm_eps * ratio))
 
     def projection(self, x: str, prefix: str, proj: str, name: str) -> str:
         y = self.linear(x, f"{prefix}.{proj}.weight", name)
@@ -246,12 +296,69 @@ class GraphBuilder:
         return y
 
     def embed(self) -> str:
+        if self.embedding_kind == "shared":
+            return self.scale_embedding(self.shared_lookup())
         table = self.weight("model.embed_tokens.weight")
         if self.embedding_kind == "fp16":
             t = self.init("model.embed_tokens.weight", table.astype(np.float16))
             h = self.node("Gather", [t, "input_ids"], "embed")
-            return self.node("Cast", [h], "embed.cast", to=TensorProto.FLOAT)
-        return self.node("Gather", [self.init("model.embed_tokens.weight", table), "input_ids"], "embed")
+            h = self.node("Cast", [h], "embed.cast", to=TensorProto.FLOAT)
+        else:
+            h = self.node("Gather", [self.init("model.embed_tokens.weight", table), "input_ids"], "embed")
+        return self.scale_embedding(h)
+
+    def shared_lookup(self) -> str:
+        """The embedding lookup of a tied model from lm_head's MatMulNBits table (stored once).
+
+        com.microsoft.GatherBlockQuantized takes the table as [N, K/2] (4-bit) or [N, K] (8-bit) and the
+        scales as [N, blocks]: Reshape views of lm_head's B [N, blocks, blob] and scales [N*blocks]; the
+        zero points already have its shape. Rows padded to the block come back padded: sliced to hidden.
+        """
+        qw = self.quantized("lm_head.weight")
+        names = [self.init("lm_head.weight.B", qw.B), self.init("lm_head.weight.scales", qw.scales)]
+        if qw.zero_points is not None:
+            names.append(self.init("lm_head.weight.zero_points", qw.zero_points))
+        self.shared_table = (qw, names)
+        blocks = qw.B.shape[1]
+        shape2 = self.init("embed.table_shape", np.array([qw.N, blocks * qw.B.shape[2]], np.int64))
+        shape_s = self.init("embed.scales_shape", np.array([qw.N, blocks], np.int64))
+        table = self.node("Reshape", [names[0], shape2], "embed.table")
+        scales = self.node("Reshape", [names[1], shape_s], "embed.scales")
+        h = self.node("GatherBlockQuantized", [table, "input_ids", scales, *names[2:]], "embed", domain="com.microsoft",
+                      bits=qw.bits, block_size=qw.block_size, gather_axis=0, quantize_axis=1)
+        padded = blocks * qw.block_size
+        if padded != qw.K:
+            h = self.node("Slice", [h, self.init("embed.slice_starts", np.array([0], np.int64)),
+                                    self.init("embed.slice_ends", np.array([qw.K], np.int64)),
+                                    self.init("embed.slice_axes", np.array([-1], np.int64))], "embed.slice")
+        return h
+
+    def scale_embedding(self, h: str) -> str:
+        """Gemma multiplies the looked-up rows by sqrt(hidden) (in the model's dtype, float32 here)."""
+        m = self.cfg.embedding_multiplier
+        if m == 1.0:
+            return h
+        return self.node("Mul", [h, self.init("model.embed_scale", np.array(m, np.float32))], "embed.scale")
+
+    def attention(self, i: int, q: str, k: str, v: str, hf: str) -> str:
+        """GroupQueryAttention of layer i: rotary from the layer's caches, q/k norm, sliding window, soft-cap."""
+        c, p = self.cfg, f"layers.{i}"
+        sliding = c.is_sliding(i)
+        if c.qk_norm:
+            q = self.head_norm(q, f"{hf}.self_attn.q_norm.weight", f"{p}.attn.q_norm")
+            k = self.head_norm(k, f"{hf}.self_attn.k_norm.weight", f"{p}.attn.k_norm")
+        suffix = "_local" if sliding and c.rope_local_theta is not None else ""
+        inputs = [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
+                  "total_sequence_length", "cos_cache" + suffix, "sin_cache" + suffix]
+        attrs = dict(num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+                     scale=c.attention_scale if c.attention_scale is not None else 1.0 / math.sqrt(c.head_dim))
+        if sliding:   # onnxruntime counts the query itself in local_window_size, as transformers does
+            attrs["local_window_size"] = int(c.sliding_window)
+        if c.attn_logit_softcapping:
+            attrs["softcap"] = float(c.attn_logit_softcapping)
+        return self.node("GroupQueryAttention", inputs, f"{p}.attn.gqa",
+                         outputs=[f"{p}.attn.gqa", f"present.{i}.key", f"present.{i}.value"],
+                         domain="com.microsoft", **attrs)
 
     def layer(self, i: int, h: str) -> str:
         c = self.cfg
@@ -260,22 +367,23 @@ class GraphBuilder:
         q = self.projection(x, f"{hf}.self_attn", "q_proj", f"{p}.attn.q_proj")
         k = self.projection(x, f"{hf}.self_attn", "k_proj", f"{p}.attn.k_proj")
         v = self.projection(x, f"{hf}.self_attn", "v_proj", f"{p}.attn.v_proj")
-        a = self.node("GroupQueryAttention",
-                      [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
-                       "total_sequence_length", "cos_cache", "sin_cache"],
-                      f"{p}.attn.gqa", outputs=[f"{p}.attn.gqa", f"present.{i}.key", f"present.{i}.value"],
-                      domain="com.microsoft", num_heads=c.num_heads, kv_num_heads=c.num_kv_heads,
-                      do_rotary=1, rotary_interleaved=0, scale=1.0 / math.sqrt(c.head_dim))
+        a = self.attention(i, q, k, v, hf)
         o = self.linear(self.sparsify(a, f"{p}.attn_out"), f"{hf}.self_attn.o_proj.weight", f"{p}.attn.o_proj")
+        if c.sandwich_norms:
+            o = self.rms_norm(o, f"{hf}.post_attention_layernorm.weight", f"{p}.attn.post_norm")
         h1 = self.node("Add", [h, o], f"{p}.attn.residual")
-        x2 = self.sparsify(self.rms_norm(h1, f"{hf}.post_attention_layernorm.weight", f"{p}.ffn_norm"), f"{p}.ffn_in")
+        ffn_norm = "pre_feedforward_layernorm" if c.sandwich_norms else "post_attention_layernorm"
+        x2 = self.sparsify(self.rms_norm(h1, f"{hf}.{ffn_norm}.weight", f"{p}.ffn_norm"), f"{p}.ffn_in")
         g = self.linear(x2, f"{hf}.mlp.gate_proj.weight", f"{p}.mlp.gate_proj")
         # CATS: up_proj comes after the gate activation's Sparsify, so the native runtime
         # (which runs nodes in file order) knows the dropped channels and skips their up rows
         cats = f"{p}.ffn_act" in self.sparse_sites
         u = None if cats else self.linear(x2, f"{hf}.mlp.up_proj.weight", f"{p}.mlp.up_proj")
-        silu = self.node("Mul", [g, self.node("Sigmoid", [g], f"{p}.mlp.sigmoid")], f"{p}.mlp.silu")
-        act = self.sparsify(silu, f"{p}.ffn_act")
+        if c.hidden_act == "gelu_tanh":
+            gated = self.node("Gelu", [g], f"{p}.mlp.gelu", approximate="tanh")
+        else:
+            gated = self.node("Mul", [g, self.node("Sigmoid", [g], f"{p}.mlp.sigmoid")], f"{p}.mlp.silu")
+        act = self.sparsify(gated, f"{p}.ffn_act")
         if cats:
             u = self.linear(x2, f"{hf}.mlp.up_proj.weight", f"{p}.mlp.up_proj")
         m = self.node("Mul", [act, u], f"{p}.mlp.gate_mul")
@@ -283,6 +391,8 @@ class GraphBuilder:
             m = self.node("NeuronMask", [m, f"ffn_mask.{i}", "coreinfer.token_k"], f"{p}.mlp.neuron_mask",
                           outputs=[f"{p}.mlp.neuron_mask", f"ffn_score.{i}"], domain="ai.edgeact")
         d = self.linear(self.sparsify(m, f"{p}.ffn_out"), f"{hf}.mlp.down_proj.weight", f"{p}.mlp.down_proj")
+        if c.sandwich_norms:
+            d = self.rms_norm(d, f"{hf}.post_feedforward_layernorm.weight", f"{p}.mlp.post_norm")
         if not self.steering:
             return self.node("Add", [h1, d], f"{p}.mlp.residual", outputs=[f"hidden.{i}"])
         h2 = self.node("Add", [h1, d], f"{p}.mlp.residual")
@@ -290,9 +400,28 @@ class GraphBuilder:
                          outputs=[f"hidden.{i}"], domain="ai.edgeact")
 
 
-def _tensor_names(src: SourceModel) -> list[str]:
+def check_family(cfg) -> None:
+    """Refuse family settings the graph does not express (one line each), before any file is written."""
+    if cfg.hidden_act not in HIDDEN_ACTS:
+        raise ConversionError(f"unsupported hidden activation {cfg.hidden_act!r}; supported: {', '.join(HIDDEN_ACTS)}")
+    if cfg.layer_types is not None:
+        if len(cfg.layer_types) != cfg.num_layers:
+            raise ConversionError(f"layer_types has {len(cfg.layer_types)} entries for {cfg.num_layers} layers")
+        bad = sorted(set(cfg.layer_types) - {"full_attention", "sliding_attention"})
+        if bad:
+            raise ConversionError(f"unsupported layer type(s) {', '.join(bad)}; supported: full_attention, "
+                                  "sliding_attention")
+    if cfg.sliding_window is not None and cfg.sliding_window < 1:
+        raise ConversionError(f"sliding_window must be positive, got {cfg.sliding_window}")
+    for label, cap in (("attn_logit_softcapping", cfg.attn_logit_softcapping),
+                       ("final_logit_softcapping", cfg.final_logit_softcapping)):
+        if cap is not None and not cap > 0:
+            raise ConversionError(f"{label} must be positive, got {cap}")
+
+
+def _tensor_names(src: SourceModel, embedding: str) -> list[str]:
     names = list(src.tensors)
-    if src.config.tie_word_embeddings and "lm_head.weight" not in src.tensors:
+    if src.config.tie_word_embeddings and "lm_head.weight" not in src.tensors and embedding != "shared":
         names.append("lm_head.weight")   # the quantized copy is a separate write
     return names
 
@@ -321,18 +450,25 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
             raise ConversionError(f"unknown {label} type {value!r}; choose one of {', '.join(allowed)}")
     if group_size not in BLOCK_SIZES:
         raise ConversionError(f"group size {group_size} not supported; choose one of {', '.join(map(str, BLOCK_SIZES))}")
+    if embedding == "shared" and not (cfg.tie_word_embeddings and lm_head in ("int4", "int8")):
+        raise ConversionError("embedding 'shared' needs a tied model (tie_word_embeddings) and an int4 or int8 lm_head")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ConversionError(f"accuracy_level must be 0..4, got {accuracy_level}")
     if cfg.num_heads % cfg.num_kv_heads:
         raise ConversionError(f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}")
-    max_context = int(cfg.max_position_embeddings if max_context is None else max_context)   # 0 is an error
+    # by default at most DEFAULT_MAX_CONTEXT: the rope caches take 4 * head_dim bytes per position
+    # (twice with sliding layers' own), 67 MB of Gemma 3 270M's folder at its 32768 positions; 0 is an error
+    max_context = int(min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT) if max_context is None else max_context)
     if max_context < 1:
         raise ConversionError(f"max_context must be positive, got {max_context}")
-    cos, sin = cos_sin_cache(cfg, max_context)   # validates rope_scaling before any file is written
+    check_family(cfg)
     head_dim = graph_head_dim(cfg.head_dim)
+    caches = {"": cos_sin_cache(cfg, max_context)}   # validates rope_scaling before any file is written
+    if cfg.rope_local_theta is not None and any(cfg.is_sliding(i) for i in range(cfg.num_layers)):
+        caches["_local"] = cos_sin_cache(local_config(cfg), max_context)
     if head_dim != cfg.head_dim:   # padded slots rotate by angle 0 (they hold zeros anyway)
         pad = ((0, 0), (0, head_dim // 2 - cfg.head_dim // 2))
-        cos, sin = np.pad(cos, pad, constant_values=1.0), np.pad(sin, pad)
+        caches = {k: (np.pad(c, pad, constant_values=1.0), np.pad(s_, pad)) for k, (c, s_) in caches.items()}
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -341,7 +477,7 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
 
     from tqdm import tqdm
 
-    names = _tensor_names(src)
+    names = _tensor_names(src, embedding)
     bar = tqdm(total=len(names), desc="writing", unit="tensor", disable=not progress)
     seen: set[str] = set()
 
@@ -360,9 +496,10 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
                          embedding=embedding, accuracy_level=accuracy_level, linear_override=linear_override,
                          steering=steering, on_tensor=on_tensor,
                          sparse_sites=(sparsity or {}).get("sites"), coreinfer=(sparsity or {}).get("coreinfer"))
-        b.init("cos_cache", cos)
-        b.init("sin_cache", sin)
-        del cos, sin
+        for suffix, (cos, sin) in caches.items():
+            b.init("cos_cache" + suffix, cos)
+            b.init("sin_cache" + suffix, sin)
+        del caches, cos, sin
         steer_inputs = []
         for i in range(cfg.num_layers):
             if steering:
@@ -383,6 +520,10 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
             h = b.layer(i, h)
         y = b.rms_norm(h, "model.norm.weight", "final_norm")
         b.linear(y, "lm_head.weight", "lm_head")
+        if cfg.final_logit_softcapping:
+            cap = b.init("final_logit_softcap", np.array(cfg.final_logit_softcapping, np.float32))
+            t = b.node("Tanh", [b.node("Div", ["lm_head", cap], "lm_head.softcap.div")], "lm_head.softcap.tanh")
+            b.node("Mul", [t, cap], "lm_head.softcap")
         b.nodes[-1].output[0] = "logits"
     finally:
         bar.close()
@@ -412,6 +553,10 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
         from .sparsity import sparsify_function
 
         model.functions.append(sparsify_function())
+    if cfg.qk_norm:
+        from .graph_ops import head_rms_norm_function
+
+        model.functions.append(head_rms_norm_function())
     if core:
         from .coreinfer import neuron_mask_function
 

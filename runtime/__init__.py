@@ -23,12 +23,12 @@ def unavailable_reason() -> str | None:
 
 if _IMPORT_ERROR is None:
     from .session import (ContextOverflowError, ModelFormatError, NativeError, NativeModel, NativeSession,  # noqa: F401
-                          QMatMul, format_profile, measure_read_bandwidth, measure_rows_read_bandwidth,
-                          profile_by_op, version)
+                          QMatMul, default_isa, format_profile, measure_read_bandwidth,
+                          measure_rows_read_bandwidth, physical_cores, profile_by_op, version)
 else:
     def __getattr__(name):
         if name in ("NativeModel", "NativeSession", "QMatMul", "NativeError", "ModelFormatError",
                     "ContextOverflowError", "format_profile", "profile_by_op", "measure_read_bandwidth",
-                    "measure_rows_read_bandwidth", "version"):
+                    "measure_rows_read_bandwidth", "version", "physical_cores", "default_isa"):
             raise ImportError(_IMPORT_ERROR)
         raise AttributeError(name)

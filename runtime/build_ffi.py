@@ -13,13 +13,16 @@ from cffi import FFI
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "native"
-HEADER = NATIVE / "include" / "edgeact.h"
+HEADERS = [NATIVE / "include" / "edgeact.h", NATIVE / "include" / "edgeact_tools.h"]
 
 
 def _cdef() -> str:
-    text = HEADER.read_text(encoding="utf-8")
-    start, end = text.index("/* cdef-begin */"), text.index("/* cdef-end */")
-    return text[start + len("/* cdef-begin */"):end]
+    parts = []
+    for header in HEADERS:
+        text = header.read_text(encoding="utf-8")
+        start, end = text.index("/* cdef-begin */"), text.index("/* cdef-end */")
+        parts.append(text[start + len("/* cdef-begin */"):end])
+    return "\n".join(parts)
 
 
 def _require_compiler() -> None:
@@ -41,7 +44,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
 ffibuilder.set_source(
     "edgeact.runtime._native",
-    '#include "edgeact.h"\n',
+    '#include "edgeact.h"\n#include "edgeact_tools.h"\n',
     sources=_sources(__name__ == "__main__"),
     include_dirs=[str(NATIVE / "include")],
     extra_compile_args=["-O2", *(NATIVE / "cflags.txt").read_text(encoding="utf-8").split()],

@@ -53,6 +53,19 @@ def _f32(a, shape_tail: int | None = None) -> np.ndarray:
     return a
 
 
+def physical_cores() -> int:
+    """Physical cores as the C runtime counts them (its default thread count): distinct (package,
+    core) pairs, SMT siblings counted once."""
+    return int(lib.ea_physical_cores())
+
+
+def default_isa() -> str:
+    """The kernel variant a model loaded now would run (e.g. "avx512-vnni"): the CPU's best,
+    or EDGEACT_ISA's; "unavailable" when EDGEACT_ISA names one this CPU lacks."""
+    p = lib.ea_default_isa()
+    return ffi.string(p).decode() if p != ffi.NULL else "unavailable"
+
+
 def version() -> str:
     """ea_version() of the loaded C library (equal to edgeact.contract.VERSION: tests/test_layers.py)."""
     return ffi.string(lib.ea_version()).decode()
@@ -130,6 +143,11 @@ class NativeSession:
     """One decoding stream: KV cache, steering, capture and profiler state."""
 
     def __init__(self, model: NativeModel, threads: int = 0, n_ctx: int = 0, max_chunk: int = 0):
+        """threads 0: one per physical core; n_ctx 0: min(the model's max_context, 4096), the C
+        runtime's default, since the KV cache for the whole context is allocated here."""
+        for name, v in (("threads", threads), ("n_ctx", n_ctx), ("max_chunk", max_chunk)):
+            if int(v) < 0:  # the C API reads <= 0 as "default": a negative value is a mistake, not that
+                raise ValueError(f"{name} must be >= 0 (0: the default), not {v}")
         self.model = model   # keeps the model alive while the session exists
         out = ffi.new("ea_session **")
         _check(lib.ea_session_create(model._ptr, int(threads), int(n_ctx), int(max_chunk), out))
@@ -242,11 +260,12 @@ def profile_by_op(records: list[dict]) -> dict[str, dict]:
     return agg
 
 
-def format_profile(records: list[dict]) -> str:
-    """The per-op-type table the CLI prints."""
+def format_profile(records: list[dict], isa: str | None = None) -> str:
+    """The per-op-type table the CLI prints (after a line naming the kernel variant, when given)."""
     agg = profile_by_op(records)
     total = sum(a["ns"] for a in agg.values()) or 1
-    lines = [f"{'op':<22}{'nodes':>7}{'calls':>9}{'ms':>11}{'%':>7}{'GB/s':>8}"]
+    lines = [f"kernels: {isa}"] if isa else []
+    lines.append(f"{'op':<22}{'nodes':>7}{'calls':>9}{'ms':>11}{'%':>7}{'GB/s':>8}")
     for op, a in sorted(agg.items(), key=lambda kv: -kv[1]["ns"]):
         gbs = a["weight_bytes"] / a["ns"] if a["ns"] else 0.0
         lines.append(f"{op:<22}{a['nodes']:>7}{a['calls']:>9}{a['ns'] / 1e6:>11.3f}{100 * a['ns'] / total:>7.1f}{gbs:>8.2f}")

@@ -72,7 +72,11 @@ class Model(SteeringMixin):
         if isinstance(prompt, str):
             ids = self.tokenize(prompt)
         else:
-            ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
+            arr = np.asarray(prompt) if isinstance(prompt, (list, tuple, np.ndarray)) else None
+            if arr is None or (arr.size and arr.dtype.kind not in "iu"):
+                raise ValueError(f"prompt must be text (str) or token ids (a list of ints), "
+                                 f"not {type(prompt).__name__}")
+            ids = [int(t) for t in arr.reshape(-1)]
         if not ids:
             raise ValueError("empty prompt")
         return ids
@@ -134,6 +138,7 @@ class Model(SteeringMixin):
         yield from self._stream(prompt, GenerationConfig(max_new_tokens=max_new_tokens, **kw), result)
 
     def _stream(self, prompt, cfg: GenerationConfig, result: dict, tokens=None):
+        cfg.validate()
         prompt_ids = self._prompt_ids(prompt)
         stops = [s for s in ([cfg.stop] if isinstance(cfg.stop, str) else list(cfg.stop or [])) if s]
         timing: dict = {}
@@ -193,7 +198,7 @@ class Model(SteeringMixin):
         (not included). `on_text(piece)` receives text as it streams. `json_schema` (a dict or a JSON
         string): the reply is a JSON value matching it (tokens outside the grammar are masked)."""
         cfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                               [stop] if isinstance(stop, str) else list(stop or []))
+                               [stop] if isinstance(stop, str) else [] if stop is None else stop)
         result: dict = {}
         tokens = None
         if json_schema is not None:

@@ -29,7 +29,7 @@ EPILOG = """examples:
 
 # Commands that cannot do anything without the converter packages (checked before their
 # parser is built, since the converter options themselves come from modules that import them).
-NEEDS_CONVERT = {"convert": ("numpy", "onnx", "torch"), "eval": ("onnx", "onnxruntime", "torch"),
+NEEDS_CONVERT = {"convert": ("onnx", "torch"), "eval": ("onnx", "onnxruntime", "torch"),
                  "sweep": ("onnx", "onnxruntime", "torch")}
 
 
@@ -63,6 +63,8 @@ class Parser(argparse.ArgumentParser):
     help_hint = None  # the top-level parser points at the chosen command's help
 
     def error(self, message):
+        if message.startswith("unrecognized arguments") and self.help_hint in ("edgeact run", "edgeact profile"):
+            message += " (the prompt goes after -p, quoted)"
         self.exit(2, f"edgeact: error: {message} (see `{self.help_hint or self.prog} --help`)\n")
 
 

@@ -62,6 +62,8 @@ def save_control_vector(path, directions: dict[int, np.ndarray], model_hint: str
                     f"{ARCH}.layer_count": np.int32(len(vectors))},
                    {f"{_PREFIX}{layer}": vectors[layer] for layer in sorted(vectors)})
     path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"cannot write {path}: folder {path.parent} does not exist")
     # Written beside the target and renamed so a failed write never leaves half a file.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -123,3 +123,96 @@ def evaluate(model_dir, ref_src, *, text: str | None = None, n_tokens: int = 256
     return {"model": str(model_dir), "reference": str(ref_src), "engine": engine,
             "tokens_source": "text" if text is not None else f"sampled from the fp32 reference (seed {seed})",
             **q.to_dict()}
+
+
+# ---- llama.cpp's own quantizations of the same source, for `edgeact eval --against-llama-cpp`
+
+def folder_bytes(folder) -> int:
+    """Bytes of a folder's weights: model.onnx and its external data (the tokenizer is left out)."""
+    folder = Path(folder)
+    return sum(p.stat().st_size for p in folder.glob("model.onnx*") if p.is_file())
+
+
+def llama_cpp_quantize(src_gguf, dst, ftype: str, threads: int = 0) -> Path:
+    """llama.cpp's llama_model_quantize on `src_gguf` (re-quantizing a quantized source is allowed,
+    as `llama-quantize --allow-requantize` does)."""
+    import ctypes
+
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise RuntimeError("--against-llama-cpp needs llama-cpp-python (pip install llama-cpp-python)") from e
+    name = f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}"
+    if not hasattr(llama_cpp, name):
+        known = sorted(n[len("LLAMA_FTYPE_MOSTLY_"):] for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
+        raise ValueError(f"llama.cpp has no type {ftype!r}; known: {', '.join(known)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, name)
+    params.nthread = threads
+    params.allow_requantize = True
+    rc = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama.cpp failed to quantize {src_gguf} to {ftype} (code {rc})")
+    return Path(dst)
+
+
+def llama_cpp_logits(gguf_path, ids: np.ndarray, threads: int = 2) -> np.ndarray:
+    """Logits [T, V] of llama.cpp's own engine on token ids (one batch, every position)."""
+    import llama_cpp
+
+    ids = [int(i) for i in ids]
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(64, len(ids) + 8), n_batch=len(ids),
+                          n_ubatch=len(ids), logits_all=True, n_threads=threads, verbose=False)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def against_llama_cpp(ref: Reference, src_gguf, types, workdir, *, threads: int = 2,
+                      include_source: bool = True, progress: bool = True) -> list[dict]:
+    """One row per llama.cpp type (and the source file itself, run by llama.cpp): quality against
+    `ref` on ref.ids, and the file's bytes. Quantized files go to `workdir` and are reused."""
+    from tqdm import tqdm
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    jobs = ([("source", Path(src_gguf))] if include_source else []) + \
+        [(t, workdir / f"{Path(src_gguf).stem}.{t}.gguf") for t in types]
+    rows = []
+    for name, path in tqdm(jobs, desc="llama.cpp", unit="type", disable=not progress):
+        if name != "source" and not path.exists():
+            llama_cpp_quantize(src_gguf, path.with_suffix(".tmp"), name, threads=threads)
+            path.with_suffix(".tmp").rename(path)
+        q = compare_logits(llama_cpp_logits(path, ref.ids, threads=threads), ref.logits, ref.ids)
+        rows.append({"model": f"llama.cpp {name}", "path": str(path), "bytes": path.stat().st_size, **q.to_dict()})
+    return rows
+
+
+def plot_kl_vs_size(rows: list[dict], path, title: str = "") -> Path:
+    """KL (log scale) against bytes, one point per row, llama.cpp's and edgeact's in two colours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ours = not r["model"].startswith("llama.cpp")
+        ax.scatter(r["bytes"] / 1e6, max(r["kl"], 1e-6), color="tab:blue" if ours else "tab:orange",
+                   marker="o" if ours else "s")
+        ax.annotate(r["model"].replace("llama.cpp ", ""), (r["bytes"] / 1e6, max(r["kl"], 1e-6)),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.scatter([], [], color="tab:blue", marker="o", label="edgeact")
+    ax.scatter([], [], color="tab:orange", marker="s", label="llama.cpp")
+    ax.set_yscale("log")
+    ax.set_xlabel("weights (MB)")
+    ax.set_ylabel("KL vs fp32 (nats/token)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

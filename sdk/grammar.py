@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import threading
+import weakref
 
 import numpy as np
 
-_TOKENIZERS: dict = {}
+_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # per Model, dropped with it
 _LOCK = threading.Lock()
 
 
@@ -21,19 +22,17 @@ def _ll_tokenizer(model):
 
     llguidance = require("llguidance", "JSON-schema output")
 
-    key = id(model)
     with _LOCK:
-        hit = _TOKENIZERS.get(key)
-        if hit is None or hit[0] is not model:
+        tok = _TOKENIZERS.get(model)
+        if tok is None:
             if model.tokenizer is None:
                 raise ValueError(f"{model.folder} has no tokenizer: JSON-schema output needs one")
             eos = sorted(model.eos_token_ids)
             if not eos:
                 raise ValueError(f"{model.folder} declares no end-of-sequence token: JSON-schema output needs one")
-            tok = llguidance.LLTokenizer(model.tokenizer._tok.to_str(), n_vocab=model.engine.vocab_size,
-                                         eos_token=eos)
-            hit = _TOKENIZERS[key] = (model, tok)
-        return hit[1]
+            tok = _TOKENIZERS[model] = llguidance.LLTokenizer(model.tokenizer._tok.to_str(),
+                                                              n_vocab=model.engine.vocab_size, eos_token=eos)
+        return tok
 
 
 def check_schema(schema) -> dict:

@@ -63,37 +63,38 @@ class SessionPool:
         return len(self.sessions) - len(self.idle)
 
     async def acquire(self, prompt_ids: list[int]):
-        if not self.idle or self.waiters:
-            if len(self.waiters) >= self.max_queue:
-                self.stats["rejected"] += 1
-                raise ApiError(503, f"all {len(self.sessions)} sessions are busy and {len(self.waiters)} requests "
-                               "are queued: retry shortly", code="server_busy", headers={"Retry-After": "1"})
-            fut = asyncio.get_running_loop().create_future()
-            self.waiters.append(fut)
-            try:
-                await fut
-            except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled():
-                    self._wake()  # woken but gone: pass the turn on
-                else:
-                    self.waiters.remove(fut)
-                raise
+        if self.idle and not self.waiters:
+            return self._take(prompt_ids)
+        if len(self.waiters) >= self.max_queue:
+            self.stats["rejected"] += 1
+            raise ApiError(503, f"all {len(self.sessions)} sessions are busy and {len(self.waiters)} requests "
+                           "are queued: retry shortly", code="server_busy", headers={"Retry-After": "1"})
+        entry = (asyncio.get_running_loop().create_future(), prompt_ids)
+        self.waiters.append(entry)
+        try:
+            return await entry[0]
+        except asyncio.CancelledError:
+            fut = entry[0]
+            if fut.done() and not fut.cancelled():
+                self.release(fut.result())  # handed a session, but the request is gone
+            elif entry in self.waiters:
+                self.waiters.remove(entry)
+            raise
+
+    def _take(self, prompt_ids):
         best = max(self.idle, key=lambda s: (s.common_prefix(prompt_ids), -self._used.get(id(s), 0)))
         self.idle.remove(best)
         return best
 
     def release(self, session) -> None:
+        """Back to the pool, or straight to the longest-waiting request (no newcomer can take it first)."""
         self._clock += 1
         self._used[id(session)] = self._clock
         self.idle.append(session)
-        self._wake()
-
-    def _wake(self) -> None:
         while self.waiters and self.idle:
-            fut = self.waiters.popleft()
+            fut, ids = self.waiters.popleft()
             if not fut.done():
-                fut.set_result(None)
-                return
+                fut.set_result(self._take(ids))
 
 
 class VectorStore:

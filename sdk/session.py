@@ -182,7 +182,7 @@ class Session:
         from edgeact.api import GenerationResult
 
         cfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                               [stop] if isinstance(stop, str) else list(stop or []))
+                               [stop] if isinstance(stop, str) else [] if stop is None else stop)
         result: dict = {}
         for piece in self._stream(prompt, cfg, result, steering, json_schema, ignore_eos):
             if on_text is not None and isinstance(piece, str):

@@ -55,6 +55,14 @@ class TextTokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ValueError("this model has no chat template: give the prompt as plain text")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}"[:200])
+            if isinstance(m["content"], str):   # other content (parts, None) is the template's to handle
+                try:
+                    checked_text(m["content"])
+                except ValueError as e:   # the position within the message, not within the rendered template
+                    raise ValueError(f"message {i} ({m['role']}): {e}") from None
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 

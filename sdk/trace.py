@@ -92,6 +92,25 @@ class Tracer:
         return path
 
 
+def trace_pp_tg(folder, pp: int, tg: int, threads: int | None, path) -> Tracer:
+    """bench --trace: one traced run of a pp-token prompt and tg greedy tokens (outside the timed
+    runs, so the profiler's own cost never enters the benchmark's numbers)."""
+    import edgeact
+
+    model = edgeact.load(folder, engine="native", threads=threads)
+    eng = model.engine
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, eng.vocab_size, size=max(pp, 1))
+    tracer = Tracer(model)
+    eng.reset()
+    with tracer.recording():
+        logits = eng.forward(ids)[-1]
+        for _ in range(max(tg - 1, 0)):
+            logits = eng.forward(np.array([int(np.argmax(logits))]))[-1]
+    tracer.save(path)
+    return tracer
+
+
 def op_summary(steps: list[dict], bandwidth_gbs: float | None = None) -> list[dict]:
     """Per op type over decode steps: ms per token, share of the token, weight GB/s and, given the
     machine's read bandwidth, the share of that roofline the op reaches."""

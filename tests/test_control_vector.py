@@ -177,7 +177,7 @@ def test_truncated_and_corrupted_files_are_value_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_llama_cpp_applies_our_file_at_the_same_layer(tmp_path, smollm2_gguf, smollm2_hf):
+def test_llama_cpp_applies_our_file_at_the_same_layer(tmp_path, smollm2_gguf, smollm2_hf, gguf):
     """A vector saved here, handed to llama.cpp the way its loader does, shifts llama.cpp's logits
     like adding it to the output of the same block in transformers (and unlike the neighbours)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")

@@ -170,6 +170,7 @@ def test_every_option_explains_itself_once():
     (["run", "m", "-p", "hi", "--engine", "gpu"], ["invalid choice: 'gpu'"]),
     (["run", "m"], ["give a prompt"]),
     (["run", "m", "-p", "hi", "--bogus"], ["unrecognized arguments: --bogus", "edgeact run --help"]),
+    (["run", "m", "--chat", "How do you feel?"], ["unrecognized arguments: How do you feel?", "goes after -p"]),
     (["nosuchcommand"], ["invalid choice: 'nosuchcommand'"]),
     (["steer", "compute", "m"], ["required"]),
 ])
@@ -188,6 +189,9 @@ def test_misleading_messages(tmp_path, smollm2_int4_dir):
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "-n", "-1"), "--max-new-tokens")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--top-p", "0"), "--top-p must be in (0, 1]")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--temperature", "-1"), "--temperature must be >= 0")
+    one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--seed", "-1"), "--seed must be >= 0")
+    one_line_error(cli("steer", "compute", smollm2_int4_dir, "--pos", notes, "--neg", notes, "-o",
+                       tmp_path / "missing" / "v.gguf"), "folder", "does not exist")
     # an existing output: the CLI names its flag, the API its argument
     one_line_error(cli("convert", "whatever.gguf", "-o", tmp_path), "already exists; add --overwrite")
     from edgeact.converters.convert import convert
@@ -228,10 +232,49 @@ def test_context_length(smollm2_int4_dir):
         edgeact.load(smollm2_int4_dir, n_ctx=0)
     with pytest.raises(ValueError, match="the prompt has 30 tokens and the context holds 24"):
         small.generate(list(range(1, 31)), max_new_tokens=1)
-    ort = edgeact.load(smollm2_int4_dir, engine="ort", n_ctx=24)
-    assert ort.generate(ids, max_new_tokens=100).ids == res.ids
+    ort = edgeact.load(smollm2_int4_dir, engine="ort", n_ctx=24)   # held to the same context
+    res = ort.generate(ids, max_new_tokens=100)
+    assert res.finish_reason == "context" and len(ids) + len(res.ids) == 25
     proc = cli("run", smollm2_int4_dir, "-p", "Once upon a time", "--raw", "-c", "24")
     assert proc.returncode == 0 and proc.stderr.strip() == (
         "edgeact: stopped at the end of the context (24 tokens); raise it with --ctx-size (up to 8192, the model's)")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--ctx-size", "9000"),
                    "--ctx-size 9000 is more than this model's context (8192 tokens)")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.generate(None), "prompt must be text"),
+    (lambda m: m.generate(b"hi"), "prompt must be text"),
+    (lambda m: m.generate([1.5, 2]), "prompt must be text"),
+    (lambda m: m.generate(""), "empty prompt"),
+    (lambda m: m.generate("hi", max_new_tokens="5"), "max_new_tokens must be an integer"),
+    (lambda m: m.generate("hi", temperature="0.7"), "temperature must be a number"),
+    (lambda m: list(m.stream("hi", stop=123)), "stop must be a string or a list of strings"),
+    (lambda m: m.generate("hi", seed=-2), "seed must be a non-negative integer"),
+    (lambda m: m.tokenize(5), "text must be a str"),
+    (lambda m: m.chat([{"role": "user"}]), "message 0 must be a dict with 'role' and 'content'"),
+    (lambda m: m.chat(["hi"]), "message 0 must be a dict"),
+    (lambda m: m.chat("caf\udce9"), r"message 0 \(user\): text is not valid UTF-8: byte 0xe9 at character 3"),
+])
+def test_api_mistakes_are_value_errors(smollm2_int4_dir, call, message):
+    import edgeact
+
+    with pytest.raises(ValueError, match=message):
+        call(edgeact.load(smollm2_int4_dir))
+
+
+def test_native_session_context_default_and_bad_values(smollm2_int4_dir):
+    from edgeact.engines import native_available
+
+    if not native_available():
+        pytest.skip("native runtime not built")
+    import edgeact
+    from edgeact.runtime import NativeModel
+
+    m = NativeModel(smollm2_int4_dir)
+    assert m.max_context == 8192 and m.session().n_ctx == edgeact.DEFAULT_N_CTX   # the C default, the same figure
+    for kw in (dict(n_ctx=-1), dict(threads=-3), dict(max_chunk=-2)):
+        with pytest.raises(ValueError, match=">= 0"):
+            m.session(**kw)
+    with pytest.raises(ValueError, match="exceeds the model's max_context 8192"):
+        m.session(n_ctx=9000)

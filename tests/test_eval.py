@@ -29,3 +29,28 @@ def test_quality_ordering_stories260k(stories260k, tmp_path):
         out = convert(stories260k, tmp_path / name, progress=False, **kw)
         kls[name] = ref.compare(out).kl
     assert kls["int8"] < kls["int4-g32"] < kls["int4-g128"], kls
+
+
+def test_against_llama_cpp(tmp_path, capsys):
+    """`edgeact eval --against-llama-cpp`: llama.cpp quantizes the --ref GGUF with its own API and runs
+    every file on the same tokens. Its own f32 source agrees with our fp32 reference (engine noise
+    only); Q8_0 is closer than Q4_0 and Q4_0's file is smaller; the plot is written."""
+    pytest.importorskip("llama_cpp")
+    import json
+
+    from edgeact.cli import main
+    from edgeact.converters.gguf_export import write_gguf
+    from edgeact.converters.random_model import random_source
+
+    src = random_source("tiny", seed=3, hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=2,
+                        head_dim=64, vocab_size=512)
+    gguf_path = write_gguf(src, tmp_path / "tiny.gguf", dtype="f32", context_length=256)
+    png = tmp_path / "kl.png"
+    assert main(["eval", "--ref", str(gguf_path), "--tokens", "48", "--against-llama-cpp", "Q8_0,Q4_0",
+                 "--llama-cpp-dir", str(tmp_path / "lc"), "--plot", str(png), "--json"]) == 0
+    rows = {r["model"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert set(rows) == {"llama.cpp source", "llama.cpp Q8_0", "llama.cpp Q4_0"}
+    assert rows["llama.cpp source"]["kl"] < 1e-3 and rows["llama.cpp source"]["top1"] > 0.95
+    assert rows["llama.cpp Q8_0"]["kl"] < rows["llama.cpp Q4_0"]["kl"]
+    assert rows["llama.cpp Q4_0"]["bytes"] < rows["llama.cpp Q8_0"]["bytes"] < rows["llama.cpp source"]["bytes"]
+    assert png.stat().st_size > 1000

@@ -42,7 +42,9 @@ def test_repetition_penalty_demotes_seen_tokens():
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_k=-1), dict(top_p=1.5), dict(max_new_tokens=-2),
-                                dict(repetition_penalty=0)])
+                                dict(repetition_penalty=0), dict(seed=-1), dict(seed=1.5), dict(max_new_tokens="5"),
+                                dict(temperature="0.7"), dict(top_p=float("nan")), dict(top_k=2.0), dict(stop=123),
+                                dict(stop=["a", 1])])
 def test_bad_settings(kw):
     with pytest.raises(ValueError):
         GenerationConfig(**kw).validate()
@@ -123,3 +125,23 @@ def test_sampled_tokens_of_a_real_model_lie_in_the_transformers_nucleus(smollm2_
         # a token at the very edge of the 0.9 nucleus; a token from outside it altogether still fails
         p = _hf_probabilities(logits[step].astype(np.float64), history, 0.7, 0, 0.92, 1.1)
         assert p[tok] > 0, f"step {step}: token {tok} is outside the nucleus"
+
+
+def test_choose_draws_what_rng_choice_over_probabilities_draws():
+    """choose() samples among the tokens top-k/top-p left only; from the same seed it must pick the
+    token numpy's choice over the full distribution picks (ties and constraints included)."""
+    from edgeact.generation import GenerationConfig, choose, probabilities
+
+    gen = np.random.default_rng(5)
+    for _ in range(120):
+        x = (gen.standard_normal(3000) * gen.uniform(0.5, 4)).astype(np.float32)
+        x[gen.integers(0, 3000, 5)] = x.max()            # ties at the top
+        x[gen.integers(0, 3000, 50)] = -np.inf           # tokens a constraint forbids
+        cfg = GenerationConfig(temperature=float(gen.uniform(0.3, 1.5)), top_k=int(gen.choice([0, 5, 40])),
+                               top_p=float(gen.choice([1.0, 0.9, 0.5])), repetition_penalty=1.1)
+        hist = list(gen.integers(0, 3000, 30))
+        seed = int(gen.integers(1 << 30))
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        for _ in range(4):
+            p = probabilities(x, cfg, hist)
+            assert choose(x, cfg, a, hist) == int(b.choice(p.size, p=p))

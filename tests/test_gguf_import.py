@@ -212,3 +212,59 @@ def helper_attr(attr):
     from onnx import helper
 
     return helper.get_attribute_value(attr)
+
+
+@pytest.mark.parametrize("isa", ["scalar", None])
+def test_native_float_zero_points(tmp_path, monkeypatch, isa):
+    """The native runtime runs float zero points: the integer kernels take the codes with zero
+    point 0 (their bit-exact tests cover it) and the op adds each block's minimum times the
+    block's input sum in one C loop, the same on every ISA. Against onnxruntime (float
+    activations for float zero points, where native rounds them to int8 per block) the KL
+    stays small on the scalar reference and the best ISA; a folder whose minimums are
+    dropped is ~1000x further off."""
+    import edgeact
+    from edgeact.converters.convert import convert
+    from edgeact.converters.random_model import random_source
+    from edgeact.evaluate import compare_logits
+
+    pytest.importorskip("edgeact.runtime")
+    types = {"q_proj": "Q4_1", "k_proj": "Q4_1", "v_proj": "Q4_0", "o_proj": "Q4_1", "gate_proj": "Q4_1",
+             "up_proj": "Q8_0", "down_proj": "Q4_1"}
+    base = random_source("tiny", seed=5, hidden_size=96, intermediate_size=160, num_heads=3, num_kv_heads=1,
+                         head_dim=32, tie_word_embeddings=True)
+    _write_quantized_gguf(tmp_path / "m.gguf", base, types)
+    out = convert(tmp_path / "m.gguf", tmp_path / "out", quant="source", progress=False)
+    ids = [1, 7, 42, 5, 99, 3, 250, 17, 8, 64, 2, 11]
+    for k in ("EDGEACT_ISA", "EDGEACT_NO_AVX512", "EDGEACT_NO_VNNI"):
+        monkeypatch.delenv(k, raising=False)
+    if isa:
+        monkeypatch.setenv("EDGEACT_ISA", isa)
+    got = edgeact.load(out, engine="native").forward(ids)
+    ort_logits = edgeact.load(out, engine="ort").forward(ids)
+    q = compare_logits(got, ort_logits, ids)
+    assert q.kl < 0.005 and q.top1 >= 0.9, q
+    # one token alone (decode) gives the prefill's first row
+    np.testing.assert_allclose(edgeact.load(out, engine="native").forward(ids[:1])[0], got[0], rtol=0, atol=1e-5)
+
+
+def test_gemma3_tensors_import(gemma3_gguf):
+    """The real Gemma 3 270M Q4_K_M file: every Q4_K, Q5_0 and Q8_0 tensor bit for bit as gguf
+    dequantizes it; Q6_K within half an 8-bit step of each 32-block's range, with a note."""
+    N_CHECK = {"Q4_K": 3, "Q5_0": 3, "Q8_0": 2, "Q6_K": 2}
+    reader = gguf.GGUFReader(str(gemma3_gguf))
+    for t in reader.tensors:
+        name = t.tensor_type.name
+        if len(t.shape) != 2 or not N_CHECK.get(name) or t.name.startswith("token_embd"):
+            continue
+        N_CHECK[name] -= 1
+        N, K = (int(d) for d in reversed(t.shape))
+        im = import_weight(t.data, t.tensor_type, (N, K))
+        ref = gguf_dequantize(t.data, t.tensor_type).reshape(N, K)
+        got = dequantize(im.qw)
+        if name == "Q6_K":
+            assert not im.exact and "re-rounded" in im.note
+            step = np.abs(ref).reshape(N, -1, 32).max(-1, keepdims=True) / 127
+            assert np.all(np.abs(got - ref).reshape(N, -1, 32) <= step * 0.5 * (1 + 1e-5) + 1e-12)
+        else:
+            assert im.exact and np.array_equal(got, ref), (t.name, im.note)
+    assert not any(N_CHECK.values()), N_CHECK

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 NATIVE = Path(__file__).resolve().parents[1] / "native"
-SOURCES = [NATIVE / "src" / "threadpool.c", *sorted((NATIVE / "src" / "kernels").glob("*.c")),
+SOURCES = [NATIVE / "src" / "threadpool.c", NATIVE / "src" / "platform.c",   # the kernels of native/sources.txt
+           *[NATIVE / ln for ln in (NATIVE / "sources.txt").read_text().split() if ln.startswith("src/kernels/")],
            NATIVE / "tests" / "test_kernels.c"]
 CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread"]
 
@@ -299,13 +300,15 @@ def _run_sparse(cmd, tmp_path, x, K, N, bs, packed, scales, zp_file, active, thr
     (257, 33, 32, False, 0.9, 2),
 ])
 @pytest.mark.parametrize("isa", [None, "scalar"])
-def test_sparse_gemv_file_mode_vs_numpy(native_bin, tmp_path, K, N, bs, has_zp, active_frac, threads, isa):
+@pytest.mark.parametrize("rows", ["gaussian", "ties"])
+def test_sparse_gemv_file_mode_vs_numpy(native_bin, tmp_path, K, N, bs, has_zp, active_frac, threads, isa, rows):
     """y = MatMulNBits(x with inactive channels zeroed): the numpy reference
-    quantizes the masked x, exactly what the dense kernel would see."""
+    quantizes the masked x, exactly what the dense kernel would see. Tie rows pin the
+    sparse quantizer's own rounding (ties to even, as numpy's rint and onnxruntime)."""
     rng = np.random.default_rng(K + N + bs)
     q, packed, scales, zp, zp_file = _random_weight(rng, K, N, 4, bs, has_zp)
-    x = rng.standard_normal((1, K)).astype(np.float32)
-    active = np.flatnonzero(rng.random(K) < active_frac)
+    x = rng.standard_normal((1, K)).astype(np.float32) if rows == "gaussian" else _tie_heavy_rows(rng, 1, K, bs)
+    active = np.flatnonzero((rng.random(K) < active_frac) | (rows == "ties") & (np.arange(K) % bs == 0))
     y = _run_sparse(native_bin, tmp_path, x, K, N, bs, packed, scales, zp_file, active, threads, isa)
     x_masked = np.zeros_like(x)
     x_masked[:, active] = x[:, active]
@@ -326,4 +329,12 @@ def test_sparse_gemv_file_mode_aarch64(arm_bin, tmp_path, cpu):
                     active, 2)
     x_masked = np.zeros_like(x)
     x_masked[:, active] = x[:, active]
+    _check_against_numpy(y, x_masked, q, scales, zp, K, bs)
+    # tie rows (each block's amax channel kept active): the NEON build's sparse quantizer rounds ties to even
+    xt = _tie_heavy_rows(rng, 1, K, bs)
+    active = np.flatnonzero((rng.random(K) < 0.6) | (np.arange(K) % bs == 0))
+    y = _run_sparse(["qemu-aarch64", "-cpu", cpu, arm_bin], tmp_path, xt, K, N, bs, packed, scales, zp_file,
+                    active, 2)
+    x_masked = np.zeros_like(xt)
+    x_masked[:, active] = xt[:, active]
     _check_against_numpy(y, x_masked, q, scales, zp, K, bs)

@@ -270,8 +270,8 @@ def test_synthetic_gguf_undoes_llamacpp_permutation(tmp_path):
 
 
 def test_gguf_other_architecture_rejected(tmp_path):
-    _write_gguf(tmp_path / "m.gguf", _tiny_llama(), arch="phi3")
-    with pytest.raises(ConversionError, match="'phi3' is not supported; supported: llama via GGUF"):
+    _write_gguf(tmp_path / "m.gguf", _tiny_llama(), arch="gpt2")
+    with pytest.raises(ConversionError, match="'gpt2' is not supported; supported via GGUF: llama, qwen2, qwen3"):
         read_source(tmp_path / "m.gguf")
 
 

@@ -294,7 +294,14 @@ def test_session_pool_queue_is_bounded_and_fair():
             await pool.acquire([1])
         assert e.value.status == 503
         pool.release(b)
+        assert pool.idle == []  # handed to the waiter at once: a newcomer cannot take it first
+        gone = asyncio.ensure_future(pool.acquire([1]))  # ... it queues instead
+        await asyncio.sleep(0)
         assert (await waiter) is b
+        assert len(pool.waiters) == 1
+        gone.cancel()  # a request that leaves the queue leaves no trace in it
+        await asyncio.gather(gone, return_exceptions=True)
+        assert not pool.waiters
         pool.release(a)
         pool.release(b)
         assert pool.busy == 0

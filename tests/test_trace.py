@@ -78,3 +78,13 @@ def test_cli_trace_and_profile(stories_fp32_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "MatMul" in text and "roofline" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_trace(stories_fp32_dir, tmp_path):
+    from edgeact.trace import trace_pp_tg
+
+    tracer = trace_pp_tg(stories_fp32_dir, pp=8, tg=3, threads=1, path=tmp_path / "b.json")
+    events = _check_chrome_trace(json.loads((tmp_path / "b.json").read_text()))
+    calls = [e for e in events if e["tid"] == 1]
+    assert [c["cat"] for c in calls] == ["prefill", "decode", "decode"]
+    assert calls[0]["args"]["tokens"] == 8 and len(tracer.steps) == 3

@@ -40,3 +40,11 @@ def read_source(path: str | Path, tokenizer: str | Path | None = None) -> Source
 
 __all__ = ["read_source", "SUPPORTED_SOURCES", "ConversionError"]
 
+
+def ensure_source(source, kw: dict):
+    """A SourceModel for `source` (a path or an already-read model); consumes kw['tokenizer'],
+    which only applies to reading a path. Used by converter extensions (mixed bits)."""
+    tokenizer = kw.pop("tokenizer", None)
+    if isinstance(source, SourceModel):
+        return source
+    return read_source(source, tokenizer=tokenizer)

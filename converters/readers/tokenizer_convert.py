@@ -12,14 +12,20 @@ import struct
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from ..model import ConversionError
 
 BOS_PIECE, EOS_PIECE, UNK_PIECE = "<s>", "</s>", "<unk>"
 
 
+_FAST_CLASSES = {"gemma2": "GemmaTokenizerFast", "gemma3_text": "GemmaTokenizerFast", "gemma3": "GemmaTokenizerFast",
+                 "qwen2": "Qwen2TokenizerFast", "qwen3": "Qwen2TokenizerFast"}
+
+
 def gguf_tokenizer_json(path: str | Path, add_bos_token: bool) -> str:
     """The tokenizer embedded in a GGUF file, converted as `AutoTokenizer(gguf_file=...)` does."""
-    from transformers import LlamaTokenizerFast
+    import transformers
     from transformers.integrations.ggml import GGUF_TO_FAST_CONVERTERS, convert_gguf_tokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -29,9 +35,10 @@ def gguf_tokenizer_json(path: str | Path, add_bos_token: bool) -> str:
         raise ConversionError(f"{path}: no tokenizer converter for GGUF architecture {arch!r}")
     fast, extra = convert_gguf_tokenizer(arch, parsed["tokenizer"])
     kwargs = {**parsed["tokenizer_config"], **extra, "add_bos_token": add_bos_token, "add_eos_token": False}
-    # LlamaTokenizerFast is the class AutoTokenizer picks for llama GGUFs; it also
-    # registers the special tokens as added tokens and builds the BOS post-processor.
-    return LlamaTokenizerFast(tokenizer_object=fast, **kwargs).backend_tokenizer.to_str()
+    # the class AutoTokenizer picks for the architecture; it also registers the special
+    # tokens as added tokens and builds the BOS post-processor.
+    cls = getattr(transformers, _FAST_CLASSES.get(arch, "LlamaTokenizerFast"))
+    return cls(tokenizer_object=fast, **kwargs).backend_tokenizer.to_str()
 
 
 def read_llama2c_vocab(path: str | Path) -> list[tuple[bytes, float]]:
@@ -103,4 +110,65 @@ def llama2c_tokenizer_json(path: str | Path, add_bos_token: bool = True) -> str:
         # legacy=True keeps sentencepiece's exact handling of spaces (prepend + replace).
         tok = LlamaTokenizerFast(vocab_file=str(model_file), from_slow=True, legacy=True, add_prefix_space=True,
                                  add_bos_token=add_bos_token, add_eos_token=False)
+        return tok.backend_tokenizer.to_str()
+
+
+def gguf_sentencepiece_proto(path: str | Path, escape_space_pieces: bool = False) -> bytes:
+    """The SentencePiece BPE ModelProto a Gemma GGUF's vocabulary came from (pieces, scores, types as stored).
+
+    transformers' GGUF route builds a Unigram model over these scores, which splits words
+    into pieces SentencePiece's BPE never produces ("▁world" as "▁w" "or" "ld"); the proto lets
+    sentencepiece itself and transformers' GemmaConverter (BPE merges ordered by score) run as
+    on the original tokenizer.model.
+
+    Gemma's whitespace runs are user-defined pieces stored with spaces: transformers' converter
+    makes them added tokens matched in the raw text, which is sentencepiece's behaviour for the
+    same pieces written with '▁' (escape_space_pieces=True, for sentencepiece itself).
+    """
+    import gguf
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    pb = import_protobuf()
+    reader = gguf.GGUFReader(str(path))
+    f = {k: reader.fields.get(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type")}
+    if any(v is None for v in f.values()):
+        raise ConversionError(f"{path}: GGUF vocabulary lacks tokens, scores or token types")
+    m = pb.ModelProto()
+    tok, parts = f["tokens"].data, f["tokens"].parts
+    scores = np.asarray(f["scores"].contents(), np.float32)
+    types = np.asarray(f["token_type"].contents(), np.int32)
+    for i in range(len(tok)):
+        piece = bytes(parts[tok[i]]).decode("utf-8")
+        if escape_space_pieces and piece and piece.strip(" ") == "":
+            piece = "▁" * len(piece)
+        m.pieces.add(piece=piece, score=float(scores[i]), type=int(types[i]))
+    ids = {k: reader.fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("unknown", "bos", "eos", "padding")}
+    ids = {k: -1 if v is None else int(v.contents()) for k, v in ids.items()}
+    ts = m.trainer_spec
+    ts.model_type = pb.TrainerSpec.BPE
+    ts.vocab_size = len(m.pieces)
+    ts.byte_fallback = True
+    ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = ids["unknown"], ids["bos"], ids["eos"], ids["padding"]
+    for key, i in (("unk_piece", ids["unknown"]), ("bos_piece", ids["bos"]), ("eos_piece", ids["eos"]),
+                   ("pad_piece", ids["padding"])):
+        if i >= 0:
+            setattr(ts, key, m.pieces[i].piece)
+    add_prefix = reader.fields.get("tokenizer.ggml.add_space_prefix")
+    ns = m.normalizer_spec
+    ns.name = "identity"
+    ns.add_dummy_prefix = bool(add_prefix.contents()) if add_prefix is not None else False
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+    return m.SerializeToString()
+
+
+def gguf_gemma_tokenizer_json(path: str | Path, add_bos_token: bool) -> str:
+    """A Gemma GGUF's vocabulary as the tokenizer.json transformers makes from Gemma's tokenizer.model."""
+    from transformers import GemmaTokenizerFast
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_file = Path(tmp) / "tokenizer.model"
+        model_file.write_bytes(gguf_sentencepiece_proto(path))
+        tok = GemmaTokenizerFast(vocab_file=str(model_file), from_slow=True, add_bos_token=add_bos_token,
+                                 add_eos_token=False)
         return tok.backend_tokenizer.to_str()

@@ -44,7 +44,8 @@ typedef struct ea_model_info {
     int n_steer_layers;  /* Steer nodes (0 when the folder was written without steering) */
     int n_mask_layers;   /* NeuronMask nodes (CoreInfer; 0 otherwise) */
     int mask_width;      /* their width (the FFN intermediate size) */
-    const char *isa;     /* kernels in use: "scalar", "avx2", "neon", "neon-dotprod" */
+    const char *isa;     /* kernel variant in use: "scalar", "avx2", "avx2-vnni", "avx512-vnni", "neon",
+                          * "neon-dotprod" (docs/runtime.md) */
     uint64_t weight_bytes_mapped;   /* initializer bytes used in place from the file maps */
     uint64_t weight_bytes_copied;   /* copied: misaligned tensors and vectors (norms, biases) */
     uint64_t weight_bytes_repacked; /* owned SIMD repacks of quantized weights */
@@ -131,22 +132,11 @@ int ea_session_profile_reset(ea_session *session);
 int ea_session_profile_count(const ea_session *session);
 int ea_session_profile_get(const ea_session *session, int index, ea_profile_record *out);
 
-/* Kernel-level entry for benchmarks: a MatMulNBits weight (arrays as in
- * docs/model-folder.md, copied) run as y[M, N] = x[M, K] W^T with the
- * model-load ISA and n_threads (<= 0: physical cores). */
-typedef struct ea_bench_qmatmul ea_bench_qmatmul;
-int ea_bench_qmatmul_create(int K, int N, int bits, int block_size, const uint8_t *B, const float *scales,
-                            const uint8_t *zero_points, int n_threads, ea_bench_qmatmul **out);
-int ea_bench_qmatmul_run(ea_bench_qmatmul *bench, const float *x, int M, float *y);
-/* Weight bytes one call reads (the SIMD repack, or the file layout on the scalar path). */
-size_t ea_bench_qmatmul_bytes(const ea_bench_qmatmul *bench);
-void ea_bench_qmatmul_free(ea_bench_qmatmul *bench);
-/* Memory read bandwidth in GB/s over a buffer of `bytes` (best of reps), the yardstick for decode speed;
- * threads 0: one per physical core. Negative on bad arguments (-1) or no memory (-2). */
-double ea_measure_read_bandwidth(int threads, size_t bytes, int reps);
-/* The same over a random `active` share of `row_bytes`-byte rows (a multiple of 64), read whole
- * in ascending order: the input-sparse GEMV's reads, and the bound on what it saves. */
-double ea_measure_rows_read_bandwidth(int threads, size_t bytes, size_t row_bytes, double active, int reps);
+/* Physical cores (distinct package/core pairs): the default thread count. */
+int ea_physical_cores(void);
+/* The kernel variant a model loaded now would run ("avx512-vnni", "avx2", "neon-dotprod", ...:
+ * EDGEACT_ISA's, or the best this CPU has), NULL when EDGEACT_ISA names one it lacks. */
+const char *ea_default_isa(void);
 /* cdef-end */
 
 #ifdef __cplusplus

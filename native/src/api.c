@@ -10,7 +10,9 @@
 #include <sys/mman.h>
 
 #include "../include/edgeact.h"
+#include "../include/edgeact_tools.h"
 #include "model.h"
+#include "platform.h"
 #include "session.h"
 #include "weights.h"
 
@@ -21,6 +23,13 @@ void ea_session_destroy(ea_session *ss);
 static _Thread_local ea_err last_err;
 
 const char *ea_last_error(void) { return last_err.msg; }
+const char *ea_default_isa(void) {
+    ea_settings set;
+    ea_settings_read(&set);
+    ea_isa isa;
+    return ea_isa_choose(set.isa, set.no_avx512, set.no_vnni, &isa) ? NULL : ea_isa_name(isa);
+}
+
 const char *ea_version(void) { return "0.2.0"; } /* 0.2: ea_profile_record gained sparse_calls, sparse_eligible */
 
 static int fail(int code, const char *fmt, const char *arg) {
@@ -32,7 +41,12 @@ static int fail(int code, const char *fmt, const char *arg) {
 
 static int load_common(ea_model *m, const char *dir, ea_model **out) {
     ea_err err = {{0}};
-    int rc = ea_isa_select(&m->isa);
+    ea_settings set;
+    ea_settings_read(&set);
+    m->sparse_always = set.sparse_always;
+    m->sparse_static = set.sparse_static;
+    m->sparse_lowmem = m->sparse_lowmem || set.sparse_lowmem;
+    int rc = ea_isa_choose(set.isa, set.no_avx512, set.no_vnni, &m->isa);
     if (rc) {
         snprintf(last_err.msg, sizeof last_err.msg, "EDGEACT_ISA: %s", ea_kernels_strerror(rc));
         rc = EA_ERR_KERNEL;
@@ -168,6 +182,18 @@ int ea_session_truncate(ea_session *ss, int n_past) {
         snprintf(last_err.msg, sizeof last_err.msg, "truncate to %d: the cache holds %d tokens", n_past, ss->n_past);
         return EA_ERR_ARG;
     }
+    /* a sliding layer's cache holds positions kv_base.. only: the next query needs its window */
+    for (int s = 0; s < ss->m->n_steps; s++) {
+        const step *st = &ss->m->steps[s];
+        if (st->op != OP_GQA || !st->window || n_past == 0) continue;
+        const int need = n_past - st->window + 1 > 0 ? n_past - st->window + 1 : 0;
+        if (ss->kv_base[st->layer] > need) {
+            snprintf(last_err.msg, sizeof last_err.msg,
+                     "truncate to %d: a sliding-window layer keeps only positions %d.. of its %d-token window "
+                     "(reset instead)", n_past, ss->kv_base[st->layer], st->window);
+            return EA_ERR_ARG;
+        }
+    }
     ss->n_past = n_past; /* rows at and past n_past are overwritten by the next forward */
     return EA_OK;
 }
@@ -177,7 +203,8 @@ uint64_t ea_session_memory_bytes(const ea_session *ss) {
     const ea_model *m = ss->m;
     uint64_t b = 0, C = (uint64_t)ss->max_chunk;
     for (int s = 0; s < m->n_steps; s++)
-        if (m->steps[s].op == OP_GQA) b += 2 * sizeof(float) * (uint64_t)m->steps[s].KVH * ss->n_ctx * m->steps[s].D;
+        if (m->steps[s].op == OP_GQA)
+            b += 2 * sizeof(float) * (uint64_t)m->steps[s].KVH * ea_gqa_capacity(&m->steps[s], ss->n_ctx) * m->steps[s].D;
     for (int i = 0; i < m->n_slots; i++) b += sizeof(float) * C * (uint64_t)m->slot_width[i];
     b += sizeof(float) * C * ((uint64_t)m->max_q_width + m->max_kv_width);
     return b;
@@ -433,7 +460,7 @@ int ea_bench_qmatmul_create(int K, int N, int bits, int block_size, const uint8_
     memcpy(b->B, B, nB);
     memcpy(b->scales, scales, fb.scales);
     if (b->zp) memcpy(b->zp, zero_points, nz);
-    int threads = n_threads > 0 ? n_threads : ea_physical_cores();
+    int threads = n_threads > 0 ? n_threads : ea_platform()->physical_cores;
     if (threads > 1 && !(b->pool = shared_pool_get(threads))) {
         ea_bench_qmatmul_free(b);
         return fail(EA_ERR_NOMEM, "%s", "cannot start threads");

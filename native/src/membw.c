@@ -8,7 +8,8 @@
 #include <time.h>
 
 #include "kernels/internal.h" /* EA_QPREFETCH: the probe streams like the kernels */
-#include "session.h" /* ea_physical_cores: threads 0 means one per core, as for sessions */
+#include "../include/edgeact_tools.h"
+#include "platform.h" /* threads 0 means one per physical core, as for sessions */
 #include "threadpool.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -90,7 +91,7 @@ static double best_gbs(void (*task)(void *, int, int), void *job, int tasks, dou
 /* GB/s read with `threads` threads (0: one per core) over `bytes` bytes; < 0 on bad arguments
  * or no memory. */
 double ea_measure_read_bandwidth(int threads, size_t bytes, int reps) {
-    if (threads == 0) threads = ea_physical_cores();
+    if (threads == 0) threads = ea_platform()->physical_cores;
     if (threads < 1 || threads > 256 || bytes < (1u << 20) || reps < 1) return -1.0;
     size_t n = bytes / 8;
     uint64_t *buf = malloc(n * 8);
@@ -109,10 +110,8 @@ double ea_measure_read_bandwidth(int threads, size_t bytes, int reps) {
  * its share of the list, the rows prefetched ~4 KB of reads ahead (the best of
  * the patterns tried for this: the kernel's own interleaved tile order and
  * deeper prefetch were no faster). A run of 1 KB is over before the hardware
- * prefetchers pick it up, so this is the core's own misses in flight: on an
- * AMD EPYC VM a random half of 1 KB rows read at 43-55% of the sequential
- * rate, so input sparsity at 50% saves next to nothing on matrices with 2048
- * int4 outputs there. */
+ * prefetchers pick it up, so this is the core's own misses in flight: the bound
+ * on what input sparsity can save (docs/performance.md, "random rows"). */
 typedef struct {
     const uint8_t *buf;
     const uint32_t *rows;
@@ -143,7 +142,7 @@ static void rows_task(void *arg, int t, int thread) {
 
 /* GB/s of the active rows' bytes; < 0 on bad arguments or no memory. */
 double ea_measure_rows_read_bandwidth(int threads, size_t bytes, size_t row_bytes, double active, int reps) {
-    if (threads == 0) threads = ea_physical_cores();
+    if (threads == 0) threads = ea_platform()->physical_cores;
     if (threads < 1 || threads > 256 || bytes < (1u << 20) || reps < 1 || row_bytes < 64 || row_bytes % 64 ||
         row_bytes > bytes / 16 || !(active > 0.0 && active <= 1.0) || bytes / row_bytes > UINT32_MAX)
         return -1.0;

@@ -59,6 +59,10 @@ typedef struct fused_gemv {
 /* One executed node. The first block is common; each op's plan (ops/) fills its own block,
  * and the passes (passes.c) the links between steps. Links to another step or group are
  * stored as 1 + its index, so that 0 (calloc) means none. */
+/* Rows a sliding layer's cache keeps beyond its window (ops/gqa.c): ea_session_truncate may
+ * go back this far, and a full cache moves its rows to the front once per this many tokens. */
+#define EA_WINDOW_SLACK 32
+
 typedef struct step {
     op_kind op;
     int node;             /* index into onnx nodes (the last one for fused steps) */
@@ -80,11 +84,16 @@ typedef struct step {
     ea_qweight qw;
     int qw_ready;
     int f32act;           /* accuracy_level 0..3: float activations, file layout (no repack) */
-    /* ops/gqa.c */
+    /* float zero points (4-bit): the kernels run the codes with zero point 0 and run() adds
+     * each block's minimum times the block's input sum; qmin is [n_blocks][N] (block-major,
+     * so the add runs along N), qzero the zero-filled integer zero points */
+    float *qmin;
+    uint8_t *qzero;
+    /* ops/gqa.c; window > 0: a sliding layer, whose cache is a ring of min(window, n_ctx) rows */
     int H, KVH, D, rotary;
-    float scale;
+    float scale, softcap;
     const float *cos, *sin;
-    int max_pos;
+    int max_pos, window;
     /* ops/steer.c: defaults (initializers), used when the session sets nothing */
     const float *def_add, *def_ablate;
     int def_R, def_add_zero, def_ablate_zero;

@@ -26,8 +26,7 @@ static void count_uses(ea_model *m, int *uses) {
 
 /* Sigmoid(g) → Mul(g, sig) → Mul(·, u) becomes one SiluMul(g, u) when the intermediates have
  * no other use; a Sigmoid(g) → Mul(g, sig) that does not feed one becomes SiLU alone (CATS
- * sparsifies it before the gate·up Mul; as a scalar expf loop it was 2% of a TinyLlama-shape
- * token). */
+ * sparsifies it before the gate·up Mul; docs/performance.md, "SiLU"). */
 static void fuse_silu(ea_model *m, int *uses) {
     for (int s = 0; s < m->n_steps; s++) {
         step *sg = &m->steps[s];
@@ -86,7 +85,7 @@ static void mark_direct_fused(ea_model *m) {
 /* The file layout of st's weight (rows contiguous) in one allocation of its own, for the
  * output-row kernel: the file's pages were released after the repack, and read back at
  * random through 4 KB pages of the mapping the rows kernel ran at half the dense GEMV's
- * speed (TLB misses, page faults) where the copy runs 1.4x faster at half the rows. */
+ * speed (TLB misses, page faults); docs/performance.md, "CATS row copy". */
 static int rows_copy(ea_model *m, step *st) {
     const ea_qweight *w = &st->qw;
     if (!w->packed) return 0; /* no repack (scalar isa): the kernels read the file layout anyway */
@@ -178,7 +177,7 @@ static void link_sparse_sources(ea_model *m) {
      * siblings reading the same input share one, stacked along N */
     for (int s = 0; s < m->n_steps; s++) {
         step *st = &m->steps[s];
-        if (st->op != OP_QMATMUL || st->qw.bits != 4 || st->f32act || st->in[0] < 0) continue;
+        if (st->op != OP_QMATMUL || st->qw.bits != 4 || st->f32act || st->qmin || st->in[0] < 0) continue;
         int p = m->values[st->in[0]].producer;
         /* CATS: down reads SiLU(gate), sparsified, times up; its zeros are the Sparsify's */
         if (p >= 0 && p < m->n_steps && m->steps[p].op == OP_MUL)
@@ -252,7 +251,7 @@ static void link_coreinfer(ea_model *m, const int *uses) {
         if (p < 0 || m->steps[p].op != OP_SILU_MUL || uses[m->steps[s].in[0]] != 1) continue;
         for (int k = 0; k < 2; k++) {
             const int v = m->steps[p].in[k], q = v >= 0 ? m->values[v].producer : -1;
-            if (q >= 0 && m->steps[q].op == OP_QMATMUL && !m->steps[q].f32act && uses[v] == 1)
+            if (q >= 0 && m->steps[q].op == OP_QMATMUL && !m->steps[q].f32act && !m->steps[q].qmin && uses[v] == 1)
                 m->steps[q].row_src = s + 1;
         }
     }
@@ -261,7 +260,7 @@ static void link_coreinfer(ea_model *m, const int *uses) {
 static void link_cats(ea_model *m, const int *uses) {
     for (int s = 0; s < m->n_steps; s++) {
         step *st = &m->steps[s];
-        if (st->op != OP_QMATMUL || st->f32act || st->sparse_src || st->row_src || st->fuse || st->out < 0 ||
+        if (st->op != OP_QMATMUL || st->f32act || st->qmin || st->sparse_src || st->row_src || st->fuse || st->out < 0 ||
             uses[st->out] != 1 || !st->qw.data)
             continue;
         for (int t = s + 1; t < m->n_steps; t++) {

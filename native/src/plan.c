@@ -33,7 +33,6 @@ static void map_put(ea_planner *b, const char *name, int index) {
     b->nm.idx[h] = index;
 }
 
-
 static int new_value(ea_planner *b, const char *name, value_kind kind, int dtype, int width) {
     ea_model *m = b->m;
     value *v = ea_push((void **)&m->values, &m->n_values, &b->cap_values, sizeof(value));
@@ -245,12 +244,6 @@ static int add_graph_inputs(ea_planner *b) {
     return 0;
 }
 
-/* A switch in the environment: set, non-empty and not "0". */
-static int env_flag(const char *name) {
-    const char *v = getenv(name);
-    return v && *v && strcmp(v, "0") != 0;
-}
-
 int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
     onnx_model *om = &m->onnx;
     if (ea_resolve_tensors(m, dir, err)) return EA_ERR_FORMAT;
@@ -339,6 +332,9 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
     }
     for (int s = 0; s < m->n_steps; s++)
         if (m->steps[s].op == OP_GATHER && !m->hidden) m->hidden = m->steps[s].N;
+    /* a lookup in a block-quantized table gives rows padded to whole blocks: the first norm reads the hidden state */
+    for (int s = 0; s < m->n_steps && !m->hidden; s++)
+        if (m->steps[s].op == OP_RMSNORM) m->hidden = m->values[m->steps[s].in[0]].width;
     if (m->n_steer && m->n_hidden == 0) {
         ea_fail(err, "Steer nodes present but no hidden.{i} outputs");
         goto done;
@@ -355,9 +351,6 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
                     m->steps[s].layer, m->n_nmask);
             goto done;
         }
-    m->sparse_always = env_flag("EDGEACT_SPARSE_ALWAYS");
-    m->sparse_static = env_flag("EDGEACT_SPARSE_STATIC");
-    m->sparse_lowmem = m->sparse_lowmem || env_flag("EDGEACT_SPARSE_LOWMEM");
     rc = ea_plan_passes(m, err);
 done:
     free(b.nm.idx);
@@ -367,6 +360,8 @@ done:
 void ea_model_destroy(ea_model *m) {
     for (int s = 0; s < m->n_steps; s++) {
         if (m->steps[s].qw_ready) ea_qweight_release(&m->steps[s].qw);
+        free(m->steps[s].qmin);
+        free(m->steps[s].qzero);
         if (m->steps[s].cm_ready) ea_qweight_cm_release(&m->steps[s].cm);
         if (m->steps[s].rows_buf) {
             ea_qweight_release(&m->steps[s].rows_qw);

@@ -3,6 +3,7 @@
  * All buffers are sized at session creation, so decoding does not allocate. */
 #define _GNU_SOURCE
 #include "ops/ops.h"
+#include "platform.h"
 #include "session.h"
 #include "sparse/sparse.h"
 #include "weights.h"
@@ -14,48 +15,10 @@
 #include <time.h>
 #include <unistd.h>
 
-int ea_physical_cores(void) {
-    /* distinct (package, core) pairs; SMT siblings share a core and its SIMD units */
-    long online = sysconf(_SC_NPROCESSORS_ONLN);
-    if (online < 1) online = 1;
-    int seen[1024][2], n = 0;
-    for (long c = 0; c < online && c < 1024; c++) {
-        char path[128];
-        int ids[2] = {-1, -1};
-        const char *names[2] = {"physical_package_id", "core_id"};
-        for (int k = 0; k < 2; k++) {
-            snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%ld/topology/%s", c, names[k]);
-            FILE *f = fopen(path, "r");
-            if (!f) return (int)online;
-            if (fscanf(f, "%d", &ids[k]) != 1) ids[k] = -1;
-            fclose(f);
-        }
-        int dup = 0;
-        for (int i = 0; i < n && !dup; i++) dup = seen[i][0] == ids[0] && seen[i][1] == ids[1];
-        if (!dup) {
-            seen[n][0] = ids[0];
-            seen[n][1] = ids[1];
-            n++;
-        }
-    }
-    return n > 0 ? n : (int)online;
-}
-
 uint64_t ea_now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-/* The last-level cache's size as the C library reports it (glibc: sysconf), else 1 MiB: an
- * unknown cache keeps the rows path to small matmuls. */
-static size_t llc_bytes(void) {
-    long b = -1;
-#ifdef _SC_LEVEL3_CACHE_SIZE
-    b = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (b <= 0) b = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#endif
-    return b > 0 ? (size_t)b : (size_t)1 << 20;
 }
 
 /* Value v's rows when it is an activation, else NULL. */
@@ -144,6 +107,7 @@ void ea_session_destroy(ea_session *ss) {
     free(ss->slots);
     free(ss->k_cache);
     free(ss->v_cache);
+    free(ss->kv_base);
     free(ss->steer_add);
     free(ss->steer_ablate);
     free(ss->steer_R);
@@ -195,7 +159,7 @@ void ea_session_destroy(ea_session *ss) {
 
 int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int max_chunk, ea_err *err) {
     ss->m = m;
-    ss->n_threads = n_threads > 0 ? n_threads : ea_physical_cores();
+    ss->n_threads = n_threads > 0 ? n_threads : ea_platform()->physical_cores;
     ss->n_ctx = n_ctx > 0 ? n_ctx : (m->max_context < 4096 ? m->max_context : 4096);
     ss->max_chunk = max_chunk > 0 ? max_chunk : 64;
     if (ss->n_threads > EA_ROW_THREADS_MAX) return ea_fail(err, "n_threads %d is too large", n_threads), EA_ERR_ARG;
@@ -209,7 +173,7 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     }
     int rc = ea_kctx_init(&ss->kctx, m->isa, ss->pool);
     if (rc) return ea_fail(err, "kernel context: %s", ea_kernels_strerror(rc)), EA_ERR_KERNEL;
-    ss->llc_bytes = llc_bytes();
+    ss->llc_bytes = ea_platform()->llc_bytes;
     int has_cm = m->n_fused > 0;
     for (int s = 0; s < m->n_steps && !has_cm; s++) has_cm = m->steps[s].cm_ready;
     if (has_cm && ss->pool) {
@@ -222,6 +186,7 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     const size_t C = (size_t)ss->max_chunk;
     ss->slots = calloc((size_t)m->n_slots + 1, sizeof(float *));
     ss->k_cache = calloc((size_t)m->n_gqa, sizeof(float *));
+    ss->kv_base = calloc((size_t)m->n_gqa + 1, sizeof(int));
     ss->v_cache = calloc((size_t)m->n_gqa, sizeof(float *));
     ss->steer_add = calloc((size_t)m->n_steer + 1, sizeof(float *));
     ss->steer_ablate = calloc((size_t)m->n_steer + 1, sizeof(float *));
@@ -279,7 +244,7 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     for (int s = 0; s < m->n_steps; s++)
         if (m->steps[s].op == OP_STEER && m->steps[s].def_R > max_R) max_R = m->steps[s].def_R;
     ss->coef = malloc(sizeof(float) * (size_t)(max_R > m->hidden ? max_R : m->hidden + 1));
-    if (!ss->slots || !ss->k_cache || !ss->v_cache || !ss->steer_add || !ss->steer_ablate || !ss->steer_R ||
+    if (!ss->slots || !ss->k_cache || !ss->v_cache || !ss->kv_base || !ss->steer_add || !ss->steer_ablate || !ss->steer_R ||
         !ss->ids || !ss->qbuf || !ss->kbuf || !ss->exec_steps || !ss->prof_ns || !ss->prof_calls || !ss->prof_bytes ||
         !ss->coef)
         return ea_fail(err, "out of memory creating the session"), EA_ERR_NOMEM;
@@ -290,7 +255,7 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
         const step *st = &m->steps[s];
         if (st->op != OP_NOP) ss->exec_steps[ss->n_exec++] = s;
         if (st->op != OP_GQA) continue;
-        size_t kvn = (size_t)st->KVH * (size_t)ss->n_ctx * (size_t)st->D;
+        size_t kvn = (size_t)st->KVH * (size_t)ea_gqa_capacity(st, ss->n_ctx) * (size_t)st->D;
         ss->k_cache[st->layer] = calloc(kvn, sizeof(float));
         ss->v_cache[st->layer] = calloc(kvn, sizeof(float));
         if (!ss->k_cache[st->layer] || !ss->v_cache[st->layer])

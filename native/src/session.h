@@ -12,7 +12,8 @@ struct ea_session {
     float **slots;          /* [n_slots][max_chunk * slot_width] */
     int64_t *ids;           /* one chunk of token ids */
     float *qbuf, *kbuf;     /* rotated queries / keys of one chunk */
-    float **k_cache, **v_cache; /* per GQA node: [kv_heads, n_ctx, head_dim] */
+    float **k_cache, **v_cache; /* per GQA node: [kv_heads, ea_gqa_capacity rows, head_dim] */
+    int *kv_base;           /* per GQA node: the position its cache row 0 holds (sliding layers move it) */
     float **steer_add, **steer_ablate; /* per steering layer, NULL when unset */
     int *steer_R;
     float *coef;            /* ablation coefficients of one row */
@@ -49,7 +50,7 @@ struct ea_session {
     /* the measured choice of prompt chunks behind a Sparsify (the dense GEMM or sparse_rows), per
      * unit as tune; a group's choice and time this chunk */
     ea_sparse_tune *ptune;
-    size_t llc_bytes;       /* last-level cache (llc_bytes in session.c): the rows path's bound */
+    size_t llc_bytes;       /* last-level cache (platform.h): the prompt-rows path's bound */
     int8_t *punit_path;
     uint64_t *punit_ns;
     int fused_owner;        /* 1 + the fused_gemv fused_y holds this token, 0 = none */
@@ -62,8 +63,9 @@ struct ea_session {
                                             * calls that had the choice */
 };
 
-int ea_physical_cores(void);
-/* CoreInfer: rebuild / drop the kept-row copies of gate/up for a NeuronMask layer (session.c). */
+/* Rows of a GroupQueryAttention step's cache for a session of n_ctx (ops/gqa.c). */
+int ea_gqa_capacity(const step *st, int n_ctx);
+/* CoreInfer: rebuild / drop the kept-row copies of gate/up for a NeuronMask layer (sparse/kept.c). */
 int ea_session_prepare_kept(ea_session *ss, int layer);
 void ea_session_drop_kept(ea_session *ss, int si);
 

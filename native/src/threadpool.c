@@ -7,6 +7,7 @@
  * the function or task count of another. */
 #define _GNU_SOURCE
 #include "threadpool.h"
+#include "platform.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -96,13 +97,8 @@ static void *worker_main(void *arg) {
     }
 }
 
-static int online_cores(void) {
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n > 0 ? (int)n : 1;
-}
-
 ea_pool *ea_pool_create(int n_threads) {
-    if (n_threads <= 0) n_threads = online_cores();
+    if (n_threads <= 0) n_threads = ea_platform()->physical_cores;
     ea_pool *p = calloc(1, sizeof *p);
     if (!p) return NULL;
     p->n_threads = n_threads;

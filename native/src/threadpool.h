@@ -15,7 +15,7 @@ typedef struct ea_pool ea_pool;
  * (the caller is thread 0), usable to index per-thread scratch. */
 typedef void (*ea_task_fn)(void *ctx, int task, int thread);
 
-/* n_threads counts the caller; n_threads <= 0 means one per online core.
+/* n_threads counts the caller; n_threads <= 0 means one per physical core.
  * Returns NULL when threads cannot be started. */
 ea_pool *ea_pool_create(int n_threads);
 void ea_pool_destroy(ea_pool *pool);

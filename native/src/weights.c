@@ -228,9 +228,9 @@ static int resolve_each(ea_model *m, const char *dir, const char **mm, size_t n_
         }
         /* Vectors (norm weights, biases, steering vectors) are read on every token. Read in place,
          * a fault on one maps the whole page-cache folio around it, and a large file sits in the
-         * cache in 2 MiB folios mapped by one PMD entry: SmolLM2's ~90 vectors between its layers
-         * made 64 MB of int4 data resident again that only the repack is read from (peak RSS
-         * 1.25x). A private copy costs their size (~0.2 MB there). */
+         * cache in 2 MiB folios mapped by one PMD entry, so the vectors between layers would make
+         * the int4 data around them resident again, which only the repack is read from
+         * (docs/performance.md, "vectors copied"). A private copy costs their size. */
         const int vector = t->ndim <= 1 && (t->dtype == ONNX_FLOAT || t->dtype == ONNX_FLOAT16) && want &&
                            want <= ((uint64_t)1 << 20) && in_mapping(m, t->data, (size_t)want) &&
                            !bsearch(&t->name, mm, n_mm, sizeof *mm, cmp_name);

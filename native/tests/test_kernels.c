@@ -950,38 +950,89 @@ static int run_sparse_file(const char *in, const char *out) {
     return 0;
 }
 
+/* GELU, tanh form: each ISA's variant (and its split over a pool) against float64 math and the
+ * scalar reference; exp_neg's ~2e-7 relative error gives ~1e-6 of |x| at most. */
+static void test_gelu(ea_isa isa) {
+    enum { N = 40000 + 13 };
+    ea_pool *pool = ea_pool_create(2);
+    ea_kctx ctx;
+    ea_kctx_init(&ctx, isa, pool);
+    float *x = malloc(sizeof(float) * N), *y = malloc(sizeof(float) * N), *r = malloc(sizeof(float) * N);
+    static const float edge[] = {0.0f, -0.0f, 1e-30f, -1e-30f, 1e-4f, -1e-4f, 3.0f, -3.0f, 10.0f, -10.0f, 50.0f, -50.0f,
+                                 1e10f, -1e10f};
+    const int n_edge = (int)(sizeof edge / sizeof edge[0]);
+    for (int i = 0; i < N; i++) x[i] = i < n_edge ? edge[i] : rndf() * (i % 7 ? 4.0f : 20.0f);
+    ea_gelu_tanh(&ctx, x, N, y);
+    ea_gelu_tanh_scalar(x, N, r);
+    int bad = -1;
+    for (int i = 0; i < N && bad < 0; i++) {
+        const double v = x[i], ref = 0.5 * v * (1.0 + tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+        const double tol = 1e-6 * (1.0 + fabs(v));
+        if (!(fabs(y[i] - ref) <= tol && fabs(r[i] - ref) <= tol)) bad = i;
+    }
+    CHECK(bad < 0, "gelu %s: i=%d x=%g got %.9g scalar %.9g", ea_isa_name(isa), bad, bad < 0 ? 0.0 : x[bad],
+          bad < 0 ? 0.0 : y[bad], bad < 0 ? 0.0 : r[bad]);
+    x[0] = NAN;
+    ea_gelu_tanh(&ctx, x, 9, y); /* a vector and a tail */
+    CHECK(isnan(y[0]), "gelu %s: NaN in, NaN out", ea_isa_name(isa));
+    free(x); free(y); free(r);
+    ea_kctx_release(&ctx);
+    ea_pool_destroy(pool);
+}
+
 int main(int argc, char **argv) {
     if (argc == 4 && strcmp(argv[1], "--qmatmul") == 0) return run_qmatmul_file(argv[2], argv[3]);
     if (argc == 4 && strcmp(argv[1], "--sparse") == 0) return run_sparse_file(argv[2], argv[3]);
     if (argc != 1) { fprintf(stderr, "usage: %s [--qmatmul IN OUT | --sparse IN OUT]\n", argv[0]); return 2; }
-    ea_isa isa;
-    int rc = ea_isa_select(&isa);
-    if (rc) { fprintf(stderr, "EDGEACT_ISA: %s\n", ea_kernels_strerror(rc)); return 3; }
-    printf("testing isa %s against scalar\n", ea_isa_name(isa));
+    /* every kernel table this CPU runs (EDGEACT_ISA: that one only; EDGEACT_NO_AVX512 and
+     * EDGEACT_NO_VNNI leave those variants out), each against the scalar reference */
+    ea_isa isas[8];
+    int n_isas = 0;
+    const char *forced = getenv("EDGEACT_ISA");
+    if (forced && *forced) {
+        int rc = ea_isa_parse(forced, &isas[0]);
+        if (rc) { fprintf(stderr, "EDGEACT_ISA: %s\n", ea_kernels_strerror(rc)); return 3; }
+        n_isas = 1;
+    } else {
+        const int no_avx512 = getenv("EDGEACT_NO_AVX512") != NULL, no_vnni = getenv("EDGEACT_NO_VNNI") != NULL;
+        ea_isa all[8];
+        const int n_all = ea_isa_list(all, 8);
+        for (int i = 0; i < n_all; i++)
+            if (all[i] != EA_ISA_SCALAR && ea_isa_available(all[i]) && !(no_avx512 && all[i] == EA_ISA_AVX512_VNNI) &&
+                !(no_vnni && (all[i] == EA_ISA_AVX512_VNNI || all[i] == EA_ISA_AVX2_VNNI)))
+                isas[n_isas++] = all[i];
+        if (!n_isas) isas[n_isas++] = EA_ISA_SCALAR;
+    }
     test_isa_names();
     test_pool(2);
     test_pool(3);
     test_f16();
-    test_quantize(isa);
-    test_quantize_nonfinite(isa);
-    ea_pool *pool = ea_pool_create(2);
-    ea_pool *pools[2] = {NULL, pool};
-    for (int p = 0; p < 2; p++) {
-        test_qmatmul(isa, pools[p]);
-        test_fmatmul(isa, pools[p], 0);
-        test_fmatmul(isa, pools[p], 1);
-        test_attention(isa, pools[p]);
-        test_sparse(isa, pools[p]);
-        static const int ragged[3] = {37, 128, 100}, even[3] = {40, 150, 66}; /* 265 rows, 256 */
-        test_sparse_concat(isa, pools[p], ragged);
-        test_sparse_concat(isa, pools[p], even);
-    }
     test_sparse_pf();
 #if EA_X86
     test_sparse_prep();
 #endif
-    test_small_ops(isa);
-    test_sparsify(isa);
+    ea_pool *pool = ea_pool_create(2);
+    for (int v = 0; v < n_isas; v++) {
+        const ea_isa isa = isas[v];
+        printf("testing isa %s against scalar\n", ea_isa_name(isa));
+        fflush(stdout);
+        test_quantize(isa);
+        test_quantize_nonfinite(isa);
+        ea_pool *pools[2] = {NULL, pool};
+        for (int p = 0; p < 2; p++) {
+            test_qmatmul(isa, pools[p]);
+            test_fmatmul(isa, pools[p], 0);
+            test_fmatmul(isa, pools[p], 1);
+            test_attention(isa, pools[p]);
+            test_sparse(isa, pools[p]);
+            static const int ragged[3] = {37, 128, 100}, even[3] = {40, 150, 66}; /* 265 rows, 256 */
+            test_sparse_concat(isa, pools[p], ragged);
+            test_sparse_concat(isa, pools[p], even);
+        }
+        test_small_ops(isa);
+        test_gelu(isa);
+        test_sparsify(isa);
+    }
     ea_pool_destroy(pool);
     printf("%s: %d failure(s)\n", failures ? "FAILED" : "ok", failures);
     return failures ? 1 : 0;

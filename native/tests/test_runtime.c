@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "../include/edgeact.h"
+#include "../include/edgeact_tools.h"
 
 #define CHECK_CONTEXT() fprintf(stderr, " [last error: %s]\n", ea_last_error())
 #include "check.h"

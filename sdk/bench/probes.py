@@ -17,18 +17,11 @@ QUIET_LOAD = 0.5
 
 
 def physical_cores() -> int:
-    """Cores, not hyper-threads: two matmul threads on one core only fight for its SIMD units."""
-    try:
-        pairs, phys = set(), None
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = (s.strip() for s in line.partition(":"))
-            if key == "physical id":
-                phys = val
-            elif key == "core id":
-                pairs.add((phys, val))
-        return len(pairs) or os.cpu_count() or 1
-    except OSError:
-        return os.cpu_count() or 1
+    """Cores, not hyper-threads (two matmul threads on one core only fight for its SIMD units),
+    counted by the native runtime, whose default thread count it is; os.cpu_count() without it."""
+    from edgeact import runtime
+
+    return runtime.physical_cores() if runtime.available() else os.cpu_count() or 1
 
 
 def load_average() -> tuple[float, float, float]:

@@ -66,22 +66,49 @@ def run_process(spec: dict, timeout: float | None = None) -> dict:
     return reply
 
 
+def _run_measured(cmd: list[str], timeout: float) -> tuple[int | None, str, str, int]:
+    """(exit code or None on timeout, stdout, stderr, peak RSS in bytes) of one child process:
+    waited for with wait4, whose resource usage is that child's alone."""
+    import os
+    import tempfile
+    import threading
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        killed = threading.Event()
+
+        def kill():
+            killed.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return (None if killed.is_set() else proc.returncode), out.read(), err.read(), usage.ru_maxrss * 1024
+
+
 def run_llama_bench(spec: dict, timeout: float | None = None) -> dict:
     """llama-bench on the job's GGUF with its threads, pp and tg; its own repetitions are ours."""
     cmd = llamabench.command(Path(spec["llama_bench"]), Path(spec["gguf"]), threads=spec["threads"],
                              pp=spec["pp"], tg=spec["tg"], reps=spec["reps"])
     at = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout or RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
+    code, out, err, rss = _run_measured(cmd, timeout or RUN_TIMEOUT_S)
+    if code is None:
         return {"error": f"llama-bench gave no result in {timeout or RUN_TIMEOUT_S:.0f} s"}
-    if proc.returncode != 0:
-        return {"error": "llama-bench: " + _last_error(proc.stderr)}
+    if code != 0:
+        return {"error": "llama-bench: " + _last_error(err)}
     try:
-        got = llamabench.parse(proc.stdout)
+        got = llamabench.parse(out)
     except ValueError as e:
         return {"error": str(e)}
-    return {"pp": got["pp"], "tg": got["tg"], "rep_at": [at] * spec["reps"], "llama_bench": got.get("info", {})}
+    return {"pp": got["pp"], "tg": got["tg"], "rep_at": [at] * spec["reps"], "peak_rss": rss,
+            "llama_bench": got.get("info", {})}
 
 
 def run_job(spec: dict) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from edgeact.commands import COMMANDS
@@ -53,6 +54,8 @@ def add_parser(sub) -> None:
                    help="run even when the load average at the start says another job is running; the report "
                         "is marked contended")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--trace", metavar="OUT.json", default=None,
+                   help="after the timed runs, trace one native pp+tg run of the first model (Chrome/Perfetto JSON)")
 
 
 def shape_folder(shape: str, quant: str, group_size: int) -> Path:
@@ -108,4 +111,9 @@ def run(args) -> int:
                              reps=args.reps, measure_bw=not args.no_bandwidth, interleave=not args.sequential,
                              allow_contended=args.allow_contended, progress=log)
     print(json.dumps(rep, indent=2) if args.json else bench.format_report(rep))
+    if args.trace:
+        from edgeact.trace import trace_pp_tg
+
+        tracer = trace_pp_tg(folders[0], args.pp, args.tg, args.threads, args.trace)
+        print(f"trace of {folders[0].name}: {len(tracer.steps)} forward calls in {args.trace}", file=sys.stderr)
     return 0

@@ -13,17 +13,18 @@ from edgeact.commands import COMMANDS
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
 QUANT_DEFAULT = "source"
-QUANT_METHODS = ("rtn", "awq")
+QUANT_METHODS = ("rtn", "awq", "imatrix")
 SPARSITY_METHODS = ("teal", "chess", "wina", "cats", "coreinfer")
 CALIB_TOKENS = 1024
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help=COMMANDS["convert"],
-                       description="Read a llama-family checkpoint and write an ONNX model folder (model.onnx, "
+                       description="Read a checkpoint and write an ONNX model folder (model.onnx, "
                        "tokenizer.json, edgeact.json) with 4-bit/8-bit blockwise weights (MatMulNBits), a KV cache "
-                       "and steering points. Supported sources: GGUF files of llama models, Hugging Face folders "
-                       "(LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM), llama2.c checkpoints (.bin). "
+                       "and steering points. Supported sources: GGUF files (llama, qwen2, qwen3, phi3, gemma3), "
+                       "Hugging Face folders (Llama, Mistral, Qwen2, Qwen3, Phi3, Gemma2, Gemma3 ...ForCausalLM), "
+                       "llama2.c checkpoints (.bin). "
                        "The folder is checked by loading it in every engine of this install (native, onnxruntime) "
                        "before it is written into place.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -39,14 +40,15 @@ def add_parser(sub) -> None:
     p.add_argument("--symmetric", action="store_true", help="no zero points (symmetric int4/int8)")
     p.add_argument("--lm-head", choices=QUANTS, default=None,
                    help="lm_head precision (default: int8 for int4/int8 weights, else the weights' precision)")
-    p.add_argument("--embedding", choices=("fp32", "fp16"), default=None,
-                   help="embedding table precision (default: fp32 for fp32 weights, else fp16)")
+    p.add_argument("--embedding", choices=("fp32", "fp16", "shared"), default=None,
+                   help="embedding table precision (default: fp32 for fp32 weights, else fp16); shared: a tied "
+                        "model's one quantized table, read by lm_head too")
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
                    help="MatMulNBits accuracy_level for int4/int8: 4 quantizes activations to int8 per block "
                         "(the fast path; default 4)")
     p.add_argument("--tokenizer", default=None, help="llama2.c tokenizer.bin (default: one beside the checkpoint)")
     p.add_argument("--max-context", type=int, default=None,
-                   help="context length the rope caches cover (default: the source's)")
+                   help="context length the rope caches cover (default: the model's, at most 8192)")
     p.add_argument("--external-data", action="store_true",
                    help="weights in model.onnx.data, 64-byte aligned (automatic above 16 MiB)")
     p.add_argument("--no-steering", action="store_true", help="omit the steering points")
@@ -55,9 +57,18 @@ def add_parser(sub) -> None:
 
     g = p.add_argument_group("quantization method")
     g.add_argument("--method", choices=QUANT_METHODS, default="rtn",
-                   help="rtn: round to nearest; awq: activation-aware scaling (+ clipping) on calibration text")
+                   help="rtn: round to nearest; awq: activation-aware scaling (+ clipping) on calibration text; "
+                   "imatrix: int4 with float zero points, each block's scale and minimum searched for the lowest "
+                   "error weighted by the input's mean square on calibration text")
     g.add_argument("--no-awq-clip", dest="awq_clip", action="store_false",
                    help="with --method awq: skip AWQ's clipping search (it runs by default)")
+
+    g = p.add_argument_group("mixed bits under a size budget")
+    g.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
+                   help="average bits per weight of the linear layers and lm_head (scales and zero points "
+                   "included); each tensor gets the format that buys the most accuracy per byte")
+    g.add_argument("--max-size", type=float, default=None, metavar="MB",
+                   help="the whole folder's weights at most this many MB (10^6 bytes)")
 
     g = p.add_argument_group("activation sparsity")
     g.add_argument("--sparsity", default=None, metavar="S",
@@ -68,7 +79,7 @@ def add_parser(sub) -> None:
                         "col‖; cats: gated-FFN activation; coreinfer: the FFN neurons the prompt used most, fixed "
                         "after prefill (no calibration)")
 
-    g = p.add_argument_group("calibration (AWQ and sparsity share one sample)")
+    g = p.add_argument_group("calibration (AWQ, imatrix and sparsity share one sample)")
     g.add_argument("--calib", default=None, metavar="FILE",
                    help="calibration text (default: text the fp32 model samples itself, fixed seed)")
     g.add_argument("--calib-tokens", type=int, default=None,
@@ -92,11 +103,12 @@ def check_args(args) -> None:
         raise ValueError("--no-awq-clip applies to --method awq")
     if args.method != "rtn" and args.quant not in ("int4", "int8", QUANT_DEFAULT):
         raise ValueError(f"--method {args.method} needs --quant int4 or int8, not {args.quant}")
-    calibrates = args.method == "awq" or (args.sparsity is not None and args.sparsity_method != "coreinfer")
+    calibrates = (args.method != "rtn" or args.target_bpw is not None or args.max_size is not None
+                  or (args.sparsity is not None and args.sparsity_method != "coreinfer"))
     for flag, given in (("--calib", args.calib is not None), ("--calib-tokens", args.calib_tokens is not None)):
         if given and not calibrates:
-            raise ValueError(f"{flag} applies to --method awq and to calibrated --sparsity "
-                             "(teal, chess, wina, cats); nothing here is calibrated")
+            raise ValueError(f"{flag} applies to --method awq/imatrix, --target-bpw/--max-size and calibrated "
+                             "--sparsity (teal, chess, wina, cats); nothing here is calibrated")
     if args.calib_tokens is not None and args.calib_tokens < 2:
         raise ValueError(f"--calib-tokens must be at least 2, not {args.calib_tokens}")
 
@@ -124,13 +136,13 @@ def run(args) -> int:
 
         targets = parse_targets(args.sparsity, sparse_method)
     source = args.source
-    if args.method == "awq" or targets is not None:
+    if args.method != "rtn" or targets is not None or args.target_bpw is not None or args.max_size is not None:
         from edgeact.converters.readers import read_source
 
         validate_options(kw["quant"], kw["group_size"], kw["lm_head"], kw["embedding"])   # before calibrating
         source = read_source(source, tokenizer=args.tokenizer)
         model = ids = None
-        if args.method == "awq" or sparse_method != "coreinfer":
+        if args.method != "rtn" or (targets is not None and sparse_method != "coreinfer"):
             from edgeact.converters.calibration import calibration_ids
             from edgeact.converters.torch_ref import build_torch_model
 
@@ -148,6 +160,22 @@ def run(args) -> int:
                 calib_ids=ids, calib_file=args.calib, clip=args.awq_clip, progress=progress, model=model)
             kw["method"] = "awq"
             model = None   # AWQ changed the weights: sparsity calibrates on the transformed model
+        if args.method == "imatrix":
+            from edgeact.converters.imatrix import imatrix_override
+
+            if kw["quant"] == QUANT_DEFAULT:
+                kw["quant"] = "int4"
+            if kw["quant"] != "int4" or args.symmetric:
+                raise ValueError("--method imatrix writes int4 with float zero points: not with --quant int8 "
+                                 "or --symmetric")
+            override, kw["calibration"] = imatrix_override(source, group_size=kw["group_size"], calib_ids=ids,
+                                                           calib_file=args.calib, progress=progress)
+            kw["linear_override"] = {**override, **(kw.get("linear_override") or {})}
+            kw["method"] = "imatrix"
+        if args.target_bpw is not None or args.max_size is not None:
+            from edgeact.converters import mixed
+
+            source, kw = mixed.convert_kwargs(args, source, kw)
         if targets is not None:
             from edgeact.converters.sparsity import calibrate
 

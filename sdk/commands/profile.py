@@ -59,7 +59,12 @@ def run(args) -> int:
           f"read bandwidth {bw:.1f} GB/s")
     print(format_summary(rows))
     title = f"{model.folder.name} · {eng.isa} · {eng.threads} threads · decode"
-    print(f"chart: {plot_summary(rows, args.output, title, bw)}", file=sys.stderr)
+    from edgeact.extras import first_missing, install_hint
+
+    if first_missing(["matplotlib"]):  # the device install: the table above is the whole result
+        print(f"edgeact: no chart without matplotlib ({install_hint('matplotlib')})", file=sys.stderr)
+    else:
+        print(f"chart: {plot_summary(rows, args.output, title, bw)}", file=sys.stderr)
     if args.trace:
         print(f"trace: {tracer.save(args.trace)}", file=sys.stderr)
     return 0

@@ -96,7 +96,8 @@ def run(args) -> int:
                      (args.temperature < 0, f"--temperature must be >= 0 (0 = greedy), not {args.temperature}"),
                      (args.top_k < 0, f"--top-k must be >= 0 (0 = off), not {args.top_k}"),
                      (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], not {args.top_p}"),
-                     (not args.repetition_penalty > 0, f"--repetition-penalty must be > 0, not {args.repetition_penalty}")):
+                     (not args.repetition_penalty > 0, f"--repetition-penalty must be > 0, not {args.repetition_penalty}"),
+                     (args.seed is not None and args.seed < 0, f"--seed must be >= 0, not {args.seed}")):
         if bad:
             raise ValueError(msg)
     if args.threads is not None and args.threads < 1:
@@ -111,6 +112,8 @@ def run(args) -> int:
     if args.prompt is None:
         return interactive_chat(model, args, stops)
     apply_steering_args(model, args)
+    if getattr(args, "chat", False) and model.tokenizer is None:
+        raise ValueError(f"--chat: {model.folder} has no tokenizer, so no chat template (it runs on token ids)")
     if args.ids or model.tokenizer is None:
         try:
             prompt = parse_ids(prompt_text)
@@ -123,6 +126,8 @@ def run(args) -> int:
         chat = getattr(args, "chat", None)
         if chat is None:
             chat = bool(model.tokenizer.chat_template)
+            if not chat:   # a base model (e.g. Gemma 3 270M): say why the prompt is not a user turn
+                print(f"{model.folder} has no chat template: running the prompt as raw text", file=sys.stderr)
         elif chat and not model.tokenizer.chat_template:
             raise ValueError(f"--chat: {model.folder} has no chat template (drop --chat, or give --raw)")
         if chat:

@@ -58,6 +58,10 @@ def run(args) -> int:
 
 
 def _compute(args) -> int:
+    from pathlib import Path
+
+    if not Path(args.output).parent.is_dir():   # before minutes of computing
+        raise ValueError(f"cannot write {args.output}: folder {Path(args.output).parent} does not exist")
     source = _source(args.model, args.engine)
     layers = args.layers if args.layers is not None else list(range(1, source.num_layers))
     vectors = compute_vectors(source, iter_prompts(args.pos), iter_prompts(args.neg), layers=layers,

@@ -101,4 +101,4 @@ class NativeEngine(Engine):
     def profile_table(self) -> str:
         from edgeact.runtime import format_profile
 
-        return format_profile(self.profile_records())
+        return format_profile(self.profile_records(), isa=self.isa)

@@ -24,8 +24,8 @@
 #define EA_QROWS 8
 /* Software prefetch distance (bytes) in the packed weight stream: one core
  * alone does not keep enough lines in flight to saturate DRAM with the
- * hardware prefetcher only (bench_kernels: 7.9 -> 12 GB/s on 1 core at 2 KB;
- * 4 KB added ~6% with 2 threads). membw.c's probe uses the same distance. */
+ * hardware prefetcher only (docs/performance.md, "software prefetch").
+ * membw.c's probe uses the same distance. */
 #define EA_QPREFETCH 4096
 /* N is split across threads in multiples of this many rows (64-byte output lines). */
 #define EA_NCHUNK 16
@@ -46,68 +46,11 @@ typedef struct {
     int32_t *sumx; /* [M, n_blocks] */
 } ea_qact;
 
-/* Quantizes one row; interleave != 0 stores every 32-element chunk as its
- * 16 even elements followed by its 16 odd ones, the order in which the
- * int4 SIMD kernels unpack low and high nibbles. */
-void ea_quantize_row_scalar(const float *x, int K, int bs, int8_t *xq, float *sx, int32_t *sumx,
-                            int interleave);
-
-/* Rows [n0, n1) of y (row stride N) for all M rows. */
-void ea_qmatmul_rows_scalar(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1);
-
-/* y = SiLU(g) * u, u NULL: SiLU(g) (transformer.c; the AVX2 version in elementwise_avx2.c). */
-void ea_silu_mul_scalar(const float *g, const float *u, size_t n, float *y);
-#if EA_X86
-void ea_silu_mul_avx2(const float *g, const float *u, size_t n, float *y);
-#endif
-
 /* Row r of the quad of listed rows after the one at i (its first row past a short end, the
  * quad at i's first when none follows): what the output-row kernels prefetch. */
 static inline int ea_next_quad_row(const int32_t *rows, int n_rows, int i, int r) {
     return rows[i + 4 + r < n_rows ? i + 4 + r : i + 4 < n_rows ? i + 4 : i];
 }
-
-/* ea_sparsify's rule (sparse.c) over channels [k0, n): the kept k go to active[0..);
- * returns their count. The SIMD versions in sparse_avx2.c / sparse_neon.c handle whole
- * vectors and leave the tail to it. */
-int ea_sparsify_scalar(const float *x, const float *thr, int thr_step, const float *col_scale, int k0, int n,
-                       float *y, int32_t *active);
-/* For packing the kept indices of 4 lanes to the front: for a 4-bit keep mask m, the kept
- * lanes as bytes from the lowest (ea_keep4_lanes[m]) and their count (ea_keep4_count[m]). */
-extern const uint32_t ea_keep4_lanes[16];
-extern const uint8_t ea_keep4_count[16];
-#if EA_X86
-int ea_sparsify_avx2(const float *x, const float *thr, int thr_step, const float *col_scale, int n, float *y,
-                     int32_t *active);
-#endif
-#if EA_ARM64
-int ea_sparsify_neon(const float *x, const float *thr, int thr_step, const float *col_scale, int n, float *y,
-                     int32_t *active);
-#endif
-
-/* One query row of attention over L cached positions (transformer.c). */
-void ea_attention_row_scalar(const float *q, const float *kc, const float *vc, int hd, int L, float scale,
-                             float *sc, float *out);
-
-#if EA_X86
-void ea_attention_row_avx2(const float *q, const float *kc, const float *vc, int hd, int L, float scale,
-                           float *sc, float *out);
-void ea_quantize_row_avx2(const float *x, int K, int bs, int8_t *xq, float *sx, int32_t *sumx,
-                          int interleave);
-/* Groups [g0, g1) of EA_QROWS rows of the packed weight. */
-void ea_qmatmul_groups_avx2(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1);
-/* The int4 variant (decode and prefill) for CPUs with AVX-512 VNNI (same packed
- * layout and results); ea_have_avx512_vnni is false when EDGEACT_NO_AVX512 is set. */
-int ea_have_avx512_vnni(void);
-void ea_qmatmul_groups_avx512(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1);
-void ea_matmul_f32_avx2(const float *x, int M, int K, const float *W, int N, float *y, int n0, int n1);
-void ea_matmul_f16_avx2(const float *x, int M, int K, const uint16_t *W, int N, float *y, int n0, int n1);
-#endif
-#if EA_ARM64
-void ea_qmatmul_groups_neon(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1, int dotprod);
-void ea_matmul_f32_neon(const float *x, int M, int K, const float *W, int N, float *y, int n0, int n1);
-void ea_matmul_f16_neon(const float *x, int M, int K, const uint16_t *W, int N, float *y, int n0, int n1);
-#endif
 
 /* The SIMD repack. A group of EA_QROWS rows is n_blocks blocks; one block is
  *   data   [subs][EA_QROWS rows][16 bytes]   (subs = block_size*bits/8/16)
@@ -136,7 +79,7 @@ static inline size_t ea_qpack_block_stride(const ea_qweight *w) {
 static inline int ea_qpack_lane_row(ea_isa isa, int lane) {
     /* AVX2: hadd of [r0|r1],[r2|r3],[r4|r5],[r6|r7] yields r0 r2 r4 r6 | r1 r3 r5 r7 */
     static const int avx2[EA_QROWS] = {0, 2, 4, 6, 1, 3, 5, 7};
-    return isa == EA_ISA_AVX2 ? avx2[lane] : lane;
+    return ea_isa_layout(isa) == EA_ISA_AVX2 ? avx2[lane] : lane;
 }
 
 /* Zero point of (row n, block b) from the file layout. */
@@ -175,12 +118,11 @@ static inline ea_sparse_chunk ea_sparse_chunk_at(int q0, int q1, int qn, int c0)
 /* What to prefetch at tile t of chunk ch (quads from c0) over the thread's
  * tiles [t0, t1): the chunk's own rows at tile t + EA_SPARSE_PF_TILES or,
  * past t1, the next chunk's at the tiles it starts with. A fixed distance:
- * the next chunk at tile t (the earlier rule) runs a whole pass ahead, on
- * wide matrices (gate/up stacked: 44 tile pairs per thread) hundreds of
- * lines waiting in L1 beside the accumulators, likely evicted before use.
- * bench_kernels, 2048x11264 at 50% active: 1.70x dense before, 2.02x at 12
- * tiles (8 to 24 within noise); narrow shapes unchanged. Threads with fewer
- * tiles than the distance keep the earlier rule. */
+ * the next chunk at tile t runs a whole pass ahead, on wide matrices
+ * (gate/up stacked: 44 tile pairs per thread) hundreds of lines waiting in
+ * L1 beside the accumulators, likely evicted before use (docs/performance.md,
+ * "prefetch distance"). Threads with fewer tiles than the distance prefetch
+ * the next chunk at tile t. */
 typedef struct { int t, q0, q1; } ea_sparse_pf;
 static inline ea_sparse_pf ea_sparse_pf_at(ea_sparse_chunk ch, int c0, int t, int t0, int t1) {
     ea_sparse_pf p = {t + EA_SPARSE_PF_TILES, c0, ch.c1};
@@ -200,11 +142,11 @@ static inline ea_sparse_pf ea_sparse_pf_at(ea_sparse_chunk ch, int c0, int t, in
  * natural order: n even in the low nibble, n odd in the high one). */
 static inline int ea_cm_lane_n(ea_isa isa, int lane) {
     const int v = lane / 8, j = lane % 8;
-    if (isa == EA_ISA_AVX2) { /* vector v: tile bytes 4i..4i+3 and 16+4i.. (i = v/2); low (v even) or high nibble */
+    if (ea_isa_layout(isa) == EA_ISA_AVX2) { /* vector v: tile bytes 4i..4i+3 and 16+4i.. (i = v/2); low (v even) or high nibble */
         const int byte = 4 * (v / 2) + (j < 4 ? j : 12 + j);
         return 2 * byte + (v & 1);
     }
-    if (isa == EA_ISA_NEON || isa == EA_ISA_NEON_DOTPROD) { /* per 32-row half: even 0..30 then odd 1..31 */
+    if (ea_isa_layout(isa) == EA_ISA_NEON) { /* per 32-row half: even 0..30 then odd 1..31 */
         const int h = lane / 32, u = lane % 32 / 4, i = lane % 4;
         return 32 * h + (u >= 4 ? 1 : 0) + (u % 4) * 8 + 2 * i;
     }
@@ -228,6 +170,75 @@ typedef struct {
     int32_t *qx;     /* [per quad] the four int8 values, first channel in the low byte */
 } ea_sparse_act;
 
+/* Scale i of a channel-major weight. */
+static inline float ea_cm_scale(const ea_qweight_cm *cm, size_t i) {
+    return cm->scales_f16 ? ea_f16_to_f32(((const uint16_t *)cm->scales)[i]) : ((const float *)cm->scales)[i];
+}
+
+static inline int ea_is_simd(ea_isa isa) { return isa != EA_ISA_SCALAR; }
+
+/* ---- the kernel table ------------------------------------------------------------------
+ * One struct of function pointers per ISA variant, chosen once (ea_isa_select at model load,
+ * ea_kctx_init binds it): the drivers (qmatmul.c, sparse.c, fmatmul.c, qmatmul_f32act.c,
+ * transformer.c) split the work over threads and call these, never an ISA's function by
+ * name. Every entry of every variant gives the bits of the scalar reference (ref/), except
+ * the float kernels (matmul, attention, silu, gelu, dot), which hold a stated tolerance. */
+typedef struct ea_kernel_table {
+    ea_isa isa;
+    int (*available)(void); /* this CPU runs it (CPUID, HWCAP) */
+    /* MatMulNBits, accuracy_level 4: one row of activations to int8 per block; interleave:
+     * each 32-element chunk as its 16 even then 16 odd elements (the int4 SIMD nibble order) */
+    void (*quantize_row)(const float *x, int K, int bs, int8_t *xq, float *sx, int32_t *sumx, int interleave);
+    /* output rows [n0, n1) (n0 a multiple of EA_QROWS) of y (row stride N) for all rows of a */
+    void (*qmatmul)(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1);
+    /* accuracy_level 0..3: row n of w dequantized from the file layout; a float dot product */
+    void (*dequant_row)(const ea_qweight *w, int n, float *wf);
+    float (*dot)(const float *a, const float *b, int K);
+    /* ONNX MatMul, columns [n0, n1) of y */
+    void (*matmul_f32)(const float *x, int M, int K, const float *W, int N, float *y, int n0, int n1);
+    void (*matmul_f16)(const float *x, int M, int K, const uint16_t *W, int N, float *y, int n0, int n1);
+    void (*f16_row)(const uint16_t *src, float *dst, size_t n);
+    /* out[hd] = softmax(scale * K q) V over positions 0..L-1; sc: L floats of scratch */
+    void (*attention_row)(const float *q, const float *kc, const float *vc, int hd, int L, float scale, float *sc,
+                          float *out);
+    void (*silu_mul)(const float *g, const float *u, size_t n, float *y); /* u NULL: SiLU alone */
+    void (*gelu_tanh)(const float *x, size_t n, float *y);                /* Gelu(approximate="tanh") */
+    /* activation sparsity: Sparsify's rule on one row; the active entries quantized (and, for
+     * the x86 kernels, grouped in quads); tiles [t0, t1) of the input-sparse GEMV; listed
+     * output rows of the dense product from the file layout */
+    int (*sparsify)(const float *x, const float *thr, int thr_step, const float *col_scale, int n, float *y,
+                    int32_t *active);
+    void (*sparse_prep)(const float *x, int bs, const int32_t *active, int n_active, size_t row_bytes,
+                        ea_sparse_act *a);
+    void (*sparse_tiles)(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
+    void (*qgemv_rows)(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y);
+} ea_kernel_table;
+
+/* The table of isa (NULL when this build has none). */
+const ea_kernel_table *ea_kernel_table_of(ea_isa isa);
+
+/* ---- ref/: the scalar references (the specification), also the SIMD kernels' tails ---- */
+void ea_quantize_row_scalar(const float *x, int K, int bs, int8_t *xq, float *sx, int32_t *sumx, int interleave);
+void ea_qmatmul_rows_scalar(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1);
+void ea_dequant_row_scalar(const ea_qweight *w, int n, float *wf);
+float ea_dot_scalar(const float *a, const float *b, int K);
+/* columns [n0, n1) of x @ W, W16 (fp16) when W is NULL */
+void ea_matmul_cols_scalar(const float *x, int M, int K, const float *W, const uint16_t *W16, int N, float *y, int n0,
+                           int n1);
+void ea_matmul_f32_scalar(const float *x, int M, int K, const float *W, int N, float *y, int n0, int n1);
+void ea_matmul_f16_scalar(const float *x, int M, int K, const uint16_t *W, int N, float *y, int n0, int n1);
+void ea_f16_row_scalar(const uint16_t *src, float *dst, size_t n);
+void ea_attention_row_scalar(const float *q, const float *kc, const float *vc, int hd, int L, float scale, float *sc,
+                             float *out);
+void ea_silu_mul_scalar(const float *g, const float *u, size_t n, float *y);
+/* Sparsify's rule over channels [k0, n): the kept k go to active[0..); returns their count
+ * (the SIMD versions handle whole vectors and leave the tail to it) */
+int ea_sparsify_scalar(const float *x, const float *thr, int thr_step, const float *col_scale, int k0, int n,
+                       float *y, int32_t *active);
+/* For packing the kept indices of 4 lanes to the front: for a 4-bit keep mask m, the kept
+ * lanes as bytes from the lowest (ea_keep4_lanes[m]) and their count (ea_keep4_count[m]). */
+extern const uint32_t ea_keep4_lanes[16];
+extern const uint8_t ea_keep4_count[16];
 /* The serial step of every sparse GEMV: the active entries of x quantized block by block
  * (a->n_blocks, blk, start, sx, sumx, ch, q: ea_quantize_row_scalar's arithmetic, entries
  * that round to 0 and blocks with none left dropped, a non-finite block kept with a nan
@@ -236,30 +247,61 @@ typedef struct {
  * arrays; ea_sparse_act's arrays hold n_active entries (q 3 bytes more). */
 void ea_sparse_prep_scalar(const float *x, int bs, const int32_t *active, int n_active, size_t row_bytes, int quads,
                            ea_sparse_act *a);
-#if EA_X86
-void ea_sparse_prep_avx2(const float *x, int bs, const int32_t *active, int n_active, size_t row_bytes,
-                         ea_sparse_act *a);
-#endif
-
-/* Scale i of a channel-major weight. */
-static inline float ea_cm_scale(const ea_qweight_cm *cm, size_t i) {
-    return cm->scales_f16 ? ea_f16_to_f32(((const uint16_t *)cm->scales)[i]) : ((const float *)cm->scales)[i];
-}
-
 void ea_sparse_tiles_scalar(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
 void ea_rows_scalar(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y);
+
+/* ---- x86/: AVX2 code serves three variants (avx2, avx2-vnni: vpdpbusd VEX, avx512-vnni:
+ * the int4 GEMM/GEMV and sparse tile pairs on zmm, vpdpbusd EVEX on ymm elsewhere) ---- */
 #if EA_X86
-int ea_avx2_vnni(void); /* AVX-VNNI present and not disabled by EDGEACT_NO_VNNI */
+/* dot-product flavour of the AVX2 integer kernels (vecmath_avx2.h, dot_u8s8) */
+enum { EA_DOT_MADD = 0, EA_DOT_VNNI_VEX = 1, EA_DOT_VNNI_EVEX = 2 };
+void ea_quantize_row_avx2(const float *x, int K, int bs, int8_t *xq, float *sx, int32_t *sumx, int interleave);
+void ea_qmatmul_avx2(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1);
+void ea_qmatmul_avx2_vnni(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1);
+void ea_qmatmul_avx512_vnni(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1);
+void ea_dequant_row_avx2(const ea_qweight *w, int n, float *wf);
+float ea_dot_avx2(const float *a, const float *b, int K);
+void ea_matmul_f32_avx2(const float *x, int M, int K, const float *W, int N, float *y, int n0, int n1);
+void ea_matmul_f16_avx2(const float *x, int M, int K, const uint16_t *W, int N, float *y, int n0, int n1);
+void ea_f16_row_avx2(const uint16_t *src, float *dst, size_t n);
+void ea_attention_row_avx2(const float *q, const float *kc, const float *vc, int hd, int L, float scale, float *sc,
+                           float *out);
+void ea_silu_mul_avx2(const float *g, const float *u, size_t n, float *y);
+void ea_gelu_tanh_avx2(const float *x, size_t n, float *y);
+int ea_sparsify_avx2(const float *x, const float *thr, int thr_step, const float *col_scale, int n, float *y,
+                     int32_t *active);
+void ea_sparse_prep_avx2(const float *x, int bs, const int32_t *active, int n_active, size_t row_bytes,
+                         ea_sparse_act *a);
 void ea_sparse_tiles_avx2(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
-/* AVX-512 VNNI on tile pairs (t1 - t0 even), same layout and results */
-void ea_sparse_tiles_avx512(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
+void ea_sparse_tiles_avx2_vnni(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
+void ea_sparse_tiles_avx2_evex(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
+void ea_sparse_tiles_avx512_vnni(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
 void ea_rows_avx2(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y);
-#endif
-#if EA_ARM64
-void ea_sparse_tiles_neon(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
-void ea_rows_neon(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y, int dotprod);
+/* the int4 groups [g0, g1) with AVX-512 VNNI (x86/qmatmul_avx512.c); the AVX2 code's int4 and
+ * int8 groups with one dot flavour (x86/qmatmul_avx2.c) */
+void ea_qmatmul_groups_avx512(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1);
+void ea_qmatmul_groups_avx2(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1, int dot);
+int ea_cpu_avx2(void);
+extern const ea_kernel_table ea_kernels_avx2, ea_kernels_avx2_vnni, ea_kernels_avx512_vnni;
 #endif
 
-static inline int ea_is_simd(ea_isa isa) { return isa != EA_ISA_SCALAR; }
+/* ---- arm/: NEON code serves neon and neon-dotprod (sdot) ---- */
+#if EA_ARM64
+void ea_qmatmul_neon(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1);
+void ea_qmatmul_neon_dotprod(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1);
+void ea_dequant_row_neon(const ea_qweight *w, int n, float *wf);
+float ea_dot_neon(const float *a, const float *b, int K);
+void ea_matmul_f32_neon(const float *x, int M, int K, const float *W, int N, float *y, int n0, int n1);
+void ea_matmul_f16_neon(const float *x, int M, int K, const uint16_t *W, int N, float *y, int n0, int n1);
+void ea_f16_row_neon(const uint16_t *src, float *dst, size_t n);
+int ea_sparsify_neon(const float *x, const float *thr, int thr_step, const float *col_scale, int n, float *y,
+                     int32_t *active);
+void ea_sparse_tiles_neon(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
+void ea_rows_neon(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y);
+void ea_rows_neon_dotprod(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y);
+extern const ea_kernel_table ea_kernels_neon, ea_kernels_neon_dotprod;
+#endif
+
+extern const ea_kernel_table ea_kernels_scalar;
 
 #endif

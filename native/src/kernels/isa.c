@@ -1,4 +1,5 @@
-/* Run-time ISA choice, the kernel context and its scratch memory. */
+/* The kernel variants of this build, the choice among them, the kernel context and its
+ * scratch memory. */
 #define _GNU_SOURCE
 #include <stdlib.h>
 #include <string.h>
@@ -6,19 +7,14 @@
 #include <sys/mman.h>
 #endif
 
+#include "../platform.h"
 #include "internal.h"
-
-#if EA_ARM64 && defined(__linux__)
-#include <sys/auxv.h>
-#ifndef HWCAP_ASIMDDP
-#define HWCAP_ASIMDDP (1UL << 20)
-#endif
-#endif
 
 const char *ea_kernels_strerror(int code) {
     switch (code) {
     case EA_KOK: return "ok";
-    case EA_KERR_ISA_UNKNOWN: return "unknown ISA name (expected scalar, avx2, neon or neon-dotprod)";
+    case EA_KERR_ISA_UNKNOWN:
+        return "unknown ISA name (expected scalar, avx2, avx2-vnni, avx512-vnni, neon or neon-dotprod)";
     case EA_KERR_ISA_UNAVAILABLE: return "requested ISA is not supported by this CPU or build";
     case EA_KERR_ARG: return "invalid kernel argument (shape, bits, block size or index out of range)";
     case EA_KERR_NOMEM: return "out of memory in a kernel";
@@ -27,39 +23,41 @@ const char *ea_kernels_strerror(int code) {
     }
 }
 
-int ea_isa_available(ea_isa isa) {
-    switch (isa) {
-    case EA_ISA_SCALAR: return 1;
+/* The variants of this build, best first. */
+static const ea_kernel_table *const tables[] = {
 #if EA_X86
-    case EA_ISA_AVX2:
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
+    &ea_kernels_avx512_vnni, &ea_kernels_avx2_vnni, &ea_kernels_avx2,
 #endif
 #if EA_ARM64
-    case EA_ISA_NEON: return 1;
-    case EA_ISA_NEON_DOTPROD:
-#if defined(__linux__)
-        return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
-#else
-        return 0;
+    &ea_kernels_neon_dotprod, &ea_kernels_neon,
 #endif
-#endif
-    default: return 0;
-    }
+    &ea_kernels_scalar,
+};
+enum { N_TABLES = sizeof tables / sizeof tables[0] };
+
+const ea_kernel_table *ea_kernel_table_of(ea_isa isa) {
+    for (int i = 0; i < N_TABLES; i++)
+        if (tables[i]->isa == isa) return tables[i];
+    return NULL;
 }
 
-ea_isa ea_isa_detect(void) {
-    if (ea_isa_available(EA_ISA_AVX2)) return EA_ISA_AVX2;
-    if (ea_isa_available(EA_ISA_NEON_DOTPROD)) return EA_ISA_NEON_DOTPROD;
-    if (ea_isa_available(EA_ISA_NEON)) return EA_ISA_NEON;
-    return EA_ISA_SCALAR;
+int ea_isa_list(ea_isa *out, int cap) {
+    int n = 0;
+    for (int i = 0; i < N_TABLES && n < cap; i++) out[n++] = tables[i]->isa;
+    return n;
+}
+
+int ea_isa_available(ea_isa isa) {
+    const ea_kernel_table *t = ea_kernel_table_of(isa);
+    return t && t->available();
 }
 
 const char *ea_isa_name(ea_isa isa) {
     switch (isa) {
     case EA_ISA_SCALAR: return "scalar";
     case EA_ISA_AVX2: return "avx2";
+    case EA_ISA_AVX2_VNNI: return "avx2-vnni";
+    case EA_ISA_AVX512_VNNI: return "avx512-vnni";
     case EA_ISA_NEON: return "neon";
     case EA_ISA_NEON_DOTPROD: return "neon-dotprod";
     default: return "unknown";
@@ -67,7 +65,8 @@ const char *ea_isa_name(ea_isa isa) {
 }
 
 int ea_isa_parse(const char *name, ea_isa *out) {
-    static const ea_isa all[] = {EA_ISA_SCALAR, EA_ISA_AVX2, EA_ISA_NEON, EA_ISA_NEON_DOTPROD};
+    static const ea_isa all[] = {EA_ISA_SCALAR,      EA_ISA_AVX2, EA_ISA_AVX2_VNNI, EA_ISA_AVX512_VNNI,
+                                 EA_ISA_NEON,        EA_ISA_NEON_DOTPROD};
     if (!name) return EA_KERR_ISA_UNKNOWN;
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         if (strcmp(name, ea_isa_name(all[i])) == 0) {
@@ -79,17 +78,36 @@ int ea_isa_parse(const char *name, ea_isa *out) {
     return EA_KERR_ISA_UNKNOWN;
 }
 
-int ea_isa_select(ea_isa *out) {
-    const char *env = getenv("EDGEACT_ISA");
-    if (env && *env) return ea_isa_parse(env, out);
-    *out = ea_isa_detect();
+static ea_isa best(int no_avx512, int no_vnni) {
+    for (int i = 0; i < N_TABLES; i++) {
+        const ea_isa isa = tables[i]->isa;
+        if ((no_avx512 && isa == EA_ISA_AVX512_VNNI) ||
+            (no_vnni && (isa == EA_ISA_AVX512_VNNI || isa == EA_ISA_AVX2_VNNI)))
+            continue;
+        if (tables[i]->available()) return isa;
+    }
+    return EA_ISA_SCALAR;
+}
+
+ea_isa ea_isa_detect(void) { return best(0, 0); }
+
+int ea_isa_choose(const char *forced, int no_avx512, int no_vnni, ea_isa *out) {
+    if (forced && *forced) return ea_isa_parse(forced, out);
+    *out = best(no_avx512, no_vnni);
     return EA_KOK;
+}
+
+int ea_isa_select(ea_isa *out) {
+    ea_settings set;
+    ea_settings_read(&set);
+    return ea_isa_choose(set.isa, set.no_avx512, set.no_vnni, out);
 }
 
 int ea_kctx_init(ea_kctx *ctx, ea_isa isa, ea_pool *pool) {
     memset(ctx, 0, sizeof *ctx);
     if (!ea_isa_available(isa)) return EA_KERR_ISA_UNAVAILABLE;
     ctx->isa = isa;
+    ctx->k = ea_kernel_table_of(isa);
     ctx->pool = pool;
     return EA_KOK;
 }
@@ -107,11 +125,11 @@ void ea_kctx_release(ea_kctx *ctx) {
  * the sparse kernels' jumps between channel rows miss the TLB on most rows,
  * so repacks of 2 MiB or more ask for transparent huge pages (Linux, where
  * THP is "madvise"). Only whole 2 MiB pages are advised, so the resident
- * size stays the repack's size. EDGEACT_NO_HUGEPAGE turns it off. */
+ * size stays the repack's size. EDGEACT_NO_HUGEPAGE turns it off (platform.h). */
 void *ea_alloc_weights(size_t bytes) {
     const size_t huge = (size_t)2 << 20;
     void *p = NULL;
-    if (bytes >= huge && !getenv("EDGEACT_NO_HUGEPAGE")) {
+    if (bytes >= huge && ea_platform()->hugepages) {
         if (posix_memalign(&p, huge, bytes)) return NULL;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
         madvise(p, bytes & ~(huge - 1), MADV_HUGEPAGE);

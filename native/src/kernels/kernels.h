@@ -1,6 +1,6 @@
 /* edgeact compute kernels: the one header the executor uses.
  *
- * API notes for native-core (keep in sync with the report):
+ * Conventions:
  *  - Every kernel takes an ea_kctx (ISA + optional thread pool + scratch).
  *    One ea_kctx must not be used by two threads at once.
  *  - Functions returning int return EA_KOK (0) or a negative EA_KERR_*;
@@ -10,8 +10,6 @@
  *  - MatMulNBits semantics are onnxruntime's accuracy_level=4: each row of x
  *    is quantized to int8 per block of block_size along K (scale = absmax/127,
  *    round to nearest even), dotted in integers with the weights, then scaled.
- *  - Changes after the first commit: the activation-sparse section at the
- *    end was added (issue 5); nothing above it changed.
  */
 #ifndef EDGEACT_KERNELS_H
 #define EDGEACT_KERNELS_H
@@ -37,24 +35,44 @@ enum {
 const char *ea_kernels_strerror(int code);
 
 /* ---- ISA selection ----------------------------------------------------- */
+/* The kernel variants: each is one table of kernels (internal.h, ea_kernel_table) chosen
+ * once per model; variants of one layout family share weight repacks. */
 typedef enum {
-    EA_ISA_SCALAR = 0,
-    EA_ISA_AVX2 = 1,        /* x86-64 AVX2 + FMA (+F16C for fp16) */
-    EA_ISA_NEON = 2,        /* aarch64 baseline Advanced SIMD (smull/sadalp) */
-    EA_ISA_NEON_DOTPROD = 3 /* aarch64 with the dot-product extension (sdot) */
+    EA_ISA_SCALAR = 0,       /* the references (kernels/ref/) */
+    EA_ISA_AVX2 = 1,         /* x86-64 AVX2 + FMA + F16C */
+    EA_ISA_NEON = 2,         /* aarch64 baseline Advanced SIMD (smull/sadalp) */
+    EA_ISA_NEON_DOTPROD = 3, /* aarch64 with the dot-product extension (sdot) */
+    EA_ISA_AVX2_VNNI = 4,    /* AVX2 with AVX-VNNI (vpdpbusd) */
+    EA_ISA_AVX512_VNNI = 5   /* AVX-512 F/BW/VL with VNNI */
 } ea_isa;
 
-ea_isa ea_isa_detect(void);          /* best ISA this CPU runs */
-int ea_isa_available(ea_isa isa);    /* 1 if this CPU/build can run it */
-const char *ea_isa_name(ea_isa isa); /* "scalar", "avx2", "neon", "neon-dotprod" */
+/* Every variant this build has, best first (at most cap); the count. */
+int ea_isa_list(ea_isa *out, int cap);
+ea_isa ea_isa_detect(void);          /* the best variant this CPU runs */
+int ea_isa_available(ea_isa isa);    /* 1 if this CPU and build can run it */
+/* "scalar", "avx2", "avx2-vnni", "avx512-vnni", "neon", "neon-dotprod" */
+const char *ea_isa_name(ea_isa isa);
+/* The weight layout a variant reads: EA_ISA_AVX2 for the x86 variants, EA_ISA_NEON for the arm
+ * ones, EA_ISA_SCALAR (the file layout). */
+static inline ea_isa ea_isa_layout(ea_isa isa) {
+    return isa == EA_ISA_AVX2_VNNI || isa == EA_ISA_AVX512_VNNI ? EA_ISA_AVX2
+           : isa == EA_ISA_NEON_DOTPROD                         ? EA_ISA_NEON
+                                                                : isa;
+}
 /* Parses an ISA name into *out; EA_KERR_ISA_UNKNOWN or EA_KERR_ISA_UNAVAILABLE. */
 int ea_isa_parse(const char *name, ea_isa *out);
-/* EDGEACT_ISA from the environment if set (errors as ea_isa_parse), else detect. */
+/* The variant a model runs: the name `forced` when non-NULL and non-empty (errors as
+ * ea_isa_parse), else the best available one, skipping avx512-vnni when no_avx512 and the
+ * VNNI variants when no_vnni (the settings EDGEACT_ISA, EDGEACT_NO_AVX512, EDGEACT_NO_VNNI). */
+int ea_isa_choose(const char *forced, int no_avx512, int no_vnni, ea_isa *out);
+/* ea_isa_choose with those settings read from the environment now (tests and tools). */
 int ea_isa_select(ea_isa *out);
 
 /* ---- kernel context ------------------------------------------------------ */
+struct ea_kernel_table;
 typedef struct ea_kctx {
     ea_isa isa;
+    const struct ea_kernel_table *k; /* isa's kernels */
     ea_pool *pool;      /* borrowed; NULL runs everything on the caller */
     void *scratch;      /* owned, grown on demand (quantized activations, scores) */
     size_t scratch_cap;
@@ -104,7 +122,7 @@ void ea_qweight_release(ea_qweight *w);
 /* y[M, N] = MatMulNBits(x[M, K], w). M == 1 is the decode GEMV, M > 1 the
  * prefill GEMM (each weight block is reused across rows of x). Splits N over
  * the pool. EA_KERR_LAYOUT if w was prepared for a different SIMD family
- * than ctx->isa (a scalar ctx runs any weight). */
+ * layout than ctx->isa (a scalar ctx runs any weight). */
 int ea_qmatmul(ea_kctx *ctx, const ea_qweight *w, const float *x, int M, float *y);
 
 /* The same product at accuracy_level 0..3 (onnxruntime's CompFp32): float x
@@ -148,6 +166,10 @@ int ea_attention(ea_kctx *ctx, const float *q, int S, int H, int hd,
                  const float *k_cache, const float *v_cache, int kv_heads, int capacity,
                  int pos0, float scale, float *out);
 
+/* y = GELU(x), tanh form (Gelu approximate="tanh"); y may alias x. ea_gelu_tanh_scalar is the
+ * reference every ISA's variant holds within 1e-6 (absolute, plus 1e-6 relative). */
+void ea_gelu_tanh(const ea_kctx *ctx, const float *x, size_t n, float *y);
+void ea_gelu_tanh_scalar(const float *x, size_t n, float *y);
 /* y = silu(g) * u = g * sigmoid(g) * u (y may alias g or u); u NULL: y = silu(g). */
 void ea_silu_mul(const ea_kctx *ctx, const float *g, const float *u, size_t n, float *y);
 /* y = a + b elementwise, same length (y may alias a or b). */
@@ -160,31 +182,28 @@ int ea_embed_f32(const ea_kctx *ctx, const float *table, int vocab, int dim,
 int ea_embed_f16(const ea_kctx *ctx, const uint16_t *table, int vocab, int dim,
                  const int64_t *ids, int n, float *out);
 
-/* ---- activation-sparse MatMulNBits (issue 5) ---------------------------
+/* ---- activation-sparse MatMulNBits ------------------------------------------
  * Results equal ea_qmatmul on x with the inactive entries zeroed, bit for
  * bit: blocks are quantized from their active entries only (zeros do not
  * move absmax and quantize to 0) and summed in the same order. */
 
 /* Active fraction of K above which ea_sparse_qgemv hands over to the dense
- * kernel. bench_kernels, int4 block 32, fp16 scales, AVX2 64-row tiles,
- * repacks on huge pages, 2 threads, speed-up over dense at 30/50/60%
- * active: 2048x5632 2.08/1.39/1.15x; 5632x2048 1.81/1.17/0.98x; 2048x2048
- * 1.90/1.19/1.00x. Matrices with short channel-major rows (N <
- * EA_SPARSE_LONG_N, 1 KB at N = 2048) stop paying near 60% active, long
- * ones near 70%. */
+ * kernel (the fixed rule; the runtime measures its choice, sparse/tune.h):
+ * matrices with short channel-major rows (N < EA_SPARSE_LONG_N) stop paying
+ * near 60% active, long ones near 70% (docs/performance.md, "fixed crossover"). */
 #define EA_SPARSE_DENSE_CROSSOVER 0.65f
 #define EA_SPARSE_SHORT_CROSSOVER 0.55f
 #define EA_SPARSE_LONG_N 4096
 /* Below this many outputs ea_sparse_qgemv runs the dense kernel (when given):
- * with a few 64-row tiles per thread the per-block work dominates (TinyLlama
- * k/v_proj, N=256, 2 threads, 50% active: 0.66 ms sparse vs 0.40 ms dense). */
+ * with a few 64-row tiles per thread the per-block work dominates
+ * (docs/performance.md, "EA_SPARSE_MIN_N"). */
 #define EA_SPARSE_MIN_N 512
 /* EDGEACT_SPARSE_STATIC's rule for ea_qgemv_rows (CATS up_proj): below this share of the
- * rows it beats the dense GEMV (bench_kernels, "output rows"), given N >= EA_SPARSE_MIN_N */
+ * rows it beats the dense GEMV, given N >= EA_SPARSE_MIN_N (docs/performance.md, "output rows") */
 #define EA_ROWS_STATIC_SHARE 0.5f
 /* Fraction of output rows above which ea_qgemv_rows is slower than the
- * dense GEMV (same benchmark: break-even at ~55-60% of rows); the caller
- * chooses, since the dense kernel also writes the unlisted rows. */
+ * dense GEMV; the caller chooses, since the dense kernel also writes the
+ * unlisted rows. */
 #define EA_ROWS_DENSE_CROSSOVER 0.55f
 
 /* Channel-major copy of an int4 ea_qweight: for each input channel k the N

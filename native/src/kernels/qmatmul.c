@@ -1,10 +1,6 @@
-/* MatMulNBits (accuracy_level 4): weight preparation, activation
- * quantization, the scalar reference and the threaded dispatch.
- *
- * Every path computes, per output (m, n),
- *   acc = 0; for each block b: acc = fma(sx[m,b] * sw[n,b], (float)idot, acc)
- * with idot = sum_k xq*wq - zp*sumx[m,b] exact in int32, so SIMD results are
- * bit-identical to the scalar ones whatever the lane order inside a block. */
+/* MatMulNBits (accuracy_level 4): weight preparation (the SIMD repack), activation
+ * quantization and the threaded driver; the kernels are the context's table (the reference
+ * and its arithmetic: ref/qmatmul.c). */
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
@@ -15,11 +11,6 @@
 static int valid_shape(int K, int N, int bits, int block_size) {
     return K > 0 && N > 0 && (bits == 4 || bits == 8) &&
            (block_size == 32 || block_size == 64 || block_size == 128);
-}
-
-/* neon and neon-dotprod share the packed layout */
-static int isa_family(ea_isa isa) {
-    return isa == EA_ISA_NEON_DOTPROD ? EA_ISA_NEON : (int)isa;
 }
 
 /* Scales are kept as fp16 when that loses nothing (converters round them to
@@ -93,82 +84,10 @@ void ea_qweight_release(ea_qweight *w) {
     w->packed_f16 = 0;
 }
 
-void ea_quantize_row_scalar(const float *x, int K, int bs, int8_t *xq, float *sx, int32_t *sumx,
-                            int interleave) {
-    const int nb = (K + bs - 1) / bs;
-    for (int b = 0; b < nb; b++) {
-        const int k0 = b * bs, len = K - k0 < bs ? K - k0 : bs;
-        float amax = 0.0f;
-        int finite = 1;
-        for (int i = 0; i < len; i++) {
-            const float a = fabsf(x[k0 + i]);
-            finite &= a <= FLT_MAX; /* false for inf and nan */
-            amax = fmaxf(amax, a);
-        }
-        /* onnxruntime (MLAS QuantizeARow_CompInt8): scale = amax/127 but the
-         * codes use 127/amax, not 1/scale; the two differ by an ulp often
-         * enough to move exact ties (fp16/Q8_0 embeddings make many). A
-         * block holding inf/nan gets codes 0 and a nan scale, so every
-         * output it feeds is nan (as in float math) without converting a
-         * non-finite float to int. */
-        const float scale = finite ? amax / 127.0f : NAN;
-        float inv = finite && amax != 0.0f ? 127.0f / amax : 0.0f;
-        if (inv > FLT_MAX) inv = 0.0f; /* amax < 4e-37: the block counts as zero */
-        int32_t sum = 0;
-        int8_t *q = xq + k0;
-        for (int i = 0; i < bs; i++) {
-            int v = 0;
-            if (i < len && inv != 0.0f) { /* finite block: |x*inv| <= 127 + rounding */
-                const float r = nearbyintf(x[k0 + i] * inv);
-                v = r > 127.0f ? 127 : r < -128.0f ? -128 : (int)r;
-            }
-            sum += v;
-            /* even elements of each 32-chunk first, then the odd ones */
-            int pos = interleave ? (i & ~31) + ((i & 1) ? 16 : 0) + ((i & 31) >> 1) : i;
-            q[pos] = (int8_t)v;
-        }
-        sx[b] = scale;
-        sumx[b] = sum;
-    }
-}
-
-/* The nibble/byte of row n, element k (file layout). */
-static inline int wq_at(const ea_qweight *w, int n, int k) {
-    const size_t row = (size_t)n * w->n_blocks * w->block_size; /* elements */
-    if (w->bits == 8) return w->data[row + k];
-    uint8_t byte = w->data[(row + k) / 2];
-    return (k & 1) ? byte >> 4 : byte & 15;
-}
-
-void ea_qmatmul_rows_scalar(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1) {
-    const int bs = w->block_size, nb = w->n_blocks, kp = nb * bs;
-    for (int m = 0; m < a->M; m++) {
-        const int8_t *xq = a->xq + (size_t)m * kp;
-        for (int n = n0; n < n1; n++) {
-            float acc = 0.0f;
-            for (int b = 0; b < nb; b++) {
-                int32_t dot = 0;
-                for (int i = 0; i < bs; i++) dot += (int32_t)xq[b * bs + i] * wq_at(w, n, b * bs + i);
-                dot -= ea_qweight_zp(w, n, b) * a->sumx[(size_t)m * nb + b];
-                const float s = a->sx[(size_t)m * nb + b] * w->scales[(size_t)n * nb + b];
-                acc = fmaf(s, (float)dot, acc);
-            }
-            y[(size_t)m * w->N + n] = acc;
-        }
-    }
-}
-
 int ea_quantize_act(ea_kctx *ctx, const float *x, int K, int block_size,
                     int8_t *xq, float *sx, int32_t *sumx) {
     if (K <= 0 || (block_size != 32 && block_size != 64 && block_size != 128)) return EA_KERR_ARG;
-#if EA_X86
-    if (ctx->isa == EA_ISA_AVX2) {
-        ea_quantize_row_avx2(x, K, block_size, xq, sx, sumx, 0);
-        return EA_KOK;
-    }
-#endif
-    (void)ctx;
-    ea_quantize_row_scalar(x, K, block_size, xq, sx, sumx, 0);
+    ctx->k->quantize_row(x, K, block_size, xq, sx, sumx, 0);
     return EA_KOK;
 }
 
@@ -188,27 +107,13 @@ static void qmatmul_task(void *arg, int task, int thread) {
     int n0 = u0 * EA_NCHUNK, n1 = u1 * EA_NCHUNK;
     if (n1 > j->w->N) n1 = j->w->N;
     if (n0 >= n1) return;
-    switch (j->ctx->isa) {
-#if EA_X86
-    case EA_ISA_AVX2:
-        ea_qmatmul_groups_avx2(j->w, j->a, j->y, n0 / EA_QROWS, (n1 + EA_QROWS - 1) / EA_QROWS);
-        return;
-#endif
-#if EA_ARM64
-    case EA_ISA_NEON:
-    case EA_ISA_NEON_DOTPROD:
-        ea_qmatmul_groups_neon(j->w, j->a, j->y, n0 / EA_QROWS, (n1 + EA_QROWS - 1) / EA_QROWS,
-                               j->ctx->isa == EA_ISA_NEON_DOTPROD);
-        return;
-#endif
-    default: ea_qmatmul_rows_scalar(j->w, j->a, j->y, n0, n1);
-    }
+    j->ctx->k->qmatmul(j->w, j->a, j->y, n0, n1);
 }
 
 int ea_qmatmul(ea_kctx *ctx, const ea_qweight *w, const float *x, int M, float *y) {
     const int simd = ea_is_simd(ctx->isa);
     if (M <= 0 || !w || (!w->data && !(simd && w->packed))) return EA_KERR_ARG; /* SIMD reads the repack only */
-    if (simd && (!w->packed || isa_family(w->isa) != isa_family(ctx->isa))) return EA_KERR_LAYOUT;
+    if (simd && (!w->packed || ea_isa_layout(w->isa) != ea_isa_layout(ctx->isa))) return EA_KERR_LAYOUT;
     const int nb = w->n_blocks, kp = nb * w->block_size;
     const size_t xq_bytes = ((size_t)M * kp + 63) & ~(size_t)63;
     const size_t per_row = (size_t)nb * (sizeof(float) + sizeof(int32_t));
@@ -221,13 +126,7 @@ int ea_qmatmul(ea_kctx *ctx, const ea_qweight *w, const float *x, int M, float *
     for (int m = 0; m < M; m++) {
         const float *xr = x + (size_t)m * w->K;
         int8_t *q = a.xq + (size_t)m * kp;
-#if EA_X86
-        if (ctx->isa == EA_ISA_AVX2) {
-            ea_quantize_row_avx2(xr, w->K, w->block_size, q, a.sx + (size_t)m * nb, a.sumx + (size_t)m * nb, interleave);
-            continue;
-        }
-#endif
-        ea_quantize_row_scalar(xr, w->K, w->block_size, q, a.sx + (size_t)m * nb, a.sumx + (size_t)m * nb, interleave);
+        ctx->k->quantize_row(xr, w->K, w->block_size, q, a.sx + (size_t)m * nb, a.sumx + (size_t)m * nb, interleave);
     }
     const int units = (w->N + EA_NCHUNK - 1) / EA_NCHUNK;
     /* a few tasks per thread, claimed dynamically: when a teammate's process

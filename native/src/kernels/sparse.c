@@ -1,5 +1,5 @@
-/* Activation-sparse MatMulNBits: the channel-major repack, quantization of
- * the active entries, scalar kernels and dispatch.
+/* Activation-sparse MatMulNBits: the channel-major repack and the threaded
+ * drivers (the kernels: the context's table; references in ref/sparse.c).
  *
  * Input sparsity (ea_sparse_qgemv): for each block holding active channels,
  * the channels' N-wide weight columns are combined in integers, then the
@@ -116,112 +116,6 @@ static int strictly_increasing(const int32_t *idx, int n, int limit) {
     return 1;
 }
 
-/* nearbyintf for |v| < 2^22 in the default rounding mode (ties to even). Baseline x86-64 has
- * no rounding instruction, so nearbyintf was a libm call per active channel, the largest part
- * of this serial pass; there, adding 1.5 * 2^23 leaves no fraction bits. Only there: with
- * FMA the compiler may fuse the caller's multiply into the add (skipping its rounding), and
- * x87 adds in extended precision; targets with a rounding instruction inline nearbyintf. */
-#if defined(__x86_64__) && !defined(__SSE4_1__) && !defined(__FMA__) && FLT_EVAL_METHOD == 0
-static inline float round_even_small(float v) {
-    const float magic = 12582912.0f;
-    return (v + magic) - magic;
-}
-#else
-static inline float round_even_small(float v) { return nearbyintf(v); }
-#endif
-
-/* Quantizes the active entries block by block with the arithmetic of
- * ea_quantize_row_scalar; blocks whose active entries are all zero are
- * dropped (they contribute exactly nothing). */
-static void quantize_active(const float *x, int bs, const int32_t *active, int n_active, ea_sparse_act *a) {
-    a->n_blocks = 0;
-    int i = 0, out = 0;
-    while (i < n_active) {
-        const int b = active[i] / bs;
-        const int b_end = (b + 1) * bs; /* the list ascends: a compare, not a division per entry */
-        int e = i;
-        float amax = 0.0f;
-        int finite = 1;
-        for (; e < n_active && active[e] < b_end; e++) {
-            const float v = fabsf(x[active[e]]);
-            finite &= v <= FLT_MAX;
-            amax = v > amax ? v : amax; /* fmaxf without the call; a nan is caught by finite */
-        }
-        float inv = finite && amax != 0.0f ? 127.0f / amax : 0.0f;
-        if (inv > FLT_MAX) inv = 0.0f;
-        if (!finite || inv != 0.0f) { /* non-finite: a nan scale with no entries poisons the outputs */
-            const float scale = finite ? amax / 127.0f : NAN;
-            int32_t sum = 0;
-            const int start = out;
-            for (int j = i; j < e && finite; j++) {
-                const float r = round_even_small(x[active[j]] * inv); /* |x * inv| <= 127 + an ulp */
-                const int v = r > 127.0f ? 127 : r < -128.0f ? -128 : (int)r;
-                if (!v) continue; /* a zero contributes nothing to the integer dot */
-                a->ch[out] = active[j];
-                a->q[out++] = (int8_t)v;
-                sum += v;
-            }
-            a->blk[a->n_blocks] = b;
-            a->start[a->n_blocks] = start;
-            a->sx[a->n_blocks] = scale;
-            a->sumx[a->n_blocks++] = sum;
-        }
-        i = e;
-    }
-    a->start[a->n_blocks] = out;
-}
-
-/* Groups each block's entries in quads for the x86 kernels; a short last
- * quad repeats its first channel with value 0 (adds nothing). */
-static void make_quads(const ea_sparse_act *a, size_t row_bytes, ea_sparse_act *out) {
-    int nq = 0;
-    for (int ab = 0; ab < a->n_blocks; ab++) {
-        out->qstart[ab] = nq;
-        for (int j = a->start[ab]; j < a->start[ab + 1]; j += 4, nq++) {
-            uint32_t packed = 0;
-            for (int c = 0; c < 4; c++) {
-                const int e = j + c < a->start[ab + 1] ? j + c : j;
-                out->qoff[4 * (size_t)nq + c] = (size_t)a->ch[e] * row_bytes;
-                if (e == j + c) packed |= (uint32_t)(uint8_t)a->q[e] << (8 * c);
-            }
-            out->qx[nq] = (int32_t)packed;
-        }
-    }
-    out->qstart[a->n_blocks] = nq;
-}
-
-void ea_sparse_prep_scalar(const float *x, int bs, const int32_t *active, int n_active, size_t row_bytes, int quads,
-                           ea_sparse_act *a) {
-    quantize_active(x, bs, active, n_active, a);
-    if (quads) make_quads(a, row_bytes, a);
-}
-
-void ea_sparse_tiles_scalar(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
-    const int np = cm->n_pad;
-    for (int t = t0; t < t1; t++) {
-        float acc[EA_CM_TILE] = {0};
-        for (int ab = 0; ab < a->n_blocks; ab++) {
-            int32_t idot[EA_CM_TILE] = {0};
-            for (int j = a->start[ab]; j < a->start[ab + 1]; j++) {
-                const uint8_t *col = cm->data + (size_t)a->ch[j] * (np / 2) + t * EA_CM_TILE / 2;
-                for (int n = 0; n < EA_CM_TILE; n++)
-                    idot[n] += a->q[j] * ((n & 1) ? col[n / 2] >> 4 : col[n / 2] & 15);
-            }
-            const size_t sb = (size_t)a->blk[ab] * np + t * EA_CM_TILE;
-            for (int lane = 0; lane < EA_CM_TILE; lane++) {
-                const int n = ea_cm_lane_n(cm->isa, lane);
-                const int zp = cm->zero_points ? cm->zero_points[sb + lane] : 8;
-                const float s = a->sx[ab] * ea_cm_scale(cm, sb + lane);
-                acc[lane] = fmaf(s, (float)(idot[n] - zp * a->sumx[ab]), acc[lane]);
-            }
-        }
-        for (int lane = 0; lane < EA_CM_TILE; lane++) {
-            const int n = t * EA_CM_TILE + ea_cm_lane_n(cm->isa, lane);
-            if (n < cm->N) y[n] = acc[lane];
-        }
-    }
-}
-
 typedef struct {
     const ea_kctx *ctx;
     const ea_qweight_cm *cm;
@@ -250,57 +144,16 @@ static void sparse_task(void *arg, int task, int thread) {
     int t1 = 2 * (int)((long)pairs * (task + 1) / j->n_tasks);
     if (t1 > j->tiles) t1 = j->tiles;
     if (t0 >= t1) return;
-    switch (j->ctx->isa) {
-#if EA_X86
-    case EA_ISA_AVX2: ea_sparse_tiles_avx2(j->cm, j->a, j->y, t0, t1); break;
-#endif
-#if EA_ARM64
-    case EA_ISA_NEON:
-    case EA_ISA_NEON_DOTPROD: ea_sparse_tiles_neon(j->cm, j->a, j->y, t0, t1); break;
-#endif
-    default: ea_sparse_tiles_scalar(j->cm, j->a, j->y, t0, t1);
-    }
+    j->ctx->k->sparse_tiles(j->cm, j->a, j->y, t0, t1);
     /* while the rows are still in this core's cache: copied later by the caller's thread,
-     * the other core's half crossed between cores (up_proj's copy was 2% of a sparse token) */
+     * the other core's half would cross between cores */
     if (j->n_outs) deliver_rows(j, t0 * EA_CM_TILE, t1 * EA_CM_TILE < j->cm->N ? t1 * EA_CM_TILE : j->cm->N);
 }
 
-static int same_family(ea_isa a, ea_isa b) {
-    if (a == EA_ISA_NEON_DOTPROD) a = EA_ISA_NEON;
-    if (b == EA_ISA_NEON_DOTPROD) b = EA_ISA_NEON;
-    return a == b;
-}
-
-const uint32_t ea_keep4_lanes[16] = {0x0, 0x0, 0x1, 0x100, 0x2, 0x200, 0x201, 0x20100,
-                                     0x3, 0x300, 0x301, 0x30100, 0x302, 0x30200, 0x30201, 0x3020100};
-const uint8_t ea_keep4_count[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
-
-int ea_sparsify_scalar(const float *x, const float *thr, int thr_step, const float *col_scale, int k0, int n,
-                       float *y, int32_t *active) {
-    int na = 0;
-    for (int k = k0; k < n; k++) {
-        /* branch-free: a data-dependent branch mispredicts half the time at 50% */
-        const int keep = fabsf(x[k]) * (col_scale ? col_scale[k] : 1.0f) >= thr[(size_t)k * thr_step];
-        y[k] = keep ? x[k] : 0.0f;
-        active[na] = k;
-        na += keep;
-    }
-    return na;
-}
 
 int ea_sparsify(const ea_kctx *ctx, const float *x, const float *thr, int thr_step, const float *col_scale, int n,
                 float *y, int32_t *active) {
-    thr_step = thr_step != 0;
-    switch (ctx->isa) {
-#if EA_X86
-    case EA_ISA_AVX2: return ea_sparsify_avx2(x, thr, thr_step, col_scale, n, y, active);
-#endif
-#if EA_ARM64
-    case EA_ISA_NEON:
-    case EA_ISA_NEON_DOTPROD: return ea_sparsify_neon(x, thr, thr_step, col_scale, n, y, active);
-#endif
-    default: return ea_sparsify_scalar(x, thr, thr_step, col_scale, 0, n, y, active);
-    }
+    return ctx->k->sparsify(x, thr, thr_step != 0, col_scale, n, y, active);
 }
 
 int ea_sparse_prefers_dense(const ea_qweight_cm *cm, int n_active) {
@@ -310,8 +163,8 @@ int ea_sparse_prefers_dense(const ea_qweight_cm *cm, int n_active) {
 
 int ea_masked_qgemv(ea_kctx *ctx, const ea_qweight *w, const float *x, const int32_t *active, int n_active, float *y) {
     if (!w || n_active < 0 || !strictly_increasing(active, n_active, w->K)) return EA_KERR_ARG;
-    /* the buffer stays zero between calls: only the active entries are written and cleared
-     * (a calloc and a K-wide clear per call on the measured choice's dense path before) */
+    /* the buffer stays zero between calls: only the active entries are written and cleared,
+     * no K-wide clear per call */
     if (ctx->masked_cap < (size_t)w->K) {
         float *p = calloc((size_t)w->K, sizeof(float));
         if (!p) return EA_KERR_NOMEM;
@@ -331,7 +184,7 @@ static int sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight 
     if (!cm || !cm->data || n_active < 0 || !strictly_increasing(active, n_active, cm->K)) return EA_KERR_ARG;
     /* the scalar kernel reads any lane order; SIMD kernels need their own */
     const ea_isa isa = ctx->isa;
-    if (isa != EA_ISA_SCALAR && !same_family(cm->isa, isa)) return EA_KERR_LAYOUT;
+    if (isa != EA_ISA_SCALAR && ea_isa_layout(cm->isa) != ea_isa_layout(isa)) return EA_KERR_LAYOUT;
     if (dense && ea_sparse_prefers_dense(cm, n_active)) return ea_masked_qgemv(ctx, dense, x, active, n_active, y);
     const int nb = cm->n_blocks;
     const size_t acc_bytes = 2 * sizeof(float) * (size_t)cm->n_pad; /* acc, dacc */
@@ -353,11 +206,7 @@ static int sparse_qgemv(ea_kctx *ctx, const ea_qweight_cm *cm, const ea_qweight 
     a.sumx = a.start + nb + 1;
     a.sx = (float *)(a.sumx + nb + 1);
     a.q = (int8_t *)(a.sx + nb + 1);
-#if EA_X86
-    if (isa == EA_ISA_AVX2) ea_sparse_prep_avx2(x, cm->block_size, active, n_active, (size_t)cm->n_pad / 2, &a);
-    else
-#endif
-        ea_sparse_prep_scalar(x, cm->block_size, active, n_active, (size_t)cm->n_pad / 2, 0, &a);
+    ctx->k->sparse_prep(x, cm->block_size, active, n_active, (size_t)cm->n_pad / 2, &a);
     const int tiles = cm->n_pad / EA_CM_TILE;
     int n_tasks = ea_pool_size(ctx->pool);
     if (n_tasks > (tiles + 1) / 2) n_tasks = (tiles + 1) / 2;
@@ -393,10 +242,6 @@ typedef struct {
     int n_rows, n_tasks;
 } rjob;
 
-void ea_rows_scalar(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y) {
-    for (int i = 0; i < n_rows; i++) ea_qmatmul_rows_scalar(w, a, y, rows[i], rows[i] + 1);
-}
-
 static void rows_task(void *arg, int task, int thread) {
     (void)thread;
     const rjob *j = arg;
@@ -405,16 +250,7 @@ static void rows_task(void *arg, int task, int thread) {
     const int q0 = (int)((long)quads * task / j->n_tasks), q1 = (int)((long)quads * (task + 1) / j->n_tasks);
     const int r0 = q0 * 4, r1 = q1 * 4 < j->n_rows ? q1 * 4 : j->n_rows;
     if (r0 >= r1) return;
-#if EA_X86
-    if (j->ctx->isa == EA_ISA_AVX2) { ea_rows_avx2(j->w, j->a, j->rows + r0, r1 - r0, j->y); return; }
-#endif
-#if EA_ARM64
-    if (j->ctx->isa != EA_ISA_SCALAR) {
-        ea_rows_neon(j->w, j->a, j->rows + r0, r1 - r0, j->y, j->ctx->isa == EA_ISA_NEON_DOTPROD);
-        return;
-    }
-#endif
-    ea_rows_scalar(j->w, j->a, j->rows + r0, r1 - r0, j->y);
+    j->ctx->k->qgemv_rows(j->w, j->a, j->rows + r0, r1 - r0, j->y);
 }
 
 int ea_qgemv_rows(ea_kctx *ctx, const ea_qweight *w, const float *x, const int32_t *rows, int n_rows, float *y) {
@@ -426,12 +262,8 @@ int ea_qgemv_rows(ea_kctx *ctx, const ea_qweight *w, const float *x, const int32
     if (!s) return EA_KERR_NOMEM;
     ea_qact a = {1, w->K, w->block_size, nb, (int8_t *)s, (float *)(s + xq_bytes),
                  (int32_t *)(s + xq_bytes + (size_t)nb * sizeof(float))};
-    const int interleave = ctx->isa != EA_ISA_SCALAR && w->bits == 4;
-#if EA_X86
-    if (ctx->isa == EA_ISA_AVX2) ea_quantize_row_avx2(x, w->K, w->block_size, a.xq, a.sx, a.sumx, interleave);
-    else
-#endif
-        ea_quantize_row_scalar(x, w->K, w->block_size, a.xq, a.sx, a.sumx, interleave);
+    const int interleave = ea_is_simd(ctx->isa) && w->bits == 4;
+    ctx->k->quantize_row(x, w->K, w->block_size, a.xq, a.sx, a.sumx, interleave);
     int n_tasks = ea_pool_size(ctx->pool);
     const int quads = (n_rows + 3) / 4;
     if (n_tasks > quads) n_tasks = quads;

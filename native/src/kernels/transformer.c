@@ -17,7 +17,7 @@ typedef struct {
     int rows, dim;
     float eps;
     size_t n;
-    ea_isa isa;
+    const ea_kernel_table *k;
     int n_tasks;
 } ew_job;
 
@@ -47,7 +47,7 @@ void ea_rmsnorm(const ea_kctx *ctx, const float *x, const float *w, int rows, in
         rmsnorm_rows(x, w, 0, rows, dim, eps, y);
         return;
     }
-    ew_job j = {x, w, NULL, y, rows, dim, eps, 0, ctx->isa, rows < 8 ? rows : 8};
+    ew_job j = {x, w, NULL, y, rows, dim, eps, 0, ctx->k, rows < 8 ? rows : 8};
     ea_pool_run(ctx->pool, rmsnorm_task, &j, j.n_tasks);
 }
 
@@ -71,42 +71,12 @@ int ea_rope(const ea_kctx *ctx, float *x, int S, int H, int head_dim, const floa
     return EA_KOK;
 }
 
-/* out[hd] = softmax(scale * K q) V over cached positions 0..L-1 (K, V rows
- * of hd floats); sc is L floats of scratch. */
-void ea_attention_row_scalar(const float *q, const float *kc, const float *vc, int hd, int L, float scale,
-                             float *sc, float *out) {
-    float mx = -INFINITY;
-    for (int t = 0; t < L; t++) {
-        const float *kr = kc + (size_t)t * hd;
-        float d[4] = {0}; /* independent chains instead of one serial sum */
-        int i = 0;
-        for (; i + 4 <= hd; i += 4)
-            for (int l = 0; l < 4; l++) d[l] += q[i + l] * kr[i + l];
-        for (; i < hd; i++) d[0] += q[i] * kr[i];
-        sc[t] = ((d[0] + d[1]) + (d[2] + d[3])) * scale;
-        if (sc[t] > mx) mx = sc[t];
-    }
-    float sum = 0.0f;
-    for (int t = 0; t < L; t++) {
-        sc[t] = expf(sc[t] - mx);
-        sum += sc[t];
-    }
-    const float inv = 1.0f / sum;
-    memset(out, 0, sizeof(float) * (size_t)hd);
-    for (int t = 0; t < L; t++) {
-        const float p = sc[t];
-        const float *vr = vc + (size_t)t * hd;
-        for (int i = 0; i < hd; i++) out[i] += p * vr[i];
-    }
-    for (int i = 0; i < hd; i++) out[i] *= inv;
-}
-
 typedef struct {
     const float *q, *k, *v;
     float *out, *scores; /* scores: capacity floats per thread */
     int S, H, hd, kv_heads, capacity, pos0;
     float scale;
-    ea_isa isa;
+    const ea_kernel_table *kern;
 } attn_job;
 
 static void attention_head(void *arg, int task, int thread) {
@@ -121,13 +91,7 @@ static void attention_head(void *arg, int task, int thread) {
         const float *qv = j->q + ((size_t)s * j->H + h) * j->hd;
         float *o = j->out + ((size_t)s * j->H + h) * j->hd;
         const int L = j->pos0 + s + 1; /* causal: positions 0 .. pos0+s */
-#if EA_X86
-        if (j->isa == EA_ISA_AVX2) {
-            ea_attention_row_avx2(qv, kc, vc, j->hd, L, j->scale, sc, o);
-            continue;
-        }
-#endif
-        ea_attention_row_scalar(qv, kc, vc, j->hd, L, j->scale, sc, o);
+        j->kern->attention_row(qv, kc, vc, j->hd, L, j->scale, sc, o);
     }
 }
 
@@ -143,41 +107,42 @@ int ea_attention(ea_kctx *ctx, const float *q, int S, int H, int hd, const float
     const int threads = ea_pool_size(ctx->pool);
     float *scores = ea_scratch(ctx, sizeof(float) * (size_t)capacity * threads);
     if (!scores) return EA_KERR_NOMEM;
-    attn_job j = {q, k_cache, v_cache, out, scores, S, H, hd, kv_heads, capacity, pos0, scale, ctx->isa};
+    attn_job j = {q, k_cache, v_cache, out, scores, S, H, hd, kv_heads, capacity, pos0, scale, ctx->k};
     const double macs = 2.0 * H * hd * ((double)S * pos0 + (double)S * (S + 1) / 2);
     ea_pool_run(macs >= EA_ATTN_PARALLEL_MACS ? ctx->pool : NULL, attention_head, &j, H);
     return EA_KOK;
-}
-
-void ea_silu_mul_scalar(const float *g, const float *u, size_t n, float *y) {
-    for (size_t i = 0; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * (u ? u[i] : 1.0f);
-}
-
-static void silu_span(ea_isa isa, const float *g, const float *u, size_t n, float *y) {
-#if EA_X86
-    if (isa == EA_ISA_AVX2) {
-        ea_silu_mul_avx2(g, u, n, y);
-        return;
-    }
-#endif
-    (void)isa;
-    ea_silu_mul_scalar(g, u, n, y);
 }
 
 static void silu_task(void *arg, int task, int thread) {
     (void)thread;
     const ew_job *j = arg;
     const size_t a = j->n * task / j->n_tasks, b = j->n * (task + 1) / j->n_tasks;
-    silu_span(j->isa, j->x + a, j->u ? j->u + a : NULL, b - a, j->y + a);
+    j->k->silu_mul(j->x + a, j->u ? j->u + a : NULL, b - a, j->y + a);
 }
 
 void ea_silu_mul(const ea_kctx *ctx, const float *g, const float *u, size_t n, float *y) {
     if (n < EA_ELEMWISE_PARALLEL) {
-        silu_span(ctx->isa, g, u, n, y);
+        ctx->k->silu_mul(g, u, n, y);
         return;
     }
-    ew_job j = {g, NULL, u, y, 0, 0, 0.0f, n, ctx->isa, 8};
+    ew_job j = {g, NULL, u, y, 0, 0, 0.0f, n, ctx->k, 8};
     ea_pool_run(ctx->pool, silu_task, &j, j.n_tasks);
+}
+
+static void gelu_task(void *arg, int task, int thread) {
+    (void)thread;
+    const ew_job *j = arg;
+    const size_t a = j->n * task / j->n_tasks, b = j->n * (task + 1) / j->n_tasks;
+    j->k->gelu_tanh(j->x + a, b - a, j->y + a);
+}
+
+void ea_gelu_tanh(const ea_kctx *ctx, const float *x, size_t n, float *y) {
+    if (n < EA_ELEMWISE_PARALLEL) {
+        ctx->k->gelu_tanh(x, n, y);
+        return;
+    }
+    ew_job j = {x, NULL, NULL, y, 0, 0, 0.0f, n, ctx->k, 8};
+    ea_pool_run(ctx->pool, gelu_task, &j, j.n_tasks);
 }
 
 void ea_add(const ea_kctx *ctx, const float *a, const float *b, size_t n, float *y) {

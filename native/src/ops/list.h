@@ -18,4 +18,11 @@ EA_OP(SILU, silu)           /* silu.c: Sigmoid/Mul fused (passes.c) */
 EA_OP(STEER, steer)
 EA_OP(SPARSIFY, sparsify)
 EA_OP(NEURON_MASK, neuron_mask)
+EA_OP(GELU, gelu)
+EA_OP(HEAD_RMSNORM, head_rmsnorm)
+EA_OP(GATHER_BQ, gather_bq)  /* gather_block_quantized.c: the lookup in a tied model's one table */
+EA_OP(RESHAPE, reshape)     /* of an initializer: a view, no step */
+EA_OP(SLICE, slice)
+EA_OP(TANH, tanh)           /* tanh.c */
+EA_OP(DIV, div)             /* tanh.c: by a scalar initializer */
 EA_OP(NOP, nop)             /* table.c: a node folded into another step (Cast of a weight, fused nodes) */

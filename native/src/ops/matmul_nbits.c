@@ -3,11 +3,87 @@
  * (ea_qmatmul_f32act on the file layout). Behind a Sparsify, CoreInfer mask or CATS gate the
  * rows may take a sparse path: sparse/ decides and runs it, with the same bits. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "../sparse/sparse.h"
 #include "../weights.h"
 #include "ops.h"
+
+/* float32 x rounded half away from zero to `bits` significant bits */
+static float round_significand(float x, int bits) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    const int drop = 24 - bits;
+    u = (u + (1u << (drop - 1))) & ~((1u << drop) - 1u);
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* Float zero points (MatMulNBits zero points of the scales' type; 4-bit, as onnxruntime's CPU
+ * kernel): each block's minimum m = -zp*scale, rounded to 11 (fp16) or 17 significant bits when
+ * every minimum of the weight is within one float32 ulp of such a value (converters/quantize.py's
+ * block_minimums, the numpy reference). Stored block-major for run()'s add; the integer kernels
+ * get zero points 0. */
+static int float_minimums(ea_planner *b, const onnx_node *nd, step *st, const onnx_tensor *Z, const float *scales,
+                          int N, int nb, int bits, int bs) {
+    (void)bs;
+    if (bits != 4) NODE_FAIL("float zero_points '%s' need bits 4 (onnxruntime has none for 8-bit)", Z->name);
+    if ((int64_t)ea_numel(Z) != (int64_t)N * nb)
+        NODE_FAIL("float zero_points '%s' has %d elements, expected N x blocks = %lld", Z->name, ea_numel(Z),
+                  (long long)N * nb);
+    const float *zf = (const float *)Z->data;
+    const size_t n = (size_t)N * nb;
+    st->qmin = malloc(n * sizeof(float));
+    st->qzero = calloc((size_t)N * ((nb + 1) / 2), 1);
+    if (!st->qmin || !st->qzero) NODE_FAIL("out of memory for the block minimums");
+    int keep = 0; /* significant bits kept: 0 = all */
+    static const int choices[2] = {11, 17};
+    for (int c = 0; c < 2 && !keep; c++) {
+        int ok = 1;
+        for (size_t i = 0; i < n && ok; i++) {
+            const float mn = -(zf[i] * scales[i]);
+            if (!isfinite(mn)) NODE_FAIL("float zero_points '%s' give a non-finite minimum at %zu", Z->name, i);
+            const float r = round_significand(mn, choices[c]);
+            ok = fabsf(r - mn) <= nextafterf(fabsf(mn), INFINITY) - fabsf(mn);
+        }
+        if (ok) keep = choices[c];
+    }
+    for (int r = 0; r < N; r++)
+        for (int k = 0; k < nb; k++) {
+            const size_t i = (size_t)r * nb + k;
+            const float mn = -(zf[i] * scales[i]);
+            st->qmin[(size_t)k * N + r] = keep ? round_significand(mn, keep) : mn;
+        }
+    return 0;
+}
+
+/* Per row and block, the input's sum over the block (sums[rows][nb]), taken before the kernel
+ * runs: the output may share the input's buffer. */
+static void block_sums(const step *st, const float *a, int rows, float *sums) {
+    const int K = st->K, bs = st->qw.block_size, nb = st->qw.n_blocks;
+    for (int r = 0; r < rows; r++)
+        for (int k = 0; k < nb; k++) {
+            const float *x = a + (size_t)r * K;
+            float sum = 0.0f;
+            const int k1 = (k + 1) * bs < K ? (k + 1) * bs : K;
+            for (int j = k * bs; j < k1; j++) sum += x[j];
+            sums[(size_t)r * nb + k] = sum;
+        }
+}
+
+/* y[rows, N] += per block b: sums[r][b] * qmin[b, :], in one fixed order (the same bits
+ * whatever kernel ran the codes) */
+static void add_minimums(const step *st, const float *sums, float *y, int rows) {
+    const int N = st->N, nb = st->qw.n_blocks;
+    for (int r = 0; r < rows; r++) {
+        float *yr = y + (size_t)r * N;
+        for (int k = 0; k < nb; k++) {
+            const float sum = sums[(size_t)r * nb + k], *mn = st->qmin + (size_t)k * N;
+            for (int n = 0; n < N; n++) yr[n] += sum * mn[n];
+        }
+    }
+}
 
 static int plan(ea_planner *b, const onnx_node *nd, step *st) {
     ea_model *m = b->m;
@@ -43,13 +119,20 @@ static int plan(ea_planner *b, const onnx_node *nd, step *st) {
     const uint8_t *zp = NULL;
     size_t zp_bytes = 0;
     if (zpv >= 0) {
-        const onnx_tensor *Z = ea_need_const(b, nd, 3, zpv, ONNX_UINT8, -1);
+        const onnx_tensor *Z = ea_need_const(b, nd, 3, zpv, 0, -1);
         if (!Z) return -1;
-        const int64_t want = (int64_t)ea_qweight_file_bytes((size_t)N, (size_t)nb, (int)bs, (int)bits).zero_points;
-        if (ea_numel(Z) != want)
-            NODE_FAIL("zero_points '%s' has %d elements, expected %lld", Z->name, ea_numel(Z), (long long)want);
-        zp = Z->data;
-        zp_bytes = Z->nbytes;
+        if (Z->dtype == ONNX_FLOAT) {
+            if (float_minimums(b, nd, st, Z, (const float *)S->data, (int)N, nb, (int)bits, (int)bs)) return -1;
+            zp = st->qzero;
+        } else {
+            if (Z->dtype != ONNX_UINT8)
+                NODE_FAIL("zero_points '%s' must be uint8 or float32 (the scales' type)", Z->name);
+            const int64_t want = (int64_t)ea_qweight_file_bytes((size_t)N, (size_t)nb, (int)bs, (int)bits).zero_points;
+            if (ea_numel(Z) != want)
+                NODE_FAIL("zero_points '%s' has %d elements, expected %lld", Z->name, ea_numel(Z), (long long)want);
+            zp = Z->data;
+            zp_bytes = Z->nbytes;
+        }
     }
     if (m->values[st->in[0]].width != K)
         NODE_FAIL("input width %d does not match attribute K=%lld", m->values[st->in[0]].width, (long long)K);
@@ -69,7 +152,7 @@ static int plan(ea_planner *b, const onnx_node *nd, step *st) {
     st->op = OP_QMATMUL;
     st->K = (int)K;
     st->N = (int)N;
-    st->weight_bytes = (uint64_t)want_b + S->nbytes + zp_bytes;
+    st->weight_bytes = (uint64_t)want_b + S->nbytes + zp_bytes + (st->qmin ? (uint64_t)N * nb * sizeof(float) : 0);
     if (ea_only_outputs(b, nd, 1)) return -1;
     st->out = ea_add_output(b, nd, 0, V_ACT, ONNX_FLOAT, st->N, si);
     return st->out < 0 ? -1 : 0;
@@ -84,7 +167,17 @@ static int run(ea_exec *x) {
     }
     int rc;
     if ((st->sparse_src || st->row_src || st->rowsel_src) && ea_sparse_matmul(x, a, &rc)) return rc;
-    return (st->f32act ? ea_qmatmul_f32act : ea_qmatmul)(&x->ss->kctx, &st->qw, a, x->rows, x->y);
+    float local[512], *sums = NULL;
+    if (st->qmin) {
+        const size_t n = (size_t)x->rows * st->qw.n_blocks;
+        sums = n <= 512 ? local : malloc(n * sizeof(float));
+        if (!sums) return EA_KERR_NOMEM;
+        block_sums(st, a, x->rows, sums);
+    }
+    rc = (st->f32act ? ea_qmatmul_f32act : ea_qmatmul)(&x->ss->kctx, &st->qw, a, x->rows, x->y);
+    if (rc == 0 && sums) add_minimums(st, sums, x->y, x->rows);
+    if (sums != local) free(sums);
+    return rc;
 }
 
 const ea_op ea_op_matmul_nbits = {"com.microsoft", "MatMulNBits", plan, run, 0};

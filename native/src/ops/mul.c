@@ -1,4 +1,5 @@
-/* Mul of two activations of one width. Inside a SiLU it is fused away (passes.c). */
+/* Mul of two activations of one width, or of an activation by a scalar initializer (Gemma's
+ * embedding scale, a soft-cap). Inside a SiLU it is fused away (passes.c). */
 #include <string.h>
 
 #include "ops.h"
@@ -12,6 +13,15 @@ static int plan(ea_planner *b, const onnx_node *nd, step *st) {
         return -1;
     const int width = m->values[st->in[0]].width;
     const value *o = &m->values[st->in[1]];
+    if (o->kind == V_CONST) {
+        const onnx_tensor *t = ea_need_const(b, nd, 1, st->in[1], ONNX_FLOAT, -1);
+        if (!t) return -1;
+        if (ea_numel(t) != 1) NODE_FAIL("initializer operand '%s' must be a scalar", o->name);
+        st->w = (const float *)t->data;
+        st->op = OP_MUL;
+        st->out = ea_add_output(b, nd, 0, V_ACT, ONNX_FLOAT, width, si);
+        return st->out < 0 ? -1 : 0;
+    }
     if (o->kind != V_ACT) NODE_FAIL("operand '%s' must be an activation", o->name);
     if (o->width != width) NODE_FAIL("operand widths %d and %d differ", width, o->width);
     st->op = OP_MUL;
@@ -20,6 +30,11 @@ static int plan(ea_planner *b, const onnx_node *nd, step *st) {
 }
 
 static int run(ea_exec *x) {
+    if (x->st->w) {
+        const float c = *x->st->w;
+        for (size_t i = 0; i < x->n; i++) x->y[i] = x->a[i] * c;
+        return EA_KOK;
+    }
     for (size_t i = 0; i < x->n; i++) x->y[i] = x->a[i] * x->b[i];
     return EA_KOK;
 }

@@ -9,7 +9,7 @@
 #include "../ops/ops.h"
 #include "sparse.h"
 
-/* The path of a decode GEMV behind a Sparsify (sparse_tune.h): measured per unit, unless a
+/* The path of a decode GEMV behind a Sparsify (tune.h): measured per unit, unless a
  * setting fixes it (static_sparse: the fixed rule's answer, for EDGEACT_SPARSE_STATIC). Both
  * paths give the same bits. */
 static int pick_path(const ea_session *ss, ea_sparse_tune *t, int n_active, int static_sparse) {
@@ -30,8 +30,8 @@ static void tune_record(const ea_session *ss, ea_sparse_tune *t, int sparse, int
 /* A prompt chunk's rows of a matmul behind a Sparsify, with both copies loaded: the dense GEMM,
  * or each thread taking whole rows on the channel-major copy (sparse_rows), which gives the same
  * bits. Where one matmul's active rows stay in the last-level cache from row to row the rows
- * win at high sparsity (TinyLlama shape, 32 MB L3, teal 0.7: pp128 1.5x); where they do not,
- * each row reads them from memory. So it is measured, per unit, as decode's choice is, on the
+ * win at high sparsity (docs/performance.md, "prompt rows"); where they do not, each row reads
+ * them from memory. So it is measured, per unit, as decode's choice is, on the
  * time per row (ea_sparse_tune with one "channel"). Chunks shorter than EA_PREFILL_ROWS_MIN
  * rows or two rows per thread run the GEMM and are not timed: the GEMM's time per row grows as
  * chunks shrink (it reads the weights once per chunk), and a prompt's short tail chunk would
@@ -43,7 +43,7 @@ static int prefill_rows_eligible(const ea_session *ss, const step *st, int rows)
         rows < 2 * ss->n_threads || rows < EA_PREFILL_ROWS_MIN)
         return 0;
     /* only a copy that can stay in the last-level cache: elsewhere each explored chunk would read
-     * it from memory once per row (on a small-cache board, seconds for a TinyLlama-sized layer) */
+     * it from memory once per row */
     const ea_qweight_cm *cm = st->fuse ? &ss->m->fused[st->fuse - 1].cm : &st->cm;
     return cm->bytes <= ss->llc_bytes / 2;
 }
@@ -59,16 +59,6 @@ static uint64_t gemv_path_done(ea_session *ss, int e, const step *st, int sparse
     return sparse ? (uint64_t)((double)st->weight_bytes * n_active / (of ? of : 1)) : st->weight_bytes;
 }
 
-/* A prompt's rows of a sparse matmul on the channel-major copy (low memory, whose dense repack
- * is gone, or the measured prefill choice), each on the input-sparse GEMV over its own nonzero
- * channels (the input is the Sparsify's masked output, so those are the channels it kept; the
- * result is the dense GEMM's on that input, bit for bit). With
- * enough rows each thread takes whole rows, one kernel call each on its own context: the
- * weights of one matmul sit in the last-level cache after the first row, and splitting every
- * row's outputs between the threads (as decode does) cost a pool dispatch and a wait per row
- * per matmul, and left the nonzero scan serial (TinyLlama shape, teal 0.5: pp128 131 t/s that
- * way on 2 threads, 98 on one). A stacked group writes every member's rows, into their
- * outputs when they have their own (g->direct), else into rows_fused. */
 /* Row r of each member's own output, for a stacked group written in place (g->direct). */
 static void group_outputs(const ea_session *ss, const fused_gemv *g, int r, float **outs, int *ns) {
     const ea_model *m = ss->m;
@@ -121,7 +111,16 @@ static void sparse_rows_task(void *arg, int task, int thread) {
     j->active[task] = active;
 }
 
-/* *read: the weight bytes read (the active channels' rows). A stacked group's first member to
+/* A prompt's rows of a sparse matmul on the channel-major copy (low memory, whose dense repack
+ * is gone, or the measured prefill choice), each on the input-sparse GEMV over its own nonzero
+ * channels (the input is the Sparsify's masked output, so those are the channels it kept; the
+ * result is the dense GEMM's on that input, bit for bit). With enough rows each thread takes
+ * whole rows, one kernel call each on its own context: the weights of one matmul sit in the
+ * last-level cache after the first row, and splitting every row's outputs between the threads
+ * (as decode does) costs a pool dispatch and a wait per row per matmul and leaves the nonzero
+ * scan serial (docs/performance.md, "prompt rows"). A stacked group writes every member's
+ * rows, into their outputs when they have their own (g->direct), else into rows_fused.
+ * *read: the weight bytes read (the active channels' rows). A stacked group's first member to
  * run computes every member's rows; the others only copy their slice when not direct. */
 static int sparse_rows(ea_session *ss, const step *st, const float *a, int rows, float *y, uint64_t *read) {
     ea_model *m = ss->m;

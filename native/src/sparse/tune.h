@@ -1,12 +1,10 @@
 /* Which path a decode-step sparse GEMV takes: the input-sparse kernel, or the
  * dense kernel on the masked input. Both give the same bits, so the choice is
  * only about time, and it is measured rather than assumed: where the sparse
- * kernel pays depends on the matrix shape, on the CPU (at 50% active channels
- * down_proj of the TinyLlama shape runs 1.3x dense on a Xeon VM, 0.6-1.0x on
- * an AMD EPYC one, in bench_kernels) and on where the
- * weights sit (a model that fits the last-level cache makes the dense kernel
- * relatively faster than one streamed from memory), which a fixed crossover
- * cannot know.
+ * kernel pays depends on the matrix shape, on the CPU and on where the weights
+ * sit (a model that fits the last-level cache makes the dense kernel relatively
+ * faster than one streamed from memory), which a fixed crossover cannot know
+ * (docs/performance.md, "why the choice is measured").
  *
  * Per unit (a lone sparse MatMulNBits, or a group of stacked siblings): both
  * paths are timed a few times, then each call takes the one predicted faster
@@ -34,8 +32,9 @@
                              * estimate starts at the lower of the other two) */
 #define EA_TUNE_REFRESH 32  /* one call in this many takes the path not predicted */
 #define EA_TUNE_CLEAR 1.5   /* ... or in EA_TUNE_REFRESH_CLEAR when it is predicted this much slower: */
-#define EA_TUNE_REFRESH_CLEAR 256 /* a re-check costs the gap between the paths (gate/up dense at
-                             * TinyLlama 70% is 4x sparse: 2% of every token at one in 64) */
+#define EA_TUNE_REFRESH_CLEAR 256 /* a re-check costs the gap between the paths, which at high
+                             * sparsity is several times the sparse path (docs/performance.md,
+                             * "re-check interval") */
 #define EA_TUNE_FIRST_RECHECK 4
 #define EA_TUNE_RECHECK_WEIGHT 0.5 /* a re-check's share in the ratio: re-checks are rare, and a
                              * slow outlier among them only argues for the path in use */

@@ -1,38 +1,21 @@
 /* int4 MatMulNBits (decode and prefill) with AVX-512 VNNI on the AVX2 packed
- * layout (internal.h), for CPUs that have it; ea_qmatmul_groups_avx2 hands
- * over here. Prompt processing is compute-bound: a 64-byte vpdpbusd covers
+ * layout (internal.h): the avx512-vnni table's matmul. Prompt processing is compute-bound: a 64-byte vpdpbusd covers
  * four weight rows where the AVX2 kernel covers two, 32 registers hold four
  * rows of x per pass (the AVX2 kernel: two), and the per-block reduction of
  * eight rows is one unpack/shuffle/permute tree instead of three hadds.
  * The integers and the per-block fma order are those of the AVX2 and scalar
  * kernels, so results are bit-identical (tested). Decode (M = 1) runs here
  * too: it is bound by memory, but fewer ops per byte leave the core more
- * time for the loads (bench_kernels, 2 threads: AVX2 19-21 GB/s per core
- * hot, this 28), and it streams two groups at once (group_pair_m1): with
- * both, 4096x11008 went from 25-26 to 28-29 GB/s. */
-#include "internal.h"
+ * time for the loads, and it streams two groups at once (group_pair_m1)
+ * (docs/performance.md, "kernel variants"). */
+#include "../internal.h"
 
 #if EA_X86
 #include <immintrin.h>
-#include <stdatomic.h>
-#include <stdlib.h>
 
 #include "vecmath_avx2.h"
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
-
-int ea_have_avx512_vnni(void) {
-    static _Atomic int cached = -1;
-    int v = cached;
-    if (v < 0) {
-        __builtin_cpu_init();
-        v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-            !getenv("EDGEACT_NO_AVX512");
-        cached = v;
-    }
-    return v;
-}
 
 /* d0 holds rows 0-3 (128-bit lane L = row L, four partial sums each), d1
  * rows 4-7: the eight row sums in the AVX2 lane order r0 r2 r4 r6 r1 r3 r5 r7
@@ -180,5 +163,12 @@ AVX512 void ea_qmatmul_groups_avx512(const ea_qweight *w, const ea_qact *a, floa
     case 64: groups_impl(w, a, y, g0, g1, 64); break;
     default: groups_impl(w, a, y, g0, g1, 128); break;
     }
+}
+/* int4 here; int8 on the AVX2 code with vpdpbusd in its EVEX form (AVX512-VNNI implies it,
+ * AVX-VNNI's VEX form need not be there) */
+void ea_qmatmul_avx512_vnni(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1) {
+    const int g0 = n0 / EA_QROWS, g1 = (n1 + EA_QROWS - 1) / EA_QROWS;
+    if (w->bits == 4) ea_qmatmul_groups_avx512(w, a, y, g0, g1);
+    else ea_qmatmul_groups_avx2(w, a, y, g0, g1, EA_DOT_VNNI_EVEX);
 }
 #endif

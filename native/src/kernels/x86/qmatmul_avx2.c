@@ -7,13 +7,11 @@
  * int8: maddubs would saturate on 0..255 weights, so w-128 is used as a
  * signed byte with the abs/sign trick (2*128*127 < 32767), and 128*sumx
  * is added back with the zero point term. */
-#include "internal.h"
+#include "../internal.h"
 
 #if EA_X86
 #include <immintrin.h>
 #include <float.h>
-#include <stdatomic.h>
-#include <stdlib.h>
 #include <math.h>
 #include <string.h>
 
@@ -65,7 +63,7 @@ AVX2 static inline __attribute__((always_inline)) void group_rows(const uint8_t 
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
                     for (int t = 0; t < MT; t++) {
                         if (VNNI) {
-                            d[t][q] = dot_u8s8(dot_u8s8(d[t][q], lo, xa[t], 1), hi, xb[t], 1);
+                            d[t][q] = dot_u8s8(dot_u8s8(d[t][q], lo, xa[t], VNNI), hi, xb[t], VNNI);
                             continue;
                         }
                         /* int16 sum of two maddubs: at most 4*15*127, no saturation */
@@ -135,25 +133,28 @@ AVX2 static inline __attribute__((always_inline)) void groups_impl(const ea_qwei
     default: groups_impl(w, a, y, g0, g1, 128, 8, V); break;             \
     }
 
-AVX2 static void groups_vnni(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) { GROUPS_BY_SHAPE(1) }
-AVX2 static void groups_plain(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) { GROUPS_BY_SHAPE(0) }
-
-/* AVX-VNNI when the CPU has it, unless EDGEACT_NO_VNNI is set (tests run both). */
-int ea_avx2_vnni(void) {
-    static _Atomic int cached = -1;
-    int v = cached;
-    if (v < 0) {
-        __builtin_cpu_init();
-        v = __builtin_cpu_supports("avxvnni") && !getenv("EDGEACT_NO_VNNI");
-        cached = v;
-    }
-    return v;
+AVX2 static void groups_plain(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) {
+    GROUPS_BY_SHAPE(EA_DOT_MADD)
+}
+AVX2 static void groups_vnni(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) {
+    GROUPS_BY_SHAPE(EA_DOT_VNNI_VEX)
+}
+AVX2 static void groups_evex(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) {
+    GROUPS_BY_SHAPE(EA_DOT_VNNI_EVEX)
 }
 
-void ea_qmatmul_groups_avx2(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) {
-    if (w->bits == 4 && ea_have_avx512_vnni()) ea_qmatmul_groups_avx512(w, a, y, g0, g1);
-    else if (ea_avx2_vnni()) groups_vnni(w, a, y, g0, g1);
+void ea_qmatmul_groups_avx2(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1, int dot) {
+    if (dot == EA_DOT_VNNI_EVEX) groups_evex(w, a, y, g0, g1);
+    else if (dot == EA_DOT_VNNI_VEX) groups_vnni(w, a, y, g0, g1);
     else groups_plain(w, a, y, g0, g1);
+}
+
+void ea_qmatmul_avx2(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1) {
+    groups_plain(w, a, y, n0 / EA_QROWS, (n1 + EA_QROWS - 1) / EA_QROWS);
+}
+
+void ea_qmatmul_avx2_vnni(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1) {
+    groups_vnni(w, a, y, n0 / EA_QROWS, (n1 + EA_QROWS - 1) / EA_QROWS);
 }
 
 /* Same arithmetic as ea_quantize_row_scalar: x * (127/amax) rounded to

@@ -11,16 +11,16 @@
  * accumulators start at the zero-point term, so the inner loop is loads,
  * unpacks, ands and dots. Blocks are the outer loop: the active channels'
  * rows of one block stream front to back across the thread's tiles (tiles
- * outer, touching every active row per tile, thrashed the TLB and ran 2x
- * slower) while the float accumulators stay in L1/L2, and the rows are
- * prefetched a fixed number of tiles ahead (ea_sparse_pf_at), one line per
- * two tiles. The 32-row tiles of the first version spent twice the unpacks
- * per weight and ran 10-20% slower. */
+ * outer, touching every active row per tile, thrashes the TLB) while the
+ * float accumulators stay in L1/L2, and the rows are prefetched a fixed
+ * number of tiles ahead (ea_sparse_pf_at), one line per two tiles; 64-row
+ * tiles halve the unpacks per weight of 32-row ones (docs/performance.md,
+ * "sparse tile layout"). */
 #include <float.h>
 #include <math.h>
 #include <string.h>
 
-#include "internal.h"
+#include "../internal.h"
 
 #if EA_X86
 #include <immintrin.h>
@@ -139,22 +139,14 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
         }
 }
 
-AVX2 static void sparse_tiles_vnni(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
-    sparse_tiles(cm, a, y, t0, t1, 1);
+AVX2 void ea_sparse_tiles_avx2(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
+    sparse_tiles(cm, a, y, t0, t1, EA_DOT_MADD);
 }
-AVX2 static void sparse_tiles_plain(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
-    sparse_tiles(cm, a, y, t0, t1, 0);
+AVX2 void ea_sparse_tiles_avx2_vnni(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
+    sparse_tiles(cm, a, y, t0, t1, EA_DOT_VNNI_VEX);
 }
-
-void ea_sparse_tiles_avx2(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
-    if (ea_have_avx512_vnni()) { /* pairs of tiles there; an odd last tile here */
-        const int t2 = t0 + ((t1 - t0) & ~1);
-        if (t2 > t0) ea_sparse_tiles_avx512(cm, a, y, t0, t2);
-        t0 = t2;
-        if (t0 == t1) return;
-    }
-    if (ea_avx2_vnni()) sparse_tiles_vnni(cm, a, y, t0, t1);
-    else sparse_tiles_plain(cm, a, y, t0, t1);
+AVX2 void ea_sparse_tiles_avx2_evex(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
+    sparse_tiles(cm, a, y, t0, t1, EA_DOT_VNNI_EVEX);
 }
 
 /* ---- output-row subset: four listed rows at a time from the file layout ---- */
@@ -249,9 +241,9 @@ AVX2 int ea_sparsify_avx2(const float *x, const float *thr, int thr_step, const 
 }
 
 /* ---- ea_sparse_prep_scalar's arrays, 8 entries a step ----
- * The step every sparse GEMV runs on one thread before its tiles: in scalar code
- * ~4 ns an entry (amax's compare chain, the rounding, the quad loop), ~12 us of a
- * 50%-active down_proj (2816 entries), now ~6. Gathers feed the block's amax and
+ * The step every sparse GEMV runs on one thread before its tiles (in scalar code
+ * amax's compare chain, the rounding and the quad loop dominate: docs/performance.md,
+ * "serial preparation"). Gathers feed the block's amax and
  * quantization (cvtps rounds to nearest even, as nearbyintf and ea_quantize_row_avx2);
  * the kept entries are packed 4 lanes at a time as ea_sparsify packs indices. */
 

@@ -5,7 +5,7 @@
  * by smlal into int16 (widened every 16 channels: 16*15*128 < 32767). The
  * same code serves neon and neon-dotprod: sdot sums four products of one
  * row, while here each product lands in a different row. */
-#include "internal.h"
+#include "../internal.h"
 
 #if EA_ARM64
 #include <arm_neon.h>
@@ -144,9 +144,12 @@ EA_TARGET_DOTPROD static void rows_dotprod(const ea_qweight *w, const ea_qact *a
     rows_impl(w, a, rows, n_rows, y, 1);
 }
 
-void ea_rows_neon(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y, int dotprod) {
-    if (dotprod) rows_dotprod(w, a, rows, n_rows, y);
-    else rows_impl(w, a, rows, n_rows, y, 0);
+void ea_rows_neon(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y) {
+    rows_impl(w, a, rows, n_rows, y, 0);
+}
+
+void ea_rows_neon_dotprod(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows, float *y) {
+    rows_dotprod(w, a, rows, n_rows, y);
 }
 
 /* ea_sparsify, 4 channels a step: the kept ones' indices are packed to the

@@ -1,5 +1,8 @@
-/* AVX2 attention of one query row over L cached positions (see
- * ea_attention_row_scalar in transformer.c for the contract).
+/* AVX2 float kernels: one attention row, SiLU, float MatMul columns, fp16 rows, and
+ * accuracy_level 0..3's dequantized row and dot product (contracts: their scalar
+ * references in ref/float.c).
+ *
+ * Attention of one query row over L cached positions.
  *
  * Decode spends its non-matmul time here: the scalar loop's dot product is
  * one serial chain of hd dependent adds per position and its softmax one
@@ -8,9 +11,8 @@
  * accumulators, exp is a vector polynomial (relative error ~2e-7, inside
  * the kernel test's 1e-5), and the weighted sum of V keeps 64 outputs in
  * registers. Accumulators are named variables: GCC -O2 kept arrays of them
- * on the stack, each fma waiting on a store (decode attention at 160
- * positions, 32 heads: 42.6 -> 31.0 us a layer with the eight positions). */
-#include "internal.h"
+ * on the stack, each fma waiting on a store (docs/performance.md, "attention"). */
+#include "../internal.h"
 
 #if EA_X86
 #include <math.h>
@@ -155,4 +157,144 @@ AVX2 void ea_attention_row_avx2(const float *q, const float *kc, const float *vc
     }
 }
 
+/* ---- SiLU ---- */
+/* y = g * sigmoid(g) * u (u NULL: no factor), sigmoid from e = exp(-|g|) so
+ * exp_neg's domain holds: 1/(1+e) for g >= 0, e/(1+e) below. */
+AVX2 static inline __attribute__((always_inline)) void silu_body(const float *g, const float *u, size_t n, float *y,
+                                                               int has_u) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 e = exp_neg(_mm256_or_ps(x, sign)); /* -|x| */
+        const __m256 num = _mm256_blendv_ps(one, e, x); /* sign bit set: x < 0 (or -0) */
+        const __m256 s = _mm256_mul_ps(x, _mm256_div_ps(num, _mm256_add_ps(one, e)));
+        _mm256_storeu_ps(y + i, has_u ? _mm256_mul_ps(s, _mm256_loadu_ps(u + i)) : s);
+    }
+    ea_silu_mul_scalar(g + i, has_u ? u + i : NULL, n - i, y + i);
+}
+
+AVX2 void ea_silu_mul_avx2(const float *g, const float *u, size_t n, float *y) {
+    if (u) silu_body(g, u, n, y, 1);
+    else silu_body(g, NULL, n, y, 0);
+}
+
+/* ---- GELU, tanh form ---- */
+/* tanh(z) = sign(z) (1 - e) / (1 + e) with e = exp(-2|z|), exp_neg's domain. */
+AVX2 void ea_gelu_tanh_avx2(const float *x, size_t n, float *y) {
+    const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f), sign = _mm256_set1_ps(-0.0f);
+    const __m256 c = _mm256_set1_ps(0.7978845608028654f), k = _mm256_set1_ps(0.044715f), m2 = _mm256_set1_ps(-2.0f);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m256 z = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k, v), _mm256_mul_ps(v, v), v));
+        const __m256 e = exp_neg(_mm256_mul_ps(m2, _mm256_andnot_ps(sign, z)));
+        const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+        const __m256 tz = _mm256_or_ps(t, _mm256_and_ps(sign, z)); /* tanh(|z|) with z's sign */
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, tz)));
+    }
+    ea_gelu_tanh_scalar(x + i, n - i, y + i);
+}
+
+/* ---- float MatMul and fp16 rows ---- */
+__attribute__((target("avx2,fma,f16c"))) void ea_f16_row_avx2(const uint16_t *s, float *d, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+    for (; i < n; i++) d[i] = ea_f16_to_f32(s[i]);
+}
+
+#define F16C_AVX2 __attribute__((target("avx2,fma,f16c")))
+F16C_AVX2 static inline __m256 load8(const float *W, const uint16_t *W16, size_t i) {
+    return W16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(W16 + i))) : _mm256_loadu_ps(W + i);
+}
+
+F16C_AVX2 static inline void matmul_avx2(const float *x, int M, int K, const float *W, const uint16_t *W16,
+                                         int N, float *y, int n0, int n1) {
+    int n = n0;
+    for (; n + 16 <= n1; n += 16) {
+        int m = 0;
+        for (; m + 4 <= M; m += 4) {
+            __m256 acc[4][2];
+            for (int t = 0; t < 4; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+            for (int k = 0; k < K; k++) {
+                const __m256 w0 = load8(W, W16, (size_t)k * N + n);
+                const __m256 w1 = load8(W, W16, (size_t)k * N + n + 8);
+                for (int t = 0; t < 4; t++) {
+                    const __m256 xv = _mm256_broadcast_ss(x + (size_t)(m + t) * K + k);
+                    acc[t][0] = _mm256_fmadd_ps(xv, w0, acc[t][0]);
+                    acc[t][1] = _mm256_fmadd_ps(xv, w1, acc[t][1]);
+                }
+            }
+            for (int t = 0; t < 4; t++) {
+                _mm256_storeu_ps(y + (size_t)(m + t) * N + n, acc[t][0]);
+                _mm256_storeu_ps(y + (size_t)(m + t) * N + n + 8, acc[t][1]);
+            }
+        }
+        for (; m < M; m++) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            for (int k = 0; k < K; k++) {
+                const __m256 xv = _mm256_broadcast_ss(x + (size_t)m * K + k);
+                a0 = _mm256_fmadd_ps(xv, load8(W, W16, (size_t)k * N + n), a0);
+                a1 = _mm256_fmadd_ps(xv, load8(W, W16, (size_t)k * N + n + 8), a1);
+            }
+            _mm256_storeu_ps(y + (size_t)m * N + n, a0);
+            _mm256_storeu_ps(y + (size_t)m * N + n + 8, a1);
+        }
+    }
+    if (n < n1) ea_matmul_cols_scalar(x, M, K, W, W16, N, y, n, n1);
+}
+
+F16C_AVX2 void ea_matmul_f32_avx2(const float *x, int M, int K, const float *W, int N, float *y, int n0, int n1) {
+    matmul_avx2(x, M, K, W, NULL, N, y, n0, n1);
+}
+F16C_AVX2 void ea_matmul_f16_avx2(const float *x, int M, int K, const uint16_t *W, int N, float *y, int n0, int n1) {
+    matmul_avx2(x, M, K, NULL, W, N, y, n0, n1);
+}
+
+/* ---- accuracy_level 0..3 ---- */
+AVX2 static inline void store8(float *dst, __m128i bytes8, __m256i zp, __m256 s) {
+    const __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes8), zp);
+    _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_cvtepi32_ps(q), s));
+}
+
+AVX2 void ea_dequant_row_avx2(const ea_qweight *w, int n, float *wf) {
+    const int bs = w->block_size, nb = w->n_blocks;
+    const uint8_t *src = w->data + (size_t)n * nb * bs * w->bits / 8;
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        const __m256 s = _mm256_set1_ps(w->scales[(size_t)n * nb + b]);
+        const __m256i zp = _mm256_set1_epi32(ea_qweight_zp(w, n, b));
+        float *dst = wf + (size_t)b * bs;
+        if (w->bits == 8) {
+            for (int i = 0; i < bs; i += 8) store8(dst + i, _mm_loadl_epi64((const __m128i *)(src + b * bs + i)), zp, s);
+            continue;
+        }
+        for (int i = 0; i < bs; i += 32) { /* 16 bytes = 32 nibbles, element 2j low, 2j+1 high */
+            const __m128i v = _mm_loadu_si128((const __m128i *)(src + (b * bs + i) / 2));
+            const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+            const __m128i e0 = _mm_unpacklo_epi8(lo, hi), e1 = _mm_unpackhi_epi8(lo, hi); /* natural order */
+            store8(dst + i, e0, zp, s);
+            store8(dst + i + 8, _mm_srli_si128(e0, 8), zp, s);
+            store8(dst + i + 16, e1, zp, s);
+            store8(dst + i + 24, _mm_srli_si128(e1, 8), zp, s);
+        }
+    }
+}
+
+AVX2 float ea_dot_avx2(const float *a, const float *b, int K) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int k = 0;
+    for (; k + 32 <= K; k += 32)
+        for (int j = 0; j < 4; j++)
+            acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8 * j), _mm256_loadu_ps(b + k + 8 * j), acc[j]);
+    for (; k + 8 <= K; k += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc[0]);
+    const __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float r = _mm_cvtss_f32(h);
+    for (; k < K; k++) r = fmaf(a[k], b[k], r);
+    return r;
+}
 #endif

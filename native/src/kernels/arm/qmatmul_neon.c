@@ -3,7 +3,7 @@
  * (signed) and add 128*sumx back with the zero point term. With dotprod each
  * 16-byte piece is one sdot; without, smull(/smlal) into int16 then sadalp
  * into int32. Rows sit in the packed groups in natural lane order. */
-#include "internal.h"
+#include "../internal.h"
 
 #if EA_ARM64
 #include <arm_neon.h>
@@ -128,9 +128,12 @@ static void groups_plain(const ea_qweight *w, const ea_qact *a, float *y, int g0
     }
 }
 
-void ea_qmatmul_groups_neon(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1, int dotprod) {
-    if (dotprod) groups_dotprod(w, a, y, g0, g1);
-    else groups_plain(w, a, y, g0, g1);
+void ea_qmatmul_neon(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1) {
+    groups_plain(w, a, y, n0 / EA_QROWS, (n1 + EA_QROWS - 1) / EA_QROWS);
+}
+
+void ea_qmatmul_neon_dotprod(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1) {
+    groups_dotprod(w, a, y, n0 / EA_QROWS, (n1 + EA_QROWS - 1) / EA_QROWS);
 }
 
 #endif

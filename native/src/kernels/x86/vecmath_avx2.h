@@ -48,13 +48,17 @@ AVX2 static inline __m256 exp_neg(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* acc += per-int32-lane sum of four u8 x s8 products. With AVX-VNNI one
- * vpdpbusd (inline asm: its intrinsic needs a target attribute this file's
- * AVX2-only functions cannot inline); otherwise maddubs + madd, whose int16
- * pair sums cannot saturate here (15*127*2 for int4, 128*127*2 for int8),
- * so both give the same integers. */
-AVX2 static inline __attribute__((always_inline)) __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s, int VNNI) {
-    if (VNNI) {
+/* acc += per-int32-lane sum of four u8 x s8 products (DOT: EA_DOT_*). With AVX-VNNI one
+ * vpdpbusd in its VEX form, with AVX512-VNNI (+VL) the same instruction in its EVEX form
+ * (inline asm: the intrinsics need target attributes these AVX2 functions cannot inline);
+ * otherwise maddubs + madd, whose int16 pair sums cannot saturate here (15*127*2 for int4,
+ * 128*127*2 for int8), so all three give the same integers. */
+AVX2 static inline __attribute__((always_inline)) __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s, int DOT) {
+    if (DOT == 2) { /* EA_DOT_VNNI_EVEX */
+        __asm__("%{evex%} vpdpbusd %[s], %[u], %[acc]" : [acc] "+x"(acc) : [u] "x"(u), [s] "x"(s));
+        return acc;
+    }
+    if (DOT == 1) { /* EA_DOT_VNNI_VEX */
         __asm__("%{vex%} vpdpbusd %[s], %[u], %[acc]" : [acc] "+x"(acc) : [u] "x"(u), [s] "x"(s));
         return acc;
     }

@@ -1,12 +1,12 @@
-/* Input-sparse GEMV with AVX-512 VNNI (semantics: sparse.c), for CPUs that
- * have it; ea_sparse_tiles_avx2 hands over here. Same scheme and the same
+/* Input-sparse GEMV with AVX-512 VNNI (semantics: sparse.c), the avx512-vnni
+ * table's tiles (x86/avx512_vnni.c). Same scheme and the same
  * integers as sparse_avx2.c, on two 64-row tiles at once: a tile pair of a
  * channel is one 64-byte line, and the per-128-bit-lane unpacks leave tile
  * t in the low half of every vector and tile t+1 in the high half, each in
  * the AVX2 kernel's row order, so the channel-major layout is unchanged. Half
  * the instructions per weight: decode at high sparsity is bound by these
  * ops as much as by memory (bench_kernels with BENCH_HOT). */
-#include "internal.h"
+#include "../internal.h"
 
 #if EA_X86
 #include <immintrin.h>
@@ -135,8 +135,11 @@ AVX512 static void sparse_pairs(const ea_qweight_cm *cm, const ea_sparse_act *a,
     }
 }
 
-void ea_sparse_tiles_avx512(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
-    sparse_pairs(cm, a, y, t0, t1);
+/* tile pairs here; an odd last tile on the AVX2 code (vpdpbusd EVEX) */
+void ea_sparse_tiles_avx512_vnni(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
+    const int t2 = t0 + ((t1 - t0) & ~1);
+    if (t2 > t0) sparse_pairs(cm, a, y, t0, t2);
+    if (t2 < t1) ea_sparse_tiles_avx2_evex(cm, a, y, t2, t1);
 }
 
 #endif
