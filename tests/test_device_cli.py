@@ -186,6 +186,9 @@ def test_misleading_messages(tmp_path, smollm2_int4_dir):
                    "scale after ':' must be a number, not 'abc'")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "1,x", "--ids"), "'x' is not an integer")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--threads", "-3"), "--threads")
+    one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--threads", "10000"), "--threads: 10000 is more than",
+                   "at most 256")
+    one_line_error(cli("bench", smollm2_int4_dir, "--threads", "10000"), "--threads: 10000 is more than")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "-n", "-1"), "--max-new-tokens")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--top-p", "0"), "--top-p must be in (0, 1]")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--temperature", "-1"), "--temperature must be >= 0")
@@ -278,3 +281,5 @@ def test_native_session_context_default_and_bad_values(smollm2_int4_dir):
             m.session(**kw)
     with pytest.raises(ValueError, match="exceeds the model's max_context 8192"):
         m.session(n_ctx=9000)
+    with pytest.raises(ValueError, match=r"^10000 threads is more than a session takes \(at most 256\)"):
+        m.session(threads=10000)
