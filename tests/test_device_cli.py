@@ -126,6 +126,18 @@ def test_each_missing_extra_is_one_line(smollm2_int4_dir, smollm2_gguf, tmp_path
     assert proc.returncode == 0 and "convert" in proc.stdout
 
 
+def test_profile_without_matplotlib_prints_the_table(smollm2_int4_dir, tmp_path, blocker):
+    from edgeact.engines import native_available
+
+    if not native_available():
+        pytest.skip("the device install runs the native runtime, which is not built here")
+    chart = tmp_path / "p.png"
+    proc = cli("profile", smollm2_int4_dir, "-n", "2", "--bandwidth", "10", "-o", chart, blocker=blocker)
+    assert proc.returncode == 0, proc.stderr
+    assert "MatMulNBits" in proc.stdout and " ms of a " in proc.stdout
+    assert proc.stderr.strip() == f"edgeact: no chart without matplotlib ({EXTRA})" and not chart.exists()
+
+
 def test_api_names_the_extra(smollm2_int4_dir, blocker):
     code = ("import edgeact\ntry:\n    edgeact.load(__import__('sys').argv[1], engine='ort')\n"
             "except ModuleNotFoundError as e:\n    print(type(e).__name__, e)")
