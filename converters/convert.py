@@ -98,6 +98,14 @@ def source_precision(src: SourceModel, linear_override: dict | None):
     return "fp16", override, report
 
 
+def _shared_lm_head(src: SourceModel, report: dict) -> str:
+    """--embedding shared on a quantized tied source: the one table is the source's own embedding
+    blocks (GatherBlockQuantized reads lm_head's), so nothing is re-rounded. Returns lm_head's kind for the
+    writer's check; the imported blocks set the actual bits."""
+    report["re_rounded"] = [r for r in report["re_rounded"] if not r.startswith("model.embed_tokens.weight")]
+    return "int8"
+
+
 def convert(src_path, out_dir, *, quant: str = "int4", group_size: int = 32, symmetric: bool = False,
             lm_head: str | None = None, embedding: str | None = None, accuracy_level: int = 4,
             tokenizer=None, max_context: int | None = None, progress: bool = True, overwrite: bool = False,
@@ -130,6 +138,8 @@ def convert(src_path, out_dir, *, quant: str = "int4", group_size: int = 32, sym
         quant, writer_kw["linear_override"], source_report = source_precision(src, writer_kw.get("linear_override"))
         writer_kw.setdefault("method", SOURCE if source_report["weights"] == SOURCE else "rtn")
         if source_report["weights"] == SOURCE:
+            if embedding == "shared":
+                lm_head = lm_head or _shared_lm_head(src, source_report)
             lm_head = lm_head or "fp16"   # used only when the source's lm_head is a float tensor
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")

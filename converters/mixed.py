@@ -156,7 +156,7 @@ def allocate(choices: list[Choice], budget: int) -> int:
 
 def mixed_plan(src: SourceModel, *, target_bpw: float | None = None, max_bytes: int | None = None,
                fixed_bytes: int = 0, formats=tuple(FORMATS), calib_ids=None, calib_file=None,
-               calib_tokens: int = 512, progress: bool = True) -> tuple[dict, dict]:
+               calib_tokens: int = 512, progress: bool = True, shared_embedding: bool = False) -> tuple[dict, dict]:
     """Per-tensor formats for src's linears and lm_head within the budget: target_bpw (bits per weight
     over those tensors, scales and zero points included) or max_bytes (their bytes plus fixed_bytes,
     what the rest of the folder takes). Returns (linear_override loaders, report for edgeact.json)."""
@@ -182,6 +182,8 @@ def mixed_plan(src: SourceModel, *, target_bpw: float | None = None, max_bytes: 
         imp = moments[_input_of(name)].astype(np.float64)
         points = []
         for label in formats:
+            if shared_embedding and name == "lm_head.weight" and FORMATS[label][2] == "float":
+                continue   # the lookup (GatherBlockQuantized) takes integer zero points only
             err = float(((dequantize(quantize_as(w, label)) - w) ** 2 @ imp).sum())
             points.append((label, format_bytes(label, N, K), err))
         if key in src.quantized:
@@ -240,10 +242,11 @@ def convert_kwargs(args, source, kw):
         c = src.config
         emb = kw.get("embedding") or default_embedding("int4")
         ctx = kw.get("max_context") or c.max_position_embeddings
-        fixed = int(_weight_bytes(c.vocab_size * c.hidden_size, emb, 32)
+        # a shared embedding is lm_head's table, priced with the linears
+        fixed = int((0 if emb == "shared" else _weight_bytes(c.vocab_size * c.hidden_size, emb, 32))
                     + 4.0 * (ctx * c.head_dim + c.num_layers * 4 * c.hidden_size + c.hidden_size)
                     + 2048 * (c.num_layers + 1) + 16384)   # the graph itself: nodes, names, attributes
-    override, report = mixed_plan(src, target_bpw=target, max_bytes=None if max_mb is None else int(max_mb * 1e6),
+    override, report = mixed_plan(src, target_bpw=target, shared_embedding=kw.get("embedding") == "shared", max_bytes=None if max_mb is None else int(max_mb * 1e6),
                                   fixed_bytes=fixed, calib_file=getattr(args, "calib", None),
                                   calib_tokens=min(getattr(args, "calib_tokens", 512) or 512, 1024),
                                   progress=kw.get("progress", True))

@@ -206,6 +206,11 @@ def test_convert_source_keeps_blocks(tmp_path):
     ref = Reference(src, n_tokens=48, seed=3)
     q = ref.compare(edgeact.load(out, engine="ort"))
     assert q.top1 >= 0.9 and q.kl < 0.02, q
+    # --embedding shared: the tied table stored once, as the source's own Q8_0 blocks (nothing re-rounded)
+    shared = convert(tmp_path / "m.gguf", tmp_path / "shared", quant="source", embedding="shared", progress=False)
+    meta = json.loads((shared / "edgeact.json").read_text())["quantization"]
+    assert meta["embedding"] == "shared" and not any("embed_tokens" in line for line in meta["re_rounded"])
+    assert ref.compare(edgeact.load(shared, engine="ort")).kl <= q.kl + 1e-3
 
 
 def helper_attr(attr):

@@ -109,3 +109,42 @@ def test_truncate_within_the_slack_and_refused_beyond(tmp_path):
     assert np.abs(sess.forward(ids[110:], all_logits=True) - ref.forward(ids[110:])).max() <= 1e-3
     with pytest.raises(Exception, match="sliding-window layer"):
         sess.truncate(40)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("shape,kw", [("gemma3-tiny", dict(lm_head="int4", embedding="shared")), ("qwen3-tiny", {}),
+                                      ("gemma3-tiny", {})])
+def test_aarch64_cli_under_qemu(tmp_path, shape, kw):
+    """The NEON build (android-demo's static CLI under qemu-aarch64) gives onnxruntime's greedy tokens, 30 of
+    them past a window of 8 (float activations: the engines differ by summation order only)."""
+    import shutil
+
+    import edgeact
+    from test_android_demo import _build, _tokens
+
+    if not shutil.which("aarch64-linux-gnu-gcc") or not shutil.which("qemu-aarch64"):
+        pytest.skip("aarch64-linux-gnu-gcc / qemu-aarch64 not installed (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+    folder = convert(random_source(shape, seed=5, max_position_embeddings=512), tmp_path / "m", quant="int4",
+                     accuracy_level=1, progress=False, **kw)
+    _build("cli-aarch64", tmp_path)
+    want = edgeact.load(folder, engine="ort").generate([1, 5, 7], max_new_tokens=30).ids
+    got = _tokens(["qemu-aarch64", "-cpu", "max", str(tmp_path / "edgeact-cli-aarch64"), str(folder), "-n", "30",
+                   "1", "5", "7"])
+    assert got == want
+
+
+def test_chat_session_starts_over_when_the_window_is_gone(tmp_path):
+    """A conversation whose prefix diverges further back than a sliding cache holds prefills again
+    from the start (the native engine refuses that truncation) and gives onnxruntime's logits."""
+    import edgeact
+
+    src = random_source("gemma3-tiny", seed=1, max_position_embeddings=512)
+    folder = convert(src, tmp_path / "g", quant="fp32", progress=False)
+    native, ref = edgeact.load(folder, engine="native"), OrtRef(folder)
+    sess = native.session()
+    ids = _ids(300, 120, seed=8).tolist()
+    sess.prefill(ids)
+    other = ids[:40] + _ids(300, 20, seed=9).tolist()
+    got = sess.prefill(other)
+    assert sess.last["cached_tokens"] == 0
+    assert np.abs(got - ref.forward(np.array(other))[-1]).max() <= 1e-3
