@@ -351,3 +351,8 @@ def test_max_context_zero_is_an_error_not_the_default(tmp_path):
     with pytest.raises(ConversionError, match="max_context must be positive"):
         convert(random_source("tiny", seed=2), tmp_path / "m", progress=False, max_context=0)
     assert not (tmp_path / "m").exists()
+
+
+def test_eval_threads_must_be_positive(capsys, tmp_path):
+    _one_line_error(capsys, ["eval", str(tmp_path), "--ref", "x.gguf", "--threads", "-3"],
+                    "--threads: must be a positive number of threads, not -3")

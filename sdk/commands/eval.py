@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from edgeact.commands import COMMANDS
+from edgeact.commands import COMMANDS, thread_count
 
 
 def add_parser(sub) -> None:
@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
                    help="where llama.cpp's files are written and reused (default: the edgeact cache folder)")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="save KL against size as a PNG (default with --against-llama-cpp: kl-vs-size.png)")
-    p.add_argument("--threads", type=int, default=2, help="threads for llama.cpp's quantizer and engine")
+    p.add_argument("--threads", type=thread_count, default=2, help="threads for llama.cpp's quantizer and engine")
 
 
 def read_text(path, what: str) -> str:
@@ -52,8 +52,6 @@ def run(args) -> int:
         raise ValueError(f"--tokens must be at least 2, not {args.tokens}")
     if args.seed < 0:
         raise ValueError(f"--seed must be a non-negative integer, not {args.seed}")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be a positive number of threads, not {args.threads}")
     if not args.models and not args.against_llama_cpp:
         raise ValueError("give model folder(s), --against-llama-cpp TYPES, or both")
     if args.against_llama_cpp and Path(args.ref).suffix != ".gguf":
