@@ -20,12 +20,11 @@ import numpy as np
 import torch
 
 from .calibration import INPUT_GROUPS, calibration_ids
-from .model import ConversionError, SourceModel
+from .model import SourceModel
 from .quantize import FP16_MAX, FP16_NORMAL_MIN
 
 ALPHAS = np.linspace(0.0, 1.0, 21)[:-1]      # 0, 0.05, ..., 0.95 (α=0 is plain RTN)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
-METHODS = ("rtn", "awq", "imatrix")
 
 
 def fp16_exact(scale: torch.Tensor) -> torch.Tensor:
@@ -185,15 +184,16 @@ def awq_transform(src: SourceModel, **kw) -> tuple[SourceModel, dict]:
 
 def _awq(src: SourceModel, *, bits: int = 4, group_size: int = 128, symmetric: bool = False,
          calib_ids: np.ndarray | None = None, calib_file=None, calib_tokens: int = 1024, clip: bool = True,
-         progress: bool = True) -> tuple[SourceModel, dict]:
+         progress: bool = True, model=None) -> tuple[SourceModel, dict]:
     from tqdm import tqdm
 
     from .torch_ref import build_torch_model
 
     cfg = src.config
-    model = build_torch_model(src)
+    if model is None:   # the caller's model, when it built one (clipping changes it)
+        model = build_torch_model(src, progress=progress)
     if calib_ids is None:
-        calib_ids = calibration_ids(src, model, text_file=calib_file, n_tokens=calib_tokens)
+        calib_ids = calibration_ids(src, model, text_file=calib_file, n_tokens=calib_tokens, progress=progress)
     tensors = {name: src.load(name) for name in src.tensors}   # one copy of the weights, transformed in place
     t = {k: torch.from_numpy(v) for k, v in tensors.items()}
     # o_proj can take v's scales only if each v channel feeds exactly one o input channel (no GQA sharing).
@@ -253,47 +253,3 @@ def _awq(src: SourceModel, *, bits: int = 4, group_size: int = 128, symmetric: b
                       add_bos_token=src.add_bos_token, provenance=dict(src.provenance))
     return new, report
 
-
-# ---- the `edgeact convert` extension (picked up by sdk/commands/convert.py)
-
-def add_convert_args(parser) -> None:
-    g = parser.add_argument_group("quantization method")
-    g.add_argument("--method", choices=METHODS, default="rtn",
-                   help="rtn: round to nearest; awq: activation-aware scaling (+ clipping) on calibration text; "
-                   "imatrix: int4 with float zero points, each block's scale and minimum searched for the lowest "
-                   "error weighted by the input's mean square on calibration text")
-    if "--calib" not in parser._option_string_actions:
-        g.add_argument("--calib", default=None, metavar="FILE",
-                       help="calibration text (default: text the fp32 model samples itself, fixed seed)")
-    g.add_argument("--calib-tokens", type=int, default=1024, help="calibration tokens")
-    g.add_argument("--no-awq-clip", dest="awq_clip", action="store_false", help="skip AWQ's clipping search")
-
-
-def convert_kwargs(args, source, kw):
-    if getattr(args, "method", "rtn") == "rtn":
-        return source, kw
-    if kw["quant"] == "source":   # the default: calibrated methods quantize to int4 themselves
-        kw["quant"] = "int4"
-    if kw["quant"] not in ("int4", "int8"):
-        raise ConversionError(f"--method {args.method} needs --quant int4 or int8, not {kw['quant']}")
-    from .readers import ensure_source
-
-    src = ensure_source(source, kw)
-    if args.method == "imatrix":
-        if kw["quant"] != "int4" or kw["symmetric"]:
-            raise ConversionError("--method imatrix writes int4 with float zero points: not with --quant int8 "
-                                  "or --symmetric")
-        from .imatrix import imatrix_override
-
-        override, report = imatrix_override(src, group_size=kw["group_size"], calib_file=args.calib,
-                                            calib_tokens=args.calib_tokens, progress=kw.get("progress", True))
-        kw["linear_override"] = {**override, **(kw.get("linear_override") or {})}
-        kw["method"] = "imatrix"
-        kw["calibration"] = report
-        return src, kw
-    new, report = awq_transform(src, bits=4 if kw["quant"] == "int4" else 8, group_size=kw["group_size"],
-                                symmetric=kw["symmetric"], calib_file=args.calib, calib_tokens=args.calib_tokens,
-                                clip=args.awq_clip, progress=kw.get("progress", True))
-    kw["method"] = "awq"
-    kw["calibration"] = report
-    return new, kw

@@ -1,7 +1,15 @@
 """convert(): source checkpoint → complete model folder (model.onnx, tokenizer.json, edgeact.json).
 
 The folder is built under OUT.tmp-<pid> and renamed into place only when
-complete, so a failed or interrupted conversion never leaves a half-written OUT.
+complete and checked, so a failed or interrupted conversion never leaves a
+half-written OUT, and a folder that does not load is never left either.
+
+Checks before the rename: the writer's own checks (onnx.checker, every Sparsify's
+width) and, when given, `verify(folder)`: the SDK passes one that loads the folder
+in every engine it has (native planner, onnxruntime) and runs a token. The engines
+live outside this package (converters never import the runtime or the SDK), and
+onnx's shape inference alone cannot catch a width mismatch behind a contrib op
+such as GroupQueryAttention, whose output shape only onnxruntime knows.
 """
 from __future__ import annotations
 
@@ -101,12 +109,13 @@ def _shared_lm_head(src: SourceModel, report: dict) -> str:
 def convert(src_path, out_dir, *, quant: str = "int4", group_size: int = 32, symmetric: bool = False,
             lm_head: str | None = None, embedding: str | None = None, accuracy_level: int = 4,
             tokenizer=None, max_context: int | None = None, progress: bool = True, overwrite: bool = False,
-            calibration: dict | None = None, mixed: dict | None = None, **writer_kw) -> Path:
+            calibration: dict | None = None, mixed: dict | None = None, verify=None, **writer_kw) -> Path:
     """Convert `src_path` (a path read_source understands, or an already-read SourceModel) into `out_dir`.
 
     Raises ConversionError (one line) for bad input; on any failure no folder is left behind.
-    `calibration` is recorded verbatim in edgeact.json (AWQ/GPTQ provenance); other keyword
-    arguments go to write_onnx (external_data, steering, linear_override, method).
+    `calibration` is recorded verbatim in edgeact.json (AWQ/GPTQ provenance); `verify(folder)`
+    runs on the complete folder before it is renamed into place and raises if it does not load;
+    other keyword arguments go to write_onnx (external_data, steering, linear_override, method).
     """
     validate_options(quant, group_size, lm_head, embedding)
     out = Path(out_dir)
@@ -151,6 +160,12 @@ def convert(src_path, out_dir, *, quant: str = "int4", group_size: int = 32, sym
             (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
         card = model_card(src, facts, src.tokenizer_json is not None)
         (tmp / "edgeact.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if verify is not None:
+            try:
+                verify(tmp)
+            except Exception as e:  # noqa: BLE001 - any engine's refusal fails the conversion
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConversionError(f"the written model does not load, so no folder was written: {msg}") from e
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -245,10 +245,25 @@ class GraphBuilder:
         """ai.edgeact.Sparsify before the linears reading `x` when activation sparsity covers `site`."""
         if site not in self.sparse_sites:
             return x
-        threshold, col_scale = self.sparse_sites[site]
-        t = self.init(f"{site}.threshold", np.asarray(threshold, np.float32))
-        c = self.init(f"{site}.col_scale", np.asarray(col_scale, np.float32))
-        return self.node("Sparsify", [x, t, c], f"{site}.sparsify", domain="ai.edgeact")
+        threshold, col_scale = (np.asarray(a, np.float32) for a in self.sparse_sites[site])
+        cfg = self.cfg
+        kind = site.rsplit(".", 1)[-1]
+        width = {"attn_out": cfg.num_heads * cfg.head_dim, "ffn_act": cfg.intermediate_size,
+                 "ffn_out": cfg.intermediate_size}.get(kind, cfg.hidden_size)
+        if threshold.shape != (width,) or col_scale.shape != (width,):
+            raise ConversionError(f"sparsity site {site}: threshold {threshold.shape} and col_scale "
+                                  f"{col_scale.shape} must both have the input width {width}")
+        if kind == "attn_out" and self.head_dim != cfg.head_dim:
+            # the attention output has padded heads (pad_heads): its padded slots are always zero;
+            # they get the largest threshold (so they stay inactive, and a uniform threshold stays
+            # uniform) and scale 1
+            real = pad_heads(np.ones(width, np.float32), cfg.num_heads, cfg.head_dim, self.head_dim, axis=0) > 0
+            pad = lambda a, fill: np.where(real, pad_heads(a, cfg.num_heads, cfg.head_dim, self.head_dim, 0),  # noqa: E731
+                                           np.float32(fill))
+            threshold, col_scale = pad(threshold, threshold.max()), pad(col_scale, 1.0)
+        t = self.init(f"{site}.threshold", threshold)
+        cs = self.init(f"{site}.col_scale", col_scale)
+        return self.node("Sparsify", [x, t, cs], f"{site}.sparsify", domain="ai.edgeact")
 
     def rms_norm(self, x: str, weight: str, name: str) -> str:
         w = self.weight(weight)
@@ -442,8 +457,8 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
     if cfg.num_heads % cfg.num_kv_heads:
         raise ConversionError(f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}")
     # by default at most DEFAULT_MAX_CONTEXT: the rope caches take 4 * head_dim bytes per position
-    # (twice with sliding layers' own), 67 MB of Gemma 3 270M's folder at its 32768 positions
-    max_context = int(max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT))
+    # (twice with sliding layers' own), 67 MB of Gemma 3 270M's folder at its 32768 positions; 0 is an error
+    max_context = int(min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT) if max_context is None else max_context)
     if max_context < 1:
         raise ConversionError(f"max_context must be positive, got {max_context}")
     check_family(cfg)

@@ -6,22 +6,50 @@ import numpy as np
 import torch
 
 
-@torch.no_grad()
 def sample_ids(model, n_tokens: int, *, seed: int = 0, prompt_ids=None, bos_id: int | None = None,
-               temperature: float = 1.0) -> np.ndarray:
+               temperature: float = 1.0, progress: bool = False, desc: str = "sampling text") -> np.ndarray:
     """Sample `n_tokens` new tokens from a transformers causal LM after `prompt_ids`
     (or BOS, or token 0). Returns prompt + sample as int64 [len]."""
-    gen = torch.Generator().manual_seed(seed)
+    return sample_batch(model, n_tokens, seeds=[seed], prompt_ids=prompt_ids, bos_id=bos_id,
+                        temperature=temperature, progress=progress, desc=desc)[0]
+
+
+@torch.no_grad()
+def sample_batch(model, n_tokens: int, *, seeds, prompt_ids=None, bos_id: int | None = None,
+                 temperature: float = 1.0, progress: bool = False, desc: str = "sampling text") -> np.ndarray:
+    """One sequence per seed, all decoded together: [len(seeds), prompt + n_tokens] int64.
+
+    The rows share every forward pass (one weight read per step for all of them) but each
+    draws from its own generator, so row i depends only on seeds[i].
+    """
+    threads = torch.get_num_threads()
+    # A decode step is many small ops: extra threads mostly wait at OpenMP barriers, and on a
+    # loaded machine a descheduled thread stalls every op, which can make sampling many times
+    # slower than on one thread. One thread also makes the sample independent of the thread count.
+    torch.set_num_threads(1)
+    try:
+        return _sample(model, n_tokens, seeds, prompt_ids, bos_id, temperature, progress, desc)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sample(model, n_tokens, seeds, prompt_ids, bos_id, temperature, progress, desc) -> np.ndarray:
+    from tqdm import tqdm
+
     if prompt_ids is None or len(prompt_ids) == 0:
         prompt_ids = [bos_id if bos_id is not None else 0]
-    ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    ids = torch.tensor([list(prompt_ids)] * len(gens), dtype=torch.long)
     out = model(ids, use_cache=True)
-    past, logits = out.past_key_values, out.logits[0, -1]
+    past, logits = out.past_key_values, out.logits[:, -1]
     produced = []
-    for _ in range(n_tokens):
-        probs = torch.softmax(logits.double() / temperature, -1)
-        nxt = int(torch.multinomial(probs, 1, generator=gen))
-        produced.append(nxt)
-        out = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[0, -1]
-    return np.array(list(prompt_ids) + produced, dtype=np.int64)
+    with tqdm(total=n_tokens * len(gens), desc=desc, unit="tok", disable=not progress) as bar:
+        for _ in range(n_tokens):
+            probs = torch.softmax(logits.double() / temperature, -1)
+            nxt = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(gens)])
+            produced.append(nxt)
+            out = model(nxt[:, None], past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+            bar.update(len(gens))
+    rows = torch.cat([ids] + [t[:, None] for t in produced], dim=1) if produced else ids
+    return rows.numpy().astype(np.int64)

@@ -27,7 +27,7 @@ import onnx
 import torch
 from onnx import helper
 
-from .calibration import INPUT_GROUPS, calibration_ids, capture_inputs
+from .calibration import INPUT_GROUPS, CaptureDone, calibration_ids, capture_inputs, stop_pass
 from .model import ConversionError, SourceModel
 
 METHODS = ("teal", "chess", "wina", "cats", "coreinfer")
@@ -70,6 +70,8 @@ def parse_targets(spec, method: str) -> dict[str, float]:
         if not 0.0 <= v < 1.0:
             raise ConversionError(f"sparsity {k}={v} outside [0, 1)")
     if method in FFN_ONLY:
+        if "=" in spec and "ffn" not in out:
+            raise ConversionError(f"{method} sparsifies the FFN only: give ffn=S (or one number), not {spec!r}")
         out = {"ffn": out.get("ffn", 0.0)}
     return out
 
@@ -119,9 +121,16 @@ def chess_thresholds(x: torch.Tensor, target: float) -> torch.Tensor:
     return hi * q
 
 
+# Calibration captures the inputs of several layers per forward pass, up to this many bytes.
+CAPTURE_BUDGET = 256 * 1024**2
+
+
 def calibrate(src: SourceModel, method: str, targets: dict[str, float], *, calib_ids=None, calib_file=None,
-              calib_tokens: int = 1024, progress: bool = True) -> dict:
-    """{"sites": {graph site: (threshold [K], col_scale [K])}, "meta": {... for edgeact.json}}."""
+              calib_tokens: int = 1024, progress: bool = True, model=None) -> dict:
+    """{"sites": {graph site: (threshold [K], col_scale [K])}, "meta": {... for edgeact.json}}.
+
+    `calib_ids` ([n_seq, seq_len] token ids) are sampled from `src` when not given; `model`
+    is src's transformers model when the caller already built it."""
     from tqdm import tqdm
 
     from .torch_ref import build_torch_model
@@ -133,81 +142,73 @@ def calibrate(src: SourceModel, method: str, targets: dict[str, float], *, calib
         return plan(src, 1.0 - targets.get("ffn", 0.0))
     if method == "cats" and not all(src.has(f"model.layers.{i}.mlp.gate_proj.weight") for i in range(cfg.num_layers)):
         raise ConversionError("cats needs a gated FFN (gate_proj), and this model has none")
-    model = build_torch_model(src)
+    if model is None:
+        model = build_torch_model(src, progress=progress)
     if calib_ids is None:
-        calib_ids = calibration_ids(src, model, text_file=calib_file, n_tokens=calib_tokens)
+        calib_ids = calibration_ids(src, model, text_file=calib_file, n_tokens=calib_tokens, progress=progress)
+    n_tok = int(np.asarray(calib_ids).size)
+    wanted = [s for s, (kind, _) in SITES.items() if targets.get(kind, 0.0) > 0]
+    if method == "cats":
+        wanted = ["ffn_act"] if targets.get("ffn", 0.0) > 0 else []
+    widths = {"attn_in": cfg.hidden_size, "attn_out": cfg.num_heads * cfg.head_dim, "ffn_in": cfg.hidden_size,
+              "ffn_out": cfg.intermediate_size, "ffn_act": cfg.intermediate_size}
+    per_layer = 4 * n_tok * sum(widths[s] for s in wanted) or 1
+    chunk = max(1, min(cfg.num_layers, CAPTURE_BUDGET // per_layer))
     sites: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    it = range(cfg.num_layers)
-    for i in (tqdm(it, desc=f"calibrating {method}", unit="layer") if progress else it):
-        p = f"layers.{i}"
+    bar = tqdm(total=cfg.num_layers if wanted else 0, desc=f"calibrating {method}", unit="layer",
+               disable=not progress)
+    for first in range(0, cfg.num_layers if wanted else 0, chunk):
+        layers = list(range(first, min(first + chunk, cfg.num_layers)))
         if method == "cats":
-            t = targets.get("ffn", 0.0)
-            if t <= 0:
+            acts = _capture_gate_act(model, calib_ids, layers)
+        else:
+            acts = capture_inputs(model, calib_ids, layers=layers, groups=wanted)
+        for i in layers:
+            p = f"layers.{i}"
+            if method == "cats":
+                a = acts.pop(i)
+                thr = float(_quantile(a.abs(), targets["ffn"]))
+                K = a.shape[1]
+                sites[f"{p}.ffn_act"] = (np.full(K, thr, np.float32), np.ones(K, np.float32))
+                bar.update(1)
                 continue
-            acts = _capture_gate_act(model, calib_ids, i)
-            thr = float(_quantile(acts.abs(), t))
-            K = acts.shape[1]
-            sites[f"{p}.ffn_act"] = (np.full(K, thr, np.float32), np.ones(K, np.float32))
-            continue
-        wanted = [s for s, (kind, _) in SITES.items() if targets.get(kind, 0.0) > 0]
-        if not wanted:
-            continue
-        acts = capture_inputs(model, calib_ids, layers=[i], groups=wanted)
-        for site in wanted:
-            kind, linears = SITES[site]
-            x = acts[(i, site)].abs()
-            K = x.shape[1]
-            col = torch.ones(K)
-            if method == "wina":
-                sq = sum(torch.from_numpy(src.load(f"model.layers.{i}.{lin}.weight")).pow(2).sum(0) for lin in linears)
-                col = sq.sqrt().float()
-            if method == "chess":
-                thr = chess_thresholds(x, targets[kind])
-            else:
-                thr = torch.full((K,), float(_quantile(x * col, targets[kind])))
-            sites[f"{p}.{site}"] = (thr.numpy().astype(np.float32), col.numpy().astype(np.float32))
+            for site in wanted:
+                kind, linears = SITES[site]
+                x = acts.pop((i, site)).abs()
+                K = x.shape[1]
+                col = torch.ones(K)
+                if method == "wina":
+                    sq = sum(torch.from_numpy(src.load(f"model.layers.{i}.{lin}.weight")).pow(2).sum(0)
+                             for lin in linears)
+                    col = sq.sqrt().float()
+                if method == "chess":
+                    thr = chess_thresholds(x, targets[kind])
+                else:
+                    thr = torch.full((K,), float(_quantile(x * col, targets[kind])))
+                sites[f"{p}.{site}"] = (thr.numpy().astype(np.float32), col.numpy().astype(np.float32))
+            bar.update(1)
+        del acts
+    bar.close()
     meta = {"method": method, "targets": targets, "sites": len(sites),
-            "calibration": {"tokens": int(np.asarray(calib_ids).size),
+            "calibration": {"tokens": n_tok,
                             "source": str(calib_file) if calib_file else "sampled from the fp32 model"}}
     return {"sites": sites, "meta": meta}
 
 
 @torch.no_grad()
-def _capture_gate_act(model, ids, layer: int) -> torch.Tensor:
-    got = []
-    h = model.model.layers[layer].mlp.act_fn.register_forward_hook(
-        lambda m, a, out: got.append(out.reshape(-1, out.shape[-1]).float().clone()))
+def _capture_gate_act(model, ids, layers) -> dict[int, torch.Tensor]:
+    """SiLU(gate) of each of `layers`, as {layer: [tokens, I]}; each pass stops after the last one."""
+    got: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    hooks = [model.model.layers[i].mlp.act_fn.register_forward_hook(
+        lambda m, a, out, i=i: got[i].append(out.reshape(-1, out.shape[-1]).float().clone())) for i in layers]
+    hooks.append(model.model.layers[max(layers)].register_forward_hook(stop_pass))
     try:
         for row in np.atleast_2d(ids):
-            model(torch.from_numpy(np.asarray(row, dtype=np.int64))[None])
+            try:
+                model(torch.from_numpy(np.asarray(row, dtype=np.int64))[None])
+            except CaptureDone:
+                pass
     finally:
-        h.remove()
-    return torch.cat(got)
-
-
-# ---- the `edgeact convert` extension (picked up by sdk/commands/convert.py)
-
-def add_convert_args(parser) -> None:
-    g = parser.add_argument_group("activation sparsity")
-    g.add_argument("--sparsity", default=None, metavar="S",
-                   help="target share of zeroed input channels: 0.5, or per layer type attn=0.4,ffn=0.5")
-    g.add_argument("--sparsity-method", choices=METHODS, default="teal",
-                   help="teal: |x| per tensor; chess: per channel; wina: |x|·‖W col‖; cats: gated-FFN activation; "
-                        "coreinfer: the FFN neurons the prompt used most, fixed after prefill (no calibration)")
-    if "--calib" not in parser._option_string_actions:
-        g.add_argument("--calib", default=None, metavar="FILE",
-                       help="calibration text (default: text the fp32 model samples itself, fixed seed)")
-    if "--calib-tokens" not in parser._option_string_actions:
-        g.add_argument("--calib-tokens", type=int, default=1024, help="calibration tokens")
-
-
-def convert_kwargs(args, source, kw):
-    if args.sparsity is None:
-        return source, kw
-    targets = parse_targets(args.sparsity, args.sparsity_method)
-    from .readers import ensure_source
-
-    src = ensure_source(source, kw)
-    kw["sparsity"] = calibrate(src, args.sparsity_method, targets, calib_file=args.calib,
-                               calib_tokens=args.calib_tokens, progress=kw.get("progress", True))
-    return src, kw
+        for h in hooks:
+            h.remove()
+    return {i: torch.cat(v) for i, v in got.items()}

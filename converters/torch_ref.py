@@ -66,18 +66,20 @@ def hf_config(cfg: ModelConfig):
     return c
 
 
-def build_torch_model(src: SourceModel, dtype=torch.float32):
-    """An eval-mode transformers model holding `src`'s weights (one copy, loaded tensor by tensor)."""
+def build_torch_model(src: SourceModel, dtype=torch.float32, progress: bool | None = False):
+    """An eval-mode transformers model holding `src`'s weights (one copy, loaded tensor by tensor);
+    progress: a bar per tensor (None: on a terminal)."""
     import transformers
+    from tqdm import tqdm
 
     config = hf_config(src.config)
     config._attn_implementation = "eager"
     with torch.device("meta"):
         model = getattr(transformers, _HF_CLASSES[src.config.arch])(config)
     state = {}
-    for name in model.state_dict():
-        if name == "lm_head.weight" and src.config.tie_word_embeddings:
-            continue
+    names = [n for n in model.state_dict() if not (n == "lm_head.weight" and src.config.tie_word_embeddings)]
+    for name in tqdm(names, desc="loading the fp32 reference", unit="tensor",
+                     disable=None if progress is None else not progress):
         fused = next((parts for suffix, parts in _FUSED.items() if name.endswith(suffix)), None)
         if fused:
             prefix = name[: -len(next(s for s in _FUSED if name.endswith(s)))]

@@ -10,7 +10,7 @@ import numpy as np
 
 from edgeact.contract import ModelConfig
 from edgeact.engines import Engine, make_engine, native_available
-from edgeact.generation import GenerationConfig, choose
+from edgeact.generation import GenerationConfig, decode
 from edgeact.steering import SteeringMixin
 from edgeact.tokenizer import StreamDecoder, TextTokenizer
 
@@ -105,29 +105,8 @@ class Model(SteeringMixin):
             t0 = time.perf_counter()
             logits = eng.forward(np.asarray(prompt_ids, dtype=np.int64), logits="last")[-1]
             timing["prefill_s"] = time.perf_counter() - t0
-            history = list(prompt_ids)
-            t1 = time.perf_counter()
-            for step in range(cfg.max_new_tokens):
-                if constraint is not None:
-                    logits = constraint.mask(logits)
-                tok = choose(logits, cfg, rng, history)
-                if constraint is not None:
-                    constraint.accept(tok)
-                history.append(tok)
-                timing["decode_s"] = time.perf_counter() - t1
-                yield tok
-                if tok in self.eos_token_ids or step == cfg.max_new_tokens - 1:
-                    return
-                if constraint is not None and constraint.done:
-                    timing["constraint_done"] = True
-                    return
-                if eng.n_past >= eng.max_context:
-                    timing["context"] = True
-                    return
-                if step == 0:
-                    self.steering_phase(True)
-                    t1 = time.perf_counter()
-                logits = eng.forward(np.array([tok], dtype=np.int64), logits="last")[-1]
+            yield from decode(eng, logits, cfg, rng, list(prompt_ids), self.eos_token_ids, timing,
+                              constraint=constraint, after_first=lambda: self.steering_phase(True))
         finally:
             # generated-only vectors must not leak into a later forward()
             self.steering_phase(False)

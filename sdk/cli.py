@@ -94,9 +94,17 @@ def _error(msg: str) -> int:
     return 2
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    """Warnings from the library (e.g. a llama2.c checkpoint without its tokenizer) as one plain line."""
+    print(f"edgeact: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
+    import warnings
+
     from edgeact.extras import first_missing, install_hint, is_optional
 
+    warnings.showwarning = _warning_line
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command(argv)
     if command in NEEDS_CONVERT and not {"-h", "--help"} & set(argv):

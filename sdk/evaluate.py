@@ -43,23 +43,46 @@ def compare_logits(model_logits: np.ndarray, ref_logits: np.ndarray, ids: np.nda
 
 
 class Reference:
-    """The fp32 source model (transformers) and the evaluation tokens, built once."""
+    """The fp32 source model (transformers) and the evaluation tokens, built once.
+    progress: tqdm bars for loading the weights, sampling the tokens and the reference logits."""
 
     def __init__(self, src, ids: np.ndarray | None = None, *, text: str | None = None, n_tokens: int = 256,
-                 seed: int = 0):
-        import torch
-
+                 seed: int = 0, progress: bool = False):
         from edgeact.converters.model import SourceModel
         from edgeact.converters.readers import read_source
         from edgeact.converters.torch_ref import build_torch_model
 
+        if n_tokens < 2:
+            raise ValueError(f"evaluation needs at least 2 tokens, got {n_tokens}")
+        self.progress = progress
         self.src = src if isinstance(src, SourceModel) else read_source(src)
-        self.model = build_torch_model(self.src)
+        self.model = build_torch_model(self.src, progress=progress)
         if ids is None:
             ids = self.tokens(text, n_tokens, seed)
         self.ids = np.asarray(ids, dtype=np.int64)
-        with torch.no_grad():
-            self.logits = self.model(torch.from_numpy(self.ids)[None]).logits[0].numpy()
+        ctx = self.src.config.max_position_embeddings
+        if len(self.ids) > ctx:
+            raise ValueError(f"{len(self.ids)} evaluation tokens exceed the model's context of {ctx}")
+        self.logits = self._logits()
+
+    def _logits(self) -> np.ndarray:
+        """The reference's logits at every position: one forward pass, its progress counted per layer."""
+        import torch
+        from tqdm import tqdm
+
+        layers = self.model.model.layers
+        with tqdm(total=len(layers), desc=f"reference logits ({len(self.ids)} tokens)", unit="layer",
+                  disable=not self.progress) as bar:
+            def tick(*_):   # a forward hook's return value would replace the block's output
+                bar.update(1)
+
+            hooks = [block.register_forward_hook(tick) for block in layers]
+            try:
+                with torch.no_grad():
+                    return self.model(torch.from_numpy(self.ids)[None]).logits[0].numpy()
+            finally:
+                for h in hooks:
+                    h.remove()
 
     def tokens(self, text, n_tokens, seed) -> np.ndarray:
         cfg = self.src.config
@@ -74,7 +97,8 @@ class Reference:
             return np.asarray(ids[: n_tokens + 1], dtype=np.int64)
         from edgeact.converters.sampling import sample_ids
 
-        return sample_ids(self.model, n_tokens, seed=seed, bos_id=cfg.bos_token_id)
+        return sample_ids(self.model, n_tokens, seed=seed, bos_id=cfg.bos_token_id, progress=self.progress,
+                          desc="sampling evaluation text")
 
     def compare(self, model_or_folder, engine: str = "ort") -> Quality:
         from edgeact.api import Model, load
@@ -93,8 +117,8 @@ class Reference:
 
 
 def evaluate(model_dir, ref_src, *, text: str | None = None, n_tokens: int = 256, seed: int = 0,
-             engine: str = "ort") -> dict:
-    ref = Reference(ref_src, text=text, n_tokens=n_tokens, seed=seed)
+             engine: str = "ort", progress: bool = False) -> dict:
+    ref = Reference(ref_src, text=text, n_tokens=n_tokens, seed=seed, progress=progress)
     q = ref.compare(Path(model_dir), engine=engine)
     return {"model": str(model_dir), "reference": str(ref_src), "engine": engine,
             "tokens_source": "text" if text is not None else f"sampled from the fp32 reference (seed {seed})",

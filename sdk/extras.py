@@ -11,7 +11,6 @@ import importlib.util
 EXTRA_OF = {**{m: "convert" for m in ("torch", "transformers", "accelerate", "safetensors", "gguf", "onnx",
                                        "onnxruntime", "sentencepiece", "matplotlib")},
             **{m: "serve" for m in ("fastapi", "uvicorn", "llguidance")}}
-EXTRA_OF.update({m: "serve" for m in ("fastapi", "uvicorn", "llguidance")})
 
 
 class MissingExtra(ModuleNotFoundError):

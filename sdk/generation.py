@@ -1,6 +1,7 @@
 """Next-token choice: greedy, temperature, top-k, top-p, repetition penalty."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,3 +99,56 @@ def choose(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator, 
     cdf = np.cumsum(p / p.sum())
     cdf /= cdf[-1]
     return int(live[min(int(cdf.searchsorted(rng.random(), side="right")), live.size - 1)])
+
+
+def token_logprobs(logits, tok: int, top: int = 0) -> dict:
+    """log softmax of the chosen token (and the `top` best) from one step's logits."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    out = {"id": int(tok), "logprob": float(x[tok] - lse), "top": []}
+    if top:
+        best = np.argpartition(-x, top - 1)[:top]
+        best = best[np.argsort(-x[best], kind="stable")]
+        out["top"] = [(int(i), float(x[i] - lse)) for i in best if np.isfinite(x[i])]
+    return out
+
+
+def decode(eng, logits, cfg: GenerationConfig, rng: np.random.Generator, history: list[int], eos, timing: dict, *,
+           constraint=None, no_eos=None, logprobs: list | None = None, top_logprobs: int = 0, after_first=None,
+           fed=None):
+    """Tokens chosen from `logits` (the prompt's last) on, each fed back through eng.forward: the
+    decode loop of Model.generate and Session.generate. Stops after an end-of-sequence token or
+    max_new_tokens, or sets timing["constraint_done"] / timing["context"] when the constraint is
+    complete / the context is full. no_eos: ids never picked. after_first(): once, before the first
+    token is fed (steering's generated phase); fed(tok): after each token is in the cache."""
+    t1 = time.perf_counter()
+    for step in range(cfg.max_new_tokens):
+        if constraint is not None:
+            logits = constraint.mask(logits)
+        if no_eos is not None:
+            logits = np.array(logits, dtype=np.float32, copy=True)
+            logits[no_eos] = -np.inf
+        tok = choose(logits, cfg, rng, history)
+        if constraint is not None:
+            constraint.accept(tok)
+        if logprobs is not None:
+            logprobs.append(token_logprobs(logits, tok, top_logprobs))
+        history.append(tok)
+        timing["decode_s"] = time.perf_counter() - t1
+        yield tok
+        if tok in eos or step == cfg.max_new_tokens - 1:
+            return
+        if constraint is not None and constraint.done:
+            timing["constraint_done"] = True
+            return
+        if eng.n_past >= eng.max_context:
+            timing["context"] = True
+            return
+        if step == 0:
+            if after_first is not None:
+                after_first()
+            t1 = time.perf_counter()
+        logits = eng.forward(np.array([tok], dtype=np.int64), logits="last")[-1]
+        if fed is not None:
+            fed(tok)

@@ -88,7 +88,8 @@ class JsonSchemaConstraint:
     def allowed(self) -> np.ndarray:
         """Boolean [vocab]: the tokens the grammar allows next."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        return np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab].astype(bool)
+        # unpackbits returns a fresh array of 0/1 bytes: viewed as bool, not copied again each token
+        return np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab].view(bool)
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         allowed = self.allowed()

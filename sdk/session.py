@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgeact.generation import GenerationConfig, choose
+from edgeact.generation import GenerationConfig, decode
 from edgeact.steering import Steering, SteeringEntry
 
 
@@ -124,37 +124,15 @@ class Session:
             logits = self.prefill(prompt_ids, keys[False])
             timing["prefill_s"] = time.perf_counter() - t0
             timing["cached_tokens"] = self.last["cached_tokens"]
-            history = list(prompt_ids)
-            t1 = time.perf_counter()
-            for step in range(cfg.max_new_tokens):
-                if constraint is not None:
-                    logits = constraint.mask(logits)
-                if no_eos is not None:
-                    logits = np.array(logits, dtype=np.float32, copy=True)
-                    logits[no_eos] = -np.inf
-                tok = choose(logits, cfg, rng, history)
-                if constraint is not None:
-                    constraint.accept(tok)
-                if logprobs is not None:
-                    logprobs.append(token_logprobs(logits, tok, top_logprobs))
-                history.append(tok)
-                timing["decode_s"] = time.perf_counter() - t1
-                yield tok
-                if tok in eos or step == cfg.max_new_tokens - 1:
-                    return
-                if constraint is not None and constraint.done:
-                    timing["constraint_done"] = True
-                    return
-                if eng.n_past >= eng.max_context:
-                    timing["context"] = True
-                    return
-                if step == 0:
-                    if state.phase_dependent:
-                        state.apply(eng, generated=True)
-                    t1 = time.perf_counter()
-                logits = eng.forward(np.array([tok], dtype=np.int64), logits="last")[-1]
+
+            def fed(tok):
                 self.ids.append(tok)
                 self._keys.append(keys[True])
+
+            yield from decode(eng, logits, cfg, rng, list(prompt_ids), eos, timing, constraint=constraint,
+                              no_eos=no_eos, logprobs=logprobs, top_logprobs=top_logprobs, fed=fed,
+                              after_first=(lambda: state.apply(eng, generated=True)) if state.phase_dependent
+                              else None)
         finally:
             # the cache and self.ids agree whatever stopped the loop (an error, a closed stream)
             del self.ids[eng.n_past:], self._keys[eng.n_past:]
@@ -206,19 +184,6 @@ class Session:
         self.ids += ids
         self._keys += [""] * len(ids)
         return out
-
-
-def token_logprobs(logits, tok: int, top: int = 0) -> dict:
-    """log softmax of the chosen token (and the `top` best) from one step's logits."""
-    x = np.asarray(logits, dtype=np.float64)
-    m = x.max()
-    lse = m + np.log(np.exp(x - m).sum())
-    out = {"id": int(tok), "logprob": float(x[tok] - lse), "top": []}
-    if top:
-        best = np.argpartition(-x, top - 1)[:top]
-        best = best[np.argsort(-x[best], kind="stable")]
-        out["top"] = [(int(i), float(x[i] - lse)) for i in best if np.isfinite(x[i])]
-    return out
 
 
 def parse_steering(state: Steering, steering) -> list[SteeringEntry]:

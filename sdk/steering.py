@@ -301,13 +301,15 @@ POSITIONS = ("last", "mean")
 
 
 def compute_vectors(model, pos_prompts: Sequence, neg_prompts: Sequence, layers=None,
-                    method: str = "mean-diff", position: str = "last", chat: bool = False) -> dict[int, np.ndarray]:
+                    method: str = "mean-diff", position: str = "last", chat: bool = False,
+                    progress: bool | None = None) -> dict[int, np.ndarray]:
     """Steering vectors {layer: [hidden]} from the hidden states of positive vs negative prompts.
 
     `model`: a loaded edgeact Model (its engine's hidden states), a SourceModel, a model folder or a
     source checkpoint path (then the fp32 transformers reference). Prompts are strings (tokenized,
     optionally wrapped in the chat template as a user turn) or lists of token ids.
     `position`: the last token's state, or the mean over the prompt's tokens.
+    `progress`: tqdm bars for loading a reference and running the prompts (None: on a terminal).
     `method`: "mean-diff" = mean(pos) − mean(neg); "pca" = first principal component of the paired
     differences pos[i] − neg[i] (uncentered, as representation engineering does with randomly
     ordered pairs), its sign aligned with the mean difference and its length the mean projection of
@@ -321,17 +323,24 @@ def compute_vectors(model, pos_prompts: Sequence, neg_prompts: Sequence, layers=
         raise ValueError("need at least one positive and one negative prompt")
     if method == "pca" and len(pos_prompts) != len(neg_prompts):
         raise ValueError(f"pca pairs prompts: got {len(pos_prompts)} positive and {len(neg_prompts)} negative")
-    source = hidden_source(model)
+    from tqdm import tqdm
+
+    source = hidden_source(model, progress=progress)
     selected = parse_layers(layers, source.num_layers) or list(range(source.num_layers))
+    pos_prompts, neg_prompts = list(pos_prompts), list(neg_prompts)
+    bar = tqdm(total=len(pos_prompts) + len(neg_prompts), desc="hidden states of the prompts", unit="prompt",
+               disable=None if progress is None else not progress)
 
     def features(prompts):
         rows = []
         for p in prompts:
             hidden = source.hidden(source.encode(p, chat))[selected]  # [layers, S, hidden]
             rows.append(hidden[:, -1] if position == "last" else hidden.mean(axis=1))
+            bar.update(1)
         return np.stack(rows, axis=1).astype(np.float64)  # [layers, n, hidden]
 
-    pos, neg = features(pos_prompts), features(neg_prompts)
+    with bar:
+        pos, neg = features(pos_prompts), features(neg_prompts)
     out = {}
     for i, layer in enumerate(selected):
         mean_diff = pos[i].mean(0) - neg[i].mean(0)
@@ -370,8 +379,9 @@ class HiddenSource:
         return np.asarray(self.hidden_fn(ids), dtype=np.float32)
 
 
-def hidden_source(model) -> HiddenSource:
-    """A HiddenSource for an edgeact Model, a SourceModel, a model folder or a source checkpoint path."""
+def hidden_source(model, progress: bool | None = False) -> HiddenSource:
+    """A HiddenSource for an edgeact Model, a SourceModel, a model folder or a source checkpoint path
+    (`progress`: a bar while a checkpoint's fp32 reference loads; None: on a terminal)."""
     from edgeact.converters.model import SourceModel
 
     if isinstance(model, HiddenSource):
@@ -386,16 +396,16 @@ def hidden_source(model) -> HiddenSource:
             return _engine_source(edgeact.load(path))
         from edgeact.converters.readers import read_source
 
-        return torch_source(read_source(path))
+        return torch_source(read_source(path), progress=progress)
     if isinstance(model, SourceModel):
-        return torch_source(model)
+        return torch_source(model, progress=progress)
     if hasattr(model, "engine") and hasattr(model, "config"):
         return _engine_source(model)
     raise ValueError(f"cannot compute hidden states of {type(model).__name__}: "
                      "give an edgeact Model, a SourceModel, a model folder or a checkpoint path")
 
 
-def torch_source(src) -> HiddenSource:
+def torch_source(src, progress: bool | None = False) -> HiddenSource:
     """Hidden states from the fp32 transformers reference of a SourceModel.
 
     Forward hooks on the decoder blocks capture each block's output directly: HF's
@@ -406,7 +416,7 @@ def torch_source(src) -> HiddenSource:
 
     from edgeact.converters.torch_ref import build_torch_model
 
-    model = build_torch_model(src)
+    model = build_torch_model(src, progress=progress)
     cfg = src.config
 
     def hidden_fn(ids):

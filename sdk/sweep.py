@@ -11,13 +11,21 @@ import numpy as np
 
 
 def sweep(source, methods, sparsities, out_dir, *, quant="int4", group_size=32, quality=True, speed=True,
-          n_tokens=256, engine="native", interleave=True, progress=print) -> list[dict]:
+          n_tokens=256, engine="native", interleave=True, progress=print, bars: bool = False,
+          calib_tokens: int = 1024) -> list[dict]:
+    """`progress(line)` gets each finished row; `bars` shows tqdm bars for the long steps (the
+    reference, the calibration sample, one step per variant)."""
+    from tqdm import tqdm
+
+    from edgeact.converters.calibration import calibration_ids
     from edgeact.converters.convert import convert
     from edgeact.converters.model import SourceModel
     from edgeact.converters.readers import read_source
     from edgeact.converters.sparsity import calibrate, parse_targets
     from edgeact.engines import native_available
+    from edgeact.verify import verify_folder
 
+    plan = [(m, s, parse_targets(str(s), m)) for m in methods for s in sparsities]   # bad settings fail first
     src = source if isinstance(source, SourceModel) else read_source(source)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -26,7 +34,17 @@ def sweep(source, methods, sparsities, out_dir, *, quant="int4", group_size=32, 
     if quality:
         from edgeact.evaluate import Reference
 
-        ref = Reference(src, n_tokens=n_tokens, seed=7)   # calibration samples other seeds: held out
+        ref = Reference(src, n_tokens=n_tokens, seed=7, progress=bars)   # calibration samples other seeds: held out
+    calib = None
+    if any(m != "coreinfer" for m in methods):
+        # one calibration sample and one fp32 model for every variant
+        if ref is not None:
+            model = ref.model
+        else:
+            from edgeact.converters.torch_ref import build_torch_model
+
+            model = build_torch_model(src, progress=bars)
+        calib = (model, calibration_ids(src, model, n_tokens=calib_tokens, progress=bars))
     rows = []
 
     def measure(folder, method, target):
@@ -42,20 +60,29 @@ def sweep(source, methods, sparsities, out_dir, *, quant="int4", group_size=32, 
                 r = realized_sparsity(folder, ref.ids) if method != "dense" else {}
                 row["realized"] = float(np.mean(list(r.values()))) if r else 0.0
         rows.append(row)
-        progress(format_row(row))
+        (bar.write if bars else progress)(format_row(row))
 
+    bar = tqdm(total=1 + len(plan), desc="sweep", unit="variant", disable=not bars)
     dense = out_dir / f"dense-{quant}-g{group_size}"
     if not (dense / "edgeact.json").exists():
-        convert(src, dense, quant=quant, group_size=group_size, progress=False, overwrite=True)
+        bar.set_postfix_str("converting dense")
+        convert(src, dense, quant=quant, group_size=group_size, progress=False, overwrite=True, verify=verify_folder)
+    bar.set_postfix_str("measuring dense")
     measure(dense, "dense", 0.0)
-    for method in methods:
-        for s in sparsities:
-            folder = out_dir / f"{method}-{s:g}"
-            if (folder / "edgeact.json").exists():
-                shutil.rmtree(folder)
-            sp = calibrate(src, method, parse_targets(str(s), method), progress=False)
-            convert(src, folder, quant=quant, group_size=group_size, progress=False, sparsity=sp)
-            measure(folder, method, s)
+    bar.update(1)
+    for method, s, targets in plan:
+        folder = out_dir / f"{method}-{s:g}"
+        if (folder / "edgeact.json").exists():
+            shutil.rmtree(folder)
+        bar.set_postfix_str(f"{method} {s:g}: calibrating")
+        model, ids = calib if calib is not None and method != "coreinfer" else (None, None)
+        sp = calibrate(src, method, targets, calib_ids=ids, model=model, progress=False)
+        bar.set_postfix_str(f"{method} {s:g}: converting")
+        convert(src, folder, quant=quant, group_size=group_size, progress=False, sparsity=sp, verify=verify_folder)
+        bar.set_postfix_str(f"{method} {s:g}: measuring")
+        measure(folder, method, s)
+        bar.update(1)
+    bar.close()
     if speed:
         decode_speeds(rows, engine, progress, interleave=interleave)
     return rows

@@ -342,3 +342,25 @@ def test_generate_row_times_the_users_path_beside_the_raw_step(tiny_folders):
     assert gen["isa"] == raw["isa"] == report["machine"]["isa"]
     assert set(m["generate_vs_native"]) == {"pp", "tg"}
     assert "| generate ÷ native step |" in format_report(report)
+
+
+def test_engines_whose_extra_is_missing_are_skipped_in_one_line(monkeypatch, tiny_folders, tmp_path):
+    """A device install: the default engines that need the convert extra are skipped, the rest run."""
+    from edgeact.bench import subjects
+
+    for module in ("onnxruntime", "gguf"):
+        monkeypatch.setitem(sys.modules, module, None)   # import fails as if not installed
+    monkeypatch.setattr(subjects, "CACHE", tmp_path)      # no cached GGUF to fall back on
+    monkeypatch.setattr(llamabench, "binary", lambda: tmp_path / "llama-bench")
+    monkeypatch.setattr(llamabench, "quantize_binary", lambda: tmp_path / "llama-quantize")
+    said = []
+    fake = lambda spec: {"pp": [5.0], "tg": [2.0], "rep_at": [0.0]}  # noqa: E731
+    report = bench_models([tiny_folders[0]], engines=("native", "ort", "llama.cpp"), reps=1, measure_bw=False,
+                          run=fake, progress=said.append)
+    rows = report["models"][0]["engines"]
+    hint = 'pip install "edgeact[convert]"'
+    assert rows["ort"] == {"skipped": f"needs onnxruntime: {hint}"}
+    assert rows["llama.cpp"] == {"skipped": f"needs gguf: {hint}"}
+    assert rows["native"]["pp_median"] == 5.0
+    assert [s for s in said if "skipped" in s] == [f"skipped ort, llama.cpp: they need the convert extra ({hint})"]
+    assert not list(tmp_path.iterdir())

@@ -126,6 +126,18 @@ def test_each_missing_extra_is_one_line(smollm2_int4_dir, smollm2_gguf, tmp_path
     assert proc.returncode == 0 and "convert" in proc.stdout
 
 
+def test_profile_without_matplotlib_prints_the_table(smollm2_int4_dir, tmp_path, blocker):
+    from edgeact.engines import native_available
+
+    if not native_available():
+        pytest.skip("the device install runs the native runtime, which is not built here")
+    chart = tmp_path / "p.png"
+    proc = cli("profile", smollm2_int4_dir, "-n", "2", "--bandwidth", "10", "-o", chart, blocker=blocker)
+    assert proc.returncode == 0, proc.stderr
+    assert "MatMulNBits" in proc.stdout and " ms of a " in proc.stdout
+    assert proc.stderr.strip() == f"edgeact: no chart without matplotlib ({EXTRA})" and not chart.exists()
+
+
 def test_api_names_the_extra(smollm2_int4_dir, blocker):
     code = ("import edgeact\ntry:\n    edgeact.load(__import__('sys').argv[1], engine='ort')\n"
             "except ModuleNotFoundError as e:\n    print(type(e).__name__, e)")
@@ -186,6 +198,9 @@ def test_misleading_messages(tmp_path, smollm2_int4_dir):
                    "scale after ':' must be a number, not 'abc'")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "1,x", "--ids"), "'x' is not an integer")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--threads", "-3"), "--threads")
+    one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--threads", "10000"), "--threads: 10000 is more than",
+                   "at most 256")
+    one_line_error(cli("bench", smollm2_int4_dir, "--threads", "10000"), "--threads: 10000 is more than")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "-n", "-1"), "--max-new-tokens")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--top-p", "0"), "--top-p must be in (0, 1]")
     one_line_error(cli("run", smollm2_int4_dir, "-p", "hi", "--temperature", "-1"), "--temperature must be >= 0")
@@ -278,3 +293,5 @@ def test_native_session_context_default_and_bad_values(smollm2_int4_dir):
             m.session(**kw)
     with pytest.raises(ValueError, match="exceeds the model's max_context 8192"):
         m.session(n_ctx=9000)
+    with pytest.raises(ValueError, match=r"^10000 threads is more than a session takes \(at most 256\)"):
+        m.session(threads=10000)

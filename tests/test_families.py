@@ -150,6 +150,10 @@ def _write_gguf(path, arch, model, extra_meta=None):
         if name.startswith("model.layers."):
             _, _, i, rest = name.split(".", 3)
             out = f"blk.{i}.{names[rest.rsplit('.', 1)[0]]}.weight"
+            if arch == "llama" and rest.startswith(("self_attn.q_proj", "self_attn.k_proj")):
+                from edgeact.converters.gguf_export import _to_interleaved   # llama.cpp's q/k row order
+
+                t = _to_interleaved(t, c.num_attention_heads if "q_proj" in rest else c.num_key_value_heads)
         else:
             out = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                    "lm_head.weight": "output.weight"}[name]
@@ -384,3 +388,38 @@ def test_gemma3_gguf_stop_tokens_and_tokenizer(tmp_path):
         assert tok.encode(text).ids == [2] + sp.encode(text), text
     # turn markers are matched as special tokens in text (chat templates write them)
     assert tok.encode("<start_of_turn>hello<end_of_turn>").ids == [2, 4] + tok.encode("hello").ids[1:] + [5]
+
+
+def test_gguf_llama3_rope_freqs(tmp_path):
+    """llama.cpp keeps Llama 3's rope scaling only as rope_freqs divisors: read back as the llama3 rope type."""
+    import gguf
+
+    cfg = transformers.LlamaConfig(**{**SMALL, "max_position_embeddings": 256}, num_hidden_layers=2, rope_theta=5e5,
+                                   rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    model = random_hf_model(cfg)
+    path = _write_gguf(tmp_path / "l.gguf", "llama", model)
+    # llama.cpp's convert_hf_to_gguf: factor where the wavelength exceeds 8192, 1 below 2048, smooth between
+    head = cfg.hidden_size // cfg.num_attention_heads
+    freqs = 1.0 / 5e5 ** (np.arange(0, head, 2) / head)
+    factors = []
+    for f in freqs:
+        wl = 2 * np.pi / f
+        smooth = (8192 / wl - 1.0) / (4.0 - 1.0)
+        factors.append(1.0 if wl < 2048 else 32.0 if wl > 8192 else 1 / ((1 - smooth) / 32.0 + smooth))
+    r = gguf.GGUFReader(str(path))
+    w = gguf.GGUFWriter(str(tmp_path / "l2.gguf"), "llama")
+    for f in r.fields.values():
+        if not f.name.startswith("GGUF.") and f.name != "general.architecture":
+            w.add_key_value(f.name, f.contents(), f.types[0])
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data).reshape([int(d) for d in reversed(t.shape)]))
+    w.add_tensor("rope_freqs.weight", np.array(factors, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    src = read_source(tmp_path / "l2.gguf")
+    assert src.config.rope_scaling["rope_type"] == "llama3" and src.config.rope_scaling["factor"] == 32.0
+    write_onnx(src, tmp_path / "out", quant="fp32", progress=False)
+    check_against_torch(tmp_path / "out", model, _prompt(), steps=8, tol=TOL)

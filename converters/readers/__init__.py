@@ -43,7 +43,7 @@ __all__ = ["read_source", "SUPPORTED_SOURCES", "ConversionError"]
 
 def ensure_source(source, kw: dict):
     """A SourceModel for `source` (a path or an already-read model); consumes kw['tokenizer'],
-    which only applies to reading a path. Used by converter extensions (AWQ, sparsity)."""
+    which only applies to reading a path. Used by converter extensions (mixed bits)."""
     tokenizer = kw.pop("tokenizer", None)
     if isinstance(source, SourceModel):
         return source

@@ -193,6 +193,26 @@ def _config(reader, path: Path, names: set[str]) -> ModelConfig:
     )
 
 
+def _llama3_rope(reader, cfg: ModelConfig, path: Path) -> dict:
+    """Llama 3.x rope scaling from llama.cpp's rope_freqs (per-frequency divisors it computes from the HF
+    config and does not keep): the Llama 3.1/3.2 parameters that reproduce them, else a refusal."""
+    from dataclasses import replace
+
+    from ..rope_cache import inv_freq
+
+    got = np.asarray(_factors(reader, "rope_freqs.weight"), np.float64)
+    base = inv_freq(replace(cfg, rope_scaling=None))
+    if got.shape != base.shape:
+        raise ConversionError(f"{path}: rope_freqs has {got.size} entries, expected {base.size}")
+    rs = {"rope_type": "llama3", "factor": float(got.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+    want = base / inv_freq(replace(cfg, rope_scaling=rs))
+    if not np.allclose(got, want, rtol=1e-5, atol=0):
+        raise ConversionError(f"{path}: rope_freqs are not Llama 3's frequency scaling (factor {rs['factor']:g}, "
+                              "low 1, high 4, original context 8192); not supported")
+    return rs
+
+
 def _factors(reader, name: str) -> list[float]:
     t = next(t for t in reader.tensors if t.name == name)
     return [float(x) for x in np.asarray(t.data, np.float32).reshape(-1)]
@@ -247,12 +267,15 @@ def read_gguf(path: str | Path) -> SourceModel:
     names = {t.name for t in reader.tensors}
     cfg = _config(reader, path, names)
     if "rope_freqs.weight" in names:
-        raise ConversionError(f"{path}: GGUF per-frequency rope factors (rope_freqs, Llama 3.1 style) are not supported")
+        if cfg.arch != "llama" or cfg.rope_scaling:
+            raise ConversionError(f"{path}: GGUF rope_freqs on a {cfg.arch} model with rope scaling "
+                                  f"{cfg.rope_scaling} is not supported")
+        cfg.rope_scaling = _llama3_rope(reader, cfg, path)
 
     arch = cfg.arch
     tensors, quantized = {}, {}
     for t in reader.tensors:
-        if arch == "phi3" and t.name.startswith("rope_factors_"):
+        if (arch == "phi3" and t.name.startswith("rope_factors_")) or t.name == "rope_freqs.weight":
             continue   # read into rope_scaling
         hf = _hf_name(t.name, arch)
         if hf is None:

@@ -86,7 +86,10 @@ int ea_model_get_info(const ea_model *model, ea_model_info *info);
 int ea_model_n_op_types(const ea_model *model);
 int ea_model_op_type(const ea_model *model, int index, const char **op_type, int *count);
 
-/* n_threads <= 0: one per physical core; n_ctx <= 0: min(max_context, 4096);
+/* The most threads a session takes. */
+#define EA_MAX_THREADS 256
+
+/* n_threads <= 0: one per physical core (at most EA_MAX_THREADS); n_ctx <= 0: min(max_context, 4096);
  * max_chunk <= 0: 64 tokens per prefill chunk (longer prompts run in chunks). */
 int ea_session_create(ea_model *model, int n_threads, int n_ctx, int max_chunk, ea_session **out);
 void ea_session_free(ea_session *session);

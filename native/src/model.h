@@ -49,7 +49,7 @@ typedef enum {
  * and k/v (too narrow alone to pay) ride along with q. Above the dense crossover each sibling
  * runs its own dense GEMV. A member's outputs start at its step's fuse_off. */
 #define EA_FUSE_MAX 4
-#define EA_ROW_THREADS_MAX 256 /* the most threads a session takes (ea_session_init) */
+#define EA_ROW_THREADS_MAX EA_MAX_THREADS /* per-thread arrays of a session (ea_session_init) */
 typedef struct fused_gemv {
     ea_qweight_cm cm;
     int n, step[EA_FUSE_MAX];

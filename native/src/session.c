@@ -162,7 +162,7 @@ int ea_session_init(ea_session *ss, ea_model *m, int n_threads, int n_ctx, int m
     ss->n_threads = n_threads > 0 ? n_threads : ea_platform()->physical_cores;
     ss->n_ctx = n_ctx > 0 ? n_ctx : (m->max_context < 4096 ? m->max_context : 4096);
     ss->max_chunk = max_chunk > 0 ? max_chunk : 64;
-    if (ss->n_threads > EA_ROW_THREADS_MAX) return ea_fail(err, "n_threads %d is too large", n_threads), EA_ERR_ARG;
+    if (ss->n_threads > EA_ROW_THREADS_MAX) return ea_fail(err, "%d threads is more than a session takes (at most %d)", ss->n_threads, EA_MAX_THREADS), EA_ERR_ARG;
     if (ss->n_ctx > m->max_context)
         return ea_fail(err, "n_ctx %d exceeds the model's max_context %d", ss->n_ctx, m->max_context), EA_ERR_ARG;
     if (ss->max_chunk > 4096) return ea_fail(err, "max_chunk %d is too large (at most 4096)", max_chunk), EA_ERR_ARG;

@@ -4,6 +4,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from edgeact.extras import EXTRA_OF, first_missing, install_hint, is_optional
+
 from . import llamabench
 from .probes import ROWS_PROBE, folder_facts, load_average, machine, physical_cores, read_bandwidth, \
     rows_read_bandwidth
@@ -13,6 +15,9 @@ from .protocol import check_quiet, run_job, run_schedule
 # the channel-major copy: memory against prefill speed). generate: Model.generate on the native
 # engine, the user's path. llama.cpp: llama-bench when built, else the Python binding (labelled).
 ENGINES = ("native", "native-lowmem", "generate", "ort", "llama.cpp", "llama.cpp-py", "torch")
+# the optional modules an engine's runs import; the llama.cpp rows need gguf only to write a GGUF
+# that is not cached yet, so theirs is found when that import fails
+NEEDS = {"ort": ("onnxruntime",), "torch": ("torch", "transformers")}
 
 
 def stats(xs: list[float]) -> tuple[float, float]:
@@ -79,6 +84,7 @@ def bench_models(folders: list[Path], *, engines=("native", "ort", "llama.cpp"),
         report["read_bandwidth_gbs"] = read_bandwidth(threads)
         progress(f"memory read bandwidth ({threads} threads): {report['read_bandwidth_gbs']:.1f} GB/s")
     jobs = []   # (entry, engine, facts, spec)
+    missing = {}  # engine: the optional module it needs and this install lacks
     for folder in folders:
         folder = Path(folder)
         facts = folder_facts(folder)
@@ -88,11 +94,21 @@ def bench_models(folders: list[Path], *, engines=("native", "ort", "llama.cpp"),
         report["models"].append(entry)
         for engine in engines:
             spec = {"engine": engine, "label": engine, "folder": str(folder), "threads": threads, "pp": pp, "tg": tg}
-            if engine in ("llama.cpp", "llama.cpp-py"):
-                got = _llama_job(spec, facts, folder, engine, progress)
-                if isinstance(got, str):
+            need = first_missing(NEEDS.get(engine, ()))
+            if need is None and engine in ("llama.cpp", "llama.cpp-py"):
+                try:
+                    got = _llama_job(spec, facts, folder, engine, progress)
+                except ModuleNotFoundError as e:
+                    if not is_optional(e):
+                        raise
+                    need = e.name
+                if need is None and isinstance(got, str):
                     entry["engines"][engine] = {"skipped": got}
                     continue
+            if need is not None:
+                missing[engine] = need = need.split(".")[0]
+                entry["engines"][engine] = {"skipped": f"needs {need}: {install_hint(need)}"}
+                continue
             if engine == "torch":
                 from edgeact.engines.baselines import source_of
 
@@ -101,6 +117,12 @@ def bench_models(folders: list[Path], *, engines=("native", "ort", "llama.cpp"),
                     continue
             entry["engines"][engine] = {}   # keeps the table in the order of `engines`
             jobs.append((entry, engine, facts, spec))
+    if missing:
+        extras = {}
+        for engine, module in missing.items():
+            extras.setdefault(EXTRA_OF[module], []).append(engine)
+        progress("skipped " + "; ".join(f"{', '.join(e)}: they need the {x} extra (pip install \"edgeact[{x}]\")"
+                                        for x, e in extras.items()))
     if measure_bw and any(m["sparse"] for m in report["models"]):  # beside the sequential probe, before the runs
         gbs = rows_read_bandwidth(threads)
         if gbs:

@@ -39,7 +39,9 @@ def llamacpp_gguf(folder: Path, meta: dict, ftype: str = "q4_0", progress=print)
 
     from edgeact.bench import llamabench
     from edgeact.converters.gguf_export import quantize_gguf, write_gguf
+    from edgeact.extras import require
 
+    require("gguf", "the GGUF for llama.cpp")  # before saying it is written
     progress(f"writing {out.name} for llama.cpp (once) ...")
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:

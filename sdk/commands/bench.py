@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from edgeact.commands import COMMANDS
+from edgeact.commands import COMMANDS, thread_count
 
 
 def add_parser(sub) -> None:
@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("-p", "--pp", type=int, default=128, help="prompt tokens")
     p.add_argument("-n", "--tg", type=int, default=64, help="generated tokens")
     p.add_argument("-r", "--reps", type=int, default=5, help="repetitions")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("-t", "--threads", type=thread_count, default=None, help="threads (default: physical cores)")
     p.add_argument("--kernels", action="append", default=[], metavar="M,K,N",
                    help="time the int4 matmul for this shape instead of models (repeatable)")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the memory bandwidth measurement")

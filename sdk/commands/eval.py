@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from edgeact.commands import COMMANDS
+from edgeact.commands import COMMANDS, thread_count
 
 
 def add_parser(sub) -> None:
@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tokens", type=int, default=256, help="number of tokens evaluated")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled text")
     p.add_argument("--engine", choices=("ort", "native", "auto"), default="ort",
-                   help="engine that runs the model folders (onnxruntime: the reference)")
+                   help="engine that runs the folders: ort (onnxruntime, the reference), native, or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--against-llama-cpp", default=None, metavar="TYPES",
                    help="also quantize the --ref GGUF with llama.cpp's own API to these types (comma-separated, "
@@ -30,24 +31,47 @@ def add_parser(sub) -> None:
                    help="where llama.cpp's files are written and reused (default: the edgeact cache folder)")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="save KL against size as a PNG (default with --against-llama-cpp: kl-vs-size.png)")
-    p.add_argument("--threads", type=int, default=2, help="threads for llama.cpp's quantizer and engine")
+    p.add_argument("--threads", type=thread_count, default=2, help="threads for llama.cpp's quantizer and engine")
+
+
+def read_text(path, what: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} {p} not found" if not p.exists() else f"{what} {p} is not a file")
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {p} is not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}") from None
 
 
 def run(args) -> int:
+    from edgeact.engines.base import read_meta
+
+    if args.tokens < 2:
+        raise ValueError(f"--tokens must be at least 2, not {args.tokens}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, not {args.seed}")
+    if not args.models and not args.against_llama_cpp:
+        raise ValueError("give model folder(s), --against-llama-cpp TYPES, or both")
+    if args.against_llama_cpp and Path(args.ref).suffix != ".gguf":
+        raise ValueError("--against-llama-cpp quantizes the --ref file, which must be a .gguf")
+    metas = [read_meta(folder) for folder in args.models]   # a wrong folder fails before the reference is built
+    text = read_text(args.text, "evaluation text") if args.text else None
+    from tqdm import tqdm
+
     from edgeact.evaluate import Reference, against_llama_cpp, folder_bytes, plot_kl_vs_size
 
-    text = Path(args.text).read_text() if args.text else None
-    if not args.models and not args.against_llama_cpp:
-        raise SystemExit("edgeact eval: give model folder(s), --against-llama-cpp TYPES, or both")
-    if args.against_llama_cpp and Path(args.ref).suffix != ".gguf":
-        raise SystemExit("edgeact eval: --against-llama-cpp quantizes the --ref file, which must be a .gguf")
-    ref = Reference(args.ref, text=text, n_tokens=args.tokens, seed=args.seed)
+    progress = not (args.quiet or args.json)
+    ref = Reference(args.ref, text=text, n_tokens=args.tokens, seed=args.seed, progress=progress)
     rows = []
-    for folder in args.models:
+    bar = tqdm(list(zip(args.models, metas)), desc="evaluating", unit="folder", disable=not progress)
+    for folder, meta in bar:
+        bar.set_postfix_str(Path(folder).name)
         q = ref.compare(folder, engine=args.engine)
-        meta = json.loads((Path(folder) / "edgeact.json").read_text())
         rows.append({"model": folder, "quantization": meta.get("quantization"), "sparsity": meta.get("sparsity"),
                      "bytes": folder_bytes(folder), **q.to_dict()})
+    bar.close()
     if args.against_llama_cpp:
         from edgeact.default_model import cache_dir
 

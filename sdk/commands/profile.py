@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgeact.commands import COMMANDS
+from edgeact.commands import COMMANDS, thread_count
 
 
 def add_parser(sub) -> None:
@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                    help="prompt (as a user turn when the model has a chat template; token ids such as '1,42,7' "
                         "for a folder without a tokenizer)")
     p.add_argument("-n", "--tokens", type=int, default=32, help="tokens to generate (the table averages them)")
-    p.add_argument("--threads", type=int, default=None, help="threads (default: one per physical core)")
+    p.add_argument("--threads", type=thread_count, default=None, help="threads (default: one per physical core)")
     p.add_argument("-o", "--output", default="profile.png", help="the chart (PNG)")
     p.add_argument("--trace", metavar="OUT.json", default=None, help="also write the Chrome/Perfetto trace")
     p.add_argument("--bandwidth", type=float, default=None, metavar="GB/s",

@@ -6,7 +6,7 @@ import contextlib
 import sys
 
 from edgeact import DEFAULT_N_CTX
-from edgeact.commands import COMMANDS
+from edgeact.commands import COMMANDS, thread_count
 
 
 def add_parser(sub) -> None:
@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
                         "loads, 46 KB per token for SmolLM2-135M)")
     p.add_argument("--engine", choices=("auto", "native", "ort"), default="auto",
                    help="native C runtime, onnxruntime, or auto (native when built)")
-    p.add_argument("--threads", type=int, default=None, help="threads (default: one per physical core)")
+    p.add_argument("--threads", type=thread_count, default=None, help="threads (default: one per physical core)")
     p.add_argument("--low-memory", action="store_true",
                    help="native engine, activation-sparse folders: keep only the weight copy sparse decode reads "
                         "(about a dense folder's memory instead of ~1.6x; the prompt pass always runs the sparse "
@@ -100,8 +100,6 @@ def run(args) -> int:
                      (args.seed is not None and args.seed < 0, f"--seed must be >= 0, not {args.seed}")):
         if bad:
             raise ValueError(msg)
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be a positive number of threads, not {args.threads}")
     if args.ctx_size is not None and args.ctx_size < 1:
         raise ValueError(f"--ctx-size must be a positive number of tokens, not {args.ctx_size}")
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgeact.commands import COMMANDS
+from edgeact.commands import COMMANDS, thread_count
 
 
 def add_parser(sub) -> None:
@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-body", type=int, default=4 << 20, help="largest request body in bytes")
     p.add_argument("--engine", choices=("auto", "native", "ort"), default="auto",
                    help="native C runtime, onnxruntime, or auto (native when built)")
-    p.add_argument("--threads", type=int, default=None, help="threads per session (default: physical cores)")
+    p.add_argument("--threads", type=thread_count, default=None, help="threads per session (default: physical cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N",
                    help="context per session in tokens (default: the model's, capped; less context, less memory)")
 
