@@ -364,3 +364,14 @@ def test_engines_whose_extra_is_missing_are_skipped_in_one_line(monkeypatch, tin
     assert rows["native"]["pp_median"] == 5.0
     assert [s for s in said if "skipped" in s] == [f"skipped ort, llama.cpp: they need the convert extra ({hint})"]
     assert not list(tmp_path.iterdir())
+
+
+def test_folder_facts_count_a_shared_embedding_once(tmp_path):
+    # A shared table is the lm_head's MatMulNBits weight, read whole every token: nothing
+    # is subtracted for it (subtracting a table the file does not hold gave negative GB/s).
+    from edgeact.bench.probes import folder_facts
+    cfg = {"vocab_size": 1000, "hidden_size": 64, "num_layers": 2, "num_kv_heads": 2, "head_dim": 32}
+    (tmp_path / "model.onnx").write_bytes(b"\0" * 1_000_000)
+    for kind, expect in (("shared", 1_000_000), ("fp16", 1_000_000 - 1000 * 64 * 2), ("fp32", 1_000_000 - 1000 * 64 * 4)):
+        (tmp_path / "edgeact.json").write_text(json.dumps({"config": cfg, "quantization": {"embedding": kind}}))
+        assert folder_facts(tmp_path)["decode_weight_bytes"] == expect, kind
