@@ -234,7 +234,7 @@ def test_context_length(smollm2_int4_dir):
     model = edgeact.load(smollm2_int4_dir)
     assert model.n_ctx == min(model.max_context, edgeact.DEFAULT_N_CTX) and model.max_context == 8192
     assert edgeact.load(smollm2_int4_dir, n_ctx=8192).n_ctx == 8192   # the whole context, when asked
-    assert "context        8192 (rope theta 100000.0); run and load() hold 4096 unless given --ctx-size" in \
+    assert "context        8192 (rope theta 100000); run and load() hold 4096 unless given --ctx-size" in \
         cli("info", smollm2_int4_dir).stdout
     small = edgeact.load(smollm2_int4_dir, n_ctx=24)
     assert small.n_ctx == 24
