@@ -133,11 +133,12 @@ int ea_need_act(ea_planner *b, const onnx_node *nd, int k, int v) {
     return 0;
 }
 
-/* The float32 copy of fp16 tensor t (made once, shared by every reader). Only MatMulNBits' weight
- * bookkeeping is followed after planning (free_unread_copies): another reader keeps the copy. */
+/* The float32 copy of fp16 tensor t (made once, shared by every reader). Only the weights of
+ * MatMulNBits and GatherBlockQuantized are followed after planning (free_unread_copies): another
+ * reader keeps the copy. */
 static const onnx_tensor *f32_copy_of(ea_planner *b, const onnx_node *nd, const onnx_tensor *t) {
     ea_model *m = b->m;
-    const int other = strcmp(nd->op_type, "MatMulNBits") != 0;
+    const int other = strcmp(nd->op_type, "MatMulNBits") != 0 && strcmp(nd->op_type, "GatherBlockQuantized") != 0;
     for (int i = 0; i < m->n_f32c; i++)
         if (m->f32c[i]->src == t) {
             m->f32c[i]->keep |= other;
@@ -173,10 +174,24 @@ static const onnx_tensor *f32_copy_of(ea_planner *b, const onnx_node *nd, const 
     return &c->t;
 }
 
+/* Does a lookup in table g find a MatMulNBits repack of it (ops/gather_block_quantized.c reads
+ * its rows there, and the file layout otherwise)? */
+static int lookup_has_repack(const ea_model *m, const ea_qweight *g) {
+    for (int s = 0; s < m->n_steps; s++) {
+        const step *o = &m->steps[s];
+        const ea_qweight *w = &o->qw;
+        if (o->op == OP_QMATMUL && o->qw_ready && w->packed && !o->qmin && w->data == g->data && w->N == g->N &&
+            w->n_blocks == g->n_blocks && w->bits == g->bits && w->block_size == g->block_size &&
+            w->zero_points == g->zero_points && w->scales == g->scales)
+            return 1;
+    }
+    return 0;
+}
+
 /* After the passes: a float32 copy whose every reader kept only its SIMD repack (which holds the
- * scales itself) is not read again. Readers of the file layout keep it: scalar, float-activation
- * and lookup weights, CoreInfer's kept-rows copies (made per session) and CATS rows without a
- * copy of their own. */
+ * scales itself) is not read again. Readers of the file layout keep it: scalar and
+ * float-activation weights, a lookup without a repack, CoreInfer's kept-rows copies (made per
+ * session) and CATS rows without a copy of their own. */
 static void free_unread_copies(ea_model *m) {
     for (int i = 0; i < m->n_f32c; i++) {
         f32_copy *c = m->f32c[i];
@@ -184,10 +199,12 @@ static void free_unread_copies(ea_model *m) {
         int read = c->keep;
         for (int s = 0; s < m->n_steps && !read; s++) {
             const step *st = &m->steps[s];
-            if (st->qw_ready && st->qw.scales == buf)
-                read = !st->qw.packed || st->f32act || st->row_src || (st->rowsel_src && !st->rows_buf);
+            if (!st->qw_ready || st->qw.scales != buf) continue;
+            if (st->op == OP_GATHER_BQ) read = !lookup_has_repack(m, &st->qw);
+            else read = !st->qw.packed || st->f32act || st->row_src || (st->rowsel_src && !st->rows_buf);
         }
         if (read) continue;
+        /* every holder forgets it alike (a lookup still finds lm_head's repack by equal pointers) */
         for (int s = 0; s < m->n_steps; s++)
             if (m->steps[s].qw_ready && m->steps[s].qw.scales == buf) m->steps[s].qw.scales = NULL;
         m->bytes_copied -= c->t.nbytes;
