@@ -45,7 +45,9 @@ def _table(folder) -> np.ndarray:
     assert head.op_type == "MatMulNBits" and any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
     a = {x.name: helper.get_attribute_value(x) for x in head.attribute}
     zp = inits[head.input[3]] if len(head.input) > 3 and head.input[3] else None
-    qw = QuantizedWeight(inits[head.input[1]], inits[head.input[2]], zp, a["K"], a["N"], a["bits"], a["block_size"])
+    cast = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}   # fp16 scales
+    scales = inits[cast.get(head.input[2], head.input[2])].astype(np.float32)
+    qw = QuantizedWeight(inits[head.input[1]], scales, zp, a["K"], a["N"], a["bits"], a["block_size"])
     return dequantize(qw)
 
 
