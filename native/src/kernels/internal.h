@@ -190,7 +190,7 @@ static inline int ea_is_simd(ea_isa isa) { return isa != EA_ISA_SCALAR; }
  * ea_kctx_init binds it): the drivers (qmatmul.c, sparse.c, fmatmul.c, qmatmul_f32act.c,
  * transformer.c) split the work over threads and call these, never an ISA's function by
  * name. Every entry of every variant gives the bits of the scalar reference (ref/), except
- * the float kernels (matmul, attention, silu, gelu, dot), which hold a stated tolerance. */
+ * the float kernels (matmul, attention, silu, dot), which hold a stated tolerance. */
 typedef struct ea_kernel_table {
     ea_isa isa;
     int (*available)(void); /* this CPU runs it (CPUID, HWCAP) */
@@ -276,6 +276,7 @@ void ea_attention_row_avx2(const float *q, const float *kc, const float *vc, int
                            float *out);
 void ea_silu_mul_avx2(const float *g, const float *u, size_t n, float *y);
 void ea_gelu_tanh_avx2(const float *x, size_t n, float *y);
+void ea_gelu_tanh_avx512(const float *x, size_t n, float *y);
 int ea_sparsify_avx2(const float *x, const float *thr, int thr_step, const float *col_scale, int n, float *y,
                      int32_t *active);
 void ea_sparse_prep_avx2(const float *x, int bs, const int32_t *active, int n_active, size_t row_bytes,
@@ -302,6 +303,7 @@ float ea_dot_neon(const float *a, const float *b, int K);
 void ea_matmul_f32_neon(const float *x, int M, int K, const float *W, int N, float *y, int n0, int n1);
 void ea_matmul_f16_neon(const float *x, int M, int K, const uint16_t *W, int N, float *y, int n0, int n1);
 void ea_f16_row_neon(const uint16_t *src, float *dst, size_t n);
+void ea_gelu_tanh_neon(const float *x, size_t n, float *y);
 int ea_sparsify_neon(const float *x, const float *thr, int thr_step, const float *col_scale, int n, float *y,
                      int32_t *active);
 void ea_sparse_tiles_neon(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);
