@@ -183,6 +183,23 @@ class GraphBuilder:
     def init(self, name: str, array: np.ndarray) -> str:
         return self.inits.add(name, array)
 
+    def half_init(self, name: str, array: np.ndarray) -> tuple[str, bool]:
+        """A float32 parameter (block scales) stored as a float16 initializer where fp16 holds every value
+        exactly (half the bytes; quantized formats keep fp16 scales, and RTN rounds its scales to fp16), else
+        as float32. Returns the initializer's name and whether it is fp16 (float_value casts it)."""
+        a = np.ascontiguousarray(array, np.float32)
+        with np.errstate(over="ignore"):
+            h = a.astype(np.float16)
+        exact = np.array_equal(h.astype(np.float32).view(np.uint32), a.view(np.uint32))
+        return self.init(name, h if exact else a), exact
+
+    def float_value(self, name: str, half: bool) -> str:
+        """The float32 value of initializer `name`: itself, or a Cast of it when it is fp16 (onnxruntime folds
+        the Cast at load, the native runtime reads the fp16 data)."""
+        if not half:
+            return name
+        return self.node("Cast", [name], name + ".cast", outputs=[name + ".f32"], to=TensorProto.FLOAT)
+
     def weight(self, name: str) -> np.ndarray:
         """The source tensor under `name` (lm_head.weight falls back to the embedding when tied), in graph layout:
         q/k rows (and q/k norm weights) in rotary_row_order, heads padded to the graph's head size."""
@@ -229,7 +246,7 @@ class GraphBuilder:
                              bits=qw.bits, block_size=qw.block_size, accuracy_level=self.accuracy_level)
         if weight in self.linear_override or kind in ("int4", "int8"):
             qw = self.quantized(weight)
-            inputs = [x, self.init(weight + ".B", qw.B), self.init(weight + ".scales", qw.scales)]
+            inputs = [x, self.init(weight + ".B", qw.B), self.float_value(*self.half_init(weight + ".scales", qw.scales))]
             if qw.zero_points is not None:
                 inputs.append(self.init(weight + ".zero_points", qw.zero_points))
             return self.node("MatMulNBits", inputs, name, domain="com.microsoft", K=qw.K, N=qw.N,
@@ -315,7 +332,8 @@ class GraphBuilder:
         zero points already have its shape. Rows padded to the block come back padded: sliced to hidden.
         """
         qw = self.quantized("lm_head.weight")
-        names = [self.init("lm_head.weight.B", qw.B), self.init("lm_head.weight.scales", qw.scales)]
+        scales, half = self.half_init("lm_head.weight.scales", qw.scales)
+        names = [self.init("lm_head.weight.B", qw.B), self.float_value(scales, half)]
         if qw.zero_points is not None:
             names.append(self.init("lm_head.weight.zero_points", qw.zero_points))
         self.shared_table = (qw, names)
@@ -323,8 +341,9 @@ class GraphBuilder:
         shape2 = self.init("embed.table_shape", np.array([qw.N, blocks * qw.B.shape[2]], np.int64))
         shape_s = self.init("embed.scales_shape", np.array([qw.N, blocks], np.int64))
         table = self.node("Reshape", [names[0], shape2], "embed.table")
-        scales = self.node("Reshape", [names[1], shape_s], "embed.scales")
-        h = self.node("GatherBlockQuantized", [table, "input_ids", scales, *names[2:]], "embed", domain="com.microsoft",
+        # the view of the stored (fp16) scales, then the Cast: the native runtime reshapes initializers only
+        gathered = self.float_value(self.node("Reshape", [scales, shape_s], "embed.scales"), half)
+        h = self.node("GatherBlockQuantized", [table, "input_ids", gathered, *names[2:]], "embed", domain="com.microsoft",
                       bits=qw.bits, block_size=qw.block_size, gather_axis=0, quantize_axis=1)
         padded = blocks * qw.block_size
         if padded != qw.K:

@@ -375,3 +375,23 @@ def test_folder_facts_count_a_shared_embedding_once(tmp_path):
     for kind, expect in (("shared", 1_000_000), ("fp16", 1_000_000 - 1000 * 64 * 2), ("fp32", 1_000_000 - 1000 * 64 * 4)):
         (tmp_path / "edgeact.json").write_text(json.dumps({"config": cfg, "quantization": {"embedding": kind}}))
         assert folder_facts(tmp_path)["decode_weight_bytes"] == expect, kind
+
+
+@needs_native
+def test_shape_build_keeps_json_clean_and_waits_out_its_own_load(monkeypatch, tmp_path, capsys):
+    """--json is only the report (the build's messages go to stderr), and a race right after
+    building its model waits for the build's load to decay instead of being refused for it."""
+    from edgeact.cli import main
+    from edgeact.commands import bench as bench_cmd
+
+    monkeypatch.setattr(bench, "CACHE", tmp_path)
+    waited = []
+    monkeypatch.setattr(bench_cmd, "settle_after_build", lambda: waited.append(True))
+    argv = ["bench", "--shape", "tiny", "--engines", "native", "-r", "1", "-p", "4", "-n", "4", "--no-bandwidth",
+            "--json"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["models"][0]["folder"].startswith(str(tmp_path))
+    assert "building random-weight tiny" in err and waited == [True]
+    assert main(argv) == 0                     # cached: nothing built, nothing to wait for
+    assert json.loads(capsys.readouterr().out) and waited == [True]

@@ -194,7 +194,10 @@ def test_convert_source_keeps_blocks(tmp_path):
     for name, node in nodes.items():
         a = {x.name: helper_attr(x) for x in node.attribute}
         zp = inits.get(name + ".zero_points")
-        qw = QuantizedWeight(inits[name + ".B"], inits[name + ".scales"], zp, a["K"], a["N"], a["bits"],
+        scales = inits[name + ".scales"]
+        if "up_proj" not in name:   # the source's fp16 block scales, stored as they are, cast in the graph
+            assert scales.dtype == np.float16 and node.input[2] == name + ".scales.f32", name
+        qw = QuantizedWeight(inits[name + ".B"], scales.astype(np.float32), zp, a["K"], a["N"], a["bits"],
                              a["block_size"])
         want = src.load("model.embed_tokens.weight" if name == "lm_head.weight" else name)
         if "up_proj" in name:
@@ -221,9 +224,9 @@ def helper_attr(attr):
 
 @pytest.mark.parametrize("isa", ["scalar", None])
 def test_native_float_zero_points(tmp_path, monkeypatch, isa):
-    """The native runtime runs float zero points: the integer kernels take the codes with zero
-    point 0 (their bit-exact tests cover it) and the op adds each block's minimum times the
-    block's input sum in one C loop, the same on every ISA. Against onnxruntime (float
+    """The native runtime runs float zero points: every kernel takes each block's minimum
+    with its scale and adds it times the block's sum of int8 activations (bit-exact with the
+    scalar reference on every ISA: test_kernels.c). Against onnxruntime (float
     activations for float zero points, where native rounds them to int8 per block) the KL
     stays small on the scalar reference and the best ISA; a folder whose minimums are
     dropped is ~1000x further off."""

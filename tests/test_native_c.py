@@ -28,15 +28,24 @@ def test_make_test(tmp_path):
 
 def _sparse_env(tmp_path):
     """test_runtime also runs a small activation-sparse folder loaded with low memory (prefill
-    rows on the channel-major copy), so that path runs under the sanitizers and on NEON too."""
+    rows on the channel-major copy), so that path runs under the sanitizers and on NEON too, and
+    shared-table folders whose lookup it checks against numpy row by row (lookup.f32)."""
     from edgeact.converters.convert import convert
     from edgeact.converters.random_model import random_source
     from edgeact.converters.sparsity import calibrate, parse_targets
+    from test_native_shared_table import _passthrough_source, _table
 
     src = random_source("tiny", seed=2)
     sp = calibrate(src, "teal", parse_targets("0.5", "teal"), calib_tokens=64, progress=False)
     folder = convert(src, tmp_path / "teal", quant="int4", progress=False, sparsity=sp)
-    return {**os.environ, "EA_TEST_SPARSE_DIR": str(folder)}
+    shared = []
+    for lm_head, symmetric in (("int4", False), ("int8", True)):
+        d = convert(_passthrough_source(hidden_size=40, num_heads=2, num_kv_heads=1, head_dim=20),
+                    tmp_path / f"shared-{lm_head}", quant="int4", lm_head=lm_head, embedding="shared",
+                    symmetric=symmetric, progress=False)
+        _table(d).astype("<f4").tofile(d / "lookup.f32")
+        shared.append(str(d))
+    return {**os.environ, "EA_TEST_SPARSE_DIR": str(folder), "EA_TEST_SHARED_DIRS": ":".join(shared)}
 
 
 def test_make_test_asan(tmp_path):

@@ -115,6 +115,47 @@ def test_matmulnbits_attributes_vs_weight_shapes(base, tmp_path):
     assert "node 'layers.1.mlp.up_proj' (com.microsoft.MatMulNBits)" in msg and "B '" in msg
 
 
+SCALES = "model.layers.1.mlp.up_proj.weight.scales"
+
+
+def test_fp16_scales_behind_a_cast(base):
+    """Block scales exact in fp16 are stored fp16 and cast to float32 in the graph; the loader converts
+    them once and drops the copy when the repack holds them (nothing is left copied but vectors)."""
+    m = onnx.load(str(base["int4"] / "model.onnx"))
+    assert _init(m, SCALES).data_type == TensorProto.FLOAT16
+    cast = _node(m, SCALES + ".cast")
+    assert cast.op_type == "Cast" and _node(m, "layers.1.mlp.up_proj").input[2] == cast.output[0]
+    # aligned external data: only the vectors (norm weights, steering defaults) stay copied, not the scales
+    ext = onnx.load(str(base["ext"] / "model.onnx"))
+    vectors = sum(onnx.numpy_helper.to_array(t, base_dir=str(base["ext"])).nbytes for t in ext.graph.initializer
+                  if len(t.dims) <= 1 and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)
+                  and not t.name.endswith(".scales"))
+    assert NativeModel(base["ext"]).weight_bytes["copied"] == vectors > 0
+
+
+def test_scales_cast_to_another_type(base, tmp_path):
+    def edit(m):
+        next(a for a in _node(m, SCALES + ".cast").attribute if a.name == "to").i = TensorProto.FLOAT16
+    msg = _load_error(_edit(base["int4"], tmp_path, edit))
+    assert msg.startswith(f"node '{SCALES}.cast' (Cast): cast to type 10 is not supported (only to float32)"), msg
+
+
+def test_scales_cast_from_an_integer_initializer(base, tmp_path):
+    def edit(m):
+        t = _init(m, SCALES)
+        t.CopyFrom(onnx.numpy_helper.from_array(np.ones(onnx.numpy_helper.to_array(t).shape, np.uint8), t.name))
+    msg = _load_error(_edit(base["int4"], tmp_path, edit))
+    assert msg == f"node '{SCALES}.cast' (Cast): cast of initializer '{SCALES}' of type uint8 is not supported", msg
+
+
+def test_scales_cast_from_an_activation(base, tmp_path):
+    def edit(m):
+        _node(m, SCALES + ".cast").input[0] = "layers.1.ffn_norm"
+    msg = _load_error(_edit(base["int4"], tmp_path, edit))
+    assert msg == (f"node 'layers.1.mlp.up_proj' (com.microsoft.MatMulNBits): input 2 '{SCALES}.f32' must be an "
+                   "initializer"), msg
+
+
 def test_unknown_attribute_value(base, tmp_path):
     def edit(m):
         for a in _node(m, "layers.0.attn.gqa").attribute:

@@ -36,6 +36,15 @@ typedef struct value {
     int cast_f16;      /* V_CONST: Cast(to=FLOAT) of an fp16 tensor (the matmul reads fp16) */
 } value;
 
+/* A float32 copy of an fp16 initializer read through Cast(to=FLOAT) where float32 data is
+ * needed (block scales of MatMulNBits and GatherBlockQuantized; plan.c, ea_need_const). One
+ * per source tensor; the buffer goes once nothing reads it (ea_model_build, after the passes). */
+typedef struct f32_copy {
+    const onnx_tensor *src;
+    onnx_tensor t; /* t.owned is the buffer, NULL once freed */
+    int keep;      /* read by an op other than MatMulNBits: kept for the model's life */
+} f32_copy;
+
 /* One kind per line of ops/list.h. */
 typedef enum {
 #define EA_OP(KIND, name) OP_##KIND,
@@ -84,11 +93,9 @@ typedef struct step {
     ea_qweight qw;
     int qw_ready;
     int f32act;           /* accuracy_level 0..3: float activations, file layout (no repack) */
-    /* float zero points (4-bit): the kernels run the codes with zero point 0 and run() adds
-     * each block's minimum times the block's input sum; qmin is [n_blocks][N] (block-major,
-     * so the add runs along N), qzero the zero-filled integer zero points */
+    /* float zero points (4-bit) as the weight's block minimums [N][n_blocks] (qw.minimums);
+     * the sparse paths (passes.c) leave such steps dense */
     float *qmin;
-    uint8_t *qzero;
     /* ops/gqa.c; window > 0: a sliding layer, whose cache is a ring of min(window, n_ctx) rows */
     int H, KVH, D, rotary;
     float scale, softcap;
@@ -150,6 +157,8 @@ struct ea_model {
     int hidden, vocab, max_context, n_heads, n_kv_heads, head_dim;
     int max_act_width, max_q_width, max_kv_width;
     uint64_t bytes_mapped, bytes_copied, bytes_repacked;
+    f32_copy **f32c;
+    int n_f32c, cap_f32c;
     int n_op_types;
     const char *op_types[32];
     int op_counts[32];

@@ -133,6 +133,87 @@ int ea_need_act(ea_planner *b, const onnx_node *nd, int k, int v) {
     return 0;
 }
 
+/* The float32 copy of fp16 tensor t (made once, shared by every reader). Only the weights of
+ * MatMulNBits and GatherBlockQuantized are followed after planning (free_unread_copies): another
+ * reader keeps the copy. */
+static const onnx_tensor *f32_copy_of(ea_planner *b, const onnx_node *nd, const onnx_tensor *t) {
+    ea_model *m = b->m;
+    const int other = strcmp(nd->op_type, "MatMulNBits") != 0 && strcmp(nd->op_type, "GatherBlockQuantized") != 0;
+    for (int i = 0; i < m->n_f32c; i++)
+        if (m->f32c[i]->src == t) {
+            m->f32c[i]->keep |= other;
+            return &m->f32c[i]->t;
+        }
+    const int n = ea_numel(t);
+    if (n < 0) {
+        ea_node_fail(b, nd, "initializer '%s' is too large", t->name);
+        return NULL;
+    }
+    f32_copy *c = calloc(1, sizeof *c);
+    float *buf = c ? malloc((size_t)(n ? n : 1) * sizeof(float)) : NULL;
+    f32_copy **slot = buf ? ea_push((void **)&m->f32c, &m->n_f32c, &m->cap_f32c, sizeof *slot) : NULL;
+    if (!slot) {
+        free(buf);
+        free(c);
+        ea_node_fail(b, nd, "out of memory converting '%s' to float32", t->name);
+        return NULL;
+    }
+    *slot = c;
+    const uint16_t *h = (const uint16_t *)t->data;
+    for (int i = 0; i < n; i++) buf[i] = ea_f16_to_f32(h[i]);
+    c->src = t;
+    c->keep = other;
+    c->t = *t;
+    c->t.dtype = ONNX_FLOAT;
+    c->t.data = (const uint8_t *)buf;
+    c->t.nbytes = (size_t)n * sizeof(float);
+    c->t.owned = buf;
+    m->bytes_copied += c->t.nbytes;
+    /* from here on the copy is read, not the fp16 bytes */
+    ea_release_pages(m, t->data, t->nbytes);
+    return &c->t;
+}
+
+/* Does a lookup in table g find a MatMulNBits repack of it (ops/gather_block_quantized.c reads
+ * its rows there, and the file layout otherwise)? */
+static int lookup_has_repack(const ea_model *m, const ea_qweight *g) {
+    for (int s = 0; s < m->n_steps; s++) {
+        const step *o = &m->steps[s];
+        const ea_qweight *w = &o->qw;
+        if (o->op == OP_QMATMUL && o->qw_ready && w->packed && !o->qmin && w->data == g->data && w->N == g->N &&
+            w->n_blocks == g->n_blocks && w->bits == g->bits && w->block_size == g->block_size &&
+            w->zero_points == g->zero_points && w->scales == g->scales)
+            return 1;
+    }
+    return 0;
+}
+
+/* After the passes: a float32 copy whose every reader kept only its SIMD repack (which holds the
+ * scales itself) is not read again. Readers of the file layout keep it: scalar and
+ * float-activation weights, a lookup without a repack, CoreInfer's kept-rows copies (made per
+ * session) and CATS rows without a copy of their own. */
+static void free_unread_copies(ea_model *m) {
+    for (int i = 0; i < m->n_f32c; i++) {
+        f32_copy *c = m->f32c[i];
+        const float *buf = (const float *)c->t.owned;
+        int read = c->keep;
+        for (int s = 0; s < m->n_steps && !read; s++) {
+            const step *st = &m->steps[s];
+            if (!st->qw_ready || st->qw.scales != buf) continue;
+            if (st->op == OP_GATHER_BQ) read = !lookup_has_repack(m, &st->qw);
+            else read = !st->qw.packed || st->f32act || st->row_src || (st->rowsel_src && !st->rows_buf);
+        }
+        if (read) continue;
+        /* every holder forgets it alike (a lookup still finds lm_head's repack by equal pointers) */
+        for (int s = 0; s < m->n_steps; s++)
+            if (m->steps[s].qw_ready && m->steps[s].qw.scales == buf) m->steps[s].qw.scales = NULL;
+        m->bytes_copied -= c->t.nbytes;
+        free(c->t.owned);
+        c->t.owned = NULL;
+        c->t.data = NULL;
+    }
+}
+
 const onnx_tensor * ea_need_const(ea_planner *b, const onnx_node *nd, int k, int v, int dtype, int ndim) {
     const value *val = &b->m->values[v];
     if (val->kind != V_CONST || !val->tensor) {
@@ -140,6 +221,16 @@ const onnx_tensor * ea_need_const(ea_planner *b, const onnx_node *nd, int k, int
         return NULL;
     }
     const onnx_tensor *t = val->tensor;
+    /* a Cast(float16 initializer) where float32 data is needed: read its float32 copy */
+    if (val->cast_f16 && dtype == ONNX_FLOAT && t->dtype == ONNX_FLOAT16) {
+        t = f32_copy_of(b, nd, t);
+        if (!t) return NULL;
+        if (ndim >= 0 && t->ndim != ndim) {
+            ea_node_fail(b, nd, "initializer '%s' has %d dims, expected %d", t->name, t->ndim, ndim);
+            return NULL;
+        }
+        return t;
+    }
     int dt = val->cast_f16 ? ONNX_FLOAT16 : t->dtype;
     if (dtype && dt != dtype) {
         ea_node_fail(b, nd, "initializer '%s' is %s, expected %s", t->name, onnx_dtype_name(dt), onnx_dtype_name(dtype));
@@ -352,6 +443,7 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
             goto done;
         }
     rc = ea_plan_passes(m, err);
+    if (rc == EA_OK) free_unread_copies(m);
 done:
     free(b.nm.idx);
     return rc;
@@ -361,7 +453,6 @@ void ea_model_destroy(ea_model *m) {
     for (int s = 0; s < m->n_steps; s++) {
         if (m->steps[s].qw_ready) ea_qweight_release(&m->steps[s].qw);
         free(m->steps[s].qmin);
-        free(m->steps[s].qzero);
         if (m->steps[s].cm_ready) ea_qweight_cm_release(&m->steps[s].cm);
         if (m->steps[s].rows_buf) {
             ea_qweight_release(&m->steps[s].rows_qw);
@@ -369,6 +460,11 @@ void ea_model_destroy(ea_model *m) {
         }
     }
     for (int g = 0; g < m->n_fused; g++) ea_qweight_cm_release(&m->fused[g].cm);
+    for (int i = 0; i < m->n_f32c; i++) {
+        free(m->f32c[i]->t.owned);
+        free(m->f32c[i]);
+    }
+    free(m->f32c);
     free(m->fused);
     free(m->steps);
     free(m->values);

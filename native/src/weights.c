@@ -147,16 +147,28 @@ static int is_matmulnbits(const onnx_node *nd) {
     return !strcmp(nd->op_type, "MatMulNBits") && !strcmp(nd->domain, "com.microsoft");
 }
 
+static int is_cast(const onnx_node *nd) { return !strcmp(nd->op_type, "Cast") && !*nd->domain && nd->n_inputs > 0; }
+
+/* ... and so are fp16 scales behind a Cast to float32 (plan.c converts them once). */
 static const char **matmulnbits_inputs(const onnx_model *om, size_t *n_out) {
     size_t n = 0;
-    for (int i = 0; i < om->n_nodes; i++)
+    for (int i = 0; i < om->n_nodes; i++) {
         if (is_matmulnbits(&om->nodes[i]) && om->nodes[i].n_inputs > 1) n += (size_t)om->nodes[i].n_inputs - 1;
+        n += is_cast(&om->nodes[i]);
+    }
     const char **names = malloc(sizeof *names * (n ? n : 1));
     if (!names) return NULL;
     n = 0;
     for (int i = 0; i < om->n_nodes; i++)
         if (is_matmulnbits(&om->nodes[i]))
             for (int k = 1; k < om->nodes[i].n_inputs; k++) names[n++] = om->nodes[i].inputs[k];
+    qsort(names, n, sizeof *names, cmp_name);
+    const size_t direct = n;
+    for (int i = 0; i < om->n_nodes; i++) {
+        const onnx_node *c = &om->nodes[i];
+        if (is_cast(c) && c->n_outputs > 0 && bsearch(&c->outputs[0], names, direct, sizeof *names, cmp_name))
+            names[n++] = c->inputs[0];
+    }
     qsort(names, n, sizeof *names, cmp_name);
     *n_out = n;
     return names;

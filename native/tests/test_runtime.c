@@ -110,6 +110,50 @@ out:
     ea_model_free(low);
 }
 
+/* A shared-table folder (each of EA_TEST_SHARED_DIRS, ':'-separated, written by the pytest): its
+ * layers add nothing, so hidden.0 of every token is the GatherBlockQuantized lookup, which must
+ * equal the folder's lookup.f32 ([vocab, hidden], numpy's dequantization of lm_head's table) bit
+ * for bit, read from lm_head's repack (the best ISA) and from the file layout (scalar). */
+static void check_shared_table(const char *dir, const char *isa) {
+    char *isa_env = saved_env("EDGEACT_ISA"), path[1100];
+    if (isa) setenv("EDGEACT_ISA", isa, 1);
+    ea_model *m = NULL;
+    CHECK(ea_model_load(dir, &m) == EA_OK, "load %s", dir);
+    restore_env("EDGEACT_ISA", isa_env);
+    if (!m) return;
+    ea_model_info info;
+    ea_model_get_info(m, &info);
+    const int V = info.vocab, H = info.hidden, L = info.n_steer_layers ? info.n_steer_layers : info.n_layers;
+    snprintf(path, sizeof path, "%s/lookup.f32", dir);
+    size_t n = 0;
+    float *want = (float *)read_file(path, &n), *h = NULL, *logits = NULL;
+    ea_session *s = NULL;
+    CHECK(want && n == sizeof(float) * (size_t)V * H, "%s: %zu bytes, want %d x %d floats", path, n, V, H);
+    enum { C = 16 };
+    h = malloc(sizeof(float) * (size_t)L * C * H);
+    logits = malloc(sizeof(float) * (size_t)V);
+    CHECK(ea_session_create(m, 2, C, C, &s) == EA_OK && ea_session_capture_hidden(s, 1) == EA_OK, "session");
+    if (!want || n != sizeof(float) * (size_t)V * H || !h || !logits || !s) goto done;
+    int bad = -1;
+    for (int at = 0; at < V && bad < 0; at += C) {
+        int64_t ids[C];
+        const int k = V - at < C ? V - at : C;
+        for (int i = 0; i < k; i++) ids[i] = at + i;
+        ea_session_reset(s);
+        CHECK(ea_session_forward(s, ids, k, logits, 0) == EA_OK && ea_session_hidden_tokens(s) == k &&
+                  ea_session_get_hidden(s, h, (size_t)L * k * H) == EA_OK,
+              "forward rows %d..", at);
+        if (memcmp(h, want + (size_t)at * H, sizeof(float) * (size_t)k * H)) bad = at;
+    }
+    CHECK(bad < 0, "isa %s, %s: the lookup of rows %d.. differs from numpy's", info.isa, dir, bad);
+done:
+    ea_session_free(s);
+    ea_model_free(m);
+    free(want);
+    free(h);
+    free(logits);
+}
+
 int main(int argc, char **argv) {
     const char *data = argc > 1 ? argv[1] : "tests/data";
     char dir[1024], path[1100];
@@ -284,6 +328,14 @@ int main(int argc, char **argv) {
     if (getenv("EA_TEST_SPARSE_DIR")) {
         check_sparse_lowmem(getenv("EA_TEST_SPARSE_DIR"), NULL);
         check_sparse_lowmem(getenv("EA_TEST_SPARSE_DIR"), "scalar");
+    }
+    if (getenv("EA_TEST_SHARED_DIRS")) {
+        char *dirs = strdup(getenv("EA_TEST_SHARED_DIRS")), *save = NULL;
+        for (char *d = dirs ? strtok_r(dirs, ":", &save) : NULL; d; d = strtok_r(NULL, ":", &save)) {
+            check_shared_table(d, NULL);
+            check_shared_table(d, "scalar");
+        }
+        free(dirs);
     }
 
     free(full);

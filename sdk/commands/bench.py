@@ -59,18 +59,39 @@ def add_parser(sub) -> None:
                    help="after the timed runs, trace one native pp+tg run of the first model (Chrome/Perfetto JSON)")
 
 
-def shape_folder(shape: str, quant: str, group_size: int) -> Path:
+def shape_path(shape: str, quant: str, group_size: int) -> Path:
     from edgeact.bench import CACHE
     from edgeact.default_model import CACHE_FORMAT
+
+    return CACHE / f"random-{shape}-{quant}-g{group_size}-f{CACHE_FORMAT}"
+
+
+def shape_folder(shape: str, quant: str, group_size: int) -> Path:
     from edgeact.converters.convert import convert
     from edgeact.converters.random_model import random_source
 
-    out = CACHE / f"random-{shape}-{quant}-g{group_size}-f{CACHE_FORMAT}"
+    out = shape_path(shape, quant, group_size)
     if not (out / "edgeact.json").exists():
-        print(f"building random-weight {shape} ({quant} g{group_size}) in {out} (once)")
+        print(f"building random-weight {shape} ({quant} g{group_size}) in {out} (once)", file=sys.stderr)
         out.parent.mkdir(parents=True, exist_ok=True)
         convert(random_source(shape), out, quant=quant, group_size=group_size, overwrite=True)
     return out
+
+
+def settle_after_build(timeout_s: float = 150.0) -> None:
+    """The build just ran on these cores, so the one-minute load average still counts it: wait (up to
+    timeout_s) for it to decay under the quiet threshold, else the guard would refuse the race for a
+    load the race itself caused."""
+    import os
+    import time
+
+    from edgeact.bench.probes import QUIET_LOAD
+
+    t0 = time.monotonic()
+    if os.getloadavg()[0] >= QUIET_LOAD:
+        print(f"waiting for the load average to settle under {QUIET_LOAD} after the build ...", file=sys.stderr)
+    while os.getloadavg()[0] >= QUIET_LOAD and time.monotonic() - t0 < timeout_s:
+        time.sleep(2.0)
 
 
 def run(args) -> int:
@@ -102,7 +123,10 @@ def run(args) -> int:
     bad = [e for e in engines if e not in bench.ENGINES]
     if bad:
         raise ValueError(f"unknown engine {bad[0]!r}; choose from {', '.join(bench.ENGINES)}")
+    built = [s for s in args.shape if not (shape_path(s, args.quant, args.group_size) / "edgeact.json").exists()]
     folders = [Path(m) for m in args.models] + [shape_folder(s, args.quant, args.group_size) for s in args.shape]
+    if built and not args.allow_contended:
+        settle_after_build()
     if not folders:
         raise ValueError("give model folders or --shape NAME (or --kernels M,K,N)")
     for f in folders:
