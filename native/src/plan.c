@@ -188,10 +188,7 @@ static int lookup_has_repack(const ea_model *m, const ea_qweight *g) {
     return 0;
 }
 
-/* After the passes: a float32 copy whose every reader kept only its SIMD repack (which holds the
- * scales itself) is not read again. Readers of the file layout keep it: scalar and
- * float-activation weights, a lookup without a repack, CoreInfer's kept-rows copies (made per
- * session) and CATS rows without a copy of their own. */
+/* Is a folded constant read only as MatMulNBits float zero points (made into block minimums at plan)? */
 static int only_float_zero_points(const ea_model *m, const char *name) {
     for (int n = 0; n < m->onnx.n_nodes; n++) {
         const onnx_node *nd = &m->onnx.nodes[n];
@@ -202,6 +199,10 @@ static int only_float_zero_points(const ea_model *m, const char *name) {
     return 1;
 }
 
+/* After the passes: a float32 copy whose every reader kept only its SIMD repack (which holds the
+ * scales itself) is not read again. Readers of the file layout keep it: scalar and
+ * float-activation weights, a lookup without a repack, CoreInfer's kept-rows copies (made per
+ * session) and CATS rows without a copy of their own. */
 static void free_unread_copies(ea_model *m) {
     for (int i = 0; i < m->n_f32c; i++) {
         f32_copy *c = m->f32c[i];
