@@ -94,31 +94,38 @@ void ea_matmul_f16_neon(const float *x, int M, int K, const uint16_t *W, int N, 
     matmul_neon(x, M, K, NULL, W, N, y, n0, n1);
 }
 
-static inline void store8_neon(float *dst, uint8x8_t bytes, int32x4_t zp, float32x4_t s) {
+/* (q - zp) * s, or with float minimums (zp 0) fma(q, s, mn): ea_dequant_row_scalar's bits */
+static inline void store8_neon(float *dst, uint8x8_t bytes, int32x4_t zp, float32x4_t s, int has_min, float32x4_t mn) {
     const int16x8_t q = vreinterpretq_s16_u16(vmovl_u8(bytes));
     const int32x4_t a = vsubq_s32(vmovl_s16(vget_low_s16(q)), zp), b = vsubq_s32(vmovl_s16(vget_high_s16(q)), zp);
+    if (has_min) {
+        vst1q_f32(dst, vfmaq_f32(mn, vcvtq_f32_s32(a), s));
+        vst1q_f32(dst + 4, vfmaq_f32(mn, vcvtq_f32_s32(b), s));
+        return;
+    }
     vst1q_f32(dst, vmulq_f32(vcvtq_f32_s32(a), s));
     vst1q_f32(dst + 4, vmulq_f32(vcvtq_f32_s32(b), s));
 }
 
 void ea_dequant_row_neon(const ea_qweight *w, int n, float *wf) {
-    const int bs = w->block_size, nb = w->n_blocks;
+    const int bs = w->block_size, nb = w->n_blocks, hm = w->minimums != NULL;
     const uint8_t *src = w->data + (size_t)n * nb * bs * w->bits / 8;
     for (int b = 0; b < nb; b++) {
         const float32x4_t s = vdupq_n_f32(w->scales[(size_t)n * nb + b]);
         const int32x4_t zp = vdupq_n_s32(ea_qweight_zp(w, n, b));
+        const float32x4_t mn = vdupq_n_f32(hm ? w->minimums[(size_t)n * nb + b] : 0.0f);
         float *dst = wf + (size_t)b * bs;
         if (w->bits == 8) {
-            for (int i = 0; i < bs; i += 8) store8_neon(dst + i, vld1_u8(src + b * bs + i), zp, s);
+            for (int i = 0; i < bs; i += 8) store8_neon(dst + i, vld1_u8(src + b * bs + i), zp, s, hm, mn);
             continue;
         }
         for (int i = 0; i < bs; i += 32) {
             const uint8x16_t v = vld1q_u8(src + (b * bs + i) / 2);
             const uint8x16x2_t e = vzipq_u8(vandq_u8(v, vdupq_n_u8(0x0F)), vshrq_n_u8(v, 4)); /* natural order */
-            store8_neon(dst + i, vget_low_u8(e.val[0]), zp, s);
-            store8_neon(dst + i + 8, vget_high_u8(e.val[0]), zp, s);
-            store8_neon(dst + i + 16, vget_low_u8(e.val[1]), zp, s);
-            store8_neon(dst + i + 24, vget_high_u8(e.val[1]), zp, s);
+            store8_neon(dst + i, vget_low_u8(e.val[0]), zp, s, hm, mn);
+            store8_neon(dst + i + 8, vget_high_u8(e.val[0]), zp, s, hm, mn);
+            store8_neon(dst + i + 16, vget_low_u8(e.val[1]), zp, s, hm, mn);
+            store8_neon(dst + i + 24, vget_high_u8(e.val[1]), zp, s, hm, mn);
         }
     }
 }

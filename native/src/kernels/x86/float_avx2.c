@@ -290,31 +290,34 @@ F16C_AVX2 void ea_matmul_f16_avx2(const float *x, int M, int K, const uint16_t *
 }
 
 /* ---- accuracy_level 0..3 ---- */
-AVX2 static inline void store8(float *dst, __m128i bytes8, __m256i zp, __m256 s) {
-    const __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes8), zp);
-    _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_cvtepi32_ps(q), s));
+/* (q - zp) * s, or with float minimums (zp 0) fma(q, s, mn): ea_dequant_row_scalar's bits */
+AVX2 static inline void store8(float *dst, __m128i bytes8, __m256i zp, __m256 s, int has_min, __m256 mn) {
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes8), zp));
+    _mm256_storeu_ps(dst, has_min ? _mm256_fmadd_ps(q, s, mn) : _mm256_mul_ps(q, s));
 }
 
 AVX2 void ea_dequant_row_avx2(const ea_qweight *w, int n, float *wf) {
-    const int bs = w->block_size, nb = w->n_blocks;
+    const int bs = w->block_size, nb = w->n_blocks, hm = w->minimums != NULL;
     const uint8_t *src = w->data + (size_t)n * nb * bs * w->bits / 8;
     const __m128i low4 = _mm_set1_epi8(0x0F);
     for (int b = 0; b < nb; b++) {
         const __m256 s = _mm256_set1_ps(w->scales[(size_t)n * nb + b]);
         const __m256i zp = _mm256_set1_epi32(ea_qweight_zp(w, n, b));
+        const __m256 mn = _mm256_set1_ps(hm ? w->minimums[(size_t)n * nb + b] : 0.0f);
         float *dst = wf + (size_t)b * bs;
         if (w->bits == 8) {
-            for (int i = 0; i < bs; i += 8) store8(dst + i, _mm_loadl_epi64((const __m128i *)(src + b * bs + i)), zp, s);
+            for (int i = 0; i < bs; i += 8)
+                store8(dst + i, _mm_loadl_epi64((const __m128i *)(src + b * bs + i)), zp, s, hm, mn);
             continue;
         }
         for (int i = 0; i < bs; i += 32) { /* 16 bytes = 32 nibbles, element 2j low, 2j+1 high */
             const __m128i v = _mm_loadu_si128((const __m128i *)(src + (b * bs + i) / 2));
             const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
             const __m128i e0 = _mm_unpacklo_epi8(lo, hi), e1 = _mm_unpackhi_epi8(lo, hi); /* natural order */
-            store8(dst + i, e0, zp, s);
-            store8(dst + i + 8, _mm_srli_si128(e0, 8), zp, s);
-            store8(dst + i + 16, e1, zp, s);
-            store8(dst + i + 24, _mm_srli_si128(e1, 8), zp, s);
+            store8(dst + i, e0, zp, s, hm, mn);
+            store8(dst + i + 8, _mm_srli_si128(e0, 8), zp, s, hm, mn);
+            store8(dst + i + 16, e1, zp, s, hm, mn);
+            store8(dst + i + 24, _mm_srli_si128(e1, 8), zp, s, hm, mn);
         }
     }
 }
