@@ -117,3 +117,19 @@ def test_teal_folder_with_float_minimums(tmp_path, tiny_hf_dir, monkeypatch):
     assert np.abs(dec - full[6:]).max() <= 1e-4
     ort = edgeact.load(out, engine="ort").forward(ids)
     assert compare_logits(full, ort, ids).kl < 0.01
+
+
+@pytest.mark.skipif(not native_available(), reason="native runtime not built")
+def test_float_activations_with_float_minimums(tmp_path, tiny_hf_dir):
+    """accuracy_level 1: float activations against fma(q, scale, minimum) from the file layout,
+    which is onnxruntime's float computation up to summation order."""
+    import edgeact
+    from edgeact.cli import main
+
+    out = tmp_path / "imx-acc1"
+    assert main(["convert", str(tiny_hf_dir), "-o", str(out), "--method", "imatrix", "--accuracy-level", "1",
+                 "--calib-tokens", "64", "--quiet"]) == 0
+    ids = [1, 5, 9, 33, 2, 70, 11, 4]
+    n = edgeact.load(out, engine="native").forward(ids)
+    o = edgeact.load(out, engine="ort").forward(ids)
+    np.testing.assert_allclose(n, o, rtol=0, atol=1e-5 * np.abs(o).max())
