@@ -71,6 +71,19 @@ def stop_pass(module, args, output):
     raise CaptureDone
 
 
+# Phi-3 fuses q/k/v and gate/up into one linear each, which reads the same input.
+FUSED_MODULES = {"self_attn.q_proj": "self_attn.qkv_proj", "mlp.gate_proj": "mlp.gate_up_proj"}
+
+
+def _input_module(block, name: str):
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        if name not in FUSED_MODULES:
+            raise
+        return block.get_submodule(FUSED_MODULES[name])
+
+
 @torch.no_grad()
 def capture_inputs(model, ids: np.ndarray, layers: Iterable[int] | None = None,
                    groups: Iterable[str] = tuple(INPUT_GROUPS)) -> dict[tuple[int, str], torch.Tensor]:
@@ -86,7 +99,7 @@ def capture_inputs(model, ids: np.ndarray, layers: Iterable[int] | None = None,
         if i not in layer_set:
             continue
         for g in groups:
-            mod = block.get_submodule(INPUT_GROUPS[g][0])
+            mod = _input_module(block, INPUT_GROUPS[g][0])
 
             def hook(m, args, i=i, g=g):
                 out.setdefault((i, g), []).append(args[0].reshape(-1, args[0].shape[-1]).detach().float().clone())

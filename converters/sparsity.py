@@ -10,8 +10,10 @@ zero and the weight rows they would meet are never read. Methods (seed papers):
                                         channels never pruned
   wina       |x_i|·‖W[:, i]‖  ≥ t      weight-informed score (WINA); ‖·‖ over every
                                         linear reading x (q, k, v share one score)
-  cats       |SiLU(gate)_j|   ≥ t      gated FFN: the intermediate channel j is computed
-                                        only when its gate activation is large (CATS)
+  cats       |act(gate)_j|    ≥ t      gated FFN: the intermediate channel j is computed
+                                        only when its gate activation is large (CATS);
+                                        act is the model's own: SiLU, or GELU-tanh (Gemma),
+                                        whose small negative lobe scores by magnitude too
   coreinfer  fixed per prompt           gated FFN: the neurons the prompt used most, chosen
                                         after prefill (converters/coreinfer.py; no thresholds)
 
@@ -121,6 +123,9 @@ def chess_thresholds(x: torch.Tensor, target: float) -> torch.Tensor:
     return hi * q
 
 
+# What CATS thresholds, per gate activation (the graph's ffn_act Sparsify reads that node's output).
+CATS_SCORE = {"silu": "|SiLU(gate)|", "gelu_tanh": "|GELU-tanh(gate)|"}
+
 # Calibration captures the inputs of several layers per forward pass, up to this many bytes.
 CAPTURE_BUDGET = 256 * 1024**2
 
@@ -140,6 +145,8 @@ def calibrate(src: SourceModel, method: str, targets: dict[str, float], *, calib
         from .coreinfer import plan
 
         return plan(src, 1.0 - targets.get("ffn", 0.0))
+    if method == "cats" and cfg.hidden_act not in CATS_SCORE:
+        raise ConversionError(f"cats is defined on a SiLU or GELU-tanh gate, not {cfg.hidden_act!r}")
     if method == "cats" and not all(src.has(f"model.layers.{i}.mlp.gate_proj.weight") for i in range(cfg.num_layers)):
         raise ConversionError("cats needs a gated FFN (gate_proj), and this model has none")
     if model is None:
@@ -190,6 +197,7 @@ def calibrate(src: SourceModel, method: str, targets: dict[str, float], *, calib
         del acts
     bar.close()
     meta = {"method": method, "targets": targets, "sites": len(sites),
+            **({"score": CATS_SCORE[cfg.hidden_act]} if method == "cats" else {}),
             "calibration": {"tokens": n_tok,
                             "source": str(calib_file) if calib_file else "sampled from the fp32 model"}}
     return {"sites": sites, "meta": meta}
@@ -197,9 +205,13 @@ def calibrate(src: SourceModel, method: str, targets: dict[str, float], *, calib
 
 @torch.no_grad()
 def _capture_gate_act(model, ids, layers) -> dict[int, torch.Tensor]:
-    """SiLU(gate) of each of `layers`, as {layer: [tokens, I]}; each pass stops after the last one."""
+    """act(gate) of each of `layers` (the module transformers applies: SiLU, or GELU-tanh on Gemma),
+    as {layer: [tokens, I]}; each pass stops after the last one."""
     got: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-    hooks = [model.model.layers[i].mlp.act_fn.register_forward_hook(
+    # Phi-3 names the module activation_fn (applied to the gate half of its fused gate_up_proj)
+    acts = {i: getattr(model.model.layers[i].mlp, "act_fn", None) or model.model.layers[i].mlp.activation_fn
+            for i in layers}
+    hooks = [acts[i].register_forward_hook(
         lambda m, a, out, i=i: got[i].append(out.reshape(-1, out.shape[-1]).float().clone())) for i in layers]
     hooks.append(model.model.layers[max(layers)].register_forward_hook(stop_pass))
     try:

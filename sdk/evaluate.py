@@ -47,16 +47,23 @@ class Reference:
     progress: tqdm bars for loading the weights, sampling the tokens and the reference logits."""
 
     def __init__(self, src, ids: np.ndarray | None = None, *, text: str | None = None, n_tokens: int = 256,
-                 seed: int = 0, progress: bool = False):
+                 seed: int = 0, progress: bool = False, cache_dir=None):
         from edgeact.converters.model import SourceModel
         from edgeact.converters.readers import read_source
-        from edgeact.converters.torch_ref import build_torch_model
 
         if n_tokens < 2:
             raise ValueError(f"evaluation needs at least 2 tokens, got {n_tokens}")
         self.progress = progress
         self.src = src if isinstance(src, SourceModel) else read_source(src)
-        self.model = build_torch_model(self.src, progress=progress)
+        self._model = None
+        # A large source takes minutes to load and run in fp32: with `cache_dir`, the tokens and
+        # logits of a file source are kept, keyed by the file's identity and the token settings.
+        cached = None if cache_dir is None or isinstance(src, SourceModel) or ids is not None else \
+            Path(cache_dir) / f"{_reference_key(src, text, n_tokens, seed)}.npz"
+        if cached is not None and cached.is_file():
+            with np.load(cached) as z:
+                self.ids, self.logits = z["ids"], z["logits"]
+            return
         if ids is None:
             ids = self.tokens(text, n_tokens, seed)
         self.ids = np.asarray(ids, dtype=np.int64)
@@ -64,6 +71,20 @@ class Reference:
         if len(self.ids) > ctx:
             raise ValueError(f"{len(self.ids)} evaluation tokens exceed the model's context of {ctx}")
         self.logits = self._logits()
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp.npz")
+            np.savez(tmp, ids=self.ids, logits=self.logits)
+            tmp.replace(cached)
+
+    @property
+    def model(self):
+        """The fp32 transformers model, built on first use."""
+        if self._model is None:
+            from edgeact.converters.torch_ref import build_torch_model
+
+            self._model = build_torch_model(self.src, progress=self.progress)
+        return self._model
 
     def _logits(self) -> np.ndarray:
         """The reference's logits at every position: one forward pass, its progress counted per layer."""
@@ -114,6 +135,25 @@ class Reference:
         P = min(max(16, len(self.ids) // 4), len(self.ids) - 2)
         logits = model.forward(self.ids, prompt_len=P)
         return compare_logits(logits[P:], self.logits[P:], self.ids[P:])
+
+
+def _reference_key(src, text, n_tokens: int, seed: int) -> str:
+    """A hash of the source's files (path, size, mtime), the token settings and the versions that make the logits."""
+    import hashlib
+    import json
+
+    import torch
+    import transformers
+
+    path = Path(src).resolve()
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    ident = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    from edgeact import __version__
+
+    key = json.dumps({"files": ident, "text": hashlib.sha256(text.encode()).hexdigest() if text is not None else None,
+                      "n_tokens": n_tokens, "seed": seed, "edgeact": __version__, "torch": torch.__version__,
+                      "transformers": transformers.__version__})
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 def evaluate(model_dir, ref_src, *, text: str | None = None, n_tokens: int = 256, seed: int = 0,

@@ -31,12 +31,41 @@ def test_quality_ordering_stories260k(stories260k, tmp_path):
     assert kls["int8"] < kls["int4-g32"] < kls["int4-g128"], kls
 
 
-def test_against_llama_cpp(tmp_path, capsys):
+def test_reference_cache_reused_and_keyed(tmp_path, monkeypatch):
+    """`edgeact eval` keeps a file source's tokens and logits: a second run with the same settings loads
+    them without building the fp32 model; another seed, or a changed file, computes afresh."""
+    import edgeact.converters.torch_ref as torch_ref
+    from edgeact.converters.gguf_export import write_gguf
+    from edgeact.converters.random_model import random_source
+
+    gguf_path = write_gguf(random_source("tiny", seed=3), tmp_path / "t.gguf", dtype="f32", context_length=256)
+    first = Reference(gguf_path, n_tokens=24, seed=1, cache_dir=tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("*.npz"))) == 1
+    build = torch_ref.build_torch_model
+
+    def refuse(*a, **k):
+        raise AssertionError("the fp32 model was built again")
+
+    monkeypatch.setattr(torch_ref, "build_torch_model", refuse)
+    again = Reference(gguf_path, n_tokens=24, seed=1, cache_dir=tmp_path / "c")
+    assert np.array_equal(again.ids, first.ids) and np.array_equal(again.logits, first.logits)
+    monkeypatch.setattr(torch_ref, "build_torch_model", build)
+    other = Reference(gguf_path, n_tokens=24, seed=2, cache_dir=tmp_path / "c")
+    assert not np.array_equal(other.ids, first.ids)
+    write_gguf(random_source("tiny", seed=4), gguf_path, dtype="f32", context_length=256)
+    changed = Reference(gguf_path, n_tokens=24, seed=1, cache_dir=tmp_path / "c")
+    assert not np.array_equal(changed.logits, first.logits)
+    assert len(list((tmp_path / "c").glob("*.npz"))) == 3
+
+
+def test_against_llama_cpp(tmp_path, capsys, monkeypatch):
     """`edgeact eval --against-llama-cpp`: llama.cpp quantizes the --ref GGUF with its own API and runs
     every file on the same tokens. Its own f32 source agrees with our fp32 reference (engine noise
     only); Q8_0 is closer than Q4_0 and Q4_0's file is smaller; the plot is written."""
     pytest.importorskip("llama_cpp")
     import json
+
+    monkeypatch.setenv("EDGEACT_HOME", str(tmp_path / "home"))   # the reference cache
 
     from edgeact.cli import main
     from edgeact.converters.gguf_export import write_gguf

@@ -235,8 +235,11 @@ static int resolve_each(ea_model *m, const char *dir, const char **mm, size_t n_
                                (unsigned long long)want);
         }
         if (t->dtype == ONNX_FLOAT || t->dtype == ONNX_FLOAT16) { /* NaN/Inf weights would poison every token */
-            size_t n = (size_t)numel;
+            const size_t n = (size_t)numel, chunk = ((size_t)2 << 20) / es;
             for (size_t k = 0; k < n; k++) {
+                /* the scan pages the tensor in: each 2 MiB goes back as it is passed, or a float
+                 * embedding table would be resident whole at the load's peak */
+                if (k && k % chunk == 0) ea_release_pages(m, t->data + (k - chunk) * es, chunk * es);
                 uint32_t bits;
                 int bad;
                 if (t->dtype == ONNX_FLOAT) {

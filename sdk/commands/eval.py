@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
                    help="where llama.cpp's files are written and reused (default: the edgeact cache folder)")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="save KL against size as a PNG (default with --against-llama-cpp: kl-vs-size.png)")
+    p.add_argument("--no-ref-cache", action="store_true",
+                   help="recompute the reference instead of reusing the tokens and fp32 logits kept from an earlier "
+                   "run on the same source file and settings (kept in the edgeact cache folder, eval-reference/)")
     p.add_argument("--threads", type=thread_count, default=2, help="threads for llama.cpp's quantizer and engine")
 
 
@@ -63,7 +66,10 @@ def run(args) -> int:
     from edgeact.evaluate import Reference, against_llama_cpp, folder_bytes, plot_kl_vs_size
 
     progress = not (args.quiet or args.json)
-    ref = Reference(args.ref, text=text, n_tokens=args.tokens, seed=args.seed, progress=progress)
+    from edgeact.default_model import cache_dir
+
+    ref = Reference(args.ref, text=text, n_tokens=args.tokens, seed=args.seed, progress=progress,
+                    cache_dir=None if args.no_ref_cache else cache_dir() / "eval-reference")
     rows = []
     bar = tqdm(list(zip(args.models, metas)), desc="evaluating", unit="folder", disable=not progress)
     for folder, meta in bar:
@@ -73,8 +79,6 @@ def run(args) -> int:
                      "bytes": folder_bytes(folder), **q.to_dict()})
     bar.close()
     if args.against_llama_cpp:
-        from edgeact.default_model import cache_dir
-
         types = [t.strip() for t in args.against_llama_cpp.split(",") if t.strip()]
         workdir = Path(args.llama_cpp_dir) if args.llama_cpp_dir else cache_dir() / "llama-cpp"
         rows += against_llama_cpp(ref, args.ref, types, workdir, threads=args.threads)
