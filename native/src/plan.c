@@ -188,12 +188,14 @@ static int lookup_has_repack(const ea_model *m, const ea_qweight *g) {
     return 0;
 }
 
-/* Is a folded constant read only as MatMulNBits float zero points (made into block minimums at plan)? */
+/* Is a folded constant read only as MatMulNBits float zero points? Those are read at plan only: the
+ * op makes them the weight's block minimums (ops/matmul_nbits.c). */
 static int only_float_zero_points(const ea_model *m, const char *name) {
     for (int n = 0; n < m->onnx.n_nodes; n++) {
         const onnx_node *nd = &m->onnx.nodes[n];
         for (int k = 0; k < nd->n_inputs; k++)
-            if (!strcmp(nd->inputs[k], name) && (k != 3 || strcmp(nd->op_type, "MatMulNBits") || !m->steps[n].qmin))
+            if (!strcmp(nd->inputs[k], name) &&
+                (k != 3 || strcmp(nd->op_type, "MatMulNBits") || m->steps[n].op != OP_QMATMUL))
                 return 0;
     }
     return 1;
