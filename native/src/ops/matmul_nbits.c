@@ -130,7 +130,9 @@ static int plan(ea_planner *b, const onnx_node *nd, step *st) {
     st->op = OP_QMATMUL;
     st->K = (int)K;
     st->N = (int)N;
-    st->weight_bytes = (uint64_t)want_b + S->nbytes + zp_bytes + (zfloat ? zfloat->nbytes : 0);
+    /* float minimums: as a call reads them (fp16 in a repack that found them exact) */
+    const uint64_t min_bytes = zfloat ? (uint64_t)N * nb * (st->qw.packed_min_f16 ? 2 : sizeof(float)) : 0;
+    st->weight_bytes = (uint64_t)want_b + S->nbytes + zp_bytes + min_bytes;
     if (ea_only_outputs(b, nd, 1)) return -1;
     st->out = ea_add_output(b, nd, 0, V_ACT, ONNX_FLOAT, st->N, si);
     return st->out < 0 ? -1 : 0;
