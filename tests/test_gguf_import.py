@@ -125,6 +125,37 @@ def test_smollm2_tensors_import_exactly(smollm2_gguf):
         assert np.array_equal(dequantize(im.qw), src.load(name)), name   # rows permuted like the float loader
 
 
+Q4_K_M_BYTES = 105.5e6   # llama.cpp's Q4_K_M of SmolLM2-135M-Instruct
+
+
+@pytest.mark.slow
+def test_smollm2_default_folder_within_q4_k_m_size(smollm2_gguf, tmp_path):
+    """The default convert of SmolLM2's Q4_1 GGUF: the tied table stored once (the source's Q8_0 blocks),
+    fp16 scales and fp16 block minimums, the whole folder (tokenizer included) within Q4_K_M's bytes; the
+    linears as numpy reads the file equal gguf's dequantization bit for bit, and the native runtime keeps
+    no float32 copy of the fp16 parameters once its repack holds them."""
+    import json
+
+    from edgeact.converters.convert import convert
+    from edgeact.converters.onnx_writer import stored_weights
+    from edgeact.converters.readers import read_source
+    from edgeact.runtime import NativeModel, available
+
+    out = convert(smollm2_gguf, tmp_path / "smol", quant="source", progress=False)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    assert size <= Q4_K_M_BYTES, size
+    meta = json.loads((out / "edgeact.json").read_text())["quantization"]
+    assert meta["embedding"] == "shared" and meta["re_rounded"] == [], meta
+    src = read_source(smollm2_gguf)
+    stored = stored_weights(out)
+    for name in ["lm_head.weight", *(f"model.layers.{i}.{p}.weight" for i in (0, 29)
+                                     for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))]:
+        want = src.load("model.embed_tokens.weight" if name == "lm_head.weight" else name)
+        assert np.array_equal(dequantize(stored[name]), want), name
+    if available():
+        assert NativeModel(out).weight_bytes["copied"] <= 1 << 20
+
+
 def _write_quantized_gguf(path, src, types: dict[str, str]):
     """A llama GGUF of `src` whose linears are quantized by gguf's own quantizer (types by HF suffix)."""
     from edgeact.converters.gguf_export import _LAYER_NAMES, _to_interleaved
