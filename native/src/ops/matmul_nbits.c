@@ -55,6 +55,8 @@ static int float_minimums(ea_planner *b, const onnx_node *nd, step *st, const on
     return 0;
 }
 
+static void release_file_pages(void *m, const void *p, size_t n) { ea_release_pages(m, p, n); }
+
 static int plan(ea_planner *b, const onnx_node *nd, step *st) {
     ea_model *m = b->m;
     const int si = (int)(st - m->steps);
@@ -113,8 +115,8 @@ static int plan(ea_planner *b, const onnx_node *nd, step *st) {
     const ea_isa isa = st->f32act ? EA_ISA_SCALAR : m->isa;
     int rc = st->qmin ? ea_qweight_init_min(&st->qw, isa, (int)K, (int)N, (int)bits, (int)bs, B->data,
                                             (const float *)S->data, st->qmin)
-                      : ea_qweight_init(&st->qw, isa, (int)K, (int)N, (int)bits, (int)bs, B->data,
-                                        (const float *)S->data, zp);
+                      : ea_qweight_init_releasing(&st->qw, isa, (int)K, (int)N, (int)bits, (int)bs, B->data,
+                                                  (const float *)S->data, zp, release_file_pages, m);
     if (rc) NODE_FAIL("cannot prepare the weight: %s", ea_kernels_strerror(rc));
     st->qw_ready = 1;
     m->bytes_repacked += st->qw.packed_bytes;
