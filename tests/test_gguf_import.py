@@ -125,7 +125,38 @@ def test_smollm2_tensors_import_exactly(smollm2_gguf):
         assert np.array_equal(dequantize(im.qw), src.load(name)), name   # rows permuted like the float loader
 
 
-def _write_quantized_gguf(path, src, types: dict[str, str]):
+Q4_K_M_BYTES = 105.5e6   # llama.cpp's Q4_K_M of SmolLM2-135M-Instruct
+
+
+@pytest.mark.slow
+def test_smollm2_default_folder_within_q4_k_m_size(smollm2_gguf, tmp_path):
+    """The default convert of SmolLM2's Q4_1 GGUF: the tied table stored once (the source's Q8_0 blocks),
+    fp16 scales and fp16 block minimums, the whole folder (tokenizer included) within Q4_K_M's bytes; the
+    linears as numpy reads the file equal gguf's dequantization bit for bit, and the native runtime keeps
+    no float32 copy of the fp16 parameters once its repack holds them."""
+    import json
+
+    from edgeact.converters.convert import convert
+    from edgeact.converters.onnx_writer import stored_weights
+    from edgeact.converters.readers import read_source
+    from edgeact.runtime import NativeModel, available
+
+    out = convert(smollm2_gguf, tmp_path / "smol", quant="source", progress=False)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    assert size <= Q4_K_M_BYTES, size
+    meta = json.loads((out / "edgeact.json").read_text())["quantization"]
+    assert meta["embedding"] == "shared" and meta["re_rounded"] == [], meta
+    src = read_source(smollm2_gguf)
+    stored = stored_weights(out)
+    for name in ["lm_head.weight", *(f"model.layers.{i}.{p}.weight" for i in (0, 29)
+                                     for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))]:
+        want = src.load("model.embed_tokens.weight" if name == "lm_head.weight" else name)
+        assert np.array_equal(dequantize(stored[name]), want), name
+    if available():
+        assert NativeModel(out).weight_bytes["copied"] <= 1 << 20
+
+
+def _write_quantized_gguf(path, src, types: dict[str, str], embedding: str = "Q8_0"):
     """A llama GGUF of `src` whose linears are quantized by gguf's own quantizer (types by HF suffix)."""
     from edgeact.converters.gguf_export import _LAYER_NAMES, _to_interleaved
 
@@ -146,7 +177,7 @@ def _write_quantized_gguf(path, src, types: dict[str, str]):
         else:
             w.add_tensor(name, gguf_quantize(arr, T[qtype]), raw_dtype=T[qtype])
 
-    add("token_embd.weight", src.load("model.embed_tokens.weight"), "Q8_0")
+    add("token_embd.weight", src.load("model.embed_tokens.weight"), embedding)
     for i in range(cfg.num_layers):
         for hf, gg in _LAYER_NAMES.items():
             arr = src.load(f"model.layers.{i}.{hf}")
@@ -163,14 +194,15 @@ def _write_quantized_gguf(path, src, types: dict[str, str]):
 
 
 def test_convert_source_keeps_blocks(tmp_path):
-    """convert(quant="source"): every linear in the folder holds the GGUF's values bit for bit, and
-    onnxruntime runs the folder close to the fp32 reference on the same (dequantized) weights."""
+    """convert(quant="source"): every linear in the folder, as numpy reads the file (fp16 scales and
+    minimums through the graph's Cast and Div), holds the GGUF's values bit for bit, and both engines run
+    the folder close to the fp32 reference on the same (dequantized) weights."""
     import onnx
-    from onnx import numpy_helper
+    from onnx import TensorProto
 
     import edgeact
     from edgeact.converters.convert import convert
-    from edgeact.converters.quantize import QuantizedWeight
+    from edgeact.converters.onnx_writer import stored_weights
     from edgeact.converters.random_model import random_source
     from edgeact.converters.readers import read_source
     from edgeact.evaluate import Reference
@@ -185,20 +217,22 @@ def test_convert_source_keeps_blocks(tmp_path):
     meta = json.loads((out / "edgeact.json").read_text())["quantization"]
     assert meta["weights"] == "source" and meta["lm_head"] == "source"
     assert meta["imported"]["Q4_1 -> int4 g32 float zero points"] == 3 * base.config.num_layers
-    assert any("embed_tokens" in line for line in meta["re_rounded"])
+    # the default for a tied source: one table, the source's own Q8_0 blocks (nothing re-rounded)
+    assert meta["embedding"] == "shared" and not any("embed_tokens" in line for line in meta["re_rounded"])
 
     model = onnx.load(str(out / "model.onnx"))
-    inits = {t.name: numpy_helper.to_array(t, base_dir=str(out)) for t in model.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
     nodes = {n.input[1][: -len(".B")]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
     assert len(nodes) == 7 * base.config.num_layers + 1
+    stored = stored_weights(out)
     for name, node in nodes.items():
-        a = {x.name: helper_attr(x) for x in node.attribute}
-        zp = inits.get(name + ".zero_points")
-        scales = inits[name + ".scales"]
         if "up_proj" not in name:   # the source's fp16 block scales, stored as they are, cast in the graph
-            assert scales.dtype == np.float16 and node.input[2] == name + ".scales.f32", name
-        qw = QuantizedWeight(inits[name + ".B"], scales.astype(np.float32), zp, a["K"], a["N"], a["bits"],
-                             a["block_size"])
+            assert inits[name + ".scales"].data_type == TensorProto.FLOAT16, name
+            assert node.input[2] == name + ".scales.f32", name
+        if any(p in name for p in ("q_proj", "gate_proj", "down_proj")):   # Q4_1: fp16 minimums, not fp32 zps
+            assert inits[name + ".neg_minimums"].data_type == TensorProto.FLOAT16, name
+            assert name + ".zero_points" not in inits and node.input[3] == name + ".zero_points", name
+        qw = stored[name]
         want = src.load("model.embed_tokens.weight" if name == "lm_head.weight" else name)
         if "up_proj" in name:
             assert any(line.startswith(name) and "Q5_1" in line for line in meta["re_rounded"])
@@ -209,17 +243,32 @@ def test_convert_source_keeps_blocks(tmp_path):
     ref = Reference(src, n_tokens=48, seed=3)
     q = ref.compare(edgeact.load(out, engine="ort"))
     assert q.top1 >= 0.9 and q.kl < 0.02, q
-    # --embedding shared: the tied table stored once, as the source's own Q8_0 blocks (nothing re-rounded)
-    shared = convert(tmp_path / "m.gguf", tmp_path / "shared", quant="source", embedding="shared", progress=False)
-    meta = json.loads((shared / "edgeact.json").read_text())["quantization"]
-    assert meta["embedding"] == "shared" and not any("embed_tokens" in line for line in meta["re_rounded"])
-    assert ref.compare(edgeact.load(shared, engine="ort")).kl <= q.kl + 1e-3
+    assert ref.compare(edgeact.load(out, engine="native")).kl < 0.02
+    # --embedding fp16: the old layout, a float table of its own beside lm_head's (rounded to fp16)
+    fp16 = convert(tmp_path / "m.gguf", tmp_path / "fp16", quant="source", embedding="fp16", progress=False)
+    meta = json.loads((fp16 / "edgeact.json").read_text())["quantization"]
+    assert meta["embedding"] == "fp16" and any("embed_tokens" in line for line in meta["re_rounded"])
+    assert ref.compare(edgeact.load(fp16, engine="ort")).kl <= q.kl + 1e-3
 
 
-def helper_attr(attr):
-    from onnx import helper
+def test_tied_q4_1_embedding_keeps_a_table_of_its_own(tmp_path):
+    """GatherBlockQuantized takes integer zero points only: a tied Q4_1 embedding (float zero points as
+    lm_head) gets an fp16 table of its own by default, and an explicit --embedding shared is refused."""
+    from edgeact.converters.convert import convert
+    from edgeact.converters.model import ConversionError
+    from edgeact.converters.random_model import random_source
 
-    return helper.get_attribute_value(attr)
+    base = random_source("tiny", seed=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
+                         head_dim=16, tie_word_embeddings=True)
+    _write_quantized_gguf(tmp_path / "m.gguf", base, {p: "Q4_0" for p in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "gate_proj", "up_proj", "down_proj")},
+                          embedding="Q4_1")
+    out = convert(tmp_path / "m.gguf", tmp_path / "out", quant="source", progress=False)
+    meta = json.loads((out / "edgeact.json").read_text())["quantization"]
+    assert meta["embedding"] == "fp16" and meta["lm_head"] == "source"
+    assert meta["imported"]["Q4_1 -> int4 g32 float zero points"] == 1   # lm_head, loaded once
+    with pytest.raises(ConversionError, match="needs lm_head blocks with integer zero points"):
+        convert(tmp_path / "m.gguf", tmp_path / "shared", quant="source", embedding="shared", progress=False)
 
 
 @pytest.mark.parametrize("isa", ["scalar", None])

@@ -24,7 +24,8 @@ static float round_significand(float x, int bits) {
  * kernel): each block's minimum m = -zp*scale, rounded to 11 (fp16) or 17 significant bits when
  * every minimum of the weight is within one float32 ulp of such a value (converters/quantize.py's
  * block_minimums, the numpy reference). The kernels take them as the weight's minimums
- * (st->qmin, [N, n_blocks]): codes with zero point 0, plus minimum times the block's sum. */
+ * (st->qmin, [N, n_blocks], until the repack holds them): codes with zero point 0, plus the
+ * minimum times the block's sum. */
 static int float_minimums(ea_planner *b, const onnx_node *nd, step *st, const onnx_tensor *Z, const float *scales,
                           int N, int nb, int bits) {
     if (bits != 4) NODE_FAIL("float zero_points '%s' need bits 4 (onnxruntime has none for 8-bit)", Z->name);
@@ -53,6 +54,8 @@ static int float_minimums(ea_planner *b, const onnx_node *nd, step *st, const on
     }
     return 0;
 }
+
+static void release_file_pages(void *m, const void *p, size_t n) { ea_release_pages(m, p, n); }
 
 static int plan(ea_planner *b, const onnx_node *nd, step *st) {
     ea_model *m = b->m;
@@ -112,8 +115,8 @@ static int plan(ea_planner *b, const onnx_node *nd, step *st) {
     const ea_isa isa = st->f32act ? EA_ISA_SCALAR : m->isa;
     int rc = st->qmin ? ea_qweight_init_min(&st->qw, isa, (int)K, (int)N, (int)bits, (int)bs, B->data,
                                             (const float *)S->data, st->qmin)
-                      : ea_qweight_init(&st->qw, isa, (int)K, (int)N, (int)bits, (int)bs, B->data,
-                                        (const float *)S->data, zp);
+                      : ea_qweight_init_releasing(&st->qw, isa, (int)K, (int)N, (int)bits, (int)bs, B->data,
+                                                  (const float *)S->data, zp, release_file_pages, m);
     if (rc) NODE_FAIL("cannot prepare the weight: %s", ea_kernels_strerror(rc));
     st->qw_ready = 1;
     m->bytes_repacked += st->qw.packed_bytes;
@@ -121,12 +124,17 @@ static int plan(ea_planner *b, const onnx_node *nd, step *st) {
         ea_release_pages(m, B->data, B->nbytes);
         ea_release_pages(m, S->data, S->nbytes);
         if (zp) ea_release_pages(m, zp, zp_bytes);
+        free(st->qmin); /* as large as the scales, and read by no kernel of this model */
+        st->qmin = NULL;
+        st->qw.minimums = NULL;
     }
     if (zfloat) ea_release_pages(m, zfloat->data, zfloat->nbytes);
     st->op = OP_QMATMUL;
     st->K = (int)K;
     st->N = (int)N;
-    st->weight_bytes = (uint64_t)want_b + S->nbytes + zp_bytes + (zfloat ? zfloat->nbytes : 0);
+    /* float minimums: as a call reads them (fp16 in a repack that found them exact) */
+    const uint64_t min_bytes = zfloat ? (uint64_t)N * nb * (st->qw.packed_min_f16 ? 2 : sizeof(float)) : 0;
+    st->weight_bytes = (uint64_t)want_b + S->nbytes + zp_bytes + min_bytes;
     if (ea_only_outputs(b, nd, 1)) return -1;
     st->out = ea_add_output(b, nd, 0, V_ACT, ONNX_FLOAT, st->N, si);
     return st->out < 0 ? -1 : 0;
