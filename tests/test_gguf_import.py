@@ -224,9 +224,9 @@ def helper_attr(attr):
 
 @pytest.mark.parametrize("isa", ["scalar", None])
 def test_native_float_zero_points(tmp_path, monkeypatch, isa):
-    """The native runtime runs float zero points: the integer kernels take the codes with zero
-    point 0 (their bit-exact tests cover it) and the op adds each block's minimum times the
-    block's input sum in one C loop, the same on every ISA. Against onnxruntime (float
+    """The native runtime runs float zero points: every kernel takes each block's minimum
+    with its scale and adds it times the block's sum of int8 activations (bit-exact with the
+    scalar reference on every ISA: test_kernels.c). Against onnxruntime (float
     activations for float zero points, where native rounds them to int8 per block) the KL
     stays small on the scalar reference and the best ISA; a folder whose minimums are
     dropped is ~1000x further off."""

@@ -93,11 +93,9 @@ typedef struct step {
     ea_qweight qw;
     int qw_ready;
     int f32act;           /* accuracy_level 0..3: float activations, file layout (no repack) */
-    /* float zero points (4-bit): the kernels run the codes with zero point 0 and run() adds
-     * each block's minimum times the block's input sum; qmin is [n_blocks][N] (block-major,
-     * so the add runs along N), qzero the zero-filled integer zero points */
+    /* float zero points (4-bit) as the weight's block minimums [N][n_blocks] (qw.minimums);
+     * the sparse paths (passes.c) leave such steps dense */
     float *qmin;
-    uint8_t *qzero;
     /* ops/gqa.c; window > 0: a sliding layer, whose cache is a ring of min(window, n_ctx) rows */
     int H, KVH, D, rotary;
     float scale, softcap;

@@ -453,7 +453,6 @@ void ea_model_destroy(ea_model *m) {
     for (int s = 0; s < m->n_steps; s++) {
         if (m->steps[s].qw_ready) ea_qweight_release(&m->steps[s].qw);
         free(m->steps[s].qmin);
-        free(m->steps[s].qzero);
         if (m->steps[s].cm_ready) ea_qweight_cm_release(&m->steps[s].cm);
         if (m->steps[s].rows_buf) {
             ea_qweight_release(&m->steps[s].rows_qw);

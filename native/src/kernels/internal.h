@@ -57,7 +57,11 @@ static inline int ea_next_quad_row(const int32_t *rows, int n_rows, int i, int r
  *   scales [EA_QROWS] float, in lane order; fp16 when every scale of the
  *          weight is exact in fp16 (packed_f16): the same values in 2 of the
  *          ~20 bytes per row and block, which decode reads from DRAM
- *   zp     [EA_QROWS] uint8, in lane order (asymmetric weights only)
+ *   zp     [EA_QROWS] uint8, in lane order (asymmetric weights only), or
+ *   min    [EA_QROWS] float minimums, in lane order (weights with float
+ *          minimums), fp16 when every one is exact in fp16 (packed_min_f16:
+ *          Q4_1 and Q4_K sources), so a row's block costs 4 bytes over its
+ *          codes, as in llama.cpp's Q4_1
  * Two rows' 16-byte pieces are adjacent so AVX2 reads them with one 32-byte
  * load. "Lane order" is the order in which a kernel's integer reduction
  * leaves the rows (ea_qpack_lane_row), so scales apply without shuffles. */
@@ -68,11 +72,14 @@ static inline float32x4_t ea_load4_scales(const uint8_t *p, int f16) {
     return f16 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)p))) : vld1q_f32((const float *)p);
 }
 #endif
+/* Where a block's zero points or minimums start (after its scales). */
 static inline size_t ea_qpack_zp_offset(const ea_qweight *w) {
     return EA_QROWS * ((size_t)w->block_size * (size_t)w->bits / 8) + EA_QROWS * ea_qpack_scale_size(w->packed_f16);
 }
 static inline size_t ea_qpack_block_stride(const ea_qweight *w) {
-    return ea_qpack_zp_offset(w) + (w->zero_points ? EA_QROWS : 0);
+    return ea_qpack_zp_offset(w) + (w->zero_points ? EA_QROWS
+                                    : w->minimums  ? EA_QROWS * ea_qpack_scale_size(w->packed_min_f16)
+                                                   : 0);
 }
 
 /* Row (within its group) whose result lands in reduction lane `lane`. */
@@ -84,6 +91,7 @@ static inline int ea_qpack_lane_row(ea_isa isa, int lane) {
 
 /* Zero point of (row n, block b) from the file layout. */
 static inline int ea_qweight_zp(const ea_qweight *w, int n, int b) {
+    if (w->minimums) return 0;
     if (!w->zero_points) return w->bits == 4 ? 8 : 128;
     if (w->bits == 8) return w->zero_points[(size_t)n * w->n_blocks + b];
     uint8_t byte = w->zero_points[(size_t)n * ((w->n_blocks + 1) / 2) + b / 2];
@@ -182,7 +190,7 @@ static inline int ea_is_simd(ea_isa isa) { return isa != EA_ISA_SCALAR; }
  * ea_kctx_init binds it): the drivers (qmatmul.c, sparse.c, fmatmul.c, qmatmul_f32act.c,
  * transformer.c) split the work over threads and call these, never an ISA's function by
  * name. Every entry of every variant gives the bits of the scalar reference (ref/), except
- * the float kernels (matmul, attention, silu, gelu, dot), which hold a stated tolerance. */
+ * the float kernels (matmul, attention, silu, dot), which hold a stated tolerance. */
 typedef struct ea_kernel_table {
     ea_isa isa;
     int (*available)(void); /* this CPU runs it (CPUID, HWCAP) */
@@ -268,6 +276,7 @@ void ea_attention_row_avx2(const float *q, const float *kc, const float *vc, int
                            float *out);
 void ea_silu_mul_avx2(const float *g, const float *u, size_t n, float *y);
 void ea_gelu_tanh_avx2(const float *x, size_t n, float *y);
+void ea_gelu_tanh_avx512(const float *x, size_t n, float *y);
 int ea_sparsify_avx2(const float *x, const float *thr, int thr_step, const float *col_scale, int n, float *y,
                      int32_t *active);
 void ea_sparse_prep_avx2(const float *x, int bs, const int32_t *active, int n_active, size_t row_bytes,
@@ -294,6 +303,7 @@ float ea_dot_neon(const float *a, const float *b, int K);
 void ea_matmul_f32_neon(const float *x, int M, int K, const float *W, int N, float *y, int n0, int n1);
 void ea_matmul_f16_neon(const float *x, int M, int K, const uint16_t *W, int N, float *y, int n0, int n1);
 void ea_f16_row_neon(const uint16_t *src, float *dst, size_t n);
+void ea_gelu_tanh_neon(const float *x, size_t n, float *y);
 int ea_sparsify_neon(const float *x, const float *thr, int thr_step, const float *col_scale, int n, float *y,
                      int32_t *active);
 void ea_sparse_tiles_neon(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1);

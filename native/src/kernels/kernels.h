@@ -94,10 +94,15 @@ typedef struct ea_qweight {
     const uint8_t *data;
     const float *scales;
     const uint8_t *zero_points;
+    /* Float block minimums [N, n_blocks] (MatMulNBits' float zero points, as the value of
+     * code 0: w = q*scale + minimum), or NULL. With minimums the codes have zero point 0 and
+     * zero_points is NULL. */
+    const float *minimums;
     ea_isa isa;          /* ISA the weight was prepared for */
     void *packed;        /* owned SIMD repack (rows interleaved, scales fused), or NULL */
     size_t packed_bytes; /* bytes allocated by the repack (0 when in place) */
     int packed_f16;      /* the repack holds the scales as fp16 (every one is exact in fp16) */
+    int packed_min_f16;  /* the repack holds the minimums as fp16 (every one is exact in fp16) */
 } ea_qweight;
 
 /* Bytes of a MatMulNBits weight in the file layout: B [N, blocks, block_size * bits / 8],
@@ -117,6 +122,10 @@ static inline ea_qbytes ea_qweight_file_bytes(size_t N, size_t n_blocks, int blo
  * pointers must outlive the ea_qweight (the scalar path reads them). */
 int ea_qweight_init(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_size,
                     const uint8_t *data, const float *scales, const uint8_t *zero_points);
+/* The same with float block minimums [N, n_blocks] (borrowed, finite) instead of integer zero
+ * points: per block, y += sx*scale*dot(xq, q) + minimum * sx*sumx (ref/qmatmul.c). */
+int ea_qweight_init_min(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_size,
+                        const uint8_t *data, const float *scales, const float *minimums);
 void ea_qweight_release(ea_qweight *w);
 
 /* y[M, N] = MatMulNBits(x[M, K], w). M == 1 is the decode GEMV, M > 1 the
@@ -126,7 +135,7 @@ void ea_qweight_release(ea_qweight *w);
 int ea_qmatmul(ea_kctx *ctx, const ea_qweight *w, const float *x, int M, float *y);
 
 /* The same product at accuracy_level 0..3 (onnxruntime's CompFp32): float x
- * against (q - zero_point) * scale from the file layout, no activation
+ * against (q - zero_point) * scale, or fma(q, scale, minimum), from the file layout, no activation
  * rounding. Any isa; the weight needs no repack (prepare it as scalar). */
 int ea_qmatmul_f32act(ea_kctx *ctx, const ea_qweight *w, const float *x, int M, float *y);
 
@@ -223,7 +232,7 @@ typedef struct ea_qweight_cm {
  * OS offers them: isa.c); free() releases it. */
 void *ea_alloc_weights(size_t bytes);
 
-/* EA_KERR_ARG unless w is int4. */
+/* EA_KERR_ARG unless w is int4 without float minimums. */
 int ea_qweight_cm_init(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *w);
 /* One channel-major copy of the int4 weights ws[0..n_w) stacked along N (same
  * K, block size and zero-point presence, else EA_KERR_ARG): sibling matmuls
@@ -261,7 +270,8 @@ int ea_sparsify(const ea_kctx *ctx, const float *x, const float *thr, int thr_st
 
 /* Gated-FFN side: computes only the output rows rows[0..n_rows) (strictly
  * increasing) of MatMulNBits(x, w), M = 1, from the file row layout; other
- * entries of y are left untouched. Same values as ea_qmatmul's. */
+ * entries of y are left untouched. Same values as ea_qmatmul's. EA_KERR_ARG for a
+ * weight with float minimums. */
 int ea_qgemv_rows(ea_kctx *ctx, const ea_qweight *w, const float *x, const int32_t *rows, int n_rows,
                   float *y);
 

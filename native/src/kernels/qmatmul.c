@@ -23,12 +23,24 @@ int ea_scales_exact_in_f16(const float *s, size_t n) {
     return 1;
 }
 
+/* Eight floats at p, as fp16 when f16 (each value exact in fp16) */
+static void put8(uint8_t *p, const float v[EA_QROWS], int f16) {
+    if (f16) {
+        uint16_t h[EA_QROWS];
+        for (int lane = 0; lane < EA_QROWS; lane++) h[lane] = ea_f32_to_f16(v[lane]);
+        memcpy(p, h, sizeof h);
+    } else {
+        memcpy(p, v, sizeof(float) * EA_QROWS);
+    }
+}
+
 /* Interleaves EA_QROWS rows per group in 16-byte pieces and puts each
- * block's scales and zero points right after its data (layout: internal.h),
- * so a group streams as one sequence. */
+ * block's scales and zero points (or minimums) right after its data (layout:
+ * internal.h), so a group streams as one sequence. */
 static int repack(ea_qweight *w) {
     const size_t bpb = (size_t)w->block_size * (size_t)w->bits / 8, subs = bpb / 16;
     w->packed_f16 = ea_scales_exact_in_f16(w->scales, (size_t)w->N * w->n_blocks);
+    w->packed_min_f16 = w->minimums && ea_scales_exact_in_f16(w->minimums, (size_t)w->N * w->n_blocks);
     const size_t stride = ea_qpack_block_stride(w), zoff = ea_qpack_zp_offset(w);
     const int groups = (w->N + EA_QROWS - 1) / EA_QROWS;
     const size_t bytes = (size_t)groups * (size_t)w->n_blocks * stride;
@@ -37,22 +49,18 @@ static int repack(ea_qweight *w) {
     for (int g = 0; g < groups; g++) {
         for (int b = 0; b < w->n_blocks; b++) {
             uint8_t *blk = p + ((size_t)g * w->n_blocks + b) * stride;
-            float sc[EA_QROWS] = {0};
+            float sc[EA_QROWS] = {0}, mn[EA_QROWS] = {0};
             for (int lane = 0; lane < EA_QROWS; lane++) {
                 const int r = ea_qpack_lane_row(w->isa, lane), n = g * EA_QROWS + r;
-                if (n >= w->N) continue; /* padding rows stay zero with scale 0 */
+                if (n >= w->N) continue; /* padding rows stay zero with scale and minimum 0 */
                 const uint8_t *src = w->data + ((size_t)n * w->n_blocks + b) * bpb;
                 for (size_t j = 0; j < subs; j++) memcpy(blk + (j * EA_QROWS + r) * 16, src + j * 16, 16);
                 sc[lane] = w->scales[(size_t)n * w->n_blocks + b];
                 if (w->zero_points) blk[zoff + lane] = (uint8_t)ea_qweight_zp(w, n, b);
+                if (w->minimums) mn[lane] = w->minimums[(size_t)n * w->n_blocks + b];
             }
-            if (w->packed_f16) {
-                uint16_t h[EA_QROWS];
-                for (int lane = 0; lane < EA_QROWS; lane++) h[lane] = ea_f32_to_f16(sc[lane]);
-                memcpy(blk + EA_QROWS * bpb, h, sizeof h);
-            } else {
-                memcpy(blk + EA_QROWS * bpb, sc, sizeof sc);
-            }
+            put8(blk + EA_QROWS * bpb, sc, w->packed_f16);
+            if (w->minimums) put8(blk + zoff, mn, w->packed_min_f16);
         }
     }
     w->packed = p;
@@ -60,8 +68,8 @@ static int repack(ea_qweight *w) {
     return EA_KOK;
 }
 
-int ea_qweight_init(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_size,
-                    const uint8_t *data, const float *scales, const uint8_t *zero_points) {
+static int init(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_size, const uint8_t *data,
+                const float *scales, const uint8_t *zero_points, const float *minimums) {
     memset(w, 0, sizeof *w);
     if (!valid_shape(K, N, bits, block_size) || !data || !scales) return EA_KERR_ARG;
     if (!ea_isa_available(isa)) return EA_KERR_ISA_UNAVAILABLE;
@@ -73,8 +81,20 @@ int ea_qweight_init(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block
     w->data = data;
     w->scales = scales;
     w->zero_points = zero_points;
+    w->minimums = minimums;
     w->isa = isa;
     return ea_is_simd(isa) ? repack(w) : EA_KOK;
+}
+
+int ea_qweight_init(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_size,
+                    const uint8_t *data, const float *scales, const uint8_t *zero_points) {
+    return init(w, isa, K, N, bits, block_size, data, scales, zero_points, NULL);
+}
+
+int ea_qweight_init_min(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_size,
+                        const uint8_t *data, const float *scales, const float *minimums) {
+    if (!minimums) return memset(w, 0, sizeof *w), EA_KERR_ARG;
+    return init(w, isa, K, N, bits, block_size, data, scales, NULL, minimums);
 }
 
 void ea_qweight_release(ea_qweight *w) {
@@ -82,6 +102,7 @@ void ea_qweight_release(ea_qweight *w) {
     w->packed = NULL;
     w->packed_bytes = 0;
     w->packed_f16 = 0;
+    w->packed_min_f16 = 0;
 }
 
 int ea_quantize_act(ea_kctx *ctx, const float *x, int K, int block_size,

@@ -23,11 +23,10 @@ static float round_significand(float x, int bits) {
 /* Float zero points (MatMulNBits zero points of the scales' type; 4-bit, as onnxruntime's CPU
  * kernel): each block's minimum m = -zp*scale, rounded to 11 (fp16) or 17 significant bits when
  * every minimum of the weight is within one float32 ulp of such a value (converters/quantize.py's
- * block_minimums, the numpy reference). Stored block-major for run()'s add; the integer kernels
- * get zero points 0. */
+ * block_minimums, the numpy reference). The kernels take them as the weight's minimums
+ * (st->qmin, [N, n_blocks]): codes with zero point 0, plus minimum times the block's sum. */
 static int float_minimums(ea_planner *b, const onnx_node *nd, step *st, const onnx_tensor *Z, const float *scales,
-                          int N, int nb, int bits, int bs) {
-    (void)bs;
+                          int N, int nb, int bits) {
     if (bits != 4) NODE_FAIL("float zero_points '%s' need bits 4 (onnxruntime has none for 8-bit)", Z->name);
     if ((int64_t)ea_numel(Z) != (int64_t)N * nb)
         NODE_FAIL("float zero_points '%s' has %d elements, expected N x blocks = %lld", Z->name, ea_numel(Z),
@@ -35,8 +34,7 @@ static int float_minimums(ea_planner *b, const onnx_node *nd, step *st, const on
     const float *zf = (const float *)Z->data;
     const size_t n = (size_t)N * nb;
     st->qmin = malloc(n * sizeof(float));
-    st->qzero = calloc((size_t)N * ((nb + 1) / 2), 1);
-    if (!st->qmin || !st->qzero) NODE_FAIL("out of memory for the block minimums");
+    if (!st->qmin) NODE_FAIL("out of memory for the block minimums");
     int keep = 0; /* significant bits kept: 0 = all */
     static const int choices[2] = {11, 17};
     for (int c = 0; c < 2 && !keep; c++) {
@@ -49,40 +47,11 @@ static int float_minimums(ea_planner *b, const onnx_node *nd, step *st, const on
         }
         if (ok) keep = choices[c];
     }
-    for (int r = 0; r < N; r++)
-        for (int k = 0; k < nb; k++) {
-            const size_t i = (size_t)r * nb + k;
-            const float mn = -(zf[i] * scales[i]);
-            st->qmin[(size_t)k * N + r] = keep ? round_significand(mn, keep) : mn;
-        }
-    return 0;
-}
-
-/* Per row and block, the input's sum over the block (sums[rows][nb]), taken before the kernel
- * runs: the output may share the input's buffer. */
-static void block_sums(const step *st, const float *a, int rows, float *sums) {
-    const int K = st->K, bs = st->qw.block_size, nb = st->qw.n_blocks;
-    for (int r = 0; r < rows; r++)
-        for (int k = 0; k < nb; k++) {
-            const float *x = a + (size_t)r * K;
-            float sum = 0.0f;
-            const int k1 = (k + 1) * bs < K ? (k + 1) * bs : K;
-            for (int j = k * bs; j < k1; j++) sum += x[j];
-            sums[(size_t)r * nb + k] = sum;
-        }
-}
-
-/* y[rows, N] += per block b: sums[r][b] * qmin[b, :], in one fixed order (the same bits
- * whatever kernel ran the codes) */
-static void add_minimums(const step *st, const float *sums, float *y, int rows) {
-    const int N = st->N, nb = st->qw.n_blocks;
-    for (int r = 0; r < rows; r++) {
-        float *yr = y + (size_t)r * N;
-        for (int k = 0; k < nb; k++) {
-            const float sum = sums[(size_t)r * nb + k], *mn = st->qmin + (size_t)k * N;
-            for (int n = 0; n < N; n++) yr[n] += sum * mn[n];
-        }
+    for (size_t i = 0; i < n; i++) {
+        const float mn = -(zf[i] * scales[i]);
+        st->qmin[i] = keep ? round_significand(mn, keep) : mn;
     }
+    return 0;
 }
 
 static int plan(ea_planner *b, const onnx_node *nd, step *st) {
@@ -118,12 +87,13 @@ static int plan(ea_planner *b, const onnx_node *nd, step *st) {
                   (long long)(N * nb));
     const uint8_t *zp = NULL;
     size_t zp_bytes = 0;
+    const onnx_tensor *zfloat = NULL; /* read once here: the minimums are copied */
     if (zpv >= 0) {
         const onnx_tensor *Z = ea_need_const(b, nd, 3, zpv, 0, -1);
         if (!Z) return -1;
         if (Z->dtype == ONNX_FLOAT) {
-            if (float_minimums(b, nd, st, Z, (const float *)S->data, (int)N, nb, (int)bits, (int)bs)) return -1;
-            zp = st->qzero;
+            if (float_minimums(b, nd, st, Z, (const float *)S->data, (int)N, nb, (int)bits)) return -1;
+            zfloat = Z;
         } else {
             if (Z->dtype != ONNX_UINT8)
                 NODE_FAIL("zero_points '%s' must be uint8 or float32 (the scales' type)", Z->name);
@@ -139,8 +109,11 @@ static int plan(ea_planner *b, const onnx_node *nd, step *st) {
     /* accuracy_level 4 lets activations be rounded to int8 (the fast SIMD path); below it the
      * file asks for float activations, computed from the file layout in place */
     st->f32act = acc < 4;
-    int rc = ea_qweight_init(&st->qw, st->f32act ? EA_ISA_SCALAR : m->isa, (int)K, (int)N, (int)bits, (int)bs,
-                             B->data, (const float *)S->data, zp);
+    const ea_isa isa = st->f32act ? EA_ISA_SCALAR : m->isa;
+    int rc = st->qmin ? ea_qweight_init_min(&st->qw, isa, (int)K, (int)N, (int)bits, (int)bs, B->data,
+                                            (const float *)S->data, st->qmin)
+                      : ea_qweight_init(&st->qw, isa, (int)K, (int)N, (int)bits, (int)bs, B->data,
+                                        (const float *)S->data, zp);
     if (rc) NODE_FAIL("cannot prepare the weight: %s", ea_kernels_strerror(rc));
     st->qw_ready = 1;
     m->bytes_repacked += st->qw.packed_bytes;
@@ -149,10 +122,11 @@ static int plan(ea_planner *b, const onnx_node *nd, step *st) {
         ea_release_pages(m, S->data, S->nbytes);
         if (zp) ea_release_pages(m, zp, zp_bytes);
     }
+    if (zfloat) ea_release_pages(m, zfloat->data, zfloat->nbytes);
     st->op = OP_QMATMUL;
     st->K = (int)K;
     st->N = (int)N;
-    st->weight_bytes = (uint64_t)want_b + S->nbytes + zp_bytes + (st->qmin ? (uint64_t)N * nb * sizeof(float) : 0);
+    st->weight_bytes = (uint64_t)want_b + S->nbytes + zp_bytes + (zfloat ? zfloat->nbytes : 0);
     if (ea_only_outputs(b, nd, 1)) return -1;
     st->out = ea_add_output(b, nd, 0, V_ACT, ONNX_FLOAT, st->N, si);
     return st->out < 0 ? -1 : 0;
@@ -167,17 +141,7 @@ static int run(ea_exec *x) {
     }
     int rc;
     if ((st->sparse_src || st->row_src || st->rowsel_src) && ea_sparse_matmul(x, a, &rc)) return rc;
-    float local[512], *sums = NULL;
-    if (st->qmin) {
-        const size_t n = (size_t)x->rows * st->qw.n_blocks;
-        sums = n <= 512 ? local : malloc(n * sizeof(float));
-        if (!sums) return EA_KERR_NOMEM;
-        block_sums(st, a, x->rows, sums);
-    }
-    rc = (st->f32act ? ea_qmatmul_f32act : ea_qmatmul)(&x->ss->kctx, &st->qw, a, x->rows, x->y);
-    if (rc == 0 && sums) add_minimums(st, sums, x->y, x->rows);
-    if (sums != local) free(sums);
-    return rc;
+    return (st->f32act ? ea_qmatmul_f32act : ea_qmatmul)(&x->ss->kctx, &st->qw, a, x->rows, x->y);
 }
 
 const ea_op ea_op_matmul_nbits = {"com.microsoft", "MatMulNBits", plan, run, 0};

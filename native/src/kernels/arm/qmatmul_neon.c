@@ -41,10 +41,10 @@ static inline void store_group(float *y, int N, int m, int n, float32x4_t v0, fl
 }
 
 /* One row of x against one group of EA_QROWS rows (lanes in row order);
- * BS, BITS, DP constant at call sites. */
+ * BS, BITS, DP and MIN (float minimums, fp16 when mf16) constant at call sites. */
 static inline __attribute__((always_inline)) void
-group_row(const uint8_t *gp, size_t stride, int nb, int has_zp, int f16, const ea_qact *a, int m,
-          int BS, int BITS, int DP, float32x4_t acc[2]) {
+group_row(const uint8_t *gp, size_t stride, int nb, int has_zp, int f16, int mf16, const ea_qact *a, int m,
+          int BS, int BITS, int DP, int MIN, float32x4_t acc[2]) {
     const int kp = nb * BS, bpb = BS * BITS / 8, subs = bpb / 16;
     const int8_t *x = a->xq + (size_t)m * kp;
     const int32x4_t off = vdupq_n_s32(BITS == 8 ? 128 : 0);
@@ -73,6 +73,9 @@ group_row(const uint8_t *gp, size_t stride, int nb, int has_zp, int f16, const e
         const uint8_t *sw = p + EA_QROWS * bpb;
         const float32x4_t sx = vdupq_n_f32(a->sx[(size_t)m * nb + b]);
         const int32x4_t sumx = vdupq_n_s32(a->sumx[(size_t)m * nb + b]);
+        /* minimum * sx*sumx (ref/qmatmul.c) */
+        const float32x4_t xs = vdupq_n_f32(MIN ? a->sx[(size_t)m * nb + b] * (float)a->sumx[(size_t)m * nb + b] : 0.0f);
+        const uint8_t *mn = p + EA_QROWS * (bpb + ea_qpack_scale_size(f16));
         for (int h = 0; h < 2; h++) {
             int32x4_t idot = vpaddq_s32(vpaddq_s32(d[4 * h], d[4 * h + 1]), vpaddq_s32(d[4 * h + 2], d[4 * h + 3]));
             int32x4_t zp;
@@ -81,17 +84,18 @@ group_row(const uint8_t *gp, size_t stride, int nb, int has_zp, int f16, const e
                 const int32_t zz[4] = {z[0], z[1], z[2], z[3]};
                 zp = vld1q_s32(zz);
             } else {
-                zp = vdupq_n_s32(BITS == 4 ? 8 : 128);
+                zp = vdupq_n_s32(MIN ? 0 : BITS == 4 ? 8 : 128);
             }
             idot = vmlaq_s32(idot, vsubq_s32(off, zp), sumx); /* + (off - zp) * sumx */
             const float32x4_t s = vmulq_f32(sx, ea_load4_scales(sw + 4 * h * ea_qpack_scale_size(f16), f16));
             acc[h] = vfmaq_f32(acc[h], s, vcvtq_f32_s32(idot));
+            if (MIN) acc[h] = vfmaq_f32(acc[h], ea_load4_scales(mn + 4 * h * ea_qpack_scale_size(mf16), mf16), xs);
         }
     }
 }
 
 static inline __attribute__((always_inline)) void
-groups_impl(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1, int BS, int BITS, int DP) {
+groups_impl(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1, int BS, int BITS, int DP, int MIN) {
     const size_t stride = ea_qpack_block_stride(w);
     const int nb = w->n_blocks, has_zp = w->zero_points != NULL;
     for (int g = g0; g < g1; g++) {
@@ -99,33 +103,35 @@ groups_impl(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1, int
         /* the group (n_blocks * stride bytes) stays in L1 across the rows of x */
         for (int m = 0; m < a->M; m++) {
             float32x4_t acc[2];
-            group_row(gp, stride, nb, has_zp, w->packed_f16, a, m, BS, BITS, DP, acc);
+            group_row(gp, stride, nb, has_zp, w->packed_f16, w->packed_min_f16, a, m, BS, BITS, DP, MIN, acc);
             store_group(y, w->N, m, g * EA_QROWS, acc[0], acc[1]);
         }
     }
 }
 
+#define GROUPS_BY_SHAPE_MIN(DP, MIN)                                     \
+    switch (w->bits * 1000 + w->block_size) {                            \
+    case 4032: groups_impl(w, a, y, g0, g1, 32, 4, DP, MIN); break;      \
+    case 4064: groups_impl(w, a, y, g0, g1, 64, 4, DP, MIN); break;      \
+    case 4128: groups_impl(w, a, y, g0, g1, 128, 4, DP, MIN); break;     \
+    case 8032: groups_impl(w, a, y, g0, g1, 32, 8, DP, MIN); break;      \
+    case 8064: groups_impl(w, a, y, g0, g1, 64, 8, DP, MIN); break;      \
+    default: groups_impl(w, a, y, g0, g1, 128, 8, DP, MIN); break;       \
+    }
+#define GROUPS_BY_SHAPE(DP)                                              \
+    if (w->minimums) {                                                   \
+        GROUPS_BY_SHAPE_MIN(DP, 1)                                       \
+    } else {                                                             \
+        GROUPS_BY_SHAPE_MIN(DP, 0)                                       \
+    }
+
 EA_TARGET_DOTPROD static void groups_dotprod(const ea_qweight *w, const ea_qact *a,
                                                                float *y, int g0, int g1) {
-    switch (w->bits * 1000 + w->block_size) {
-    case 4032: groups_impl(w, a, y, g0, g1, 32, 4, 1); break;
-    case 4064: groups_impl(w, a, y, g0, g1, 64, 4, 1); break;
-    case 4128: groups_impl(w, a, y, g0, g1, 128, 4, 1); break;
-    case 8032: groups_impl(w, a, y, g0, g1, 32, 8, 1); break;
-    case 8064: groups_impl(w, a, y, g0, g1, 64, 8, 1); break;
-    default: groups_impl(w, a, y, g0, g1, 128, 8, 1); break;
-    }
+    GROUPS_BY_SHAPE(1)
 }
 
 static void groups_plain(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) {
-    switch (w->bits * 1000 + w->block_size) {
-    case 4032: groups_impl(w, a, y, g0, g1, 32, 4, 0); break;
-    case 4064: groups_impl(w, a, y, g0, g1, 64, 4, 0); break;
-    case 4128: groups_impl(w, a, y, g0, g1, 128, 4, 0); break;
-    case 8032: groups_impl(w, a, y, g0, g1, 32, 8, 0); break;
-    case 8064: groups_impl(w, a, y, g0, g1, 64, 8, 0); break;
-    default: groups_impl(w, a, y, g0, g1, 128, 8, 0); break;
-    }
+    GROUPS_BY_SHAPE(0)
 }
 
 void ea_qmatmul_neon(const ea_qweight *w, const ea_qact *a, float *y, int n0, int n1) {

@@ -1,5 +1,5 @@
 /* Scalar references of the float kernels: fp16 conversion, float MatMul, one attention row,
- * SiLU, and accuracy_level 0..3's dequantized row and dot product. */
+ * SiLU, GELU, and accuracy_level 0..3's dequantized row and dot product. */
 #include <math.h>
 #include <string.h>
 
@@ -107,11 +107,44 @@ void ea_attention_row_scalar(const float *q, const float *kc, const float *vc, i
     for (int i = 0; i < hd; i++) out[i] *= inv;
 }
 
-/* GELU, tanh form (Gemma's gelu_pytorch_tanh), with libm's tanhf. */
+/* e^x for x <= 0, the SIMD kernels' polynomial operation for operation (x86/vecmath_avx2.h
+ * exp_neg): x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor polynomial of e^r (relative error
+ * ~2e-7) by fused multiply-adds, times 2^n; x clamped at -87 (a NaN x too, as the SIMD max). */
+static float exp_neg_ref(float x) {
+    x = fmaxf(x, -87.0f);
+    const float n = rintf(x * 1.44269504088896341f);
+    float r = fmaf(-n, 0.693359375f, x);
+    r = fmaf(-n, -2.12194440e-4f, r);
+    float p = 1.0f / 720;
+    p = fmaf(p, r, 1.0f / 120);
+    p = fmaf(p, r, 1.0f / 24);
+    p = fmaf(p, r, 1.0f / 6);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    const int32_t bits = ((int32_t)n + 127) * (1 << 23);
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* GELU, tanh form (Gemma's gelu_pytorch_tanh): the specification every SIMD variant gives bit
+ * for bit, one rounding per statement (no contraction but the explicit fmaf):
+ * tanh(z) = sign(z) (1 - e) / (1 + e) with e = exp(-2|z|). */
 void ea_gelu_tanh_scalar(const float *x, size_t n, float *y) {
     for (size_t i = 0; i < n; i++) {
         const float v = x[i];
-        y[i] = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+        const float kv = 0.044715f * v;
+        const float vv = v * v;
+        const float z = 0.7978845608028654f * fmaf(kv, vv, v);
+        const float az = fabsf(z);
+        const float e = exp_neg_ref(-2.0f * az);
+        const float num = 1.0f - e;
+        const float den = 1.0f + e;
+        const float t = copysignf(num / den, z);
+        const float hv = 0.5f * v;
+        const float s = 1.0f + t;
+        y[i] = hv * s;
     }
 }
 
@@ -125,10 +158,12 @@ void ea_dequant_row_scalar(const ea_qweight *w, int n, float *wf) {
     for (int b = 0; b < nb; b++) {
         const float s = w->scales[(size_t)n * nb + b];
         const int zp = ea_qweight_zp(w, n, b);
+        const float mn = w->minimums ? w->minimums[(size_t)n * nb + b] : 0.0f;
         for (int i = 0; i < bs; i++) {
             const size_t k = row + (size_t)b * bs + i;
             const int q = w->bits == 8 ? w->data[k] : (k & 1) ? w->data[k / 2] >> 4 : w->data[k / 2] & 15;
-            wf[b * bs + i] = (float)(q - zp) * s;
+            /* float minimums: q*scale + minimum rounded once */
+            wf[b * bs + i] = w->minimums ? fmaf((float)q, s, mn) : (float)(q - zp) * s;
         }
     }
 }

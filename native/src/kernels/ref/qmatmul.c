@@ -2,7 +2,12 @@
  * kernels match bit for bit): activation quantization and rows of the product. Per output
  * (m, n): acc = 0; for each block b: acc = fma(sx[m,b] * sw[n,b], (float)idot, acc), with
  * idot = sum_k xq*wq - zp*sumx[m,b] exact in int32, so any lane order inside a block gives the
- * same bits. */
+ * same bits.
+ * Float minimums (zp 0): then acc = fma(mn[n,b], sx[m,b] * (float)sumx[m,b], acc), the
+ * minimum times the block sum of the quantized activations, as llama.cpp's Q4_1 x Q8_1 dot:
+ * the block's weights q*sw + mn against the int8 activations, which is what the codes' term
+ * already assumes (a float sum of x would mix rounded and unrounded activations, and cost
+ * another pass over x). */
 #include <float.h>
 #include <math.h>
 #include <string.h>
@@ -68,6 +73,9 @@ void ea_qmatmul_rows_scalar(const ea_qweight *w, const ea_qact *a, float *y, int
                 dot -= ea_qweight_zp(w, n, b) * a->sumx[(size_t)m * nb + b];
                 const float s = a->sx[(size_t)m * nb + b] * w->scales[(size_t)n * nb + b];
                 acc = fmaf(s, (float)dot, acc);
+                if (w->minimums)
+                    acc = fmaf(w->minimums[(size_t)n * nb + b],
+                               a->sx[(size_t)m * nb + b] * (float)a->sumx[(size_t)m * nb + b], acc);
             }
             y[(size_t)m * w->N + n] = acc;
         }

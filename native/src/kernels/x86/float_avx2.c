@@ -1,6 +1,6 @@
 /* AVX2 float kernels: one attention row, SiLU, float MatMul columns, fp16 rows, and
- * accuracy_level 0..3's dequantized row and dot product (contracts: their scalar
- * references in ref/float.c).
+ * accuracy_level 0..3's dequantized row and dot product, GELU (AVX2 and AVX-512; contracts:
+ * their scalar references in ref/float.c).
  *
  * Attention of one query row over L cached positions.
  *
@@ -180,7 +180,8 @@ AVX2 void ea_silu_mul_avx2(const float *g, const float *u, size_t n, float *y) {
 }
 
 /* ---- GELU, tanh form ---- */
-/* tanh(z) = sign(z) (1 - e) / (1 + e) with e = exp(-2|z|), exp_neg's domain. */
+/* ea_gelu_tanh_scalar's operations: tanh(z) = sign(z) (1 - e) / (1 + e) with e = exp(-2|z|),
+ * exp_neg's domain. */
 AVX2 void ea_gelu_tanh_avx2(const float *x, size_t n, float *y) {
     const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f), sign = _mm256_set1_ps(-0.0f);
     const __m256 c = _mm256_set1_ps(0.7978845608028654f), k = _mm256_set1_ps(0.044715f), m2 = _mm256_set1_ps(-2.0f);
@@ -190,10 +191,46 @@ AVX2 void ea_gelu_tanh_avx2(const float *x, size_t n, float *y) {
         const __m256 z = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k, v), _mm256_mul_ps(v, v), v));
         const __m256 e = exp_neg(_mm256_mul_ps(m2, _mm256_andnot_ps(sign, z)));
         const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
-        const __m256 tz = _mm256_or_ps(t, _mm256_and_ps(sign, z)); /* tanh(|z|) with z's sign */
+        const __m256 tz = _mm256_or_ps(t, _mm256_and_ps(sign, z)); /* t >= +0: z's sign */
         _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, tz)));
     }
     ea_gelu_tanh_scalar(x + i, n - i, y + i);
+}
+
+/* The same on zmm registers (AVX512F), exp_neg's steps 16 lanes wide. */
+#define AVX512F __attribute__((target("avx512f,avx2,fma")))
+AVX512F static inline __m512 exp_neg16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+AVX512F void ea_gelu_tanh_avx512(const float *x, size_t n, float *y) {
+    const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f), m2 = _mm512_set1_ps(-2.0f);
+    const __m512 c = _mm512_set1_ps(0.7978845608028654f), k = _mm512_set1_ps(0.044715f);
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        const __m512 z = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(k, v), _mm512_mul_ps(v, v), v));
+        const __m512i zi = _mm512_castps_si512(z);
+        const __m512 e = exp_neg16(_mm512_mul_ps(m2, _mm512_castsi512_ps(_mm512_andnot_si512(sign, zi))));
+        const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+        const __m512 tz = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), _mm512_and_si512(sign, zi)));
+        _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, tz)));
+    }
+    ea_gelu_tanh_avx2(x + i, n - i, y + i);
 }
 
 /* ---- float MatMul and fp16 rows ---- */
@@ -253,31 +290,34 @@ F16C_AVX2 void ea_matmul_f16_avx2(const float *x, int M, int K, const uint16_t *
 }
 
 /* ---- accuracy_level 0..3 ---- */
-AVX2 static inline void store8(float *dst, __m128i bytes8, __m256i zp, __m256 s) {
-    const __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes8), zp);
-    _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_cvtepi32_ps(q), s));
+/* (q - zp) * s, or with float minimums (zp 0) fma(q, s, mn): ea_dequant_row_scalar's bits */
+AVX2 static inline void store8(float *dst, __m128i bytes8, __m256i zp, __m256 s, int has_min, __m256 mn) {
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes8), zp));
+    _mm256_storeu_ps(dst, has_min ? _mm256_fmadd_ps(q, s, mn) : _mm256_mul_ps(q, s));
 }
 
 AVX2 void ea_dequant_row_avx2(const ea_qweight *w, int n, float *wf) {
-    const int bs = w->block_size, nb = w->n_blocks;
+    const int bs = w->block_size, nb = w->n_blocks, hm = w->minimums != NULL;
     const uint8_t *src = w->data + (size_t)n * nb * bs * w->bits / 8;
     const __m128i low4 = _mm_set1_epi8(0x0F);
     for (int b = 0; b < nb; b++) {
         const __m256 s = _mm256_set1_ps(w->scales[(size_t)n * nb + b]);
         const __m256i zp = _mm256_set1_epi32(ea_qweight_zp(w, n, b));
+        const __m256 mn = _mm256_set1_ps(hm ? w->minimums[(size_t)n * nb + b] : 0.0f);
         float *dst = wf + (size_t)b * bs;
         if (w->bits == 8) {
-            for (int i = 0; i < bs; i += 8) store8(dst + i, _mm_loadl_epi64((const __m128i *)(src + b * bs + i)), zp, s);
+            for (int i = 0; i < bs; i += 8)
+                store8(dst + i, _mm_loadl_epi64((const __m128i *)(src + b * bs + i)), zp, s, hm, mn);
             continue;
         }
         for (int i = 0; i < bs; i += 32) { /* 16 bytes = 32 nibbles, element 2j low, 2j+1 high */
             const __m128i v = _mm_loadu_si128((const __m128i *)(src + (b * bs + i) / 2));
             const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
             const __m128i e0 = _mm_unpacklo_epi8(lo, hi), e1 = _mm_unpackhi_epi8(lo, hi); /* natural order */
-            store8(dst + i, e0, zp, s);
-            store8(dst + i + 8, _mm_srli_si128(e0, 8), zp, s);
-            store8(dst + i + 16, e1, zp, s);
-            store8(dst + i + 24, _mm_srli_si128(e1, 8), zp, s);
+            store8(dst + i, e0, zp, s, hm, mn);
+            store8(dst + i + 8, _mm_srli_si128(e0, 8), zp, s, hm, mn);
+            store8(dst + i + 16, e1, zp, s, hm, mn);
+            store8(dst + i + 24, _mm_srli_si128(e1, 8), zp, s, hm, mn);
         }
     }
 }

@@ -28,17 +28,18 @@ AVX2 static inline __m256i bcast16(const int8_t *p) {
 }
 
 /* MT rows of x (1 or 2) against one group of EA_QROWS weight rows over all
- * blocks; BS and BITS are compile-time constants at each call site so the
- * loops unroll. Each 32-byte load holds 16 bytes of two rows; the
- * activations are broadcast to both halves. */
+ * blocks; BS, BITS and MIN (float minimums, fp16 when mf16) are compile-time
+ * constants at each call site so the loops unroll and the integer-zero-point
+ * code has no trace of the minimums. Each 32-byte load holds 16 bytes of two
+ * rows; the activations are broadcast to both halves. */
 AVX2 static inline __attribute__((always_inline)) void group_rows(const uint8_t *gp, size_t stride, int nb, int has_zp,
-                                   int f16, const ea_qact *a, int m0, int MT, int BS, int BITS, int VNNI,
-                                   __m256 acc[2]) {
+                                   int f16, int mf16, const ea_qact *a, int m0, int MT, int BS, int BITS, int VNNI,
+                                   int MIN, __m256 acc[2]) {
     const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
     const int kp = nb * BS, bpb = BS * BITS / 8, subs = bpb / 16;
     const int8_t *xr[2] = {a->xq + (size_t)m0 * kp, a->xq + (size_t)(m0 + (MT > 1)) * kp};
     const __m256i off = _mm256_set1_epi32(BITS == 8 ? 128 : 0);
-    const __m256i zp_sym = _mm256_set1_epi32(BITS == 4 ? 8 : 128);
+    const __m256i zp_sym = _mm256_set1_epi32(MIN ? 0 : BITS == 4 ? 8 : 128);
     acc[0] = acc[1] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *p = gp + (size_t)b * stride;
@@ -83,11 +84,14 @@ AVX2 static inline __attribute__((always_inline)) void group_rows(const uint8_t 
         const __m256i zp = has_zp ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + EA_QROWS * (bpb + ea_qpack_scale_size(f16)))))
                                   : zp_sym;
         const __m256i corr = _mm256_sub_epi32(off, zp); /* idot = dot + (off - zp) * sumx */
+        const __m256 mn = MIN ? ea_load8_scales(p + EA_QROWS * (bpb + ea_qpack_scale_size(f16)), mf16) : _mm256_setzero_ps();
         for (int t = 0; t < MT; t++) {
             const size_t mb = (size_t)(m0 + t) * nb + b;
             const __m256i idot = _mm256_add_epi32(hsum8(d[t]), _mm256_mullo_epi32(corr, _mm256_set1_epi32(a->sumx[mb])));
             const __m256 s = _mm256_mul_ps(_mm256_set1_ps(a->sx[mb]), sw);
             acc[t] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(idot), acc[t]);
+            if (MIN) /* + minimum * sx*sumx (ref/qmatmul.c) */
+                acc[t] = _mm256_fmadd_ps(mn, _mm256_set1_ps(a->sx[mb] * (float)a->sumx[mb]), acc[t]);
         }
     }
 }
@@ -103,7 +107,7 @@ AVX2 static void store_group(float *y, int N, int m, int g, __m256 v) {
 }
 
 AVX2 static inline __attribute__((always_inline)) void groups_impl(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1,
-                                    int BS, int BITS, int VNNI) {
+                                    int BS, int BITS, int VNNI, int MIN) {
     const size_t stride = ea_qpack_block_stride(w);
     const int nb = w->n_blocks, has_zp = w->zero_points != NULL;
     for (int g = g0; g < g1; g++) {
@@ -112,25 +116,31 @@ AVX2 static inline __attribute__((always_inline)) void groups_impl(const ea_qwei
         int m = 0;
         __m256 acc[2];
         for (; m + 2 <= a->M; m += 2) {
-            group_rows(gp, stride, nb, has_zp, w->packed_f16, a, m, 2, BS, BITS, VNNI, acc);
+            group_rows(gp, stride, nb, has_zp, w->packed_f16, w->packed_min_f16, a, m, 2, BS, BITS, VNNI, MIN, acc);
             store_group(y, w->N, m, g, acc[0]);
             store_group(y, w->N, m + 1, g, acc[1]);
         }
         if (m < a->M) {
-            group_rows(gp, stride, nb, has_zp, w->packed_f16, a, m, 1, BS, BITS, VNNI, acc);
+            group_rows(gp, stride, nb, has_zp, w->packed_f16, w->packed_min_f16, a, m, 1, BS, BITS, VNNI, MIN, acc);
             store_group(y, w->N, m, g, acc[0]);
         }
     }
 }
 
-#define GROUPS_BY_SHAPE(V)                                               \
+#define GROUPS_BY_SHAPE_MIN(V, MIN)                                      \
     switch (w->bits * 1000 + w->block_size) {                            \
-    case 4032: groups_impl(w, a, y, g0, g1, 32, 4, V); break;            \
-    case 4064: groups_impl(w, a, y, g0, g1, 64, 4, V); break;            \
-    case 4128: groups_impl(w, a, y, g0, g1, 128, 4, V); break;           \
-    case 8032: groups_impl(w, a, y, g0, g1, 32, 8, V); break;            \
-    case 8064: groups_impl(w, a, y, g0, g1, 64, 8, V); break;            \
-    default: groups_impl(w, a, y, g0, g1, 128, 8, V); break;             \
+    case 4032: groups_impl(w, a, y, g0, g1, 32, 4, V, MIN); break;       \
+    case 4064: groups_impl(w, a, y, g0, g1, 64, 4, V, MIN); break;       \
+    case 4128: groups_impl(w, a, y, g0, g1, 128, 4, V, MIN); break;      \
+    case 8032: groups_impl(w, a, y, g0, g1, 32, 8, V, MIN); break;       \
+    case 8064: groups_impl(w, a, y, g0, g1, 64, 8, V, MIN); break;       \
+    default: groups_impl(w, a, y, g0, g1, 128, 8, V, MIN); break;        \
+    }
+#define GROUPS_BY_SHAPE(V)                                               \
+    if (w->minimums) {                                                   \
+        GROUPS_BY_SHAPE_MIN(V, 1)                                        \
+    } else {                                                             \
+        GROUPS_BY_SHAPE_MIN(V, 0)                                        \
     }
 
 AVX2 static void groups_plain(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) {

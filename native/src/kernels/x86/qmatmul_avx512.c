@@ -27,10 +27,11 @@ AVX512 static inline __m256i reduce8(__m512i d0, __m512i d1) {
     return _mm512_castsi512_si256(_mm512_permutexvar_epi32(idx, s));
 }
 
-/* MT rows of x against one group of EA_QROWS int4 rows over all blocks. */
+/* MT rows of x against one group of EA_QROWS int4 rows over all blocks; MIN (float minimums,
+ * fp16 when mf16) is a compile-time constant, as in the AVX2 kernel. */
 AVX512 static inline __attribute__((always_inline)) void group_rows(const uint8_t *gp, size_t stride, int nb,
-                                                                    int has_zp, int f16, const ea_qact *a, int m0, int MT,
-                                                                    int BS, __m256 acc[4]) {
+                                                                    int has_zp, int f16, int mf16, const ea_qact *a,
+                                                                    int m0, int MT, int BS, int MIN, __m256 acc[4]) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     const int kp = nb * BS, bpb = BS / 2, subs = bpb / 16;
     const int8_t *xr[4];
@@ -38,7 +39,7 @@ AVX512 static inline __attribute__((always_inline)) void group_rows(const uint8_
         xr[t] = a->xq + (size_t)(m0 + t) * kp;
         acc[t] = _mm256_setzero_ps();
     }
-    const __m256i zp_sym = _mm256_set1_epi32(8);
+    const __m256i zp_sym = _mm256_set1_epi32(MIN ? 0 : 8);
     for (int b = 0; b < nb; b++) {
         const uint8_t *p = gp + (size_t)b * stride;
         for (size_t o = 0; o < stride; o += 64) __builtin_prefetch(p + EA_QPREFETCH + o, 0, 3);
@@ -61,12 +62,15 @@ AVX512 static inline __attribute__((always_inline)) void group_rows(const uint8_
         const __m256i zp = has_zp ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + EA_QROWS * (bpb + ea_qpack_scale_size(f16)))))
                                   : zp_sym;
         const __m256i corr = _mm256_sub_epi32(_mm256_setzero_si256(), zp); /* idot = dot - zp * sumx */
+        const __m256 mn = MIN ? ea_load8_scales(p + EA_QROWS * (bpb + ea_qpack_scale_size(f16)), mf16) : _mm256_setzero_ps();
         for (int t = 0; t < MT; t++) {
             const size_t mb = (size_t)(m0 + t) * nb + b;
             const __m256i idot = _mm256_add_epi32(reduce8(d[t][0], d[t][1]),
                                                   _mm256_mullo_epi32(corr, _mm256_set1_epi32(a->sumx[mb])));
             const __m256 s = _mm256_mul_ps(_mm256_set1_ps(a->sx[mb]), sw);
             acc[t] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(idot), acc[t]);
+            if (MIN) /* + minimum * sx*sumx (ref/qmatmul.c) */
+                acc[t] = _mm256_fmadd_ps(mn, _mm256_set1_ps(a->sx[mb] * (float)a->sumx[mb]), acc[t]);
         }
     }
 }
@@ -75,11 +79,11 @@ AVX512 static inline __attribute__((always_inline)) void group_rows(const uint8_
  * the core streams two sequences (more lines in flight than one prefetched
  * stream keeps). Same integers and fma order per row as group_rows. */
 AVX512 static inline __attribute__((always_inline)) void group_pair_m1(const uint8_t *gA, const uint8_t *gB, size_t stride,
-                                                                       int nb, int has_zp, int f16, const ea_qact *a,
-                                                                       int BS, __m256 acc[2]) {
+                                                                       int nb, int has_zp, int f16, int mf16,
+                                                                       const ea_qact *a, int BS, int MIN, __m256 acc[2]) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     const int bpb = BS / 2, subs = bpb / 16;
-    const __m256i zp_sym = _mm256_set1_epi32(8);
+    const __m256i zp_sym = _mm256_set1_epi32(MIN ? 0 : 8);
     acc[0] = acc[1] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *ps[2] = {gA + (size_t)b * stride, gB + (size_t)b * stride};
@@ -102,6 +106,7 @@ AVX512 static inline __attribute__((always_inline)) void group_pair_m1(const uin
         }
         const __m256 sx = _mm256_set1_ps(a->sx[b]);
         const __m256i sumx = _mm256_set1_epi32(a->sumx[b]);
+        const __m256 xs = _mm256_set1_ps(MIN ? a->sx[b] * (float)a->sumx[b] : 0.0f);
         for (int g = 0; g < 2; g++) {
             const __m256 sw = ea_load8_scales(ps[g] + EA_QROWS * bpb, f16);
             const __m256i zp = has_zp ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ps[g] + EA_QROWS * (bpb + ea_qpack_scale_size(f16)))))
@@ -109,6 +114,9 @@ AVX512 static inline __attribute__((always_inline)) void group_pair_m1(const uin
             const __m256i corr = _mm256_sub_epi32(_mm256_setzero_si256(), zp);
             const __m256i idot = _mm256_add_epi32(reduce8(d[g][0], d[g][1]), _mm256_mullo_epi32(corr, sumx));
             acc[g] = _mm256_fmadd_ps(_mm256_mul_ps(sx, sw), _mm256_cvtepi32_ps(idot), acc[g]);
+            if (MIN)
+                acc[g] = _mm256_fmadd_ps(ea_load8_scales(ps[g] + EA_QROWS * (bpb + ea_qpack_scale_size(f16)), mf16), xs,
+                                         acc[g]);
         }
     }
 }
@@ -126,16 +134,16 @@ AVX512 static void store_rows(float *y, int N, int m0, int MT, int g, const __m2
 }
 
 AVX512 static inline __attribute__((always_inline)) void groups_impl(const ea_qweight *w, const ea_qact *a, float *y,
-                                                                     int g0, int g1, int BS) {
+                                                                     int g0, int g1, int BS, int MIN) {
     const size_t stride = ea_qpack_block_stride(w);
-    const int nb = w->n_blocks, has_zp = w->zero_points != NULL;
+    const int nb = w->n_blocks, has_zp = w->zero_points != NULL, f16 = w->packed_f16, mf16 = w->packed_min_f16;
     __m256 acc[4];
     if (a->M == 1) {
         const int h = (g1 - g0) / 2;
         for (int g = g0; g < g0 + h; g++) {
             group_pair_m1((const uint8_t *)w->packed + (size_t)g * nb * stride,
-                          (const uint8_t *)w->packed + (size_t)(g + h) * nb * stride, stride, nb, has_zp, w->packed_f16, a,
-                          BS, acc);
+                          (const uint8_t *)w->packed + (size_t)(g + h) * nb * stride, stride, nb, has_zp, f16, mf16, a,
+                          BS, MIN, acc);
             store_rows(y, w->N, 0, 1, g, &acc[0]);
             store_rows(y, w->N, 0, 1, g + h, &acc[1]);
         }
@@ -145,23 +153,27 @@ AVX512 static inline __attribute__((always_inline)) void groups_impl(const ea_qw
         const uint8_t *gp = (const uint8_t *)w->packed + (size_t)g * nb * stride;
         int m = 0;
         for (; m + 4 <= a->M; m += 4) {
-            group_rows(gp, stride, nb, has_zp, w->packed_f16, a, m, 4, BS, acc);
+            group_rows(gp, stride, nb, has_zp, f16, mf16, a, m, 4, BS, MIN, acc);
             store_rows(y, w->N, m, 4, g, acc);
         }
         switch (a->M - m) { /* the group stays in L1 for the tail rows */
-        case 3: group_rows(gp, stride, nb, has_zp, w->packed_f16, a, m, 3, BS, acc); store_rows(y, w->N, m, 3, g, acc); break;
-        case 2: group_rows(gp, stride, nb, has_zp, w->packed_f16, a, m, 2, BS, acc); store_rows(y, w->N, m, 2, g, acc); break;
-        case 1: group_rows(gp, stride, nb, has_zp, w->packed_f16, a, m, 1, BS, acc); store_rows(y, w->N, m, 1, g, acc); break;
+        case 3: group_rows(gp, stride, nb, has_zp, f16, mf16, a, m, 3, BS, MIN, acc); store_rows(y, w->N, m, 3, g, acc); break;
+        case 2: group_rows(gp, stride, nb, has_zp, f16, mf16, a, m, 2, BS, MIN, acc); store_rows(y, w->N, m, 2, g, acc); break;
+        case 1: group_rows(gp, stride, nb, has_zp, f16, mf16, a, m, 1, BS, MIN, acc); store_rows(y, w->N, m, 1, g, acc); break;
         default: break;
         }
     }
 }
 
 AVX512 void ea_qmatmul_groups_avx512(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) {
-    switch (w->block_size) {
-    case 32: groups_impl(w, a, y, g0, g1, 32); break;
-    case 64: groups_impl(w, a, y, g0, g1, 64); break;
-    default: groups_impl(w, a, y, g0, g1, 128); break;
+    const int mins = w->minimums != NULL;
+    switch (w->block_size * 2 + mins) {
+    case 64: groups_impl(w, a, y, g0, g1, 32, 0); break;
+    case 128: groups_impl(w, a, y, g0, g1, 64, 0); break;
+    case 256: groups_impl(w, a, y, g0, g1, 128, 0); break;
+    case 65: groups_impl(w, a, y, g0, g1, 32, 1); break;
+    case 129: groups_impl(w, a, y, g0, g1, 64, 1); break;
+    default: groups_impl(w, a, y, g0, g1, 128, 1); break;
     }
 }
 /* int4 here; int8 on the AVX2 code with vpdpbusd in its EVEX form (AVX512-VNNI implies it,
