@@ -170,16 +170,86 @@ class _LayerInputs:
             st[0] = y[0] if isinstance(y, tuple) else y
 
 
+class all_cores:
+    """torch on every core this process may use while a conversion runs (it has the machine to itself)."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores))
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
 def awq_transform(src: SourceModel, **kw) -> tuple[SourceModel, dict]:
-    """AWQ-scaled (and clipped) fp32 weights of `src`, with a report for edgeact.json (keywords: _awq's).
-    torch runs on every core this process may use, as a conversion has the machine to itself."""
-    threads = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores))
-    try:
+    """AWQ-scaled (and clipped) fp32 weights of `src`, with a report for edgeact.json (keywords: _awq's)."""
+    with all_cores():
         return _awq(src, **kw)
-    finally:
-        torch.set_num_threads(threads)
+
+
+def layer_plans(cfg, i: int, fold_v_o: bool) -> list[tuple[str, list[str], tuple[str, str]]]:
+    """Layer i's linear groups as (input group, weight names, (fold kind, where 1/s goes))."""
+    p = f"model.layers.{i}."
+    ffn_norm = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"   # Gemma
+    plans = [("attn_in", [p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"],
+              ("norm", p + "input_layernorm.weight")),
+             ("ffn_in", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+              ("norm", f"{p}{ffn_norm}.weight")),
+             ("ffn_out", [p + "mlp.down_proj.weight"], ("rows", p + "mlp.up_proj.weight"))]
+    if fold_v_o:
+        plans.append(("attn_out", [p + "self_attn.o_proj.weight"], ("rows", p + "self_attn.v_proj.weight")))
+    return plans
+
+
+def new_report(method: str, cfg, calib_ids, calib_file) -> dict:
+    fold_v_o = cfg.num_heads == cfg.num_kv_heads
+    return {"method": method,
+            "calibration": {"tokens": int(np.asarray(calib_ids).size),
+                            "source": str(calib_file) if calib_file else "sampled from the fp32 model"},
+            "not_folded": [] if fold_v_o else
+            [f"model.layers.*.self_attn.o_proj (GQA: {cfg.num_heads} heads share {cfg.num_kv_heads} v heads)"]}
+
+
+def awq_layer(t: dict, acts: dict, i: int, cfg, *, bits: int, group_size: int, symmetric: bool, clip: bool,
+              report: dict) -> dict[str, torch.Tensor]:
+    """AWQ on layer i of the tensors t (in place): scales searched on the captured inputs acts, folded;
+    returns each scaled group's s (its linears now read x / s)."""
+    scales = {}
+    for group, names, (kind, prev) in layer_plans(cfg, i, cfg.num_heads == cfg.num_kv_heads):
+        # Captured from the fp32 function, which every fold preserves (down's input is SiLU(gate)·up,
+        # unchanged by gate/up's input scaling; dividing up's rows by s scales it by exactly 1/s).
+        x = acts[(i, group)]
+        ws = [t[n] for n in names]
+        s, alpha, err0, err1 = search_scale(x, ws, bits, group_size, symmetric)
+        report["alphas"][f"{i}.{group}"] = alpha
+        report["loss_rtn"] += err0
+        report["loss_awq"] += err1
+        scales[group] = s
+        for n in names:
+            t[n] = t[n] * s
+        if kind == "norm":   # the norm scales by (norm_offset + w): Gemma keeps w = scale - 1
+            t[prev] = (t[prev] + cfg.norm_offset) / s - cfg.norm_offset
+        else:
+            t[prev] = t[prev] / s[:, None]
+            bias = prev.replace(".weight", ".bias")
+            if bias in t:
+                t[bias] = t[bias] / s
+        if clip:
+            xs = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:512]]
+            for n in names:
+                t[n] = search_clip(xs / s, t[n], bits, group_size, symmetric)
+    return scales
+
+
+def load_layer(model, t: dict, i: int) -> None:
+    """Copy layer i's tensors of t into the torch model."""
+    p = f"model.layers.{i}."
+    block = model.model.layers[i]
+    with torch.no_grad():
+        for n, tensor in t.items():
+            if n.startswith(p):
+                block.get_parameter(n[len(p):]).copy_(tensor)
 
 
 def _awq(src: SourceModel, *, bits: int = 4, group_size: int = 128, symmetric: bool = False,
@@ -196,60 +266,24 @@ def _awq(src: SourceModel, *, bits: int = 4, group_size: int = 128, symmetric: b
         calib_ids = calibration_ids(src, model, text_file=calib_file, n_tokens=calib_tokens, progress=progress)
     tensors = {name: src.load(name) for name in src.tensors}   # one copy of the weights, transformed in place
     t = {k: torch.from_numpy(v) for k, v in tensors.items()}
-    # o_proj can take v's scales only if each v channel feeds exactly one o input channel (no GQA sharing).
-    fold_v_o = cfg.num_heads == cfg.num_kv_heads
-    report = {"method": "awq", "alphas": {}, "loss_rtn": 0.0, "loss_awq": 0.0, "clip": clip,
-              "calibration": {"tokens": int(np.asarray(calib_ids).size),
-                              "source": str(calib_file) if calib_file else "sampled from the fp32 model"},
-              "not_folded": [] if fold_v_o else
-              [f"model.layers.*.self_attn.o_proj (GQA: {cfg.num_heads} heads share {cfg.num_kv_heads} v heads)"]}
+    report = {**new_report("awq", cfg, calib_ids, calib_file), "alphas": {}, "loss_rtn": 0.0, "loss_awq": 0.0,
+              "clip": clip}
     layers = _LayerInputs(model, calib_ids)
     it = range(cfg.num_layers)
     for i in (tqdm(it, desc="AWQ", unit="layer") if progress else it):
         acts = layers.capture(i)
-        p = f"model.layers.{i}."
-        ffn_norm = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"   # Gemma
-        plans = [("attn_in", [p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"],
-                  ("norm", p + "input_layernorm.weight")),
-                 ("ffn_in", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
-                  ("norm", f"{p}{ffn_norm}.weight")),
-                 ("ffn_out", [p + "mlp.down_proj.weight"], ("rows", p + "mlp.up_proj.weight"))]
-        if fold_v_o:
-            plans.append(("attn_out", [p + "self_attn.o_proj.weight"], ("rows", p + "self_attn.v_proj.weight")))
-        for group, names, (kind, prev) in plans:
-            # Captured from the fp32 function, which every fold preserves (down's input is SiLU(gate)·up,
-            # unchanged by gate/up's input scaling; dividing up's rows by s scales it by exactly 1/s).
-            x = acts[(i, group)]
-            ws = [t[n] for n in names]
-            s, alpha, err0, err1 = search_scale(x, ws, bits, group_size, symmetric)
-            report["alphas"][f"{i}.{group}"] = alpha
-            report["loss_rtn"] += err0
-            report["loss_awq"] += err1
-            for n in names:
-                t[n] = t[n] * s
-            if kind == "norm":   # the norm scales by (norm_offset + w): Gemma keeps w = scale - 1
-                t[prev] = (t[prev] + cfg.norm_offset) / s - cfg.norm_offset
-            else:
-                t[prev] = t[prev] / s[:, None]
-                bias = prev.replace(".weight", ".bias")
-                if bias in t:
-                    t[bias] = t[bias] / s
-            if clip:
-                xs = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:512]]
-                for n in names:
-                    t[n] = search_clip(xs / s, t[n], bits, group_size, symmetric)
+        awq_layer(t, acts, i, cfg, bits=bits, group_size=group_size, symmetric=symmetric, clip=clip, report=report)
         del acts
         # Later layers see the fp32 function (folding keeps it); reload this layer's weights into the
         # reference only if clipping changed it, so the next layers calibrate on what will be deployed.
         if clip:
-            block = model.model.layers[i]
-            with torch.no_grad():
-                for n, tensor in t.items():
-                    if n.startswith(p):
-                        block.get_parameter(n[len(p):]).copy_(tensor)
+            load_layer(model, t, i)
         layers.advance(i)
-    out = {k: (lambda v=v: v.numpy()) for k, v in t.items()}
-    new = SourceModel(cfg, out, tokenizer_json=src.tokenizer_json, chat_template=src.chat_template,
-                      add_bos_token=src.add_bos_token, provenance=dict(src.provenance))
-    return new, report
+    return source_with(src, t), report
 
+
+def source_with(src: SourceModel, t: dict) -> SourceModel:
+    """src with its tensors replaced by t's (torch tensors)."""
+    out = {k: (lambda v=v: v.numpy()) for k, v in t.items()}
+    return SourceModel(src.config, out, tokenizer_json=src.tokenizer_json, chat_template=src.chat_template,
+                       add_bos_token=src.add_bos_token, provenance=dict(src.provenance))

@@ -105,7 +105,10 @@ int ea_session_truncate(ea_session *session, int n_past);
  * the model's, shared by its sessions). */
 uint64_t ea_session_memory_bytes(const ea_session *session);
 /* Appends n tokens at positions n_past .. n_past+n-1. all_logits: logits [n, vocab];
- * otherwise [vocab] for the last token only. On error the session is unchanged. */
+ * otherwise [vocab] for the last token only. On error the session keeps its n_past tokens and
+ * the next call computes as if the failed one had not happened; only when the failed call had
+ * moved a sliding-window layer's cache past the window of position n_past does every further
+ * call fail (EA_ERR_STATE, the error says so) until ea_session_reset. */
 int ea_session_forward(ea_session *session, const int64_t *ids, int n, float *logits, int all_logits);
 
 /* Steering after layer `layer` (index i of steer.{i}): y = h - (h A^T) A + add.

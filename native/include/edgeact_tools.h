@@ -9,6 +9,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "edgeact.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -30,6 +32,10 @@ double ea_measure_read_bandwidth(int threads, size_t bytes, int reps);
 /* The same over a random `active` share of `row_bytes`-byte rows (a multiple of 64), read whole
  * in ascending order: the input-sparse GEMV's reads, and the bound on what it saves. */
 double ea_measure_rows_read_bandwidth(int threads, size_t bytes, size_t row_bytes, double active, int reps);
+/* Tests of failure recovery: the session's next forward fails with EA_ERR_KERNEL at its executed
+ * step `at` (counted from 1 over its chunks; ea_session_profile_count steps a chunk), before
+ * running it; 0 disarms. One forward only, armed or not. */
+int ea_session_inject_failure(ea_session *session, int at);
 /* cdef-end */
 
 #ifdef __cplusplus

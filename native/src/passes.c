@@ -177,7 +177,7 @@ static void link_sparse_sources(ea_model *m) {
      * siblings reading the same input share one, stacked along N */
     for (int s = 0; s < m->n_steps; s++) {
         step *st = &m->steps[s];
-        if (st->op != OP_QMATMUL || st->qw.bits != 4 || st->f32act || st->qmin || st->in[0] < 0) continue;
+        if (st->op != OP_QMATMUL || st->qw.bits != 4 || st->f32act || st->qw.has_minimums || st->in[0] < 0) continue;
         int p = m->values[st->in[0]].producer;
         /* CATS: down reads SiLU(gate), sparsified, times up; its zeros are the Sparsify's */
         if (p >= 0 && p < m->n_steps && m->steps[p].op == OP_MUL)
@@ -251,7 +251,7 @@ static void link_coreinfer(ea_model *m, const int *uses) {
         if (p < 0 || m->steps[p].op != OP_SILU_MUL || uses[m->steps[s].in[0]] != 1) continue;
         for (int k = 0; k < 2; k++) {
             const int v = m->steps[p].in[k], q = v >= 0 ? m->values[v].producer : -1;
-            if (q >= 0 && m->steps[q].op == OP_QMATMUL && !m->steps[q].f32act && !m->steps[q].qmin && uses[v] == 1)
+            if (q >= 0 && m->steps[q].op == OP_QMATMUL && !m->steps[q].f32act && !m->steps[q].qw.has_minimums && uses[v] == 1)
                 m->steps[q].row_src = s + 1;
         }
     }
@@ -260,7 +260,7 @@ static void link_coreinfer(ea_model *m, const int *uses) {
 static void link_cats(ea_model *m, const int *uses) {
     for (int s = 0; s < m->n_steps; s++) {
         step *st = &m->steps[s];
-        if (st->op != OP_QMATMUL || st->f32act || st->qmin || st->sparse_src || st->row_src || st->fuse || st->out < 0 ||
+        if (st->op != OP_QMATMUL || st->f32act || st->qw.has_minimums || st->sparse_src || st->row_src || st->fuse || st->out < 0 ||
             uses[st->out] != 1 || !st->qw.data)
             continue;
         for (int t = s + 1; t < m->n_steps; t++) {

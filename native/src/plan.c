@@ -180,7 +180,7 @@ static int lookup_has_repack(const ea_model *m, const ea_qweight *g) {
     for (int s = 0; s < m->n_steps; s++) {
         const step *o = &m->steps[s];
         const ea_qweight *w = &o->qw;
-        if (o->op == OP_QMATMUL && o->qw_ready && w->packed && !o->qmin && w->data == g->data && w->N == g->N &&
+        if (o->op == OP_QMATMUL && o->qw_ready && w->packed && !w->has_minimums && w->data == g->data && w->N == g->N &&
             w->n_blocks == g->n_blocks && w->bits == g->bits && w->block_size == g->block_size &&
             w->zero_points == g->zero_points && w->scales == g->scales)
             return 1;

@@ -2,6 +2,7 @@
  * steering, hidden-state capture and the profiler living in the session.
  * All buffers are sized at session creation, so decoding does not allocate. */
 #define _GNU_SOURCE
+#include "../include/edgeact_tools.h"
 #include "ops/ops.h"
 #include "platform.h"
 #include "session.h"
@@ -35,6 +36,9 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
         const int si = ss->exec_steps[e];
         const step *st = &m->steps[si];
         if (si == m->logits_step && !logits) continue;
+        if (__builtin_expect(ss->fail_at > 0, 0) && ++ss->steps_run == ss->fail_at)
+            return ea_fail(err, "node '%s' (%s): injected failure (ea_session_inject_failure)", st->name, st->op_type),
+                   EA_ERR_KERNEL;
         const uint64_t t0 = __builtin_expect(ss->profile, 0) ? ea_now_ns() : 0;
         const value *ov = st->out >= 0 ? &m->values[st->out] : NULL;
         ea_exec x = {ss, st, si, e, S, pos0, si == m->logits_step && last_only, act(ss, st->in[0]), act(ss, st->in[1]),
@@ -54,6 +58,34 @@ static int run_chunk(ea_session *ss, int S, int pos0, int tok_offset, float *log
             ss->prof_bytes[e] += x.bytes;
         }
     }
+    return EA_OK;
+}
+
+/* After a failed forward the session goes back to its `start` tokens. The rows written past
+ * them are overwritten by the next forward, but a sliding layer's cache may have been moved to
+ * the front on the way (ops/gqa.c), dropping its oldest rows: it still holds positions
+ * kv_base.. in order, enough when the next query's window starts there or later (its base
+ * advanced as a truncation's check allows). Otherwise the session refuses every forward but
+ * one from position 0, and says so in the error. */
+static void failed_forward(ea_session *ss, int start, ea_err *err) {
+    const ea_model *m = ss->m;
+    ss->n_past = start;
+    for (int s = 0; s < m->n_steps && start > 0 && !ss->window_lost; s++) {
+        const step *st = &m->steps[s];
+        if (st->op == OP_GQA && st->window && ss->kv_base[st->layer] > start - st->window + 1) ss->window_lost = 1;
+    }
+    if (ss->window_lost && err) {
+        const size_t len = strlen(err->msg);
+        snprintf(err->msg + len, sizeof err->msg - len, "; its sliding-window cache no longer holds the window "
+                                                         "before position %d: reset the session", start);
+    }
+}
+
+/* Tools (edgeact_tools.h): the next forward fails at its executed step `at` (from 1), for the
+ * tests of what a failure leaves behind. */
+int ea_session_inject_failure(ea_session *ss, int at) {
+    if (!ss || at < 0) return EA_ERR_ARG;
+    ss->fail_at = at;
     return EA_OK;
 }
 
@@ -79,21 +111,27 @@ int ea_session_run(ea_session *ss, const int64_t *ids, int n, float *logits, int
         }
         ss->hidden_tokens = n;
     }
+    if (ss->window_lost) {
+        if (ss->n_past > 0)
+            return ea_fail(err, "a failed forward left a sliding-window layer without the rows of its window: "
+                                "reset the session (or truncate it to 0)"), EA_ERR_STATE;
+        ss->window_lost = 0;
+    }
     for (int L = 0; L < m->n_nmask; L++) memset(ss->nscore[L], 0, sizeof(float) * (size_t)m->nmask_width);
     const int start = ss->n_past;
-    for (int c = 0; c < n; c += ss->max_chunk) {
+    ss->steps_run = 0;
+    int rc = EA_OK;
+    for (int c = 0; c < n && !rc; c += ss->max_chunk) {
         const int S = n - c < ss->max_chunk ? n - c : ss->max_chunk;
         const int last = c + S == n;
         memcpy(ss->ids, ids + c, sizeof(int64_t) * S);
         float *out = all_logits ? logits + (size_t)c * m->vocab : last ? logits : NULL;
-        int rc = run_chunk(ss, S, ss->n_past, c, out, !all_logits, err);
-        if (rc) {
-            ss->n_past = start; /* the cache rows past `start` are simply overwritten next time */
-            return rc;
-        }
-        ss->n_past += S;
+        rc = run_chunk(ss, S, ss->n_past, c, out, !all_logits, err);
+        if (!rc) ss->n_past += S;
     }
-    return EA_OK;
+    ss->fail_at = 0;
+    if (rc) failed_forward(ss, start, err);
+    return rc;
 }
 
 void ea_session_destroy(ea_session *ss) {

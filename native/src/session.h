@@ -14,6 +14,10 @@ struct ea_session {
     float *qbuf, *kbuf;     /* rotated queries / keys of one chunk */
     float **k_cache, **v_cache; /* per GQA node: [kv_heads, ea_gqa_capacity rows, head_dim] */
     int *kv_base;           /* per GQA node: the position its cache row 0 holds (sliding layers move it) */
+    int window_lost;        /* a failed forward moved a sliding layer's cache past the rows its next query
+                             * needs: only a forward from position 0 runs (after a reset) */
+    int fail_at, steps_run; /* ea_session_inject_failure: the next forward's executed step fail_at (from 1)
+                             * fails; steps_run counts them */
     float **steer_add, **steer_ablate; /* per steering layer, NULL when unset */
     int *steer_R;
     float *coef;            /* ablation coefficients of one row */

@@ -8,11 +8,15 @@
  * speed-up over the dense kernel, over a sweep of active fractions (the
  * crossover behind EA_SPARSE_DENSE_CROSSOVER).
  *
- *   bench_kernels [seconds_per_case] [sparse|all] [block]
- *   (defaults 0.5 all 32; "sparse" skips the dense GEMV part; block applies to the sparse part)
+ *   bench_kernels [seconds_per_case] [sparse|gemv|all] [block]
+ *   (defaults 0.5 all 32; "sparse" skips the dense GEMV part, "gemv" the sparse part; block
+ *   applies to the sparse part)
  *   BENCH_SHAPE=K,N   the sparse part on that one shape instead of the FFN shapes
  *   BENCH_HOT=1       one matrix instead of enough to exceed the cache: compute, not memory
  *   BENCH_SYM=1       no zero points (the converters write them by default)
+ *   BENCH_GEMV=LIST   the dense GEMV's weight kinds, comma-separated (default sym): sym (no zero
+ *                     points), zp (integer zero points), min (fp16 float minimums, as Q4_1
+ *                     sources give), min32 (fp32 minimums)
  *   BENCH_CONTIG=1    the active channels are the first ones, not a random set: the channel-major
  *                     layout's best case (one run of rows), against the scattered rows of decode */
 #define _GNU_SOURCE
@@ -39,10 +43,14 @@ static double now(void) {
 static uint32_t rng = 12345;
 static uint32_t rnd(void) { rng = rng * 1664525u + 1013904223u; return rng >> 8; }
 
-static void bench_gemv(int K, int N, double seconds, ea_pool *pools[3]) {
+/* kind: 0 symmetric, 1 integer zero points, 2 fp16 minimums, 3 fp32 minimums */
+static const char *const gemv_kinds[4] = {"sym", "zp", "min", "min32"};
+
+static void bench_gemv(int K, int N, double seconds, ea_pool *pools[3], int kind) {
     const int bs = 32, nb = (K + bs - 1) / bs;
     const size_t dbytes = (size_t)N * nb * bs / 2, sbytes = sizeof(float) * (size_t)N * nb;
-    const double wbytes = (double)(dbytes + sbytes);
+    const size_t zbytes = (size_t)N * ((nb + 1) / 2);
+    const double wbytes = (double)(dbytes + sbytes + (kind == 1 ? zbytes : kind >= 2 ? sbytes : 0));
     int copies = (int)(CACHE_BYTES / wbytes) + 1;
     if (copies < 2) copies = 2;
     if (getenv("BENCH_HOT")) copies = 1;
@@ -50,6 +58,13 @@ static void bench_gemv(int K, int N, double seconds, ea_pool *pools[3]) {
     float *scales = malloc(sbytes);
     for (size_t i = 0; i < dbytes; i++) data[i] = (uint8_t)rnd();
     for (size_t i = 0; i < (size_t)N * nb; i++) scales[i] = ea_f16_to_f32(ea_f32_to_f16((rnd() & 0xffff) * 1e-6f)); /* as converters write */
+    uint8_t *zp = kind == 1 ? malloc(zbytes) : NULL;
+    for (size_t i = 0; zp && i < zbytes; i++) zp[i] = (uint8_t)(0x77 + (rnd() % 3) * 0x11);
+    float *mins = kind >= 2 ? malloc(sbytes) : NULL;
+    for (size_t i = 0; mins && i < (size_t)N * nb; i++) {
+        mins[i] = -(float)(rnd() % 16) * scales[i];
+        if (kind == 3) mins[i] *= 1.0f + 1e-6f; /* off the fp16 grid */
+    }
     float *x = malloc(sizeof(float) * K), *y = malloc(sizeof(float) * N);
     for (int i = 0; i < K; i++) x[i] = (float)(rnd() & 0xffff) / 65536.0f - 0.5f;
     ea_isa isas[8];
@@ -57,7 +72,14 @@ static void bench_gemv(int K, int N, double seconds, ea_pool *pools[3]) {
     for (int i = 0; i < n_isas; i++) {
         if (!ea_isa_available(isas[i])) continue;
         ea_qweight *w = calloc((size_t)copies, sizeof *w);
-        for (int c = 0; c < copies; c++) ea_qweight_init(&w[c], isas[i], K, N, 4, bs, data, scales, NULL);
+        for (int c = 0; c < copies; c++) {
+            const int rc = mins ? ea_qweight_init_min(&w[c], isas[i], K, N, 4, bs, data, scales, mins)
+                                : ea_qweight_init(&w[c], isas[i], K, N, 4, bs, data, scales, zp);
+            if (rc) {
+                fprintf(stderr, "cannot prepare the weight: %s\n", ea_kernels_strerror(rc));
+                exit(1);
+            }
+        }
         for (int p = 0; p < 2; p++) {
             ea_kctx ctx;
             ea_kctx_init(&ctx, isas[i], pools[p]);
@@ -71,15 +93,15 @@ static void bench_gemv(int K, int N, double seconds, ea_pool *pools[3]) {
             } while ((t = now() - t0) < budget || calls < copies);
             /* the bytes the kernel reads: the scalar path the file layout, SIMD the repack */
             const double rbytes = w[0].packed ? (double)w[0].packed_bytes : wbytes;
-            printf("gemv int4 b32 K=%5d N=%5d %-12s threads=%d  %9.1f us/call  %6.2f GB/s  (%d matrices, %d calls)\n",
-                   K, N, ea_isa_name(isas[i]), ea_pool_size(pools[p]), t / calls * 1e6, rbytes * calls / t / 1e9,
-                   copies, calls);
+            printf("gemv int4 b32 %-5s K=%5d N=%5d %-12s threads=%d  %9.1f us/call  %6.2f GB/s  (%d matrices, %d calls)\n",
+                   gemv_kinds[kind], K, N, ea_isa_name(isas[i]), ea_pool_size(pools[p]), t / calls * 1e6,
+                   rbytes * calls / t / 1e9, copies, calls);
             ea_kctx_release(&ctx);
         }
         for (int c = 0; c < copies; c++) ea_qweight_release(&w[c]);
         free(w);
     }
-    free(data); free(scales); free(x); free(y);
+    free(data); free(scales); free(zp); free(mins); free(x); free(y);
 }
 
 static void empty_task(void *ctx, int task, int thread) { (void)ctx; (void)task; (void)thread; }
@@ -203,14 +225,31 @@ int main(int argc, char **argv) {
            ea_measure_read_bandwidth(2, 512u << 20, 5));
     printf("pool dispatch (2 threads, back to back): %.2f us\n", dispatch_us(pools[1]));
     const int sparse_only = argc > 2 && strcmp(argv[2], "sparse") == 0;
+    const int gemv_only = argc > 2 && strcmp(argv[2], "gemv") == 0;
     const int bs = argc > 3 ? atoi(argv[3]) : 32;
     if (bs != 32 && bs != 64 && bs != 128) {
         fprintf(stderr, "block size must be 32, 64 or 128\n");
         return 2;
     }
     if (!sparse_only) {
-        bench_gemv(4096, 4096, seconds, pools);
-        bench_gemv(4096, 11008, seconds, pools);
+        const char *list = getenv("BENCH_GEMV") ? getenv("BENCH_GEMV") : "sym";
+        for (int kind = 0; kind < 4; kind++) {
+            const size_t len = strlen(gemv_kinds[kind]);
+            int on = 0;
+            for (const char *s = list; *s;) { /* exact items of the comma-separated list */
+                const char *e = strchr(s, ',');
+                const size_t n = e ? (size_t)(e - s) : strlen(s);
+                on |= n == len && strncmp(s, gemv_kinds[kind], len) == 0;
+                s += n + (e != NULL);
+            }
+            if (!on) continue;
+            bench_gemv(4096, 4096, seconds, pools, kind);
+            bench_gemv(4096, 11008, seconds, pools, kind);
+        }
+    }
+    if (gemv_only) {
+        ea_pool_destroy(pools[1]);
+        return 0;
     }
     const ea_isa best = ea_isa_detect();
     int sk = 0, sn = 0;

@@ -174,6 +174,12 @@ static void test_qmatmul_case(ea_isa isa, ea_pool *pool, qcase c, int f16, int m
     /* the scalar context also runs a weight packed for SIMD (from the file layout) */
     CHECK(ea_qmatmul(&sctx, &wv, x, c.M, y) == 0 && memcmp(y, y_ref, sizeof(float) * c.M * c.N) == 0,
           "scalar ctx on a packed weight");
+    if (mins && isa != EA_ISA_SCALAR) { /* the repack alone, its owner's copy of the minimums dropped */
+        wv.minimums = NULL;
+        CHECK(ea_qmatmul(&vctx, &wv, x, c.M, y) == 0 && memcmp(y, y_ref, sizeof(float) * c.M * c.N) == 0,
+              "%s: the repack without the file-layout minimums", ea_isa_name(isa));
+        CHECK(ea_qmatmul(&sctx, &wv, x, c.M, y) == EA_KERR_ARG, "scalar ctx on a repack without its minimums");
+    }
     test_f32act_case(isa, &sctx, &vctx, &ws, x, c, y_ref, y);
     if (mins) { /* the sparse copies need integer zero points: refused, not run wrong */
         ea_qweight_cm cm;

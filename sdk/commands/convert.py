@@ -13,7 +13,7 @@ from edgeact.commands import COMMANDS
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
 QUANT_DEFAULT = "source"
-QUANT_METHODS = ("rtn", "awq", "imatrix")
+QUANT_METHODS = ("rtn", "awq", "imatrix", "gptq", "awq+gptq")
 SPARSITY_METHODS = ("teal", "chess", "wina", "cats", "coreinfer")
 CALIB_TOKENS = 1024
 
@@ -59,9 +59,11 @@ def add_parser(sub) -> None:
     g.add_argument("--method", choices=QUANT_METHODS, default="rtn",
                    help="rtn: round to nearest; awq: activation-aware scaling (+ clipping) on calibration text; "
                    "imatrix: int4 with float zero points, each block's scale and minimum searched for the lowest "
-                   "error weighted by the input's mean square on calibration text")
+                   "error weighted by the input's mean square on calibration text; gptq: error-compensating "
+                   "rounding (each column's rounding error moved onto the columns not yet rounded, by the "
+                   "calibration inputs' second moments); awq+gptq: AWQ's scaling, then GPTQ's rounding")
     g.add_argument("--no-awq-clip", dest="awq_clip", action="store_false",
-                   help="with --method awq: skip AWQ's clipping search (it runs by default)")
+                   help="with --method awq or awq+gptq: skip AWQ's clipping search (it runs by default)")
 
     g = p.add_argument_group("mixed bits under a size budget")
     g.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
@@ -99,15 +101,18 @@ def check_args(args) -> None:
     if args.sparsity_method is not None and args.sparsity is None:
         raise ValueError(f"--sparsity-method {args.sparsity_method} needs --sparsity S "
                          "(the share of channels to zero, e.g. 0.5)")
-    if not args.awq_clip and args.method != "awq":
-        raise ValueError("--no-awq-clip applies to --method awq")
+    if not args.awq_clip and args.method not in ("awq", "awq+gptq"):
+        raise ValueError("--no-awq-clip applies to --method awq and awq+gptq")
     if args.method != "rtn" and args.quant not in ("int4", "int8", QUANT_DEFAULT):
         raise ValueError(f"--method {args.method} needs --quant int4 or int8, not {args.quant}")
+    if args.method in ("gptq", "awq+gptq") and (args.target_bpw is not None or args.max_size is not None):
+        raise ValueError(f"--method {args.method} rounds every linear at --quant's bits: it does not combine with "
+                         "--target-bpw/--max-size")
     calibrates = (args.method != "rtn" or args.target_bpw is not None or args.max_size is not None
                   or (args.sparsity is not None and args.sparsity_method != "coreinfer"))
     for flag, given in (("--calib", args.calib is not None), ("--calib-tokens", args.calib_tokens is not None)):
         if given and not calibrates:
-            raise ValueError(f"{flag} applies to --method awq/imatrix, --target-bpw/--max-size and calibrated "
+            raise ValueError(f"{flag} applies to --method awq/imatrix/gptq/awq+gptq, --target-bpw/--max-size and calibrated "
                              "--sparsity (teal, chess, wina, cats); nothing here is calibrated")
     if args.calib_tokens is not None and args.calib_tokens < 2:
         raise ValueError(f"--calib-tokens must be at least 2, not {args.calib_tokens}")
@@ -160,6 +165,18 @@ def run(args) -> int:
                 calib_ids=ids, calib_file=args.calib, clip=args.awq_clip, progress=progress, model=model)
             kw["method"] = "awq"
             model = None   # AWQ changed the weights: sparsity calibrates on the transformed model
+        if args.method in ("gptq", "awq+gptq"):
+            from edgeact.converters.gptq import gptq_transform
+
+            if kw["quant"] == QUANT_DEFAULT:   # GPTQ rounds float weights afresh: to int4 by default
+                kw["quant"] = "int4"
+            source, override, kw["calibration"] = gptq_transform(
+                source, bits=4 if kw["quant"] == "int4" else 8, group_size=kw["group_size"], symmetric=args.symmetric,
+                awq=args.method == "awq+gptq", clip=args.awq_clip, calib_ids=ids, calib_file=args.calib,
+                progress=progress, model=model)
+            kw["linear_override"] = {**override, **(kw.get("linear_override") or {})}
+            kw["method"] = args.method
+            model = None   # its layers now hold the quantized weights
         if args.method == "imatrix":
             from edgeact.converters.imatrix import imatrix_override
 

@@ -78,7 +78,7 @@ static inline size_t ea_qpack_zp_offset(const ea_qweight *w) {
 }
 static inline size_t ea_qpack_block_stride(const ea_qweight *w) {
     return ea_qpack_zp_offset(w) + (w->zero_points ? EA_QROWS
-                                    : w->minimums  ? EA_QROWS * ea_qpack_scale_size(w->packed_min_f16)
+                                    : w->has_minimums ? EA_QROWS * ea_qpack_scale_size(w->packed_min_f16)
                                                    : 0);
 }
 
@@ -91,7 +91,7 @@ static inline int ea_qpack_lane_row(ea_isa isa, int lane) {
 
 /* Zero point of (row n, block b) from the file layout. */
 static inline int ea_qweight_zp(const ea_qweight *w, int n, int b) {
-    if (w->minimums) return 0;
+    if (w->has_minimums) return 0;
     if (!w->zero_points) return w->bits == 4 ? 8 : 128;
     if (w->bits == 8) return w->zero_points[(size_t)n * w->n_blocks + b];
     uint8_t byte = w->zero_points[(size_t)n * ((w->n_blocks + 1) / 2) + b / 2];

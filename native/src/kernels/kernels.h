@@ -96,8 +96,10 @@ typedef struct ea_qweight {
     const uint8_t *zero_points;
     /* Float block minimums [N, n_blocks] (MatMulNBits' float zero points, as the value of
      * code 0: w = q*scale + minimum), or NULL. With minimums the codes have zero point 0 and
-     * zero_points is NULL. */
+     * zero_points is NULL. has_minimums stays set when the owner drops its file-layout copy
+     * once the SIMD repack holds them (then only a SIMD context runs the weight). */
     const float *minimums;
+    int has_minimums;
     ea_isa isa;          /* ISA the weight was prepared for */
     void *packed;        /* owned SIMD repack (rows interleaved, scales fused), or NULL */
     size_t packed_bytes; /* bytes allocated by the repack (0 when in place) */

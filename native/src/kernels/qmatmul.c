@@ -40,7 +40,7 @@ static void put8(uint8_t *p, const float v[EA_QROWS], int f16) {
 static int repack(ea_qweight *w) {
     const size_t bpb = (size_t)w->block_size * (size_t)w->bits / 8, subs = bpb / 16;
     w->packed_f16 = ea_scales_exact_in_f16(w->scales, (size_t)w->N * w->n_blocks);
-    w->packed_min_f16 = w->minimums && ea_scales_exact_in_f16(w->minimums, (size_t)w->N * w->n_blocks);
+    w->packed_min_f16 = w->has_minimums && ea_scales_exact_in_f16(w->minimums, (size_t)w->N * w->n_blocks);
     const size_t stride = ea_qpack_block_stride(w), zoff = ea_qpack_zp_offset(w);
     const int groups = (w->N + EA_QROWS - 1) / EA_QROWS;
     const size_t bytes = (size_t)groups * (size_t)w->n_blocks * stride;
@@ -57,10 +57,10 @@ static int repack(ea_qweight *w) {
                 for (size_t j = 0; j < subs; j++) memcpy(blk + (j * EA_QROWS + r) * 16, src + j * 16, 16);
                 sc[lane] = w->scales[(size_t)n * w->n_blocks + b];
                 if (w->zero_points) blk[zoff + lane] = (uint8_t)ea_qweight_zp(w, n, b);
-                if (w->minimums) mn[lane] = w->minimums[(size_t)n * w->n_blocks + b];
+                if (w->has_minimums) mn[lane] = w->minimums[(size_t)n * w->n_blocks + b];
             }
             put8(blk + EA_QROWS * bpb, sc, w->packed_f16);
-            if (w->minimums) put8(blk + zoff, mn, w->packed_min_f16);
+            if (w->has_minimums) put8(blk + zoff, mn, w->packed_min_f16);
         }
     }
     w->packed = p;
@@ -82,6 +82,7 @@ static int init(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_siz
     w->scales = scales;
     w->zero_points = zero_points;
     w->minimums = minimums;
+    w->has_minimums = minimums != NULL;
     w->isa = isa;
     return ea_is_simd(isa) ? repack(w) : EA_KOK;
 }
@@ -133,7 +134,9 @@ static void qmatmul_task(void *arg, int task, int thread) {
 
 int ea_qmatmul(ea_kctx *ctx, const ea_qweight *w, const float *x, int M, float *y) {
     const int simd = ea_is_simd(ctx->isa);
-    if (M <= 0 || !w || (!w->data && !(simd && w->packed))) return EA_KERR_ARG; /* SIMD reads the repack only */
+    /* SIMD reads the repack only */
+    if (M <= 0 || !w || (!w->data && !(simd && w->packed)) || (!simd && w->has_minimums && !w->minimums))
+        return EA_KERR_ARG;
     if (simd && (!w->packed || ea_isa_layout(w->isa) != ea_isa_layout(ctx->isa))) return EA_KERR_LAYOUT;
     const int nb = w->n_blocks, kp = nb * w->block_size;
     const size_t xq_bytes = ((size_t)M * kp + 63) & ~(size_t)63;

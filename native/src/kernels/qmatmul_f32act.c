@@ -35,7 +35,7 @@ static void f32act_task(void *arg, int task, int thread) {
 }
 
 int ea_qmatmul_f32act(ea_kctx *ctx, const ea_qweight *w, const float *x, int M, float *y) {
-    if (M <= 0 || !w || !w->data || !w->scales || !x || !y) return EA_KERR_ARG;
+    if (M <= 0 || !w || !w->data || !w->scales || (w->has_minimums && !w->minimums) || !x || !y) return EA_KERR_ARG;
     const int threads = ea_pool_size(ctx->pool);
     const size_t stride = ((size_t)w->n_blocks * w->block_size + 15) & ~(size_t)15;
     float *wbuf = ea_scratch(ctx, sizeof(float) * stride * (size_t)threads);

@@ -25,7 +25,7 @@ int ea_qweight_cm_init_concat(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *c
     int f16 = 1;
     for (int i = 0; i < n_w; i++) {
         const ea_qweight *w = ws[i];
-        if (!w || !w->data || w->bits != 4 || w->minimums || w->K != ws[0]->K || w->block_size != ws[0]->block_size ||
+        if (!w || !w->data || w->bits != 4 || w->has_minimums || w->K != ws[0]->K || w->block_size != ws[0]->block_size ||
             !w->zero_points != !ws[0]->zero_points)
             return EA_KERR_ARG;
         total += w->N;
@@ -254,7 +254,7 @@ static void rows_task(void *arg, int task, int thread) {
 }
 
 int ea_qgemv_rows(ea_kctx *ctx, const ea_qweight *w, const float *x, const int32_t *rows, int n_rows, float *y) {
-    if (!w || !w->data || w->minimums || n_rows < 0 || !strictly_increasing(rows, n_rows, w->N)) return EA_KERR_ARG;
+    if (!w || !w->data || w->has_minimums || n_rows < 0 || !strictly_increasing(rows, n_rows, w->N)) return EA_KERR_ARG;
     if (n_rows == 0) return EA_KOK;
     const int nb = w->n_blocks, kp = nb * w->block_size;
     const size_t xq_bytes = ((size_t)kp + 63) & ~(size_t)63;

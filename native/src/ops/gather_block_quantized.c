@@ -71,8 +71,8 @@ static const step *repack_of(const ea_model *m, const step *st) {
     for (int s = m->n_steps - 1; s >= 0; s--) {
         const step *o = &m->steps[s];
         const ea_qweight *w = &o->qw;
-        if (o->op != OP_QMATMUL || !o->qw_ready || !w->packed || o->qmin || w->data != g->data || w->N != g->N ||
-            w->n_blocks != g->n_blocks || w->bits != g->bits || w->block_size != g->block_size ||
+        if (o->op != OP_QMATMUL || !o->qw_ready || !w->packed || w->has_minimums || w->data != g->data ||
+            w->N != g->N || w->n_blocks != g->n_blocks || w->bits != g->bits || w->block_size != g->block_size ||
             w->zero_points != g->zero_points)
             continue;
         /* the scales: the same initializer (a graph Reshape view, or the Cast of an fp16 one) */

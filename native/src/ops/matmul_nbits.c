@@ -24,7 +24,8 @@ static float round_significand(float x, int bits) {
  * kernel): each block's minimum m = -zp*scale, rounded to 11 (fp16) or 17 significant bits when
  * every minimum of the weight is within one float32 ulp of such a value (converters/quantize.py's
  * block_minimums, the numpy reference). The kernels take them as the weight's minimums
- * (st->qmin, [N, n_blocks]): codes with zero point 0, plus minimum times the block's sum. */
+ * (st->qmin, [N, n_blocks], until the repack holds them): codes with zero point 0, plus the
+ * minimum times the block's sum. */
 static int float_minimums(ea_planner *b, const onnx_node *nd, step *st, const onnx_tensor *Z, const float *scales,
                           int N, int nb, int bits) {
     if (bits != 4) NODE_FAIL("float zero_points '%s' need bits 4 (onnxruntime has none for 8-bit)", Z->name);
@@ -121,6 +122,9 @@ static int plan(ea_planner *b, const onnx_node *nd, step *st) {
         ea_release_pages(m, B->data, B->nbytes);
         ea_release_pages(m, S->data, S->nbytes);
         if (zp) ea_release_pages(m, zp, zp_bytes);
+        free(st->qmin); /* as large as the scales, and read by no kernel of this model */
+        st->qmin = NULL;
+        st->qw.minimums = NULL;
     }
     if (zfloat) ea_release_pages(m, zfloat->data, zfloat->nbytes);
     st->op = OP_QMATMUL;

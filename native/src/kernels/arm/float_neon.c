@@ -108,7 +108,7 @@ static inline void store8_neon(float *dst, uint8x8_t bytes, int32x4_t zp, float3
 }
 
 void ea_dequant_row_neon(const ea_qweight *w, int n, float *wf) {
-    const int bs = w->block_size, nb = w->n_blocks, hm = w->minimums != NULL;
+    const int bs = w->block_size, nb = w->n_blocks, hm = w->has_minimums;
     const uint8_t *src = w->data + (size_t)n * nb * bs * w->bits / 8;
     for (int b = 0; b < nb; b++) {
         const float32x4_t s = vdupq_n_f32(w->scales[(size_t)n * nb + b]);

@@ -158,12 +158,12 @@ void ea_dequant_row_scalar(const ea_qweight *w, int n, float *wf) {
     for (int b = 0; b < nb; b++) {
         const float s = w->scales[(size_t)n * nb + b];
         const int zp = ea_qweight_zp(w, n, b);
-        const float mn = w->minimums ? w->minimums[(size_t)n * nb + b] : 0.0f;
+        const float mn = w->has_minimums ? w->minimums[(size_t)n * nb + b] : 0.0f;
         for (int i = 0; i < bs; i++) {
             const size_t k = row + (size_t)b * bs + i;
             const int q = w->bits == 8 ? w->data[k] : (k & 1) ? w->data[k / 2] >> 4 : w->data[k / 2] & 15;
             /* float minimums: q*scale + minimum rounded once */
-            wf[b * bs + i] = w->minimums ? fmaf((float)q, s, mn) : (float)(q - zp) * s;
+            wf[b * bs + i] = w->has_minimums ? fmaf((float)q, s, mn) : (float)(q - zp) * s;
         }
     }
 }

@@ -73,7 +73,7 @@ void ea_qmatmul_rows_scalar(const ea_qweight *w, const ea_qact *a, float *y, int
                 dot -= ea_qweight_zp(w, n, b) * a->sumx[(size_t)m * nb + b];
                 const float s = a->sx[(size_t)m * nb + b] * w->scales[(size_t)n * nb + b];
                 acc = fmaf(s, (float)dot, acc);
-                if (w->minimums)
+                if (w->has_minimums)
                     acc = fmaf(w->minimums[(size_t)n * nb + b],
                                a->sx[(size_t)m * nb + b] * (float)a->sumx[(size_t)m * nb + b], acc);
             }

@@ -297,7 +297,7 @@ AVX2 static inline void store8(float *dst, __m128i bytes8, __m256i zp, __m256 s,
 }
 
 AVX2 void ea_dequant_row_avx2(const ea_qweight *w, int n, float *wf) {
-    const int bs = w->block_size, nb = w->n_blocks, hm = w->minimums != NULL;
+    const int bs = w->block_size, nb = w->n_blocks, hm = w->has_minimums;
     const uint8_t *src = w->data + (size_t)n * nb * bs * w->bits / 8;
     const __m128i low4 = _mm_set1_epi8(0x0F);
     for (int b = 0; b < nb; b++) {

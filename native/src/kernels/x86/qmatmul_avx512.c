@@ -166,7 +166,7 @@ AVX512 static inline __attribute__((always_inline)) void groups_impl(const ea_qw
 }
 
 AVX512 void ea_qmatmul_groups_avx512(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1) {
-    const int mins = w->minimums != NULL;
+    const int mins = w->has_minimums;
     switch (w->block_size * 2 + mins) {
     case 64: groups_impl(w, a, y, g0, g1, 32, 0); break;
     case 128: groups_impl(w, a, y, g0, g1, 64, 0); break;
