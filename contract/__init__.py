@@ -27,7 +27,9 @@ EDGEACT_DOMAIN = "ai.edgeact"
 OPS = frozenset({("", "Gather"), ("", "Cast"), ("", "RMSNormalization"), ("", "MatMul"), ("", "Add"),
                  ("", "Mul"), ("", "Sigmoid"), ("com.microsoft", "MatMulNBits"),
                  ("com.microsoft", "GroupQueryAttention"), (EDGEACT_DOMAIN, "Steer"),
-                 (EDGEACT_DOMAIN, "Sparsify"), (EDGEACT_DOMAIN, "NeuronMask")})
+                 (EDGEACT_DOMAIN, "Sparsify"), (EDGEACT_DOMAIN, "NeuronMask"),
+                 # a tied model's one table (the lookup in lm_head's blocks), float zero points from fp16 minimums
+                 ("com.microsoft", "GatherBlockQuantized"), ("", "Reshape"), ("", "Slice"), ("", "Div")})
 
 # ---- tensor names at the graph's boundary
 INPUT_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, LOGITS = "input_ids", "seqlens_k", "total_sequence_length", "logits"

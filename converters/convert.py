@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..contract import ENGINES, FORMAT, FORMAT_VERSION, VERSION, check_block_size
 from .model import SUPPORTED_ARCHITECTURES, ConversionError, SourceModel
-from .onnx_writer import EMBEDDING_KINDS, QUANT_KINDS, default_embedding, default_lm_head, write_onnx
+from .onnx_writer import EMBEDDING_KINDS, QUANT_KINDS, default_lm_head, write_onnx
 
 
 SOURCE = "source"   # keep a quantized source's own blocks (readers/gguf_blocks.py)
@@ -98,12 +98,6 @@ def source_precision(src: SourceModel, linear_override: dict | None):
     return "fp16", override, report
 
 
-def _shared_lm_head(src: SourceModel, report: dict) -> str:
-    """--embedding shared on a quantized tied source: the one table is the source's own embedding
-    blocks (GatherBlockQuantized reads lm_head's), so nothing is re-rounded. Returns lm_head's kind for the
-    writer's check; the imported blocks set the actual bits."""
-    report["re_rounded"] = [r for r in report["re_rounded"] if not r.startswith("model.embed_tokens.weight")]
-    return "int8"
 
 
 def convert(src_path, out_dir, *, quant: str = "int4", group_size: int = 32, symmetric: bool = False,
@@ -138,9 +132,10 @@ def convert(src_path, out_dir, *, quant: str = "int4", group_size: int = 32, sym
         quant, writer_kw["linear_override"], source_report = source_precision(src, writer_kw.get("linear_override"))
         writer_kw.setdefault("method", SOURCE if source_report["weights"] == SOURCE else "rtn")
         if source_report["weights"] == SOURCE:
-            if embedding == "shared":
-                lm_head = lm_head or _shared_lm_head(src, source_report)
-            lm_head = lm_head or "fp16"   # used only when the source's lm_head is a float tensor
+            # a tied source's quantized embedding is lm_head's table; shared (the default), it is also the
+            # lookup's, the source's own blocks. "int8" names a quantized head for the writer's checks; the
+            # imported blocks set the actual bits. A float lm_head stays fp16.
+            lm_head = lm_head or ("int8" if source_report.get("lm_head") == SOURCE else "fp16")
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -148,13 +143,16 @@ def convert(src_path, out_dir, *, quant: str = "int4", group_size: int = 32, sym
     try:
         tmp.mkdir(parents=True)
         facts = write_onnx(src, tmp, quant=quant, group_size=group_size, symmetric=symmetric,
-                           lm_head=lm_head or default_lm_head(quant), embedding=embedding or default_embedding(quant),
+                           lm_head=lm_head or default_lm_head(quant), embedding=embedding,
                            accuracy_level=accuracy_level, max_context=max_context, progress=progress, **writer_kw)
         if calibration is not None:
             facts["calibration"] = calibration
         if mixed is not None:   # converters/mixed.py's per-tensor formats (in linear_override)
             facts["quantization"].update(mixed)
         if source_report is not None:
+            if facts["quantization"]["embedding"] == "shared":   # the source's embedding blocks, not re-rounded
+                source_report["re_rounded"] = [r for r in source_report.get("re_rounded", [])
+                                               if not r.startswith("model.embed_tokens.weight")]
             facts["quantization"].update({**source_report, "imported": dict(source_report.get("imported", {}))})
         if src.tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")

@@ -240,13 +240,14 @@ def convert_kwargs(args, source, kw):
     fixed = 0
     if max_mb is not None:   # what the rest of the folder takes: embedding table, norms, rope caches
         c = src.config
-        emb = kw.get("embedding") or default_embedding("int4")
+        emb = kw.get("embedding") or default_embedding("int4", kw.get("lm_head"), c.tie_word_embeddings)
         ctx = kw.get("max_context") or c.max_position_embeddings
         # a shared embedding is lm_head's table, priced with the linears
         fixed = int((0 if emb == "shared" else _weight_bytes(c.vocab_size * c.hidden_size, emb, 32))
                     + 4.0 * (ctx * c.head_dim + c.num_layers * 4 * c.hidden_size + c.hidden_size)
                     + 8192 * (c.num_layers + 1) + 65536)   # the graph itself, alignment padding
-    override, report = mixed_plan(src, target_bpw=target, shared_embedding=kw.get("embedding") == "shared", max_bytes=None if max_mb is None else int(max_mb * 1e6),
+    emb = kw.get("embedding") or default_embedding("int4", kw.get("lm_head"), src.config.tie_word_embeddings)
+    override, report = mixed_plan(src, target_bpw=target, shared_embedding=emb == "shared", max_bytes=None if max_mb is None else int(max_mb * 1e6),
                                   fixed_bytes=fixed, calib_file=getattr(args, "calib", None),
                                   calib_tokens=min(getattr(args, "calib_tokens", 512) or 512, 1024),
                                   progress=kw.get("progress", True))

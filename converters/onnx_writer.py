@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import contract
 from .model import HIDDEN_ACTS, SUPPORTED_ARCHITECTURES, ConversionError, SourceModel
-from .quantize import BLOCK_SIZES, QuantizedWeight, quantize_blockwise
+from .quantize import BLOCK_SIZES, QuantizedWeight, block_minimums, quantize_blockwise
 from .rope_cache import cos_sin_cache, local_config, rotary_dim
 
 QUANT_KINDS = ("fp32", "fp16", "int8", "int4")
@@ -70,7 +70,11 @@ def default_lm_head(quant: str) -> str:
     return "int8" if quant in ("int4", "int8") else quant
 
 
-def default_embedding(quant: str) -> str:
+def default_embedding(quant: str, lm_head: str | None = None, tied: bool = False) -> str:
+    """A tied model with a quantized lm_head (and weights below fp32) keeps one table: lm_head's, which the
+    lookup reads too (shared). Otherwise the table is stored in float."""
+    if tied and quant != "fp32" and (lm_head or default_lm_head(quant)) in ("int4", "int8"):
+        return "shared"
     return "fp32" if quant == "fp32" else "fp16"
 
 
@@ -170,6 +174,8 @@ class GraphBuilder:
         self.head_dim = graph_head_dim(self.cfg.head_dim)
         self.row_order = rotary_row_order(self.cfg)
         self.shared_table = None   # (QuantizedWeight, initializer names) once the shared embedding is written
+        self.embedding_default = False   # embedding "shared" by default: a head it cannot share falls back to fp16
+        self._head_qw = None   # lm_head's weight, loaded for a lookup that could not share it
         self.nodes: list[onnx.NodeProto] = []
         self._on_tensor = on_tensor or (lambda name: None)
 
@@ -192,6 +198,25 @@ class GraphBuilder:
             h = a.astype(np.float16)
         exact = np.array_equal(h.astype(np.float32).view(np.uint32), a.view(np.uint32))
         return self.init(name, h if exact else a), exact
+
+    def zero_points(self, weight: str, qw: QuantizedWeight, scales16: str | None) -> str:
+        """The zero points' value. Float zero points whose block minimums and scales are fp16 values
+        (imported Q4_1 blocks, our float-minimum quantizers) are stored as the negated minimums in fp16
+        and computed in the graph as Div(-minimum, scale): half the bytes of float32 zero points, folded
+        by both engines at load. The quotient z = fl(-m/d) gives -z*d within one float32 ulp of m, so
+        block_minimums (and the native runtime) round it back to m exactly; checked here all the same."""
+        name = weight + ".zero_points"
+        if qw.float_zero_points and scales16 is not None and np.all(qw.scales != 0):
+            m = block_minimums(qw).reshape(-1)
+            with np.errstate(over="ignore"):
+                neg = (-m).astype(np.float16)
+            if np.array_equal(neg.astype(np.float32), -m):
+                zp = (neg.astype(np.float32) / qw.scales).astype(np.float32)
+                again = QuantizedWeight(qw.B, qw.scales, zp, qw.K, qw.N, qw.bits, qw.block_size)
+                if np.array_equal(block_minimums(again).reshape(-1), m):
+                    neg_value = self.float_value(self.init(weight + ".neg_minimums", neg), True)
+                    return self.node("Div", [neg_value, scales16], name + ".div", outputs=[name])
+        return self.init(name, qw.zero_points)
 
     def float_value(self, name: str, half: bool) -> str:
         """The float32 value of initializer `name`: itself, or a Cast of it when it is fp16 (onnxruntime folds
@@ -245,10 +270,11 @@ class GraphBuilder:
             return self.node("MatMulNBits", [x, *names], name, domain="com.microsoft", K=qw.K, N=qw.N,
                              bits=qw.bits, block_size=qw.block_size, accuracy_level=self.accuracy_level)
         if weight in self.linear_override or kind in ("int4", "int8"):
-            qw = self.quantized(weight)
-            inputs = [x, self.init(weight + ".B", qw.B), self.float_value(*self.half_init(weight + ".scales", qw.scales))]
+            qw = self._head_qw if weight == "lm_head.weight" and self._head_qw is not None else self.quantized(weight)
+            scales, half = self.half_init(weight + ".scales", qw.scales)
+            inputs = [x, self.init(weight + ".B", qw.B), self.float_value(scales, half)]
             if qw.zero_points is not None:
-                inputs.append(self.init(weight + ".zero_points", qw.zero_points))
+                inputs.append(self.zero_points(weight, qw, inputs[2] if half else None))
             return self.node("MatMulNBits", inputs, name, domain="com.microsoft", K=qw.K, N=qw.N,
                              bits=qw.bits, block_size=qw.block_size, accuracy_level=self.accuracy_level)
         w = self.weight(weight).T
@@ -314,7 +340,10 @@ class GraphBuilder:
 
     def embed(self) -> str:
         if self.embedding_kind == "shared":
-            return self.scale_embedding(self.shared_lookup())
+            h = self.shared_lookup()
+            if h is not None:
+                return self.scale_embedding(h)
+            self.embedding_kind = "fp16"
         table = self.weight("model.embed_tokens.weight")
         if self.embedding_kind == "fp16":
             t = self.init("model.embed_tokens.weight", table.astype(np.float16))
@@ -325,13 +354,20 @@ class GraphBuilder:
         return self.scale_embedding(h)
 
     def shared_lookup(self) -> str:
-        """The embedding lookup of a tied model from lm_head's MatMulNBits table (stored once).
+        """The embedding lookup of a tied model from lm_head's MatMulNBits table (stored once); None when
+        that table has float zero points and the shared table was only the default (the caller writes fp16).
 
         com.microsoft.GatherBlockQuantized takes the table as [N, K/2] (4-bit) or [N, K] (8-bit) and the
         scales as [N, blocks]: Reshape views of lm_head's B [N, blocks, blob] and scales [N*blocks]; the
         zero points already have its shape. Rows padded to the block come back padded: sliced to hidden.
         """
         qw = self.quantized("lm_head.weight")
+        if qw.float_zero_points:   # GatherBlockQuantized's zero points are integers, as the data
+            if self.embedding_default:
+                self._head_qw = qw
+                return None
+            raise ConversionError("embedding 'shared' needs lm_head blocks with integer zero points or none; "
+                                  "this lm_head has float zero points (use --embedding fp16)")
         scales, half = self.half_init("lm_head.weight.scales", qw.scales)
         names = [self.init("lm_head.weight.B", qw.B), self.float_value(scales, half)]
         if qw.zero_points is not None:
@@ -452,6 +488,8 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
                method: str = "rtn", sparsity: dict | None = None) -> dict:
     """Write out_dir/model.onnx (+ model.onnx.data); return the facts edgeact.json records.
 
+    embedding: None = default_embedding (a tied model's quantized lm_head table, read by the lookup too; fp16
+    when that table has float zero points, which the lookup cannot take).
     external_data: None = when the weights exceed 16 MiB (always above protobuf's 2 GB); True/False force it.
     steering=False leaves the Steer nodes out (hidden.{i} is then the layer's residual output).
     linear_override: weight name → QuantizedWeight, or a zero-argument function returning one (called once,
@@ -462,7 +500,8 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
     if cfg.arch not in SUPPORTED_ARCHITECTURES:
         raise ConversionError(f"unsupported architecture {cfg.arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     lm_head = lm_head or default_lm_head(quant)
-    embedding = embedding or default_embedding(quant)
+    embedding_default = embedding is None
+    embedding = embedding or default_embedding(quant, lm_head, cfg.tie_word_embeddings)
     for label, value, allowed in (("quant", quant, QUANT_KINDS), ("lm_head", lm_head, QUANT_KINDS),
                                   ("embedding", embedding, EMBEDDING_KINDS)):
         if value not in allowed:
@@ -515,6 +554,7 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
                          embedding=embedding, accuracy_level=accuracy_level, linear_override=linear_override,
                          steering=steering, on_tensor=on_tensor,
                          sparse_sites=(sparsity or {}).get("sites"), coreinfer=(sparsity or {}).get("coreinfer"))
+        b.embedding_default = embedding_default
         for suffix, (cos, sin) in caches.items():
             b.init("cos_cache" + suffix, cos)
             b.init("sin_cache" + suffix, sin)
@@ -588,10 +628,43 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
         "max_context": max_context,
         "quantization": {"weights": quant, "group_size": group_size, "symmetric": symmetric,
                          "method": method, "accuracy_level": accuracy_level,
-                         "lm_head": lm_head, "embedding": embedding},
+                         "lm_head": lm_head, "embedding": b.embedding_kind},
         "steering": ({"layers": cfg.num_layers, "inputs": "steer.{i}.add / steer.{i}.ablate"} if steering else None),
         "sparsity": (sparsity or {}).get("meta"),
         "external_data": bool(external_data),
         "kv_cache": {"num_kv_heads": cfg.num_kv_heads, "head_dim": head_dim},
         "weight_bytes": inits.nbytes,
     }
+
+
+def stored_weights(folder) -> dict[str, QuantizedWeight]:
+    """Every MatMulNBits weight of a written folder as numpy reads the file: {weight name: QuantizedWeight},
+    with the stored parameters evaluated as the graph computes them (fp16 Casts, Reshape views, the Div of
+    fp16 minimums into float zero points)."""
+    folder = Path(folder)
+    model = onnx.load(str(folder / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t, base_dir=str(folder)) for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def value(name: str) -> np.ndarray:
+        if name in inits:
+            return inits[name]
+        n = producer[name]
+        if n.op_type == "Cast":
+            return value(n.input[0]).astype(np.float32)
+        if n.op_type == "Div":
+            return (value(n.input[0]) / value(n.input[1])).astype(np.float32)
+        if n.op_type == "Reshape":
+            return value(n.input[0]).reshape(value(n.input[1]))
+        raise ValueError(f"{name} is computed by {n.op_type}, not from initializers")
+
+    out = {}
+    for n in model.graph.node:
+        if n.op_type != "MatMulNBits":
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        zp = value(n.input[3]) if len(n.input) > 3 and n.input[3] else None
+        weight = n.input[1][: -len(".B")] if n.input[1].endswith(".B") else n.name
+        out[weight] = QuantizedWeight(value(n.input[1]), value(n.input[2]), zp, a["K"], a["N"], a.get("bits", 4),
+                                      a["block_size"])
+    return out

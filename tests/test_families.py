@@ -7,6 +7,8 @@ prefill and single-token decode steps, past the sliding window where a model has
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -306,6 +308,41 @@ def test_tied_table_stored_once(tmp_path, lm_head, hidden):
     table = dequantize(qw)
     ref = SourceModel(config=src.config, tensors={**src.tensors, "model.embed_tokens.weight": lambda: table})
     check_against_torch(tmp_path, build_torch_model(ref), _prompt(vocab=vocab), steps=8, tol=TOL)
+
+
+def _tables(folder) -> list[str]:
+    """The initializers with a row per vocabulary entry."""
+    import onnx
+
+    m = onnx.load(str(folder / "model.onnx"))
+    vocab = json.loads((folder / "edgeact.json").read_text())["config"]["vocab_size"]
+    return sorted(i.name for i in m.graph.initializer if i.dims and i.dims[0] == vocab)
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8", "source"])
+def test_default_convert_stores_the_tied_table_once(tmp_path, quant):
+    """The default for a tied model with a quantized lm_head is one table: the lookup reads lm_head's
+    blocks (the same initializers), and the native runtime equals onnxruntime on it. --embedding fp16 keeps
+    a float table of its own; an untied model keeps its fp16 table."""
+    import edgeact
+    from edgeact.converters.convert import convert
+    from edgeact.converters.random_model import random_source
+    from edgeact.evaluate import compare_logits
+
+    src = random_source("tiny", seed=4, tie_word_embeddings=True)
+    out = convert(src, tmp_path / "default", quant=quant, progress=False)
+    meta = json.loads((out / "edgeact.json").read_text())["quantization"]
+    assert meta["embedding"] == "shared" and meta["lm_head"] == "int8"
+    assert _tables(out) == ["lm_head.weight.B", "lm_head.weight.zero_points"]   # (scales are 1-D)
+    ids = [1, 7, 42, 5, 99, 3, 250, 17]
+    q = compare_logits(edgeact.load(out, engine="native").forward(ids), edgeact.load(out, engine="ort").forward(ids),
+                       ids)
+    assert q.kl < 1e-3 and q.top1 >= 0.99, q
+    two = convert(src, tmp_path / "fp16", quant=quant, embedding="fp16", progress=False)
+    assert json.loads((two / "edgeact.json").read_text())["quantization"]["embedding"] == "fp16"
+    assert "model.embed_tokens.weight" in _tables(two) and "lm_head.weight.B" in _tables(two)
+    untied = convert(random_source("tiny", seed=4), tmp_path / "untied", quant=quant, progress=False)
+    assert json.loads((untied / "edgeact.json").read_text())["quantization"]["embedding"] == "fp16"
 
 
 def test_shared_table_needs_a_tied_quantized_head(tmp_path):

@@ -163,14 +163,15 @@ def _write_quantized_gguf(path, src, types: dict[str, str]):
 
 
 def test_convert_source_keeps_blocks(tmp_path):
-    """convert(quant="source"): every linear in the folder holds the GGUF's values bit for bit, and
-    onnxruntime runs the folder close to the fp32 reference on the same (dequantized) weights."""
+    """convert(quant="source"): every linear in the folder, as numpy reads the file (fp16 scales and
+    minimums through the graph's Cast and Div), holds the GGUF's values bit for bit, and both engines run
+    the folder close to the fp32 reference on the same (dequantized) weights."""
     import onnx
-    from onnx import numpy_helper
+    from onnx import TensorProto
 
     import edgeact
     from edgeact.converters.convert import convert
-    from edgeact.converters.quantize import QuantizedWeight
+    from edgeact.converters.onnx_writer import stored_weights
     from edgeact.converters.random_model import random_source
     from edgeact.converters.readers import read_source
     from edgeact.evaluate import Reference
@@ -185,20 +186,22 @@ def test_convert_source_keeps_blocks(tmp_path):
     meta = json.loads((out / "edgeact.json").read_text())["quantization"]
     assert meta["weights"] == "source" and meta["lm_head"] == "source"
     assert meta["imported"]["Q4_1 -> int4 g32 float zero points"] == 3 * base.config.num_layers
-    assert any("embed_tokens" in line for line in meta["re_rounded"])
+    # the default for a tied source: one table, the source's own Q8_0 blocks (nothing re-rounded)
+    assert meta["embedding"] == "shared" and not any("embed_tokens" in line for line in meta["re_rounded"])
 
     model = onnx.load(str(out / "model.onnx"))
-    inits = {t.name: numpy_helper.to_array(t, base_dir=str(out)) for t in model.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
     nodes = {n.input[1][: -len(".B")]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
     assert len(nodes) == 7 * base.config.num_layers + 1
+    stored = stored_weights(out)
     for name, node in nodes.items():
-        a = {x.name: helper_attr(x) for x in node.attribute}
-        zp = inits.get(name + ".zero_points")
-        scales = inits[name + ".scales"]
         if "up_proj" not in name:   # the source's fp16 block scales, stored as they are, cast in the graph
-            assert scales.dtype == np.float16 and node.input[2] == name + ".scales.f32", name
-        qw = QuantizedWeight(inits[name + ".B"], scales.astype(np.float32), zp, a["K"], a["N"], a["bits"],
-                             a["block_size"])
+            assert inits[name + ".scales"].data_type == TensorProto.FLOAT16, name
+            assert node.input[2] == name + ".scales.f32", name
+        if any(p in name for p in ("q_proj", "gate_proj", "down_proj")):   # Q4_1: fp16 minimums, not fp32 zps
+            assert inits[name + ".neg_minimums"].data_type == TensorProto.FLOAT16, name
+            assert name + ".zero_points" not in inits and node.input[3] == name + ".zero_points", name
+        qw = stored[name]
         want = src.load("model.embed_tokens.weight" if name == "lm_head.weight" else name)
         if "up_proj" in name:
             assert any(line.startswith(name) and "Q5_1" in line for line in meta["re_rounded"])
@@ -209,17 +212,12 @@ def test_convert_source_keeps_blocks(tmp_path):
     ref = Reference(src, n_tokens=48, seed=3)
     q = ref.compare(edgeact.load(out, engine="ort"))
     assert q.top1 >= 0.9 and q.kl < 0.02, q
-    # --embedding shared: the tied table stored once, as the source's own Q8_0 blocks (nothing re-rounded)
-    shared = convert(tmp_path / "m.gguf", tmp_path / "shared", quant="source", embedding="shared", progress=False)
-    meta = json.loads((shared / "edgeact.json").read_text())["quantization"]
-    assert meta["embedding"] == "shared" and not any("embed_tokens" in line for line in meta["re_rounded"])
-    assert ref.compare(edgeact.load(shared, engine="ort")).kl <= q.kl + 1e-3
-
-
-def helper_attr(attr):
-    from onnx import helper
-
-    return helper.get_attribute_value(attr)
+    assert ref.compare(edgeact.load(out, engine="native")).kl < 0.02
+    # --embedding fp16: the old layout, a float table of its own beside lm_head's (rounded to fp16)
+    fp16 = convert(tmp_path / "m.gguf", tmp_path / "fp16", quant="source", embedding="fp16", progress=False)
+    meta = json.loads((fp16 / "edgeact.json").read_text())["quantization"]
+    assert meta["embedding"] == "fp16" and any("embed_tokens" in line for line in meta["re_rounded"])
+    assert ref.compare(edgeact.load(fp16, engine="ort")).kl <= q.kl + 1e-3
 
 
 @pytest.mark.parametrize("isa", ["scalar", None])

@@ -177,12 +177,14 @@ def test_quantized_tiny_matches_onnxruntime(tiny_dirs, quant):
 def _matmulnbits_nodes_match_onnxruntime(folder, ids):
     """Every MatMulNBits node: our kernel on onnxruntime's input for that node vs onnxruntime's output."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     from edgeact.runtime import QMatMul
 
+    from edgeact.converters.onnx_writer import stored_weights
+
     mp = onnx.load(str(folder / "model.onnx"))
-    inits = {t.name: t for t in mp.graph.initializer}
+    weights = stored_weights(folder)   # the file's parameters as the graph computes them (fp16 Casts, Div)
     nodes = [n for n in mp.graph.node if n.op_type == "MatMulNBits"]
     names = {x for n in nodes for x in (n.input[0], n.output[0])} - {o.name for o in mp.graph.output}
     mp.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in sorted(names))
@@ -197,10 +199,8 @@ def _matmulnbits_nodes_match_onnxruntime(folder, ids):
     outs = [o.name for o in sess.get_outputs()]
     res = dict(zip(outs, sess.run(outs, feeds)))
     for n in nodes:
-        a = {x.name: x for x in n.attribute}
-        zp = numpy_helper.to_array(inits[n.input[3]]) if len(n.input) > 3 and n.input[3] else None
-        q = QMatMul(a["K"].i, a["N"].i, a["bits"].i, a["block_size"].i, numpy_helper.to_array(inits[n.input[1]]),
-                    numpy_helper.to_array(inits[n.input[2]]), zp, threads=2)
+        w = weights[n.input[1][: -len(".B")]]
+        q = QMatMul(w.K, w.N, w.bits, w.block_size, w.B, w.scales, w.zero_points, threads=2)
         want = res[n.output[0]][0]
         got = q(res[n.input[0]][0])
         # same codes as MLAS (127/amax, ties to even): only the fp32 summation order differs;

@@ -1,17 +1,99 @@
-"""Float block minimums (MatMulNBits float zero points) in a TEAL-sparse folder: the input-sparse
-kernels hold integer zero points only, so the planner keeps these matmuls on the dense kernels,
-whose minimums the repack carries (native/tests/test_kernels.c checks those bit for bit on every
-ISA). The folder loads, decodes the prefill's rows, and stays near onnxruntime."""
+"""Float block minimums (MatMulNBits float zero points) in the native kernels. native/tests/
+test_kernels.c checks every ISA bit for bit against the scalar reference; here the kernels (through
+the test binary's file mode, x86 and NEON under qemu) against numpy, and a TEAL-sparse folder: the
+input-sparse kernels hold integer zero points only, so the planner keeps these matmuls on the
+dense kernels. The folder loads, decodes the prefill's rows, and stays near onnxruntime."""
 import json
+import struct
 
 import numpy as np
 import pytest
+from test_native_kernels import _quantize_rows, _run, arm_bin, native_bin  # noqa: F401 (fixtures)
 
 from edgeact.engines import native_available
 
-pytestmark = pytest.mark.skipif(not native_available(), reason="native runtime not built")
+
+def _run_min(cmd, tmp_path, x, K, N, bits, bs, packed, scales, mins, threads, isa=None):
+    M = x.shape[0]
+    inp, out = tmp_path / "in.bin", tmp_path / "out.bin"
+    with open(inp, "wb") as f:
+        f.write(struct.pack("<7i", M, K, N, bits, bs, 2, threads))
+        for a in (np.ascontiguousarray(x, np.float32), packed, scales, mins):
+            f.write(a.tobytes())
+    res = _run([*cmd, "--qmatmul", str(inp), str(out)], isa)
+    assert res.returncode == 0, res.stderr
+    return np.fromfile(out, np.float32).reshape(M, N), res.stderr
 
 
+def _weight(rng, K, N, bits, bs, f16):
+    nb = -(-K // bs)
+    q = rng.integers(0, 1 << bits, size=(N, nb * bs), dtype=np.uint8)
+    q[:, K:] = 0
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8) if bits == 4 else q
+    scales = (np.abs(rng.standard_normal((N, nb))) * 0.02).astype(np.float16).astype(np.float32)
+    mins = (-scales * rng.uniform(0, (1 << bits) - 1, size=(N, nb))).astype(np.float32)
+    if f16:
+        mins = mins.astype(np.float16).astype(np.float32)
+    return q, packed, scales, mins
+
+
+def _check(y, x, q, scales, mins, K, bs):
+    """The kernel's product is that of the weight q*scale + minimum and the int8 activations: the
+    minimum times the block's sum of quantized activations (sx * sumx)."""
+    xq, sx = _quantize_rows(x, bs)
+    M, nb = sx.shape
+    N = q.shape[0]
+    idot = np.einsum("mbk,nbk->mnb", xq.reshape(M, nb, bs), q.astype(np.int64).reshape(N, nb, bs))
+    xsum = (sx * xq.sum(axis=2)).astype(np.float32).astype(np.float64)  # sx*sumx, rounded as the kernel does
+    terms = sx[:, None, :].astype(np.float64) * scales[None] * idot + mins[None].astype(np.float64) * xsum[:, None]
+    ref = terms.sum(axis=2)
+    tol = 6 * nb * np.finfo(np.float32).eps * (np.abs(sx[:, None, :] * scales[None] * idot) +
+                                               np.abs(mins[None] * xsum[:, None])).sum(axis=2) + 1e-30
+    assert np.all(np.abs(y - ref) <= tol), np.max(np.abs(y - ref) - tol)
+    # against the float product: each activation moves by at most half its block's step
+    W = (q.astype(np.float64).reshape(N, nb, bs) * scales[:, :, None] + mins[:, :, None]).reshape(N, -1)[:, :K]
+    bound = np.repeat(sx, bs, axis=1)[:, :K] / 2 @ np.abs(W).T * 1.001 + tol
+    assert np.all(np.abs(y - x.astype(np.float64) @ W.T) <= bound)
+
+
+MIN_CASES = [  # M, K, N, bits, block_size, fp16 minimums, threads
+    (1, 300, 77, 4, 32, True, 2),
+    (1, 256, 64, 4, 32, False, 1),
+    (4, 200, 45, 4, 64, True, 2),
+    (3, 513, 33, 4, 128, False, 2),
+    (2, 190, 29, 8, 64, True, 1),
+]
+
+
+@pytest.mark.parametrize("M,K,N,bits,bs,f16,threads", MIN_CASES)
+@pytest.mark.parametrize("isa", [None, "avx2", "scalar"])
+def test_minimums_file_mode_vs_numpy(native_bin, tmp_path, M, K, N, bits, bs, f16, threads, isa):
+    import platform
+
+    if isa == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 only")
+    rng = np.random.default_rng(K * 7 + N)
+    q, packed, scales, mins = _weight(rng, K, N, bits, bs, f16)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    y, log = _run_min(native_bin, tmp_path, x, K, N, bits, bs, packed, scales, mins, threads, isa)
+    if isa:
+        assert f"isa={isa}" in log
+    _check(y, x, q, scales, mins, K, bs)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("cpu", ["max", "cortex-a57"])
+def test_minimums_file_mode_vs_numpy_aarch64(arm_bin, tmp_path, cpu):
+    for M, K, N, bits, bs, f16, threads in MIN_CASES[::2]:
+        rng = np.random.default_rng(K + N)
+        q, packed, scales, mins = _weight(rng, K, N, bits, bs, f16)
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        y, _ = _run_min(["qemu-aarch64", "-cpu", cpu, arm_bin], tmp_path, x, K, N, bits, bs, packed, scales,
+                        mins, threads)
+        _check(y, x, q, scales, mins, K, bs)
+
+
+@pytest.mark.skipif(not native_available(), reason="native runtime not built")
 def test_teal_folder_with_float_minimums(tmp_path, tiny_hf_dir, monkeypatch):
     import edgeact
     from edgeact.cli import main
@@ -35,3 +117,19 @@ def test_teal_folder_with_float_minimums(tmp_path, tiny_hf_dir, monkeypatch):
     assert np.abs(dec - full[6:]).max() <= 1e-4
     ort = edgeact.load(out, engine="ort").forward(ids)
     assert compare_logits(full, ort, ids).kl < 0.01
+
+
+@pytest.mark.skipif(not native_available(), reason="native runtime not built")
+def test_float_activations_with_float_minimums(tmp_path, tiny_hf_dir):
+    """accuracy_level 1: float activations against fma(q, scale, minimum) from the file layout,
+    which is onnxruntime's float computation up to summation order."""
+    import edgeact
+    from edgeact.cli import main
+
+    out = tmp_path / "imx-acc1"
+    assert main(["convert", str(tiny_hf_dir), "-o", str(out), "--method", "imatrix", "--accuracy-level", "1",
+                 "--calib-tokens", "64", "--quiet"]) == 0
+    ids = [1, 5, 9, 33, 2, 70, 11, 4]
+    n = edgeact.load(out, engine="native").forward(ids)
+    o = edgeact.load(out, engine="ort").forward(ids)
+    np.testing.assert_allclose(n, o, rtol=0, atol=1e-5 * np.abs(o).max())

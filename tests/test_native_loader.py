@@ -156,6 +156,41 @@ def test_scales_cast_from_an_activation(base, tmp_path):
                    "initializer"), msg
 
 
+def _float_minimum_folder(tmp_path):
+    """A tied tiny model from a GGUF whose up_proj is Q4_1: its float zero points are Div(Cast(-minimum),
+    Cast(scale)) of fp16 initializers."""
+    from test_gguf_import import _write_quantized_gguf
+
+    src = random_source("tiny", seed=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
+                        head_dim=16, tie_word_embeddings=True)
+    types = {p: "Q4_0" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj")}
+    _write_quantized_gguf(tmp_path / "m.gguf", src, {**types, "up_proj": "Q4_1"})
+    return convert(tmp_path / "m.gguf", tmp_path / "src", quant="source", progress=False)
+
+
+def test_float_zero_points_folded_from_fp16_minimums(tmp_path):
+    folder = _float_minimum_folder(tmp_path)
+    m = onnx.load(str(folder / "model.onnx"))
+    zp = "model.layers.1.mlp.up_proj.weight.zero_points"
+    div = next(n for n in m.graph.node if n.output[0] == zp)
+    assert div.op_type == "Div" and _init(m, zp[: -len("zero_points")] + "neg_minimums").data_type == TensorProto.FLOAT16
+    NativeModel(folder)
+
+    def divisor_too_short(m):   # the scales' Cast replaced by a 3-element initializer
+        _node(m, div.name).input[1] = "short"
+        m.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(3, np.float32), "short"))
+    msg = _load_error(_edit(folder, tmp_path, divisor_too_short, "short"))
+    assert msg.startswith(f"node '{div.name}' (Div): initializers ") and "must have the same size" in msg, msg
+
+    def integer_dividend(m):
+        t = _init(m, div.input[0][: -len(".f32")])   # the fp16 minimums behind their Cast
+        _node(m, div.name).input[0] = t.name + ".u8"
+        m.graph.initializer.append(onnx.numpy_helper.from_array(
+            np.ones(onnx.numpy_helper.to_array(t).shape, np.uint8), t.name + ".u8"))
+    msg = _load_error(_edit(folder, tmp_path, integer_dividend, "u8"))
+    assert msg.startswith(f"node '{div.name}' (Div): dividing initializer ") and "uint8 is not supported" in msg, msg
+
+
 def test_unknown_attribute_value(base, tmp_path):
     def edit(m):
         for a in _node(m, "layers.0.attn.gqa").attribute:

@@ -184,9 +184,13 @@ def test_graph_follows_contract(tmp_path, quant):
                                                              for kv in ("key", "value")]
     inits = {t.name: t for t in m.graph.initializer}
     assert onnx.numpy_helper.to_array(inits["cos_cache"]).shape == (256, 8)
-    # Tied: lm_head is its own (quantized) copy; embedding dtype per defaults.
-    assert inits["model.embed_tokens.weight"].data_type == (onnx.TensorProto.FLOAT if quant == "fp32"
-                                                            else onnx.TensorProto.FLOAT16)
+    # Tied: a quantized lm_head's table is the lookup's too (shared); float weights keep a float table
+    if quant in ("int4", "int8"):
+        assert facts["quantization"]["embedding"] == "shared" and "model.embed_tokens.weight" not in inits
+        assert next(n for n in m.graph.node if n.name == "embed").op_type == "GatherBlockQuantized"
+    else:
+        assert inits["model.embed_tokens.weight"].data_type == (onnx.TensorProto.FLOAT if quant == "fp32"
+                                                                else onnx.TensorProto.FLOAT16)
     lm = next(n for n in m.graph.node if n.name == "lm_head")
     assert lm.op_type == {"fp32": "MatMul", "fp16": "MatMul", "int8": "MatMulNBits", "int4": "MatMulNBits"}[quant]
     if quant in ("int4", "int8"):

@@ -37,12 +37,14 @@ typedef struct value {
 } value;
 
 /* A float32 copy of an fp16 initializer read through Cast(to=FLOAT) where float32 data is
- * needed (block scales of MatMulNBits and GatherBlockQuantized; plan.c, ea_need_const). One
- * per source tensor; the buffer goes once nothing reads it (ea_model_build, after the passes). */
+ * needed (block scales of MatMulNBits and GatherBlockQuantized; plan.c, ea_need_const), or a
+ * constant the planner folded. One per source tensor; the buffer goes once nothing reads it
+ * (ea_model_build, after the passes). */
 typedef struct f32_copy {
     const onnx_tensor *src;
     onnx_tensor t; /* t.owned is the buffer, NULL once freed */
     int keep;      /* read by an op other than MatMulNBits: kept for the model's life */
+    int folded;    /* src NULL: a constant the planner computed (plan.c, fold_div); t.name is its value's */
 } f32_copy;
 
 /* One kind per line of ops/list.h. */

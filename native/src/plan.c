@@ -188,6 +188,19 @@ static int lookup_has_repack(const ea_model *m, const ea_qweight *g) {
     return 0;
 }
 
+/* Is a folded constant read only as MatMulNBits float zero points? Those are read at plan only: the
+ * op makes them the weight's block minimums (ops/matmul_nbits.c). */
+static int only_float_zero_points(const ea_model *m, const char *name) {
+    for (int n = 0; n < m->onnx.n_nodes; n++) {
+        const onnx_node *nd = &m->onnx.nodes[n];
+        for (int k = 0; k < nd->n_inputs; k++)
+            if (!strcmp(nd->inputs[k], name) &&
+                (k != 3 || strcmp(nd->op_type, "MatMulNBits") || m->steps[n].op != OP_QMATMUL))
+                return 0;
+    }
+    return 1;
+}
+
 /* After the passes: a float32 copy whose every reader kept only its SIMD repack (which holds the
  * scales itself) is not read again. Readers of the file layout keep it: scalar and
  * float-activation weights, a lookup without a repack, CoreInfer's kept-rows copies (made per
@@ -196,7 +209,8 @@ static void free_unread_copies(ea_model *m) {
     for (int i = 0; i < m->n_f32c; i++) {
         f32_copy *c = m->f32c[i];
         const float *buf = (const float *)c->t.owned;
-        int read = c->keep;
+        /* a folded constant read only as float zero points: they became the steps' block minimums */
+        int read = c->folded ? !only_float_zero_points(m, c->t.name) : c->keep;
         for (int s = 0; s < m->n_steps && !read; s++) {
             const step *st = &m->steps[s];
             if (!st->qw_ready || st->qw.scales != buf) continue;
@@ -270,6 +284,79 @@ int ea_only_outputs(ea_planner *b, const onnx_node *nd, int n) {
     return 0;
 }
 
+/* ---- constant folding ------------------------------------------------------------------------ */
+/* Element i of a float constant: float32, or float16 through a Cast (converted exactly). */
+static float const_elem(const value *v, size_t i) {
+    if (v->cast_f16) return ea_f16_to_f32(((const uint16_t *)v->tensor->data)[i]);
+    float f;
+    memcpy(&f, v->tensor->data + 4 * i, sizeof f);
+    return f;
+}
+
+/* Div of two float constants (float32, or fp16 through a Cast), elementwise or by a scalar: computed
+ * once here, IEEE division as onnxruntime's constant folding does, into a model-owned float32
+ * tensor. The writer stores float zero points so: Div(Cast(-minimum), Cast(scale)) with fp16
+ * minimums and scales, half the bytes of float32 zero points, and -zp*scale then rounds back to
+ * the stored minimum (ops/matmul_nbits.c). */
+static int fold_div(ea_planner *b, const onnx_node *nd, step *st, int va, int vb) {
+    ea_model *m = b->m;
+    const int si = (int)(st - m->steps);
+    const value *A = &m->values[va], *B = &m->values[vb];
+    for (int k = 0; k < 2; k++) {
+        const value *v = k ? B : A;
+        if (!v->cast_f16 && v->tensor->dtype != ONNX_FLOAT)
+            NODE_FAIL("dividing initializer '%s' of type %s is not supported (float32, or float16 through a Cast)",
+                      v->name, onnx_dtype_name(v->tensor->dtype));
+    }
+    const int na = ea_numel(A->tensor), nb = ea_numel(B->tensor);
+    if (na < 0 || nb < 0 || (nb != na && nb != 1))
+        NODE_FAIL("initializers '%s' (%d elements) and '%s' (%d) must have the same size, or the divisor one element",
+                  A->name, na, B->name, nb);
+    if (ea_only_outputs(b, nd, 1)) return -1;
+    f32_copy *c = calloc(1, sizeof *c);
+    float *buf = c ? malloc((size_t)(na ? na : 1) * sizeof(float)) : NULL;
+    f32_copy **slot = buf ? ea_push((void **)&m->f32c, &m->n_f32c, &m->cap_f32c, sizeof *slot) : NULL;
+    if (!slot) {
+        free(buf);
+        free(c);
+        NODE_FAIL("out of memory");
+    }
+    *slot = c;
+    for (size_t i = 0; i < (size_t)na; i++) buf[i] = const_elem(A, i) / const_elem(B, nb == 1 ? 0 : i);
+    c->folded = 1;
+    c->t = *A->tensor;
+    c->t.name = (char *)nd->outputs[0];
+    c->t.dtype = ONNX_FLOAT;
+    c->t.data = (const uint8_t *)buf;
+    c->t.nbytes = (size_t)na * sizeof(float);
+    c->t.owned = buf;
+    c->t.external = 0;
+    c->t.location = NULL;
+    m->bytes_copied += c->t.nbytes;
+    st->op = OP_NOP;
+    st->out = ea_add_output(b, nd, 0, V_CONST, ONNX_FLOAT, 0, si);
+    if (st->out < 0) return -1;
+    m->values[st->out].tensor = &c->t;
+    return 0;
+}
+
+/* A node the planner computes itself at load: Div of two constants. 1: folded (or failed, with
+ * *rc set), 0: an ordinary node. */
+static int try_fold(ea_planner *b, const onnx_node *nd, step *st, int *rc) {
+    if (strcmp(nd->op_type, "Div") || *nd->domain || nd->n_inputs != 2) return 0;
+    int va, vb;
+    const int known = map_find(b, nd->inputs[0]) >= 0 && map_find(b, nd->inputs[1]) >= 0;
+    if (!known) return 0;
+    *rc = ea_get_input(b, nd, 0, 1, &va) || ea_get_input(b, nd, 1, 1, &vb) ? -1 : 0;
+    if (*rc) return 1;
+    if (b->m->values[va].kind != V_CONST || !b->m->values[va].tensor || b->m->values[vb].kind != V_CONST ||
+        !b->m->values[vb].tensor)
+        return 0;
+    static const char *const none[] = {NULL};
+    *rc = ea_check_attrs(b, nd, none) ? -1 : fold_div(b, nd, st, va, vb);
+    return 1;
+}
+
 /* ---- one node -> one step ------------------------------------------------------------------ */
 static int plan_node(ea_planner *b, int ni, step *st) {
     const onnx_node *nd = &b->m->onnx.nodes[ni];
@@ -279,6 +366,8 @@ static int plan_node(ea_planner *b, int ni, step *st) {
     st->in[0] = st->in[1] = st->in[2] = -1;
     st->out = -1;
     st->layer = -1;
+    int rc;
+    if (try_fold(b, nd, st, &rc)) return rc;
     const int kind = ea_op_find(nd->domain, nd->op_type);
     if (kind < 0) {
         char list[512];

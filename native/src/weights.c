@@ -147,29 +147,43 @@ static int is_matmulnbits(const onnx_node *nd) {
     return !strcmp(nd->op_type, "MatMulNBits") && !strcmp(nd->domain, "com.microsoft");
 }
 
-static int is_cast(const onnx_node *nd) { return !strcmp(nd->op_type, "Cast") && !*nd->domain && nd->n_inputs > 0; }
+/* A node the planner folds into a MatMulNBits parameter: Cast of fp16 scales, Div of fp16 minimums
+ * by them (float zero points). */
+static int is_param_op(const onnx_node *nd) {
+    return !*nd->domain && (!strcmp(nd->op_type, "Cast") || !strcmp(nd->op_type, "Div"));
+}
 
-/* ... and so are fp16 scales behind a Cast to float32 (plan.c converts them once). */
+/* ... and so are the fp16 initializers their float32 values are computed from (plan.c converts them
+ * once): the inputs of the Cast and Div nodes that lead to a MatMulNBits parameter. */
 static const char **matmulnbits_inputs(const onnx_model *om, size_t *n_out) {
     size_t n = 0;
-    for (int i = 0; i < om->n_nodes; i++) {
-        if (is_matmulnbits(&om->nodes[i]) && om->nodes[i].n_inputs > 1) n += (size_t)om->nodes[i].n_inputs - 1;
-        n += is_cast(&om->nodes[i]);
-    }
+    for (int i = 0; i < om->n_nodes; i++)
+        if (is_matmulnbits(&om->nodes[i]) || is_param_op(&om->nodes[i])) n += (size_t)om->nodes[i].n_inputs;
     const char **names = malloc(sizeof *names * (n ? n : 1));
-    if (!names) return NULL;
+    char *taken = calloc((size_t)om->n_nodes + 1, 1);
+    if (!names || !taken) {
+        free(names);
+        free(taken);
+        return NULL;
+    }
     n = 0;
     for (int i = 0; i < om->n_nodes; i++)
         if (is_matmulnbits(&om->nodes[i]))
             for (int k = 1; k < om->nodes[i].n_inputs; k++) names[n++] = om->nodes[i].inputs[k];
     qsort(names, n, sizeof *names, cmp_name);
-    const size_t direct = n;
-    for (int i = 0; i < om->n_nodes; i++) {
-        const onnx_node *c = &om->nodes[i];
-        if (is_cast(c) && c->n_outputs > 0 && bsearch(&c->outputs[0], names, direct, sizeof *names, cmp_name))
-            names[n++] = c->inputs[0];
+    for (int pass = 0; pass < 2; pass++) { /* Div, then the Casts feeding it */
+        const size_t before = n;
+        for (int i = 0; i < om->n_nodes; i++) {
+            const onnx_node *c = &om->nodes[i];
+            if (taken[i] || !is_param_op(c) || c->n_outputs < 1 ||
+                !bsearch(&c->outputs[0], names, before, sizeof *names, cmp_name))
+                continue;
+            taken[i] = 1;
+            for (int k = 0; k < c->n_inputs; k++) names[n++] = c->inputs[k];
+        }
+        qsort(names, n, sizeof *names, cmp_name);
     }
-    qsort(names, n, sizeof *names, cmp_name);
+    free(taken);
     *n_out = n;
     return names;
 }
@@ -221,8 +235,11 @@ static int resolve_each(ea_model *m, const char *dir, const char **mm, size_t n_
                                (unsigned long long)want);
         }
         if (t->dtype == ONNX_FLOAT || t->dtype == ONNX_FLOAT16) { /* NaN/Inf weights would poison every token */
-            size_t n = (size_t)numel;
+            const size_t n = (size_t)numel, chunk = ((size_t)2 << 20) / es;
             for (size_t k = 0; k < n; k++) {
+                /* the scan pages the tensor in: each 2 MiB goes back as it is passed, or a float
+                 * embedding table would be resident whole at the load's peak */
+                if (k && k % chunk == 0) ea_release_pages(m, t->data + (k - chunk) * es, chunk * es);
                 uint32_t bits;
                 int bad;
                 if (t->dtype == ONNX_FLOAT) {

@@ -7,6 +7,7 @@
  *   test_kernels --qmatmul IN OUT      MatMulNBits on a file (for numpy):
  *     IN  = int32 M,K,N,bits,block_size,has_zp,threads; float x[M*K];
  *           uint8 B[N*nb*bs*bits/8]; float scales[N*nb]; uint8 zp[...]
+ *           (has_zp 1), or float minimums[N*nb] (has_zp 2)
  *     OUT = float y[M*N]
  *   test_kernels --sparse IN OUT       input-sparse int4 GEMV on a file:
  *     IN  = int32 K,N,block_size,has_zp,threads,n_active; float x[K];
@@ -945,14 +946,19 @@ static int run_qmatmul_file(const char *in, const char *out) {
     int32_t h[7];
     if (!read_exact(f, h, sizeof h)) { fprintf(stderr, "%s: short header\n", in); return 2; }
     const int M = h[0], K = h[1], N = h[2], bits = h[3], bs = h[4], has_zp = h[5], threads = h[6];
-    if (M <= 0 || K <= 0 || N <= 0 || (bits != 4 && bits != 8) || bs <= 0) { fprintf(stderr, "bad header\n"); return 2; }
+    if (M <= 0 || K <= 0 || N <= 0 || (bits != 4 && bits != 8) || bs <= 0 || has_zp < 0 || has_zp > 2) {
+        fprintf(stderr, "bad header\n");
+        return 2;
+    }
     const int nb = (K + bs - 1) / bs;
     const size_t dbytes = (size_t)N * nb * bs * bits / 8;
-    const size_t zbytes = has_zp ? (bits == 8 ? (size_t)N * nb : (size_t)N * ((nb + 1) / 2)) : 0;
+    const size_t zbytes = has_zp == 1 ? (bits == 8 ? (size_t)N * nb : (size_t)N * ((nb + 1) / 2)) : 0;
     float *x = malloc(sizeof(float) * M * K), *scales = malloc(sizeof(float) * N * nb), *y = malloc(sizeof(float) * M * N);
-    uint8_t *data = malloc(dbytes), *zp = has_zp ? malloc(zbytes) : NULL;
+    float *mins = has_zp == 2 ? malloc(sizeof(float) * N * nb) : NULL;
+    uint8_t *data = malloc(dbytes), *zp = has_zp == 1 ? malloc(zbytes) : NULL;
     if (!read_exact(f, x, sizeof(float) * M * K) || !read_exact(f, data, dbytes) ||
-        !read_exact(f, scales, sizeof(float) * N * nb) || (has_zp && !read_exact(f, zp, zbytes))) {
+        !read_exact(f, scales, sizeof(float) * N * nb) || (zp && !read_exact(f, zp, zbytes)) ||
+        (mins && !read_exact(f, mins, sizeof(float) * N * nb))) {
         fprintf(stderr, "%s: truncated\n", in);
         return 2;
     }
@@ -964,7 +970,8 @@ static int run_qmatmul_file(const char *in, const char *out) {
     ea_kctx ctx;
     ea_qweight w;
     ea_kctx_init(&ctx, isa, pool);
-    rc = ea_qweight_init(&w, isa, K, N, bits, bs, data, scales, zp);
+    rc = mins ? ea_qweight_init_min(&w, isa, K, N, bits, bs, data, scales, mins)
+              : ea_qweight_init(&w, isa, K, N, bits, bs, data, scales, zp);
     if (!rc) rc = ea_qmatmul(&ctx, &w, x, M, y);
     if (rc) { fprintf(stderr, "qmatmul: %s\n", ea_kernels_strerror(rc)); return 3; }
     f = fopen(out, "wb");
@@ -974,7 +981,7 @@ static int run_qmatmul_file(const char *in, const char *out) {
     ea_qweight_release(&w);
     ea_kctx_release(&ctx);
     ea_pool_destroy(pool);
-    free(x); free(scales); free(y); free(data); free(zp);
+    free(x); free(scales); free(y); free(data); free(zp); free(mins);
     return 0;
 }
 

@@ -41,8 +41,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lm-head", choices=QUANTS, default=None,
                    help="lm_head precision (default: int8 for int4/int8 weights, else the weights' precision)")
     p.add_argument("--embedding", choices=("fp32", "fp16", "shared"), default=None,
-                   help="embedding table precision (default: fp32 for fp32 weights, else fp16); shared: a tied "
-                        "model's one quantized table, read by lm_head too")
+                   help="embedding table: shared, a tied model's one quantized table, lm_head's, which the lookup "
+                        "reads too (the default for a tied model with a quantized lm_head); fp16 or fp32, a float "
+                        "table of its own (the default otherwise: fp32 for fp32 weights, else fp16)")
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
                    help="MatMulNBits accuracy_level for int4/int8: 4 quantizes activations to int8 per block "
                         "(the fast path; default 4)")
