@@ -100,16 +100,18 @@ def test_sparsity_native_equals_onnxruntime(family, method, tmp_path):
     if not native_available():
         return
     # Float activations (accuracy_level 1): before the first tie the engines differ by summation order
-    # only (KL measured <= 3e-13 on every family and method; bound 1e-9). 3 of these 15 folders have a
-    # score within 1e-6 of its threshold in the 192 tokens (gemma3 teal flips one at position 133);
-    # at least 64 positions are always compared.
-    n = max(64, first_tie(folder, held_out))
-    ids = held_out[:n]
+    # only (KL measured <= 3e-13 on every family and method; bound 1e-9). Ties within 1e-6 of a
+    # threshold do occur in 192 tokens (gemma3 teal flips one at position 133, qwen3 wina one before
+    # 64): of three held-out sequences, the one with the longest tie-free prefix is compared.
+    ids = max((calibration_ids(src, n_tokens=192, seed=seed)[0] for seed in (99, 98, 97)),
+              key=lambda seq: first_tie(folder, seq))
+    ids = ids[:first_tie(folder, ids)]
+    assert len(ids) >= 48, len(ids)
     ref = edgeact.load(folder, engine="ort").forward(ids)
     nat = edgeact.load(folder, engine="native")
     q = compare_logits(nat.forward(ids), ref, ids)
-    print(f"{name} {method}: {n} positions, KL {q.kl:.1e}")
-    assert q.kl <= 1e-9 and q.top1 == 1.0, (name, method, n, q.kl, q.top1)
+    print(f"{name} {method}: {len(ids)} positions, KL {q.kl:.1e}")
+    assert q.kl <= 1e-9 and q.top1 == 1.0, (name, method, len(ids), q.kl, q.top1)
     eng = nat.engine   # decode runs the input-sparse GEMVs (and CATS's kept up rows): equal to the prefill
     eng.reset()
     full = eng.forward(ids[:40])
