@@ -70,25 +70,25 @@ class _Inputs:
         return ((dw @ self.gram) * dw).sum(1) / self.T
 
 
-def _group_error(x, ws: list[torch.Tensor], s: torch.Tensor, bits, group, sym) -> float:
-    inputs = x if isinstance(x, _Inputs) else _Inputs(x)
-    err = 0.0
-    for w in ws:
-        wq = fake_quant(w * s, bits, group, sym) / s
-        err += float(inputs.row_errors(wq - w).mean())
-    return err
+def _group_error(inputs: _Inputs, w: torch.Tensor, sizes: list[int], s: torch.Tensor, bits, group, sym) -> float:
+    """Sum over the linears stacked in w (rows `sizes` each) of their mean row error at scale s."""
+    wq = fake_quant(w * s, bits, group, sym) / s
+    rows = inputs.row_errors(wq - w)
+    return float(sum(r.mean() for r in rows.split(sizes)))
 
 
 def search_scale(x: torch.Tensor, ws: list[torch.Tensor], bits: int, group: int, symmetric: bool):
-    """Best s = s_x^α over the α grid for linears `ws` that all read input x [T, K]."""
+    """Best s = s_x^α over the α grid for linears `ws` that all read input x [T, K]
+    (stacked: one quantization and one error product per α for the whole group)."""
     s_x = x.abs().mean(0).clamp(min=1e-8)
     inputs = _Inputs(x)
+    w, sizes = torch.cat(ws), [v.shape[0] for v in ws]
     best = (float("inf"), None, None)
     base = None
     for a in ALPHAS:
         s = s_x.pow(float(a))
         s = s / (s.max() * s.min()).sqrt()
-        err = _group_error(inputs, ws, s, bits, group, symmetric)
+        err = _group_error(inputs, w, sizes, s, bits, group, symmetric)
         if a == 0:
             base = err
         if err < best[0]:
@@ -101,12 +101,12 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group: int, symmetr
     best_err = torch.full((w.shape[0],), float("inf"))
     best_w = w.clone()
     inputs = _Inputs(x)
+    N, K = w.shape
+    blocks = -(-K // group)
+    wp = torch.nn.functional.pad(w, (0, blocks * group - K)).reshape(N, blocks, group)
+    hi0, lo0 = wp.amax(-1, keepdim=True), wp.amin(-1, keepdim=True)
     for r in CLIP_RATIOS:
-        N, K = w.shape
-        blocks = -(-K // group)
-        wp = torch.nn.functional.pad(w, (0, blocks * group - K)).reshape(N, blocks, group)
-        hi = wp.amax(-1, keepdim=True) * r
-        lo = wp.amin(-1, keepdim=True) * r
+        hi, lo = hi0 * r, lo0 * r
         wc = torch.maximum(torch.minimum(wp, hi), lo).reshape(N, -1)[:, :K]
         err = inputs.row_errors(fake_quant(wc, bits, group, symmetric) - w)
         better = err < best_err
@@ -235,10 +235,11 @@ def awq_layer(t: dict, acts: dict, i: int, cfg, *, bits: int, group_size: int, s
             bias = prev.replace(".weight", ".bias")
             if bias in t:
                 t[bias] = t[bias] / s
-        if clip:
+        if clip:   # rows are clipped independently: the group's linears are searched stacked
             xs = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:512]]
-            for n in names:
-                t[n] = search_clip(xs / s, t[n], bits, group_size, symmetric)
+            clipped = search_clip(xs / s, torch.cat([t[n] for n in names]), bits, group_size, symmetric)
+            for n, part in zip(names, clipped.split([t[n].shape[0] for n in names])):
+                t[n] = part.clone()
     return scales
 
 

@@ -125,7 +125,38 @@ def test_smollm2_tensors_import_exactly(smollm2_gguf):
         assert np.array_equal(dequantize(im.qw), src.load(name)), name   # rows permuted like the float loader
 
 
-def _write_quantized_gguf(path, src, types: dict[str, str]):
+Q4_K_M_BYTES = 105.5e6   # llama.cpp's Q4_K_M of SmolLM2-135M-Instruct
+
+
+@pytest.mark.slow
+def test_smollm2_default_folder_within_q4_k_m_size(smollm2_gguf, tmp_path):
+    """The default convert of SmolLM2's Q4_1 GGUF: the tied table stored once (the source's Q8_0 blocks),
+    fp16 scales and fp16 block minimums, the whole folder (tokenizer included) within Q4_K_M's bytes; the
+    linears as numpy reads the file equal gguf's dequantization bit for bit, and the native runtime keeps
+    no float32 copy of the fp16 parameters once its repack holds them."""
+    import json
+
+    from edgeact.converters.convert import convert
+    from edgeact.converters.onnx_writer import stored_weights
+    from edgeact.converters.readers import read_source
+    from edgeact.runtime import NativeModel, available
+
+    out = convert(smollm2_gguf, tmp_path / "smol", quant="source", progress=False)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    assert size <= Q4_K_M_BYTES, size
+    meta = json.loads((out / "edgeact.json").read_text())["quantization"]
+    assert meta["embedding"] == "shared" and meta["re_rounded"] == [], meta
+    src = read_source(smollm2_gguf)
+    stored = stored_weights(out)
+    for name in ["lm_head.weight", *(f"model.layers.{i}.{p}.weight" for i in (0, 29)
+                                     for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))]:
+        want = src.load("model.embed_tokens.weight" if name == "lm_head.weight" else name)
+        assert np.array_equal(dequantize(stored[name]), want), name
+    if available():
+        assert NativeModel(out).weight_bytes["copied"] <= 1 << 20
+
+
+def _write_quantized_gguf(path, src, types: dict[str, str], embedding: str = "Q8_0"):
     """A llama GGUF of `src` whose linears are quantized by gguf's own quantizer (types by HF suffix)."""
     from edgeact.converters.gguf_export import _LAYER_NAMES, _to_interleaved
 
@@ -146,7 +177,7 @@ def _write_quantized_gguf(path, src, types: dict[str, str]):
         else:
             w.add_tensor(name, gguf_quantize(arr, T[qtype]), raw_dtype=T[qtype])
 
-    add("token_embd.weight", src.load("model.embed_tokens.weight"), "Q8_0")
+    add("token_embd.weight", src.load("model.embed_tokens.weight"), embedding)
     for i in range(cfg.num_layers):
         for hf, gg in _LAYER_NAMES.items():
             arr = src.load(f"model.layers.{i}.{hf}")
@@ -218,6 +249,26 @@ def test_convert_source_keeps_blocks(tmp_path):
     meta = json.loads((fp16 / "edgeact.json").read_text())["quantization"]
     assert meta["embedding"] == "fp16" and any("embed_tokens" in line for line in meta["re_rounded"])
     assert ref.compare(edgeact.load(fp16, engine="ort")).kl <= q.kl + 1e-3
+
+
+def test_tied_q4_1_embedding_keeps_a_table_of_its_own(tmp_path):
+    """GatherBlockQuantized takes integer zero points only: a tied Q4_1 embedding (float zero points as
+    lm_head) gets an fp16 table of its own by default, and an explicit --embedding shared is refused."""
+    from edgeact.converters.convert import convert
+    from edgeact.converters.model import ConversionError
+    from edgeact.converters.random_model import random_source
+
+    base = random_source("tiny", seed=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
+                         head_dim=16, tie_word_embeddings=True)
+    _write_quantized_gguf(tmp_path / "m.gguf", base, {p: "Q4_0" for p in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "gate_proj", "up_proj", "down_proj")},
+                          embedding="Q4_1")
+    out = convert(tmp_path / "m.gguf", tmp_path / "out", quant="source", progress=False)
+    meta = json.loads((out / "edgeact.json").read_text())["quantization"]
+    assert meta["embedding"] == "fp16" and meta["lm_head"] == "source"
+    assert meta["imported"]["Q4_1 -> int4 g32 float zero points"] == 1   # lm_head, loaded once
+    with pytest.raises(ConversionError, match="needs lm_head blocks with integer zero points"):
+        convert(tmp_path / "m.gguf", tmp_path / "shared", quant="source", embedding="shared", progress=False)
 
 
 @pytest.mark.parametrize("isa", ["scalar", None])

@@ -29,7 +29,8 @@ def test_make_test(tmp_path):
 def _sparse_env(tmp_path):
     """test_runtime also runs a small activation-sparse folder loaded with low memory (prefill
     rows on the channel-major copy), so that path runs under the sanitizers and on NEON too, and
-    shared-table folders whose lookup it checks against numpy row by row (lookup.f32)."""
+    shared-table folders whose lookup it checks against numpy row by row (lookup.f32), and a
+    sliding-window folder in which it injects failed forwards."""
     from edgeact.converters.convert import convert
     from edgeact.converters.random_model import random_source
     from edgeact.converters.sparsity import calibrate, parse_targets
@@ -45,7 +46,10 @@ def _sparse_env(tmp_path):
                     symmetric=symmetric, progress=False)
         _table(d).astype("<f4").tofile(d / "lookup.f32")
         shared.append(str(d))
-    return {**os.environ, "EA_TEST_SPARSE_DIR": str(folder), "EA_TEST_SHARED_DIRS": ":".join(shared)}
+    sliding = convert(random_source("gemma3-tiny", seed=1, max_position_embeddings=256), tmp_path / "sliding",
+                      quant="fp32", progress=False)
+    return {**os.environ, "EA_TEST_SPARSE_DIR": str(folder), "EA_TEST_SHARED_DIRS": ":".join(shared),
+            "EA_TEST_SLIDING_DIR": str(sliding)}
 
 
 def test_make_test_asan(tmp_path):

@@ -216,7 +216,11 @@ def test_stories_fp32_and_int4_match_onnxruntime(stories_fp32_dir, stories_int4_
     assert np.abs(model.session().forward(ids, all_logits=True) - ref.forward(ids)).max() <= 1e-3
     ref.reset()
     assert _greedy(model.session().forward, ids[:5], 30) == _greedy(ref.forward, ids[:5], 30)
-    _assert_agreement(*_quant_agreement(stories_int4_dir, ids))
+    # stories260K's 256-token KL at level 4 swings 10x from one token sequence to the next, for
+    # native against onnxruntime and for onnxruntime against itself alike (measured over four
+    # sequences: 1e-5 .. 4e-3), so one sequence says little: both sides are averaged over four
+    runs = [_quant_agreement(stories_int4_dir, ids if s == 4 else _ids(model.vocab, 256, seed=s)) for s in (4, 5, 6, 7)]
+    _assert_agreement(*(tuple(float(np.mean([r[side][k] for r in runs])) for k in (0, 1)) for side in (0, 1)))
     _matmulnbits_nodes_match_onnxruntime(stories_int4_dir, ids)
     _assert_spec_bound(stories_int4_fp32act_dir, ids)
 

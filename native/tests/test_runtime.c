@@ -154,6 +154,57 @@ done:
     free(logits);
 }
 
+/* A folder with sliding-window layers (EA_TEST_SLIDING_DIR, window 8: a cache of 71 rows that
+ * moves its last 39 to the front when full): a forward failing at its last step (injected) after
+ * the caches moved leaves the session either as it was (the retry gives a clean session's logits
+ * bit for bit) or, when the window of its position is gone, refusing to go on until a reset. */
+static void check_failed_forward(const char *dir) {
+    ea_model *m = NULL;
+    CHECK(ea_model_load(dir, &m) == EA_OK, "load %s", dir);
+    if (!m) return;
+    ea_model_info info;
+    ea_model_get_info(m, &info);
+    enum { N = 110 };
+    const int V = info.vocab;
+    int64_t ids[N];
+    for (int i = 0; i < N; i++) ids[i] = 3 + (i * 13) % (V - 3);
+    float *want = malloc(sizeof(float) * (size_t)V * N), *got = malloc(sizeof(float) * (size_t)V * N);
+    ea_session *clean = NULL, *s = NULL;
+    CHECK(ea_session_create(m, 1, 128, 10, &clean) == EA_OK && ea_session_create(m, 1, 128, 10, &s) == EA_OK,
+          "sessions");
+    if (!want || !got || !clean || !s) goto done;
+    const int steps = ea_session_profile_count(s);
+    /* 60 held, 20 more in two chunks: the caches move at position 71; position 60's window stays */
+    CHECK(ea_session_forward(clean, ids, 80, want, 1) == EA_OK, "clean forward");
+    CHECK(ea_session_forward(s, ids, 60, got, 1) == EA_OK, "forward 60");
+    CHECK(ea_session_inject_failure(s, 2 * steps) == EA_OK, "inject");
+    CHECK(ea_session_forward(s, ids + 60, 20, got, 1) == EA_ERR_KERNEL && strstr(ea_last_error(), "injected") &&
+              ea_session_n_past(s) == 60,
+          "injected failure: %s", ea_last_error());
+    CHECK(ea_session_forward(s, ids + 60, 20, got, 1) == EA_OK &&
+              !memcmp(got, want + (size_t)60 * V, sizeof(float) * (size_t)V * 20),
+          "the retry differs from a clean session's logits");
+    /* 10 held, 100 more: the caches then hold positions 64.. only */
+    ea_session_reset(s);
+    CHECK(ea_session_forward(s, ids, 10, got, 1) == EA_OK, "forward 10");
+    CHECK(ea_session_inject_failure(s, 10 * steps) == EA_OK, "inject");
+    CHECK(ea_session_forward(s, ids + 10, 100, got, 1) == EA_ERR_KERNEL && strstr(ea_last_error(), "reset"),
+          "failure past the window: %s", ea_last_error());
+    CHECK(ea_session_forward(s, ids + 10, 1, got, 1) == EA_ERR_STATE, "a forward after the window was lost ran");
+    CHECK(ea_session_truncate(s, 5) == EA_ERR_ARG, "a truncation into the lost rows was accepted");
+    ea_session_reset(s);
+    ea_session_reset(clean);
+    CHECK(ea_session_forward(s, ids, N, got, 1) == EA_OK && ea_session_forward(clean, ids, N, want, 1) == EA_OK &&
+              !memcmp(got, want, sizeof(float) * (size_t)V * N),
+          "after a reset the session differs from a clean one");
+done:
+    ea_session_free(clean);
+    ea_session_free(s);
+    ea_model_free(m);
+    free(want);
+    free(got);
+}
+
 int main(int argc, char **argv) {
     const char *data = argc > 1 ? argv[1] : "tests/data";
     char dir[1024], path[1100];
@@ -329,6 +380,7 @@ int main(int argc, char **argv) {
         check_sparse_lowmem(getenv("EA_TEST_SPARSE_DIR"), NULL);
         check_sparse_lowmem(getenv("EA_TEST_SPARSE_DIR"), "scalar");
     }
+    if (getenv("EA_TEST_SLIDING_DIR")) check_failed_forward(getenv("EA_TEST_SLIDING_DIR"));
     if (getenv("EA_TEST_SHARED_DIRS")) {
         char *dirs = strdup(getenv("EA_TEST_SHARED_DIRS")), *save = NULL;
         for (char *d = dirs ? strtok_r(dirs, ":", &save) : NULL; d; d = strtok_r(NULL, ":", &save)) {

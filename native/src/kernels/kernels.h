@@ -128,6 +128,14 @@ int ea_qweight_init(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block
  * points: per block, y += sx*scale*dot(xq, q) + minimum * sx*sumx (ref/qmatmul.c). */
 int ea_qweight_init_min(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_size,
                         const uint8_t *data, const float *scales, const float *minimums);
+/* ea_qweight_init calling release(ctx, p, n) on each range of the file layout (data, scales,
+ * zero points) the repack has read for the last time, a few MiB at a time: a caller whose
+ * arrays are a mapped file gives their pages back on the way (ops/matmul_nbits.c), so the
+ * weight is not resident twice while it is repacked. */
+typedef void (*ea_qweight_release_fn)(void *ctx, const void *p, size_t n);
+int ea_qweight_init_releasing(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_size,
+                              const uint8_t *data, const float *scales, const uint8_t *zero_points,
+                              ea_qweight_release_fn release, void *ctx);
 void ea_qweight_release(ea_qweight *w);
 
 /* y[M, N] = MatMulNBits(x[M, K], w). M == 1 is the decode GEMV, M > 1 the

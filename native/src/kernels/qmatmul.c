@@ -37,9 +37,32 @@ static void put8(uint8_t *p, const float v[EA_QROWS], int f16) {
 /* Interleaves EA_QROWS rows per group in 16-byte pieces and puts each
  * block's scales and zero points (or minimums) right after its data (layout:
  * internal.h), so a group streams as one sequence. */
-static int repack(ea_qweight *w) {
+/* Rows of the file layout repacked between two calls of the release callback: ~4 MiB of data. */
+static int release_rows(const ea_qweight *w) {
+    const size_t row = (size_t)w->n_blocks * ((size_t)w->block_size * (size_t)w->bits / 8);
+    const size_t n = ((size_t)4 << 20) / row / EA_QROWS * EA_QROWS;
+    return n < EA_QROWS ? EA_QROWS : n > (size_t)w->N ? w->N : (int)n;
+}
+
+/* The file layout's rows [n0, n1), read for the last time. */
+static void release_range(const ea_qweight *w, ea_qweight_release_fn release, void *ctx, int n0, int n1) {
+    if (!release || n1 <= n0) return;
+    const ea_qbytes r = ea_qweight_file_bytes(1, (size_t)w->n_blocks, w->block_size, w->bits);
+    release(ctx, w->data + (size_t)n0 * r.data, (size_t)(n1 - n0) * r.data);
+    release(ctx, (const uint8_t *)w->scales + (size_t)n0 * r.scales, (size_t)(n1 - n0) * r.scales);
+    if (w->zero_points) release(ctx, w->zero_points + (size_t)n0 * r.zero_points, (size_t)(n1 - n0) * r.zero_points);
+}
+
+static int repack(ea_qweight *w, ea_qweight_release_fn release, void *rctx) {
     const size_t bpb = (size_t)w->block_size * (size_t)w->bits / 8, subs = bpb / 16;
-    w->packed_f16 = ea_scales_exact_in_f16(w->scales, (size_t)w->N * w->n_blocks);
+    const int step = release_rows(w);
+    w->packed_f16 = 1;
+    for (int n0 = 0; n0 < w->N; n0 += step) { /* the scan pages the scales in: give them back as it goes */
+        const int n1 = n0 + step < w->N ? n0 + step : w->N;
+        const size_t nb = (size_t)w->n_blocks;
+        w->packed_f16 = w->packed_f16 && ea_scales_exact_in_f16(w->scales + (size_t)n0 * nb, (size_t)(n1 - n0) * nb);
+        if (release) release(rctx, w->scales + (size_t)n0 * nb, sizeof(float) * (size_t)(n1 - n0) * nb);
+    }
     w->packed_min_f16 = w->has_minimums && ea_scales_exact_in_f16(w->minimums, (size_t)w->N * w->n_blocks);
     const size_t stride = ea_qpack_block_stride(w), zoff = ea_qpack_zp_offset(w);
     const int groups = (w->N + EA_QROWS - 1) / EA_QROWS;
@@ -47,6 +70,7 @@ static int repack(ea_qweight *w) {
     uint8_t *p = ea_alloc_weights(bytes);
     if (!p) return EA_KERR_NOMEM;
     for (int g = 0; g < groups; g++) {
+        if (g && g * EA_QROWS % step == 0) release_range(w, release, rctx, g * EA_QROWS - step, g * EA_QROWS);
         for (int b = 0; b < w->n_blocks; b++) {
             uint8_t *blk = p + ((size_t)g * w->n_blocks + b) * stride;
             float sc[EA_QROWS] = {0}, mn[EA_QROWS] = {0};
@@ -69,7 +93,8 @@ static int repack(ea_qweight *w) {
 }
 
 static int init(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_size, const uint8_t *data,
-                const float *scales, const uint8_t *zero_points, const float *minimums) {
+                const float *scales, const uint8_t *zero_points, const float *minimums,
+                ea_qweight_release_fn release, void *rctx) {
     memset(w, 0, sizeof *w);
     if (!valid_shape(K, N, bits, block_size) || !data || !scales) return EA_KERR_ARG;
     if (!ea_isa_available(isa)) return EA_KERR_ISA_UNAVAILABLE;
@@ -84,18 +109,24 @@ static int init(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_siz
     w->minimums = minimums;
     w->has_minimums = minimums != NULL;
     w->isa = isa;
-    return ea_is_simd(isa) ? repack(w) : EA_KOK;
+    return ea_is_simd(isa) ? repack(w, release, rctx) : EA_KOK;
 }
 
 int ea_qweight_init(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_size,
                     const uint8_t *data, const float *scales, const uint8_t *zero_points) {
-    return init(w, isa, K, N, bits, block_size, data, scales, zero_points, NULL);
+    return init(w, isa, K, N, bits, block_size, data, scales, zero_points, NULL, NULL, NULL);
 }
 
 int ea_qweight_init_min(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_size,
                         const uint8_t *data, const float *scales, const float *minimums) {
     if (!minimums) return memset(w, 0, sizeof *w), EA_KERR_ARG;
-    return init(w, isa, K, N, bits, block_size, data, scales, NULL, minimums);
+    return init(w, isa, K, N, bits, block_size, data, scales, NULL, minimums, NULL, NULL);
+}
+
+int ea_qweight_init_releasing(ea_qweight *w, ea_isa isa, int K, int N, int bits, int block_size,
+                              const uint8_t *data, const float *scales, const uint8_t *zero_points,
+                              ea_qweight_release_fn release, void *ctx) {
+    return init(w, isa, K, N, bits, block_size, data, scales, zero_points, NULL, release, ctx);
 }
 
 void ea_qweight_release(ea_qweight *w) {

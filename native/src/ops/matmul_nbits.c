@@ -55,6 +55,8 @@ static int float_minimums(ea_planner *b, const onnx_node *nd, step *st, const on
     return 0;
 }
 
+static void release_file_pages(void *m, const void *p, size_t n) { ea_release_pages(m, p, n); }
+
 static int plan(ea_planner *b, const onnx_node *nd, step *st) {
     ea_model *m = b->m;
     const int si = (int)(st - m->steps);
@@ -113,8 +115,8 @@ static int plan(ea_planner *b, const onnx_node *nd, step *st) {
     const ea_isa isa = st->f32act ? EA_ISA_SCALAR : m->isa;
     int rc = st->qmin ? ea_qweight_init_min(&st->qw, isa, (int)K, (int)N, (int)bits, (int)bs, B->data,
                                             (const float *)S->data, st->qmin)
-                      : ea_qweight_init(&st->qw, isa, (int)K, (int)N, (int)bits, (int)bs, B->data,
-                                        (const float *)S->data, zp);
+                      : ea_qweight_init_releasing(&st->qw, isa, (int)K, (int)N, (int)bits, (int)bs, B->data,
+                                                  (const float *)S->data, zp, release_file_pages, m);
     if (rc) NODE_FAIL("cannot prepare the weight: %s", ea_kernels_strerror(rc));
     st->qw_ready = 1;
     m->bytes_repacked += st->qw.packed_bytes;
@@ -130,7 +132,9 @@ static int plan(ea_planner *b, const onnx_node *nd, step *st) {
     st->op = OP_QMATMUL;
     st->K = (int)K;
     st->N = (int)N;
-    st->weight_bytes = (uint64_t)want_b + S->nbytes + zp_bytes + (zfloat ? zfloat->nbytes : 0);
+    /* float minimums: as a call reads them (fp16 in a repack that found them exact) */
+    const uint64_t min_bytes = zfloat ? (uint64_t)N * nb * (st->qw.packed_min_f16 ? 2 : sizeof(float)) : 0;
+    st->weight_bytes = (uint64_t)want_b + S->nbytes + zp_bytes + min_bytes;
     if (ea_only_outputs(b, nd, 1)) return -1;
     st->out = ea_add_output(b, nd, 0, V_ACT, ONNX_FLOAT, st->N, si);
     return st->out < 0 ? -1 : 0;

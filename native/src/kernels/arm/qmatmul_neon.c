@@ -119,7 +119,7 @@ groups_impl(const ea_qweight *w, const ea_qact *a, float *y, int g0, int g1, int
     default: groups_impl(w, a, y, g0, g1, 128, 8, DP, MIN); break;       \
     }
 #define GROUPS_BY_SHAPE(DP)                                              \
-    if (w->has_minimums) {                                                   \
+    if (w->has_minimums) {                                               \
         GROUPS_BY_SHAPE_MIN(DP, 1)                                       \
     } else {                                                             \
         GROUPS_BY_SHAPE_MIN(DP, 0)                                       \

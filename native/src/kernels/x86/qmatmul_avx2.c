@@ -137,7 +137,7 @@ AVX2 static inline __attribute__((always_inline)) void groups_impl(const ea_qwei
     default: groups_impl(w, a, y, g0, g1, 128, 8, V, MIN); break;        \
     }
 #define GROUPS_BY_SHAPE(V)                                               \
-    if (w->has_minimums) {                                                   \
+    if (w->has_minimums) {                                               \
         GROUPS_BY_SHAPE_MIN(V, 1)                                        \
     } else {                                                             \
         GROUPS_BY_SHAPE_MIN(V, 0)                                        \
