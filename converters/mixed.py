@@ -1,7 +1,7 @@
 """Mixed bits per tensor under a size budget (`--target-bpw`, `--max-size`).
 
 Each linear (and lm_head) can be stored in one of a few MatMulNBits formats, from
-int4 g128 (4.28 bits per weight in the file) to int8 g32 (9); a quantized GGUF source
+int4 g128 (4.16 bits per weight in the file) to int8 g32 (8.5); a quantized GGUF source
 adds its own blocks (gguf_blocks: exact, no rounding error). A tensor's cost in each
 format is its bytes; its error is the activation-weighted squared error of its
 outputs on calibration text, sum_n sum_k E[x_k^2] (W'-W)[n,k]^2 (the diagonal of the
@@ -42,8 +42,9 @@ def quantize_as(w: np.ndarray, label: str) -> QuantizedWeight:
 def format_bytes(label: str, N: int, K: int) -> int:
     bits, group, zp = FORMATS[label]
     blocks = -(-K // group)
-    zbytes = 0 if zp == "sym" else N * blocks * 4 if zp == "float" else N * (-(-blocks // 2) if bits == 4 else blocks)
-    return N * blocks * group * bits // 8 + N * blocks * 4 + zbytes
+    # our quantizers round scales (and block minimums) to fp16 values, which the writer stores in 2 bytes
+    zbytes = 0 if zp == "sym" else N * blocks * 2 if zp == "float" else N * (-(-blocks // 2) if bits == 4 else blocks)
+    return N * blocks * group * bits // 8 + N * blocks * 2 + zbytes
 
 
 def linear_names(src: SourceModel) -> list[str]:
@@ -184,7 +185,7 @@ def mixed_plan(src: SourceModel, *, target_bpw: float | None = None, max_bytes: 
         if key in src.quantized:
             im = src.quantized[key]()
             err = 0.0 if im.exact else float(((dequantize(im.qw) - w) ** 2 @ imp).sum())
-            points.append((SOURCE_FORMAT, im.qw.nbytes, err))
+            points.append((SOURCE_FORMAT, im.qw.file_nbytes, err))
         for label in formats:
             if shared_embedding and name == "lm_head.weight" and FORMATS[label][2] == "float":
                 continue   # the lookup (GatherBlockQuantized) takes integer zero points only

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import contract
 from .model import HIDDEN_ACTS, SUPPORTED_ARCHITECTURES, ConversionError, SourceModel
-from .quantize import BLOCK_SIZES, QuantizedWeight, block_minimums, quantize_blockwise
+from .quantize import BLOCK_SIZES, QuantizedWeight, block_minimums, holds_in_fp16, quantize_blockwise
 from .rope_cache import cos_sin_cache, local_config, rotary_dim
 
 QUANT_KINDS = ("fp32", "fp16", "int8", "int4")
@@ -194,10 +194,8 @@ class GraphBuilder:
         exactly (half the bytes; quantized formats keep fp16 scales, and RTN rounds its scales to fp16), else
         as float32. Returns the initializer's name and whether it is fp16 (float_value casts it)."""
         a = np.ascontiguousarray(array, np.float32)
-        with np.errstate(over="ignore"):
-            h = a.astype(np.float16)
-        exact = np.array_equal(h.astype(np.float32).view(np.uint32), a.view(np.uint32))
-        return self.init(name, h if exact else a), exact
+        exact = holds_in_fp16(a)
+        return self.init(name, a.astype(np.float16) if exact else a), exact
 
     def zero_points(self, weight: str, qw: QuantizedWeight, scales16: str | None) -> str:
         """The zero points' value. Float zero points whose block minimums and scales are fp16 values

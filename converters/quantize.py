@@ -45,6 +45,25 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return self.B.nbytes + self.scales.nbytes + (0 if self.zero_points is None else self.zero_points.nbytes)
 
+    @property
+    def file_nbytes(self) -> int:
+        """Bytes in a model folder: the writer stores scales as fp16 where fp16 holds them all, and float
+        zero points as fp16 negated minimums where those and the scales are fp16 values
+        (onnx_writer.half_init / zero_points)."""
+        half = holds_in_fp16(self.scales)
+        zp = 0 if self.zero_points is None else self.zero_points.nbytes
+        if self.float_zero_points and half and np.all(self.scales != 0) and holds_in_fp16(block_minimums(self)):
+            zp //= 2
+        return self.B.nbytes + self.scales.nbytes // (2 if half else 1) + zp
+
+
+def holds_in_fp16(a: np.ndarray) -> bool:
+    """Every value of float32 `a` is an fp16 value (so an fp16 copy loses nothing)."""
+    a = np.ascontiguousarray(a, np.float32)
+    with np.errstate(over="ignore"):
+        h = a.astype(np.float16)
+    return bool(np.array_equal(h.astype(np.float32).view(np.uint32), a.view(np.uint32)))
+
 
 def _check(bits: int, block_size: int) -> None:
     if bits not in (4, 8):

@@ -238,12 +238,14 @@ def plot_kl_vs_size(rows: list[dict], path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels: dict[tuple, list[str]] = {}   # rows on one point (a re-quantization that kept the file) share a label
     for r in rows:
         ours = not r["model"].startswith("llama.cpp")
-        ax.scatter(r["bytes"] / 1e6, max(r["kl"], 1e-6), color="tab:blue" if ours else "tab:orange",
-                   marker="o" if ours else "s")
-        ax.annotate(r["model"].replace("llama.cpp ", ""), (r["bytes"] / 1e6, max(r["kl"], 1e-6)),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+        xy = (r["bytes"] / 1e6, max(r["kl"], 1e-6))
+        ax.scatter(*xy, color="tab:blue" if ours else "tab:orange", marker="o" if ours else "s")
+        labels.setdefault(xy, []).append(Path(r["model"]).name if ours else r["model"].replace("llama.cpp ", ""))
+    for xy, names in labels.items():
+        ax.annotate(" = ".join(names), xy, textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.scatter([], [], color="tab:blue", marker="o", label="edgeact")
     ax.scatter([], [], color="tab:orange", marker="s", label="llama.cpp")
     ax.set_yscale("log")

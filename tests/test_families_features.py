@@ -100,16 +100,18 @@ def test_sparsity_native_equals_onnxruntime(family, method, tmp_path):
     if not native_available():
         return
     # Float activations (accuracy_level 1): before the first tie the engines differ by summation order
-    # only (KL measured <= 3e-13 on every family and method; bound 1e-9). 3 of these 15 folders have a
-    # score within 1e-6 of its threshold in the 192 tokens (gemma3 teal flips one at position 133);
-    # at least 64 positions are always compared.
-    n = max(64, first_tie(folder, held_out))
-    ids = held_out[:n]
+    # only (KL measured <= 3e-13 on every family and method; bound 1e-9). Ties within 1e-6 of a
+    # threshold do occur in 192 tokens (gemma3 teal flips one at position 133, qwen3 wina one before
+    # 64): of three held-out sequences, the one with the longest tie-free prefix is compared.
+    ids = max((calibration_ids(src, n_tokens=192, seed=seed)[0] for seed in (99, 98, 97)),
+              key=lambda seq: first_tie(folder, seq))
+    ids = ids[:first_tie(folder, ids)]
+    assert len(ids) >= 48, len(ids)
     ref = edgeact.load(folder, engine="ort").forward(ids)
     nat = edgeact.load(folder, engine="native")
     q = compare_logits(nat.forward(ids), ref, ids)
-    print(f"{name} {method}: {n} positions, KL {q.kl:.1e}")
-    assert q.kl <= 1e-9 and q.top1 == 1.0, (name, method, n, q.kl, q.top1)
+    print(f"{name} {method}: {len(ids)} positions, KL {q.kl:.1e}")
+    assert q.kl <= 1e-9 and q.top1 == 1.0, (name, method, len(ids), q.kl, q.top1)
     eng = nat.engine   # decode runs the input-sparse GEMVs (and CATS's kept up rows): equal to the prefill
     eng.reset()
     full = eng.forward(ids[:40])
@@ -295,3 +297,48 @@ def test_eval_cli_on_a_family_checkpoint(kind, tmp_path, capsys, monkeypatch):
         assert f["n_tokens"] == q["n_tokens"] == 48
         assert f["kl"] <= 1e-8 and f["top1"] == 1.0 and abs(f["ppl_ratio"] - 1) <= 1e-4, (engine, f)
         assert f["kl"] < q["kl"] and q["bytes"] < f["bytes"], (engine, q)
+
+
+def _word_tokenizer(folder, vocab_size=300):
+    """A whitespace word-level tokenizer.json over the model's vocabulary (<bos> 2 added first)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"w{i}" for i in range(4, vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_steer_cli_on_gemma3_folder_equals_the_checkpoint(tmp_path, capsys):
+    """`edgeact steer compute` on a converted Gemma 3 folder (each engine) writes the vectors that the
+    same command computes from the Hugging Face checkpoint through transformers; `steer sweep` runs them."""
+    from edgeact.cli import main
+    from edgeact.control_vector import load_control_vector
+
+    hf = _word_tokenizer(_hf_folder("gemma3", tmp_path / "hf"))
+    folder = convert(hf, tmp_path / "fp32", quant="fp32", progress=False)
+    rng = np.random.default_rng(4)
+    for side in ("pos", "neg"):
+        (tmp_path / f"{side}.txt").write_text("\n".join(" ".join(f"w{t}" for t in rng.integers(4, 300, 6))
+                                                        for _ in range(4)) + "\n")
+    sides = ["--pos", str(tmp_path / "pos.txt"), "--neg", str(tmp_path / "neg.txt")]
+    assert main(["steer", "compute", str(hf), *sides, "-o", str(tmp_path / "ref.gguf")]) == 0
+    ref = load_control_vector(tmp_path / "ref.gguf")
+    assert sorted(ref) == [1]   # layers 1..last (llama.cpp holds no layer 0)
+    for engine in ["ort"] + (["native"] if native_available() else []):
+        out = tmp_path / f"{engine}.gguf"
+        assert main(["steer", "compute", str(folder), *sides, "-o", str(out), "--engine", engine]) == 0
+        got = load_control_vector(out)
+        assert sorted(got) == sorted(ref)
+        for layer in ref:
+            np.testing.assert_allclose(got[layer], ref[layer], rtol=0, atol=1e-4 * np.abs(ref[layer]).max())
+    capsys.readouterr()
+    (tmp_path / "w+.txt").write_text("w10\nw11\n")
+    (tmp_path / "w-.txt").write_text("w20\nw21\n")
+    assert main(["steer", "sweep", str(folder), str(tmp_path / "ref.gguf"), "--prompts", str(tmp_path / "pos.txt"),
+                 "--pos-words", str(tmp_path / "w+.txt"), "--neg-words", str(tmp_path / "w-.txt"),
+                 "--scales=0,4", "--no-chat"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["0", "4"] and rows[0][1] != rows[1][1]

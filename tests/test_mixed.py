@@ -16,7 +16,7 @@ from edgeact.converters.random_model import random_source
 def test_format_bytes_are_the_packed_sizes():
     w = np.random.default_rng(0).standard_normal((24, 200)).astype(np.float32)
     for label in ("int4-g128", "int4-g64", "int4-g32", "int4-g32-fmin", "int8-g64", "int8-g32"):
-        assert quantize_as(w, label).nbytes == format_bytes(label, 24, 200), label
+        assert quantize_as(w, label).file_nbytes == format_bytes(label, 24, 200), label
 
 
 def test_hull_drops_dominated_and_concave_points():
@@ -45,7 +45,7 @@ def test_plan_hits_target_bpw(tiny, bpw):
     override, report = mixed_plan(tiny, target_bpw=bpw, calib_tokens=64, progress=False)
     assert report["bits_per_weight"] <= bpw
     n = sum(qw.N * qw.K for qw in (f() for f in override.values()))
-    assert sum(f().nbytes for f in override.values()) == report["linear_bytes"]
+    assert sum(f().file_nbytes for f in override.values()) == report["linear_bytes"]
     assert report["linear_bytes"] * 8 / n <= bpw
     # a richer budget never buys a worse recipe: bytes grow, formats only move up
     assert sum(report["recipe"].values()) == 2 * 7 + 1
