@@ -15,16 +15,23 @@ def smollm2(smollm2_int4_dir):
 
 
 class InterruptingOut(io.StringIO):
-    """Raises KeyboardInterrupt (as Ctrl-C would) on the n-th streamed piece."""
+    """Raises KeyboardInterrupt (as Ctrl-C would) on the n-th streamed piece of the reply to the
+    prompt `during` (counted from that reply's start, so it lands inside it whatever the text)."""
 
-    def __init__(self, at: int):
+    def __init__(self, at: int, during: str):
         super().__init__()
-        self.pieces, self.at = 0, at
+        self.pieces, self.at, self.during, self.armed = 0, at, during, False
+
+    def read_line(self, lines):
+        line = next(lines)
+        self.armed, self.pieces = line == self.during, 0
+        return line
 
     def write(self, s):
-        if not s.startswith((">", "(", "edgeact", "last", "session", "\n", " [")):
+        if self.armed and not s.startswith((">", "(", "edgeact", "last", "session", "\n", " [")):
             self.pieces += 1
             if self.pieces == self.at:
+                self.armed = False
                 raise KeyboardInterrupt
         return super().write(s)
 
@@ -34,8 +41,8 @@ def test_chat_loop_turns_reuse_the_cache_and_survive_ctrl_c(smollm2):
 
     lines = iter(["What is the capital of France?", "/stats", "And of Italy?", "/stats", "/reset", "/bogus",
                   "Tell me a story.", "Hello", "/stats", "/quit"])
-    out = InterruptingOut(at=40)  # inside the story
-    rc = chat_loop(smollm2, dict(max_new_tokens=24), input_fn=lambda _: next(lines), out=out)
+    out = InterruptingOut(at=5, during="Tell me a story.")
+    rc = chat_loop(smollm2, dict(max_new_tokens=24), input_fn=lambda _: out.read_line(lines), out=out)
     text = out.getvalue()
     assert rc == 0
     cached = [int(re.search(r"last reply: (\d+) prompt tokens from the cache", l).group(1))
