@@ -36,23 +36,26 @@ def fp16_exact(scale: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
-    """Quantize-dequantize W [N, K] exactly as converters/quantize.py packs it."""
-    N, K = w.shape
+    """Quantize-dequantize W [..., N, K] exactly as converters/quantize.py packs each [N, K]
+    (leading dimensions are a batch: a search's candidates quantized in one op)."""
+    *lead, K = w.shape
     blocks = -(-K // group)
-    wp = torch.nn.functional.pad(w, (0, blocks * group - K)).reshape(N, blocks, group)
+    wp = torch.nn.functional.pad(w, (0, blocks * group - K)).reshape(*lead, blocks, group)
     qmax = (1 << bits) - 1
     if symmetric:
         mid = 1 << (bits - 1)
         scale = fp16_exact(wp.abs().amax(-1) / (mid - 1))
         zp = torch.full_like(scale, float(mid))
     else:
-        lo = wp.amin(-1).clamp(max=0)
-        hi = wp.amax(-1).clamp(min=0)
+        lo, hi = torch.aminmax(wp, dim=-1)
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = fp16_exact((hi - lo) / qmax)
         zp = torch.where(scale > 0, torch.round(-lo / scale.clamp(min=1e-30)).clamp(0, qmax), torch.zeros_like(scale))
     inv = torch.where(scale > 0, 1.0 / scale.clamp(min=1e-30), torch.zeros_like(scale))
-    q = (torch.round(wp * inv[..., None]) + zp[..., None]).clamp(0, qmax)
-    return ((q - zp[..., None]) * scale[..., None]).reshape(N, -1)[:, :K]
+    # in place on one fresh tensor: the search's cost is these passes over [candidates, N, K]
+    q = (wp * inv[..., None]).round_().add_(zp[..., None]).clamp_(0, qmax)
+    q = q.sub_(zp[..., None]).mul_(scale[..., None])
+    return q.reshape(*lead, -1)[..., :K]
 
 
 class _Inputs:
@@ -64,54 +67,61 @@ class _Inputs:
         self.gram = x.T @ x if x.shape[0] > x.shape[1] else None
 
     def row_errors(self, dw: torch.Tensor) -> torch.Tensor:
-        """Per output row n, the mean over tokens of (x_t . dw_n)^2."""
+        """Per output row n of dw [..., N, K], the mean over tokens of (x_t . dw_n)^2."""
         if self.gram is None:
-            return ((self.x @ dw.T) ** 2).mean(0)
-        return ((dw @ self.gram) * dw).sum(1) / self.T
+            return torch.matmul(dw, self.x.T).square_().mean(-1)
+        return (torch.matmul(dw, self.gram).mul_(dw)).sum(-1) / self.T
 
 
-def _group_error(inputs: _Inputs, w: torch.Tensor, sizes: list[int], s: torch.Tensor, bits, group, sym) -> float:
-    """Sum over the linears stacked in w (rows `sizes` each) of their mean row error at scale s."""
-    wq = fake_quant(w * s, bits, group, sym) / s
-    rows = inputs.row_errors(wq - w)
-    return float(sum(r.mean() for r in rows.split(sizes)))
+# Candidates quantized at once: [chunk, N, K] float32 and its few temporaries stay near 0.5 GB
+# on a 1B model's widest group, while SmolLM2's groups take the whole grid in one or two ops.
+_BATCH_ELEMENTS = 1 << 25
+
+
+def _chunks(n: int, per: int):
+    step = max(1, _BATCH_ELEMENTS // max(1, per))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
 def search_scale(x: torch.Tensor, ws: list[torch.Tensor], bits: int, group: int, symmetric: bool):
     """Best s = s_x^α over the α grid for linears `ws` that all read input x [T, K]
-    (stacked: one quantization and one error product per α for the whole group)."""
+    (stacked, and the grid's candidates batched: one quantization and one error product per chunk
+    of α for the whole group). Returns (s, α, error at α=0 i.e. RTN, error at the best α)."""
     s_x = x.abs().mean(0).clamp(min=1e-8)
     inputs = _Inputs(x)
     w, sizes = torch.cat(ws), [v.shape[0] for v in ws]
-    best = (float("inf"), None, None)
-    base = None
-    for a in ALPHAS:
-        s = s_x.pow(float(a))
-        s = s / (s.max() * s.min()).sqrt()
-        err = _group_error(inputs, w, sizes, s, bits, group, symmetric)
-        if a == 0:
-            base = err
-        if err < best[0]:
-            best = (err, float(a), s)
-    return best[2], best[1], base, best[0]
+    ss = torch.stack([s_x.pow(float(a)) for a in ALPHAS])
+    ss = ss / (ss.amax(1, keepdim=True) * ss.amin(1, keepdim=True)).sqrt()
+    errs = []
+    for c in _chunks(len(ALPHAS), w.numel()):
+        s = ss[c, None, :]
+        dw = fake_quant(w * s, bits, group, symmetric).div_(s).sub_(w)
+        rows = inputs.row_errors(dw)
+        del dw
+        errs.append(sum(r.mean(-1) for r in rows.split(sizes, dim=-1)))
+    errs = torch.cat(errs)
+    best = int(torch.argmin(errs))   # the first of equal minima, as a scan keeping strict improvements
+    return ss[best].clone(), float(ALPHAS[best]), float(errs[0]), float(errs[best])
 
 
 def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
-    """Per output row, the clipping ratio of the weight range with the lowest output error."""
-    best_err = torch.full((w.shape[0],), float("inf"))
-    best_w = w.clone()
+    """Per output row, the clipping ratio of the weight range with the lowest output error
+    (all ratios quantized and scored in one batched op per chunk)."""
     inputs = _Inputs(x)
     N, K = w.shape
     blocks = -(-K // group)
     wp = torch.nn.functional.pad(w, (0, blocks * group - K)).reshape(N, blocks, group)
-    hi0, lo0 = wp.amax(-1, keepdim=True), wp.amin(-1, keepdim=True)
-    for r in CLIP_RATIOS:
-        hi, lo = hi0 * r, lo0 * r
-        wc = torch.maximum(torch.minimum(wp, hi), lo).reshape(N, -1)[:, :K]
-        err = inputs.row_errors(fake_quant(wc, bits, group, symmetric) - w)
-        better = err < best_err
+    lo0, hi0 = torch.aminmax(wp, dim=-1, keepdim=True)
+    ratios = torch.tensor(CLIP_RATIOS, dtype=w.dtype)
+    best_err = torch.full((N,), float("inf"))
+    best_w = w.clone()
+    for c in _chunks(len(CLIP_RATIOS), w.numel()):
+        r = ratios[c, None, None, None]
+        wc = torch.maximum(torch.minimum(wp, hi0 * r), lo0 * r).reshape(-1, N, blocks * group)[..., :K]
+        err, idx = inputs.row_errors(fake_quant(wc, bits, group, symmetric).sub_(w)).min(0)   # first of equal minima
+        better = err < best_err   # strict, across chunks too: ratios earlier in the list (1.0: no clip) win ties
         best_err = torch.where(better, err, best_err)
-        best_w[better] = wc[better]
+        best_w[better] = wc.gather(0, idx[None, :, None].expand(1, N, K))[0][better]
     return best_w
 
 

@@ -1,0 +1,84 @@
+"""AWQ's batched searches (every α, every clip ratio quantized in one op) choose what a plain
+scan over the grid chooses: the same α, the same scales, the same clipped weights and codes."""
+import numpy as np
+import pytest
+import torch
+
+from edgeact.converters import awq
+from edgeact.converters.awq import ALPHAS, CLIP_RATIOS, fake_quant, search_clip, search_scale
+from edgeact.converters.quantize import quantize_blockwise
+
+
+def _row_errors(x, dw):
+    gram = x.T @ x if x.shape[0] > x.shape[1] else None
+    if gram is None:
+        return ((x @ dw.T) ** 2).mean(0)
+    return ((dw @ gram) * dw).sum(1) / x.shape[0]
+
+
+def scan_scale(x, ws, bits, group, symmetric):
+    """The reference: one α at a time, keeping strict improvements."""
+    s_x = x.abs().mean(0).clamp(min=1e-8)
+    w, sizes = torch.cat(ws), [v.shape[0] for v in ws]
+    best, base = (float("inf"), None, None), None
+    for a in ALPHAS:
+        s = s_x.pow(float(a))
+        s = s / (s.max() * s.min()).sqrt()
+        rows = _row_errors(x, fake_quant(w * s, bits, group, symmetric) / s - w)
+        err = float(sum(r.mean() for r in rows.split(sizes)))
+        base = err if a == 0 else base
+        if err < best[0]:
+            best = (err, float(a), s)
+    return best[2], best[1], base, best[0]
+
+
+def scan_clip(x, w, bits, group, symmetric):
+    """The reference: one clip ratio at a time, per row keeping strict improvements."""
+    best_err, best_w = torch.full((w.shape[0],), float("inf")), w.clone()
+    N, K = w.shape
+    blocks = -(-K // group)
+    wp = torch.nn.functional.pad(w, (0, blocks * group - K)).reshape(N, blocks, group)
+    hi0, lo0 = wp.amax(-1, keepdim=True), wp.amin(-1, keepdim=True)
+    for r in CLIP_RATIOS:
+        wc = torch.maximum(torch.minimum(wp, hi0 * r), lo0 * r).reshape(N, -1)[:, :K]
+        err = _row_errors(x, fake_quant(wc, bits, group, symmetric) - w)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_w[better] = wc[better]
+    return best_w
+
+
+def _layer(T, K, sizes, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, K, generator=g)
+    x[:, torch.randperm(K, generator=g)[:K // 32]] *= 20.0   # a few large channels, as in real layers
+    return x, [torch.randn(n, K, generator=g) * 0.05 for n in sizes]
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("T, K, sizes, group, chunk", [
+    (400, 96, [64, 32, 32], 32, None),    # more tokens than channels: errors from the Gram matrix
+    (64, 200, [48], 32, None),            # fewer: from x directly; K not a multiple of the group
+    (300, 128, [40, 40], 32, 3 * 80 * 128),   # the grid split into chunks of 3 candidates
+])
+def test_batched_search_equals_the_scan(T, K, sizes, group, chunk, symmetric, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(awq, "_BATCH_ELEMENTS", chunk)
+    x, ws = _layer(T, K, sizes, seed=T + K)
+    s, alpha, err0, err1 = search_scale(x, ws, 4, group, symmetric)
+    s_ref, alpha_ref, err0_ref, err1_ref = scan_scale(x, ws, 4, group, symmetric)
+    assert alpha == alpha_ref and alpha > 0
+    assert torch.equal(s, s_ref)
+    assert err0 == pytest.approx(err0_ref, rel=1e-5) and err1 == pytest.approx(err1_ref, rel=1e-5)
+    assert err1 < err0
+
+    w = torch.cat(ws) * s
+    clipped = search_clip(x / s, w, 4, group, symmetric)
+    ref = scan_clip(x / s, w, 4, group, symmetric)
+    assert torch.equal(clipped, ref)
+    assert not torch.equal(clipped, w), "some rows must be clipped for the comparison to mean anything"
+    a = quantize_blockwise(clipped.numpy(), 4, group, symmetric)
+    b = quantize_blockwise(ref.numpy(), 4, group, symmetric)
+    assert np.array_equal(a.B, b.B) and np.array_equal(a.scales, b.scales)
+    assert (a.zero_points is None) == symmetric
+    assert symmetric or np.array_equal(a.zero_points, b.zero_points)
