@@ -180,13 +180,27 @@ class _LayerInputs:
             st[0] = y[0] if isinstance(y, tuple) else y
 
 
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may use: a second hyperthread on a core adds
+    little to the dense float32 products the searches spend their time in, and shares its caches."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        topo = f"/sys/devices/system/cpu/cpu{c}/topology/"
+        try:
+            with open(topo + "physical_package_id") as f, open(topo + "core_id") as g:
+                cores.add((f.read().strip(), g.read().strip()))
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
+
+
 class all_cores:
-    """torch on every core this process may use while a conversion runs (it has the machine to itself)."""
+    """torch on every physical core this process may use while a conversion runs (it has the machine to itself)."""
 
     def __enter__(self):
         self.threads = torch.get_num_threads()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores))
+        torch.set_num_threads(physical_cores())
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.threads)

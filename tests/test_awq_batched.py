@@ -82,3 +82,14 @@ def test_batched_search_equals_the_scan(T, K, sizes, group, chunk, symmetric, mo
     assert np.array_equal(a.B, b.B) and np.array_equal(a.scales, b.scales)
     assert (a.zero_points is None) == symmetric
     assert symmetric or np.array_equal(a.zero_points, b.zero_points)
+
+
+def test_threads_are_the_physical_cores_we_may_use():
+    import os
+
+    n = awq.physical_cores()
+    assert 1 <= n <= len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    with awq.all_cores():
+        assert torch.get_num_threads() == n
+    assert torch.get_num_threads() == before
