@@ -69,7 +69,8 @@ class _Inputs:
     def row_errors(self, dw: torch.Tensor) -> torch.Tensor:
         """Per output row n of dw [..., N, K], the mean over tokens of (x_t . dw_n)^2."""
         if self.gram is None:
-            return torch.matmul(dw, self.x.T).square_().mean(-1)
+            # x @ dw^T in this orientation: per candidate the very product (and sums) of the unbatched search
+            return torch.matmul(self.x, dw.mT).square_().mean(-2)
         return (torch.matmul(dw, self.gram).mul_(dw)).sum(-1) / self.T
 
 
@@ -98,10 +99,9 @@ def search_scale(x: torch.Tensor, ws: list[torch.Tensor], bits: int, group: int,
         dw = fake_quant(w * s, bits, group, symmetric).div_(s).sub_(w)
         rows = inputs.row_errors(dw)
         del dw
-        errs.append(sum(r.mean(-1) for r in rows.split(sizes, dim=-1)))
-    errs = torch.cat(errs)
-    best = int(torch.argmin(errs))   # the first of equal minima, as a scan keeping strict improvements
-    return ss[best].clone(), float(ALPHAS[best]), float(errs[0]), float(errs[best])
+        errs += [float(sum(r.mean() for r in row.split(sizes))) for row in rows]
+    best = int(np.argmin(errs))   # the first of equal minima, as a scan keeping strict improvements
+    return ss[best].clone(), float(ALPHAS[best]), errs[0], errs[best]
 
 
 def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
