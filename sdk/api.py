@@ -30,13 +30,18 @@ class GenerationResult:
         return (len(self.ids) - 1) / self.decode_s if self.decode_s > 0 and len(self.ids) > 1 else float("nan")
 
 
+def folder_tokenizer(folder: Path, meta: dict) -> TextTokenizer | None:
+    return TextTokenizer(folder, meta) if (Path(folder) / "tokenizer.json").exists() else None
+
+
 class Model(SteeringMixin):
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, tokenizer: TextTokenizer | None | str = "load"):
+        """tokenizer: "load" reads the folder's; load() passes the one it read before the engine."""
         self.engine = engine
         self.folder = engine.folder
         self.meta = engine.meta
         self.config = ModelConfig.from_dict(self.meta["config"])
-        self.tokenizer = TextTokenizer(self.folder, self.meta) if (self.folder / "tokenizer.json").exists() else None
+        self.tokenizer = folder_tokenizer(self.folder, self.meta) if isinstance(tokenizer, str) else tokenizer
         eos = (self.meta.get("tokenizer") or {}).get("eos_token_ids") or self.config.eos_token_ids
         self.eos_token_ids = set(int(i) for i in eos or [])
         # the model's own context (as converted); n_ctx is what this load holds
@@ -258,7 +263,10 @@ def load(path=None, engine: str = "auto", threads: int | None = None, low_memory
                 raise MissingExtra(f"{unavailable_reason()}; the other engine, onnxruntime, is not installed "
                                    f"either: {install_hint('onnxruntime')}", name="onnxruntime")
     kw = {"n_ctx": ctx, "low_memory": True} if low_memory else {"n_ctx": ctx} if engine == "native" else {}
+    # the tokenizer before the weights: parsing tokenizer.json peaks at several times the tokenizer's
+    # own size (hundreds of MB for a 262k-token vocabulary), a transient that should not sit on top of them
+    tokenizer = folder_tokenizer(Path(path), meta)
     eng = make_engine(Path(path), engine=engine, threads=threads, **kw)
     # onnxruntime grows its cache as tokens come: the base class's overflow check holds it to n_ctx
     eng.max_context = min(eng.max_context, ctx)
-    return Model(eng)
+    return Model(eng, tokenizer)

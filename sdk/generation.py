@@ -50,7 +50,10 @@ def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.
     every token tied with the k-th; top-p keeps the most likely tokens until their probability reaches
     top_p (at least one). Where tokens tie at the nucleus's edge all of them stay, as in top-k,
     rather than whichever a sort happens to put first."""
-    x = np.asarray(logits, dtype=np.float64).copy()
+    return _filter_in_place(np.array(logits, dtype=np.float64), top_k, top_p)
+
+
+def _filter_in_place(x: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
     if top_k and top_k < x.size:
         kth = np.partition(x, -top_k)[-top_k]
         x[x < kth] = -np.inf
@@ -69,7 +72,7 @@ def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.
 def apply_repetition_penalty(logits: np.ndarray, penalty: float, history) -> np.ndarray:
     """transformers' RepetitionPenaltyLogitsProcessor: a seen token's logit is divided by the penalty
     when positive, multiplied when negative (float64 copy)."""
-    x = np.asarray(logits, dtype=np.float64).copy()
+    x = np.array(logits, dtype=np.float64)   # one copy, also of float64 input
     if penalty != 1.0 and len(history):
         idx = np.unique(np.asarray(history, dtype=np.int64))
         vals = x[idx]
@@ -80,17 +83,23 @@ def apply_repetition_penalty(logits: np.ndarray, penalty: float, history) -> np.
 def probabilities(logits: np.ndarray, cfg: GenerationConfig, history=()) -> np.ndarray:
     """The distribution a sampled token is drawn from, in transformers' order: repetition penalty,
     temperature, top-k, top-p, softmax (float64 [vocab])."""
-    x = filter_logits(apply_repetition_penalty(logits, cfg.repetition_penalty, history) / cfg.temperature,
-                      cfg.top_k, cfg.top_p)
+    x = _tempered(logits, cfg, history)
     p = np.exp(x - x.max())
     return p / p.sum()
+
+
+def _tempered(logits, cfg: GenerationConfig, history) -> np.ndarray:
+    """probabilities()'s filtered logits, worked on one float64 copy: a step's 262k-token logits
+    would otherwise leave a 2 MB array per stage for the heap to keep."""
+    x = apply_repetition_penalty(logits, cfg.repetition_penalty, history)
+    x /= cfg.temperature
+    return _filter_in_place(x, cfg.top_k, cfg.top_p)
 
 
 def choose(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator, history=()) -> int:
     if cfg.temperature == 0:
         return int(np.argmax(apply_repetition_penalty(logits, cfg.repetition_penalty, history)))
-    x = filter_logits(apply_repetition_penalty(logits, cfg.repetition_penalty, history) / cfg.temperature,
-                      cfg.top_k, cfg.top_p)
+    x = _tempered(logits, cfg, history)
     # probabilities() over the tokens left only: rng.choice(vocab, p=...) draws one uniform and
     # searches the cumulative sum, to which the others' zeros add nothing, so searching the live
     # tokens' sum (in id order) picks the same token from the same draw at a fraction of the work

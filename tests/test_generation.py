@@ -145,3 +145,23 @@ def test_choose_draws_what_rng_choice_over_probabilities_draws():
         for _ in range(4):
             p = probabilities(x, cfg, hist)
             assert choose(x, cfg, a, hist) == int(b.choice(p.size, p=p))
+
+
+def test_sampling_keeps_one_float64_copy_of_the_logits():
+    """choose() on a 262k-token vocabulary: the penalized, tempered, filtered logits are worked on
+    one float64 copy (plus top-k's partition), not a fresh array per stage, which the C heap would
+    keep resident after the step."""
+    import tracemalloc
+
+    vocab = 262144
+    logits = np.random.default_rng(0).standard_normal(vocab).astype(np.float32)
+    cfg = GenerationConfig(temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.1)
+    want = choose(logits, cfg, np.random.default_rng(1), [5, 7, 9])
+    tracemalloc.start()
+    try:
+        got = choose(logits, cfg, np.random.default_rng(1), [5, 7, 9])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == want
+    assert peak < 2.5 * 8 * vocab, f"sampling peaked at {peak / (8 * vocab):.1f} float64 vocabulary arrays"

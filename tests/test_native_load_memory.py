@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import onnx
 import pytest
 
 runtime = pytest.importorskip("edgeact.runtime")
@@ -79,3 +81,24 @@ def test_repack_gives_the_file_pages_back_as_it_reads(tmp_path):
     if r["isa"] == "scalar":
         pytest.skip("the scalar build reads the file layout: no repack")
     assert r["transient"] < VOCAB * HIDDEN // 2, r
+
+
+def test_scale_copies_go_as_their_readers_are_repacked(tmp_path):
+    """fp16 block scales are read through a float32 copy made at load. Each copy goes once its
+    MatMulNBits is repacked, not at the end of planning: with every layer's copy held until then,
+    the load's peak sat their sum (26 MiB here) above the end state."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc/self/status")
+    src = random_source("tiny", seed=1, vocab_size=4096, hidden_size=512, num_heads=4, num_kv_heads=2,
+                        head_dim=128, intermediate_size=8192, num_layers=16, tie_word_embeddings=False)
+    folder = convert(src, tmp_path / "m", quant="int4", group_size=32, lm_head="int4", embedding="fp16",
+                     external_data=True, progress=False)
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    casts = {n.input[0] for n in graph.node if n.op_type == "Cast"}
+    copies = sum(4 * int(np.prod(t.dims)) for t in graph.initializer
+                 if t.name in casts and t.data_type == onnx.TensorProto.FLOAT16)
+    assert copies > 20 << 20   # the model writes fp16 scales behind a Cast: the copies exist
+    r = _load_transient(folder)
+    if r["isa"] == "scalar":
+        pytest.skip("the scalar build reads the file layout: the copies are kept")
+    assert r["transient"] < copies // 2, (r, copies)

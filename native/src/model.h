@@ -38,13 +38,16 @@ typedef struct value {
 
 /* A float32 copy of an fp16 initializer read through Cast(to=FLOAT) where float32 data is
  * needed (block scales of MatMulNBits and GatherBlockQuantized; plan.c, ea_need_const), or a
- * constant the planner folded. One per source tensor; the buffer goes once nothing reads it
- * (ea_model_build, after the passes). */
+ * constant the planner folded. One per source tensor; the buffer goes once nothing reads it:
+ * right after its last reader is planned, or after the passes (plan.c, ea_model_build). */
 typedef struct f32_copy {
     const onnx_tensor *src;
     onnx_tensor t; /* t.owned is the buffer, NULL once freed */
     int keep;      /* read by an op other than MatMulNBits: kept for the model's life */
     int folded;    /* src NULL: a constant the planner computed (plan.c, fold_div); t.name is its value's */
+    int last_ref;  /* the last node reading it (through any Cast of src) */
+    int early;     /* every reader is a MatMulNBits or lookup: it may go once the last one is planned */
+    size_t mapped; /* bytes of an anonymous mapping holding t.owned, 0 for malloc */
 } f32_copy;
 
 /* One kind per line of ops/list.h. */

@@ -2,11 +2,13 @@
  * Graph inputs and initializers become values; each node goes to its op's plan (ops/, found
  * through the op table), which checks it and binds its weights; then the graph passes
  * (passes.c) fuse, link and assign buffers. */
+#define _GNU_SOURCE /* MAP_ANONYMOUS */
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "ops/ops.h"
 #include "weights.h"
@@ -133,36 +135,110 @@ int ea_need_act(ea_planner *b, const onnx_node *nd, int k, int v) {
     return 0;
 }
 
+/* Copies of 64 KiB or more get a mapping of their own: freed, it goes back to the system at once,
+ * where a heap keeps freed blocks for reuse and the load's peak would carry them. */
+#define COPY_MAP_MIN ((size_t)64 << 10)
+
+static float *copy_alloc(size_t n, size_t *mapped) {
+    const size_t bytes = (n ? n : 1) * sizeof(float);
+    *mapped = 0;
+    if (bytes < COPY_MAP_MIN) return malloc(bytes);
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    *mapped = bytes;
+    return p;
+}
+
+static void copy_free(f32_copy *c) {
+    if (c->mapped && c->t.owned) munmap(c->t.owned, c->mapped);
+    else free(c->t.owned);
+    c->t.owned = NULL;
+    c->t.data = NULL;
+    c->mapped = 0;
+}
+
+/* The nodes reading value `name`: the last one into *last; 0 if one of them is not a
+ * MatMulNBits (reading it as input `slot`, or any input if slot < 0) or a lookup, else 1. */
+static int readers_of(const ea_model *m, const char *name, int slot, int *last) {
+    int only = 1;
+    for (int n = 0; n < m->onnx.n_nodes; n++) {
+        const onnx_node *nd = &m->onnx.nodes[n];
+        for (int k = 0; k < nd->n_inputs; k++) {
+            if (strcmp(nd->inputs[k], name)) continue;
+            if (n > *last) *last = n;
+            const int mm = !strcmp(nd->op_type, "MatMulNBits") && (slot < 0 || k == slot);
+            only &= mm || (slot < 0 && !strcmp(nd->op_type, "GatherBlockQuantized"));
+        }
+    }
+    return only;
+}
+
+/* The readers of fp16 tensor src through every Cast of it (a tied table may be cast twice). */
+static void note_readers(const ea_model *m, f32_copy *c, const onnx_tensor *src) {
+    c->early = 1;
+    for (int n = 0; n < m->onnx.n_nodes; n++) {
+        const onnx_node *nd = &m->onnx.nodes[n];
+        if (!*nd->domain && !strcmp(nd->op_type, "Cast") && nd->n_inputs >= 1 && nd->n_outputs >= 1 &&
+            !strcmp(nd->inputs[0], src->name))
+            c->early &= readers_of(m, nd->outputs[0], -1, &c->last_ref);
+    }
+}
+
+static void fill_f16(float *buf, const onnx_tensor *t, int n) {
+    const uint16_t *h = (const uint16_t *)t->data;
+    for (int i = 0; i < n; i++) buf[i] = ea_f16_to_f32(h[i]);
+}
+
 /* The float32 copy of fp16 tensor t (made once, shared by every reader). Only the weights of
  * MatMulNBits and GatherBlockQuantized are followed after planning (free_unread_copies): another
  * reader keeps the copy. */
 static const onnx_tensor *f32_copy_of(ea_planner *b, const onnx_node *nd, const onnx_tensor *t) {
     ea_model *m = b->m;
     const int other = strcmp(nd->op_type, "MatMulNBits") != 0 && strcmp(nd->op_type, "GatherBlockQuantized") != 0;
-    for (int i = 0; i < m->n_f32c; i++)
-        if (m->f32c[i]->src == t) {
-            m->f32c[i]->keep |= other;
-            return &m->f32c[i]->t;
-        }
     const int n = ea_numel(t);
     if (n < 0) {
         ea_node_fail(b, nd, "initializer '%s' is too large", t->name);
         return NULL;
     }
+    for (int i = 0; i < m->n_f32c; i++) {
+        f32_copy *c = m->f32c[i];
+        if (c->src != t) continue;
+        c->keep |= other;
+        if (!c->t.owned) { /* freed after its readers so far: a reader the scan of Casts missed */
+            float *buf = copy_alloc((size_t)n, &c->mapped);
+            if (!buf) {
+                ea_node_fail(b, nd, "out of memory converting '%s' to float32", t->name);
+                return NULL;
+            }
+            fill_f16(buf, t, n);
+            c->t.owned = buf;
+            c->t.data = (const uint8_t *)buf;
+            c->early = 0;
+            m->bytes_copied += c->t.nbytes;
+        }
+        return &c->t;
+    }
     f32_copy *c = calloc(1, sizeof *c);
-    float *buf = c ? malloc((size_t)(n ? n : 1) * sizeof(float)) : NULL;
+    size_t mapped = 0;
+    float *buf = c ? copy_alloc((size_t)n, &mapped) : NULL;
     f32_copy **slot = buf ? ea_push((void **)&m->f32c, &m->n_f32c, &m->cap_f32c, sizeof *slot) : NULL;
     if (!slot) {
-        free(buf);
+        if (c) {
+            c->t.owned = buf;
+            c->mapped = mapped;
+            copy_free(c);
+        }
         free(c);
         ea_node_fail(b, nd, "out of memory converting '%s' to float32", t->name);
         return NULL;
     }
     *slot = c;
-    const uint16_t *h = (const uint16_t *)t->data;
-    for (int i = 0; i < n; i++) buf[i] = ea_f16_to_f32(h[i]);
+    fill_f16(buf, t, n);
     c->src = t;
     c->keep = other;
+    c->mapped = mapped;
+    c->last_ref = -1;
+    note_readers(m, c, t);
     c->t = *t;
     c->t.dtype = ONNX_FLOAT;
     c->t.data = (const uint8_t *)buf;
@@ -201,30 +277,48 @@ static int only_float_zero_points(const ea_model *m, const char *name) {
     return 1;
 }
 
-/* After the passes: a float32 copy whose every reader kept only its SIMD repack (which holds the
- * scales itself) is not read again. Readers of the file layout keep it: scalar and
- * float-activation weights, a lookup without a repack, CoreInfer's kept-rows copies (made per
- * session) and CATS rows without a copy of their own. */
+/* A float32 copy whose every reader kept only its SIMD repack (which holds the scales itself) is
+ * not read again. Readers of the file layout keep it: scalar and float-activation weights, a
+ * lookup without a repack, CoreInfer's kept-rows copies (made per session) and CATS rows without
+ * a copy of their own. */
+static int copy_is_read(const ea_model *m, const f32_copy *c) {
+    const float *buf = (const float *)c->t.owned;
+    /* a folded constant read only as float zero points: they became the steps' block minimums */
+    int read = c->folded ? !only_float_zero_points(m, c->t.name) : c->keep;
+    for (int s = 0; s < m->n_steps && !read; s++) {
+        const step *st = &m->steps[s];
+        if (!st->qw_ready || st->qw.scales != buf) continue;
+        if (st->op == OP_GATHER_BQ) read = !lookup_has_repack(m, &st->qw);
+        else read = !st->qw.packed || st->f32act || st->row_src || (st->rowsel_src && !st->rows_buf);
+    }
+    return read;
+}
+
+static void drop_copy(ea_model *m, f32_copy *c) {
+    const float *buf = (const float *)c->t.owned;
+    /* every holder forgets it alike (a lookup still finds lm_head's repack by equal pointers) */
+    for (int s = 0; s < m->n_steps; s++)
+        if (m->steps[s].qw_ready && m->steps[s].qw.scales == buf) m->steps[s].qw.scales = NULL;
+    m->bytes_copied -= c->t.nbytes;
+    copy_free(c);
+}
+
+/* After the passes: every copy nothing reads any more. */
 static void free_unread_copies(ea_model *m) {
+    for (int i = 0; i < m->n_f32c; i++)
+        if (m->f32c[i]->t.owned && !copy_is_read(m, m->f32c[i])) drop_copy(m, m->f32c[i]);
+}
+
+/* Once node `last` is planned: a copy whose readers are all planned, every one a MatMulNBits or a
+ * lookup, goes now if none of them reads it, so the copies of the layers' scales (and lm_head's)
+ * are not all held while the weights after them are repacked. Without Sparsify and NeuronMask
+ * nodes no pass reads them again (CATS rows, CoreInfer, the stacked sparse repacks). */
+static void free_planned_copies(ea_model *m, int last) {
     for (int i = 0; i < m->n_f32c; i++) {
         f32_copy *c = m->f32c[i];
-        const float *buf = (const float *)c->t.owned;
-        /* a folded constant read only as float zero points: they became the steps' block minimums */
-        int read = c->folded ? !only_float_zero_points(m, c->t.name) : c->keep;
-        for (int s = 0; s < m->n_steps && !read; s++) {
-            const step *st = &m->steps[s];
-            if (!st->qw_ready || st->qw.scales != buf) continue;
-            if (st->op == OP_GATHER_BQ) read = !lookup_has_repack(m, &st->qw);
-            else read = !st->qw.packed || st->f32act || st->row_src || (st->rowsel_src && !st->rows_buf);
-        }
-        if (read) continue;
-        /* every holder forgets it alike (a lookup still finds lm_head's repack by equal pointers) */
-        for (int s = 0; s < m->n_steps; s++)
-            if (m->steps[s].qw_ready && m->steps[s].qw.scales == buf) m->steps[s].qw.scales = NULL;
-        m->bytes_copied -= c->t.nbytes;
-        free(c->t.owned);
-        c->t.owned = NULL;
-        c->t.data = NULL;
+        if (!c->t.owned || !c->early || c->last_ref < 0 || c->last_ref > last) continue;
+        c->early = 0; /* decided once: what reads it now reads it until the passes */
+        if (!copy_is_read(m, c)) drop_copy(m, c);
     }
 }
 
@@ -314,14 +408,22 @@ static int fold_div(ea_planner *b, const onnx_node *nd, step *st, int va, int vb
                   A->name, na, B->name, nb);
     if (ea_only_outputs(b, nd, 1)) return -1;
     f32_copy *c = calloc(1, sizeof *c);
-    float *buf = c ? malloc((size_t)(na ? na : 1) * sizeof(float)) : NULL;
+    size_t mapped = 0;
+    float *buf = c ? copy_alloc((size_t)na, &mapped) : NULL;
     f32_copy **slot = buf ? ea_push((void **)&m->f32c, &m->n_f32c, &m->cap_f32c, sizeof *slot) : NULL;
     if (!slot) {
-        free(buf);
+        if (c) {
+            c->t.owned = buf;
+            c->mapped = mapped;
+            copy_free(c);
+        }
         free(c);
         NODE_FAIL("out of memory");
     }
     *slot = c;
+    c->mapped = mapped;
+    c->last_ref = -1;
+    c->early = readers_of(m, nd->outputs[0], 3, &c->last_ref); /* float zero points, read at plan only */
     for (size_t i = 0; i < (size_t)na; i++) buf[i] = const_elem(A, i) / const_elem(B, nb == 1 ? 0 : i);
     c->folded = 1;
     c->t = *A->tensor;
@@ -451,9 +553,13 @@ int ea_model_build(ea_model *m, const char *dir, ea_err *err) {
     }
     memset(b.nm.idx, 0xff, sizeof(int) * (size_t)b.nm.cap);
     if (add_graph_inputs(&b)) goto done;
+    int early = 1;
+    for (int i = 0; i < om->n_nodes; i++)
+        early &= strcmp(om->nodes[i].op_type, "Sparsify") && strcmp(om->nodes[i].op_type, "NeuronMask");
     for (int i = 0; i < om->n_nodes; i++) {
         m->n_steps = i + 1;
         if (plan_node(&b, i, &m->steps[i])) goto done;
+        if (early) free_planned_copies(m, i);
         const char *ot = om->nodes[i].op_type;
         int k = 0;
         while (k < m->n_op_types && strcmp(m->op_types[k], ot)) k++;
@@ -550,7 +656,7 @@ void ea_model_destroy(ea_model *m) {
     }
     for (int g = 0; g < m->n_fused; g++) ea_qweight_cm_release(&m->fused[g].cm);
     for (int i = 0; i < m->n_f32c; i++) {
-        free(m->f32c[i]->t.owned);
+        copy_free(m->f32c[i]);
         free(m->f32c[i]);
     }
     free(m->f32c);
