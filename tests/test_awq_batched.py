@@ -1,5 +1,5 @@
 """AWQ's batched searches (every α, every clip ratio quantized in one op) compute what a plain
-scan over the grid computes: the same errors, α, scales, clipped weights and codes.
+scan over the grid computes: the same errors, α, scales, clipped weights and codes."""
 import numpy as np
 import pytest
 import torch
