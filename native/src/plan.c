@@ -184,6 +184,34 @@ static void note_readers(const ea_model *m, f32_copy *c, const onnx_tensor *src)
     }
 }
 
+/* A new float32 copy of n elements shaped as `like`, registered with the model (freed with it, or
+ * earlier by free_unread_copies); NULL when out of memory, with nothing left behind. */
+static f32_copy *new_copy(ea_model *m, const onnx_tensor *like, size_t n) {
+    f32_copy *c = calloc(1, sizeof *c);
+    size_t mapped = 0;
+    float *buf = c ? copy_alloc(n, &mapped) : NULL;
+    f32_copy **slot = buf ? ea_push((void **)&m->f32c, &m->n_f32c, &m->cap_f32c, sizeof *slot) : NULL;
+    if (!slot) {
+        if (c) {
+            c->t.owned = buf;
+            c->mapped = mapped;
+            copy_free(c);
+        }
+        free(c);
+        return NULL;
+    }
+    *slot = c;
+    c->mapped = mapped;
+    c->last_ref = -1;
+    c->t = *like;
+    c->t.dtype = ONNX_FLOAT;
+    c->t.data = (const uint8_t *)buf;
+    c->t.nbytes = n * sizeof(float);
+    c->t.owned = buf;
+    m->bytes_copied += c->t.nbytes;
+    return c;
+}
+
 static void fill_f16(float *buf, const onnx_tensor *t, int n) {
     const uint16_t *h = (const uint16_t *)t->data;
     for (int i = 0; i < n; i++) buf[i] = ea_f16_to_f32(h[i]);
@@ -218,33 +246,15 @@ static const onnx_tensor *f32_copy_of(ea_planner *b, const onnx_node *nd, const 
         }
         return &c->t;
     }
-    f32_copy *c = calloc(1, sizeof *c);
-    size_t mapped = 0;
-    float *buf = c ? copy_alloc((size_t)n, &mapped) : NULL;
-    f32_copy **slot = buf ? ea_push((void **)&m->f32c, &m->n_f32c, &m->cap_f32c, sizeof *slot) : NULL;
-    if (!slot) {
-        if (c) {
-            c->t.owned = buf;
-            c->mapped = mapped;
-            copy_free(c);
-        }
-        free(c);
+    f32_copy *c = new_copy(m, t, (size_t)n);
+    if (!c) {
         ea_node_fail(b, nd, "out of memory converting '%s' to float32", t->name);
         return NULL;
     }
-    *slot = c;
-    fill_f16(buf, t, n);
+    fill_f16(c->t.owned, t, n);
     c->src = t;
     c->keep = other;
-    c->mapped = mapped;
-    c->last_ref = -1;
     note_readers(m, c, t);
-    c->t = *t;
-    c->t.dtype = ONNX_FLOAT;
-    c->t.data = (const uint8_t *)buf;
-    c->t.nbytes = (size_t)n * sizeof(float);
-    c->t.owned = buf;
-    m->bytes_copied += c->t.nbytes;
     /* from here on the copy is read, not the fp16 bytes */
     ea_release_pages(m, t->data, t->nbytes);
     return &c->t;
@@ -407,34 +417,15 @@ static int fold_div(ea_planner *b, const onnx_node *nd, step *st, int va, int vb
         NODE_FAIL("initializers '%s' (%d elements) and '%s' (%d) must have the same size, or the divisor one element",
                   A->name, na, B->name, nb);
     if (ea_only_outputs(b, nd, 1)) return -1;
-    f32_copy *c = calloc(1, sizeof *c);
-    size_t mapped = 0;
-    float *buf = c ? copy_alloc((size_t)na, &mapped) : NULL;
-    f32_copy **slot = buf ? ea_push((void **)&m->f32c, &m->n_f32c, &m->cap_f32c, sizeof *slot) : NULL;
-    if (!slot) {
-        if (c) {
-            c->t.owned = buf;
-            c->mapped = mapped;
-            copy_free(c);
-        }
-        free(c);
-        NODE_FAIL("out of memory");
-    }
-    *slot = c;
-    c->mapped = mapped;
-    c->last_ref = -1;
+    f32_copy *c = new_copy(m, A->tensor, (size_t)na);
+    if (!c) NODE_FAIL("out of memory");
     c->early = readers_of(m, nd->outputs[0], 3, &c->last_ref); /* float zero points, read at plan only */
+    float *buf = c->t.owned;
     for (size_t i = 0; i < (size_t)na; i++) buf[i] = const_elem(A, i) / const_elem(B, nb == 1 ? 0 : i);
     c->folded = 1;
-    c->t = *A->tensor;
     c->t.name = (char *)nd->outputs[0];
-    c->t.dtype = ONNX_FLOAT;
-    c->t.data = (const uint8_t *)buf;
-    c->t.nbytes = (size_t)na * sizeof(float);
-    c->t.owned = buf;
     c->t.external = 0;
     c->t.location = NULL;
-    m->bytes_copied += c->t.nbytes;
     st->op = OP_NOP;
     st->out = ea_add_output(b, nd, 0, V_CONST, ONNX_FLOAT, 0, si);
     if (st->out < 0) return -1;
