@@ -22,6 +22,7 @@ import torch
 from .calibration import INPUT_GROUPS, calibration_ids
 from .model import SourceModel
 from .quantize import FP16_MAX, FP16_NORMAL_MIN
+from .sampling import torch_threads
 
 ALPHAS = np.linspace(0.0, 1.0, 21)[:-1]      # 0, 0.05, ..., 0.95 (α=0 is plain RTN)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
@@ -195,15 +196,9 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-class all_cores:
+def all_cores():
     """torch on every physical core this process may use while a conversion runs (it has the machine to itself)."""
-
-    def __enter__(self):
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(physical_cores())
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.threads)
+    return torch_threads(physical_cores())
 
 
 def awq_transform(src: SourceModel, **kw) -> tuple[SourceModel, dict]:

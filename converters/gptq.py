@@ -29,6 +29,7 @@ from .awq import _LayerInputs, all_cores, awq_layer, fp16_exact, layer_plans, lo
 from .calibration import calibration_ids
 from .model import ConversionError, SourceModel
 from .quantize import QuantizedWeight, _check, dequantize, pack_codes
+from .sampling import torch_threads
 
 LAZY_BATCH = 128
 INNER = 32
@@ -91,12 +92,8 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group: int = 
     Codes past K hold the block's zero (or 0). Runs on one thread: the column loop is thousands of
     small ops, where more threads mostly wait at barriers (and stall whenever one is descheduled)."""
     _check(bits, group)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return _gptq_columns(w, H, bits, group, symmetric, float_zero_points, damp, act_order)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @torch.no_grad()

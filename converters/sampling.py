@@ -2,8 +2,21 @@
 evaluation text is given (fixed seed, so every run sees the same tokens)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to n inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def sample_ids(model, n_tokens: int, *, seed: int = 0, prompt_ids=None, bos_id: int | None = None,
@@ -22,15 +35,11 @@ def sample_batch(model, n_tokens: int, *, seeds, prompt_ids=None, bos_id: int | 
     The rows share every forward pass (one weight read per step for all of them) but each
     draws from its own generator, so row i depends only on seeds[i].
     """
-    threads = torch.get_num_threads()
     # A decode step is many small ops: extra threads mostly wait at OpenMP barriers, and on a
     # loaded machine a descheduled thread stalls every op, which can make sampling many times
     # slower than on one thread. One thread also makes the sample independent of the thread count.
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return _sample(model, n_tokens, seeds, prompt_ids, bos_id, temperature, progress, desc)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _sample(model, n_tokens, seeds, prompt_ids, bos_id, temperature, progress, desc) -> np.ndarray:
