@@ -29,6 +29,7 @@ from edgeact.engines import native_available
 from edgeact.evaluate import compare_logits
 from edgeact.steering import compute_vectors, torch_source
 from edgeact.sweep import realized_sparsity
+from test_sparsity import assert_decode_equals_prefill
 
 pytest.importorskip("onnxruntime")
 ENGINES = ["ort", pytest.param("native", marks=pytest.mark.skipif(not native_available(),
@@ -112,13 +113,7 @@ def test_sparsity_native_equals_onnxruntime(family, method, tmp_path):
     q = compare_logits(nat.forward(ids), ref, ids)
     print(f"{name} {method}: {len(ids)} positions, KL {q.kl:.1e}")
     assert q.kl <= 1e-9 and q.top1 == 1.0, (name, method, len(ids), q.kl, q.top1)
-    eng = nat.engine   # decode runs the input-sparse GEMVs (and CATS's kept up rows): equal to the prefill
-    eng.reset()
-    full = eng.forward(ids[:40])
-    eng.reset()
-    eng.forward(ids[:10])
-    dec = np.concatenate([eng.forward(ids[i:i + 1]) for i in range(10, 40)])
-    assert np.abs(dec - full[10:40]).max() <= 1e-4
+    assert_decode_equals_prefill(nat.engine, ids)
 
 
 @pytest.mark.parametrize("shape,act", [("gemma3-tiny", "gelu_tanh"), ("qwen3-tiny", "silu")])

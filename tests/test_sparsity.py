@@ -137,8 +137,12 @@ def test_native_matches_onnxruntime(folders, tiny, method):
     # least 1e-10, which stays 1000x below what one flipped int8 activation code costs (~1e-7);
     # top-1 measured 1.0 over 256 tokens, at most 2 may differ.
     assert q.kl <= KL_NATIVE_VS_ORT[method] and q.top1 >= 0.99, (q.kl, q.top1)
-    # decode runs the input-sparse GEMV; it must equal the prefill (dense on masked x) rows
-    eng = nat.engine
+    assert_decode_equals_prefill(nat.engine, ids)
+
+
+def assert_decode_equals_prefill(eng, ids):
+    """Decode runs the input-sparse GEMVs (and CATS's kept up rows); rows 10..39 decoded one at a
+    time must equal the same rows of a 40-token prefill (dense on the masked inputs)."""
     eng.reset()
     full = eng.forward(ids[:40])
     eng.reset()
