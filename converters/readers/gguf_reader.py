@@ -301,9 +301,9 @@ def read_gguf(path: str | Path) -> SourceModel:
         from .tokenizer_convert import gguf_gemma_tokenizer_json, gguf_tokenizer_json
 
         if cfg.arch == "gemma3" and _field(reader, "tokenizer.ggml.model") == "llama":
-            tokenizer_json = gguf_gemma_tokenizer_json(path, bool(add_bos))
+            tokenizer_json = gguf_gemma_tokenizer_json(path, bool(add_bos), reader)
         else:
-            tokenizer_json = gguf_tokenizer_json(path, bool(add_bos))
+            tokenizer_json = gguf_tokenizer_json(path, bool(add_bos), reader)
     return SourceModel(
         config=cfg, tensors=tensors, tokenizer_json=tokenizer_json,
         chat_template=_field(reader, "tokenizer.chat_template"), add_bos_token=bool(add_bos),

@@ -23,22 +23,51 @@ _FAST_CLASSES = {"gemma2": "GemmaTokenizerFast", "gemma3_text": "GemmaTokenizerF
                  "qwen2": "Qwen2TokenizerFast", "qwen3": "Qwen2TokenizerFast"}
 
 
-def gguf_tokenizer_json(path: str | Path, add_bos_token: bool) -> str:
-    """The tokenizer embedded in a GGUF file, converted as `AutoTokenizer(gguf_file=...)` does."""
+def gguf_tokenizer_json(path: str | Path, add_bos_token: bool, reader=None) -> str:
+    """The tokenizer embedded in a GGUF file, converted as `AutoTokenizer(gguf_file=...)` does
+    (reader: the file's open gguf.GGUFReader, when the caller has one)."""
     import transformers
     from transformers.integrations.ggml import GGUF_TO_FAST_CONVERTERS, convert_gguf_tokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-    arch = parsed["config"].get("model_type")
+    arch, tokenizer, tokenizer_config = _gguf_tokenizer_fields(reader if reader is not None else _reader(path))
     if arch not in GGUF_TO_FAST_CONVERTERS:
         raise ConversionError(f"{path}: no tokenizer converter for GGUF architecture {arch!r}")
-    fast, extra = convert_gguf_tokenizer(arch, parsed["tokenizer"])
-    kwargs = {**parsed["tokenizer_config"], **extra, "add_bos_token": add_bos_token, "add_eos_token": False}
+    fast, extra = convert_gguf_tokenizer(arch, tokenizer)
+    kwargs = {**tokenizer_config, **extra, "add_bos_token": add_bos_token, "add_eos_token": False}
     # the class AutoTokenizer picks for the architecture; it also registers the special
     # tokens as added tokens and builds the BOS post-processor.
     cls = getattr(transformers, _FAST_CLASSES.get(arch, "LlamaTokenizerFast"))
     return cls(tokenizer_object=fast, **kwargs).backend_tokenizer.to_str()
+
+
+def _reader(path: str | Path):
+    import gguf
+
+    return gguf.GGUFReader(str(path))
+
+
+def _gguf_tokenizer_fields(reader) -> tuple[str, dict, dict]:
+    """(model type, tokenizer, tokenizer_config) as transformers' load_gguf_checkpoint reads them,
+    with its own tables and value parser, from a reader already open: load_gguf_checkpoint takes
+    a path and would parse the file's metadata (the whole vocabulary) a second time."""
+    from transformers.integrations.ggml import _gguf_parse_value
+    from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+
+    def value(field):
+        v = [_gguf_parse_value(field.parts[i], field.types) for i in field.data]
+        return v[0] if len(v) == 1 else v
+
+    parts = {"tokenizer": {}, "tokenizer_config": {}}
+    for key, field in reader.fields.items():
+        prefix, _, rest = key.partition(".")
+        if prefix != "tokenizer":
+            continue
+        for part, out in parts.items():
+            renamed = GGUF_TO_TRANSFORMERS_MAPPING[part]["tokenizer"].get(rest)
+            if renamed is not None and renamed != -1:
+                out[renamed] = value(field)
+    arch = value(reader.fields["general.architecture"])
+    return ("gemma3_text" if arch == "gemma3" else arch), parts["tokenizer"], parts["tokenizer_config"]
 
 
 def read_llama2c_vocab(path: str | Path) -> list[tuple[bytes, float]]:
@@ -113,7 +142,7 @@ def llama2c_tokenizer_json(path: str | Path, add_bos_token: bool = True) -> str:
         return tok.backend_tokenizer.to_str()
 
 
-def gguf_sentencepiece_proto(path: str | Path, escape_space_pieces: bool = False) -> bytes:
+def gguf_sentencepiece_proto(path: str | Path, escape_space_pieces: bool = False, reader=None) -> bytes:
     """The SentencePiece BPE ModelProto a Gemma GGUF's vocabulary came from (pieces, scores, types as stored).
 
     transformers' GGUF route builds a Unigram model over these scores, which splits words
@@ -125,11 +154,10 @@ def gguf_sentencepiece_proto(path: str | Path, escape_space_pieces: bool = False
     makes them added tokens matched in the raw text, which is sentencepiece's behaviour for the
     same pieces written with '▁' (escape_space_pieces=True, for sentencepiece itself).
     """
-    import gguf
     from transformers.convert_slow_tokenizer import import_protobuf
 
     pb = import_protobuf()
-    reader = gguf.GGUFReader(str(path))
+    reader = reader if reader is not None else _reader(path)
     f = {k: reader.fields.get(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type")}
     if any(v is None for v in f.values()):
         raise ConversionError(f"{path}: GGUF vocabulary lacks tokens, scores or token types")
@@ -162,13 +190,13 @@ def gguf_sentencepiece_proto(path: str | Path, escape_space_pieces: bool = False
     return m.SerializeToString()
 
 
-def gguf_gemma_tokenizer_json(path: str | Path, add_bos_token: bool) -> str:
+def gguf_gemma_tokenizer_json(path: str | Path, add_bos_token: bool, reader=None) -> str:
     """A Gemma GGUF's vocabulary as the tokenizer.json transformers makes from Gemma's tokenizer.model."""
     from transformers import GemmaTokenizerFast
 
     with tempfile.TemporaryDirectory() as tmp:
         model_file = Path(tmp) / "tokenizer.model"
-        model_file.write_bytes(gguf_sentencepiece_proto(path))
+        model_file.write_bytes(gguf_sentencepiece_proto(path, reader=reader))
         tok = GemmaTokenizerFast(vocab_file=str(model_file), from_slow=True, add_bos_token=add_bos_token,
                                  add_eos_token=False)
         return tok.backend_tokenizer.to_str()
