@@ -25,11 +25,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .awq import _LayerInputs, all_cores, awq_layer, fp16_exact, layer_plans, load_layer, new_report
+from .awq import _LayerInputs, awq_layer, fp16_exact, layer_plans, load_layer, new_report
 from .calibration import calibration_ids
 from .model import ConversionError, SourceModel
 from .quantize import QuantizedWeight, _check, dequantize, pack_codes
-from .sampling import torch_threads
+from .threads import all_cores, torch_threads
 
 LAZY_BATCH = 128
 INNER = 32

@@ -25,6 +25,26 @@ def tiny_awq():
     return src, new, report
 
 
+@pytest.mark.parametrize("kw", [{}, {"arch": "phi3"}, {"shape": "gemma3-tiny"}])
+def test_weights_copy_is_the_source(kw):
+    """AWQ's working copy comes from the torch model's parameters where it has them: bit for bit
+    the source's tensors (Gemma's norms, Phi-3's fused q/k/v and gate/up read from the source),
+    and a copy: transforming it leaves the reference model as it was."""
+    from edgeact.converters.awq import weights_copy
+    from edgeact.converters.torch_ref import build_torch_model
+
+    src = random_source(kw.pop("shape", "tiny"), seed=2, **kw)
+    model = build_torch_model(src)
+    t = weights_copy(src, model)
+    assert set(t) == set(src.tensors)
+    for name in src.tensors:
+        assert t[name].dtype == torch.float32 and np.array_equal(t[name].numpy(), src.load(name)), name
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for v in t.values():
+        v.mul_(2.0)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_fold_is_exact_in_onnx(tiny_awq, tmp_path):
     """AWQ weights written unquantized give the fp32 logits (the scales fold away)."""
     import edgeact

@@ -16,20 +16,37 @@ def _row_errors(x, dw):
     return ((dw @ gram) * dw).sum(1) / x.shape[0]
 
 
-def scan_scale(x, ws, bits, group, symmetric):
-    """The reference: one α at a time, keeping strict improvements."""
+def _scan(x, ws, bits, group, symmetric, grid):
+    """One α at a time over the grid indices given, in order, keeping strict improvements."""
     s_x = x.abs().mean(0).clamp(min=1e-8)
     w, sizes = torch.cat(ws), [v.shape[0] for v in ws]
-    best, base = (float("inf"), None, None), None
-    for a in ALPHAS:
-        s = s_x.pow(float(a))
+    best, errs = (float("inf"), None, None, None), {}
+    for i in grid:
+        s = s_x.pow(float(ALPHAS[i]))
         s = s / (s.max() * s.min()).sqrt()
         rows = _row_errors(x, fake_quant(w * s, bits, group, symmetric) / s - w)
-        err = float(sum(r.mean() for r in rows.split(sizes)))
-        base = err if a == 0 else base
-        if err < best[0]:
-            best = (err, float(a), s)
-    return best[2], best[1], base, best[0]
+        errs[i] = float(sum(r.mean() for r in rows.split(sizes)))
+        if errs[i] < best[0]:
+            best = (errs[i], float(ALPHAS[i]), s, i)
+    return best, errs
+
+
+def scan_scale(x, ws, bits, group, symmetric):
+    """The reference: every α, one at a time."""
+    (err, alpha, s, _), errs = _scan(x, ws, bits, group, symmetric, range(len(ALPHAS)))
+    return s, alpha, errs[0], err
+
+
+def scan_coarse_to_fine(x, ws, bits, group, symmetric):
+    """The reference of the default search: every 4th α, then the best's neighbours 2 and 1 away,
+    each level a plain scan; the first of equal minima wins."""
+    (_, _, _, b), errs = _scan(x, ws, bits, group, symmetric, range(0, len(ALPHAS), 4))
+    for step in (2, 1):
+        near = [i for i in (b - step, b + step) if 0 <= i < len(ALPHAS) and i not in errs]
+        errs.update(_scan(x, ws, bits, group, symmetric, near)[1])
+        b = min(errs, key=lambda i: (errs[i], i))
+    s = x.abs().mean(0).clamp(min=1e-8).pow(float(ALPHAS[b]))
+    return s / (s.max() * s.min()).sqrt(), float(ALPHAS[b]), errs[0], errs[b], len(errs)
 
 
 def scan_clip(x, w, bits, group, symmetric):
@@ -65,12 +82,18 @@ def test_batched_search_equals_the_scan(T, K, sizes, group, chunk, symmetric, mo
     if chunk is not None:
         monkeypatch.setattr(awq, "_BATCH_ELEMENTS", chunk)
     x, ws = _layer(T, K, sizes, seed=T + K)
-    s, alpha, err0, err1 = search_scale(x, ws, 4, group, symmetric)
+    s, alpha, err0, err1 = search_scale(x, ws, 4, group, symmetric, steps=(1,))
     s_ref, alpha_ref, err0_ref, err1_ref = scan_scale(x, ws, 4, group, symmetric)
     assert alpha == alpha_ref and alpha > 0
     assert torch.equal(s, s_ref)
     assert err0 == err0_ref and err1 == err1_ref   # the same products and sums, batched
     assert err1 < err0
+
+    s2, alpha2, err0_2, err1_2 = search_scale(x, ws, 4, group, symmetric)   # coarse to fine, the default
+    s2_ref, alpha2_ref, err0_2ref, err1_2ref, scored = scan_coarse_to_fine(x, ws, 4, group, symmetric)
+    assert scored <= 9
+    assert alpha2 == alpha2_ref and torch.equal(s2, s2_ref)
+    assert err0_2 == err0 and err1_2 == err1_2ref and err1 <= err1_2 < err0
 
     w = torch.cat(ws) * s
     clipped = search_clip(x / s, w, 4, group, symmetric)
@@ -87,9 +110,11 @@ def test_batched_search_equals_the_scan(T, K, sizes, group, chunk, symmetric, mo
 def test_threads_are_the_physical_cores_we_may_use():
     import os
 
-    n = awq.physical_cores()
+    from edgeact.converters import threads
+
+    n = threads.physical_cores()
     assert 1 <= n <= len(os.sched_getaffinity(0))
     before = torch.get_num_threads()
-    with awq.all_cores():
+    with threads.all_cores():
         assert torch.get_num_threads() == n
     assert torch.get_num_threads() == before
