@@ -44,7 +44,9 @@ def _decode_linear(self, x: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(-1, K)
     if rows.shape[0] > _DECODE_ROWS:
         return torch.nn.functional.linear(x, self.weight, self.bias)
-    y = torch.matmul(self.weight, rows.T).T.reshape(*x.shape[:-1], self.weight.shape[0])
+    # Row-major rows and result: MKL's product with xᵀ stored contiguously (what a transposed
+    # result fed to the next linear would give) runs at a third of the speed.
+    y = torch.matmul(self.weight, rows.contiguous().T).T.contiguous().reshape(*x.shape[:-1], self.weight.shape[0])
     return y if self.bias is None else y + self.bias
 
 
