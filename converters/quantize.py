@@ -113,6 +113,12 @@ def zero_points_for(minimum: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return best.astype(np.float32)
 
 
+def float_minimum_override(src, names, group_size: int) -> dict:
+    """linear_override loaders rounding each named weight of src to nearest at int4 with float zero
+    points (one tensor read and packed at a time, when the writer reaches it)."""
+    return {n: (lambda k=n: quantize_blockwise(src.load(k), 4, group_size, float_zero_points=True)) for n in names}
+
+
 def quantize_blockwise(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False,
                        float_zero_points: bool = False) -> QuantizedWeight:
     """Quantize W [N, K] (float) to `bits` per weight, one scale (and zero point) per block of K.

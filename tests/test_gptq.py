@@ -151,7 +151,44 @@ def test_awq_gptq_float_zero_points_fold_and_load(tmp_path):
     assert compare_logits(lo, lr, ids).kl < compare_logits(lb, lr, ids).kl
 
 
+def test_cli_float_zero_points(tmp_path, tiny_hf_dir):
+    """--float-zero-points: rtn writes each decoder linear as quantize_blockwise's float-minimum blocks of
+    the source (lm_head keeps its int8 default), gptq and awq+gptq write GPTQ's float-minimum rounding;
+    native runs every folder as onnxruntime does."""
+    import edgeact
+    from edgeact.cli import main
+    from edgeact.converters.onnx_writer import stored_weights
+    from edgeact.converters.quantize import quantize_blockwise
+    from edgeact.converters.readers import read_source
+    from edgeact.evaluate import compare_logits
+
+    src = read_source(tiny_hf_dir)
+    ids = [1, 5, 9, 33, 2, 70, 11, 4, 250, 17]
+    for method in ("rtn", "gptq", "awq+gptq"):
+        out = tmp_path / method
+        calib = [] if method == "rtn" else ["--calib-tokens", "96"]   # rtn calibrates nothing
+        assert main(["convert", str(tiny_hf_dir), "-o", str(out), "--method", method, "--float-zero-points",
+                     "--quiet", *calib]) == 0
+        stored = stored_weights(out)
+        linears = [n for n in stored if ".layers." in n]
+        assert len(linears) == 7 * src.config.num_layers
+        assert all(stored[n].float_zero_points for n in linears)
+        assert not stored["lm_head.weight"].float_zero_points and stored["lm_head.weight"].bits == 8
+        if method == "rtn":
+            for n in linears:
+                ref = quantize_blockwise(src.load(n), 4, 32, float_zero_points=True)
+                assert np.array_equal(dequantize(stored[n]), dequantize(ref)), n
+        if method == "gptq":
+            assert json.loads((out / "edgeact.json").read_text())["calibration"]["zero_points"] == "float"
+        o = edgeact.load(out, engine="ort").forward(ids)
+        assert compare_logits(edgeact.load(out, engine="native").forward(ids), o, ids).kl < 1e-3
+
+
 @pytest.mark.parametrize("argv, fragment", [
+    (["--method", "awq", "--float-zero-points"], "--float-zero-points applies to --method rtn, gptq and awq+gptq"),
+    (["--quant", "int8", "--float-zero-points"], "--float-zero-points is for asymmetric int4"),
+    (["--symmetric", "--float-zero-points"], "--float-zero-points is for asymmetric int4"),
+    (["--float-zero-points", "--target-bpw", "4.5"], "does not combine with --target-bpw/--max-size"),
     (["--quant", "fp16", "--method", "gptq"], "--method gptq needs --quant int4 or int8"),
     (["--method", "gptq", "--no-awq-clip"], "--no-awq-clip applies to --method awq"),
     (["--method", "awq+gptq", "--max-size", "100"], "does not combine with --target-bpw/--max-size"),

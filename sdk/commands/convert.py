@@ -65,6 +65,10 @@ def add_parser(sub) -> None:
                    "calibration inputs' second moments); awq+gptq: AWQ's scaling, then GPTQ's rounding")
     g.add_argument("--no-awq-clip", dest="awq_clip", action="store_false",
                    help="with --method awq or awq+gptq: skip AWQ's clipping search (it runs by default)")
+    g.add_argument("--float-zero-points", action="store_true",
+                   help="with --method rtn, gptq or awq+gptq at int4: each block's grid spans its own [min, "
+                   "max] (an fp16 scale and minimum) instead of an integer zero point's range widened to include "
+                   "0; imatrix always does this")
 
     g = p.add_argument_group("mixed bits under a size budget")
     g.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
@@ -104,6 +108,16 @@ def check_args(args) -> None:
                          "(the share of channels to zero, e.g. 0.5)")
     if not args.awq_clip and args.method not in ("awq", "awq+gptq"):
         raise ValueError("--no-awq-clip applies to --method awq and awq+gptq")
+    if args.float_zero_points:
+        if args.method not in ("rtn", "gptq", "awq+gptq"):
+            raise ValueError(f"--float-zero-points applies to --method rtn, gptq and awq+gptq (imatrix always "
+                             f"writes float zero points; AWQ rounds to nearest with integer ones), not {args.method}")
+        if args.quant not in ("int4", QUANT_DEFAULT) or args.symmetric:
+            raise ValueError("--float-zero-points is for asymmetric int4: not with --quant "
+                             f"{args.quant}" + (" and --symmetric" if args.symmetric else ""))
+        if args.target_bpw is not None or args.max_size is not None:
+            raise ValueError("--float-zero-points does not combine with --target-bpw/--max-size (the budget "
+                             "picks each tensor's format)")
     if args.method != "rtn" and args.quant not in ("int4", "int8", QUANT_DEFAULT):
         raise ValueError(f"--method {args.method} needs --quant int4 or int8, not {args.quant}")
     if args.method in ("gptq", "awq+gptq") and (args.target_bpw is not None or args.max_size is not None):
@@ -142,7 +156,8 @@ def run(args) -> int:
 
         targets = parse_targets(args.sparsity, sparse_method)
     source = args.source
-    if args.method != "rtn" or targets is not None or args.target_bpw is not None or args.max_size is not None:
+    if (args.method != "rtn" or targets is not None or args.target_bpw is not None or args.max_size is not None
+            or args.float_zero_points):
         from edgeact.converters.readers import read_source
 
         validate_options(kw["quant"], kw["group_size"], kw["lm_head"], kw["embedding"])   # before calibrating
@@ -166,6 +181,13 @@ def run(args) -> int:
                 calib_ids=ids, calib_file=args.calib, clip=args.awq_clip, progress=progress, model=model)
             kw["method"] = "awq"
             model = None   # AWQ changed the weights: sparsity calibrates on the transformed model
+        if args.method == "rtn" and args.float_zero_points:
+            from edgeact.converters.mixed import linear_names
+            from edgeact.converters.quantize import float_minimum_override
+
+            kw["quant"] = "int4"
+            kw["linear_override"] = float_minimum_override(
+                source, [n for n in linear_names(source) if n != "lm_head.weight"], kw["group_size"])
         if args.method in ("gptq", "awq+gptq"):
             from edgeact.converters.gptq import gptq_transform
 
@@ -173,8 +195,8 @@ def run(args) -> int:
                 kw["quant"] = "int4"
             source, override, kw["calibration"] = gptq_transform(
                 source, bits=4 if kw["quant"] == "int4" else 8, group_size=kw["group_size"], symmetric=args.symmetric,
-                awq=args.method == "awq+gptq", clip=args.awq_clip, calib_ids=ids, calib_file=args.calib,
-                progress=progress, model=model)
+                awq=args.method == "awq+gptq", clip=args.awq_clip, float_zero_points=args.float_zero_points,
+                calib_ids=ids, calib_file=args.calib, progress=progress, model=model)
             kw["linear_override"] = {**override, **(kw.get("linear_override") or {})}
             kw["method"] = args.method
             model = None   # its layers now hold the quantized weights
