@@ -168,6 +168,7 @@ class GraphBuilder:
         self.lm_head_kind, self.embedding_kind = lm_head, embedding
         self.accuracy_level = accuracy_level
         self.linear_override = dict(linear_override or {})
+        self.float_minimum_linears = 0   # decoder linears written with float zero points (edgeact.json)
         self.steering = steering
         self.sparse_sites = dict(sparse_sites or {})   # site → (threshold [K], col_scale [K]); see converters/sparsity.py
         self.coreinfer = coreinfer   # {"keep", "token_k"}: NeuronMask before down_proj (converters/coreinfer.py)
@@ -269,6 +270,8 @@ class GraphBuilder:
                              bits=qw.bits, block_size=qw.block_size, accuracy_level=self.accuracy_level)
         if weight in self.linear_override or kind in ("int4", "int8"):
             qw = self._head_qw if weight == "lm_head.weight" and self._head_qw is not None else self.quantized(weight)
+            if qw.float_zero_points and weight != "lm_head.weight":
+                self.float_minimum_linears += 1
             scales, half = self.half_init(weight + ".scales", qw.scales)
             inputs = [x, self.init(weight + ".B", qw.B), self.float_value(scales, half)]
             if qw.zero_points is not None:
@@ -626,7 +629,8 @@ def write_onnx(src: SourceModel, out_dir, *, quant: str = "int4", group_size: in
         "max_context": max_context,
         "quantization": {"weights": quant, "group_size": group_size, "symmetric": symmetric,
                          "method": method, "accuracy_level": accuracy_level,
-                         "lm_head": lm_head, "embedding": b.embedding_kind},
+                         "lm_head": lm_head, "embedding": b.embedding_kind,
+                         "float_zero_point_linears": b.float_minimum_linears},
         "steering": ({"layers": cfg.num_layers, "inputs": "steer.{i}.add / steer.{i}.ablate"} if steering else None),
         "sparsity": (sparsity or {}).get("meta"),
         "external_data": bool(external_data),

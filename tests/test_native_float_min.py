@@ -94,7 +94,9 @@ def test_minimums_file_mode_vs_numpy_aarch64(arm_bin, tmp_path, cpu):
 
 
 @pytest.mark.skipif(not native_available(), reason="native runtime not built")
-def test_teal_folder_with_float_minimums(tmp_path, tiny_hf_dir, monkeypatch):
+def test_teal_folder_with_float_minimums(tmp_path, tiny_hf_dir, monkeypatch, capsys):
+    """Float-minimum linears behind a Sparsify run densely (the sparse kernels take integer zero
+    points), give the dense results, and the converter says so in one warning."""
     import edgeact
     from edgeact.cli import main
     from edgeact.evaluate import compare_logits
@@ -104,6 +106,9 @@ def test_teal_folder_with_float_minimums(tmp_path, tiny_hf_dir, monkeypatch):
                  "--calib-tokens", "64", "--quiet"]) == 0
     meta = json.loads((out / "edgeact.json").read_text())
     assert meta["quantization"]["method"] == "imatrix" and meta["sparsity"]["method"] == "teal"
+    assert meta["quantization"]["float_zero_point_linears"] == 14   # 7 linears x 2 layers; lm_head not counted
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("edgeact: warning: ")]
+    assert len(warned) == 1 and "14 linears" in warned[0] and "dense kernels" in warned[0], warned
     ids = [1, 5, 9, 33, 2, 70, 11, 4, 19, 23, 8, 3]
     monkeypatch.setenv("EDGEACT_SPARSE_ALWAYS", "1")   # every matmul that can go sparse does
     eng = edgeact.load(out, engine="native").engine
