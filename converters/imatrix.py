@@ -76,14 +76,16 @@ def quantize_weighted(w: np.ndarray, importance: np.ndarray, bits: int = 4, grou
 
 
 def imatrix_override(src, *, group_size: int = 32, calib_ids=None, calib_file=None, calib_tokens: int = 512,
-                     progress: bool = True) -> tuple[dict, dict]:
+                     progress: bool = True, model=None) -> tuple[dict, dict]:
     """linear_override loaders quantizing every decoder linear of src by quantize_weighted, with the
-    input second moments measured once on calibration text (lm_head keeps the writer's default)."""
+    input second moments measured once on calibration text (lm_head keeps the writer's default);
+    model: the fp32 torch model of src, when the caller has built one."""
     from .calibration import calibration_ids
     from .mixed import _input_of, input_second_moments, linear_names
     from .torch_ref import build_torch_model
 
-    model = build_torch_model(src)
+    if model is None:
+        model = build_torch_model(src)
     if calib_ids is None:
         calib_ids = calibration_ids(src, model, text_file=calib_file, n_tokens=calib_tokens)
     moments = input_second_moments(model, calib_ids)

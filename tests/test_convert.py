@@ -32,7 +32,8 @@ def test_folder_and_model_card(tmp_path):
     assert card["config"]["hidden_size"] == 48 and card["config"]["tie_word_embeddings"] is True
     assert card["max_context"] == 256
     assert card["quantization"] == {"weights": "int4", "group_size": 64, "symmetric": True, "method": "rtn",
-                                    "accuracy_level": 4, "lm_head": "int8", "embedding": "shared"}   # tied: one table
+                                    "accuracy_level": 4, "lm_head": "int8", "embedding": "shared",   # tied: one table
+                                    "float_zero_point_linears": 0}
     assert card["steering"] == {"layers": 2, "inputs": "steer.{i}.add / steer.{i}.ablate"}
     assert card["tokenizer"]["file"] == "tokenizer.json" and card["tokenizer"]["chat_template"] == "{{ messages }}"
     assert card["tokenizer"]["eos_token_ids"] == [2]

@@ -209,7 +209,7 @@ def run(args) -> int:
                 raise ValueError("--method imatrix writes int4 with float zero points: not with --quant int8 "
                                  "or --symmetric")
             override, kw["calibration"] = imatrix_override(source, group_size=kw["group_size"], calib_ids=ids,
-                                                           calib_file=args.calib, progress=progress)
+                                                           calib_file=args.calib, progress=progress, model=model)
             kw["linear_override"] = {**override, **(kw.get("linear_override") or {})}
             kw["method"] = "imatrix"
         if args.target_bpw is not None or args.max_size is not None:
