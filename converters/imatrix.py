@@ -11,9 +11,12 @@ round-to-nearest's own grid among them, so the search never loses to it on its o
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .quantize import FP16_MAX, QuantizedWeight, fp16_exact, fp16_nearest, pack_codes
+from .threads import physical_cores
 
 STEPS = np.arange(-10, 11) * 0.1   # grid offsets in code units around 15 codes over the range
 
@@ -41,8 +44,21 @@ def quantize_weighted(w: np.ndarray, importance: np.ndarray, bits: int = 4, grou
     if imp.shape[0] != K:
         raise ValueError(f"importance has {imp.shape[0]} entries for K={K}")
     imp = np.maximum(imp, 0) + 1e-12 * max(float(imp.max(initial=0.0)), 1e-30)   # every weight counts a little
-    wb = np.pad(w, ((0, 0), (0, pad))).reshape(N, blocks, group).astype(np.float64)
     wt = np.pad(imp, (0, pad)).reshape(1, blocks, group)   # padding weighs nothing
+    # Rows are searched independently: a slice of them per physical core, in threads (numpy's
+    # element-wise passes and sums release the GIL), with the same bits as one pass over all rows.
+    parts = np.array_split(np.arange(N), min(physical_cores(), max(1, N // 64)))
+    with ThreadPoolExecutor(len(parts)) as pool:
+        found = list(pool.map(lambda rows: _search(w[rows[0]:rows[-1] + 1], wt, pad, group, bits), parts))
+    q, d, m = (np.concatenate(x) for x in zip(*found))
+    return pack_codes(q.astype(np.uint8), d.astype(np.float32), m.astype(np.float32), bits, group, K)
+
+
+def _search(w: np.ndarray, wt: np.ndarray, pad: int, group: int, bits: int):
+    """(codes, scale, minimum) per block of the rows w [n, K], by the weighted search."""
+    N = w.shape[0]
+    blocks = wt.shape[1]
+    wb = np.pad(w, ((0, 0), (0, pad))).reshape(N, blocks, group).astype(np.float64)
     qmax = (1 << bits) - 1
     lo, hi = wb.min(-1), wb.max(-1)
     rng = hi - lo
@@ -72,7 +88,7 @@ def quantize_weighted(w: np.ndarray, importance: np.ndarray, bits: int = 4, grou
             best_e = np.where(better, e, best_e)
             best_d, best_m = np.where(better, d, best_d), np.where(better, m, best_m)
             best_q = np.where(better[..., None], q, best_q)
-    return pack_codes(best_q.astype(np.uint8), best_d.astype(np.float32), best_m.astype(np.float32), bits, group, K)
+    return best_q, best_d, best_m
 
 
 def imatrix_override(src, *, group_size: int = 32, calib_ids=None, calib_file=None, calib_tokens: int = 512,
