@@ -22,6 +22,8 @@ GPTQ on the scaled inputs x / s.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -29,7 +31,7 @@ from .awq import _LayerInputs, awq_layer, fp16_exact, layer_plans, load_layer, n
 from .calibration import calibration_ids
 from .model import ConversionError, SourceModel
 from .quantize import QuantizedWeight, _check, dequantize, pack_codes
-from .threads import all_cores, torch_threads
+from .threads import all_cores, physical_cores, torch_threads
 
 LAZY_BATCH = 128
 INNER = 32
@@ -94,6 +96,26 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group: int = 
     _check(bits, group)
     with torch_threads(1):
         return _gptq_columns(w, H, bits, group, symmetric, float_zero_points, damp, act_order)
+
+
+def gptq_groups(jobs: list[tuple[torch.Tensor, torch.Tensor]], bits: int = 4, group: int = 32, *,
+                symmetric: bool = False, float_zero_points: bool = False, damp: float = DAMP,
+                act_order: bool = False) -> list:
+    """gptq_quantize(w, H, ...) for each (w, H) of jobs, the same results in the same order, with the
+    column loops running side by side, one per physical core: each loop is thousands of small
+    single-threaded ops, so whole loops spread over the cores where one loop's threads could not.
+    The largest weights are started first."""
+    _check(bits, group)
+    out: list = [None] * len(jobs)
+
+    def run(j: int) -> None:
+        w, H = jobs[j]
+        out[j] = _gptq_columns(w, H, bits, group, symmetric, float_zero_points, damp, act_order)
+
+    largest_first = sorted(range(len(jobs)), key=lambda j: -jobs[j][0].numel())
+    with torch_threads(1), ThreadPoolExecutor(max(1, min(len(jobs), physical_cores()))) as pool:
+        list(pool.map(run, largest_first))
+    return out
 
 
 @torch.no_grad()
@@ -231,19 +253,20 @@ def _gptq(src: SourceModel, *, bits: int = 4, group_size: int = 32, symmetric: b
         if awq:
             scales = awq_layer(t, acts, i, cfg, bits=bits, group_size=group_size, symmetric=symmetric, clip=clip,
                                report=report)
+        groups = []
         for group, names, _ in layer_plans(cfg, i, fold_v_o=True):
             x = acts[(i, group)]
             if group in scales:
                 x = x / scales[group]
-            H = (x.T @ x).double()
             ws = [t[n] for n in names]
-            w = torch.cat(ws)
-            codes, scale, zp, wq = gptq_quantize(w, H, bits, group_size, symmetric=symmetric,
-                                                 float_zero_points=float_zero_points, damp=damp, act_order=act_order)
+            groups.append((names, ws, torch.cat(ws), (x.T @ x).double(), len(x)))
+        rounded = gptq_groups([(w, H) for _, _, w, H, _ in groups], bits, group_size, symmetric=symmetric,
+                              float_zero_points=float_zero_points, damp=damp, act_order=act_order)
+        for (names, ws, w, H, T), (codes, scale, zp, wq) in zip(groups, rounded):
             # sum over rows of the mean over tokens of (x . dw)^2, for the weights as GPTQ received them
             report["output_error_rtn"] += output_error(rtn(w, bits, group_size, symmetric, float_zero_points) - w,
-                                                       H) / len(x)
-            report["output_error_gptq"] += output_error(wq - w, H) / len(x)
+                                                       H) / T
+            report["output_error_gptq"] += output_error(wq - w, H) / T
             row = 0
             for n, wn in zip(names, ws):
                 rows = slice(row, row + wn.shape[0])

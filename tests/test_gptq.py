@@ -102,6 +102,22 @@ def test_lazy_batches_match_the_plain_algorithm(group):
     assert output_error(wq - w, H) == pytest.approx(output_error(ref.float() - w, H), rel=0.05)
 
 
+@pytest.mark.parametrize("fzp", [False, True])
+def test_groups_side_by_side_equal_one_at_a_time(fzp):
+    """A layer's groups rounded in parallel threads: each result bit for bit gptq_quantize's, in order."""
+    from edgeact.converters.gptq import gptq_groups
+
+    g = torch.Generator().manual_seed(3)
+    jobs = []
+    for N, K in [(40, 64), (96, 160), (24, 64)]:
+        x = torch.randn(300, K, generator=g)
+        jobs.append((torch.randn(N, K, generator=g), (x.T @ x).double()))
+    got = gptq_groups(jobs, 4, 32, float_zero_points=fzp)
+    for (w, H), res in zip(jobs, got):
+        ref = gptq_quantize(w, H, 4, 32, float_zero_points=fzp)
+        assert all(torch.equal(a, b) for a, b in zip(res, ref))
+
+
 def test_tiny_model_cli_gptq_runs_natively_as_in_onnxruntime(tmp_path, tiny_hf_dir):
     import edgeact
     from edgeact.cli import main
