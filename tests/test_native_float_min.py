@@ -4,25 +4,12 @@ the test binary's file mode, x86 and NEON under qemu) against numpy, and a TEAL-
 input-sparse kernels hold integer zero points only, so the planner keeps these matmuls on the
 dense kernels. The folder loads, decodes the prefill's rows, and stays near onnxruntime."""
 import json
-import struct
 
 import numpy as np
 import pytest
-from test_native_kernels import _quantize_rows, _run, arm_bin, native_bin  # noqa: F401 (fixtures)
+from test_native_kernels import _quantize_rows, _run_qmatmul, arm_bin, native_bin  # noqa: F401 (fixtures)
 
 from edgeact.engines import native_available
-
-
-def _run_min(cmd, tmp_path, x, K, N, bits, bs, packed, scales, mins, threads, isa=None):
-    M = x.shape[0]
-    inp, out = tmp_path / "in.bin", tmp_path / "out.bin"
-    with open(inp, "wb") as f:
-        f.write(struct.pack("<7i", M, K, N, bits, bs, 2, threads))
-        for a in (np.ascontiguousarray(x, np.float32), packed, scales, mins):
-            f.write(a.tobytes())
-    res = _run([*cmd, "--qmatmul", str(inp), str(out)], isa)
-    assert res.returncode == 0, res.stderr
-    return np.fromfile(out, np.float32).reshape(M, N), res.stderr
 
 
 def _weight(rng, K, N, bits, bs, f16):
@@ -75,7 +62,7 @@ def test_minimums_file_mode_vs_numpy(native_bin, tmp_path, M, K, N, bits, bs, f1
     rng = np.random.default_rng(K * 7 + N)
     q, packed, scales, mins = _weight(rng, K, N, bits, bs, f16)
     x = rng.standard_normal((M, K)).astype(np.float32)
-    y, log = _run_min(native_bin, tmp_path, x, K, N, bits, bs, packed, scales, mins, threads, isa)
+    y, log = _run_qmatmul(native_bin, tmp_path, x, K, N, bits, bs, packed, scales, None, threads, isa, mins)
     if isa:
         assert f"isa={isa}" in log
     _check(y, x, q, scales, mins, K, bs)
@@ -88,8 +75,8 @@ def test_minimums_file_mode_vs_numpy_aarch64(arm_bin, tmp_path, cpu):
         rng = np.random.default_rng(K + N)
         q, packed, scales, mins = _weight(rng, K, N, bits, bs, f16)
         x = rng.standard_normal((M, K)).astype(np.float32)
-        y, _ = _run_min(["qemu-aarch64", "-cpu", cpu, arm_bin], tmp_path, x, K, N, bits, bs, packed, scales,
-                        mins, threads)
+        y, _ = _run_qmatmul(["qemu-aarch64", "-cpu", cpu, arm_bin], tmp_path, x, K, N, bits, bs, packed, scales,
+                            None, threads, mins=mins)
         _check(y, x, q, scales, mins, K, bs)
 
 

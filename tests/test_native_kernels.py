@@ -126,16 +126,19 @@ def _quantize_rows(x, bs):
     return xq, scale
 
 
-def _run_qmatmul(cmd, tmp_path, x, K, N, bits, bs, packed, scales, zp_file, threads, isa=None):
+def _run_qmatmul(cmd, tmp_path, x, K, N, bits, bs, packed, scales, zp_file, threads, isa=None, mins=None):
+    """The test binary's --qmatmul file mode: integer zero points (zp_file), float block minimums
+    (mins, float32 [N, blocks]) or neither."""
     M = x.shape[0]
     inp, out = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
-        f.write(struct.pack("<7i", M, K, N, bits, bs, int(zp_file is not None), threads))
+        f.write(struct.pack("<7i", M, K, N, bits, bs, 2 if mins is not None else int(zp_file is not None), threads))
         f.write(np.ascontiguousarray(x, np.float32).tobytes())
         f.write(packed.tobytes())
         f.write(scales.tobytes())
-        if zp_file is not None:
-            f.write(zp_file.tobytes())
+        for extra in (zp_file, mins):
+            if extra is not None:
+                f.write(extra.tobytes())
     res = _run([*cmd, "--qmatmul", str(inp), str(out)], isa)
     assert res.returncode == 0, res.stderr
     return np.fromfile(out, np.float32).reshape(M, N), res.stderr
