@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import contract
 from .model import HIDDEN_ACTS, SUPPORTED_ARCHITECTURES, ConversionError, SourceModel
-from .quantize import BLOCK_SIZES, QuantizedWeight, block_minimums, holds_in_fp16, quantize_blockwise
+from .quantize import BLOCK_SIZES, QuantizedWeight, half_minimums, holds_in_fp16, quantize_blockwise
 from .rope_cache import cos_sin_cache, local_config, rotary_dim
 
 QUANT_KINDS = ("fp32", "fp16", "int8", "int4")
@@ -201,20 +201,13 @@ class GraphBuilder:
     def zero_points(self, weight: str, qw: QuantizedWeight, scales16: str | None) -> str:
         """The zero points' value. Float zero points whose block minimums and scales are fp16 values
         (imported Q4_1 blocks, our float-minimum quantizers) are stored as the negated minimums in fp16
-        and computed in the graph as Div(-minimum, scale): half the bytes of float32 zero points, folded
-        by both engines at load. The quotient z = fl(-m/d) gives -z*d within one float32 ulp of m, so
-        block_minimums (and the native runtime) round it back to m exactly; checked here all the same."""
+        and computed in the graph as Div(-minimum, scale) (quantize.half_minimums): half the bytes of
+        float32 zero points, folded by both engines at load."""
         name = weight + ".zero_points"
-        if qw.float_zero_points and scales16 is not None and np.all(qw.scales != 0):
-            m = block_minimums(qw).reshape(-1)
-            with np.errstate(over="ignore"):
-                neg = (-m).astype(np.float16)
-            if np.array_equal(neg.astype(np.float32), -m):
-                zp = (neg.astype(np.float32) / qw.scales).astype(np.float32)
-                again = QuantizedWeight(qw.B, qw.scales, zp, qw.K, qw.N, qw.bits, qw.block_size)
-                if np.array_equal(block_minimums(again).reshape(-1), m):
-                    neg_value = self.float_value(self.init(weight + ".neg_minimums", neg), True)
-                    return self.node("Div", [neg_value, scales16], name + ".div", outputs=[name])
+        neg = half_minimums(qw) if scales16 is not None else None
+        if neg is not None:
+            neg_value = self.float_value(self.init(weight + ".neg_minimums", neg), True)
+            return self.node("Div", [neg_value, scales16], name + ".div", outputs=[name])
         return self.init(name, qw.zero_points)
 
     def float_value(self, name: str, half: bool) -> str:

@@ -48,13 +48,31 @@ class QuantizedWeight:
     @property
     def file_nbytes(self) -> int:
         """Bytes in a model folder: the writer stores scales as fp16 where fp16 holds them all, and float
-        zero points as fp16 negated minimums where those and the scales are fp16 values
-        (onnx_writer.half_init / zero_points)."""
+        zero points as fp16 negated minimums where half_minimums finds them (onnx_writer.half_init /
+        zero_points)."""
         half = holds_in_fp16(self.scales)
         zp = 0 if self.zero_points is None else self.zero_points.nbytes
-        if self.float_zero_points and half and np.all(self.scales != 0) and holds_in_fp16(block_minimums(self)):
+        if half_minimums(self) is not None:
             zp //= 2
         return self.B.nbytes + self.scales.nbytes // (2 if half else 1) + zp
+
+
+def half_minimums(qw: QuantizedWeight) -> np.ndarray | None:
+    """Float zero points as the writer stores them when it can: the negated block minimums in fp16
+    [N * blocks], computed in the graph as Div(-minimum, scale) over fp16 scales. That needs scales
+    and minimums that are fp16 values, no zero scale, and the quotient z = fl(-m/d) rounding back to
+    each m through block_minimums (-z*d is within one float32 ulp of m, so it always has; checked all
+    the same). None when the weight has no float zero points or they cannot be stored so."""
+    if not qw.float_zero_points or not np.all(qw.scales != 0) or not holds_in_fp16(qw.scales):
+        return None
+    m = block_minimums(qw).reshape(-1)
+    with np.errstate(over="ignore"):
+        neg = (-m).astype(np.float16)
+    if not np.array_equal(neg.astype(np.float32), -m):
+        return None
+    zp = (neg.astype(np.float32) / qw.scales).astype(np.float32)
+    again = QuantizedWeight(qw.B, qw.scales, zp, qw.K, qw.N, qw.bits, qw.block_size)
+    return neg if np.array_equal(block_minimums(again).reshape(-1), m) else None
 
 
 def holds_in_fp16(a: np.ndarray) -> bool:
