@@ -98,8 +98,6 @@ def source_precision(src: SourceModel, linear_override: dict | None):
     return "fp16", override, report
 
 
-
-
 def convert(src_path, out_dir, *, quant: str = "int4", group_size: int = 32, symmetric: bool = False,
             lm_head: str | None = None, embedding: str | None = None, accuracy_level: int = 4,
             tokenizer=None, max_context: int | None = None, progress: bool = True, overwrite: bool = False,

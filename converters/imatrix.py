@@ -47,9 +47,9 @@ def quantize_weighted(w: np.ndarray, importance: np.ndarray, bits: int = 4, grou
     wt = np.pad(imp, (0, pad)).reshape(1, blocks, group)   # padding weighs nothing
     # Rows are searched independently: a slice of them per physical core, in threads (numpy's
     # element-wise passes and sums release the GIL), with the same bits as one pass over all rows.
-    parts = np.array_split(np.arange(N), min(physical_cores(), max(1, N // 64)))
+    parts = np.array_split(w, min(physical_cores(), max(1, N // 64)))   # views of consecutive rows
     with ThreadPoolExecutor(len(parts)) as pool:
-        found = list(pool.map(lambda rows: _search(w[rows[0]:rows[-1] + 1], wt, pad, group, bits), parts))
+        found = list(pool.map(lambda rows: _search(rows, wt, pad, group, bits), parts))
     q, d, m = (np.concatenate(x) for x in zip(*found))
     return pack_codes(q.astype(np.uint8), d.astype(np.float32), m.astype(np.float32), bits, group, K)
 

@@ -242,6 +242,7 @@ def warn_dense_sparse_layers(folder) -> None:
     q = json.loads((Path(folder) / "edgeact.json").read_text())["quantization"]
     n = q.get("float_zero_point_linears", 0)
     if n:
-        warnings.warn(f"{n} linears of {folder} carry float zero points ({q.get('weights')}, method {q.get('method')}): the "
-             "native engine runs their sparsified inputs through the dense kernels, so sparsity costs accuracy "
-             "here without the speed-up; --quant int4 writes integer zero points, which the sparse kernels take")
+        warnings.warn(f"{n} linears of {folder} carry float zero points ({q.get('weights')}, method "
+                      f"{q.get('method')}): the native engine runs their sparsified inputs through the dense "
+                      "kernels, so sparsity costs accuracy here without the speed-up; --quant int4 writes "
+                      "integer zero points, which the sparse kernels take")
