@@ -1,5 +1,7 @@
 """AWQ's batched searches (every α, every clip ratio quantized in one op) compute what a plain
-scan over the grid computes: the same errors, α, scales, clipped weights and codes."""
+scan over the grid computes: the same errors, α, scales, clipped weights and codes. The default
+searches rank candidates on a sketch of the Gram matrix: its errors are checked against the exact
+ones, and what it picks against what the exact scan picks."""
 import numpy as np
 import pytest
 import torch
@@ -82,21 +84,21 @@ def test_batched_search_equals_the_scan(T, K, sizes, group, chunk, symmetric, mo
     if chunk is not None:
         monkeypatch.setattr(awq, "_BATCH_ELEMENTS", chunk)
     x, ws = _layer(T, K, sizes, seed=T + K)
-    s, alpha, err0, err1 = search_scale(x, ws, 4, group, symmetric, steps=(1,))
+    s, alpha, err0, err1 = search_scale(x, ws, 4, group, symmetric, steps=(1,), rank=None)
     s_ref, alpha_ref, err0_ref, err1_ref = scan_scale(x, ws, 4, group, symmetric)
     assert alpha == alpha_ref and alpha > 0
     assert torch.equal(s, s_ref)
     assert err0 == err0_ref and err1 == err1_ref   # the same products and sums, batched
     assert err1 < err0
 
-    s2, alpha2, err0_2, err1_2 = search_scale(x, ws, 4, group, symmetric)   # coarse to fine, the default
+    s2, alpha2, err0_2, err1_2 = search_scale(x, ws, 4, group, symmetric, rank=None)   # coarse to fine
     s2_ref, alpha2_ref, err0_2ref, err1_2ref, scored = scan_coarse_to_fine(x, ws, 4, group, symmetric)
     assert scored <= 9
     assert alpha2 == alpha2_ref and torch.equal(s2, s2_ref)
     assert err0_2 == err0 and err1_2 == err1_2ref and err1 <= err1_2 < err0
 
     w = torch.cat(ws) * s
-    clipped = search_clip(x / s, w, 4, group, symmetric)
+    clipped = search_clip(x / s, w, 4, group, symmetric, rank=None)
     ref = scan_clip(x / s, w, 4, group, symmetric)
     assert torch.equal(clipped, ref)
     assert not torch.equal(clipped, w), "some rows must be clipped for the comparison to mean anything"
@@ -105,6 +107,44 @@ def test_batched_search_equals_the_scan(T, K, sizes, group, chunk, symmetric, mo
     assert np.array_equal(a.B, b.B) and np.array_equal(a.scales, b.scales)
     assert (a.zero_points is None) == symmetric
     assert symmetric or np.array_equal(a.zero_points, b.zero_points)
+
+
+def _out_err(x, w, wq):
+    return float(((x @ (wq - w).T) ** 2).mean(0).sum())
+
+
+@pytest.mark.parametrize("T, K", [(1024, 192), (256, 320)])
+def test_sketch_estimates_the_output_error(T, K):
+    """The sketch's error of quantization noise is close to the exact one on inputs with a few large
+    channels, and equal (to rounding) when its rank covers every channel."""
+    x, (w,) = _layer(T, K, [96], seed=K)
+    dw = fake_quant(w * 1.3, 4, 32, False) / 1.3 - w
+    exact = awq._Inputs(x).row_errors(dw)
+    full = awq._Sketch(x, K).row_errors(dw)
+    assert torch.allclose(full, exact, rtol=1e-3, atol=0)
+    est = awq._Sketch(x, awq.SKETCH_RANK).row_errors(dw)
+    assert abs(float(est.sum() / exact.sum()) - 1) < 0.02
+    assert float((est / exact - 1).abs().max()) < 0.1
+    flat = awq._Sketch(torch.ones(8, 1) * x[:8, :1], 4)   # rank above the data's: no NaN, the exact error
+    assert torch.allclose(flat.row_errors(dw[:, :1]), awq._Inputs(x[:8, :1]).row_errors(dw[:, :1]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_sketched_searches_pick_as_the_exact_scan(symmetric):
+    """The default α search ranks on the sketch and scores its two best exactly: its α's exact error
+    is the exact scan's best (or within 0.5% of it), and the RTN error it reports is the exact one.
+    The sketched clip's rows lose at most 1% of the exact clip's output error."""
+    x, ws = _layer(1024, 256, [128, 64], seed=3)
+    s, alpha, err0, err1 = search_scale(x, ws, 4, 32, symmetric)
+    _, alpha_ref, err0_ref, err1_ref = scan_scale(x, ws, 4, 32, symmetric)
+    assert err0 == err0_ref
+    assert err1_ref <= err1 <= err1_ref * 1.005 and err1 < err0
+    w = torch.cat(ws) * s
+    exact, sketched = search_clip(x / s, w, 4, 32, symmetric, rank=None), search_clip(x / s, w, 4, 32, symmetric)
+    assert not torch.equal(sketched, w)
+    e_exact = _out_err(x / s, w, fake_quant(exact, 4, 32, symmetric))
+    e_sketch = _out_err(x / s, w, fake_quant(sketched, 4, 32, symmetric))
+    assert e_exact <= e_sketch * (1 + 1e-6) and e_sketch <= e_exact * 1.01
 
 
 def test_threads_are_the_physical_cores_we_may_use():
