@@ -113,9 +113,10 @@ class _Sketch:
         return (torch.matmul(dw, self.vs).square_().sum(-1) + torch.matmul(dw.square(), self.d)) / self.T
 
 
-# Candidates quantized at once: [chunk, N, K] float32 and its few temporaries stay near 0.5 GB
-# on a 1B model's widest group, while SmolLM2's groups take the whole grid in one or two ops.
-_BATCH_ELEMENTS = 1 << 25
+# Candidates quantized at once: about 8 MB of float32 per chunk, so the passes of fake_quant and
+# the error product over it stay in the last-level cache (a 128 MB chunk made SmolLM2's searches
+# a fifth slower). A chunk holds at least one candidate: a 1B model's widest group is 128 MB.
+_BATCH_ELEMENTS = 1 << 21
 
 
 def _chunks(n: int, per: int):
@@ -139,28 +140,36 @@ def search_scale(x: torch.Tensor, ws: list[torch.Tensor], bits: int, group: int,
         ss = torch.stack([s_x.pow(float(ALPHAS[i])) for i in idx])
         return ss / (ss.amax(1, keepdim=True) * ss.amin(1, keepdim=True)).sqrt()
 
-    def score(idx: list[int], inputs, errs: dict[int, float]) -> None:
-        for c in _chunks(len(idx), w.numel()):
-            s = candidates(idx[c])[:, None, :]
-            dw = fake_quant(w * s, bits, group, symmetric).div_(s).sub_(w)
-            rows = inputs.row_errors(dw)
-            del dw
-            errs.update((i, float(sum(r.mean() for r in row.split(sizes)))) for i, row in zip(idx[c], rows))
+    def total(rows: torch.Tensor) -> float:   # the group's error: each linear's mean over its rows, summed
+        return float(sum(r.mean() for r in rows.split(sizes)))
 
     def ranked(errs: dict[int, float]) -> list[int]:   # ties: the lower α first, as a scan keeping strict improvements
         return sorted(errs, key=lambda i: (errs[i], i))
 
     errs: dict[int, float] = {}
+    kept: dict[int, torch.Tensor] = {}   # with a sketch: dW at α=0 and at its two best, to score exactly
+
+    def score(idx: list[int], inputs) -> None:
+        for c in _chunks(len(idx), w.numel()):
+            s = candidates(idx[c])[:, None, :]
+            dw = fake_quant(w * s, bits, group, symmetric).div_(s).sub_(w)
+            errs.update((i, total(rows)) for i, rows in zip(idx[c], inputs.row_errors(dw)))
+            if inputs is not exact:
+                kept.update(zip(idx[c], dw))
+                for i in set(kept) - {0, *ranked(errs)[:2]}:
+                    del kept[i]
+            del dw
+
     inputs = exact if rank is None else _Sketch(x, rank)
-    score(list(range(0, len(ALPHAS), steps[0])), inputs, errs)
+    score(list(range(0, len(ALPHAS), steps[0])), inputs)
     for step in steps[1:]:
         b = ranked(errs)[0]
-        score([i for i in (b - step, b + step) if 0 <= i < len(ALPHAS) and i not in errs], inputs, errs)
+        score([i for i in (b - step, b + step) if 0 <= i < len(ALPHAS) and i not in errs], inputs)
     if rank is None:
         b = ranked(errs)[0]
     else:
-        top, errs = ranked(errs)[:2], {}
-        score(sorted({0, *top}), exact, errs)
+        top = ranked(errs)[:2]
+        errs = {i: total(exact.row_errors(dw[None])[0]) for i, dw in kept.items()}
         b = min(top, key=lambda i: (errs[i], i))
     return candidates([b])[0], float(ALPHAS[b]), errs[0], errs[b]
 

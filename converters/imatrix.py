@@ -69,12 +69,16 @@ def _search(w: np.ndarray, wt: np.ndarray, pad: int, group: int, bits: int):
     best_d, best_m = d0, m0
     best_e = _error(wb, wt, d0, m0, best_q)
     sw = wt.sum(-1)
+    wtwb = wt * wb   # the products every step reuses (the same values and sums as computed in place)
+    sx = wtwb.sum(-1)
+    shifted = wb - lo[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
         for step in STEPS:
             iscale = np.where(rng > 0, (qmax + step) / rng, 0)
-            q = np.clip(np.rint((wb - lo[..., None]) * iscale[..., None]), 0, qmax)
-            sl, sl2 = (wt * q).sum(-1), (wt * q * q).sum(-1)
-            sx, sxl = (wt * wb).sum(-1), (wt * wb * q).sum(-1)
+            q = np.clip(np.rint(shifted * iscale[..., None]), 0, qmax)
+            wq = wt * q
+            sl, sl2 = wq.sum(-1), (wq * q).sum(-1)
+            sxl = (wtwb * q).sum(-1)
             det = sw * sl2 - sl * sl
             ok = det > 0
             d = np.where(ok, (sw * sxl - sx * sl) / np.where(ok, det, 1), 0)

@@ -304,6 +304,28 @@ def test_native_float_zero_points(tmp_path, monkeypatch, isa):
     np.testing.assert_allclose(edgeact.load(out, engine="native").forward(ids[:1])[0], got[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["smollm2_gguf", "gemma3_gguf"])
+def test_open_reader_equals_the_library_reader(which, request):
+    """The plain-view reader parses the same fields (types, parts, values) and tensors (names,
+    types, shapes, bytes) as gguf.GGUFReader, on the real files."""
+    from edgeact.converters.readers.gguf_reader import open_reader
+
+    path = str(request.getfixturevalue(which))
+    lib, ours = gguf.GGUFReader(path), open_reader(path)
+    assert list(lib.fields) == list(ours.fields)
+    for key, f in lib.fields.items():
+        g = ours.fields[key]
+        assert (f.types, f.data, f.offset) == (g.types, g.data, g.offset), key
+        assert len(f.parts) == len(g.parts) and all(a.dtype == b.dtype and np.array_equal(a, b)
+                                                    for a, b in zip(f.parts, g.parts)), key
+        assert f.contents() == g.contents(), key
+    assert len(lib.tensors) == len(ours.tensors)
+    for a, b in zip(lib.tensors, ours.tensors):
+        assert (a.name, a.tensor_type, list(a.shape), a.data_offset, a.n_bytes) == \
+            (b.name, b.tensor_type, list(b.shape), b.data_offset, b.n_bytes)
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape and np.array_equal(a.data, b.data)
+
+
 def test_gemma3_tensors_import(gemma3_gguf):
     """The real Gemma 3 270M Q4_K_M file: every Q4_K, Q5_0 and Q8_0 tensor bit for bit as gguf
     dequantizes it; Q6_K within half an 8-bit step of each 32-block's range, with a note."""

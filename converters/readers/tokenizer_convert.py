@@ -41,9 +41,9 @@ def gguf_tokenizer_json(path: str | Path, add_bos_token: bool, reader=None) -> s
 
 
 def _reader(path: str | Path):
-    import gguf
+    from .gguf_reader import open_reader
 
-    return gguf.GGUFReader(str(path))
+    return open_reader(path)
 
 
 def _gguf_tokenizer_fields(reader) -> tuple[str, dict, dict]:
