@@ -182,12 +182,6 @@ static void test_qmatmul_case(ea_isa isa, ea_pool *pool, qcase c, int f16, int m
         CHECK(ea_qmatmul(&sctx, &wv, x, c.M, y) == EA_KERR_ARG, "scalar ctx on a repack without its minimums");
     }
     test_f32act_case(isa, &sctx, &vctx, &ws, x, c, y_ref, y);
-    if (mins) { /* the sparse copies need integer zero points: refused, not run wrong */
-        ea_qweight_cm cm;
-        const int32_t row0 = 0;
-        CHECK(c.bits != 4 || ea_qweight_cm_init(&cm, isa, &wv) == EA_KERR_ARG, "cm of a weight with minimums");
-        CHECK(ea_qgemv_rows(&vctx, &ws, x, &row0, 1, y) == EA_KERR_ARG, "qgemv_rows of a weight with minimums");
-    }
     ea_qweight_release(&ws);
     ea_qweight_release(&wv);
     ea_kctx_release(&sctx);
@@ -293,15 +287,30 @@ static void test_quantize_nonfinite(ea_isa isa) {
 }
 
 /* ---- activation-sparse kernels: equal the dense kernel on masked x ---- */
-/* extreme: all nibbles 15 and all activations equal, the int16 worst case */
-/* f16: scales rounded to fp16 values, which the channel-major copy stores as fp16 */
+/* A weight of fill_qweight's with zp (0 symmetric, 1 integer zero points, 2 float minimums
+ * from fill_minimums: *mins, fp16 values when mf16), prepared for isa. */
+static void init_qweight(ea_qweight *w, ea_isa isa, int K, int N, int bits, int bs, int zp, const uint8_t *data,
+                         const float *scales, const uint8_t *zpd, const float *mins) {
+    const int rc = zp == 2 ? ea_qweight_init_min(w, isa, K, N, bits, bs, data, scales, mins)
+                           : ea_qweight_init(w, isa, K, N, bits, bs, data, scales, zpd);
+    CHECK(rc == EA_KOK, "weight init %s K=%d N=%d bits=%d zp=%d: rc %d", ea_isa_name(isa), K, N, bits, zp, rc);
+}
+
+/* extreme: all nibbles 15 and all activations equal, the int16 worst case (with minimums: large
+ * ones, of both signs) */
+/* f16: scales rounded to fp16 values, which the channel-major copy stores as fp16; mf16 the
+ * same for the minimums (has_zp 2) */
 static void test_sparse_case(ea_isa isa, ea_pool *pool, int K, int N, int bs, int has_zp, double frac, int extreme,
-                             int f16) {
+                             int f16, int mf16) {
     uint8_t *data, *zp;
     float *scales;
-    fill_qweight(K, N, 4, bs, has_zp, &data, &scales, &zp);
+    const int nb = (K + bs - 1) / bs;
+    fill_qweight(K, N, 4, bs, has_zp == 1, &data, &scales, &zp);
     if (f16)
-        for (int i = 0; i < N * ((K + bs - 1) / bs); i++) scales[i] = ea_f16_to_f32(ea_f32_to_f16(scales[i]));
+        for (int i = 0; i < N * nb; i++) scales[i] = ea_f16_to_f32(ea_f32_to_f16(scales[i]));
+    float *mins = has_zp == 2 ? fill_minimums(N, nb, scales, mf16) : NULL;
+    if (mins && extreme)
+        for (int i = 0; i < N * nb; i++) mins[i] = (i % 2 ? -1.0f : 1.0f) * (mf16 ? 65504.0f : 1e30f) * (i % 3 ? 1.0f : 0.5f);
     float *x = malloc(sizeof(float) * K), *xm = calloc((size_t)K, sizeof(float));
     float *y_ref = malloc(sizeof(float) * N), *y = malloc(sizeof(float) * N);
     int32_t *active = malloc(sizeof(int32_t) * K);
@@ -318,26 +327,40 @@ static void test_sparse_case(ea_isa isa, ea_pool *pool, int K, int N, int bs, in
     ea_kctx_init(&vctx, isa, pool);
     ea_qweight ws, wv;
     ea_qweight_cm cm;
-    ea_qweight_init(&ws, EA_ISA_SCALAR, K, N, 4, bs, data, scales, zp);
-    ea_qweight_init(&wv, isa, K, N, 4, bs, data, scales, zp);
-    CHECK(ea_qweight_cm_init(&cm, isa, &wv) == 0 && cm.scales_f16 == f16, "cm init (fp16 scales %d)", f16);
+    init_qweight(&ws, EA_ISA_SCALAR, K, N, 4, bs, has_zp, data, scales, zp, mins);
+    init_qweight(&wv, isa, K, N, 4, bs, has_zp, data, scales, zp, mins);
+    CHECK(ea_qweight_cm_init(&cm, isa, &wv) == 0 && cm.scales_f16 == f16 && !cm.minimums == !mins &&
+              cm.minimums_f16 == (mins && mf16),
+          "cm init (fp16 scales %d, minimums %d, fp16 minimums %d)", f16, has_zp == 2, mf16);
     ea_qmatmul(&sctx, &ws, xm, 1, y_ref);
-    const struct { ea_kctx *ctx; const ea_qweight *dense; const char *what; } runs[] = {
-        {&sctx, NULL, "scalar"}, {&vctx, NULL, "simd"}, {&vctx, &wv, "simd+dense fallback"}};
-    for (int r = 0; r < 3; r++) {
-        for (int i = 0; i < N; i++) y[i] = NAN;
-        int rc = ea_sparse_qgemv(runs[r].ctx, &cm, runs[r].dense, x, active, n_active, y);
-        CHECK(rc == 0 && memcmp(y, y_ref, sizeof(float) * N) == 0,
-              "sparse %s (%s) threads=%d K=%d N=%d bs=%d zp=%d f16=%d active=%d/%d: rc %d", runs[r].what,
-              ea_isa_name(isa), ea_pool_size(pool), K, N, bs, has_zp, f16, n_active, K, rc);
+    /* with minimums, a second copy made from the repack alone (its owner dropped the file-layout array) */
+    ea_qweight_cm cm_rp = cm;
+    if (mins && wv.packed) {
+        wv.minimums = NULL;
+        CHECK(ea_qweight_cm_init(&cm_rp, isa, &wv) == 0 && cm_rp.minimums_f16 == mf16 &&
+                  memcmp(cm_rp.minimums, cm.minimums, (mf16 ? 2 : 4) * (size_t)nb * cm.n_pad) == 0,
+              "cm from the repack's minimums (%s, fp16 %d)", ea_isa_name(isa), mf16);
+        wv.minimums = mins;
     }
+    const struct { ea_kctx *ctx; const ea_qweight *dense; const ea_qweight_cm *cm; const char *what; } runs[] = {
+        {&sctx, NULL, &cm, "scalar"}, {&vctx, NULL, &cm, "simd"}, {&vctx, &wv, &cm, "simd+dense fallback"},
+        {&vctx, NULL, &cm_rp, "simd, copy from the repack"}};
+    for (int r = 0; r < 4; r++) {
+        for (int i = 0; i < N; i++) y[i] = NAN;
+        int rc = ea_sparse_qgemv(runs[r].ctx, runs[r].cm, runs[r].dense, x, active, n_active, y);
+        CHECK(rc == 0 && memcmp(y, y_ref, sizeof(float) * N) == 0,
+              "sparse %s (%s) threads=%d K=%d N=%d bs=%d zp=%d f16=%d mf16=%d extreme=%d active=%d/%d: rc %d",
+              runs[r].what, ea_isa_name(isa), ea_pool_size(pool), K, N, bs, has_zp, f16, mf16, extreme, n_active, K, rc);
+    }
+    if (cm_rp.data != cm.data) ea_qweight_cm_release(&cm_rp);
     /* output-row subset: the listed rows equal the dense rows, the rest untouched */
     for (int bits = 4; bits <= 8; bits += 4) {
         uint8_t *d2, *z2;
         float *s2;
-        fill_qweight(K, N, bits, bs, has_zp, &d2, &s2, &z2);
+        fill_qweight(K, N, bits, bs, has_zp == 1, &d2, &s2, &z2);
+        float *m2 = mins ? fill_minimums(N, nb, s2, mf16) : NULL;
         ea_qweight w2;
-        ea_qweight_init(&w2, EA_ISA_SCALAR, K, N, bits, bs, d2, s2, z2);
+        init_qweight(&w2, EA_ISA_SCALAR, K, N, bits, bs, has_zp, d2, s2, z2, m2);
         ea_qmatmul(&sctx, &w2, x, 1, y_ref);
         int32_t *rows = malloc(sizeof(int32_t) * N);
         int n_rows = 0;
@@ -355,15 +378,19 @@ static void test_sparse_case(ea_isa isa, ea_pool *pool, int K, int N, int bs, in
             CHECK(ok, "qgemv_rows %s threads=%d bits=%d K=%d N=%d bs=%d zp=%d rows=%d", ea_isa_name(ctx->isa),
                   ea_pool_size(c ? pool : NULL), bits, K, N, bs, has_zp, n_rows);
         }
+        if (m2) { /* the rows kernels read the file layout: without its minimums, refused */
+            w2.minimums = NULL;
+            CHECK(ea_qgemv_rows(&vctx, &w2, x, rows, n_rows, y) == EA_KERR_ARG, "qgemv_rows without the minimums");
+        }
         ea_qweight_release(&w2);
-        free(d2); free(s2); free(z2); free(rows);
+        free(d2); free(s2); free(z2); free(m2); free(rows);
     }
     ea_qweight_cm_release(&cm);
     ea_qweight_release(&ws);
     ea_qweight_release(&wv);
     ea_kctx_release(&sctx);
     ea_kctx_release(&vctx);
-    free(data); free(scales); free(zp); free(x); free(xm); free(y_ref); free(y); free(active);
+    free(data); free(scales); free(zp); free(mins); free(x); free(xm); free(y_ref); free(y); free(active);
 }
 
 static void test_sparse(ea_isa isa, ea_pool *pool) {
@@ -375,12 +402,21 @@ static void test_sparse(ea_isa isa, ea_pool *pool) {
                                     {128, 300, 32, 1}, {200, 330, 128, 0}, {260, 2600, 128, 1}, {520, 256, 128, 1},
                                     {300, 640, 64, 0}, {1030, 2048, 32, 1}, {130, 256, 128, 0}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
-        for (size_t f = 0; f < sizeof fracs / sizeof fracs[0]; f++)
+        for (size_t f = 0; f < sizeof fracs / sizeof fracs[0]; f++) {
             test_sparse_case(isa, pool, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], fracs[f], 0,
-                             (int)((s + f) & 1));
+                             (int)((s + f) & 1), 0);
+            /* float minimums (zp 2), every pairing of fp16 / fp32 scales and minimums over the shapes */
+            test_sparse_case(isa, pool, shapes[s][0], shapes[s][1], shapes[s][2], 2, fracs[f], 0, (int)((s + f) & 1),
+                             (int)((s / 2 + f) & 1));
+        }
     /* full 128-channel blocks at the int16 limits exercise the widening */
-    test_sparse_case(isa, pool, 640, 33, 128, 1, 0.98, 0, 1);
-    test_sparse_case(isa, pool, 256, 40, 128, 0, 1.0, 1, 0);
+    test_sparse_case(isa, pool, 640, 33, 128, 1, 0.98, 0, 1, 0);
+    test_sparse_case(isa, pool, 256, 40, 128, 0, 1.0, 1, 0, 0);
+    for (int mf16 = 0; mf16 < 2; mf16++) {
+        test_sparse_case(isa, pool, 640, 33, 128, 2, 0.98, 0, 1, mf16);
+        test_sparse_case(isa, pool, 256, 40, 128, 2, 1.0, 1, 0, mf16);
+        test_sparse_case(isa, pool, 300, 131, 32, 2, 0.5, 1, 1, mf16);
+    }
     ea_kctx ctx;
     ea_kctx_init(&ctx, isa, NULL);
     ea_qweight w;
@@ -504,29 +540,32 @@ static void test_sparse_pf(void) {
     }
 }
 
-/* Siblings stacked along N (q/k/v, gate/up): each one's rows equal its own dense result. */
-static void test_sparse_concat(ea_isa isa, ea_pool *pool, const int Ns[3]) {
+/* Siblings stacked along N (q/k/v, gate/up): each one's rows equal its own dense result.
+ * zpm: 1 integer zero points, 2 float minimums. */
+static void test_sparse_concat(ea_isa isa, ea_pool *pool, const int Ns[3], int zpm) {
     /* ragged, so members straddle 64-row tiles */
     const int K = 300, bs = 32, total = Ns[0] + Ns[1] + Ns[2];
     for (int f16 = 0; f16 < 2; f16++) {
         uint8_t *data[3], *zp[3];
-        float *scales[3];
+        float *scales[3], *mins[3] = {NULL, NULL, NULL};
         ea_qweight ws[3], wv[3];
         const ea_qweight *list[3];
         ea_kctx sctx, vctx;
         ea_kctx_init(&sctx, EA_ISA_SCALAR, NULL);
         ea_kctx_init(&vctx, isa, pool);
         for (int i = 0; i < 3; i++) {
-            fill_qweight(K, Ns[i], 4, bs, 1, &data[i], &scales[i], &zp[i]);
-            if (f16 || i != 1) /* without f16, member 1 keeps fp32 scales: the whole copy must */
+            fill_qweight(K, Ns[i], 4, bs, zpm == 1, &data[i], &scales[i], &zp[i]);
+            if (f16 || i != 1) /* without f16, member 1 keeps fp32 scales (and minimums): the whole copy must */
                 for (int j = 0; j < Ns[i] * ((K + bs - 1) / bs); j++) scales[i][j] = ea_f16_to_f32(ea_f32_to_f16(scales[i][j]));
-            ea_qweight_init(&ws[i], EA_ISA_SCALAR, K, Ns[i], 4, bs, data[i], scales[i], zp[i]);
-            ea_qweight_init(&wv[i], isa, K, Ns[i], 4, bs, data[i], scales[i], zp[i]);
+            if (zpm == 2) mins[i] = fill_minimums(Ns[i], (K + bs - 1) / bs, scales[i], f16 || i != 1);
+            init_qweight(&ws[i], EA_ISA_SCALAR, K, Ns[i], 4, bs, zpm, data[i], scales[i], zp[i], mins[i]);
+            init_qweight(&wv[i], isa, K, Ns[i], 4, bs, zpm, data[i], scales[i], zp[i], mins[i]);
             list[i] = &wv[i];
         }
         ea_qweight_cm cm;
-        CHECK(ea_qweight_cm_init_concat(&cm, isa, list, 3) == 0 && cm.N == total && cm.scales_f16 == f16,
-              "stacked cm init (fp16 %d)", f16);
+        CHECK(ea_qweight_cm_init_concat(&cm, isa, list, 3) == 0 && cm.N == total && cm.scales_f16 == f16 &&
+                  cm.minimums_f16 == (zpm == 2 && f16),
+              "stacked cm init (fp16 %d, zp %d)", f16, zpm);
         float *x = malloc(sizeof(float) * K), *xm = calloc((size_t)K, sizeof(float));
         float *y = malloc(sizeof(float) * total), *y_ref = malloc(sizeof(float) * total);
         int32_t *active = malloc(sizeof(int32_t) * K);
@@ -539,8 +578,8 @@ static void test_sparse_concat(ea_isa isa, ea_pool *pool, const int Ns[3]) {
         for (int c = 0; c < 2; c++) {
             for (int i = 0; i < total; i++) y[i] = NAN;
             const int rc = ea_sparse_qgemv(c ? &vctx : &sctx, &cm, NULL, x, active, n_active, y);
-            CHECK(rc == 0 && memcmp(y, y_ref, sizeof(float) * total) == 0, "stacked sparse %s threads=%d fp16 %d: rc %d",
-                  c ? ea_isa_name(isa) : "scalar", ea_pool_size(c ? pool : NULL), f16, rc);
+            CHECK(rc == 0 && memcmp(y, y_ref, sizeof(float) * total) == 0, "stacked sparse %s threads=%d fp16 %d zp %d: rc %d",
+                  c ? ea_isa_name(isa) : "scalar", ea_pool_size(c ? pool : NULL), f16, zpm, rc);
         }
         { /* each member's rows straight to its own output, from the thread that computed them */
             float *outs[3], *scratch = malloc(sizeof(float) * cm.n_pad);
@@ -552,8 +591,8 @@ static void test_sparse_concat(ea_isa isa, ea_pool *pool, const int Ns[3]) {
                 int same = rc == 0;
                 for (int i = 0, off = 0; i < 3; off += Ns[i], i++)
                     same &= memcmp(outs[i], y_ref + off, sizeof(float) * Ns[i]) == 0;
-                CHECK(same, "split sparse %s threads=%d fp16 %d: rc %d", c ? ea_isa_name(isa) : "scalar",
-                      ea_pool_size(c ? pool : NULL), f16, rc);
+                CHECK(same, "split sparse %s threads=%d fp16 %d zp %d: rc %d", c ? ea_isa_name(isa) : "scalar",
+                      ea_pool_size(c ? pool : NULL), f16, zpm, rc);
             }
             const int short_ns[3] = {Ns[0], Ns[1], Ns[2] - 1};
             CHECK(ea_sparse_qgemv_split(&vctx, &cm, x, active, n_active, scratch, outs, short_ns, 3) == EA_KERR_ARG,
@@ -588,12 +627,13 @@ static void test_sparse_concat(ea_isa isa, ea_pool *pool, const int Ns[3]) {
         CHECK(ea_qweight_cm_init_concat(&bad, isa, mixed_k, 2) == EA_KERR_ARG, "stacking weights of different K");
         ea_qweight_init(&w_other, EA_ISA_SCALAR, K, Ns[0], 4, bs, data[0], scales[0], NULL);
         const ea_qweight *mixed_zp[2] = {&ws[0], &w_other};
-        CHECK(ea_qweight_cm_init_concat(&bad, isa, mixed_zp, 2) == EA_KERR_ARG, "stacking with and without zero points");
+        CHECK(ea_qweight_cm_init_concat(&bad, isa, mixed_zp, 2) == EA_KERR_ARG,
+              "stacking with and without zero points (or minimums)");
         ea_qweight_cm_release(&cm);
         for (int i = 0; i < 3; i++) {
             ea_qweight_release(&ws[i]);
             ea_qweight_release(&wv[i]);
-            free(data[i]); free(scales[i]); free(zp[i]);
+            free(data[i]); free(scales[i]); free(zp[i]); free(mins[i]);
         }
         ea_kctx_release(&sctx);
         ea_kctx_release(&vctx);
@@ -1104,8 +1144,10 @@ int main(int argc, char **argv) {
             test_attention(isa, pools[p]);
             test_sparse(isa, pools[p]);
             static const int ragged[3] = {37, 128, 100}, even[3] = {40, 150, 66}; /* 265 rows, 256 */
-            test_sparse_concat(isa, pools[p], ragged);
-            test_sparse_concat(isa, pools[p], even);
+            for (int zpm = 1; zpm <= 2; zpm++) {
+                test_sparse_concat(isa, pools[p], ragged, zpm);
+                test_sparse_concat(isa, pools[p], even, zpm);
+            }
         }
         test_small_ops(isa);
         test_gelu(isa);

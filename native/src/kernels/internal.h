@@ -178,9 +178,12 @@ typedef struct {
     int32_t *qx;     /* [per quad] the four int8 values, first channel in the low byte */
 } ea_sparse_act;
 
-/* Scale i of a channel-major weight. */
+/* Scale i, minimum i of a channel-major weight. */
 static inline float ea_cm_scale(const ea_qweight_cm *cm, size_t i) {
     return cm->scales_f16 ? ea_f16_to_f32(((const uint16_t *)cm->scales)[i]) : ((const float *)cm->scales)[i];
+}
+static inline float ea_cm_min(const ea_qweight_cm *cm, size_t i) {
+    return cm->minimums_f16 ? ea_f16_to_f32(((const uint16_t *)cm->minimums)[i]) : ((const float *)cm->minimums)[i];
 }
 
 static inline int ea_is_simd(ea_isa isa) { return isa != EA_ISA_SCALAR; }

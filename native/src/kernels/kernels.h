@@ -137,6 +137,10 @@ int ea_qweight_init_releasing(ea_qweight *w, ea_isa isa, int K, int N, int bits,
                               const uint8_t *data, const float *scales, const uint8_t *zero_points,
                               ea_qweight_release_fn release, void *ctx);
 void ea_qweight_release(ea_qweight *w);
+/* Row n's float minimums, out[n_blocks]: from w->minimums, else from the SIMD repack (its
+ * owner may drop the file-layout array once the repack holds them): for the sparse copies
+ * made later. EA_KERR_ARG for a weight without minimums, or with neither copy. */
+int ea_qweight_row_minimums(const ea_qweight *w, int n, float *out);
 
 /* y[M, N] = MatMulNBits(x[M, K], w). M == 1 is the decode GEMV, M > 1 the
  * prefill GEMM (each weight block is reused across rows of x). Splits N over
@@ -226,15 +230,18 @@ int ea_embed_f16(const ea_kctx *ctx, const uint16_t *table, int vocab, int dim,
 #define EA_ROWS_DENSE_CROSSOVER 0.55f
 
 /* Channel-major copy of an int4 ea_qweight: for each input channel k the N
- * nibbles contiguous, scales and zero points as [n_blocks, n_pad] in the
- * kernel's lane order. Owns its memory (bytes); the source may be released. */
+ * nibbles contiguous, scales and zero points (or float minimums) as
+ * [n_blocks, n_pad] in the kernel's lane order. Owns its memory (bytes); the
+ * source may be released. */
 typedef struct ea_qweight_cm {
     int K, N, n_pad, block_size, n_blocks;
     ea_isa isa;
     uint8_t *data;        /* [n_blocks*block_size, n_pad/2] */
     void *scales;         /* [n_blocks, n_pad] float, or fp16 when scales_f16 */
     int scales_f16;       /* every scale is exact in fp16 (as in the dense repack) */
-    uint8_t *zero_points; /* [n_blocks, n_pad], NULL when symmetric (8) */
+    uint8_t *zero_points; /* [n_blocks, n_pad], NULL when symmetric (8) or with minimums (0) */
+    void *minimums;       /* [n_blocks, n_pad] float, fp16 when minimums_f16; NULL without */
+    int minimums_f16;     /* every minimum is exact in fp16 */
     size_t bytes;
 } ea_qweight_cm;
 
@@ -242,10 +249,10 @@ typedef struct ea_qweight_cm {
  * OS offers them: isa.c); free() releases it. */
 void *ea_alloc_weights(size_t bytes);
 
-/* EA_KERR_ARG unless w is int4 without float minimums. */
+/* EA_KERR_ARG unless w is int4. */
 int ea_qweight_cm_init(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *w);
 /* One channel-major copy of the int4 weights ws[0..n_w) stacked along N (same
- * K, block size and zero-point presence, else EA_KERR_ARG): sibling matmuls
+ * K, block size, zero-point and minimum presence, else EA_KERR_ARG): sibling matmuls
  * reading one sparse input (q/k/v, gate/up) run as one GEMV, whose outputs
  * are theirs in order. Each row's result equals its own weight's. */
 int ea_qweight_cm_init_concat(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *const *ws, int n_w);
@@ -281,7 +288,7 @@ int ea_sparsify(const ea_kctx *ctx, const float *x, const float *thr, int thr_st
 /* Gated-FFN side: computes only the output rows rows[0..n_rows) (strictly
  * increasing) of MatMulNBits(x, w), M = 1, from the file row layout; other
  * entries of y are left untouched. Same values as ea_qmatmul's. EA_KERR_ARG for a
- * weight with float minimums. */
+ * weight with float minimums whose file-layout copy of them is gone. */
 int ea_qgemv_rows(ea_kctx *ctx, const ea_qweight *w, const float *x, const int32_t *rows, int n_rows,
                   float *y);
 

@@ -137,6 +137,30 @@ void ea_qweight_release(ea_qweight *w) {
     w->packed_min_f16 = 0;
 }
 
+int ea_qweight_row_minimums(const ea_qweight *w, int n, float *out) {
+    if (!w || !w->has_minimums || n < 0 || n >= w->N || (!w->minimums && !w->packed)) return EA_KERR_ARG;
+    const int nb = w->n_blocks;
+    if (w->minimums) {
+        memcpy(out, w->minimums + (size_t)n * nb, sizeof(float) * (size_t)nb);
+        return EA_KOK;
+    }
+    int lane = 0; /* the repack's lane of row n within its group */
+    while (ea_qpack_lane_row(w->isa, lane) != n % EA_QROWS) lane++;
+    const size_t stride = ea_qpack_block_stride(w), msize = ea_qpack_scale_size(w->packed_min_f16);
+    const uint8_t *p = (const uint8_t *)w->packed + (size_t)(n / EA_QROWS) * nb * stride + ea_qpack_zp_offset(w) +
+                       lane * msize;
+    for (int b = 0; b < nb; b++, p += stride) {
+        if (w->packed_min_f16) {
+            uint16_t h;
+            memcpy(&h, p, sizeof h);
+            out[b] = ea_f16_to_f32(h);
+        } else {
+            memcpy(&out[b], p, sizeof(float));
+        }
+    }
+    return EA_KOK;
+}
+
 int ea_quantize_act(ea_kctx *ctx, const float *x, int K, int block_size,
                     int8_t *xq, float *sx, int32_t *sumx) {
     if (K <= 0 || (block_size != 32 && block_size != 64 && block_size != 128)) return EA_KERR_ARG;

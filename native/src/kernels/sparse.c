@@ -4,9 +4,14 @@
  * Input sparsity (ea_sparse_qgemv): for each block holding active channels,
  * the channels' N-wide weight columns are combined in integers, then the
  * block is scaled into the N accumulators exactly as the dense kernel does
- * (fma(sx*sw, idot, acc), blocks in ascending order). A block without an
- * active channel contributes fma(0, 0, acc) = acc in the dense kernel, so
- * skipping it changes nothing and the results are bit-identical. */
+ * (fma(sx*sw, idot, acc), blocks in ascending order), then, for a weight with
+ * float minimums, fma(min, sx*sumx, acc) as the dense kernel's second step. A
+ * block without an active channel contributes fma(0, 0, acc) = acc in the
+ * dense kernel, and fma(min, 0, acc) = acc for the minimum (its sumx is 0), so
+ * skipping it changes nothing and the results are bit-identical. (Both hold
+ * while acc is not -0: a sum of fmas from +0 only gets there when a minimum's
+ * product underflows, |min*sx*sumx| < 2^-150; a skipped block may then turn the
+ * dense -0 into +0, an exactly-zero output of another sign.) */
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
@@ -22,29 +27,34 @@ int ea_qweight_cm_init_concat(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *c
     memset(cm, 0, sizeof *cm);
     if (!ws || n_w < 1) return EA_KERR_ARG;
     long total = 0;
-    int f16 = 1;
+    int f16 = 1, mf16 = 1;
+    const int mins = ws[0] && ws[0]->has_minimums;
     for (int i = 0; i < n_w; i++) {
         const ea_qweight *w = ws[i];
-        if (!w || !w->data || w->bits != 4 || w->has_minimums || w->K != ws[0]->K || w->block_size != ws[0]->block_size ||
-            !w->zero_points != !ws[0]->zero_points)
+        if (!w || !w->data || w->bits != 4 || w->K != ws[0]->K || w->block_size != ws[0]->block_size ||
+            !w->zero_points != !ws[0]->zero_points || !w->has_minimums != !mins ||
+            (mins && !w->minimums && !w->packed))
             return EA_KERR_ARG;
         total += w->N;
         /* w's repack found its scales exact in fp16 (the scalar isa has no repack: it checks here) */
         f16 &= w->packed ? w->packed_f16 : ea_scales_exact_in_f16(w->scales, (size_t)w->N * w->n_blocks);
+        if (mins) mf16 &= w->packed ? w->packed_min_f16 : ea_scales_exact_in_f16(w->minimums, (size_t)w->N * w->n_blocks);
     }
     if (total > (1L << 30)) return EA_KERR_ARG;
     if (!ea_isa_available(isa)) return EA_KERR_ISA_UNAVAILABLE;
     const int N = (int)total, np = (N + EA_CM_TILE - 1) / EA_CM_TILE * EA_CM_TILE, nb = ws[0]->n_blocks;
     const size_t kp = (size_t)nb * ws[0]->block_size;
-    const size_t ssize = f16 ? sizeof(uint16_t) : sizeof(float);
+    const size_t ssize = f16 ? sizeof(uint16_t) : sizeof(float), msize = mf16 ? sizeof(uint16_t) : sizeof(float);
     const size_t dbytes = kp * np / 2, sbytes = ssize * (size_t)nb * np;
-    const size_t zbytes = ws[0]->zero_points ? (size_t)nb * np : 0;
+    const size_t zbytes = ws[0]->zero_points ? (size_t)nb * np : 0, mbytes = mins ? msize * (size_t)nb * np : 0;
     uint8_t *data = ea_alloc_weights(dbytes);
     uint8_t *scales = calloc((size_t)nb * np, ssize);
     uint8_t *zp = zbytes ? calloc(zbytes, 1) : NULL;
+    uint8_t *mn = mins ? calloc((size_t)nb * np, msize) : NULL;
+    float *row_mn = mins ? malloc(sizeof(float) * (size_t)nb) : NULL;
     int *src_w = malloc(sizeof(int) * (size_t)N), *src_r = malloc(sizeof(int) * (size_t)N);
-    if (!data || !scales || (zbytes && !zp) || !src_w || !src_r) {
-        free(data); free(scales); free(zp); free(src_w); free(src_r);
+    if (!data || !scales || (zbytes && !zp) || (mins && (!mn || !row_mn)) || !src_w || !src_r) {
+        free(data); free(scales); free(zp); free(mn); free(row_mn); free(src_w); free(src_r);
         return EA_KERR_NOMEM;
     }
     for (int i = 0, n = 0; i < n_w; i++) /* output row n of the concatenation: row src_r[n] of ws[src_w[n]] */
@@ -78,15 +88,19 @@ int ea_qweight_cm_init_concat(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *c
             if (ln >= N) continue;
             const ea_qweight *w = ws[src_w[ln]];
             const int r = src_r[ln];
+            if (mins) ea_qweight_row_minimums(w, r, row_mn); /* checked above: it has them */
             for (int b = 0; b < nb; b++) {
                 const size_t i = (size_t)b * np + t * EA_CM_TILE + lane;
                 const float s = w->scales[(size_t)r * nb + b];
                 if (f16) ((uint16_t *)scales)[i] = ea_f32_to_f16(s);
                 else ((float *)scales)[i] = s;
                 if (zp) zp[i] = (uint8_t)ea_qweight_zp(w, r, b);
+                if (mn && mf16) ((uint16_t *)mn)[i] = ea_f32_to_f16(row_mn[b]);
+                else if (mn) ((float *)mn)[i] = row_mn[b];
             }
         }
     }
+    free(row_mn);
     free(src_w);
     free(src_r);
     cm->K = ws[0]->K;
@@ -99,7 +113,9 @@ int ea_qweight_cm_init_concat(ea_qweight_cm *cm, ea_isa isa, const ea_qweight *c
     cm->scales = scales;
     cm->scales_f16 = f16;
     cm->zero_points = zp;
-    cm->bytes = dbytes + sbytes + zbytes;
+    cm->minimums = mn;
+    cm->minimums_f16 = mins && mf16;
+    cm->bytes = dbytes + sbytes + zbytes + mbytes;
     return EA_KOK;
 }
 
@@ -107,6 +123,7 @@ void ea_qweight_cm_release(ea_qweight_cm *cm) {
     free(cm->data);
     free(cm->scales);
     free(cm->zero_points);
+    free(cm->minimums);
     memset(cm, 0, sizeof *cm);
 }
 
@@ -254,7 +271,7 @@ static void rows_task(void *arg, int task, int thread) {
 }
 
 int ea_qgemv_rows(ea_kctx *ctx, const ea_qweight *w, const float *x, const int32_t *rows, int n_rows, float *y) {
-    if (!w || !w->data || w->has_minimums || n_rows < 0 || !strictly_increasing(rows, n_rows, w->N)) return EA_KERR_ARG;
+    if (!w || !w->data || (w->has_minimums && !w->minimums) || n_rows < 0 || !strictly_increasing(rows, n_rows, w->N)) return EA_KERR_ARG;
     if (n_rows == 0) return EA_KOK;
     const int nb = w->n_blocks, kp = nb * w->block_size;
     const size_t xq_bytes = ((size_t)kp + 63) & ~(size_t)63;

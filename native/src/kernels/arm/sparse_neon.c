@@ -27,10 +27,14 @@ void ea_sparse_tiles_neon(const ea_qweight_cm *cm, const ea_sparse_act *a, float
     const int h0 = 2 * t0, h1 = 2 * t1, HALF = EA_CM_TILE / 2;
     for (int t = h0; t < h1; t++)
         for (int v = 0; v < 8; v++) vst1q_f32(accbuf + t * HALF + 4 * v, vdupq_n_f32(0.0f));
+    const uint8_t *mins = cm->minimums;
+    const size_t msize = ea_qpack_scale_size(cm->minimums_f16);
+    const int32x4_t zp_sym = vdupq_n_s32(mins ? 0 : 8); /* float minimums: codes with zero point 0 */
     for (int ab = 0; ab < a->n_blocks; ab++) {
         const int start = a->start[ab], end = a->start[ab + 1];
         const int32x4_t sumx = vdupq_n_s32(a->sumx[ab]);
         const float32x4_t sx = vdupq_n_f32(a->sx[ab]);
+        const float32x4_t sxsum = vdupq_n_f32(a->sx[ab] * (float)a->sumx[ab]); /* the minimums' factor */
         for (int t = h0; t < h1; t++) {
             const uint8_t *base = cm->data + (size_t)t * HALF / 2;
             int32x4_t i32[8];
@@ -61,14 +65,16 @@ void ea_sparse_tiles_neon(const ea_qweight_cm *cm, const ea_sparse_act *a, float
                     const int32_t zz[4] = {z[0], z[1], z[2], z[3]};
                     zp = vld1q_s32(zz);
                 } else {
-                    zp = vdupq_n_s32(8);
+                    zp = zp_sym;
                 }
                 const int32x4_t idot = vmlsq_s32(i32[v], zp, sumx);
                 const float32x4_t s = vmulq_f32(
                     sx, ea_load4_scales((const uint8_t *)cm->scales + (sb + 4 * v) * ea_qpack_scale_size(cm->scales_f16),
                                         cm->scales_f16));
                 float *acc = accbuf + t * HALF + 4 * v;
-                vst1q_f32(acc, vfmaq_f32(vld1q_f32(acc), s, vcvtq_f32_s32(idot)));
+                float32x4_t r = vfmaq_f32(vld1q_f32(acc), s, vcvtq_f32_s32(idot));
+                if (mins) r = vfmaq_f32(r, ea_load4_scales(mins + (sb + 4 * v) * msize, cm->minimums_f16), sxsum);
+                vst1q_f32(acc, r);
             }
         }
     }
@@ -132,6 +138,11 @@ rows_impl(const ea_qweight *w, const ea_qact *a, const int32_t *rows, int n_rows
             int32x4_t idot = vpaddq_s32(vpaddq_s32(d[0], d[1]), vpaddq_s32(d[2], d[3]));
             idot = vmlaq_s32(idot, vld1q_s32(cz), vdupq_n_s32(a->sumx[b]));
             acc = vfmaq_f32(acc, vmulq_f32(vdupq_n_f32(a->sx[b]), vld1q_f32(sws)), vcvtq_f32_s32(idot));
+            if (w->has_minimums) { /* codes with zero point 0 above (ea_qweight_zp), then the minimum term */
+                const float mn[4] = {w->minimums[(size_t)n[0] * nb + b], w->minimums[(size_t)n[1] * nb + b],
+                                     w->minimums[(size_t)n[2] * nb + b], w->minimums[(size_t)n[3] * nb + b]};
+                acc = vfmaq_f32(acc, vld1q_f32(mn), vdupq_n_f32(a->sx[b] * (float)a->sumx[b]));
+            }
         }
         float tmp[4];
         vst1q_f32(tmp, acc);

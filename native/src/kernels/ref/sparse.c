@@ -100,9 +100,10 @@ void ea_sparse_tiles_scalar(const ea_qweight_cm *cm, const ea_sparse_act *a, flo
             const size_t sb = (size_t)a->blk[ab] * np + t * EA_CM_TILE;
             for (int lane = 0; lane < EA_CM_TILE; lane++) {
                 const int n = ea_cm_lane_n(cm->isa, lane);
-                const int zp = cm->zero_points ? cm->zero_points[sb + lane] : 8;
+                const int zp = cm->zero_points ? cm->zero_points[sb + lane] : cm->minimums ? 0 : 8;
                 const float s = a->sx[ab] * ea_cm_scale(cm, sb + lane);
                 acc[lane] = fmaf(s, (float)(idot[n] - zp * a->sumx[ab]), acc[lane]);
+                if (cm->minimums) acc[lane] = fmaf(ea_cm_min(cm, sb + lane), a->sx[ab] * (float)a->sumx[ab], acc[lane]);
             }
         }
         for (int lane = 0; lane < EA_CM_TILE; lane++) {

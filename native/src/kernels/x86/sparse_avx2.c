@@ -9,7 +9,8 @@
  * adds the four products per row in int32. Odd rows take their high nibble
  * in place with AVX-VNNI (16x its value, shifted back once per block), and the
  * accumulators start at the zero-point term, so the inner loop is loads,
- * unpacks, ands and dots. Blocks are the outer loop: the active channels'
+ * unpacks, ands and dots (float minimums: zero point 0, and their term after
+ * the block's scale step). Blocks are the outer loop: the active channels'
  * rows of one block stream front to back across the thread's tiles (tiles
  * outer, touching every active row per tile, thrashes the TLB) while the
  * float accumulators stay in L1/L2, and the rows are prefetched a fixed
@@ -42,8 +43,9 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
                                                                    float *y, int t0, int t1, int VNNI) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const int HI_SHIFT = VNNI ? 4 : 0;
-    const int f16 = cm->scales_f16;
-    const size_t ssize = f16 ? 2 : 4;
+    const int f16 = cm->scales_f16, mf16 = cm->minimums_f16;
+    const size_t ssize = f16 ? 2 : 4, msize = mf16 ? 2 : 4;
+    const uint8_t *mins = cm->minimums;
     float *accbuf = a->acc;
     for (int t = t0; t < t1; t++)
         for (int v = 0; v < 8; v++) _mm256_storeu_ps(accbuf + t * EA_CM_TILE + 8 * v, _mm256_setzero_ps());
@@ -52,9 +54,11 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
         const int q0 = a->qstart[ab], q1 = a->qstart[ab + 1];
         const int qn = ab + 1 < a->n_blocks ? a->qstart[ab + 2] : q1;
         const __m256i sumx = _mm256_set1_epi32(a->sumx[ab]);
-        const __m256i nz = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sumx, 3)); /* -8 sumx */
+        /* -8 sumx; with float minimums the codes' zero point is 0 */
+        const __m256i nz = mins ? _mm256_setzero_si256() : _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sumx, 3));
         const __m256i nz16 = _mm256_slli_epi32(nz, HI_SHIFT);
         const __m256 sx = _mm256_set1_ps(a->sx[ab]);
+        const __m256 sxsum = _mm256_set1_ps(a->sx[ab] * (float)a->sumx[ab]); /* the minimums' factor */
         for (int c0 = q0;; c0 += EA_SPARSE_CHUNK_QUADS) {
             const ea_sparse_chunk ch = ea_sparse_chunk_at(q0, q1, qn, c0);
             const int c1 = ch.c1, first = ch.first, last = ch.last;
@@ -71,6 +75,8 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
                     const char *ns = (const char *)cm->scales + nsb * ssize;
                     for (size_t off = 0; off < EA_CM_TILE * ssize; off += 64) _mm_prefetch(ns + off, _MM_HINT_T0);
                     if (cm->zero_points) _mm_prefetch((const char *)(cm->zero_points + nsb), _MM_HINT_T0);
+                    for (size_t off = 0; mins && off < EA_CM_TILE * msize; off += 64)
+                        _mm_prefetch((const char *)(mins + nsb * msize + off), _MM_HINT_T0);
                 }
                 /* accumulators start at -zp*sumx (the zero-point term, exact in
                  * integers); odd rows take the high nibble in place (16x its value,
@@ -126,7 +132,9 @@ AVX2 static inline __attribute__((always_inline)) void sparse_tiles(const ea_qwe
                 for (int v = 0; v < 8; v++) {
                     const __m256 s = _mm256_mul_ps(sx, ea_load8_scales((const uint8_t *)cm->scales + (sb + 8 * v) * ssize, f16));
                     float *acc = accbuf + t * EA_CM_TILE + 8 * v;
-                    _mm256_storeu_ps(acc, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(d[v]), _mm256_loadu_ps(acc)));
+                    __m256 r = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(d[v]), _mm256_loadu_ps(acc));
+                    if (mins) r = _mm256_fmadd_ps(ea_load8_scales(mins + (sb + 8 * v) * msize, mf16), sxsum, r);
+                    _mm256_storeu_ps(acc, r);
                 }
             }
             if (last) break;
@@ -199,6 +207,11 @@ AVX2 void ea_rows_avx2(const ea_qweight *w, const ea_qact *a, const int32_t *row
             const __m128 sw = _mm_setr_ps(w->scales[(size_t)n[0] * nb + b], w->scales[(size_t)n[1] * nb + b],
                                           w->scales[(size_t)n[2] * nb + b], w->scales[(size_t)n[3] * nb + b]);
             acc = _mm_fmadd_ps(_mm_mul_ps(_mm_set1_ps(a->sx[b]), sw), _mm_cvtepi32_ps(idot), acc);
+            if (w->has_minimums) { /* codes with zero point 0 above (ea_qweight_zp), then the minimum term */
+                const __m128 mn = _mm_setr_ps(w->minimums[(size_t)n[0] * nb + b], w->minimums[(size_t)n[1] * nb + b],
+                                              w->minimums[(size_t)n[2] * nb + b], w->minimums[(size_t)n[3] * nb + b]);
+                acc = _mm_fmadd_ps(mn, _mm_set1_ps(a->sx[b] * (float)a->sumx[b]), acc);
+            }
         }
         float tmp[4];
         _mm_storeu_ps(tmp, acc);

@@ -13,7 +13,7 @@
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
-/* Eight per-row values of tile t (p) and of tile t+1 (p + 64 rows) as one vector. */
+/* Eight per-row values (scales or minimums) of tile t (p) and of tile t+1 (p + 64 rows) as one vector. */
 AVX512 static inline __m512 load16_scales(const uint8_t *p, int f16) {
     if (f16) {
         const __m256i h = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p + 128)), _mm_loadu_si128((const __m128i *)p));
@@ -31,8 +31,9 @@ AVX512 static inline __m512i load16_zp(const uint8_t *p) {
 /* Tiles [t0, t1), t1 - t0 even. */
 AVX512 static void sparse_pairs(const ea_qweight_cm *cm, const ea_sparse_act *a, float *y, int t0, int t1) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const int f16 = cm->scales_f16;
-    const size_t ssize = f16 ? 2 : 4;
+    const int f16 = cm->scales_f16, mf16 = cm->minimums_f16;
+    const size_t ssize = f16 ? 2 : 4, msize = mf16 ? 2 : 4;
+    const uint8_t *mins = cm->minimums;
     float *accbuf = a->acc;
     int32_t *dbuf = a->dacc;
     for (int t = t0; t < t1; t++)
@@ -41,9 +42,11 @@ AVX512 static void sparse_pairs(const ea_qweight_cm *cm, const ea_sparse_act *a,
         const int q0 = a->qstart[ab], q1 = a->qstart[ab + 1];
         const int qn = ab + 1 < a->n_blocks ? a->qstart[ab + 2] : q1;
         const __m512i sumx = _mm512_set1_epi32(a->sumx[ab]);
-        const __m512i nz = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sumx, 3)); /* -8 sumx */
+        /* -8 sumx; with float minimums the codes' zero point is 0 */
+        const __m512i nz = mins ? _mm512_setzero_si512() : _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sumx, 3));
         const __m512i nz16 = _mm512_slli_epi32(nz, 4);
         const __m512 sx = _mm512_set1_ps(a->sx[ab]);
+        const __m512 sxsum = _mm512_set1_ps(a->sx[ab] * (float)a->sumx[ab]); /* the minimums' factor */
         for (int c0 = q0;; c0 += EA_SPARSE_CHUNK_QUADS) {
             const ea_sparse_chunk ch = ea_sparse_chunk_at(q0, q1, qn, c0);
             const int c1 = ch.c1, first = ch.first, last = ch.last;
@@ -61,6 +64,8 @@ AVX512 static void sparse_pairs(const ea_qweight_cm *cm, const ea_sparse_act *a,
                         _mm_prefetch((const char *)(cm->zero_points + nsb), _MM_HINT_T0);
                         _mm_prefetch((const char *)(cm->zero_points + nsb + 64), _MM_HINT_T0);
                     }
+                    for (size_t off = 0; mins && off < 2 * EA_CM_TILE * msize; off += 64)
+                        _mm_prefetch((const char *)(mins + nsb * msize + off), _MM_HINT_T0);
                 }
                 const size_t sb = (size_t)a->blk[ab] * cm->n_pad + (size_t)t * EA_CM_TILE;
                 int32_t *dt = dbuf + (size_t)t * EA_CM_TILE;
@@ -110,7 +115,9 @@ AVX512 static void sparse_pairs(const ea_qweight_cm *cm, const ea_sparse_act *a,
                 for (int v = 0; v < 8; v++) {
                     const __m512 s = _mm512_mul_ps(sx, load16_scales((const uint8_t *)cm->scales + (sb + 8 * v) * ssize, f16));
                     float *acc = accbuf + (size_t)t * EA_CM_TILE + 16 * v;
-                    _mm512_storeu_ps(acc, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(d[v]), _mm512_loadu_ps(acc)));
+                    __m512 r = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(d[v]), _mm512_loadu_ps(acc));
+                    if (mins) r = _mm512_fmadd_ps(load16_scales(mins + (sb + 8 * v) * msize, mf16), sxsum, r);
+                    _mm512_storeu_ps(acc, r);
                 }
             }
             if (last) break;
