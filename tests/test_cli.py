@@ -120,7 +120,7 @@ def test_run_low_memory(hf_dir, tmp_path, capsys):
     out = tmp_path / "teal"
     assert main(["convert", str(hf_dir), "-o", str(out), "--quant", "int4", "--sparsity", "0.5",
                  "--sparsity-method", "teal", "--calib-tokens", "64", "--quiet"]) == 0
-    assert "warning" not in capsys.readouterr().err   # integer zero points: the sparse kernels take them
+    assert "warning" not in capsys.readouterr().err
     assert main(["run", str(out), "-p", "1,5,7", "-n", "6", "--low-memory"]) == 0
     ids = [int(t) for t in capsys.readouterr().out.split()]
     import edgeact

@@ -1,8 +1,8 @@
 """Float block minimums (MatMulNBits float zero points) in the native kernels. native/tests/
 test_kernels.c checks every ISA bit for bit against the scalar reference; here the kernels (through
-the test binary's file mode, x86 and NEON under qemu) against numpy, and a TEAL-sparse folder: the
-input-sparse kernels hold integer zero points only, so the planner keeps these matmuls on the
-dense kernels. The folder loads, decodes the prefill's rows, and stays near onnxruntime."""
+the test binary's file mode, x86 and NEON under qemu) against numpy, and sparse folders (TEAL,
+CATS) whose matmuls run the sparse kernels with the minimums, giving the dense kernels' bits on the
+masked input and staying near onnxruntime."""
 import json
 
 import numpy as np
@@ -81,32 +81,53 @@ def test_minimums_file_mode_vs_numpy_aarch64(arm_bin, tmp_path, cpu):
 
 
 @pytest.mark.skipif(not native_available(), reason="native runtime not built")
-def test_teal_folder_with_float_minimums(tmp_path, tiny_hf_dir, monkeypatch, capsys):
-    """Float-minimum linears behind a Sparsify run densely (the sparse kernels take integer zero
-    points), give the dense results, and the converter says so in one warning."""
+@pytest.mark.parametrize("method", ["teal", "cats"])
+def test_sparse_folder_with_float_minimums(tmp_path, tiny_hf_dir, monkeypatch, capsys, method):
+    """Float-minimum linears behind a Sparsify (TEAL: the input-sparse GEMV, q/k/v and gate/up
+    stacked; CATS: up_proj's output rows and down_proj's input-sparse GEMV) run the sparse kernels,
+    give the bits of the dense kernel on the masked input, and stay near onnxruntime; the
+    converter has nothing to warn about."""
     import edgeact
     from edgeact.cli import main
     from edgeact.evaluate import compare_logits
 
-    out = tmp_path / "imx-teal"
+    out = tmp_path / f"imx-{method}"
     assert main(["convert", str(tiny_hf_dir), "-o", str(out), "--method", "imatrix", "--sparsity", "0.5",
-                 "--calib-tokens", "64", "--quiet"]) == 0
+                 "--sparsity-method", method, "--calib-tokens", "64", "--quiet"]) == 0
     meta = json.loads((out / "edgeact.json").read_text())
-    assert meta["quantization"]["method"] == "imatrix" and meta["sparsity"]["method"] == "teal"
+    assert meta["quantization"]["method"] == "imatrix" and meta["sparsity"]["method"] == method
     assert meta["quantization"]["float_zero_point_linears"] == 14   # 7 linears x 2 layers; lm_head not counted
-    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("edgeact: warning: ")]
-    assert len(warned) == 1 and "14 linears" in warned[0] and "dense kernels" in warned[0], warned
+    assert "warning" not in capsys.readouterr().err
     ids = [1, 5, 9, 33, 2, 70, 11, 4, 19, 23, 8, 3]
-    monkeypatch.setenv("EDGEACT_SPARSE_ALWAYS", "1")   # every matmul that can go sparse does
-    eng = edgeact.load(out, engine="native").engine
-    full = eng.forward(ids)
-    eng.reset()
-    eng.forward(ids[:6])
-    eng.session.profile(True)
-    dec = np.concatenate([eng.forward(ids[i:i + 1]) for i in range(6, len(ids))])
-    recs = [r for r in eng.session.profile_records() if r["op_type"] == "MatMulNBits"]
-    assert recs and all(r["sparse_calls"] == 0 for r in recs), recs
-    assert np.abs(dec - full[6:]).max() <= 1e-4
+
+    def decode(env, low_memory=False):
+        for k in ("EDGEACT_SPARSE_ALWAYS", "EDGEACT_SPARSE_STATIC"):
+            monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(env, "1")
+        eng = edgeact.load(out, engine="native", low_memory=low_memory).engine
+        full = eng.forward(ids)
+        eng.reset()
+        eng.forward(ids[:6])
+        eng.session.profile(True)
+        dec = np.concatenate([eng.forward(ids[i:i + 1]) for i in range(6, len(ids))])
+        recs = [r for r in eng.session.profile_records() if r["op_type"] == "MatMulNBits" and r["total"] == 0]
+        return full, dec, {r["name"]: (r["sparse_calls"], r["calls"]) for r in recs}
+
+    full, always, paths = decode("EDGEACT_SPARSE_ALWAYS")   # every matmul that can go sparse does
+    sparse_steps = sorted({n.rsplit(".", 1)[-1] for n, (sp, calls) in paths.items() if sp == calls == 6})
+    want = ["down_proj", "up_proj"] if method == "cats" else \
+        ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert sparse_steps == want, sorted(paths.items())
+    assert np.abs(always - full[6:]).max() <= 1e-4
+    # the fixed rule: the tiny model's widths sit below the sparse kernels' minimum, so the dense
+    # kernel on the masked input (CATS: all rows), which the sparse kernels match bit for bit
+    _, static, paths = decode("EDGEACT_SPARSE_STATIC")
+    assert all(sp == 0 for sp, _ in paths.values()), paths
+    assert np.array_equal(static, always)
+    if method == "teal":   # low memory: no dense repack, every row on the channel-major copy
+        low_full, low, _ = decode("EDGEACT_SPARSE_ALWAYS", low_memory=True)
+        assert np.array_equal(low, always)
+        np.testing.assert_allclose(low_full, full, rtol=0, atol=1e-4 * np.abs(full).max())
     ort = edgeact.load(out, engine="ort").forward(ids)
     assert compare_logits(full, ort, ids).kl < 0.01
 

@@ -99,8 +99,8 @@ typedef struct step {
     int qw_ready;
     int f32act;           /* accuracy_level 0..3: float activations, file layout (no repack) */
     /* float zero points (4-bit) as the weight's block minimums [N][n_blocks] (qw.minimums),
-     * freed once a SIMD repack holds them (qw.has_minimums stays); the sparse paths
-     * (passes.c) leave such steps dense */
+     * freed once a SIMD repack holds them (qw.has_minimums stays; the sparse copies read
+     * them back from the repack: ea_qweight_row_minimums) */
     float *qmin;
     /* ops/gqa.c; window > 0: a sliding layer, whose cache is a ring of min(window, n_ctx) rows */
     int H, KVH, D, rotary;

@@ -82,7 +82,8 @@ static void mark_direct_fused(ea_model *m) {
     }
 }
 
-/* The file layout of st's weight (rows contiguous) in one allocation of its own, for the
+/* The file layout of st's weight (rows contiguous; float minimums read back from the repack,
+ * whose owner dropped them) in one allocation of its own, for the
  * output-row kernel: the file's pages were released after the repack, and read back at
  * random through 4 KB pages of the mapping the rows kernel ran at half the dense GEMV's
  * speed (TLB misses, page faults); docs/performance.md, "CATS row copy". */
@@ -91,18 +92,26 @@ static int rows_copy(ea_model *m, step *st) {
     if (!w->packed) return 0; /* no repack (scalar isa): the kernels read the file layout anyway */
     const ea_qbytes fb = ea_qweight_file_bytes((size_t)w->N, (size_t)w->n_blocks, w->block_size, w->bits);
     const size_t sb = fb.scales, db = fb.data, zb = w->zero_points ? fb.zero_points : 0;
-    uint8_t *buf = ea_alloc_weights(sb + db + zb);
+    const size_t mb = w->has_minimums ? fb.scales : 0; /* float minimums, [N, n_blocks] as the scales */
+    uint8_t *buf = ea_alloc_weights(sb + mb + db + zb);
     if (!buf) return -1;
+    float *mins = mb ? (float *)(buf + sb) : NULL;
     memcpy(buf, w->scales, sb);
-    memcpy(buf + sb, w->data, db);
-    if (zb) memcpy(buf + sb + db, w->zero_points, zb);
-    if (ea_qweight_init(&st->rows_qw, EA_ISA_SCALAR, w->K, w->N, w->bits, w->block_size, buf + sb, (const float *)buf,
-                        zb ? buf + sb + db : NULL)) {
+    memcpy(buf + sb + mb, w->data, db);
+    if (zb) memcpy(buf + sb + mb + db, w->zero_points, zb);
+    int rc = 0;
+    for (int n = 0; mins && n < w->N && !rc; n++) rc = ea_qweight_row_minimums(w, n, mins + (size_t)n * w->n_blocks);
+    if (!rc)
+        rc = mins ? ea_qweight_init_min(&st->rows_qw, EA_ISA_SCALAR, w->K, w->N, w->bits, w->block_size, buf + sb + mb,
+                                        (const float *)buf, mins)
+                  : ea_qweight_init(&st->rows_qw, EA_ISA_SCALAR, w->K, w->N, w->bits, w->block_size, buf + sb + mb,
+                                    (const float *)buf, zb ? buf + sb + mb + db : NULL);
+    if (rc) {
         free(buf);
         return -1;
     }
     st->rows_buf = buf;
-    m->bytes_repacked += sb + db + zb;
+    m->bytes_repacked += sb + mb + db + zb;
     /* reading them for the copy mapped the file's pages back in */
     ea_release_pages(m, w->data, db);
     ea_release_pages(m, w->scales, sb);
@@ -177,7 +186,7 @@ static void link_sparse_sources(ea_model *m) {
      * siblings reading the same input share one, stacked along N */
     for (int s = 0; s < m->n_steps; s++) {
         step *st = &m->steps[s];
-        if (st->op != OP_QMATMUL || st->qw.bits != 4 || st->f32act || st->qw.has_minimums || st->in[0] < 0) continue;
+        if (st->op != OP_QMATMUL || st->qw.bits != 4 || st->f32act || st->in[0] < 0) continue;
         int p = m->values[st->in[0]].producer;
         /* CATS: down reads SiLU(gate), sparsified, times up; its zeros are the Sparsify's */
         if (p >= 0 && p < m->n_steps && m->steps[p].op == OP_MUL)
@@ -203,7 +212,8 @@ static int stack_groups(ea_model *m, ea_err *err) {
         for (int t = s + 1; t < m->n_steps && nm < EA_FUSE_MAX; t++) {
             const step *o = &m->steps[t];
             if (o->sparse_src && !o->fuse && o->in[0] == st->in[0] && o->qw.K == st->qw.K &&
-                o->qw.block_size == st->qw.block_size && !o->qw.zero_points == !st->qw.zero_points) {
+                o->qw.block_size == st->qw.block_size && !o->qw.zero_points == !st->qw.zero_points &&
+                !o->qw.has_minimums == !st->qw.has_minimums) {
                 ws[nm] = &o->qw;
                 members[nm++] = t;
             }
@@ -251,7 +261,7 @@ static void link_coreinfer(ea_model *m, const int *uses) {
         if (p < 0 || m->steps[p].op != OP_SILU_MUL || uses[m->steps[s].in[0]] != 1) continue;
         for (int k = 0; k < 2; k++) {
             const int v = m->steps[p].in[k], q = v >= 0 ? m->values[v].producer : -1;
-            if (q >= 0 && m->steps[q].op == OP_QMATMUL && !m->steps[q].f32act && !m->steps[q].qw.has_minimums && uses[v] == 1)
+            if (q >= 0 && m->steps[q].op == OP_QMATMUL && !m->steps[q].f32act && uses[v] == 1)
                 m->steps[q].row_src = s + 1;
         }
     }
@@ -260,7 +270,7 @@ static void link_coreinfer(ea_model *m, const int *uses) {
 static void link_cats(ea_model *m, const int *uses) {
     for (int s = 0; s < m->n_steps; s++) {
         step *st = &m->steps[s];
-        if (st->op != OP_QMATMUL || st->f32act || st->qw.has_minimums || st->sparse_src || st->row_src || st->fuse || st->out < 0 ||
+        if (st->op != OP_QMATMUL || st->f32act || st->sparse_src || st->row_src || st->fuse || st->out < 0 ||
             uses[st->out] != 1 || !st->qw.data)
             continue;
         for (int t = s + 1; t < m->n_steps; t++) {

@@ -225,24 +225,4 @@ def run(args) -> int:
         kw["tokenizer"] = args.tokenizer
     out = convert(source, args.output, **kw)
     print(f"wrote {out}")
-    if targets is not None and sparse_method != "coreinfer":
-        warn_dense_sparse_layers(out)
     return 0
-
-
-def warn_dense_sparse_layers(folder) -> None:
-    """The native engine's input-sparse kernels take int4 with integer zero points: a sparse folder
-    whose linears carry float zero points (a Q4_1/Q4_K GGUF's own blocks, imatrix, --float-zero-points)
-    masks its inputs but multiplies densely, so it gains no speed; say so instead of leaving it to a
-    benchmark to find."""
-    import json
-    import warnings
-    from pathlib import Path
-
-    q = json.loads((Path(folder) / "edgeact.json").read_text())["quantization"]
-    n = q.get("float_zero_point_linears", 0)
-    if n:
-        warnings.warn(f"{n} linears of {folder} carry float zero points ({q.get('weights')}, method "
-                      f"{q.get('method')}): the native engine runs their sparsified inputs through the dense "
-                      "kernels, so sparsity costs accuracy here without the speed-up; --quant int4 writes "
-                      "integer zero points, which the sparse kernels take")
