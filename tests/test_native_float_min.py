@@ -133,6 +133,38 @@ def test_sparse_folder_with_float_minimums(tmp_path, tiny_hf_dir, monkeypatch, c
 
 
 @pytest.mark.skipif(not native_available(), reason="native runtime not built")
+def test_coreinfer_folder_with_float_minimums(tmp_path, tiny_hf_dir, monkeypatch):
+    """CoreInfer: once the prompt fixed the masks, gate/up run on copies of their kept rows, which
+    carry the rows' minimums (read back from the repack); decode stays near onnxruntime's with the
+    same masks."""
+    import edgeact
+    from edgeact.cli import main
+    from edgeact.evaluate import compare_logits
+
+    out = tmp_path / "imx-coreinfer"
+    assert main(["convert", str(tiny_hf_dir), "-o", str(out), "--method", "imatrix", "--sparsity", "0.5",
+                 "--sparsity-method", "coreinfer", "--quiet"]) == 0
+    assert json.loads((out / "edgeact.json").read_text())["quantization"]["float_zero_point_linears"] == 14
+    ids = [1, 5, 9, 33, 2, 70, 11, 4, 19, 23, 8, 3]
+    monkeypatch.setenv("EDGEACT_SPARSE_STATIC", "1")   # down_proj dense: its bytes are the full weight's
+    n, o = edgeact.load(out, engine="native").engine, edgeact.load(out, engine="ort").engine
+    n.forward(ids[:6]), o.forward(ids[:6])
+    o.core_masks = n.core_masks   # the int8 activations may tip a tie of onnxruntime's float ones
+    o.set_neuron_masks(n.core_masks)
+    n.session.profile(True)
+    ln = np.concatenate([n.forward(ids[i:i + 1]) for i in range(6, len(ids))])
+    lo = np.concatenate([o.forward(ids[i:i + 1]) for i in range(6, len(ids))])
+    read = {}
+    for r in n.session.profile_records():
+        if r["op_type"] == "MatMulNBits" and r["name"].rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj"):
+            read.setdefault(r["name"].rsplit(".", 1)[-1], []).append(r["weight_bytes"])
+    # gate/up as large as down_proj: their kept-row copies read about half its bytes
+    for layer, down in enumerate(read["down_proj"]):
+        assert read["gate_proj"][layer] < 0.6 * down and read["up_proj"][layer] < 0.6 * down, read
+    assert compare_logits(ln, lo, ids[6:] + [0]).kl < 0.01
+
+
+@pytest.mark.skipif(not native_available(), reason="native runtime not built")
 def test_float_activations_with_float_minimums(tmp_path, tiny_hf_dir):
     """accuracy_level 1: float activations against fma(q, scale, minimum) from the file layout,
     which is onnxruntime's float computation up to summation order."""
