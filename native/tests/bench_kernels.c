@@ -14,6 +14,7 @@
  *   BENCH_SHAPE=K,N   the sparse part on that one shape instead of the FFN shapes
  *   BENCH_HOT=1       one matrix instead of enough to exceed the cache: compute, not memory
  *   BENCH_SYM=1       no zero points (the converters write them by default)
+ *   BENCH_MIN=1       the sparse part with fp16 float minimums instead of zero points
  *   BENCH_GEMV=LIST   the dense GEMV's weight kinds, comma-separated (default sym): sym (no zero
  *                     points), zp (integer zero points), min (fp16 float minimums, as Q4_1
  *                     sources give), min32 (fp32 minimums)
@@ -159,7 +160,9 @@ static void bench_sparse(int K, int N, int bs, double seconds, ea_pool *pool, ea
     ea_qweight_cm *cm = calloc((size_t)copies, sizeof *cm);
     /* asymmetric, as the converters write int4 by default */
     const size_t zbytes = (size_t)N * ((nb + 1) / 2);
-    uint8_t *zp = getenv("BENCH_SYM") ? NULL : malloc(zbytes);
+    float *mins = getenv("BENCH_MIN") ? malloc(sbytes) : NULL; /* as a Q4_1 source's blocks give */
+    for (size_t i = 0; mins && i < (size_t)N * nb; i++) mins[i] = ea_f16_to_f32(ea_f32_to_f16(-(float)(rnd() & 0xffff) * 8e-6f));
+    uint8_t *zp = getenv("BENCH_SYM") || mins ? NULL : malloc(zbytes);
     for (size_t i = 0; zp && i < zbytes; i++) zp[i] = (uint8_t)(0x77 + (rnd() % 3) * 0x11);
     /* the output-row kernel reads the file layout: a copy each, or it is read from the cache */
     uint8_t **cdata = malloc(sizeof *cdata * (size_t)copies);
@@ -171,8 +174,13 @@ static void bench_sparse(int K, int N, int bs, double seconds, ea_pool *pool, ea
             exit(1);
         }
         if (c) memcpy(cdata[c], data, dbytes);
-        ea_qweight_init(&w[c], isa, K, N, 4, bs, cdata[c], scales, zp);
-        ea_qweight_cm_init(&cm[c], isa, &w[c]);
+        int rc = mins ? ea_qweight_init_min(&w[c], isa, K, N, 4, bs, cdata[c], scales, mins)
+                      : ea_qweight_init(&w[c], isa, K, N, 4, bs, cdata[c], scales, zp);
+        if (!rc) rc = ea_qweight_cm_init(&cm[c], isa, &w[c]);
+        if (rc) {
+            fprintf(stderr, "cannot prepare the weight: %s\n", ea_kernels_strerror(rc));
+            exit(1);
+        }
     }
     ea_kctx ctx;
     ea_kctx_init(&ctx, isa, pool);
@@ -214,7 +222,7 @@ static void bench_sparse(int K, int N, int bs, double seconds, ea_pool *pool, ea
     }
     free(cdata);
     ea_kctx_release(&ctx);
-    free(w); free(cm); free(idx); free(data); free(scales); free(zp); free(x); free(y);
+    free(w); free(cm); free(idx); free(data); free(scales); free(zp); free(mins); free(x); free(y);
 }
 
 int main(int argc, char **argv) {
