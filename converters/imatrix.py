@@ -19,16 +19,28 @@ from .quantize import FP16_MAX, QuantizedWeight, fp16_exact, fp16_nearest, pack_
 from .threads import physical_cores
 
 STEPS = np.arange(-10, 11) * 0.1   # grid offsets in code units around 15 codes over the range
+ROWS = 256   # rows per task: a slice's buffers stay in cache; smaller slices pay numpy's per-call cost
 
 
-def _codes(wb, d, m, qmax):
-    inv = np.where(d > 0, 1.0 / np.where(d > 0, d, 1), 0)
-    return np.clip(np.rint((wb - m[..., None]) * inv[..., None]), 0, qmax)
+# The search's passes over [rows, blocks, group] run in float32 into buffers the caller reuses (out=,
+# r=, t=); per-block sums and the least-squares solve in float64. Scales and minimums are fp16 values,
+# exact in float32.
+def _codes(wb, d, m, qmax, out=None):
+    inv = np.where(d > 0, 1.0 / np.where(d > 0, d, 1), 0).astype(wb.dtype)
+    q = np.subtract(wb, m.astype(wb.dtype)[..., None], out=out)
+    q *= inv[..., None]
+    np.rint(q, out=q)
+    return np.clip(q, 0, qmax, out=q)
 
 
-def _error(wb, wt, d, m, q):
-    r = q * d[..., None] + m[..., None] - wb
-    return (wt * r * r).sum(-1)
+def _error(wb, wt, d, m, q, r=None, t=None):
+    """Per block, sum of wt·r² with r = q·d + m - wb."""
+    r = np.multiply(q, d.astype(wb.dtype)[..., None], out=r)
+    r += m.astype(wb.dtype)[..., None]
+    r -= wb
+    t = np.multiply(wt, r, out=t)
+    t *= r
+    return t.sum(-1, dtype=np.float64)
 
 
 def quantize_weighted(w: np.ndarray, importance: np.ndarray, bits: int = 4, group: int = 32) -> QuantizedWeight:
@@ -44,11 +56,11 @@ def quantize_weighted(w: np.ndarray, importance: np.ndarray, bits: int = 4, grou
     if imp.shape[0] != K:
         raise ValueError(f"importance has {imp.shape[0]} entries for K={K}")
     imp = np.maximum(imp, 0) + 1e-12 * max(float(imp.max(initial=0.0)), 1e-30)   # every weight counts a little
-    wt = np.pad(imp, (0, pad)).reshape(1, blocks, group)   # padding weighs nothing
-    # Rows are searched independently: a slice of them per physical core, in threads (numpy's
-    # element-wise passes and sums release the GIL), with the same bits as one pass over all rows.
-    parts = np.array_split(w, min(physical_cores(), max(1, N // 64)))   # views of consecutive rows
-    with ThreadPoolExecutor(len(parts)) as pool:
+    wt = np.pad(imp, (0, pad)).reshape(1, blocks, group).astype(np.float32)   # padding weighs nothing
+    # Rows are searched independently: slices of ROWS rows over the physical cores, in threads
+    # (numpy's element-wise passes and sums release the GIL), with the same bits as one pass over all.
+    parts = np.array_split(w, max(1, N // ROWS))   # views of consecutive rows
+    with ThreadPoolExecutor(min(physical_cores(), len(parts))) as pool:
         found = list(pool.map(lambda rows: _search(rows, wt, pad, group, bits), parts))
     q, d, m = (np.concatenate(x) for x in zip(*found))
     return pack_codes(q.astype(np.uint8), d.astype(np.float32), m.astype(np.float32), bits, group, K)
@@ -58,7 +70,7 @@ def _search(w: np.ndarray, wt: np.ndarray, pad: int, group: int, bits: int):
     """(codes, scale, minimum) per block of the rows w [n, K], by the weighted search."""
     N = w.shape[0]
     blocks = wt.shape[1]
-    wb = np.pad(w, ((0, 0), (0, pad))).reshape(N, blocks, group).astype(np.float64)
+    wb = np.pad(w, ((0, 0), (0, pad))).reshape(N, blocks, group)
     qmax = (1 << bits) - 1
     lo, hi = wb.min(-1), wb.max(-1)
     rng = hi - lo
@@ -68,17 +80,20 @@ def _search(w: np.ndarray, wt: np.ndarray, pad: int, group: int, bits: int):
     best_q = _codes(wb, d0, m0, qmax)
     best_d, best_m = d0, m0
     best_e = _error(wb, wt, d0, m0, best_q)
-    sw = wt.sum(-1)
-    wtwb = wt * wb   # the products every step reuses (the same values and sums as computed in place)
-    sx = wtwb.sum(-1)
+    sw = wt.sum(-1, dtype=np.float64)
+    wtwb = wt * wb   # the products every step reuses
+    sx = wtwb.sum(-1, dtype=np.float64)
     shifted = wb - lo[..., None]
+    q, r, t = np.empty_like(wb), np.empty_like(wb), np.empty_like(wb)
     with np.errstate(divide="ignore", invalid="ignore"):
         for step in STEPS:
-            iscale = np.where(rng > 0, (qmax + step) / rng, 0)
-            q = np.clip(np.rint(shifted * iscale[..., None]), 0, qmax)
-            wq = wt * q
-            sl, sl2 = wq.sum(-1), (wq * q).sum(-1)
-            sxl = (wtwb * q).sum(-1)
+            iscale = np.where(rng > 0, (qmax + step) / rng, 0).astype(np.float32)
+            np.multiply(shifted, iscale[..., None], out=q)
+            np.clip(np.rint(q, out=q), 0, qmax, out=q)
+            sl = np.multiply(wt, q, out=t).sum(-1, dtype=np.float64)
+            t *= q
+            sl2 = t.sum(-1, dtype=np.float64)
+            sxl = np.multiply(wtwb, q, out=t).sum(-1, dtype=np.float64)
             det = sw * sl2 - sl * sl
             ok = det > 0
             d = np.where(ok, (sw * sxl - sx * sl) / np.where(ok, det, 1), 0)
@@ -86,12 +101,12 @@ def _search(w: np.ndarray, wt: np.ndarray, pad: int, group: int, bits: int):
             ok &= (d > 0) & (np.abs(m) < FP16_MAX)
             m = fp16_nearest(np.where(ok, m, 0)).astype(np.float64)
             d = fp16_exact(np.where(ok, d, 0)).astype(np.float64)
-            q = _codes(wb, d, m, qmax)
-            e = _error(wb, wt, d, m, q)
+            _codes(wb, d, m, qmax, out=q)
+            e = _error(wb, wt, d, m, q, r, t)
             better = ok & (e < best_e)
             best_e = np.where(better, e, best_e)
             best_d, best_m = np.where(better, d, best_d), np.where(better, m, best_m)
-            best_q = np.where(better[..., None], q, best_q)
+            np.copyto(best_q, q, where=better[..., None])
     return best_q, best_d, best_m
 
 
