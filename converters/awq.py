@@ -353,12 +353,14 @@ def _awq(src: SourceModel, *, bits: int = 4, group_size: int = 128, symmetric: b
     return source_with(src, t), report
 
 
-def weights_copy(src: SourceModel, model) -> dict[str, torch.Tensor]:
-    """One float32 copy of src's tensors: the torch model's parameters copied where it holds them
-    under the same name (it loaded them from src, unchanged), so a quantized source is not
-    dequantized a second time; the rest (Phi-3's fused parts) read from src."""
+def weights_copy(src: SourceModel, model, prefix: str = "") -> dict[str, torch.Tensor]:
+    """One float32 copy of src's tensors (those whose names start with `prefix`): the torch model's
+    parameters copied where it holds them under the same name (it loaded them from src, unchanged),
+    so a quantized source is not dequantized a second time; the rest (Phi-3's fused parts) read
+    from src."""
     params = {n: p for n, p in model.named_parameters() if p.dtype == torch.float32}
-    return {n: params[n].detach().clone() if n in params else torch.from_numpy(src.load(n)) for n in src.tensors}
+    return {n: params[n].detach().clone() if n in params else torch.from_numpy(src.load(n))
+            for n in src.tensors if n.startswith(prefix)}
 
 
 def source_with(src: SourceModel, t: dict) -> SourceModel:

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .awq import _LayerInputs, awq_layer, fp16_exact, layer_plans, load_layer, new_report
+from .awq import _LayerInputs, awq_layer, fp16_exact, layer_plans, load_layer, new_report, weights_copy
 from .calibration import calibration_ids
 from .model import ConversionError, SourceModel
 from .quantize import QuantizedWeight, _check, dequantize, pack_codes
@@ -247,7 +247,7 @@ def _gptq(src: SourceModel, *, bits: int = 4, group_size: int = 32, symmetric: b
     it = range(cfg.num_layers)
     for i in (tqdm(it, desc=method.upper(), unit="layer") if progress else it):
         p = f"model.layers.{i}."
-        t = {n: torch.from_numpy(src.load(n)) for n in src.tensors if n.startswith(p)}
+        t = weights_copy(src, model, p)   # layer i as src has it: the model reloads it only below
         acts = layers.capture(i)
         scales = {}
         if awq:

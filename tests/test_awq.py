@@ -39,6 +39,9 @@ def test_weights_copy_is_the_source(kw):
     assert set(t) == set(src.tensors)
     for name in src.tensors:
         assert t[name].dtype == torch.float32 and np.array_equal(t[name].numpy(), src.load(name)), name
+    layer = weights_copy(src, model, "model.layers.1.")   # GPTQ's per-layer copy
+    assert set(layer) == {n for n in src.tensors if n.startswith("model.layers.1.")} and layer
+    assert all(torch.equal(layer[n], t[n]) for n in layer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for v in t.values():
         v.mul_(2.0)
