@@ -56,6 +56,10 @@ def open_reader(path) -> "gguf.GGUFReader":
     each slice of the np.memmap itself runs a Python hook, and a tokenizer's vocabulary is some
     10^5 slices (SmolLM2's 49k-token file: 1.6 s to parse, 0.5 s this way). The same fields and
     tensor views as the library's reader (tests/test_gguf_import.py checks)."""
+    return _reader_class()(str(path))
+
+
+def _reader_class():
     import gguf
 
     class Reader(gguf.GGUFReader):
@@ -67,12 +71,13 @@ def open_reader(path) -> "gguf.GGUFReader":
             arr = plain[offset:offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
             return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
-    return Reader(str(path))
+    return Reader
 
 
 def _open(path: Path):
+    reader_class = _reader_class()   # outside the try: without gguf, the CLI names the extra to install
     try:
-        reader = open_reader(path)
+        reader = reader_class(str(path))
     except Exception as e:  # the package raises ValueError/IndexError/... on damaged files
         raise ConversionError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from e
     size = path.stat().st_size
