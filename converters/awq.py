@@ -334,7 +334,7 @@ def _awq(src: SourceModel, *, bits: int = 4, group_size: int = 128, symmetric: b
     from .torch_ref import build_torch_model
 
     cfg = src.config
-    if model is None:   # the caller's, when it built one from src (clipping changes it)
+    if model is None:   # the caller's, when it built one from src (AWQ leaves it unchanged)
         model = build_torch_model(src, progress=progress)
     if calib_ids is None:
         calib_ids = calibration_ids(src, model, text_file=calib_file, n_tokens=calib_tokens, progress=progress)
