@@ -162,6 +162,15 @@ def test_coreinfer_folder_with_float_minimums(tmp_path, tiny_hf_dir, monkeypatch
     for layer, down in enumerate(read["down_proj"]):
         assert read["gate_proj"][layer] < 0.6 * down and read["up_proj"][layer] < 0.6 * down, read
     assert compare_logits(ln, lo, ids[6:] + [0]).kl < 0.01
+    # the kept rows' minimums are the rows' own: without the copies, gate/up run the full dense
+    # GEMV (the same kernel on the same rows, the others masked), and decode gives the same bits
+    monkeypatch.setenv("EDGEACT_NO_KEPT_ROWS", "1")
+    d = edgeact.load(out, engine="native").engine
+    d.forward(ids[:6])
+    d.session.profile(True)
+    assert np.array_equal(np.concatenate([d.forward(ids[i:i + 1]) for i in range(6, len(ids))]), ln)
+    full = [r["weight_bytes"] for r in d.session.profile_records() if r["name"].endswith("gate_proj")]
+    assert full and all(b > 1.6 * k for b, k in zip(full, read["gate_proj"])), (full, read["gate_proj"])
 
 
 @pytest.mark.skipif(not native_available(), reason="native runtime not built")

@@ -46,6 +46,7 @@ static int load_common(ea_model *m, const char *dir, ea_model **out) {
     m->sparse_always = set.sparse_always;
     m->sparse_static = set.sparse_static;
     m->sparse_lowmem = m->sparse_lowmem || set.sparse_lowmem;
+    m->no_kept_rows = set.no_kept_rows;
     int rc = ea_isa_choose(set.isa, set.no_avx512, set.no_vnni, &m->isa);
     if (rc) {
         snprintf(last_err.msg, sizeof last_err.msg, "EDGEACT_ISA: %s", ea_kernels_strerror(rc));

@@ -159,6 +159,8 @@ struct ea_model {
     int sparse_static;    /* EDGEACT_SPARSE_STATIC=1: the fixed crossover instead of the measured one */
     int sparse_lowmem;    /* EA_LOAD_SPARSE_LOWMEM or EDGEACT_SPARSE_LOWMEM=1: sparse matmuls keep only their
                            * channel-major copy */
+    int no_kept_rows;     /* EDGEACT_NO_KEPT_ROWS=1: CoreInfer's gate/up on the rows kernel, never on kept-row
+                           * copies (tests compare the two paths bit for bit) */
     fused_gemv *fused;
     int hidden, vocab, max_context, n_heads, n_kv_heads, head_dim;
     int max_act_width, max_q_width, max_kv_width;

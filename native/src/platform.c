@@ -75,6 +75,7 @@ void ea_settings_read(ea_settings *s) {
     s->sparse_always = env_flag("EDGEACT_SPARSE_ALWAYS");
     s->sparse_static = env_flag("EDGEACT_SPARSE_STATIC");
     s->sparse_lowmem = env_flag("EDGEACT_SPARSE_LOWMEM");
+    s->no_kept_rows = env_flag("EDGEACT_NO_KEPT_ROWS");
 }
 
 int ea_physical_cores(void) { return ea_platform()->physical_cores; }

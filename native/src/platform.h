@@ -25,6 +25,7 @@ typedef struct ea_settings {
     int sparse_always;   /* EDGEACT_SPARSE_ALWAYS: sparse GEMV paths always (tests) */
     int sparse_static;   /* EDGEACT_SPARSE_STATIC: the fixed crossover instead of the measured one */
     int sparse_lowmem;   /* EDGEACT_SPARSE_LOWMEM: as the load flag EA_LOAD_SPARSE_LOWMEM */
+    int no_kept_rows;    /* EDGEACT_NO_KEPT_ROWS: CoreInfer without its kept-row copies (tests) */
 } ea_settings;
 
 void ea_settings_read(ea_settings *s);

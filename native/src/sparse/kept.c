@@ -26,7 +26,7 @@ int ea_session_prepare_kept(ea_session *ss, int layer) {
         const int32_t *idx = ss->active[st->row_src - 1];
         ea_session_drop_kept(ss, si);
         /* the GEMV on the kept rows costs in proportion to them: it pays unless nearly all are kept */
-        if (!ss->nmask[layer] || nr > 0.9 * st->N || nr == 0) continue;
+        if (!ss->nmask[layer] || nr > 0.9 * st->N || nr == 0 || m->no_kept_rows) continue;
         const ea_qweight *w = &st->qw;
         const size_t row = (size_t)w->n_blocks * w->block_size * w->bits / 8, sc = (size_t)w->n_blocks;
         /* after the scales: zero points, or float minimums (as many as the scales) */
