@@ -56,13 +56,15 @@ def grid(c: torch.Tensor, bits: int, symmetric: bool, float_zero_points: bool):
     return scale, zp
 
 
-def _round(w, scale, inv, zp, qmax, float_zero_points):
-    """Codes and their dequantized values for w on the grid (scale, zp)."""
+def _round(w, scale, inv, zp, qmax, float_zero_points, q=None, dq=None):
+    """Codes and their dequantized values for w on the grid (scale, zp), written into q and dq when
+    given (the column loop's rows: a column is a dozen tiny ops, whose per-call cost is most of
+    the loop's time, so it builds no temporaries)."""
     if float_zero_points:
-        q = torch.round((w - zp) * inv).clamp_(0, qmax)
-        return q, q * scale + zp
-    q = (torch.round(w * inv) + zp).clamp_(0, qmax)
-    return q, (q - zp) * scale
+        q = torch.sub(w, zp, out=q).mul_(inv).round_().clamp_(0, qmax)
+        return q, torch.mul(q, scale, out=dq).add_(zp)
+    q = torch.mul(w, inv, out=q).round_().add_(zp).clamp_(0, qmax)
+    return q, torch.sub(q, zp, out=dq).mul_(scale)
 
 
 def _inverse(scale):
@@ -165,15 +167,7 @@ def _gptq_columns(w, H, bits, group, symmetric, float_zero_points, damp, act_ord
                         scale[g], zp[g] = grid(WT[col:col + group].T, bits, symmetric, float_zero_points)
                         inv[g] = _inverse(scale[g])
                 wj = Wb[j]
-                # _round's operations, written in place into Q, DQ and errT's rows: a column is a
-                # dozen tiny ops, whose per-call cost is most of the loop's time
-                q, dq = Q[col], DQ[col]
-                if float_zero_points:
-                    torch.sub(wj, zp[g], out=q).mul_(inv[g]).round_().clamp_(0, qmax)
-                    torch.mul(q, scale[g], out=dq).add_(zp[g])
-                else:
-                    torch.mul(wj, inv[g], out=q).round_().add_(zp[g]).clamp_(0, qmax)
-                    torch.sub(q, zp[g], out=dq).mul_(scale[g])
+                _, dq = _round(wj, scale[g], inv[g], zp[g], qmax, float_zero_points, Q[col], DQ[col])
                 e = torch.sub(wj, dq, out=errT[col - i1]).div_(Ub[j, j])
                 Wb[j + 1:].addr_(Ub[j, j + 1:], e, alpha=-1.0)
             if s2 < i2:
