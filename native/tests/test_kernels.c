@@ -109,6 +109,15 @@ static void test_f32act_case(ea_isa isa, ea_kctx *sctx, ea_kctx *vctx, const ea_
         }
 }
 
+/* A weight of fill_qweight's with zp (0 symmetric, 1 integer zero points, 2 float minimums
+ * from fill_minimums: *mins, fp16 values when mf16), prepared for isa. */
+static void init_qweight(ea_qweight *w, ea_isa isa, int K, int N, int bits, int bs, int zp, const uint8_t *data,
+                         const float *scales, const uint8_t *zpd, const float *mins) {
+    const int rc = zp == 2 ? ea_qweight_init_min(w, isa, K, N, bits, bs, data, scales, mins)
+                           : ea_qweight_init(w, isa, K, N, bits, bs, data, scales, zpd);
+    CHECK(rc == EA_KOK, "weight init %s K=%d N=%d bits=%d zp=%d: rc %d", ea_isa_name(isa), K, N, bits, zp, rc);
+}
+
 /* f16: scales rounded to fp16 values, which the repack then stores as fp16; mf16: the same
  * for the minimums (c.zp == 2) */
 static void test_qmatmul_case(ea_isa isa, ea_pool *pool, qcase c, int f16, int mf16) {
@@ -127,13 +136,8 @@ static void test_qmatmul_case(ea_isa isa, ea_pool *pool, qcase c, int f16, int m
     ea_qweight ws, wv;
     ea_kctx_init(&sctx, EA_ISA_SCALAR, NULL);
     ea_kctx_init(&vctx, isa, pool);
-    if (mins) {
-        CHECK(ea_qweight_init_min(&ws, EA_ISA_SCALAR, c.K, c.N, c.bits, c.bs, data, scales, mins) == 0, "init scalar");
-        CHECK(ea_qweight_init_min(&wv, isa, c.K, c.N, c.bits, c.bs, data, scales, mins) == 0, "init simd");
-    } else {
-        CHECK(ea_qweight_init(&ws, EA_ISA_SCALAR, c.K, c.N, c.bits, c.bs, data, scales, zp) == 0, "init scalar");
-        CHECK(ea_qweight_init(&wv, isa, c.K, c.N, c.bits, c.bs, data, scales, zp) == 0, "init simd");
-    }
+    init_qweight(&ws, EA_ISA_SCALAR, c.K, c.N, c.bits, c.bs, c.zp, data, scales, zp, mins);
+    init_qweight(&wv, isa, c.K, c.N, c.bits, c.bs, c.zp, data, scales, zp, mins);
     CHECK(wv.packed_f16 == (f16 && isa != EA_ISA_SCALAR), "%s: fp16 scales in the repack %d, expected %d",
           ea_isa_name(isa), wv.packed_f16, f16);
     CHECK(wv.packed_min_f16 == (mins && mf16 && isa != EA_ISA_SCALAR), "%s: fp16 minimums in the repack %d",
@@ -287,15 +291,6 @@ static void test_quantize_nonfinite(ea_isa isa) {
 }
 
 /* ---- activation-sparse kernels: equal the dense kernel on masked x ---- */
-/* A weight of fill_qweight's with zp (0 symmetric, 1 integer zero points, 2 float minimums
- * from fill_minimums: *mins, fp16 values when mf16), prepared for isa. */
-static void init_qweight(ea_qweight *w, ea_isa isa, int K, int N, int bits, int bs, int zp, const uint8_t *data,
-                         const float *scales, const uint8_t *zpd, const float *mins) {
-    const int rc = zp == 2 ? ea_qweight_init_min(w, isa, K, N, bits, bs, data, scales, mins)
-                           : ea_qweight_init(w, isa, K, N, bits, bs, data, scales, zpd);
-    CHECK(rc == EA_KOK, "weight init %s K=%d N=%d bits=%d zp=%d: rc %d", ea_isa_name(isa), K, N, bits, zp, rc);
-}
-
 /* extreme: all nibbles 15 and all activations equal, the int16 worst case (with minimums: large
  * ones, of both signs) */
 /* f16: scales rounded to fp16 values, which the channel-major copy stores as fp16; mf16 the
